@@ -1,0 +1,1 @@
+"""Generation engines behind one small Protocol (see :mod:`streaming_llm.engines.base`)."""

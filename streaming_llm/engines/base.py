@@ -1,0 +1,102 @@
+"""The engine interface: what the conversation manager needs from a text generator.
+
+An engine turns an :class:`EngineRequest` (chat messages + options + the conversation id, so an
+engine may keep per-conversation state such as a KV cache) into an async stream of
+:class:`TextChunk` pieces followed by exactly one :class:`Finished`.
+
+Cancellation is the caller closing the stream (``await stream.aclose()``) or cancelling the task
+that iterates it; an engine stops its underlying work promptly when that happens (a worker thread
+checks a flag every decode step; an HTTP proxy closes its upstream response). Failures are raised
+as :class:`streaming_llm.errors.EngineError` subclasses, with a stable ``code``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal, Protocol, runtime_checkable
+
+import msgspec
+from msgspec import Meta
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Role
+    content: str
+
+
+class GenerationOptions(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Sampling options; bounds live in the types so a bad socket frame names the bad field.
+
+    ``None`` means "the engine's / server's default".
+    """
+
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    max_new_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+
+
+class EngineRequest(msgspec.Struct, frozen=True):
+    request_id: str
+    conversation_id: str
+    messages: list[ChatMessage]  # system (if any), the stored history, then the new user message
+    options: GenerationOptions
+    max_new_tokens: int  # options.max_new_tokens resolved against the server default
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    """Token counts and timings reported on ``done``; engine-specific fields default to None."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None  # prompt tokens served from a kept per-conversation cache
+    evicted_tokens: int | None = None  # tokens evicted from the conversation's cache so far
+    dropped_turns: int | None = None  # dense mode: oldest turns left out to fit the context
+    time_to_first_token_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+
+
+class TextChunk(msgspec.Struct, frozen=True):
+    text: str
+
+
+class Finished(msgspec.Struct, frozen=True):
+    reason: Literal["stop", "length"]
+    usage: Usage
+
+
+Chunk = TextChunk | Finished
+
+
+class EngineHealth(msgspec.Struct, omit_defaults=True):
+    ready: bool
+    model: str
+    detail: str | None = None  # a sentence for people, e.g. "demo model: words are meaningless"
+    extra: dict[str, object] | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine provides. See the module docstring for the streaming contract."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Load / connect. Called once by the lifespan in a background task; may take minutes."""
+
+    async def close(self) -> None:
+        """Release everything (threads, sessions). Called once at shutdown."""
+
+    async def health(self) -> EngineHealth:
+        """Cheap readiness report; ``ready`` is False until :meth:`start` has finished."""
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
+        """Yield text pieces, then one :class:`Finished`. Closing the iterator cancels."""
+
+    def forget(self, conversation_id: str) -> None:
+        """Drop any per-conversation state (the conversation was deleted)."""

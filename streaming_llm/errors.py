@@ -1,0 +1,76 @@
+"""Domain errors with stable codes.
+
+Each maps to one HTTP status and to the body ``{"error": {"code": ..., "message": ...}}``; the chat
+socket sends the same ``code``/``message`` in an ``error`` event. Only unexpected exceptions are
+logged with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: an error a client can be told about."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ServiceError):
+    code, status = "bad_request", 400
+
+
+class InvalidId(BadRequest):
+    code = "invalid_id"
+
+
+class ValidationFailed(ServiceError):
+    code, status = "validation_error", 422
+
+
+class NotFound(ServiceError):
+    code, status = "not_found", 404
+
+
+class AgentNotFound(NotFound):
+    code = "agent_not_found"
+
+
+class ConversationNotFound(NotFound):
+    code = "conversation_not_found"
+
+
+class Conflict(ServiceError):
+    code, status = "conflict", 409
+
+
+class EngineError(ServiceError):
+    """Raised by engines while generating; text streamed before it is stored with reason ``error``."""
+
+    code, status = "engine_error", 502
+
+
+class EngineUnavailable(EngineError):
+    code, status = "engine_unavailable", 503
+
+
+class EngineNotReady(EngineUnavailable):
+    code = "engine_not_ready"
+
+
+class ModelNotFound(EngineError):
+    code, status = "model_not_found", 404
+
+
+class ContextTooLong(ServiceError):
+    code, status = "context_too_long", 400

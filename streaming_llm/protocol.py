@@ -1,0 +1,76 @@
+"""The chat socket protocol (``/ws/chat``): JSON text frames as msgspec tagged unions.
+
+Client → server frames are tagged by ``type``: ``chat``, ``cancel``, ``ping``. Server → client
+frames: ``start``, ``token``, ``done``, ``error``, ``pong``. Every server frame answering a request
+carries its ``request_id``. New fields are only ever added with defaults, so older clients keep
+working (msgspec schema evolution).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from .engines.base import FinishReason, GenerationOptions, Usage
+
+Id = Annotated[str, Meta(min_length=1, max_length=128)]
+AgentId = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
+
+
+# --- client → server ----------------------------------------------------------------------------
+class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True):
+    agent_id: AgentId
+    message: Annotated[str, Meta(min_length=1)]
+    conversation_id: Id | None = None
+    request_id: Id | None = None
+    options: GenerationOptions = GenerationOptions()
+
+
+class Cancel(msgspec.Struct, tag="cancel", forbid_unknown_fields=True):
+    request_id: Id | None = None  # None = whatever this socket is generating now
+
+
+class Ping(msgspec.Struct, tag="ping"):
+    request_id: Id | None = None
+
+
+ClientFrame = Chat | Cancel | Ping
+
+
+# --- server → client ----------------------------------------------------------------------------
+class Start(msgspec.Struct, tag="start"):
+    request_id: str
+    conversation_id: str
+    turn_id: str  # the stored user turn
+
+
+class Token(msgspec.Struct, tag="token"):
+    request_id: str
+    token: str
+    seq: int  # 0, 1, 2, ... within the turn
+
+
+class Done(msgspec.Struct, tag="done"):
+    request_id: str
+    conversation_id: str
+    turn_id: str  # the stored assistant turn
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class Error(msgspec.Struct, tag="error"):
+    request_id: str | None
+    code: str
+    message: str
+
+
+class Pong(msgspec.Struct, tag="pong"):
+    request_id: str | None = None
+
+
+ServerFrame = Start | Token | Done | Error | Pong
+
+client_decoder = msgspec.json.Decoder(ClientFrame)
+encoder = msgspec.json.Encoder()

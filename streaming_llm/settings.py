@@ -1,0 +1,157 @@
+"""Settings: one frozen object read from ``STREAMING_LLM_*`` environment variables.
+
+Every field has a default, a one-line description and, where one makes sense, bounds. The
+environment variable of a field is ``STREAMING_LLM_`` + the field name in upper case. A bad value
+raises :class:`SettingsError` naming the variable, so the server refuses to start with a message a
+person can act on.
+
+Tests build their own ``Settings(...)`` instead of editing ``os.environ``; ``.env.sidecar.example``
+is checked against :func:`describe` so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "STREAMING_LLM_"
+
+ENGINES = ("local", "ollama", "echo")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+def _f(default: Any, doc: str, *, ge: float | None = None, le: float | None = None,
+       choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "ge": ge, "le": le, "choices": choices})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    # --- server -------------------------------------------------------------------------------
+    host: str = _f("127.0.0.1", "Address the server listens on.")
+    port: int = _f(8000, "TCP port the server listens on.", ge=0, le=65535)
+    data_dir: Path = _f(Path("./data"), "Directory for the database, agents and demo model.")
+    database_url: str = _f("", "SQLAlchemy URL of the database; empty = sqlite file <data_dir>/streaming_llm.db.")
+    agents_dir: Path | None = _f(None, "Directory mirroring agents as Markdown files; empty = <data_dir>/agents.")
+    log_level: str = _f("info", "Log level.", choices=LOG_LEVELS)
+    engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, or echo (tests only).", choices=ENGINES)
+    echo_delay_ms: float = _f(10.0, "Delay between words of the echo test engine, in milliseconds.", ge=0, le=60_000)
+    db_busy_timeout_ms: int = _f(5000, "SQLite busy timeout in milliseconds.", ge=0, le=600_000)
+
+    # --- local engine -------------------------------------------------------------------------
+    model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")
+    device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
+    dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
+    streaming: bool = _f(True, "Use the StreamingLLM attention-sink KV cache (off = dense cache, oldest turns dropped).")
+    sink_tokens: int = _f(4, "Attention-sink tokens kept at the start of the KV cache.", ge=0, le=1024)
+    window_tokens: int = _f(2000, "Recent tokens kept in the KV cache (clamped below the model's trained context).", ge=16, le=1_048_576)
+    cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
+    max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
+
+    # --- ollama engine ------------------------------------------------------------------------
+    ollama_url: str = _f("http://127.0.0.1:11434", "Base URL of the Ollama server.")
+    ollama_model: str = _f("llama3.2", "Ollama model name used for chats.")
+    ollama_keep_alive: str = _f("5m", "Ollama keep_alive for the model (e.g. 5m, 1h, -1).")
+    ollama_connect_timeout_s: float = _f(5.0, "Timeout to connect to Ollama, in seconds.", ge=0.1, le=600)
+    ollama_read_timeout_s: float = _f(120.0, "Longest wait for the next chunk from Ollama, in seconds.", ge=0.1, le=3600)
+    ollama_num_ctx: int = _f(0, "Context size passed to Ollama as options.num_ctx; 0 = Ollama's default.", ge=0, le=1_048_576)
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+
+    @property
+    def resolved_agents_dir(self) -> Path:
+        return self.agents_dir if self.agents_dir is not None else self.data_dir / "agents"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'streaming_llm.db').resolve()}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every field from ``STREAMING_LLM_<NAME>``; ``overrides`` win over the environment."""
+        env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = env_name(f.name)
+            if var in env:
+                values[f.name] = _cast(var, hints[f.name], env[var])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def describe() -> Iterator[tuple[str, str, str]]:
+    """Yield ``(VARIABLE, default as written in an env file, description)`` for every setting."""
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if default is None:
+            text = ""
+        elif isinstance(default, bool):
+            text = "true" if default else "false"
+        else:
+            text = str(default)
+        yield env_name(f.name), text, f.metadata["doc"]
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _cast(var: str, hint: Any, raw: str) -> Any:
+    raw = raw.strip()
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if optional and raw == "":
+        return None
+    try:
+        if base is bool:
+            low = raw.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected one of true/false/1/0/yes/no/on/off")
+        if base is int:
+            return int(raw)
+        if base is float:
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("must be a finite number")
+            return value
+        if base is Path:
+            return Path(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{var}={raw!r} is not valid: {exc}") from None
+
+
+def _check(f: dataclasses.Field[Any], value: Any) -> None:
+    var = env_name(f.name)
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise SettingsError(f"{var}={value!r} is not valid: expected one of {', '.join(meta['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise SettingsError(f"{var}={value!r} is not valid: must be >= {meta['ge']}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise SettingsError(f"{var}={value!r} is not valid: must be <= {meta['le']}")
