@@ -21,10 +21,12 @@ from starlette.responses import Response
 
 from .agent_files import AgentFiles
 from .agents import AgentService
+from .auth import redact_tokens_in_logs
 from .conversations import ConversationManager
 from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
+from .guards import middleware
 from .responses import JSONResponse, error_response
 from .routes import agents, chat, conversations, health
 from .settings import Settings
@@ -49,6 +51,9 @@ class State(TypedDict):
 
 
 def create_app(settings: Settings) -> Starlette:
+    guards = middleware(settings)  # first: a bad API key setting stops here, before any I/O
+    redact_tokens_in_logs()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
@@ -78,6 +83,7 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes],
         lifespan=lifespan,
+        middleware=guards,
         exception_handlers={
             ServiceError: _service_error,
             404: _not_found,

@@ -54,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure(settings.log_level)
     if args.command == "serve":
-        return serve(settings)
+        try:
+            return serve(settings)
+        except SettingsError as exc:  # found while building the app, e.g. an unusable API key
+            print(f"streaming-llm: configuration error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "migrate":
         from .storage.database import upgrade_to_head
 

@@ -1,0 +1,20 @@
+"""The guards every request and socket passes before a route sees it, outermost first.
+
+1. :class:`~streaming_llm.auth.AuthMiddleware` — API key (``401`` / socket refused).
+
+Built once per app by :func:`middleware`; each guard lives in the module of its concept.
+"""
+
+from __future__ import annotations
+
+from starlette.middleware import Middleware
+
+from .auth import AuthMiddleware, load_api_keys
+from .settings import Settings
+
+
+def middleware(settings: Settings) -> list[Middleware]:
+    """The guard stack for ``Starlette(middleware=...)``; raises SettingsError on a bad key."""
+    return [
+        Middleware(AuthMiddleware, keys=load_api_keys(settings)),
+    ]

@@ -1,0 +1,208 @@
+"""API keys on REST and on the socket: in-process with the real app, then a real server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from streaming_llm.app import create_app
+from streaming_llm.auth import RedactTokens, load_api_keys, redact
+from streaming_llm.settings import Settings, SettingsError
+
+from .fakes import ScriptedEngine
+from .server import start_server
+
+KEY = secrets.token_urlsafe(24)
+OTHER = secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+def secured(make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(api_key=f"{KEY}, {OTHER}"))) as c:
+        yield c
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+BAD_HEADERS = [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer wrong-key-wrong-key"},
+    {"Authorization": f"Basic {KEY}"},
+    {"Authorization": f"Bearer {KEY}x"},
+    {"Authorization": f"Bearer {KEY[:-1]}"},
+]
+ROUTES = [("GET", "/agents"), ("PUT", "/agents/a"), ("DELETE", "/agents/a"),
+          ("GET", "/conversations"), ("GET", "/conversations/conv_x"), ("GET", "/no-such-route")]
+
+
+def test_rest_without_a_valid_key_is_401(secured: TestClient) -> None:
+    for headers in BAD_HEADERS:
+        for method, path in ROUTES:
+            resp = secured.request(method, path, headers=headers, json={"name": "n"})
+            assert resp.status_code == 401, (method, path, headers, resp.text)
+            message = resp.json()["error"]["message"]
+            assert resp.json()["error"]["code"] == "unauthorized"
+            assert "Authorization: Bearer" in message
+            assert message.startswith("invalid" if headers.get("Authorization", "").startswith(
+                "Bearer ") else "missing"), message
+            assert resp.headers["www-authenticate"].startswith("Bearer")
+            assert KEY not in resp.text
+    assert secured.get("/agents", headers=auth()).json() == []  # the PUTs stored nothing
+
+
+def test_rest_with_either_key_works_and_health_is_public(secured: TestClient) -> None:
+    assert secured.put("/agents/a", json={"name": "A"}, headers=auth(KEY)).status_code == 201
+    assert secured.get("/agents", headers=auth(OTHER)).json()[0]["id"] == "a"
+    assert secured.get("/agents", headers={"Authorization": f"bearer  {KEY} "}).status_code == 200
+    assert secured.get("/health").status_code == 200
+
+
+def test_socket_without_a_valid_key_is_refused_before_accept(secured: TestClient) -> None:
+    for path, kwargs in [
+        ("/ws/chat", {}),
+        ("/ws/chat", {"subprotocols": ["bearer"]}),
+        ("/ws/chat", {"subprotocols": ["bearer", "not-the-key-at-all"]}),
+        ("/ws/chat", {"subprotocols": ["bearer.not-the-key-at-all"]}),
+        ("/ws/chat", {"subprotocols": [KEY]}),  # a bare key is not a credential
+        ("/ws/chat", {"headers": {"Authorization": "Bearer nope-nope-nope-nope"}}),
+        ("/ws/chat?token=", {}),
+        ("/ws/chat?token=short", {}),
+        (f"/ws/chat?token={OTHER}x", {}),
+        (f"/ws/chat?tok={KEY}", {}),
+    ]:
+        with pytest.raises(WebSocketDisconnect) as refused, \
+                secured.websocket_connect(path, **kwargs):
+            pass  # pragma: no cover - never reached
+        assert refused.value.code == 1008, (path, kwargs)
+
+
+@pytest.mark.parametrize(("path", "kwargs", "accepted"), [
+    (f"/ws/chat?token={KEY}", {}, None),
+    (f"/ws/chat?x=1&token={OTHER}", {}, None),
+    ("/ws/chat", {"subprotocols": ["bearer", KEY]}, "bearer"),
+    ("/ws/chat", {"subprotocols": ["bearer", "bearer." + KEY]}, "bearer"),
+    ("/ws/chat", {"subprotocols": ["bearer." + KEY]}, None),
+    ("/ws/chat", {"headers": {"Authorization": f"Bearer {KEY}"}}, None),
+], ids=["query", "query-second-key", "subprotocol-pair", "subprotocol-both", "subprotocol-dotted",
+        "header"])
+def test_socket_with_a_valid_key_is_accepted(secured: TestClient, path: str,
+                                             kwargs: dict[str, Any], accepted: str | None) -> None:
+    with secured.websocket_connect(path, **kwargs) as ws:
+        assert ws.accepted_subprotocol == accepted
+        ws.send_json({"type": "ping", "request_id": "p"})
+        assert ws.receive_json() == {"type": "pong", "request_id": "p"}
+
+
+def test_without_keys_the_bearer_subprotocol_is_still_answered(client: TestClient) -> None:
+    # A client configured with a key keeps working against a server that needs none.
+    with client.websocket_connect("/ws/chat", subprotocols=["bearer", KEY]) as ws:
+        assert ws.accepted_subprotocol == "bearer"
+    assert client.get("/agents").status_code == 200
+
+
+def test_key_file_with_comments(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"# deploy keys\n\n{KEY}  # laptop\n  {OTHER}\n{KEY}\n")
+    keys = load_api_keys(make_settings(api_key_file=path, api_key="x" * 20))
+    assert keys == ("x" * 20, KEY, OTHER)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "cannot be read"),
+    ("# only a comment\n\n", "holds no key"),
+    ("short\n", "not usable"),
+    ("has space in it 1234567890\n", "not usable"),
+    ("plus+slash/equals=0123456789\n", "not usable"),
+])
+def test_unusable_key_file_stops_start_up(make_settings: Callable[..., Settings], tmp_path: Path,
+                                          content: str | None, expected: str) -> None:
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    settings = make_settings(api_key_file=path)
+    with pytest.raises(SettingsError, match=expected) as err:
+        create_app(settings)
+    if expected == "not usable":  # the message says what is wrong, never what the key is
+        assert content is not None and content.strip() not in str(err.value)
+
+
+def test_cli_reports_an_unusable_key_without_printing_it(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaming_llm.cli import main
+
+    monkeypatch.setenv("STREAMING_LLM_API_KEY", "tiny-secret")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "API key (11 characters)" in err
+    assert "tiny-secret" not in err
+
+
+def test_redaction_filter() -> None:
+    assert redact(f"/ws/chat?token={KEY}&x=1") == "/ws/chat?token=[redacted]&x=1"
+    assert redact(f"/a?b=2&TOKEN={KEY}") == "/a?b=2&TOKEN=[redacted]"
+    assert redact(f"Bearer {KEY}") == "Bearer [redacted]"
+    assert redact(f"bearer, {KEY}") == "bearer, [redacted]"
+    assert redact(f"chat, bearer.{KEY}") == "chat, bearer.[redacted]"
+    assert redact("bearer") == "bearer"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d',
+                               ("1.2.3.4:5", "GET", f"/x?token={KEY}", "1.1", 200), None)
+    RedactTokens().filter(record)
+    assert KEY not in record.getMessage() and "token=[redacted]" in record.getMessage()
+
+
+# --- real server ------------------------------------------------------------------------------
+def _http(method: str, url: str, headers: dict[str, str] | None = None,
+          body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.e2e
+def test_real_server_keys_on_the_wire_and_never_in_the_log(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
+           "STREAMING_LLM_API_KEY": KEY, "STREAMING_LLM_LOG_LEVEL": "debug"}
+    with start_server(tmp_path, env) as server:
+        assert _http("GET", server.base_url + "/agents")[0] == 401
+        status, _ = _http("PUT", server.base_url + "/agents/echoer", auth(), {"name": "E"})
+        assert status == 201
+        # The browser way: subprotocols ["bearer", key]; the server selects "bearer".
+        with connect(server.ws_url, subprotocols=["bearer", KEY]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "bearer"
+            ws.send(json.dumps({"type": "chat", "agent_id": "echoer", "message": "hi there"}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "start"
+        with connect(f"{server.ws_url}?token={KEY}") as ws:
+            ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "pong"
+        for url, protocols in [(server.ws_url, None), (f"{server.ws_url}?token=wrong-wrong-wrong", None),
+                               (server.ws_url, ["bearer", "wrong-wrong-wrong-wrong"])]:
+            with pytest.raises(InvalidStatus) as refused:
+                connect(url, subprotocols=protocols)  # type: ignore[arg-type]
+            assert refused.value.response.status_code == 403
+        assert _http("GET", server.base_url + "/health")[0] == 200
+        log = server.log()
+    assert KEY not in log
+    assert "token=[redacted]" in log
+    assert "refused socket /ws/chat" in log
