@@ -1,6 +1,8 @@
 """The guards every request and socket passes before a route sees it, outermost first.
 
-1. :class:`~streaming_llm.auth.AuthMiddleware` — API key (``401`` / socket refused).
+1. :class:`~streaming_llm.origins.OriginMiddleware` — browser ``Origin`` (``403`` / socket refused).
+2. Starlette's ``CORSMiddleware`` for the allowed origins (preflights, response headers).
+3. :class:`~streaming_llm.auth.AuthMiddleware` — API key (``401`` / socket refused).
 
 Built once per app by :func:`middleware`; each guard lives in the module of its concept.
 """
@@ -9,12 +11,14 @@ from __future__ import annotations
 
 from starlette.middleware import Middleware
 
+from . import origins
 from .auth import AuthMiddleware, load_api_keys
 from .settings import Settings
 
 
 def middleware(settings: Settings) -> list[Middleware]:
-    """The guard stack for ``Starlette(middleware=...)``; raises SettingsError on a bad key."""
+    """The guard stack for ``Starlette(middleware=...)``; raises SettingsError on a bad value."""
     return [
+        *origins.middleware(settings),
         Middleware(AuthMiddleware, keys=load_api_keys(settings)),
     ]

@@ -52,6 +52,7 @@ class Settings:
     # --- access -------------------------------------------------------------------------------
     api_key: str = _f("", "API key(s) clients must send, comma-separated (generate with secrets.token_urlsafe(32)); empty = no authentication.")
     api_key_file: Path | None = _f(None, "File of API keys, one per line (# starts a comment); adds to STREAMING_LLM_API_KEY.")
+    allowed_origins: str = _f("", "Browser origins allowed to call the API and open the socket, comma-separated (https://app.example.com), or *; empty = same-origin pages and non-browser clients only.")
 
     # --- local engine -------------------------------------------------------------------------
     model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")
