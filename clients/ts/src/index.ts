@@ -74,6 +74,9 @@ export interface ErrorEvent {
   requestId: string | null
   code: string
   message: string
+  /** Set when the turn failed after `start`: its partial answer is stored as `turnId`. */
+  conversationId?: string
+  turnId?: string
 }
 
 /** What the server sends about a turn, in order: `start`, `token`s, then `done` or `error`. */
@@ -234,18 +237,18 @@ export async function deleteConversation(id: string, baseUrl?: string): Promise<
   await request<unknown>('DELETE', `/conversations/${segment(id)}`, baseUrl)
 }
 
-/** Resolves with the health report even while the engine is loading (HTTP 503). */
-export async function getHealth(baseUrl?: string): Promise<Health> {
-  try {
-    return await request<Health>('GET', '/health', baseUrl)
-  } catch (err) {
-    const report = err instanceof ApiError ? (err as ApiError & { body?: unknown }).body : undefined
-    if (isObject(report) && typeof report.status === 'string') return report as Health
-    throw err
-  }
+/** The health report; it resolves while the engine loads too (the server answers 503 then). */
+export function getHealth(baseUrl?: string): Promise<Health> {
+  return request<Health>('GET', '/health', baseUrl, undefined, [503])
 }
 
-async function request<T>(method: string, path: string, baseUrl: string | undefined, body?: unknown): Promise<T> {
+async function request<T>(
+  method: string,
+  path: string,
+  baseUrl: string | undefined,
+  body?: unknown,
+  alsoOk: number[] = [],
+): Promise<T> {
   const url = (baseUrl ?? DEFAULT_BASE_URL).replace(/\/+$/, '') + path
   const init: RequestInit = { method, headers: { accept: 'application/json' } }
   if (body !== undefined) {
@@ -268,7 +271,7 @@ async function request<T>(method: string, path: string, baseUrl: string | undefi
       parseError = err
     }
   }
-  if (!response.ok) {
+  if (!response.ok && !alsoOk.includes(response.status)) {
     const error = isObject(parsed) && isObject(parsed.error) ? parsed.error : {}
     const code = typeof error.code === 'string' ? error.code : 'http_error'
     const message =
@@ -412,7 +415,10 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         const requestId = typeof frame.request_id === 'string' ? frame.request_id : null
         const code = typeof frame.code === 'string' ? frame.code : 'error'
         const message = typeof frame.message === 'string' ? frame.message : 'the server reported an error'
-        emit({ type: 'error', requestId, code, message })
+        const event: ErrorEvent = { type: 'error', requestId, code, message }
+        if (typeof frame.conversation_id === 'string') event.conversationId = frame.conversation_id
+        if (typeof frame.turn_id === 'string') event.turnId = frame.turn_id
+        emit(event)
         // An error without a request id answers a frame the server could not read; only the
         // current turn's frame is in flight, so it is that turn's.
         if (mine(requestId) || (requestId === null && current?.sent)) {

@@ -31,7 +31,8 @@ export async function startServer({ env = {}, timeoutMs = 60_000 } = {}) {
   const proc = spawn(python, ['-m', 'streaming_llm', 'serve', '--host', '127.0.0.1', '--port', String(port)], {
     cwd: REPO_ROOT,
     env: {
-      ...process.env,
+      // Only this test's settings: none leak in from the caller's environment.
+      ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('STREAMING_LLM_'))),
       STREAMING_LLM_ENGINE: 'echo',
       STREAMING_LLM_ECHO_DELAY_MS: '5',
       STREAMING_LLM_DATA_DIR: dataDir,
