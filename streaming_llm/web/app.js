@@ -319,7 +319,8 @@ function fail(err) {
 async function showHealth() {
   try {
     const health = await getHealth(BASE)
-    ui.health.textContent = `${health.engine} · ${health.model} · ${health.status}`
+    const names = health.model && health.model !== health.engine ? `${health.engine} · ${health.model}` : health.engine
+    ui.health.textContent = `${names} · ${health.status}`
     ui.health.title = health.detail ?? ''
     ui.health.dataset.ready = String(health.ready)
     if (!health.ready && health.status === 'loading') setTimeout(showHealth, 2000)
