@@ -52,6 +52,7 @@ def test_page_speaks_to_the_server_only_through_the_client_package() -> None:
     for needle in ("fetch(", "WebSocket(", "request_id", "max_new_tokens"):
         assert needle not in app_js, needle
     (names,) = re.findall(r"import \{([^}]*)\} from '\./vendor/streaming-llm-client\.js'", app_js)
-    exported = set(re.findall(r"^export (?:async )?(?:function|class|const) (\w+)", vendored, re.M))
+    exported = set(re.findall(r"^export (?:async )?(?:function|class|const) (\w+)", vendored,
+                              re.MULTILINE))
     imported = {n.strip() for n in names.split(",") if n.strip()}
     assert imported and imported <= exported, imported - exported

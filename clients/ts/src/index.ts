@@ -46,21 +46,21 @@ export interface Usage {
   [field: string]: number | undefined
 }
 
-export interface StartEvent {
+export interface ChatStartEvent {
   type: 'start'
   requestId: string
   conversationId: string
   turnId: string
 }
 
-export interface TokenEvent {
+export interface ChatTokenEvent {
   type: 'token'
   requestId: string
   token: string
   seq: number
 }
 
-export interface DoneEvent {
+export interface ChatDoneEvent {
   type: 'done'
   requestId: string
   conversationId: string
@@ -69,7 +69,7 @@ export interface DoneEvent {
   usage: Usage
 }
 
-export interface ErrorEvent {
+export interface ChatErrorEvent {
   type: 'error'
   requestId: string | null
   code: string
@@ -80,7 +80,7 @@ export interface ErrorEvent {
 }
 
 /** What the server sends about a turn, in order: `start`, `token`s, then `done` or `error`. */
-export type ChatEvent = StartEvent | TokenEvent | DoneEvent | ErrorEvent
+export type ChatEvent = ChatStartEvent | ChatTokenEvent | ChatDoneEvent | ChatErrorEvent
 
 export interface ChatResult {
   /** The whole answer: the tokens of this turn joined. */
@@ -387,7 +387,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         return
       }
       case 'done': {
-        const event: DoneEvent = {
+        const event: ChatDoneEvent = {
           type: 'done',
           requestId: String(frame.request_id),
           conversationId: String(frame.conversation_id),
@@ -415,7 +415,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         const requestId = typeof frame.request_id === 'string' ? frame.request_id : null
         const code = typeof frame.code === 'string' ? frame.code : 'error'
         const message = typeof frame.message === 'string' ? frame.message : 'the server reported an error'
-        const event: ErrorEvent = { type: 'error', requestId, code, message }
+        const event: ChatErrorEvent = { type: 'error', requestId, code, message }
         if (typeof frame.conversation_id === 'string') event.conversationId = frame.conversation_id
         if (typeof frame.turn_id === 'string') event.turnId = frame.turn_id
         emit(event)

@@ -62,6 +62,8 @@ after(async () => {
 })
 
 async function load() {
+  problems.length = 0
+  failed.length = 0
   await page.goto(`${server.baseUrl}/`)
   await page.waitForSelector('body[data-ready="true"]')
 }
