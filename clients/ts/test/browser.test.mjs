@@ -84,6 +84,7 @@ test('create an agent, stream an answer, stop one, and find the history after a 
   await page.waitForSelector('#agent-select option[value="writer"]', { state: 'attached' })
   assert.equal(await page.locator('#empty').isVisible(), false)
   await page.click('#edit-agent')
+  await page.waitForFunction(() => document.querySelector('#agent-dialog-title').textContent === 'Edit Writer')
   assert.equal(await page.inputValue('#agent-system-prompt'), 'Write plainly.')
   assert.equal(await page.locator('#agent-id').getAttribute('readonly'), '')
   await page.fill('#agent-name', 'Plain writer')
@@ -93,17 +94,17 @@ test('create an agent, stream an answer, stop one, and find the history after a 
 
   // Send a message: watch the answer grow token by token until it is done.
   await page.evaluate(() => {
-    window.__seen = []
+    window.__seen = [] // lengths of the answer as it grows
+    window.__stopEnabled = false // Stop could be pressed while the answer streamed
     new MutationObserver(() => {
       const text = document.querySelector('.message.assistant:last-child .text')?.textContent
       if (text !== undefined && window.__seen.at(-1) !== text.length) window.__seen.push(text.length)
+      if (document.querySelector('.message.assistant.streaming') && !document.querySelector('#stop').disabled) window.__stopEnabled = true
     }).observe(document.querySelector('#transcript'), { childList: true, subtree: true, characterData: true })
   })
   const message = words(25)
   await page.fill('#message', message)
   await page.click('#send')
-  await page.waitForSelector('.message.assistant.streaming')
-  assert.equal(await page.isDisabled('#stop'), false)
   const done = await page.waitForSelector('.message.assistant[data-finish-reason]')
   assert.equal(await done.getAttribute('data-finish-reason'), 'stop')
   assert.equal(await page.textContent('.message.assistant:last-child .text'), message)
@@ -112,7 +113,8 @@ test('create an agent, stream an answer, stop one, and find the history after a 
   const partial = seen.filter((n) => n > 0 && n < message.length)
   assert.ok(partial.length >= 5, `tokens should appear one by one, saw lengths ${seen}`)
   assert.deepEqual(partial, [...partial].sort((a, b) => a - b))
-  assert.equal(await page.isDisabled('#stop'), true)
+  assert.equal(await page.evaluate(() => window.__stopEnabled), true)
+  await page.waitForSelector('#stop[disabled]')
   await page.waitForSelector('#conversation-list button[aria-current="true"]')
   assert.match(await page.textContent('#conversation-list'), /word0 word1/)
 
@@ -156,6 +158,7 @@ test('create an agent, stream an answer, stop one, and find the history after a 
   await page.fill('#message', 'fresh start')
   await page.click('#send')
   await page.waitForFunction(() => document.querySelectorAll('#conversation-list button').length === 2)
+  await page.waitForSelector('#stop[disabled]') // the turn is over: conversations can be switched
   await page.click('#conversation-list li:last-child button')
   await page.waitForFunction(() => document.querySelectorAll('#transcript .message').length === 6)
 
