@@ -28,7 +28,7 @@ from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .guards import middleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health
+from .routes import agents, chat, conversations, health, web
 from .settings import Settings
 from .storage.database import Database
 
@@ -81,7 +81,7 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     return Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes],
+        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes, *web.routes],
         lifespan=lifespan,
         middleware=guards,
         exception_handlers={
@@ -100,7 +100,7 @@ async def _start_engine(services: Services) -> None:
         await engine.start()
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any load failure is reported on /health
         services.engine_failure = f"engine {engine.name!r} failed to start: {exc}"
         log.error("%s", services.engine_failure)
         return
