@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 import aiohttp
+from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,10 +28,11 @@ from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .guards import middleware
+from .limits import GenerationGate
 from .responses import JSONResponse, error_response
 from .routes import agents, chat, conversations, health, web
 from .settings import Settings
-from .storage.database import Database
+from .storage.database import Database, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ def create_app(settings: Settings) -> Starlette:
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=ConversationManager(
-                db, engine, default_max_new_tokens=settings.max_new_tokens),
+                db, engine, default_max_new_tokens=settings.max_new_tokens,
+                gate=GenerationGate(settings.max_concurrent_generations,
+                                    settings.max_waiting_generations)),
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
@@ -86,6 +90,7 @@ def create_app(settings: Settings) -> Starlette:
         middleware=guards,
         exception_handlers={
             ServiceError: _service_error,
+            OperationalError: _storage_error,
             404: _not_found,
             405: _method_not_allowed,
             500: _internal_error,
@@ -113,6 +118,11 @@ async def _start_engine(services: Services) -> None:
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     return error_response(exc)
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OperationalError)
+    return error_response(storage_error(exc))
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

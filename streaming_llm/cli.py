@@ -72,13 +72,14 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .limits import ws_max_size
 
     log.info("streaming-llm %s listening on http://%s:%d (engine %s)", __version__,
              settings.host, settings.port, settings.engine)
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port,
         log_config=None, log_level=settings.log_level, lifespan="on",
-        ws_max_size=16 * 1024 * 1024, timeout_graceful_shutdown=10,
+        ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=10,
     )
     _server_class()(config).run()
     return 0

@@ -28,6 +28,7 @@ from .engines.base import (
 )
 from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
+from .limits import GenerationGate
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
 from .storage.repositories import AgentRepository, ConversationRepository, TurnRepository
@@ -91,10 +92,13 @@ class Turn:
 
 
 class ConversationManager:
-    def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int) -> None:
+    def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int,
+                 gate: GenerationGate | None = None) -> None:
         self.db = db
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
+        # Server-wide bound on answers generated at once; callers hold a slot around a turn.
+        self.gate = gate if gate is not None else GenerationGate(slots=1 << 30, max_waiting=0)
 
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int) -> list[ConversationSummary]:

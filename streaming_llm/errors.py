@@ -74,3 +74,9 @@ class ModelNotFound(EngineError):
 
 class ContextTooLong(ServiceError):
     code, status = "context_too_long", 400
+
+
+class StorageUnavailable(ServiceError):
+    """The database refused a write or a read (read-only, disk full, locked, I/O error)."""
+
+    code, status = "storage_unavailable", 503

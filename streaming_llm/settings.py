@@ -55,6 +55,15 @@ class Settings:
     api_key_file: Path | None = _f(None, "File of API keys, one per line (# starts a comment); adds to STREAMING_LLM_API_KEY.")
     allowed_origins: str = _f("", "Browser origins allowed to call the API and open the socket, comma-separated (https://app.example.com), or *; empty = same-origin pages and non-browser clients only.")
 
+    # --- limits -------------------------------------------------------------------------------
+    max_body_bytes: int = _f(4 * 1024 * 1024, "Largest HTTP request body in bytes; larger ones get 413 payload_too_large.", ge=1024, le=1 << 30)
+    max_frame_bytes: int = _f(1024 * 1024, "Largest chat socket frame in bytes; larger ones get frame_too_large (4x this closes the socket).", ge=1024, le=1 << 28)
+    max_message_chars: int = _f(200_000, "Longest chat message in characters; longer ones get message_too_large.", ge=1, le=100_000_000)
+    max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)
+    max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)
+    max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot.", ge=1, le=100_000)
+    max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
+
     # --- local engine -------------------------------------------------------------------------
     model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
@@ -77,6 +86,10 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise SettingsError(
+                f"STREAMING_LLM_MAX_NEW_TOKENS={self.max_new_tokens} is not valid: must be <= "
+                f"STREAMING_LLM_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})")
 
     @property
     def resolved_agents_dir(self) -> Path:

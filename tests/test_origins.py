@@ -119,5 +119,5 @@ def test_normalize_origin(raw: str, expected: str | None) -> None:
 def test_bad_origin_setting_stops_start_up(make_settings: Callable[..., Settings]) -> None:
     assert parse_allowed_origins("") == ()
     assert parse_allowed_origins("https://a.example, *") == ("*",)
-    with pytest.raises(SettingsError, match="'app.example.com' is not an origin"):
+    with pytest.raises(SettingsError, match=r"'app\.example\.com' is not an origin"):
         create_app(make_settings(allowed_origins="https://ok.example,app.example.com"))

@@ -5,24 +5,35 @@ answered while a turn generates) and queues chat frames; the worker runs queued 
 time, in order. Cancelling a turn cancels the task that drains the engine stream, which closes
 the stream and so stops the engine at its next step; the partial answer is stored as
 ``cancelled``. A disconnect cancels the worker the same way.
+
+Limits (:mod:`streaming_llm.limits`): the reader refuses oversized frames and messages, a
+``max_new_tokens`` over the ceiling and chats beyond the socket's queue; the worker waits for a
+server-wide generation slot before each turn (``cancel`` works while it waits) and answers ``busy``
+when the line for slots is full. A turn that fails unexpectedly is reported and logged; the
+socket keeps working.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
+from sqlalchemy.exc import OperationalError
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..conversations import ConversationManager, Turn, store_partial
 from ..engines.base import FinishReason, Usage
 from ..errors import EngineError, ServiceError
+from ..limits import GenerationGate, Limits
 from ..protocol import Cancel, Chat, Done, Error, Ping, Pong, Start, Token, client_decoder, encoder
+from ..storage.database import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +46,15 @@ class _Job:
 
 
 class ChatSocket:
-    def __init__(self, ws: WebSocket, manager: ConversationManager) -> None:
+    def __init__(self, ws: WebSocket, manager: ConversationManager, limits: Limits) -> None:
         self.ws = ws
         self.manager = manager
+        self.limits = limits
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.jobs: dict[str, _Job] = {}  # queued or running, by request id
         self.current: _Job | None = None
         self.drain: asyncio.Task[None] | None = None
+        self.admission: asyncio.Task[None] | None = None  # the current job waiting for a slot
         self.send_lock = asyncio.Lock()
 
     async def send(self, frame: msgspec.Struct) -> None:
@@ -75,6 +88,11 @@ class ChatSocket:
 
     async def handle(self, text: str) -> None:
         try:
+            self.limits.check_frame(text)
+        except ServiceError as exc:
+            await self.error(None, exc.code, exc.message)
+            return
+        try:
             frame = client_decoder.decode(text)
         except msgspec.ValidationError as exc:
             code = "unknown_type" if "`$.type`" in str(exc) or "tag" in str(exc) else "invalid_frame"
@@ -89,6 +107,12 @@ class ChatSocket:
                 if request_id in self.jobs:
                     await self.error(request_id, "duplicate_request_id",
                                      f"request {request_id!r} is already queued or running")
+                    return
+                try:
+                    self.limits.check_chat(frame.message, frame.options.max_new_tokens)
+                    self.limits.check_queue(self.queue.qsize())
+                except ServiceError as exc:
+                    await self.error(request_id, exc.code, exc.message)
                     return
                 job = _Job(frame, request_id)
                 self.jobs[request_id] = job
@@ -106,8 +130,10 @@ class ChatSocket:
                                  f"no queued or running request {request_id!r} on this socket")
             return  # nothing running: a bare cancel is a no-op
         job.cancelled = True
-        if job is self.current and self.drain is not None:
-            self.drain.cancel()
+        if job is self.current:
+            for task in (self.drain, self.admission):
+                if task is not None:
+                    task.cancel()
 
     # worker -------------------------------------------------------------------------------------
     async def work(self) -> None:
@@ -115,13 +141,50 @@ class ChatSocket:
             job = await self.queue.get()
             self.current = job
             try:
-                if job.cancelled:
-                    await self.error(job.request_id, "cancelled", "cancelled before it started")
-                else:
-                    await self.run_turn(job)
+                if await self.admit(job):
+                    try:
+                        await self.run_turn(job)
+                    finally:
+                        self.manager.gate.release()
+            except WebSocketDisconnect:
+                return  # the reader sees the disconnect too and ends the socket
+            except Exception:  # one broken turn must not take the socket down with it
+                log.exception("turn %s failed unexpectedly", job.request_id)
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise asyncio.CancelledError from None  # the socket is closing: stop
+                with contextlib.suppress(Exception):
+                    await self.error(job.request_id, "internal_error", "internal server error")
             finally:
                 self.current = None
                 self.jobs.pop(job.request_id, None)
+
+    async def admit(self, job: _Job) -> bool:
+        """Wait for a generation slot; False (the client told why) when refused or cancelled."""
+        if job.cancelled:
+            await self.error(job.request_id, "cancelled", "cancelled before it started")
+            return False
+        gate = self.manager.gate
+        waiter = asyncio.ensure_future(gate.acquire())
+        self.admission = waiter
+        try:
+            # asyncio.wait: a cancel of the waiter alone (the client's) does not raise here.
+            await asyncio.wait([waiter])
+        except asyncio.CancelledError:  # disconnect or shutdown while waiting
+            waiter.cancel()
+            waiter.add_done_callback(_release_if_acquired(gate))
+            raise
+        finally:
+            self.admission = None
+        if waiter.cancelled():
+            await self.error(job.request_id, "cancelled", "cancelled before it started")
+            return False
+        exc = waiter.exception()
+        if isinstance(exc, ServiceError):
+            await self.error(job.request_id, exc.code, exc.message)
+            return False
+        if exc is not None:
+            raise exc
+        return True
 
     async def run_turn(self, job: _Job) -> None:
         frame, request_id = job.frame, job.request_id
@@ -131,6 +194,10 @@ class ChatSocket:
                 conversation_id=frame.conversation_id, options=frame.options)
         except ServiceError as exc:
             await self.error(request_id, exc.code, exc.message)
+            return
+        except OperationalError as exc:
+            failed = storage_error(exc)
+            await self.error(request_id, failed.code, failed.message)
             return
         log.info("turn %s started: conversation %s", request_id, turn.conversation_id)
         await self.send(Start(request_id, turn.conversation_id, turn.user_turn_id))
@@ -147,6 +214,9 @@ class ChatSocket:
                 await store_partial(self.manager, turn, "cancelled")
                 log.info("turn %s cancelled by disconnect", request_id)
                 raise
+        except WebSocketDisconnect:  # gone while tokens were sent: a disconnect, not a failure
+            await store_partial(self.manager, turn, "cancelled")
+            raise
         except EngineError as exc:
             failure = exc
         except Exception as exc:  # an engine bug must not kill the socket
@@ -161,7 +231,14 @@ class ChatSocket:
             reason, usage = "cancelled", Usage(completion_tokens=len(turn.pieces))
         else:
             reason, usage = turn.finished.reason, turn.finished.usage
-        turn_id = await store_partial(self.manager, turn, reason, usage)
+        try:
+            turn_id = await store_partial(self.manager, turn, reason, usage)
+        except OperationalError as exc:
+            failed = storage_error(exc)
+            await self.error(request_id, failed.code,
+                             f"the answer could not be stored: {failed.message}",
+                             conversation_id=turn.conversation_id)
+            return
         elapsed = time.perf_counter() - started
         log.info("turn %s finished: %s, %d pieces in %.2fs", request_id, reason, len(turn.pieces),
                  elapsed)
@@ -188,9 +265,18 @@ def _peek_request_id(text: str) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
 
 
+def _release_if_acquired(gate: GenerationGate) -> Callable[[asyncio.Future[None]], None]:
+    def done(waiter: asyncio.Future[None]) -> None:
+        if not waiter.cancelled() and waiter.exception() is None:
+            gate.release()
+
+    return done
+
+
 async def chat_endpoint(ws: WebSocket) -> None:
     await ws.accept()
-    await ChatSocket(ws, ws.state.services.conversations).run()
+    services = ws.state.services
+    await ChatSocket(ws, services.conversations, Limits.from_settings(services.settings)).run()
 
 
 routes = [WebSocketRoute("/ws/chat", chat_endpoint)]

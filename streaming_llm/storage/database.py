@@ -9,12 +9,15 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+from ..errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,14 @@ def _ensure_sqlite_dir(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def storage_error(exc: OperationalError) -> StorageUnavailable:
+    """A client-facing error for a database failure: what SQLite said, without the SQL."""
+    orig = getattr(exc, "orig", None)
+    detail = str(orig) if orig is not None else exc.__class__.__name__
+    log.error("database failure: %s", detail)
+    return StorageUnavailable(f"storage unavailable: {detail}")
 
 
 class Database:

@@ -1,0 +1,162 @@
+"""Limits: how much one request, one socket and the whole server may ask for.
+
+Every limit is a setting (``STREAMING_LLM_MAX_*``) and every refusal is a clear error naming the
+limit and the setting that raises it:
+
+========================  =======================================  ===============================
+limit                     where                                    refusal
+========================  =======================================  ===============================
+request body              :class:`BodySizeLimit` (HTTP)            ``413 payload_too_large``
+socket frame              :meth:`Limits.check_frame`               ``frame_too_large`` (socket stays
+                                                                   open; 4x the limit: uvicorn
+                                                                   closes it with 1009)
+chat message              :meth:`Limits.check_chat`                ``message_too_large``
+``max_new_tokens``        :meth:`Limits.check_chat`                ``max_new_tokens_too_large``
+turns queued per socket   the chat socket's reader                 ``busy``
+concurrent generations    :class:`GenerationGate` (server-wide)    waits; past the line ``busy``
+agent fields              ``agents.AgentIn`` bounds (characters)   ``422 validation_error``
+========================  =======================================  ===============================
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ServiceError
+from .responses import error_response
+from .settings import Settings
+
+
+class PayloadTooLarge(ServiceError):
+    code, status = "payload_too_large", 413
+
+
+class LimitExceeded(ServiceError):
+    code, status = "limit_exceeded", 400
+
+
+class Busy(ServiceError):
+    code, status = "busy", 503
+
+
+def ws_max_size(settings: Settings) -> int:
+    """uvicorn's hard cap on a WebSocket message: frames between the protocol limit and this get
+    a clear ``frame_too_large`` error and the socket stays open; beyond it the socket is closed."""
+    return 4 * settings.max_frame_bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int
+    max_message_chars: int
+    max_new_tokens: int
+    max_queued_turns: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(max_frame_bytes=settings.max_frame_bytes,
+                   max_message_chars=settings.max_message_chars,
+                   max_new_tokens=settings.max_new_tokens_limit,
+                   max_queued_turns=settings.max_queued_turns)
+
+    def check_frame(self, text: str) -> None:
+        # Characters are a lower bound of UTF-8 bytes: encode only when it could matter.
+        size = len(text)
+        if size <= self.max_frame_bytes // 4:
+            return
+        if size <= self.max_frame_bytes:
+            size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_frame_bytes:
+            raise LimitExceeded(
+                f"frame of {size} bytes or more is larger than the limit of {self.max_frame_bytes} "
+                "bytes (STREAMING_LLM_MAX_FRAME_BYTES)", code="frame_too_large")
+
+    def check_chat(self, message: str, max_new_tokens: int | None) -> None:
+        """Check one chat request (socket frame or HTTP body) against the per-request limits."""
+        if len(message) > self.max_message_chars:
+            raise LimitExceeded(
+                f"message of {len(message)} characters is longer than the limit of "
+                f"{self.max_message_chars} (STREAMING_LLM_MAX_MESSAGE_CHARS)",
+                code="message_too_large")
+        if max_new_tokens is not None and max_new_tokens > self.max_new_tokens:
+            raise LimitExceeded(
+                f"options.max_new_tokens={max_new_tokens} is above the server's limit of "
+                f"{self.max_new_tokens} (STREAMING_LLM_MAX_NEW_TOKENS_LIMIT)",
+                code="max_new_tokens_too_large")
+
+    def check_queue(self, queued: int) -> None:
+        if queued >= self.max_queued_turns:
+            raise Busy(
+                f"this socket already has {queued} turn(s) waiting behind the running one, the "
+                f"limit (STREAMING_LLM_MAX_QUEUED_TURNS); send more when a turn has ended")
+
+
+class GenerationGate:
+    """Admits at most ``slots`` generations at once across the server.
+
+    Turns beyond that wait in line, first come first served; when ``max_waiting`` turns are
+    already waiting, a new one is refused at once with :class:`Busy` instead of joining a line
+    it would take too long to leave.
+    """
+
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self._free = asyncio.Semaphore(slots)
+        self.waiting = 0
+        self.running = 0
+
+    async def acquire(self) -> None:
+        if self._free.locked() and self.waiting >= self.max_waiting:
+            raise Busy(
+                f"the server is busy: {self.running} answers are being generated and "
+                f"{self.waiting} turns are waiting (STREAMING_LLM_MAX_CONCURRENT_GENERATIONS, "
+                "STREAMING_LLM_MAX_WAITING_GENERATIONS); try again shortly")
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+
+    def release(self) -> None:
+        self.running -= 1
+        self._free.release()
+
+
+class BodySizeLimit:
+    """``413 payload_too_large`` for bodies over ``max_bytes``: by ``Content-Length`` before
+    reading anything, and while reading for chunked bodies."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self, size: int | None) -> PayloadTooLarge:
+        stated = f"of {size} bytes " if size is not None else ""
+        return PayloadTooLarge(f"request body {stated}is larger than the limit of "
+                               f"{self.max_bytes} bytes (STREAMING_LLM_MAX_BODY_BYTES)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await error_response(self._error(int(value)))(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error(None)  # answered by the app's ServiceError handler
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,190 @@
+"""Limits: body size, frame and message size, max_new_tokens ceiling, socket queue, server gate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from streaming_llm.app import create_app
+from streaming_llm.limits import Busy, GenerationGate, LimitExceeded, Limits
+from streaming_llm.settings import Settings, SettingsError
+
+from .conftest import put_agent
+from .fakes import ScriptedEngine
+from .test_chat import recv_turn
+
+
+def limited(make_settings: Callable[..., Settings], **limits: Any) -> TestClient:
+    return TestClient(create_app(make_settings(**limits)))
+
+
+# --- HTTP body --------------------------------------------------------------------------------
+def test_body_over_the_limit_is_413_by_length_and_while_streaming(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    with limited(make_settings, max_body_bytes=2048) as client:
+        big = b'{"name": "n", "system_prompt": "' + b"x" * 3000 + b'"}'
+        resp = client.put("/agents/a", content=big, headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+        assert "STREAMING_LLM_MAX_BODY_BYTES" in resp.json()["error"]["message"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"name": "n", "system_prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        resp = client.put("/agents/b", content=chunks(), headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+        ok = b'{"name": "n", "system_prompt": "' + b"z" * 1900 + b'"}'
+        assert client.put("/agents/c", content=ok).status_code == 201
+        assert [a["id"] for a in client.get("/agents").json()] == ["c"]
+
+
+@pytest.mark.parametrize(("field", "limit"), [
+    ("name", 200), ("system_prompt", 100_000), ("markdown_context", 1_000_000)])
+def test_agent_field_sizes(client: TestClient, field: str, limit: int) -> None:
+    body = {"name": "n", field: "é" * limit}
+    assert client.put("/agents/fits", json=body).status_code == 201
+    body[field] += "é"
+    resp = client.put("/agents/over", json=body)
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
+    assert f"$.{field}" in resp.json()["error"]["message"]
+    assert [a["id"] for a in client.get("/agents").json()] == ["fits"]
+
+
+# --- socket frames ----------------------------------------------------------------------------
+def test_frame_message_and_max_new_tokens_limits(make_settings: Callable[..., Settings],
+                                                 scripted: ScriptedEngine) -> None:
+    with limited(make_settings, max_frame_bytes=4096, max_message_chars=100,
+                 max_new_tokens_limit=64, max_new_tokens=32) as client:
+        put_agent(client, "helper")
+        with client.websocket_connect("/ws/chat") as ws:
+            cases = [
+                ({"message": "x" * 5000}, "frame_too_large", "STREAMING_LLM_MAX_FRAME_BYTES"),
+                ({"message": "日" * 1500}, "frame_too_large", "4096 bytes"),  # 4500 bytes, 1500 chars
+                ({"message": "x" * 101}, "message_too_large", "STREAMING_LLM_MAX_MESSAGE_CHARS"),
+                ({"message": "x", "options": {"max_new_tokens": 65}}, "max_new_tokens_too_large",
+                 "STREAMING_LLM_MAX_NEW_TOKENS_LIMIT"),
+            ]
+            for fields, code, needle in cases:
+                ws.send_json({"type": "chat", "agent_id": "helper", "request_id": "r", **fields})
+                error = ws.receive_json()
+                assert (error["type"], error["code"]) == ("error", code), error
+                assert needle in error["message"]
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "x" * 100,
+                          "options": {"max_new_tokens": 64}})
+            _, _, done = recv_turn(ws)
+            assert done["type"] == "done"
+    assert scripted.requests[0].max_new_tokens == 64 and len(scripted.requests) == 1
+
+
+def test_default_max_new_tokens_must_fit_the_ceiling(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(SettingsError, match="STREAMING_LLM_MAX_NEW_TOKENS_LIMIT"):
+        make_settings(max_new_tokens=600, max_new_tokens_limit=500)
+
+
+def test_check_frame_counts_bytes() -> None:
+    limits = Limits(max_frame_bytes=1024, max_message_chars=10, max_new_tokens=5, max_queued_turns=1)
+    limits.check_frame("x" * 1024)
+    limits.check_frame("é" * 512)  # 1024 bytes
+    with pytest.raises(LimitExceeded, match="1026 bytes"):
+        limits.check_frame("é" * 513)
+    with pytest.raises(LimitExceeded):
+        limits.check_frame("x" * 1025)
+
+
+# --- queues -----------------------------------------------------------------------------------
+def test_socket_queue_limit_answers_busy_and_keeps_the_rest(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    scripted.delay = 0.02
+    with limited(make_settings, max_queued_turns=2) as client:
+        put_agent(client, "helper")
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "m", "request_id": "q0"})
+            assert ws.receive_json()["type"] == "start"  # q0 runs: the queue is empty
+            for i in range(1, 5):
+                ws.send_json({"type": "chat", "agent_id": "helper", "message": "m",
+                              "request_id": f"q{i}"})
+            frames = []
+            while sum(f["type"] == "done" for f in frames) < 3:
+                frames.append(ws.receive_json())
+        errors = [(f["request_id"], f["code"]) for f in frames if f["type"] == "error"]
+        assert errors == [("q3", "busy"), ("q4", "busy")]
+        busy = next(f for f in frames if f["type"] == "error")
+        assert "STREAMING_LLM_MAX_QUEUED_TURNS" in busy["message"]
+        done = [f["request_id"] for f in frames if f["type"] == "done"]
+        assert done == ["q0", "q1", "q2"]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_server_gate_queues_then_refuses_and_cancel_works_while_waiting(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    scripted.pieces = [f"w{i} " for i in range(40)]
+    scripted.delay = 0.01
+    with limited(make_settings, max_concurrent_generations=1, max_waiting_generations=1) as client:
+        put_agent(client, "helper")
+        gate = client.app_state["services"].conversations.gate
+        with client.websocket_connect("/ws/chat") as a, \
+                client.websocket_connect("/ws/chat") as b, \
+                client.websocket_connect("/ws/chat") as c:
+            a.send_json({"type": "chat", "agent_id": "helper", "message": "a", "request_id": "a"})
+            assert a.receive_json()["type"] == "start"
+            b.send_json({"type": "chat", "agent_id": "helper", "message": "b", "request_id": "b"})
+            _wait_for(lambda: gate.waiting == 1)
+            c.send_json({"type": "chat", "agent_id": "helper", "message": "c", "request_id": "c"})
+            refused = c.receive_json()
+            assert (refused["code"], refused["request_id"]) == ("busy", "c")
+            assert "STREAMING_LLM_MAX_WAITING_GENERATIONS" in refused["message"]
+            b.send_json({"type": "cancel", "request_id": "b"})
+            cancelled = b.receive_json()
+            assert (cancelled["code"], cancelled["request_id"]) == ("cancelled", "b")
+            _, _, done = recv_turn_rest(a)
+            assert done["type"] == "done"
+            # The slot was given back: the next turn runs.
+            c.send_json({"type": "chat", "agent_id": "helper", "message": "c2"})
+            _, tokens, done = recv_turn(c)
+            assert done["type"] == "done" and len(tokens) == 40
+        _wait_for(lambda: gate.running == 0 and gate.waiting == 0)
+    assert len(scripted.requests) == 2  # a and c2: b and c never reached the engine
+
+
+def recv_turn_rest(ws: Any) -> tuple[None, list[dict[str, Any]], dict[str, Any]]:
+    """The rest of a turn whose ``start`` was already read."""
+    tokens = []
+    while True:
+        frame = ws.receive_json()
+        if frame["type"] != "token":
+            return None, tokens, frame
+        tokens.append(frame)
+
+
+async def test_gate_counts_and_cancellation_do_not_leak_slots() -> None:
+    gate = GenerationGate(slots=2, max_waiting=1)
+    await gate.acquire()
+    await gate.acquire()
+    assert (gate.running, gate.waiting) == (2, 0)
+    waiter = asyncio.ensure_future(gate.acquire())
+    await asyncio.sleep(0)
+    assert gate.waiting == 1
+    with pytest.raises(Busy):
+        await gate.acquire()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert gate.waiting == 0
+    gate.release()
+    gate.release()
+    assert gate.running == 0
+    for _ in range(2):  # both slots are free again
+        await asyncio.wait_for(gate.acquire(), 1)
