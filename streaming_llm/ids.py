@@ -11,14 +11,20 @@ AGENT_ID_RE = re.compile(r"[a-z0-9_-]{1,64}")
 CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+# Device names Windows reserves even with an extension ("con.md"): agents dirs get copied around.
+RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                            *(f"lpt{i}" for i in range(10))})
+
+
 def is_agent_id(value: str) -> bool:
-    return AGENT_ID_RE.fullmatch(value) is not None
+    return AGENT_ID_RE.fullmatch(value) is not None and value not in RESERVED_NAMES
 
 
 def check_agent_id(value: str) -> str:
     if not is_agent_id(value):
         raise InvalidId(
-            f"invalid agent id {value[:80]!r}: use 1-64 lower-case letters, digits, '-' or '_'"
+            f"invalid agent id {value[:80]!r}: use 1-64 lower-case letters, digits, '-' or '_' "
+            "(and not a reserved device name such as con or nul)"
         )
     return value
 

@@ -34,5 +34,7 @@ async def decode_body(request: Request, type_: type[T]) -> T:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         raise ValidationFailed(f"invalid body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter on bad UTF-8
         raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # msgspec recurses into values it skips, e.g. unknown fields
+        raise BadRequest("body is nested too deeply", code="invalid_json") from None

@@ -98,8 +98,11 @@ class ChatSocket:
             code = "unknown_type" if "`$.type`" in str(exc) or "tag" in str(exc) else "invalid_frame"
             await self.error(_peek_request_id(text), code, f"invalid frame: {exc}")
             return
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeEncodeError) as exc:  # a lone surrogate: not UTF-8
             await self.error(None, "invalid_json", f"frame is not valid JSON: {exc}")
+            return
+        except RecursionError:  # msgspec recurses into values it skips, e.g. unknown fields
+            await self.error(None, "invalid_frame", "invalid frame: nested too deeply")
             return
         match frame:
             case Chat():
@@ -255,14 +258,20 @@ class ChatSocket:
             seq += 1
 
 
+class _RequestId(msgspec.Struct):
+    request_id: str | None = None
+
+
+_peek_decoder = msgspec.json.Decoder(_RequestId)
+
+
 def _peek_request_id(text: str) -> str | None:
     """Best effort: the request_id of a frame that failed validation, so the error can carry it."""
     try:
-        value = msgspec.json.decode(text)
-    except msgspec.DecodeError:
+        rid = _peek_decoder.decode(text).request_id
+    except (msgspec.MsgspecError, RecursionError):
         return None
-    rid = value.get("request_id") if isinstance(value, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+    return rid if rid is not None and 0 < len(rid) <= 128 else None
 
 
 def _release_if_acquired(gate: GenerationGate) -> Callable[[asyncio.Future[None]], None]:
