@@ -127,6 +127,16 @@ class AgentFiles:
     def remove(self, agent_id: str) -> None:
         self.path(agent_id).unlink(missing_ok=True)
 
+    def remove_leftovers(self) -> list[Path]:
+        """Delete temp files of writes cut short by a crash (``.{id}.*.tmp``); never agents."""
+        if not self.directory.is_dir():
+            return []
+        stale = sorted(self.directory.glob(".*.tmp"))
+        for path in stale:
+            log.warning("removing %s, left behind by an interrupted write", path)
+            path.unlink(missing_ok=True)
+        return stale
+
     def scan(self) -> list[AgentFile]:
         """Every well-formed ``*.md`` agent file; malformed ones are logged and skipped."""
         if not self.directory.is_dir():

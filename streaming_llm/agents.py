@@ -90,9 +90,10 @@ class AgentService:
 
     async def import_files(self) -> int:
         """Import ``.md`` files that are new, or newer than their row and different from it."""
-        found = await asyncio.to_thread(self.files.scan)
         imported = 0
         async with self._write_lock, self.db.session() as session:
+            await asyncio.to_thread(self.files.remove_leftovers)
+            found = await asyncio.to_thread(self.files.scan)
             repo = AgentRepository(session)
             for f in found:
                 row = await repo.get(f.id)
