@@ -110,9 +110,11 @@ class AgentFiles:
         return self.directory / f"{agent_id}.md"
 
     def write(self, agent_id: str, name: str, system_prompt: str, markdown_context: str) -> None:
+        self._write_bytes(agent_id, render(agent_id, name, system_prompt, markdown_context).encode())
+
+    def _write_bytes(self, agent_id: str, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path(agent_id)
-        data = render(agent_id, name, system_prompt, markdown_context).encode()
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{agent_id}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -123,6 +125,20 @@ class AgentFiles:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def read_bytes(self, agent_id: str) -> bytes | None:
+        """The file as it is now (None when absent), to :meth:`restore` after a failed update."""
+        try:
+            return self.path(agent_id).read_bytes()
+        except OSError:  # absent, or unreadable: then the write that follows reports why
+            return None
+
+    def restore(self, agent_id: str, previous: bytes | None) -> None:
+        """Put back what :meth:`read_bytes` returned (remove the file if there was none)."""
+        if previous is None:
+            self.remove(agent_id)
+            return
+        self._write_bytes(agent_id, previous)
 
     def remove(self, agent_id: str) -> None:
         self.path(agent_id).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Meta
 
 from .agent_files import AgentFiles
-from .errors import AgentNotFound, BadRequest
+from .errors import AgentNotFound, BadRequest, StorageUnavailable
 from .ids import check_agent_id
 from .storage.database import Database
 from .storage.models import AgentRow
@@ -72,10 +72,24 @@ class AgentService:
             row, created = await AgentRepository(session).upsert(
                 agent_id, name=body.name, system_prompt=body.system_prompt,
                 markdown_context=body.markdown_context)
-            # File first, commit second: if the file cannot be written nothing is stored.
-            await asyncio.to_thread(self.files.write, agent_id, body.name, body.system_prompt,
-                                    body.markdown_context)
-            await session.commit()
+            # File first, commit second: if the file cannot be written nothing is stored; if the
+            # commit fails (disk full) the file is put back as it was.
+            previous = await asyncio.to_thread(self.files.read_bytes, agent_id)
+            try:
+                await asyncio.to_thread(self.files.write, agent_id, body.name,
+                                        body.system_prompt, body.markdown_context)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"the agents directory cannot be written: {exc.strerror or exc}") from None
+            try:
+                await session.commit()
+            except Exception:
+                try:
+                    await asyncio.to_thread(self.files.restore, agent_id, previous)
+                except OSError as exc:
+                    log.error("agent %s: could not restore its file after a failed commit: %s",
+                              agent_id, exc)
+                raise
             log.info("agent %s %s", agent_id, "created" if created else "updated")
             return Agent.from_row(row), created
 

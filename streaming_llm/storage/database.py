@@ -46,8 +46,15 @@ def upgrade_to_head(url: str) -> None:
 
 def _ensure_sqlite_dir(url: str) -> None:
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    database = parsed.database
+    if parsed.query.get("uri") == "true":  # file:/path/db?mode=ro&uri=true
+        if database.startswith("file:"):
+            database = database[len("file:"):]
+        if parsed.query.get("mode") == "ro":
+            return  # read-only: nothing will be created
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def storage_error(exc: OperationalError) -> StorageUnavailable:
@@ -67,7 +74,12 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def migrate(self) -> None:
-        await asyncio.to_thread(upgrade_to_head, self.url)
+        try:
+            await asyncio.to_thread(upgrade_to_head, self.url)
+        except OperationalError as exc:  # unreadable, read-only before migrating, disk full
+            shown = make_url(self.url).render_as_string(hide_password=True)
+            raise StorageUnavailable(
+                f"cannot bring the database {shown} to the latest migration: {exc.orig}") from None
 
     def session(self) -> AsyncSession:
         return self.sessions()

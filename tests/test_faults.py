@@ -1,0 +1,227 @@
+"""Faults: a read-only database, a full disk, an unwritable agents directory, a model that fails
+to load. Each gets a clear error; the service keeps serving what it still can."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.testclient import TestClient
+from websockets.sync.client import connect
+
+from streaming_llm.app import create_app
+from streaming_llm.engines import registry
+from streaming_llm.engines.base import Chunk, EngineHealth, EngineRequest
+from streaming_llm.errors import EngineNotReady, ModelNotFound
+from streaming_llm.settings import Settings
+
+from .conftest import put_agent
+from .server import start_server
+from .test_chat import recv_turn
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+# --- read-only database -----------------------------------------------------------------------
+@pytest.mark.e2e
+def test_read_only_database_serves_reads_and_refuses_writes_clearly(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = make_settings()  # data dir tmp_path/data: the one start_server uses
+    with TestClient(create_app(settings)) as client:
+        put_agent(client, "helper")
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "before"})
+            start, _, _ = recv_turn(ws)
+    conversation = start["conversation_id"]
+    db = settings.data_dir / "streaming_llm.db"
+    agents_dir = settings.resolved_agents_dir
+    files_before = {p.name: p.read_bytes() for p in agents_dir.iterdir()}
+
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
+           "STREAMING_LLM_DATABASE_URL": f"sqlite+aiosqlite:///file:{db}?mode=ro&uri=true"}
+    with start_server(tmp_path, env) as server:
+        assert http("GET", server.base_url + "/health")[0] == 200
+        status, agents = http("GET", server.base_url + "/agents")
+        assert status == 200 and [a["id"] for a in agents] == ["helper"]
+        status, conv = http("GET", f"{server.base_url}/conversations/{conversation}")
+        assert status == 200 and len(conv["turns"]) == 2
+
+        for method, path, body in [("PUT", "/agents/new", {"name": "New"}),
+                                   ("PUT", "/agents/helper", {"name": "Changed"}),
+                                   ("DELETE", "/agents/helper", None),
+                                   ("DELETE", f"/conversations/{conversation}", None)]:
+            status, error = http(method, server.base_url + path, body)
+            assert status == 503, (method, path, error)
+            assert error["error"]["code"] == "storage_unavailable"
+            assert "readonly database" in error["error"]["message"]
+
+        with connect(server.ws_url) as ws:
+            for extra in ({}, {"conversation_id": conversation}):
+                ws.send(json.dumps({"type": "chat", "agent_id": "helper", "message": "x", **extra}))
+                error = json.loads(ws.recv(timeout=10))
+                assert (error["type"], error["code"]) == ("error", "storage_unavailable"), error
+            ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "pong"
+        assert server.proc.poll() is None
+        log = server.log()
+    assert "Traceback" not in log and "database failure: attempt to write a readonly" in log
+    assert {p.name: p.read_bytes() for p in agents_dir.iterdir()} == files_before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM turns").fetchone() == (2,)
+        assert conn.execute("SELECT name FROM agents").fetchall() == [("Helper",)]
+
+
+@pytest.mark.e2e
+def test_unusable_database_at_start_up_exits_once_with_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "db.sqlite"
+    env = {"STREAMING_LLM_ENGINE": "echo",
+           "STREAMING_LLM_DATABASE_URL": f"sqlite+aiosqlite:///file:{missing}?mode=ro&uri=true"}
+    with start_server(tmp_path, env, wait=False) as server:
+        assert server.proc.wait(timeout=60) != 0
+        log = server.log()
+    assert "cannot bring the database" in log and "unable to open database file" in log
+    assert "Application startup failed" in log
+    assert not (Path.cwd() / "file:").exists() and not missing.parent.exists()
+
+
+# --- disk full --------------------------------------------------------------------------------
+@pytest.fixture
+def disk(client: TestClient) -> Iterator[dict[str, bool]]:
+    """``disk["full"] = True`` caps the database at its current size (SQLite's max_page_count):
+    every write that needs a new page then fails with SQLITE_FULL, as on a full disk."""
+    state = {"full": False}
+    pool = client.app_state["services"].db.engine.sync_engine.pool
+
+    def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA page_count")
+        pages = cur.fetchone()[0]
+        cur.execute(f"PRAGMA max_page_count = {pages if state['full'] else 1 << 30}")
+        cur.close()
+
+    event.listen(pool, "checkout", on_checkout)
+    yield state
+    event.remove(pool, "checkout", on_checkout)
+
+
+def test_disk_full_gives_clear_errors_and_recovers(client: TestClient, settings: Settings,
+                                                  disk: dict[str, bool]) -> None:
+    put_agent(client, "helper")
+    big = "x" * 150_000
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
+        start, _, _ = recv_turn(ws)
+        disk["full"] = True
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": big,
+                      "conversation_id": start["conversation_id"]})
+        error = ws.receive_json()
+        assert (error["type"], error["code"]) == ("error", "storage_unavailable")
+        assert "database or disk is full" in error["message"]
+        resp = client.put("/agents/large", json={"name": "L", "markdown_context": big})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
+        assert not (settings.resolved_agents_dir / "large.md").exists()
+
+        disk["full"] = False  # space freed: everything works again, on the same socket
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": big[:1000],
+                      "conversation_id": start["conversation_id"]})
+        _, _, done = recv_turn(ws)
+        assert done["type"] == "done"
+    assert client.put("/agents/large", json={"name": "L", "markdown_context": big}).status_code == 201
+    turns = client.get(f"/conversations/{start['conversation_id']}").json()["turns"]
+    assert [t["seq"] for t in turns] == [0, 1, 2, 3]
+
+
+def test_failed_commit_puts_the_agent_file_back(client: TestClient, settings: Settings,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    put_agent(client, "kept", name="Old")
+    path = settings.resolved_agents_dir / "kept.md"
+    before = path.read_bytes()
+
+    async def full_disk_commit(self: AsyncSession) -> None:
+        # What a full disk does when SQLite appends the transaction to the WAL at COMMIT; the
+        # write that came before (the flush) succeeded, and so did the agent file's.
+        raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AsyncSession, "commit", full_disk_commit)
+        resp = client.put("/agents/kept", json={"name": "New"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
+        resp = client.put("/agents/fresh", json={"name": "Fresh"})
+        assert resp.status_code == 503
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in settings.resolved_agents_dir.iterdir()) == ["kept.md"]
+    assert [(a["id"], a["name"]) for a in client.get("/agents").json()] == [("kept", "Old")]
+
+
+def test_unwritable_agents_dir(make_settings: Callable[..., Settings], tmp_path: Path,
+                               scripted: Any) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the agents directory should be")
+    with TestClient(create_app(make_settings(agents_dir=blocker))) as client:
+        resp = client.put("/agents/a", json={"name": "A"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
+        assert "agents directory cannot be written" in resp.json()["error"]["message"]
+        assert client.get("/agents").json() == []
+
+
+# --- a model that fails to load ---------------------------------------------------------------
+class BrokenModelEngine:
+    name = "local"
+
+    async def start(self) -> None:
+        raise ModelNotFound("model '/models/missing' not found: no config.json in that directory")
+
+    async def close(self) -> None:
+        return None
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(ready=False, model="/models/missing")
+
+    def forget(self, conversation_id: str) -> None:
+        return None
+
+    async def stream(self, request: EngineRequest) -> Any:
+        raise EngineNotReady("the model is not loaded")
+        yield Chunk  # pragma: no cover - makes this an async generator
+
+
+def test_model_that_fails_to_load(make_settings: Callable[..., Settings],
+                                  monkeypatch: pytest.MonkeyPatch,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(registry.ENGINES, "echo", lambda settings, http: BrokenModelEngine())
+    with caplog.at_level("ERROR"), TestClient(create_app(make_settings())) as client:
+        for _ in range(100):
+            resp = client.get("/health")
+            if resp.json()["status"] == "error":
+                break
+        body = resp.json()
+        assert resp.status_code == 503 and body["ready"] is False
+        assert "engine 'local' failed to start" in body["detail"]
+        assert "/models/missing" in body["detail"] and "config.json" in body["detail"]
+        put_agent(client, "helper")  # the rest of the service keeps working
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "hi"})
+            _, _, error = recv_turn(ws)
+            assert (error["type"], error["code"]) == ("error", "engine_not_ready")
+            ws.send_json({"type": "ping"})
+            assert ws.receive_json()["type"] == "pong"
+    assert "failed to start" in caplog.text and "/models/missing" in caplog.text
