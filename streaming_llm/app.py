@@ -27,7 +27,7 @@ from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health
+from .routes import agents, chat, conversations, health, web
 from .settings import Settings
 from .shutdown import LiveSockets
 from .storage.database import Database
@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     app = Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes],
+        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,
