@@ -72,9 +72,9 @@ case ${STREAMING_LLM_BOOTSTRAP_DEPS:-1} in
 esac
 
 if [[ $bootstrap == 1 ]]; then
-    base=${STREAMING_LLM_PYTHON:-python3}
+    base=${PYTHON:-python3}  # the Makefile's names: PYTHON, TORCH_SPEC
     command -v "$base" >/dev/null \
-        || die "$base not found: install Python 3.11 or newer, or set STREAMING_LLM_PYTHON"
+        || die "$base not found: install Python 3.11 or newer, or set PYTHON to one"
     "$base" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "$base is Python $("$base" -c 'import platform; print(platform.python_version())'), 3.11 or newer is needed"
     torch_spec=${TORCH_SPEC:-torch==2.13.0}

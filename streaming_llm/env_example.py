@@ -26,10 +26,11 @@ DEPLOY_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("STREAMING_LLM_VENV", "",
      "run-sidecar.sh: virtual environment that runs the service; empty = .venv at the repository "
      "root."),
-    ("STREAMING_LLM_PYTHON", "python3",
-     "run-sidecar.sh: interpreter (3.11 or newer) that creates the virtual environment."),
+    ("PYTHON", "python3",
+     "run-sidecar.sh, as the Makefile: interpreter (3.11 or newer) that creates the virtual "
+     "environment."),
     ("TORCH_SPEC", "torch==2.13.0",
-     "run-sidecar.sh: the torch requirement, pinned exactly (pip picks the CUDA build on a GPU "
+     "run-sidecar.sh, as the Makefile: the torch requirement, pinned exactly (pip picks the CUDA build on a GPU "
      "box)."),
 )
 

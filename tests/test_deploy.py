@@ -27,8 +27,13 @@ UNIT = ROOT / "deploy" / "systemd" / "streaming-llm.service"
 VENV = Path(sys.prefix)  # the environment running these tests: /tmp/probe in dev, .venv in CI
 
 
+# What the script reads besides STREAMING_LLM_*, and what an outer `make test` leaves behind.
+FOREIGN = {"PYTHON", "TORCH_SPEC", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+
+
 def sidecar_env(env_file: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMING_LLM_") and k not in FOREIGN}
     env.update({"STREAMING_LLM_ENV_FILE": str(env_file), "PYTHONUNBUFFERED": "1", **extra})
     return env
 
@@ -101,7 +106,7 @@ def venv_without_deps(tmp_path: Path) -> Path:
      "sidecar.env:2: expected KEY=value, got: this is not a setting"),
     ("no venv", "STREAMING_LLM_BOOTSTRAP_DEPS=0\nSTREAMING_LLM_VENV=/nonexistent/venv\n", {}, 1,
      "no virtual environment at /nonexistent/venv and STREAMING_LLM_BOOTSTRAP_DEPS=0"),
-    ("no python", "", {"STREAMING_LLM_PYTHON": "/nonexistent/python3"}, 1,
+    ("no python", "", {"PYTHON": "/nonexistent/python3"}, 1,
      "/nonexistent/python3 not found: install Python 3.11 or newer"),
     ("bad flag", "STREAMING_LLM_BOOTSTRAP_DEPS=maybe\n", {}, 2,
      "STREAMING_LLM_BOOTSTRAP_DEPS=maybe: expected 1 or 0"),
