@@ -89,8 +89,17 @@ class LiveSockets:
             if not await self._until(lambda: not self.running(), self.cancel_timeout_s):
                 log.error("shutdown: %d turn(s) did not stop within %.1fs of the cancel",
                           self.running(), self.cancel_timeout_s)
-        for sock in list(self._open):
-            await sock.close(GOING_AWAY, "server shutting down")
+        # Concurrently and bounded: a client that stopped reading must not hold the others up.
+        closing = [asyncio.ensure_future(s.close(GOING_AWAY, "server shutting down"))
+                   for s in self._open]
+        if closing:
+            _, stuck = await asyncio.wait(closing, timeout=self.close_timeout_s)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck)
+                log.warning("shutdown: %d socket(s) did not take the close; dropping them",
+                            len(stuck))
         await self._until(lambda: not self._open, self.close_timeout_s)
         log.info("shutdown: chat sockets drained in %.2fs", time.monotonic() - started)
 
