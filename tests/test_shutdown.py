@@ -6,6 +6,7 @@ client, the database, the logs and the exit status tell what the server did.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -21,10 +22,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from streaming_llm.logs import LOG_FILE
+from streaming_llm.shutdown import LiveSockets
 
 from .server import ServerProcess, start_server
-
-pytestmark = pytest.mark.e2e
 
 
 def put_agent(server: ServerProcess) -> None:
@@ -66,6 +66,7 @@ def stored_answer(server: ServerProcess, conversation_id: str) -> list[tuple[str
                           " WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
 
 
+@pytest.mark.e2e
 def test_running_turn_finishes_within_grace(tmp_path: Path) -> None:
     words = [f"zebra{i} " for i in range(15)]  # 15 words, 100 ms apart: 1.5 s of answer
     message = "".join(words).strip()
@@ -109,6 +110,7 @@ def test_running_turn_finishes_within_grace(tmp_path: Path) -> None:
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", log_file, re.M)
 
 
+@pytest.mark.e2e
 def test_turn_past_grace_is_cancelled_and_stored(tmp_path: Path) -> None:
     message = " ".join(f"w{i}" for i in range(400))  # 400 words, 50 ms apart: 20 s of answer
     grace = 0.5
@@ -137,3 +139,66 @@ def test_turn_past_grace_is_cancelled_and_stored(tmp_path: Path) -> None:
         assert stored_answer(server, start["conversation_id"]) == [
             ("user", message, None), ("assistant", "".join(tokens), "cancelled")]
     assert "cancelling 1 turn(s)" in server.log()
+
+
+# --- LiveSockets on its own: the bounds that the process tests cannot reach cheaply ------------
+class FakeSocket:
+    """A chat socket reduced to what the drain uses: busy for ``work_s`` unless cancelled."""
+
+    def __init__(self, live: LiveSockets, work_s: float, *, close_hangs: bool = False) -> None:
+        self.live, self.work_s, self.close_hangs = live, work_s, close_hangs
+        self.started = time.monotonic()
+        self.cancelled_at: float | None = None
+        self.closed_with: int | None = None
+        self.gone = asyncio.Event()
+
+    @property
+    def busy(self) -> bool:
+        return self.cancelled_at is None and time.monotonic() - self.started < self.work_s
+
+    async def cancel(self, request_id: str | None) -> None:
+        self.cancelled_at = time.monotonic()
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.close_hangs:
+            await asyncio.Event().wait()
+        self.closed_with = code
+        self.gone.set()
+
+    async def handler(self) -> None:
+        """What the endpoint does: tracked until the socket is gone."""
+        with self.live.track(self):
+            await self.gone.wait()
+
+
+async def drain_with(live: LiveSockets, sockets: list[FakeSocket], grace_s: float) -> float:
+    handlers = [asyncio.create_task(s.handler()) for s in sockets]
+    await asyncio.sleep(0)
+    assert len(live) == len(sockets)
+    started = time.monotonic()
+    await live.drain(grace_s)
+    took = time.monotonic() - started
+    for task in handlers:
+        task.cancel()
+    await asyncio.wait(handlers)
+    return took
+
+
+async def test_drain_waits_for_short_turns_and_cancels_long_ones() -> None:
+    live = LiveSockets()
+    short, long, idle = FakeSocket(live, 0.1), FakeSocket(live, 60), FakeSocket(live, 0)
+    took = await drain_with(live, [short, long, idle], grace_s=0.3)
+    assert live.draining
+    assert short.cancelled_at is None and idle.cancelled_at is None
+    assert long.cancelled_at is not None and long.cancelled_at - long.started >= 0.3
+    assert [s.closed_with for s in (short, long, idle)] == [1001, 1001, 1001]
+    assert took < 1
+    assert len(live) == 0
+
+
+async def test_drain_does_not_hang_on_a_socket_that_will_not_close() -> None:
+    live = LiveSockets(close_timeout_s=0.2)
+    stuck, fine = FakeSocket(live, 0, close_hangs=True), FakeSocket(live, 0)
+    took = await drain_with(live, [stuck, fine], grace_s=5)
+    assert fine.closed_with == 1001 and stuck.closed_with is None
+    assert 0.2 <= took < 1  # the close timeout, then the wait for the handlers, both bounded
