@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from starlette.responses import Response
 
 from .agent_files import AgentFiles
 from .agents import AgentService
-from .auth import redact_tokens_in_logs
 from .conversations import ConversationManager
 from .engines.base import Engine
 from .engines.registry import create_engine
@@ -32,6 +32,7 @@ from .limits import GenerationGate
 from .responses import JSONResponse, error_response
 from .routes import agents, chat, conversations, health, web
 from .settings import Settings
+from .shutdown import LiveSockets
 from .storage.database import Database, storage_error
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Services:
     engine: Engine
     agents: AgentService
     conversations: ConversationManager
+    sockets: LiveSockets  # open chat sockets, drained on shutdown
     engine_failure: str | None = None  # why the engine could not start, for /health
 
 
@@ -53,8 +55,9 @@ class State(TypedDict):
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first."""
     guards = middleware(settings)  # first: a bad API key setting stops here, before any I/O
-    redact_tokens_in_logs()
+    sockets = LiveSockets()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -72,6 +75,7 @@ def create_app(settings: Settings) -> Starlette:
                 db, engine, default_max_new_tokens=settings.max_new_tokens,
                 gate=GenerationGate(settings.max_concurrent_generations,
                                     settings.max_waiting_generations)),
+            sockets=sockets,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
@@ -84,7 +88,7 @@ def create_app(settings: Settings) -> Starlette:
             await http.close()
             await db.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes, *web.routes],
         lifespan=lifespan,
         middleware=guards,
@@ -96,6 +100,8 @@ def create_app(settings: Settings) -> Starlette:
             500: _internal_error,
         },
     )
+    app.state.drain = functools.partial(sockets.drain, settings.shutdown_grace_s)
+    return app
 
 
 async def _start_engine(services: Services) -> None:

@@ -15,8 +15,8 @@ client can send it, browsers included:
 
 A socket without a valid key is closed before it is accepted (the client sees HTTP 403), so no
 frame is ever read from it. Keys are compared with :func:`hmac.compare_digest` against every
-configured key, and never logged: :class:`RedactTokens` scrubs ``token=`` and bearer credentials
-from uvicorn's access, WebSocket and (debug) handshake-header log lines.
+configured key, and never logged: :mod:`streaming_llm.logs` masks ``token=`` values, bearer
+credentials (header and subprotocol forms) and the configured keys themselves in every log line.
 
 Keys must be URL- and header-safe (``A-Z a-z 0-9 - _ . ~``, at least 16 characters) so that every
 transport above carries them without escaping; ``secrets.token_urlsafe(32)`` makes one.
@@ -204,37 +204,3 @@ def _accept_bearer(send: Send, offered_bearer: bool) -> Send:
 def _client(scope: Scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "unknown"
-
-
-# --- logs ---------------------------------------------------------------------------------------
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|api_key|access_token)=)[^&\s\"']*")
-# "Bearer <key>" (Authorization), "bearer, <key>" and "bearer.<key>" (Sec-WebSocket-Protocol): the
-# websockets library logs every handshake header at debug level.
-_BEARER = re.compile(r"(?i)\b(bearer(?:\.|,? +))[A-Za-z0-9._~+/=-]+")
-
-
-def redact(text: str) -> str:
-    return _BEARER.sub(r"\1[redacted]", _SECRET_QUERY.sub(r"\1[redacted]", text))
-
-
-class RedactTokens(logging.Filter):
-    """Scrub ``token=…`` query values and bearer credentials from a record's message and args."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-# Logger filters see only records made on that very logger: name the ones that print paths.
-_REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
-
-
-def redact_tokens_in_logs() -> None:
-    """Install :class:`RedactTokens` on the loggers that print request paths (idempotent)."""
-    for name in _REDACTED_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactTokens) for f in logger.filters):
-            logger.addFilter(RedactTokens())

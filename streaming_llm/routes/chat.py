@@ -4,7 +4,9 @@ Two tasks per socket: the reader decodes frames as they arrive (so ``cancel`` an
 answered while a turn generates) and queues chat frames; the worker runs queued turns one at a
 time, in order. Cancelling a turn cancels the task that drains the engine stream, which closes
 the stream and so stops the engine at its next step; the partial answer is stored as
-``cancelled``. A disconnect cancels the worker the same way.
+``cancelled``. A disconnect cancels the worker the same way. On shutdown
+:class:`~streaming_llm.shutdown.LiveSockets` drains the socket: no new turns, the running one
+finishes or is cancelled after the grace period, then the socket is closed with 1001.
 
 Limits (:mod:`streaming_llm.limits`): the reader refuses oversized frames and messages, a
 ``max_new_tokens`` over the ceiling and chats beyond the socket's queue; the worker waits for a
@@ -30,9 +32,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..conversations import ConversationManager, Turn, store_partial
 from ..engines.base import FinishReason, Usage
-from ..errors import EngineError, ServiceError
+from ..errors import EngineError, ServiceError, ShuttingDown
 from ..limits import GenerationGate, Limits
 from ..protocol import Cancel, Chat, Done, Error, Ping, Pong, Start, Token, client_decoder, encoder
+from ..shutdown import LiveSockets
 from ..storage.database import storage_error
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,13 @@ class _Job:
 
 
 class ChatSocket:
-    def __init__(self, ws: WebSocket, manager: ConversationManager, limits: Limits) -> None:
+    def __init__(self, ws: WebSocket, manager: ConversationManager, live: LiveSockets,
+                 limits: Limits) -> None:
         self.ws = ws
         self.manager = manager
+        self.live = live
         self.limits = limits
+        self.closed = False
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.jobs: dict[str, _Job] = {}  # queued or running, by request id
         self.current: _Job | None = None
@@ -57,9 +63,21 @@ class ChatSocket:
         self.admission: asyncio.Task[None] | None = None  # the current job waiting for a slot
         self.send_lock = asyncio.Lock()
 
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
     async def send(self, frame: msgspec.Struct) -> None:
         async with self.send_lock:
-            await self.ws.send_text(encoder.encode(frame).decode())
+            if not self.closed:  # after a shutdown close, late frames have nowhere to go
+                await self.ws.send_text(encoder.encode(frame).decode())
+
+    async def close(self, code: int, reason: str) -> None:
+        async with self.send_lock:
+            if not self.closed:
+                self.closed = True
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # already gone
+                    await self.ws.close(code, reason)
 
     async def error(self, request_id: str | None, code: str, message: str, **extra: str) -> None:
         await self.send(Error(request_id=request_id, code=code, message=message, **extra))
@@ -107,6 +125,9 @@ class ChatSocket:
         match frame:
             case Chat():
                 request_id = frame.request_id or f"req_{uuid.uuid4().hex}"
+                if self.live.draining:
+                    await self.refuse(request_id)
+                    return
                 if request_id in self.jobs:
                     await self.error(request_id, "duplicate_request_id",
                                      f"request {request_id!r} is already queued or running")
@@ -144,7 +165,9 @@ class ChatSocket:
             job = await self.queue.get()
             self.current = job
             try:
-                if await self.admit(job):
+                if self.live.draining and not job.cancelled:
+                    await self.refuse(job.request_id)
+                elif await self.admit(job):
                     try:
                         await self.run_turn(job)
                     finally:
@@ -206,6 +229,8 @@ class ChatSocket:
         await self.send(Start(request_id, turn.conversation_id, turn.user_turn_id))
         started = time.perf_counter()
         self.drain = asyncio.create_task(self.stream(turn))
+        if job.cancelled:  # cancelled while the user turn was being stored
+            self.drain.cancel()
         reason: FinishReason
         failure: EngineError | None = None
         usage: Usage
@@ -251,6 +276,10 @@ class ChatSocket:
         else:
             await self.send(Done(request_id, turn.conversation_id, turn_id, reason, usage))
 
+    async def refuse(self, request_id: str) -> None:
+        exc = ShuttingDown("the server is shutting down; send the turn again once it is back")
+        await self.error(request_id, exc.code, exc.message)
+
     async def stream(self, turn: Turn) -> None:
         seq = 0
         async for piece in self.manager.generate(turn):
@@ -285,7 +314,10 @@ def _release_if_acquired(gate: GenerationGate) -> Callable[[asyncio.Future[None]
 async def chat_endpoint(ws: WebSocket) -> None:
     await ws.accept()
     services = ws.state.services
-    await ChatSocket(ws, services.conversations, Limits.from_settings(services.settings)).run()
+    chat = ChatSocket(ws, services.conversations, services.sockets,
+                      Limits.from_settings(services.settings))
+    with services.sockets.track(chat):
+        await chat.run()
 
 
 routes = [WebSocketRoute("/ws/chat", chat_endpoint)]
