@@ -68,7 +68,7 @@ class AgentService:
                              code="id_mismatch")
         if not body.name.strip():
             raise BadRequest("name must not be blank", code="validation_error")
-        async with self._write_lock, self.db.session() as session:
+        async with self._write_lock, self.db.writing() as session:
             row, created = await AgentRepository(session).upsert(
                 agent_id, name=body.name, system_prompt=body.system_prompt,
                 markdown_context=body.markdown_context)
@@ -95,7 +95,7 @@ class AgentService:
 
     async def delete(self, agent_id: str) -> None:
         check_agent_id(agent_id)
-        async with self._write_lock, self.db.session() as session:
+        async with self._write_lock, self.db.writing() as session:
             if not await AgentRepository(session).delete(agent_id):
                 raise AgentNotFound(f"agent {agent_id!r} not found")
             await session.commit()
@@ -105,7 +105,7 @@ class AgentService:
     async def import_files(self) -> int:
         """Import ``.md`` files that are new, or newer than their row and different from it."""
         imported = 0
-        async with self._write_lock, self.db.session() as session:
+        async with self._write_lock, self.db.writing() as session:
             await asyncio.to_thread(self.files.remove_leftovers)
             found = await asyncio.to_thread(self.files.scan)
             repo = AgentRepository(session)

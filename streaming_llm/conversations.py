@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import msgspec
+from sqlalchemy import Connection
 
 from .engines.base import (
     ChatMessage,
@@ -31,7 +32,14 @@ from .ids import check_conversation_id
 from .limits import GenerationGate
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
-from .storage.repositories import AgentRepository, ConversationRepository, TurnRepository
+from .storage.repositories import (
+    AgentRepository,
+    ConversationRepository,
+    TurnRepository,
+    append_turn,
+    create_conversation,
+    touch_conversation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +127,7 @@ class ConversationManager:
 
     async def delete(self, conversation_id: str) -> None:
         check_conversation_id(conversation_id)
-        async with self.db.session() as session:
+        async with self.db.writing() as session:
             if not await ConversationRepository(session).delete(conversation_id):
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
             await session.commit()
@@ -129,29 +137,33 @@ class ConversationManager:
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions) -> Turn:
         """Validate, store the user turn, and build the engine request (history + new message)."""
-        async with self.db.session() as session:
+        history: list[TurnRow] = []
+        async with self.db.session() as session:  # reads: in WAL they never wait for the writer
             agent = await AgentRepository(session).get(agent_id)
             if agent is None:
                 raise AgentNotFound(f"agent {agent_id!r} not found")
-            conversations, turns = ConversationRepository(session), TurnRepository(session)
-            if conversation_id is None:
-                conversation = await conversations.create(agent_id, title=_title(message))
-                history: list[TurnRow] = []
-            else:
+            if conversation_id is not None:
                 check_conversation_id(conversation_id)
-                found = await conversations.get(conversation_id)
+                found = await ConversationRepository(session).get(conversation_id)
                 if found is None:
                     raise ConversationNotFound(f"conversation {conversation_id!r} not found")
                 if found.agent_id != agent_id:
                     raise Conflict(
                         f"conversation {conversation_id!r} belongs to agent {found.agent_id!r}, "
                         f"not {agent_id!r}", code="conversation_agent_mismatch")
-                conversation = found
-                history = await turns.list_turns(conversation.id)
-            user_turn = await turns.append(conversation.id, role="user", content=message,
-                                           request_id=request_id)
-            await conversations.touch(conversation.id)
-            await session.commit()
+                history = await TurnRepository(session).list_turns(conversation_id)
+
+        def store(conn: Connection) -> tuple[str, str]:  # on the writer thread, one transaction
+            if conversation_id is None:
+                conversation = create_conversation(conn, agent_id, _title(message))
+            elif touch_conversation(conn, conversation_id):
+                conversation = conversation_id
+            else:
+                raise ConversationNotFound(f"conversation {conversation_id!r} was just deleted")
+            return conversation, append_turn(conn, conversation, role="user", content=message,
+                                             request_id=request_id)
+
+        stored_in, user_turn_id = await self.db.write(store)
 
         messages = []
         system = system_message(agent.system_prompt, agent.markdown_context)
@@ -161,11 +173,11 @@ class ConversationManager:
                         if t.role in ("user", "assistant"))
         messages.append(ChatMessage("user", message))
         request = EngineRequest(
-            request_id=request_id, conversation_id=conversation.id, messages=messages,
+            request_id=request_id, conversation_id=stored_in, messages=messages,
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
         )
-        return Turn(request_id, conversation.id, user_turn.id, request)
+        return Turn(request_id, stored_in, user_turn_id, request)
 
     async def generate(self, turn: Turn) -> AsyncIterator[str]:
         """Yield the answer's text pieces; ``turn.pieces`` keeps what was yielded so far and
@@ -186,16 +198,18 @@ class ConversationManager:
 
     async def finish(self, turn: Turn, reason: FinishReason, usage: Usage) -> str:
         """Store the assistant turn (whatever was streamed) and return its id."""
-        async with self.db.session() as session:
-            row = await TurnRepository(session).append(
-                turn.conversation_id, role="assistant", content="".join(turn.pieces),
-                finish_reason=reason, prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                usage=msgspec.json.encode(usage).decode(), request_id=turn.request_id,
-            )
-            await ConversationRepository(session).touch(turn.conversation_id)
-            await session.commit()
-        return row.id
+        fields = {"role": "assistant", "content": "".join(turn.pieces), "finish_reason": reason,
+                  "prompt_tokens": usage.prompt_tokens,
+                  "completion_tokens": usage.completion_tokens,
+                  "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
+
+        def store(conn: Connection) -> str:  # on the writer thread, one transaction
+            if not touch_conversation(conn, turn.conversation_id):
+                raise ConversationNotFound(
+                    f"conversation {turn.conversation_id!r} was deleted during the turn")
+            return append_turn(conn, turn.conversation_id, **fields)
+
+        return await self.db.write(store)
 
 
 def _title(message: str) -> str:

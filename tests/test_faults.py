@@ -109,7 +109,8 @@ def disk(client: TestClient) -> Iterator[dict[str, bool]]:
     """``disk["full"] = True`` caps the database at its current size (SQLite's max_page_count):
     every write that needs a new page then fails with SQLITE_FULL, as on a full disk."""
     state = {"full": False}
-    pool = client.app_state["services"].db.engine.sync_engine.pool
+    db = client.app_state["services"].db
+    pools = [db.engine.sync_engine.pool, db.write_engine.pool]  # chat turns use the writer
 
     def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -118,9 +119,11 @@ def disk(client: TestClient) -> Iterator[dict[str, bool]]:
         cur.execute(f"PRAGMA max_page_count = {pages if state['full'] else 1 << 30}")
         cur.close()
 
-    event.listen(pool, "checkout", on_checkout)
+    for pool in pools:
+        event.listen(pool, "checkout", on_checkout)
     yield state
-    event.remove(pool, "checkout", on_checkout)
+    for pool in pools:
+        event.remove(pool, "checkout", on_checkout)
 
 
 def test_disk_full_gives_clear_errors_and_recovers(client: TestClient, settings: Settings,

@@ -218,12 +218,9 @@ class ChatSocket:
             turn = await self.manager.begin(
                 request_id=request_id, agent_id=frame.agent_id, message=frame.message,
                 conversation_id=frame.conversation_id, options=frame.options)
-        except ServiceError as exc:
-            await self.error(request_id, exc.code, exc.message)
-            return
-        except OperationalError as exc:
-            failed = storage_error(exc)
-            await self.error(request_id, failed.code, failed.message)
+        except (ServiceError, OperationalError) as exc:
+            refused = storage_error(exc) if isinstance(exc, OperationalError) else exc
+            await self.error(request_id, refused.code, refused.message)
             return
         log.info("turn %s started: conversation %s", request_id, turn.conversation_id)
         await self.send(Start(request_id, turn.conversation_id, turn.user_turn_id))
@@ -261,8 +258,9 @@ class ChatSocket:
             reason, usage = turn.finished.reason, turn.finished.usage
         try:
             turn_id = await store_partial(self.manager, turn, reason, usage)
-        except OperationalError as exc:
-            failed = storage_error(exc)
+        except (OperationalError, ServiceError) as exc:
+            failed: ServiceError = (storage_error(exc) if isinstance(exc, OperationalError)
+                                    else exc)
             await self.error(request_id, failed.code,
                              f"the answer could not be stored: {failed.message}",
                              conversation_id=turn.conversation_id)

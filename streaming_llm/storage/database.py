@@ -1,13 +1,23 @@
-"""The database handle: an async engine in WAL mode with a busy timeout, migrated by Alembic."""
+"""The database handle: an async engine in WAL mode with a busy timeout, migrated by Alembic.
+
+Chat turns are written through :meth:`Database.write`: a function run on one writer thread over a
+plain (synchronous) SQLAlchemy connection, one transaction per call. Through the async engine
+every statement is several round trips to aiosqlite's thread (cursor, execute, fetch, close,
+commit, reset), each waiting for a turn of a busy event loop, and SQLite's single writer turns
+those waits into a queue; on the writer thread a whole transaction is one hand-off.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -20,6 +30,8 @@ from sqlalchemy.ext.asyncio import (
 from ..errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,9 +81,16 @@ class Database:
     def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(url)
+        self.write_engine: Engine | None = None
+        self._writer: ThreadPoolExecutor | None = None
         if self.engine.dialect.name == "sqlite":
-            _configure_sqlite(self.engine, busy_timeout_ms)
+            _configure_sqlite(self.engine.sync_engine, busy_timeout_ms)
+            sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+            self.write_engine = create_engine(sync_url, pool_size=1, max_overflow=0)
+            _configure_sqlite(self.write_engine, busy_timeout_ms)
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = asyncio.Lock()
 
     async def migrate(self) -> None:
         try:
@@ -84,12 +103,44 @@ class Database:
     def session(self) -> AsyncSession:
         return self.sessions()
 
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncSession]:
+        """A session for a write transaction, one at a time across the app.
+
+        SQLite has one writer. Concurrent write transactions would meet in SQLite's busy
+        handler, which sleeps in steps of up to 100 ms (and a reader upgrading to a writer after
+        another commit fails at once with SQLITE_BUSY); queueing them here costs microseconds.
+        Reads need no lock (WAL: readers never wait for the writer).
+        """
+        async with self._write_lock, self.sessions() as session:
+            yield session
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(connection)`` in one write transaction (committed when it returns, rolled
+        back when it raises) on the writer thread. ``fn`` runs off the event loop: Core
+        statements only, no awaiting. Writes happen in call order."""
+        if self._writer is None:  # not SQLite: the same transaction through the async engine
+            async with self.writing() as session:
+                result = await session.run_sync(lambda sync: fn(sync.connection()))
+                await session.commit()
+                return result
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, fn)
+
+    def _write(self, fn: Callable[[Connection], T]) -> T:
+        assert self.write_engine is not None
+        with self.write_engine.begin() as connection:
+            return fn(connection)
+
     async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.shutdown)
+        if self.write_engine is not None:
+            self.write_engine.dispose()
         await self.engine.dispose()
 
 
-def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")

@@ -1,13 +1,17 @@
 """Thin async repositories, one per aggregate, each over an ``AsyncSession``.
 
-They never commit: the caller (the conversation manager, a route) owns the transaction.
+They never commit: the caller (the conversation manager, a route) owns the transaction. The
+chat's hot writes (a conversation, a turn) also exist as plain functions over a synchronous
+``Connection``, for :meth:`~streaming_llm.storage.database.Database.write`; both build the same
+statements.
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, Insert, Update, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import AgentRow, ConversationRow, TurnRow, utcnow
@@ -15,6 +19,21 @@ from .models import AgentRow, ConversationRow, TurnRow, utcnow
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _touch(conversation_id: str) -> Update:
+    return (update(ConversationRow).where(ConversationRow.id == conversation_id)
+            .values(updated_at=utcnow()).execution_options(synchronize_session=False))
+
+
+def _insert_turn(conversation_id: str, **fields: Any) -> tuple[Insert, dict[str, Any]]:
+    """``INSERT ... SELECT max(seq) + 1``: the next ``seq`` of the conversation (0, 1, 2, ...)
+    in the same statement, so a turn is one round trip."""
+    values = {"id": new_id("turn"), "conversation_id": conversation_id, "created_at": utcnow(),
+              **fields}
+    next_seq = (select(func.coalesce(func.max(TurnRow.seq) + 1, 0))
+                .where(TurnRow.conversation_id == conversation_id).scalar_subquery())
+    return insert(TurnRow).values(**values, seq=next_seq).returning(TurnRow.seq), values
 
 
 class AgentRepository:
@@ -71,10 +90,10 @@ class ConversationRepository:
         query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
         return list((await self.session.scalars(query.limit(limit).offset(offset))).all())
 
-    async def touch(self, conversation_id: str) -> None:
-        row = await self.get(conversation_id)
-        if row is not None:
-            row.updated_at = utcnow()
+    async def touch(self, conversation_id: str) -> bool:
+        """Mark the conversation active now; False when it does not exist."""
+        result = await self.session.execute(_touch(conversation_id))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def delete(self, conversation_id: str) -> bool:
         await self.session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
@@ -96,15 +115,30 @@ class TurnRepository:
                      completion_tokens: int | None = None, usage: str | None = None,
                      request_id: str | None = None) -> TurnRow:
         """Append with the next ``seq`` of the conversation (0, 1, 2, ...)."""
-        last = await self.session.scalar(
-            select(func.max(TurnRow.seq)).where(TurnRow.conversation_id == conversation_id))
-        row = TurnRow(
-            id=new_id("turn"), conversation_id=conversation_id,
-            seq=0 if last is None else last + 1, role=role, content=content,
-            finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, usage=usage, request_id=request_id,
-            created_at=utcnow(),
-        )
-        self.session.add(row)
-        await self.session.flush()
-        return row
+        statement, values = _insert_turn(
+            conversation_id, role=role, content=content, finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage=usage,
+            request_id=request_id)
+        seq = await self.session.scalar(statement)
+        return TurnRow(**values, seq=seq)
+
+
+# --- the writer thread (Database.write): a plain connection, one transaction -----------------
+def create_conversation(conn: Connection, agent_id: str, title: str = "") -> str:
+    now = utcnow()
+    conversation_id = new_id("conv")
+    conn.execute(insert(ConversationRow).values(id=conversation_id, agent_id=agent_id,
+                                                title=title, created_at=now, updated_at=now))
+    return conversation_id
+
+
+def touch_conversation(conn: Connection, conversation_id: str) -> bool:
+    """Mark the conversation active now; False when it does not exist."""
+    return bool(conn.execute(_touch(conversation_id)).rowcount)
+
+
+def append_turn(conn: Connection, conversation_id: str, **fields: Any) -> str:
+    """Append a turn (fields as :meth:`TurnRepository.append`) and return its id."""
+    statement, values = _insert_turn(conversation_id, **fields)
+    conn.execute(statement).scalar_one()
+    return str(values["id"])
