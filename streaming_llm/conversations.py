@@ -33,12 +33,14 @@ from .limits import GenerationGate
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
 from .storage.repositories import (
-    AgentRepository,
     ConversationRepository,
     TurnRepository,
+    agent_prompt,
     append_turn,
+    conversation_owner,
     create_conversation,
     touch_conversation,
+    turn_history,
 )
 
 log = logging.getLogger(__name__)
@@ -137,40 +139,41 @@ class ConversationManager:
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions) -> Turn:
         """Validate, store the user turn, and build the engine request (history + new message)."""
-        history: list[TurnRow] = []
-        async with self.db.session() as session:  # reads: in WAL they never wait for the writer
-            agent = await AgentRepository(session).get(agent_id)
-            if agent is None:
-                raise AgentNotFound(f"agent {agent_id!r} not found")
-            if conversation_id is not None:
-                check_conversation_id(conversation_id)
-                found = await ConversationRepository(session).get(conversation_id)
-                if found is None:
-                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-                if found.agent_id != agent_id:
-                    raise Conflict(
-                        f"conversation {conversation_id!r} belongs to agent {found.agent_id!r}, "
-                        f"not {agent_id!r}", code="conversation_agent_mismatch")
-                history = await TurnRepository(session).list_turns(conversation_id)
+        if conversation_id is not None:
+            check_conversation_id(conversation_id)
 
-        def store(conn: Connection) -> tuple[str, str]:  # on the writer thread, one transaction
+        def store(conn: Connection) -> tuple[tuple[str, str], list[tuple[str, str]], str, str]:
+            # On the writer thread, one transaction: the reads and the write in one hand-off.
+            prompt = agent_prompt(conn, agent_id)
+            if prompt is None:
+                raise AgentNotFound(f"agent {agent_id!r} not found")
+            history: list[tuple[str, str]] = []
             if conversation_id is None:
                 conversation = create_conversation(conn, agent_id, _title(message))
-            elif touch_conversation(conn, conversation_id):
-                conversation = conversation_id
             else:
-                raise ConversationNotFound(f"conversation {conversation_id!r} was just deleted")
-            return conversation, append_turn(conn, conversation, role="user", content=message,
-                                             request_id=request_id)
+                owner = conversation_owner(conn, conversation_id)
+                if owner is None:
+                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+                if owner != agent_id:
+                    raise Conflict(
+                        f"conversation {conversation_id!r} belongs to agent {owner!r}, "
+                        f"not {agent_id!r}", code="conversation_agent_mismatch")
+                if not touch_conversation(conn, conversation_id):  # deleted since the read
+                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+                history = turn_history(conn, conversation_id)
+                conversation = conversation_id
+            turn_id = append_turn(conn, conversation, role="user", content=message,
+                                  request_id=request_id)
+            return prompt, history, conversation, turn_id
 
-        stored_in, user_turn_id = await self.db.write(store)
+        (system_prompt, context), history, stored_in, user_turn_id = await self.db.write(store)
 
         messages = []
-        system = system_message(agent.system_prompt, agent.markdown_context)
+        system = system_message(system_prompt, context)
         if system:
             messages.append(ChatMessage("system", system))
-        messages.extend(ChatMessage(t.role, t.content) for t in history  # type: ignore[arg-type]
-                        if t.role in ("user", "assistant"))
+        messages.extend(ChatMessage(role, content) for role, content in history  # type: ignore[arg-type]
+                        if role in ("user", "assistant"))
         messages.append(ChatMessage("user", message))
         request = EngineRequest(
             request_id=request_id, conversation_id=stored_in, messages=messages,

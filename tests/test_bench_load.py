@@ -17,7 +17,8 @@ from streaming_llm.cli import build_parser
 @pytest.mark.e2e
 def test_small_run_stores_every_turn_in_order(capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(
-        ["bench", "load", "--sockets", "20", "--turns", "3", "--words", "6", "--json"])
+        ["bench", "load", "--sockets", "20", "--turns", "3", "--words", "6", "--ramp-s", "0",
+         "--think-ms", "0", "--json"])
     assert args.bench_module is load
     assert load.run(args) == 0
     figures = json.loads(capsys.readouterr().out)
@@ -60,4 +61,4 @@ def test_arguments_have_the_issue_defaults() -> None:
     parser = argparse.ArgumentParser()
     load.add_arguments(parser)
     args = parser.parse_args([])
-    assert (args.sockets, args.turns) == (200, 5)
+    assert (args.sockets, args.turns, args.ramp_s, args.think_ms) == (200, 5, 2.0, 1000.0)

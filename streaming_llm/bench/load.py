@@ -3,7 +3,11 @@
 Starts ``streaming-llm serve`` as a subprocess (echo engine, ``--echo-delay-ms`` between words,
 its own temporary data directory) unless ``--url`` names a running server, then opens
 ``--sockets`` WebSockets that each run ``--turns`` turns back to back in one conversation. Each
-message is unique (``s<socket>t<turn> w1 w2 ...``), so the echo answer is known.
+message is unique (``s<socket>t<turn> w1 w2 ...``), so the echo answer is known. By default the
+sockets start over ``--ramp-s`` 2 s and pause ``--think-ms`` 1 s between a ``done`` and their next
+chat, as people or agents reading answers do; ``--ramp-s 0 --think-ms 0`` sends everything at
+once, back to back, and so measures the server's saturation throughput instead (first-token
+latency is then queueing time).
 
 Figures: first-token latency (from sending the chat frame to the first ``token`` frame, as the
 client sees it) p50 / p99 / max, tokens per second over the whole run, turns per second. Then
@@ -48,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--words", type=int, default=16, help="words per message = tokens per answer (16)")
     parser.add_argument("--echo-delay-ms", type=float, default=1.0,
                         help="echo engine delay between words, for the spawned server (1.0)")
-    parser.add_argument("--ramp-s", type=float, default=0.0,
-                        help="spread the sockets' first turns over this many seconds (0: all at once)")
-    parser.add_argument("--think-ms", type=float, default=0.0,
+    parser.add_argument("--ramp-s", type=float, default=2.0,
+                        help="spread the sockets' first turns over this many seconds (2; 0: all "
+                             "at once)")
+    parser.add_argument("--think-ms", type=float, default=1000.0,
                         help="pause between a turn's done and the socket's next chat, as a reader "
-                             "would (0: back to back)")
+                             "would (1000; 0: back to back, which measures saturation)")
     parser.add_argument("--url", help="use this running server (http://host:port) instead of "
                                       "spawning one; needs --db to verify storage")
     parser.add_argument("--db", type=Path, help="its SQLite file, read to verify storage")

@@ -124,6 +124,26 @@ class TurnRepository:
 
 
 # --- the writer thread (Database.write): a plain connection, one transaction -----------------
+def agent_prompt(conn: Connection, agent_id: str) -> tuple[str, str] | None:
+    """``(system_prompt, markdown_context)`` of the agent, None when it does not exist."""
+    row = conn.execute(select(AgentRow.system_prompt, AgentRow.markdown_context)
+                       .where(AgentRow.id == agent_id)).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def conversation_owner(conn: Connection, conversation_id: str) -> str | None:
+    """The agent id of the conversation, None when it does not exist."""
+    return conn.execute(select(ConversationRow.agent_id)
+                        .where(ConversationRow.id == conversation_id)).scalar_one_or_none()
+
+
+def turn_history(conn: Connection, conversation_id: str) -> list[tuple[str, str]]:
+    """``(role, content)`` of every turn of the conversation, in order."""
+    rows = conn.execute(select(TurnRow.role, TurnRow.content)
+                        .where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq))
+    return [(role, content) for role, content in rows]
+
+
 def create_conversation(conn: Connection, agent_id: str, title: str = "") -> str:
     now = utcnow()
     conversation_id = new_id("conv")
