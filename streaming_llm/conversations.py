@@ -142,31 +142,34 @@ class ConversationManager:
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
-        def store(conn: Connection) -> tuple[tuple[str, str], list[tuple[str, str]], str, str]:
-            # On the writer thread, one transaction: the reads and the write in one hand-off.
+        def load(conn: Connection) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+            # On a reader thread: the history may be long, and the writer must not wait for it.
             prompt = agent_prompt(conn, agent_id)
             if prompt is None:
                 raise AgentNotFound(f"agent {agent_id!r} not found")
-            history: list[tuple[str, str]] = []
+            if conversation_id is None:
+                return prompt, []
+            owner = conversation_owner(conn, conversation_id)
+            if owner is None:
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            if owner != agent_id:
+                raise Conflict(
+                    f"conversation {conversation_id!r} belongs to agent {owner!r}, "
+                    f"not {agent_id!r}", code="conversation_agent_mismatch")
+            return prompt, turn_history(conn, conversation_id)
+
+        def store(conn: Connection) -> tuple[str, str]:  # on the writer thread, one transaction
             if conversation_id is None:
                 conversation = create_conversation(conn, agent_id, _title(message))
-            else:
-                owner = conversation_owner(conn, conversation_id)
-                if owner is None:
-                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-                if owner != agent_id:
-                    raise Conflict(
-                        f"conversation {conversation_id!r} belongs to agent {owner!r}, "
-                        f"not {agent_id!r}", code="conversation_agent_mismatch")
-                if not touch_conversation(conn, conversation_id):  # deleted since the read
-                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-                history = turn_history(conn, conversation_id)
+            elif touch_conversation(conn, conversation_id):
                 conversation = conversation_id
-            turn_id = append_turn(conn, conversation, role="user", content=message,
-                                  request_id=request_id)
-            return prompt, history, conversation, turn_id
+            else:  # deleted since it was read
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            return conversation, append_turn(conn, conversation, role="user", content=message,
+                                             request_id=request_id)
 
-        (system_prompt, context), history, stored_in, user_turn_id = await self.db.write(store)
+        (system_prompt, context), history = await self.db.read(load)
+        stored_in, user_turn_id = await self.db.write(store)
 
         messages = []
         system = system_message(system_prompt, context)

@@ -1,10 +1,11 @@
 """The database handle: an async engine in WAL mode with a busy timeout, migrated by Alembic.
 
-Chat turns are written through :meth:`Database.write`: a function run on one writer thread over a
-plain (synchronous) SQLAlchemy connection, one transaction per call. Through the async engine
-every statement is several round trips to aiosqlite's thread (cursor, execute, fetch, close,
-commit, reset), each waiting for a turn of a busy event loop, and SQLite's single writer turns
-those waits into a queue; on the writer thread a whole transaction is one hand-off.
+The chat path reads through :meth:`Database.read` and writes through :meth:`Database.write`: a
+function run on a plain (synchronous) SQLAlchemy connection in a thread — reads on a small pool,
+writes on one writer thread, one transaction per call. Through the async engine every statement
+is several round trips to aiosqlite's thread (cursor, execute, fetch, close, commit, reset),
+each waiting for a turn of a busy event loop, and SQLite's single writer turns those waits into a
+queue; in a thread a whole unit of work is one hand-off.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..errors import StorageUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+READERS = 2  # threads for Database.read
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,12 +85,15 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url)
         self.write_engine: Engine | None = None
         self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
         if self.engine.dialect.name == "sqlite":
             _configure_sqlite(self.engine.sync_engine, busy_timeout_ms)
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
-            self.write_engine = create_engine(sync_url, pool_size=1, max_overflow=0)
+            self.write_engine = create_engine(sync_url, pool_size=1 + READERS, max_overflow=0)
             _configure_sqlite(self.write_engine, busy_timeout_ms)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+            self._readers = ThreadPoolExecutor(max_workers=READERS,
+                                               thread_name_prefix="sqlite-reader")
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock()
 
@@ -124,16 +129,27 @@ class Database:
                 result = await session.run_sync(lambda sync: fn(sync.connection()))
                 await session.commit()
                 return result
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, fn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._transaction, fn)
 
-    def _write(self, fn: Callable[[Connection], T]) -> T:
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(connection)`` (reads only) on a reader thread; in WAL mode readers never wait
+        for the writer, nor it for them."""
+        if self._readers is None:
+            async with self.session() as session:
+                return await session.run_sync(lambda sync: fn(sync.connection()))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._transaction, fn)
+
+    def _transaction(self, fn: Callable[[Connection], T]) -> T:
         assert self.write_engine is not None
         with self.write_engine.begin() as connection:
             return fn(connection)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await asyncio.to_thread(self._writer.shutdown)
+        for pool in (self._writer, self._readers):
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown)
         if self.write_engine is not None:
             self.write_engine.dispose()
         await self.engine.dispose()
