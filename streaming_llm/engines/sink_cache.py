@@ -181,7 +181,8 @@ class SinkCache(Cache):
         # origin[p] = the slot at which the key now in slot p arrived (its RoPE position then).
         with torch.inference_mode(False):  # a normal tensor: written in place in either mode
             self._origin = torch.zeros(self.capacity, dtype=torch.long)
-        super().__init__(layers=[_SinkLayer(self.capacity) for _ in range(num_layers)])
+        self._sink_layers = [_SinkLayer(self.capacity) for _ in range(num_layers)]
+        super().__init__(layers=list(self._sink_layers))
 
     @classmethod
     def from_model(cls, model: Any, sink_tokens: int, window_tokens: int) -> SinkCache:
@@ -210,7 +211,7 @@ class SinkCache(Cache):
         The new keys arrive rotated at slots ``stored .. stored + n - 1``, which is why the caller
         must pass exactly those positions.
         """
-        layer = self.layers[layer_idx]
+        layer = self._sink_layers[layer_idx]
         start = layer.length
         keys, values = layer.update(key_states, value_states)
         if layer_idx == 0:
@@ -231,7 +232,7 @@ class SinkCache(Cache):
         if incoming > self.window_tokens:
             raise ValueError(f"cannot make room for {incoming} tokens in a window of "
                              f"{self.window_tokens}; feed them in chunks of at most that many")
-        lengths = {layer.length for layer in self.layers}
+        lengths = {layer.length for layer in self._sink_layers}
         if len(lengths) > 1:
             raise RuntimeError(f"layers hold different lengths {sorted(lengths)}: make_room was "
                                "called during a forward pass")
@@ -251,7 +252,7 @@ class SinkCache(Cache):
         shift = (torch.arange(s, kept_end) - self._origin[s:kept_end]).to(self._inv_freq.device)
         angle = shift.float()[:, None] * self._inv_freq[None, :]
         cos, sin = angle.cos(), angle.sin()
-        for layer in self.layers:
+        for layer in self._sink_layers:
             layer.evict(s, excess, cos, sin)
         self.evicted_tokens += excess
         return excess
@@ -259,19 +260,19 @@ class SinkCache(Cache):
     # -- bookkeeping -------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored now in layer ``layer_idx`` (not the tokens seen: see ``seen_tokens``)."""
-        if layer_idx >= len(self.layers):
+        if layer_idx >= len(self._sink_layers):
             return 0
-        return self.layers[layer_idx].length
+        return self._sink_layers[layer_idx].length
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.capacity
 
     def nbytes(self) -> int:
         """Bytes held: current keys, arrived keys and values of every layer, plus positions."""
-        return sum(layer.nbytes() for layer in self.layers) + self._origin.nbytes
+        return sum(layer.nbytes() for layer in self._sink_layers) + self._origin.nbytes
 
     def reset(self) -> None:
-        for layer in self.layers:
+        for layer in self._sink_layers:
             layer.reset()
         self.seen_tokens = self.evicted_tokens = 0
 
@@ -348,7 +349,7 @@ class _SinkLayer(CacheLayerMixin):
         self._v[:, :, start:end] = value_states
         self.length = end
         self._refresh_views()
-        return self.keys, self.values
+        return self._k[:, :, :end], self._v[:, :, :end]
 
     def evict(self, sink: int, excess: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Drop slots ``sink .. sink+excess-1``; move the rest of the window left, re-rotated."""
