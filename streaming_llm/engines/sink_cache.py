@@ -166,6 +166,8 @@ class SinkCache(Cache):
     forward call of ``n`` tokens. Use it under ``torch.inference_mode()`` or ``torch.no_grad()``.
     """
 
+    layers: list[_SinkLayer]  # type: ignore[assignment]  # narrower than Cache's: all ours
+
     def __init__(self, *, num_layers: int, sink_tokens: int, window_tokens: int,
                  inv_freq: torch.Tensor) -> None:
         if sink_tokens < 0:
@@ -181,8 +183,7 @@ class SinkCache(Cache):
         # origin[p] = the slot at which the key now in slot p arrived (its RoPE position then).
         with torch.inference_mode(False):  # a normal tensor: written in place in either mode
             self._origin = torch.zeros(self.capacity, dtype=torch.long)
-        self._sink_layers = [_SinkLayer(self.capacity) for _ in range(num_layers)]
-        super().__init__(layers=list(self._sink_layers))
+        super().__init__(layers=[_SinkLayer(self.capacity) for _ in range(num_layers)])
 
     @classmethod
     def from_model(cls, model: Any, sink_tokens: int, window_tokens: int) -> SinkCache:
@@ -211,7 +212,7 @@ class SinkCache(Cache):
         The new keys arrive rotated at slots ``stored .. stored + n - 1``, which is why the caller
         must pass exactly those positions.
         """
-        layer = self._sink_layers[layer_idx]
+        layer = self.layers[layer_idx]
         start = layer.length
         keys, values = layer.update(key_states, value_states)
         if layer_idx == 0:
@@ -232,7 +233,7 @@ class SinkCache(Cache):
         if incoming > self.window_tokens:
             raise ValueError(f"cannot make room for {incoming} tokens in a window of "
                              f"{self.window_tokens}; feed them in chunks of at most that many")
-        lengths = {layer.length for layer in self._sink_layers}
+        lengths = {layer.length for layer in self.layers}
         if len(lengths) > 1:
             raise RuntimeError(f"layers hold different lengths {sorted(lengths)}: make_room was "
                                "called during a forward pass")
@@ -252,7 +253,7 @@ class SinkCache(Cache):
         shift = (torch.arange(s, kept_end) - self._origin[s:kept_end]).to(self._inv_freq.device)
         angle = shift.float()[:, None] * self._inv_freq[None, :]
         cos, sin = angle.cos(), angle.sin()
-        for layer in self._sink_layers:
+        for layer in self.layers:
             layer.evict(s, excess, cos, sin)
         self.evicted_tokens += excess
         return excess
@@ -260,19 +261,19 @@ class SinkCache(Cache):
     # -- bookkeeping -------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored now in layer ``layer_idx`` (not the tokens seen: see ``seen_tokens``)."""
-        if layer_idx >= len(self._sink_layers):
+        if layer_idx >= len(self.layers):
             return 0
-        return self._sink_layers[layer_idx].length
+        return self.layers[layer_idx].length
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.capacity
 
     def nbytes(self) -> int:
         """Bytes held: current keys, arrived keys and values of every layer, plus positions."""
-        return sum(layer.nbytes() for layer in self._sink_layers) + self._origin.nbytes
+        return sum(layer.nbytes() for layer in self.layers) + self._origin.nbytes
 
     def reset(self) -> None:
-        for layer in self._sink_layers:
+        for layer in self.layers:
             layer.reset()
         self.seen_tokens = self.evicted_tokens = 0
 

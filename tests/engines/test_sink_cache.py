@@ -247,3 +247,18 @@ def test_forward_without_room_is_an_error_not_a_silent_overflow() -> None:
     with torch.inference_mode(), pytest.raises(RuntimeError, match="make_room"):
         model(input_ids=torch.tensor([[5]]), past_key_values=cache,
               position_ids=torch.tensor([[S + W]]), use_cache=True)
+
+
+def test_rollback_forgets_the_newest_tokens_but_never_the_sinks() -> None:
+    model = tiny_model("llama", layers=2)
+    cache = SinkCache.from_model(model, S, W)
+    ids = random_ids(40, seed=17)
+    forward_tokens(model, cache, ids[:30])
+    expected = forward_tokens(model, cache, ids[30:33])
+    cache.rollback(3)
+    assert (cache.seen_tokens, cache.get_seq_length()) == (30, S + W - 3)
+    torch.testing.assert_close(forward_tokens(model, cache, ids[30:33]), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert cache.can_rollback(W) and not cache.can_rollback(W + 1)  # the sinks stay
+    with pytest.raises(ValueError, match="cannot roll back"):
+        cache.rollback(W + 1)
