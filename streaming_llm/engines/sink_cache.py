@@ -395,8 +395,11 @@ class _SinkLayer(CacheLayerMixin):
         self.keys = self._k[:, :, :self.length]
         self.values = self._v[:, :, :self.length]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0  # kv_length, kv_offset: slots 0 .. stored + q - 1
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # transformers >= 5.x passes the query length; earlier 5.x releases pass cache_position,
+        # ``arange(stored, stored + q)``. Either way: kv_length, kv_offset = stored + q, 0.
+        query_length = query if isinstance(query, int) else int(query.shape[0])
+        return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.length
