@@ -278,6 +278,30 @@ class SinkCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SinkCache does not support crop (assisted decoding)")
 
+    def can_rollback(self, n: int) -> bool:
+        """Whether the newest ``n`` tokens seen are all still stored (see :meth:`rollback`)."""
+        stored = self.get_seq_length()
+        floor = self.sink_tokens if self.evicted_tokens else 0
+        return 0 <= n <= stored - min(floor, stored)
+
+    def rollback(self, n: int) -> None:
+        """Forget the newest ``n`` tokens, as if they had never been fed.
+
+        The local engine uses this to bring a conversation's cache back to the canonical
+        tokenization of its text (the tokens a model generates may be tokenized differently when
+        the text is read back). Only stored window tokens can go: once anything has been evicted,
+        the sinks stay. Positions stay contiguous because only the tail is removed.
+        """
+        if not self.can_rollback(n):
+            raise ValueError(f"cannot roll back {n} tokens: {self.get_seq_length()} stored, "
+                             f"{self.evicted_tokens} evicted, {self.sink_tokens} sinks")
+        if n == 0:
+            return
+        for layer in self.layers:
+            layer.length -= n
+            layer._refresh_views()
+        self.seen_tokens -= n
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SinkCache does not support beam search")
 
