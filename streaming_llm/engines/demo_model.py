@@ -64,8 +64,13 @@ MODEL_CONFIG = dict(
     max_position_embeddings=4096,
     rope_theta=10000.0,
     rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
+    initializer_range=0.1,  # larger than usual, so that what it writes depends on the context
+    tie_word_embeddings=False,  # the output layer is shaped separately, see _shape_output
 )
+# Output shaping (see _shape_output): logit offsets per kind of token.
+_BIAS_UNWANTED = -4.0  # control bytes, lone bytes of multi-byte characters, role tokens
+_BIAS_WORD = 0.5  # merged tokens (pieces of English words) over single letters
+_BIAS_EOS = 2.5  # ends answers after a few to a few hundred tokens
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A conversation is a list of turns: the system
@@ -177,6 +182,7 @@ def _write(target: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config).to(torch.float32).eval()
+    _shape_output(model, tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -186,6 +192,32 @@ def _write(target: Path) -> None:
     model.save_pretrained(target)
     (target / "README.md").write_text(f"# {NAME}\n\n{NOTICE}.\n", encoding="utf-8")
     (target / _VERSION_FILE).write_text(VERSION + "\n", encoding="utf-8")
+
+
+def _shape_output(model, tokenizer) -> None:  # noqa: ANN001 (torch types imported lazily)
+    """Make the random model write readable nonsense and stop now and then.
+
+    Untouched, a random byte-level model writes control characters and broken UTF-8 (U+FFFD) that
+    look like a bug. Channel 0 of the residual stream is made a constant (every embedding has 1.0
+    there and no layer writes to it), so after the final norm it is a positive number whatever the
+    context, and column 0 of the output layer then acts as a per-token logit offset.
+    """
+    import torch
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        bias = torch.full((len(tokenizer),), _BIAS_UNWANTED)
+        special = set(tokenizer.all_special_ids)
+        for i in range(len(tokenizer)):
+            text = tokenizer.decode([i])
+            if i == tokenizer.eos_token_id:
+                bias[i] = _BIAS_EOS
+            elif i not in special and text.isascii() and (text.isprintable() or text == "\n"):
+                bias[i] = _BIAS_WORD if len(text) > 1 else 0.0
+        model.lm_head.weight[:, 0] = bias
 
 
 def is_current(path: Path) -> bool:
