@@ -254,9 +254,11 @@ class LocalEngine:
         from .sink_cache import UnsupportedModel
 
         if isinstance(exc, UnsupportedModel):
-            return (f"{self._model_name} cannot use the streaming (attention-sink) cache: {exc}. "
-                    "Set STREAMING_LLM_STREAMING=false to serve it in dense mode (a plain cache; "
-                    "the oldest turns are dropped to fit its context).")
+            message = f"{self._model_name}: {exc}"
+            if "STREAMING_LLM_STREAMING=false" not in message:
+                message += ("; set STREAMING_LLM_STREAMING=false to serve it with a dense cache "
+                            "(the oldest turns are dropped to fit its context)")
+            return message
         return f"could not load model {self._model_name!r}: {type(exc).__name__}: {exc}"
 
     # --- streaming (event loop) -----------------------------------------------------------------
