@@ -166,6 +166,8 @@ class SinkCache(Cache):
     forward call of ``n`` tokens. Use it under ``torch.inference_mode()`` or ``torch.no_grad()``.
     """
 
+    layers: list[_SinkLayer]  # type: ignore[assignment]  # narrower than Cache's: all ours
+
     def __init__(self, *, num_layers: int, sink_tokens: int, window_tokens: int,
                  inv_freq: torch.Tensor) -> None:
         if sink_tokens < 0:
@@ -372,7 +374,7 @@ class _SinkLayer(CacheLayerMixin):
         self._v[:, :, start:end] = value_states
         self.length = end
         self._refresh_views()
-        return self.keys, self.values
+        return self._k[:, :, :end], self._v[:, :, :end]
 
     def evict(self, sink: int, excess: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Drop slots ``sink .. sink+excess-1``; move the rest of the window left, re-rotated."""
