@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-from .engines.models import write_chain_model
+from .engines.model_dirs import write_chain_model
 from .server import start_server
 from .test_e2e import http, turn
 

@@ -85,6 +85,9 @@ _END = object()  # the worker finished with a request (sent after its last chunk
 class _Conversation:
     cache: Any  # SinkCache (streaming) or DynamicCache (dense)
     ids: list[int]  # every token the cache has consumed, oldest first (evicted ones included)
+    # The rendered chat text whose tokenization ``ids`` is; None while they are not canonical
+    # (mid-answer, after a cancel).
+    text: str | None = None
 
 
 @dataclass
@@ -119,6 +122,7 @@ class LocalEngine:
         self._context = 0
         self._window = settings.window_tokens
         self._eos_ids: frozenset[int] = frozenset()
+        self._boundaries: tuple[str, ...] = ()  # special tokens that start a fresh tokenization
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -248,6 +252,8 @@ class LocalEngine:
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self._eos_ids = frozenset(i for i in eos if i is not None)
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        self._boundaries = tuple(t.content for t in added if t.special and not t.lstrip)
         self._tokenizer, self._model = tokenizer, model
 
     def _load_error(self, exc: Exception) -> str:
@@ -339,15 +345,18 @@ class LocalEngine:
         max_new = request.max_new_tokens
         dropped: int | None = None
         if self.settings.streaming:
-            prompt_ids = self._encode_chat(messages, generation_prompt=True)
+            prompt_text = self._render(messages, generation_prompt=True)
+            prompt_ids = self._encode_prompt(state, prompt_text)
         else:
-            prompt_ids, max_new, dropped = self._fit_dense(messages, max_new)
+            prompt_text, prompt_ids, max_new, dropped = self._fit_dense(state, messages, max_new)
 
-        state, reused, logits = self._advance(state, prompt_ids, reserve=max_new, cancel=cancel)
+        state, reused, logits = self._advance(state, prompt_ids, prompt_text, reserve=max_new,
+                                              cancel=cancel)
         self._active_state = state
         if logits is None:  # cancelled during the prompt
             self._keep(job, state)
             return
+        state.text = None  # from here on the cache holds generated ids
 
         sampler = Sampler(
             temperature=DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature,
@@ -412,11 +421,12 @@ class LocalEngine:
 
         # Close the assistant turn the way the chat template writes it, so the next turn's prompt
         # extends the kept ids. Done after Finished: it costs the caller nothing now.
-        closed = self._encode_chat(
+        closed_text = self._render(
             [*messages, {"role": "assistant", "content": "".join(answer)}],
             generation_prompt=False,
         )
-        state, _, _ = self._advance(state, closed, reserve=0, cancel=cancel, need_logits=False)
+        state, _, _ = self._advance(state, self._encode_text(closed_text), closed_text, reserve=0,
+                                    cancel=cancel, need_logits=False)
         self._keep(job, state)
 
     # --- cache bookkeeping (worker thread) ------------------------------------------------------
@@ -431,11 +441,11 @@ class LocalEngine:
             cache = DynamicCache()
         return _Conversation(cache=cache, ids=[])
 
-    def _advance(self, state: _Conversation | None, target: Sequence[int], *, reserve: int,
-                 cancel: threading.Event, need_logits: bool = True,
+    def _advance(self, state: _Conversation | None, target: Sequence[int], text: str, *,
+                 reserve: int, cancel: threading.Event, need_logits: bool = True,
                  ) -> tuple[_Conversation, int, Any]:
-        """Bring ``state`` to have consumed exactly ``target``; return it, the ids reused and the
-        next-token logits (None when cancelled or not needed).
+        """Bring ``state`` to have consumed exactly ``target`` (the tokenization of ``text``);
+        return it, the ids reused and the next-token logits (None when cancelled or not needed).
 
         Reuses the longest common prefix of the kept ids and ``target`` when the cache can be
         rolled back to it, else starts a fresh cache and replays ``target``.
@@ -445,10 +455,14 @@ class LocalEngine:
         keep = _common_prefix(state.ids, target)
         if need_logits and keep == len(target):
             keep -= 1  # the last token must go through the model again to give logits
+        state.text = None
         if keep < len(state.ids) and not self._rollback(state, keep):
             state = self._new_conversation()
             keep = 0
-        return state, keep, self._feed(state, target[keep:], reserve=reserve, cancel=cancel)
+        logits = self._feed(state, target[keep:], reserve=reserve, cancel=cancel)
+        if not cancel.is_set():
+            state.text = text
+        return state, keep, logits
 
     def _rollback(self, state: _Conversation, keep: int) -> bool:
         """Drop the cache's newest tokens so that it holds ``state.ids[:keep]``, if it can."""
@@ -496,19 +510,37 @@ class LocalEngine:
                 self._conversations.popitem(last=False)
 
     # --- prompts --------------------------------------------------------------------------------
-    def _encode_chat(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
-        text = self._tokenizer.apply_chat_template(
+    def _render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+        return self._tokenizer.apply_chat_template(
             messages, add_generation_prompt=generation_prompt, tokenize=False
         )
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _fit_dense(self, messages: list[dict[str, str]], max_new: int,
-                   ) -> tuple[list[int], int, int]:
+    def _encode_text(self, text: str) -> list[int]:
+        # verbose=False: a long conversation is no mistake in streaming mode, so no warning that
+        # it is longer than the model's maximum length.
+        return list(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def _encode_prompt(self, state: _Conversation | None, text: str) -> list[int]:
+        """Tokenize ``text``, the whole rendered conversation, reusing the kept tokenization.
+
+        When the kept text is a prefix of ``text`` and the rest begins with a special token
+        (normally the next turn's role marker), tokenizing the rest alone gives the same ids as
+        tokenizing everything: tokenizers split the text at special tokens before anything else.
+        That keeps a long conversation's turn from paying for its whole history again.
+        """
+        if state is not None and state.text and text.startswith(state.text):
+            rest = text[len(state.text):]
+            if rest.startswith(self._boundaries):
+                return [*state.ids, *self._encode_text(rest)]
+        return self._encode_text(text)
+
+    def _fit_dense(self, state: _Conversation | None, messages: list[dict[str, str]],
+                   max_new: int) -> tuple[str, list[int], int, int]:
         """Leave out the oldest turns until prompt + ``max_new`` fit the model's context.
 
         A turn is a user message with the replies that follow it; the system message and the new
         message always stay. Returns the prompt ids, ``max_new`` (shortened only when even the
-        shortest prompt leaves less room) and the number of turns left out.
+        shortest prompt leaves less room) and the number of turns left out; and the text.
         """
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
         history, new = messages[len(head):-1], messages[-1:]
@@ -519,38 +551,41 @@ class LocalEngine:
             else:
                 turns[-1].append(m)
 
-        def encode(drop: int) -> list[int]:
+        def encode(drop: int) -> tuple[str, list[int]]:
             kept = [m for turn in turns[drop:] for m in turn]
-            return self._encode_chat([*head, *kept, *new], generation_prompt=True)
+            text = self._render([*head, *kept, *new], generation_prompt=True)
+            return text, self._encode_prompt(state, text)
 
         def fits(ids: list[int]) -> bool:
             return len(ids) + max_new <= self._context
 
-        ids = encode(0)
+        text, ids = encode(0)
         if fits(ids):
-            return ids, max_new, 0
+            return text, ids, max_new, 0
         lo, hi = 1, len(turns)  # find the fewest dropped turns that fit
-        best: tuple[int, list[int]] | None = None
+        best: tuple[int, str, list[int]] | None = None
         while lo <= hi:
             mid = (lo + hi) // 2
-            candidate = encode(mid)
-            if fits(candidate):
-                best, hi = (mid, candidate), mid - 1
+            text, ids = encode(mid)
+            if fits(ids):
+                best, hi = (mid, text, ids), mid - 1
             else:
                 lo = mid + 1
         if best is not None:
-            return best[1], max_new, best[0]
-        ids = encode(len(turns))
+            return best[1], best[2], max_new, best[0]
+        text, ids = encode(len(turns))
         if len(ids) >= self._context:
             raise ContextTooLong(
                 f"the system prompt and the new message take {len(ids)} tokens; the model's "
                 f"context is {self._context} (set STREAMING_LLM_STREAMING=true to stream past it)"
             )
-        return ids, self._context - len(ids), len(turns)
+        return text, ids, self._context - len(ids), len(turns)
 
 
 # --- helpers ------------------------------------------------------------------------------------
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    if len(a) <= len(b) and list(a) == list(b[:len(a)]):  # the usual case, compared in C
+        return len(a)
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

@@ -25,7 +25,7 @@ from streaming_llm.engines.local import LocalEngine
 from streaming_llm.errors import ContextTooLong, EngineUnavailable, ModelNotFound
 from streaming_llm.settings import Settings
 
-from . import models
+from . import model_dirs as models
 
 MakeEngine = Callable[..., Awaitable[LocalEngine]]
 SYSTEM = ChatMessage("system", "You are a test agent.\n\n# Notes\nBe brief.")
@@ -173,6 +173,31 @@ async def test_long_prompt_streams_through_a_small_window(make_engine: MakeEngin
     assert finished.usage.prompt_tokens > 100
     assert finished.usage.evicted_tokens >= finished.usage.prompt_tokens - 20
     assert finished.usage.completion_tokens == 5
+
+
+async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
+                                                        llama_path: Path) -> None:
+    engine = await make_engine(llama_path)
+    messages = [SYSTEM, ChatMessage("user", "first 日本")]
+    pieces, _ = await chat(engine, messages, temperature=0)
+    messages += [ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "second 🎉")]
+    await engine.idle()
+    state = engine._conversations["c"]
+    text = engine._render([{"role": m.role, "content": m.content} for m in messages],
+                          generation_prompt=True)
+    full = engine._encode_text(text)
+    seen: list[str] = []
+    encode_text = engine._encode_text
+    engine._encode_text = lambda t: seen.append(t) or encode_text(t)  # type: ignore[method-assign]
+
+    assert engine._encode_prompt(state, text) == full
+    assert seen == [text[len(state.text):]]  # only the new turn was tokenized
+    assert seen[0].startswith("<|user|>")
+
+    seen.clear()
+    state.text = state.text[:-1]  # the rest would start mid-text: tokenize everything
+    assert engine._encode_prompt(state, text) == full
+    assert seen == [text]
 
 
 async def test_forget_drops_the_cache(make_engine: MakeEngine, llama_path: Path) -> None:

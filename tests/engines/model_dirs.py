@@ -1,4 +1,5 @@
-"""Tiny models written to disk for the local engine's tests, all with the demo tokenizer."""
+"""Tiny models written to disk with the demo tokenizer, for the local engine's tests (loaded by
+path with ``from_pretrained``, as a real model would be)."""
 
 from __future__ import annotations
 
