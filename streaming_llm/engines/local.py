@@ -425,8 +425,9 @@ class LocalEngine:
             [*messages, {"role": "assistant", "content": "".join(answer)}],
             generation_prompt=False,
         )
-        state, _, _ = self._advance(state, self._encode_text(closed_text), closed_text, reserve=0,
-                                    cancel=cancel, need_logits=False)
+        closed_ids = self._encode_after(prompt_text, prompt_ids, closed_text)
+        state, _, _ = self._advance(state, closed_ids, closed_text, reserve=0, cancel=cancel,
+                                    need_logits=False)
         self._keep(job, state)
 
     # --- cache bookkeeping (worker thread) ------------------------------------------------------
@@ -521,17 +522,30 @@ class LocalEngine:
         return list(self._tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def _encode_prompt(self, state: _Conversation | None, text: str) -> list[int]:
-        """Tokenize ``text``, the whole rendered conversation, reusing the kept tokenization.
+        """Tokenize ``text``, the whole rendered conversation, reusing the kept tokenization."""
+        if state is not None and state.text:
+            return self._encode_after(state.text, state.ids, text)
+        return self._encode_text(text)
 
-        When the kept text is a prefix of ``text`` and the rest begins with a special token
-        (normally the next turn's role marker), tokenizing the rest alone gives the same ids as
-        tokenizing everything: tokenizers split the text at special tokens before anything else.
-        That keeps a long conversation's turn from paying for its whole history again.
+    def _encode_after(self, known_text: str, known_ids: list[int], text: str) -> list[int]:
+        """Tokenize ``text`` given that ``known_ids`` is the tokenization of ``known_text``.
+
+        Tokenizers split text at special tokens before anything else, so the ids of a text cut
+        just before a special token are the ids of the two parts. When ``text`` extends
+        ``known_text``, only the part from the last special token on is tokenized (normally the
+        new turn, or the assistant marker and the answer), so a long conversation's turn does not
+        pay for its whole history again.
         """
-        if state is not None and state.text and text.startswith(state.text):
-            rest = text[len(state.text):]
-            if rest.startswith(self._boundaries):
-                return [*state.ids, *self._encode_text(rest)]
+        if not text.startswith(known_text):
+            return self._encode_text(text)
+        rest = text[len(known_text):]
+        if rest.startswith(self._boundaries):
+            return [*known_ids, *self._encode_text(rest)]
+        cut = max((known_text.rfind(b) for b in self._boundaries), default=-1)
+        if cut > 0:
+            tail = self._encode_text(known_text[cut:])
+            if 0 < len(tail) <= len(known_ids) and known_ids[-len(tail):] == tail:
+                return [*known_ids[:-len(tail)], *self._encode_text(text[cut:])]
         return self._encode_text(text)
 
     def _fit_dense(self, state: _Conversation | None, messages: list[dict[str, str]],

@@ -194,9 +194,15 @@ async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
     assert seen == [text[len(state.text):]]  # only the new turn was tokenized
     assert seen[0].startswith("<|user|>")
 
+    # Cut mid-text, it goes back to the last special token before the cut.
     seen.clear()
-    state.text = state.text[:-1]  # the rest would start mid-text: tokenize everything
-    assert engine._encode_prompt(state, text) == full
+    known = text[:len(state.text) + 20]
+    known_ids = encode_text(known)
+    assert engine._encode_after(known, known_ids, text) == full
+    assert seen == [known[known.rindex("<|user|>"):], text[known.rindex("<|user|>"):]]
+
+    seen.clear()  # a text that does not extend the known one is tokenized whole
+    assert engine._encode_after(known + "x", known_ids, text) == full
     assert seen == [text]
 
 
