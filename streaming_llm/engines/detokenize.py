@@ -77,7 +77,7 @@ class StopMatcher:
         return pending[:len(pending) - hold]
 
     def flush(self) -> str:
-        """Text held back because it could have begun a stop string; the answer ended without one."""
+        """Text held back as a possible stop string start, once the answer ended without one."""
         text, self._pending = ("" if self.stopped else self._pending), ""
         return text
 
