@@ -67,9 +67,11 @@ are turned and the rest are copied. Sink keys (slots 0..S-1) never move: they st
 Values carry no position and are only moved, never changed.
 
 The price is one extra copy of the keys (``nbytes`` counts it): 1.5x the memory of a plain K/V
-cache of the same capacity, and an O(W) re-rotation per eviction. A decode loop that wants to
-amortize the latter calls ``make_room(k)`` once every ``k`` tokens instead of ``make_room(1)``
-every token (it then attends to up to ``k - 1`` fewer tokens).
+cache of the same capacity, preallocated, and an O(W) pass over every layer's window per eviction
+(it moves values and arrived keys and re-derives the current keys). That pass costs about half a
+decode step of a small model, so a decode loop evicts a chunk at a time when the cache is full,
+``make_room(k)`` once every ``k`` tokens (:func:`~streaming_llm.engines.decoding.eviction_chunk`,
+1/16 of the window, at most 64), and attends to at most ``k - 1`` fewer recent tokens for it.
 
 A.5 Which models
 ----------------
