@@ -26,7 +26,7 @@ from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health
+from .routes import agents, chat, conversations, health, openai
 from .settings import Settings
 from .storage.database import Database
 
@@ -76,7 +76,8 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     return Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes],
+        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes,
+                *openai.routes],
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,

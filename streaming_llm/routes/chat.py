@@ -156,9 +156,9 @@ class ChatSocket:
             self.drain = None
 
         if failure is not None:
-            reason, usage = "error", Usage(completion_tokens=len(turn.pieces))
+            reason, usage = "error", turn.partial_usage()
         elif turn.finished is None:
-            reason, usage = "cancelled", Usage(completion_tokens=len(turn.pieces))
+            reason, usage = "cancelled", turn.partial_usage()
         else:
             reason, usage = turn.finished.reason, turn.finished.usage
         turn_id = await store_partial(self.manager, turn, reason, usage)
