@@ -16,6 +16,7 @@ from typing import TypedDict
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,8 +26,9 @@ from .conversations import ConversationManager
 from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
+from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health, openai
+from .routes import agents, chat, conversations, health, metrics, openai
 from .settings import Settings
 from .storage.database import Database
 
@@ -41,6 +43,7 @@ class Services:
     engine: Engine
     agents: AgentService
     conversations: ConversationManager
+    metrics: Metrics
     engine_failure: str | None = None  # why the engine could not start, for /health
 
 
@@ -49,6 +52,8 @@ class State(TypedDict):
 
 
 def create_app(settings: Settings) -> Starlette:
+    app_metrics = Metrics()  # before the lifespan: the middleware needs it
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
@@ -62,7 +67,8 @@ def create_app(settings: Settings) -> Starlette:
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=ConversationManager(
-                db, engine, default_max_new_tokens=settings.max_new_tokens),
+                db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics),
+            metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
@@ -77,7 +83,8 @@ def create_app(settings: Settings) -> Starlette:
 
     return Starlette(
         routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes,
-                *openai.routes],
+                *openai.routes, *metrics.routes],
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,

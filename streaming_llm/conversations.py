@@ -30,6 +30,7 @@ from .engines.base import (
 )
 from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
+from .metrics import Metrics
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
 from .storage.repositories import AgentRepository, ConversationRepository, TurnRepository
@@ -122,10 +123,12 @@ class Turn:
 
 
 class ConversationManager:
-    def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int) -> None:
+    def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int,
+                 metrics: Metrics | None = None) -> None:
         self.db = db
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
+        self.metrics = metrics or Metrics()
 
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int) -> list[ConversationSummary]:
@@ -193,6 +196,7 @@ class ConversationManager:
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
         )
+        self.metrics.turn_started()
         return Turn(request_id, conversation.id, user_turn.id, request, started=started)
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
@@ -218,6 +222,7 @@ class ConversationManager:
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
         )
+        self.metrics.turn_started()
         return Turn(request_id, request.conversation_id, "", request, stored=False, started=started)
 
     async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
@@ -229,8 +234,11 @@ class ConversationManager:
                 if isinstance(chunk, TextChunk):
                     if chunk.text:
                         now = time.perf_counter()
-                        if turn.first_token_at is None:
+                        if turn.last_token_at is None:
                             turn.first_token_at = now
+                            self.metrics.first_token.observe(now - turn.started)
+                        else:
+                            self.metrics.inter_token.observe(now - turn.last_token_at)
                         turn.last_token_at = now
                         turn.pieces.append(chunk.text)
                         yield chunk.text
@@ -246,6 +254,7 @@ class ConversationManager:
         if not turn.stored:
             raise ValueError("an unstored turn ends with discard(), not finish()")
         usage = turn.timed(usage)
+        self.metrics.turn_ended(reason, usage)
         async with self.db.session() as session:
             row = await TurnRepository(session).append(
                 turn.conversation_id, role="assistant", content="".join(turn.pieces),
@@ -260,6 +269,7 @@ class ConversationManager:
 
     async def discard(self, turn: Turn, reason: FinishReason, usage: Usage) -> None:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
+        self.metrics.turn_ended(reason, usage)
         self.engine.forget(turn.conversation_id)
 
 

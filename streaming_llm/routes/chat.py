@@ -67,6 +67,7 @@ class ChatSocket:
         except WebSocketDisconnect:
             pass
         finally:
+            self.manager.metrics.turns_queued.dec(self.queue.qsize())  # never to run
             worker.cancel()
             try:
                 await worker
@@ -93,6 +94,7 @@ class ChatSocket:
                 job = _Job(frame, request_id)
                 self.jobs[request_id] = job
                 self.queue.put_nowait(job)
+                self.manager.metrics.turns_queued.inc()
             case Cancel():
                 await self.cancel(frame.request_id)
             case Ping():
@@ -113,6 +115,7 @@ class ChatSocket:
     async def work(self) -> None:
         while True:
             job = await self.queue.get()
+            self.manager.metrics.turns_queued.dec()
             self.current = job
             try:
                 if job.cancelled:
