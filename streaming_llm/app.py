@@ -28,7 +28,7 @@ from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health, metrics, openai
+from .routes import agents, chat, conversations, docs, health, metrics, openai
 from .settings import Settings
 from .storage.database import Database
 
@@ -83,7 +83,7 @@ def create_app(settings: Settings) -> Starlette:
 
     return Starlette(
         routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes,
-                *openai.routes, *metrics.routes],
+                *openai.routes, *metrics.routes, *docs.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
         lifespan=lifespan,
         exception_handlers={
