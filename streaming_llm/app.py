@@ -26,9 +26,10 @@ from .conversations import ConversationManager
 from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
+from .export import Exporter, TranscriptsDir
 from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, docs, health, metrics, openai
+from .routes import agents, chat, conversations, docs, export, health, metrics, openai
 from .settings import Settings
 from .storage.database import Database
 
@@ -64,10 +65,13 @@ def create_app(settings: Settings) -> Starlette:
             log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)
         http = aiohttp.ClientSession()
         engine = create_engine(settings, http)
+        transcripts = (None if settings.transcripts_dir is None
+                       else TranscriptsDir(settings.transcripts_dir, Exporter(db)))
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=ConversationManager(
-                db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics),
+                db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics,
+                transcripts=transcripts),
             metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
@@ -82,7 +86,8 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     return Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes,
+        # export before conversations: its catch-all would take /conversations/{id}/export
+        routes=[*health.routes, *agents.routes, *export.routes, *conversations.routes, *chat.routes,
                 *openai.routes, *metrics.routes, *docs.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
         lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""Command line: ``streaming-llm serve | migrate | bench <name>``."""
+"""Command line: ``streaming-llm serve | migrate | export | bench <name>``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from . import __version__
 from .settings import Settings, SettingsError
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override STREAMING_LLM_PORT")
 
     sub.add_parser("migrate", help="bring the database to the latest migration and exit")
+
+    export = sub.add_parser("export", help="write conversations as Markdown transcripts or JSON")
+    export.add_argument("--conversation", metavar="ID", help="only this conversation (default: all)")
+    export.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    export.add_argument("--out", type=Path, metavar="DIR",
+                        help="write <id>.md or <id>.json files here (default: standard output)")
 
     bench = sub.add_parser("bench", help="run a benchmark")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -61,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         upgrade_to_head(settings.resolved_database_url)
         log.info("database at head: %s", settings.resolved_database_url)
         return 0
+    if args.command == "export":
+        from .export import run_export
+
+        return run_export(settings, conversation_id=args.conversation, fmt=args.format,
+                          out=args.out)
     return int(args.bench_module.run(args))
 
 

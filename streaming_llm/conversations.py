@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -31,6 +31,9 @@ from .engines.base import (
 from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .export import TranscriptsDir
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
 from .storage.repositories import AgentRepository, ConversationRepository, TurnRepository
@@ -124,11 +127,12 @@ class Turn:
 
 class ConversationManager:
     def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, transcripts: TranscriptsDir | None = None) -> None:
         self.db = db
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
         self.metrics = metrics or Metrics()
+        self.transcripts = transcripts  # kept up to date after each answer, when set
 
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int) -> list[ConversationSummary]:
@@ -154,6 +158,8 @@ class ConversationManager:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
             await session.commit()
         self.engine.forget(conversation_id)
+        if self.transcripts is not None:
+            await self.transcripts.remove(conversation_id)
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
@@ -264,6 +270,8 @@ class ConversationManager:
             )
             await ConversationRepository(session).touch(turn.conversation_id)
             await session.commit()
+        if self.transcripts is not None:
+            await self.transcripts.update(turn.conversation_id)
         return row.id
 
 

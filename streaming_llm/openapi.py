@@ -21,6 +21,7 @@ import msgspec
 from . import __version__
 from .agents import Agent, AgentIn
 from .conversations import ConversationSummary, ConversationView
+from .export import ConversationExport
 from .openai_types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -124,6 +125,15 @@ OPERATIONS: tuple[Operation, ...] = (
               "conversations", {200: Body("The conversation.", ConversationView),
                                 404: _error("No such conversation.")},
               params=(CONVERSATION_ID,)),
+    Operation("get", "/conversations/{conversation_id}/export",
+              "Export a conversation: a Markdown transcript, or loss-free JSON", "conversations", {
+                  200: Body("The transcript (`format=markdown`) or every stored field "
+                            "(`format=json`).", str, media_type="text/markdown",
+                            also=(("application/json", ConversationExport),)),
+                  400: _error("Unknown format."), 404: _error("No such conversation.")},
+              params=(CONVERSATION_ID, Param(
+                  "format", "query", "markdown (default) or json.",
+                  {"type": "string", "enum": ["markdown", "json"], "default": "markdown"}))),
     Operation("delete", "/conversations/{conversation_id}", "Delete a conversation",
               "conversations", {204: Body("Deleted."), 404: _error("No such conversation.")},
               params=(CONVERSATION_ID,)),

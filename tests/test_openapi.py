@@ -108,6 +108,11 @@ def test_live_responses_match_the_document(tmp_path: Path) -> None:
         c.check("GET", "/conversations", http.get("/conversations?limit=0"))
         c.check("GET", "/conversations/{conversation_id}",
                 http.get(f"/conversations/{conversation_id}"))
+        export = f"/conversations/{conversation_id}/export"
+        assert c.check("GET", "/conversations/{conversation_id}/export",
+                       http.get(export)).startswith("# hello there")
+        c.check("GET", "/conversations/{conversation_id}/export", http.get(export + "?format=json"))
+        c.check("GET", "/conversations/{conversation_id}/export", http.get(export + "?format=pdf"))
         c.check("DELETE", "/conversations/{conversation_id}",
                 http.delete(f"/conversations/{conversation_id}"))
         c.check("DELETE", "/conversations/{conversation_id}",
