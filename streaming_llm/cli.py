@@ -1,4 +1,4 @@
-"""Command line: ``streaming-llm serve | migrate | export | bench <name>``."""
+"""Command line: ``streaming-llm serve | migrate | chat | export | bench <name>``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override STREAMING_LLM_PORT")
 
     sub.add_parser("migrate", help="bring the database to the latest migration and exit")
+
+    from . import chat_cli
+
+    chat_cli.add_arguments(sub.add_parser("chat", help="chat with an agent in the terminal"))
 
     export = sub.add_parser("export", help="write conversations as Markdown transcripts or JSON")
     export.add_argument("--conversation", metavar="ID", help="only this conversation (default: all)")
@@ -68,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         upgrade_to_head(settings.resolved_database_url)
         log.info("database at head: %s", settings.resolved_database_url)
         return 0
+    if args.command == "chat":
+        from . import chat_cli
+
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        return chat_cli.run(args, default_url=f"http://{host}:{settings.port}")
     if args.command == "export":
         from .export import run_export
 
