@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from .errors import NotFound, ServiceError
 from .export import Exporter, TranscriptsDir
 from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, docs, export, health, metrics, openai
+from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
+from .shutdown import LiveSockets
 from .storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Services:
     engine: Engine
     agents: AgentService
     conversations: ConversationManager
+    sockets: LiveSockets  # open chat sockets, drained on shutdown
     metrics: Metrics
     engine_failure: str | None = None  # why the engine could not start, for /health
 
@@ -53,6 +56,8 @@ class State(TypedDict):
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first."""
+    sockets = LiveSockets()
     app_metrics = Metrics()  # before the lifespan: the middleware needs it
 
     @contextlib.asynccontextmanager
@@ -72,6 +77,7 @@ def create_app(settings: Settings) -> Starlette:
             conversations=ConversationManager(
                 db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics,
                 transcripts=transcripts),
+            sockets=sockets,
             metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
@@ -85,10 +91,10 @@ def create_app(settings: Settings) -> Starlette:
             await http.close()
             await db.close()
 
-    return Starlette(
+    app = Starlette(
         # export before conversations: its catch-all would take /conversations/{id}/export
         routes=[*health.routes, *agents.routes, *export.routes, *conversations.routes, *chat.routes,
-                *openai.routes, *metrics.routes, *docs.routes],
+                *openai.routes, *metrics.routes, *docs.routes, *web.routes],
         middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
         lifespan=lifespan,
         exception_handlers={
@@ -98,6 +104,8 @@ def create_app(settings: Settings) -> Starlette:
             500: _internal_error,
         },
     )
+    app.state.drain = functools.partial(sockets.drain, settings.shutdown_grace_s)
+    return app
 
 
 async def _start_engine(services: Services) -> None:

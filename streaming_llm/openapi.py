@@ -102,6 +102,8 @@ OPERATIONS: tuple[Operation, ...] = (
         200: Body("Prometheus text exposition format.", media_type="text/plain")}),
     Operation("get", "/openapi.json", "This document", "service", {
         200: Body("The OpenAPI 3.1 document.", dict[str, Any])}),
+    Operation("get", "/", "The reference web page (its files are under /static)", "service", {
+        200: Body("The page.", media_type="text/html")}),
 
     Operation("get", "/agents", "List agents", "agents", {200: Body("All agents.", list[Agent])}),
     Operation("get", "/agents/{agent_id}", "Read an agent", "agents", {

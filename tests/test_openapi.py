@@ -78,6 +78,7 @@ def test_live_responses_match_the_document(tmp_path: Path) -> None:
         assert doc == json.loads(json.dumps(openapi.build()))
         c = Checker(doc)
         c.check("GET", "/openapi.json", http.get("/openapi.json"))
+        assert "<html" in c.check("GET", "/", http.get("/")).lower()
         assert c.check("GET", "/health", http.get("/health"))["ready"] is True
         assert "streaming_llm_engine_ready" in c.check("GET", "/metrics", http.get("/metrics"))
 
