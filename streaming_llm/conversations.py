@@ -31,12 +31,12 @@ from .engines.base import (
 from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
 from .metrics import Metrics
-
-if TYPE_CHECKING:
-    from .export import TranscriptsDir
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
 from .storage.repositories import AgentRepository, ConversationRepository, TurnRepository
+
+if TYPE_CHECKING:
+    from .export import TranscriptsDir
 
 log = logging.getLogger(__name__)
 
