@@ -216,6 +216,24 @@ def test_client_disconnect_stops_the_stream(server: ServerProcess) -> None:
     assert WORDS.startswith(turns[1]["content"])
 
 
+def test_client_disconnect_stops_a_non_streaming_answer(server: ServerProcess) -> None:
+    words = "quiet " + WORDS
+    body = {"model": "echoer", "messages": [{"role": "user", "content": words}]}
+    with pytest.raises(httpx.ReadTimeout):  # httpx drops the connection when it gives up
+        httpx.post(server.base_url + "/v1/chat/completions", json=body,
+                   headers={"X-Conversation-Id": "new"}, timeout=httpx.Timeout(10, read=0.3))
+    [conversation] = [c for c in conversations(server) if c["title"] == words[:80]]
+    deadline = time.monotonic() + 5
+    turns: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        turns = httpx.get(f"{server.base_url}/conversations/{conversation['id']}").json()["turns"]
+        if len(turns) == 2:
+            break
+        time.sleep(0.05)
+    assert len(turns) == 2 and turns[1]["finish_reason"] == "cancelled"
+    assert 0 < len(turns[1]["content"]) < len(words)
+
+
 # --- in process: what the engine is sent --------------------------------------------------------
 def test_unstored_call_prepends_agent_and_forgets(client: TestClient, scripted: ScriptedEngine) -> None:
     put_agent(client, "helper")
