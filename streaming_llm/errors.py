@@ -72,5 +72,17 @@ class ModelNotFound(EngineError):
     code, status = "model_not_found", 404
 
 
+class EngineTimeout(EngineError):
+    """The engine stopped answering (e.g. no chunk from Ollama within the read timeout)."""
+
+    code, status = "engine_timeout", 504
+
+
+class EngineProtocolError(EngineError):
+    """The engine answered something that breaks its wire protocol (a malformed line, no end)."""
+
+    code = "engine_protocol_error"
+
+
 class ContextTooLong(ServiceError):
     code, status = "context_too_long", 400
