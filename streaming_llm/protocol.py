@@ -60,10 +60,13 @@ class Done(msgspec.Struct, tag="done"):
     usage: Usage
 
 
-class Error(msgspec.Struct, tag="error"):
+class Error(msgspec.Struct, tag="error", omit_defaults=True):
     request_id: str | None
     code: str
     message: str
+    # Set when a turn failed after ``start``: its partial answer is stored under ``turn_id``.
+    conversation_id: str | None = None
+    turn_id: str | None = None
 
 
 class Pong(msgspec.Struct, tag="pong"):

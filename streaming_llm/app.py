@@ -1,0 +1,124 @@
+"""``create_app(settings)``: the Starlette application and the lifespan that owns every resource.
+
+Nothing happens at import. The lifespan migrates the database to ``head``, imports hand-edited
+agent files, opens the one aiohttp session, creates the engine and starts loading it in the
+background (``/health`` answers 503 until it is ready), and closes everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TypedDict
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .agent_files import AgentFiles
+from .agents import AgentService
+from .conversations import ConversationManager
+from .engines.base import Engine
+from .engines.registry import create_engine
+from .errors import NotFound, ServiceError
+from .responses import JSONResponse, error_response
+from .routes import agents, chat, conversations, health
+from .settings import Settings
+from .storage.database import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    http: aiohttp.ClientSession
+    engine: Engine
+    agents: AgentService
+    conversations: ConversationManager
+    engine_failure: str | None = None  # why the engine could not start, for /health
+
+
+class State(TypedDict):
+    services: Services
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
+        await db.migrate()
+        agent_service = AgentService(db, AgentFiles(settings.resolved_agents_dir))
+        imported = await agent_service.import_files()
+        if imported:
+            log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)
+        http = aiohttp.ClientSession()
+        engine = create_engine(settings, http)
+        services = Services(
+            settings=settings, db=db, http=http, engine=engine, agents=agent_service,
+            conversations=ConversationManager(
+                db, engine, default_max_new_tokens=settings.max_new_tokens),
+        )
+        loader = asyncio.create_task(_start_engine(services), name="engine-start")
+        try:
+            yield {"services": services}
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await engine.close()
+            await http.close()
+            await db.close()
+
+    return Starlette(
+        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes],
+        lifespan=lifespan,
+        exception_handlers={
+            ServiceError: _service_error,
+            404: _not_found,
+            405: _method_not_allowed,
+            500: _internal_error,
+        },
+    )
+
+
+async def _start_engine(services: Services) -> None:
+    engine = services.engine
+    log.info("starting engine %s", engine.name)
+    try:
+        await engine.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        services.engine_failure = f"engine {engine.name!r} failed to start: {exc}"
+        log.error("%s", services.engine_failure)
+        return
+    report = await engine.health()
+    log.info("engine %s ready: model %s", engine.name, report.model)
+    if report.detail:
+        log.warning("%s", report.detail)
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(NotFound(f"no route for {request.method} {request.url.path}"))
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(ServiceError(f"method {request.method} not allowed here",
+                                       code="method_not_allowed", status=405))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}},
+                        status_code=500)

@@ -1,0 +1,1 @@
+"""Benchmarks: ``streaming-llm bench <name>``; each prints a table, ``--json`` the same figures."""

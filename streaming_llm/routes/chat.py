@@ -1,0 +1,196 @@
+"""``/ws/chat``: many turns over one socket, tokens streamed as they are generated.
+
+Two tasks per socket: the reader decodes frames as they arrive (so ``cancel`` and ``ping`` are
+answered while a turn generates) and queues chat frames; the worker runs queued turns one at a
+time, in order. Cancelling a turn cancels the task that drains the engine stream, which closes
+the stream and so stops the engine at its next step; the partial answer is stored as
+``cancelled``. A disconnect cancels the worker the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..conversations import ConversationManager, Turn, store_partial
+from ..engines.base import FinishReason, Usage
+from ..errors import EngineError, ServiceError
+from ..protocol import Cancel, Chat, Done, Error, Ping, Pong, Start, Token, client_decoder, encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    frame: Chat
+    request_id: str
+    cancelled: bool = False
+
+
+class ChatSocket:
+    def __init__(self, ws: WebSocket, manager: ConversationManager) -> None:
+        self.ws = ws
+        self.manager = manager
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.jobs: dict[str, _Job] = {}  # queued or running, by request id
+        self.current: _Job | None = None
+        self.drain: asyncio.Task[None] | None = None
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, frame: msgspec.Struct) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(encoder.encode(frame).decode())
+
+    async def error(self, request_id: str | None, code: str, message: str, **extra: str) -> None:
+        await self.send(Error(request_id=request_id, code=code, message=message, **extra))
+
+    # reader -------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        worker = asyncio.create_task(self.work())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    await self.error(None, "bad_frame", "binary frames are not supported; send JSON text")
+                    continue
+                await self.handle(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            worker.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+
+    async def handle(self, text: str) -> None:
+        try:
+            frame = client_decoder.decode(text)
+        except msgspec.ValidationError as exc:
+            code = "unknown_type" if "`$.type`" in str(exc) or "tag" in str(exc) else "invalid_frame"
+            await self.error(_peek_request_id(text), code, f"invalid frame: {exc}")
+            return
+        except msgspec.DecodeError as exc:
+            await self.error(None, "invalid_json", f"frame is not valid JSON: {exc}")
+            return
+        match frame:
+            case Chat():
+                request_id = frame.request_id or f"req_{uuid.uuid4().hex}"
+                if request_id in self.jobs:
+                    await self.error(request_id, "duplicate_request_id",
+                                     f"request {request_id!r} is already queued or running")
+                    return
+                job = _Job(frame, request_id)
+                self.jobs[request_id] = job
+                self.queue.put_nowait(job)
+            case Cancel():
+                await self.cancel(frame.request_id)
+            case Ping():
+                await self.send(Pong(request_id=frame.request_id))
+
+    async def cancel(self, request_id: str | None) -> None:
+        job = self.current if request_id is None else self.jobs.get(request_id)
+        if job is None:
+            if request_id is not None:
+                await self.error(request_id, "unknown_request",
+                                 f"no queued or running request {request_id!r} on this socket")
+            return  # nothing running: a bare cancel is a no-op
+        job.cancelled = True
+        if job is self.current and self.drain is not None:
+            self.drain.cancel()
+
+    # worker -------------------------------------------------------------------------------------
+    async def work(self) -> None:
+        while True:
+            job = await self.queue.get()
+            self.current = job
+            try:
+                if job.cancelled:
+                    await self.error(job.request_id, "cancelled", "cancelled before it started")
+                else:
+                    await self.run_turn(job)
+            finally:
+                self.current = None
+                self.jobs.pop(job.request_id, None)
+
+    async def run_turn(self, job: _Job) -> None:
+        frame, request_id = job.frame, job.request_id
+        try:
+            turn = await self.manager.begin(
+                request_id=request_id, agent_id=frame.agent_id, message=frame.message,
+                conversation_id=frame.conversation_id, options=frame.options)
+        except ServiceError as exc:
+            await self.error(request_id, exc.code, exc.message)
+            return
+        log.info("turn %s started: conversation %s", request_id, turn.conversation_id)
+        await self.send(Start(request_id, turn.conversation_id, turn.user_turn_id))
+        started = time.perf_counter()
+        self.drain = asyncio.create_task(self.stream(turn))
+        reason: FinishReason
+        failure: EngineError | None = None
+        usage: Usage
+        try:
+            await self.drain
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                # Disconnect or shutdown: keep what was streamed, then let the cancel through.
+                await store_partial(self.manager, turn, "cancelled")
+                log.info("turn %s cancelled by disconnect", request_id)
+                raise
+        except EngineError as exc:
+            failure = exc
+        except Exception as exc:  # an engine bug must not kill the socket
+            log.exception("turn %s failed", request_id)
+            failure = EngineError(f"generation failed: {exc.__class__.__name__}")
+        finally:
+            self.drain = None
+
+        if failure is not None:
+            reason, usage = "error", Usage(completion_tokens=len(turn.pieces))
+        elif turn.finished is None:
+            reason, usage = "cancelled", Usage(completion_tokens=len(turn.pieces))
+        else:
+            reason, usage = turn.finished.reason, turn.finished.usage
+        turn_id = await store_partial(self.manager, turn, reason, usage)
+        elapsed = time.perf_counter() - started
+        log.info("turn %s finished: %s, %d pieces in %.2fs", request_id, reason, len(turn.pieces),
+                 elapsed)
+        if failure is not None:
+            await self.error(request_id, failure.code, failure.message,
+                             conversation_id=turn.conversation_id, turn_id=turn_id)
+        else:
+            await self.send(Done(request_id, turn.conversation_id, turn_id, reason, usage))
+
+    async def stream(self, turn: Turn) -> None:
+        seq = 0
+        async for piece in self.manager.generate(turn):
+            await self.send(Token(turn.request_id, piece, seq))
+            seq += 1
+
+
+def _peek_request_id(text: str) -> str | None:
+    """Best effort: the request_id of a frame that failed validation, so the error can carry it."""
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    rid = value.get("request_id") if isinstance(value, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+async def chat_endpoint(ws: WebSocket) -> None:
+    await ws.accept()
+    await ChatSocket(ws, ws.state.services.conversations).run()
+
+
+routes = [WebSocketRoute("/ws/chat", chat_endpoint)]

@@ -1,0 +1,1 @@
+"""SQLite storage: SQLAlchemy models, the database handle and thin repositories."""

@@ -1,0 +1,110 @@
+"""Thin async repositories, one per aggregate, each over an ``AsyncSession``.
+
+They never commit: the caller (the conversation manager, a route) owns the transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .models import AgentRow, ConversationRow, TurnRow, utcnow
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class AgentRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def list(self) -> list[AgentRow]:
+        return list((await self.session.scalars(select(AgentRow).order_by(AgentRow.id))).all())
+
+    async def get(self, agent_id: str) -> AgentRow | None:
+        return await self.session.get(AgentRow, agent_id)
+
+    async def upsert(
+        self, agent_id: str, *, name: str, system_prompt: str, markdown_context: str,
+        updated_at: str | None = None,
+    ) -> tuple[AgentRow, bool]:
+        """Insert or update; returns ``(row, created)``."""
+        now = updated_at or utcnow()
+        row = await self.get(agent_id)
+        created = row is None
+        if row is None:
+            row = AgentRow(id=agent_id, created_at=now)
+            self.session.add(row)
+        row.name, row.system_prompt, row.markdown_context = name, system_prompt, markdown_context
+        row.updated_at = now
+        await self.session.flush()
+        return row, created
+
+    async def delete(self, agent_id: str) -> bool:
+        result = await self.session.execute(delete(AgentRow).where(AgentRow.id == agent_id))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class ConversationRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def create(self, agent_id: str, title: str = "") -> ConversationRow:
+        now = utcnow()
+        row = ConversationRow(id=new_id("conv"), agent_id=agent_id, title=title,
+                              created_at=now, updated_at=now)
+        self.session.add(row)
+        await self.session.flush()
+        return row
+
+    async def get(self, conversation_id: str) -> ConversationRow | None:
+        return await self.session.get(ConversationRow, conversation_id)
+
+    async def list(self, *, agent_id: str | None = None, limit: int = 100,
+                   offset: int = 0) -> list[ConversationRow]:
+        query = select(ConversationRow)
+        if agent_id is not None:
+            query = query.where(ConversationRow.agent_id == agent_id)
+        query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
+        return list((await self.session.scalars(query.limit(limit).offset(offset))).all())
+
+    async def touch(self, conversation_id: str) -> None:
+        row = await self.get(conversation_id)
+        if row is not None:
+            row.updated_at = utcnow()
+
+    async def delete(self, conversation_id: str) -> bool:
+        await self.session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
+        result = await self.session.execute(
+            delete(ConversationRow).where(ConversationRow.id == conversation_id))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+class TurnRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def list_turns(self, conversation_id: str) -> list[TurnRow]:
+        query = select(TurnRow).where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq)
+        return list((await self.session.scalars(query)).all())
+
+    async def append(self, conversation_id: str, *, role: str, content: str,
+                     finish_reason: str | None = None, prompt_tokens: int | None = None,
+                     completion_tokens: int | None = None, usage: str | None = None,
+                     request_id: str | None = None) -> TurnRow:
+        """Append with the next ``seq`` of the conversation (0, 1, 2, ...)."""
+        last = await self.session.scalar(
+            select(func.max(TurnRow.seq)).where(TurnRow.conversation_id == conversation_id))
+        row = TurnRow(
+            id=new_id("turn"), conversation_id=conversation_id,
+            seq=0 if last is None else last + 1, role=role, content=content,
+            finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, usage=usage, request_id=request_id,
+            created_at=utcnow(),
+        )
+        self.session.add(row)
+        await self.session.flush()
+        return row
