@@ -41,6 +41,7 @@ from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 
 HEALTH_TTL_S = 5.0
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer "line" means we are not talking to Ollama
+END_OF_BODY_WAIT_S = 0.5  # after done: longest wait for the body's end before closing instead
 
 
 # --- wire types (only the fields we read; unknown ones such as "thinking" are ignored) ----------
@@ -124,8 +125,9 @@ class OllamaEngine:
         self._num_ctx = settings.ollama_num_ctx
         # sock_read bounds the wait for each read (headers included: Ollama sends them with the
         # first piece, so a model load counts); no total limit, answers may stream for minutes.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.ollama_connect_timeout_s,
-                                              sock_read=settings.ollama_read_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.ollama_connect_timeout_s,
+            sock_read=settings.ollama_read_timeout_s)
         self._probe_timeout = aiohttp.ClientTimeout(
             total=settings.ollama_connect_timeout_s + min(settings.ollama_read_timeout_s, 5.0),
             sock_connect=settings.ollama_connect_timeout_s)
@@ -159,7 +161,7 @@ class OllamaEngine:
             version = _version_decoder.decode(await self._get("/api/version")).version
             extra["version"] = version
             tags = _tags_decoder.decode(await self._get("/api/tags"))
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             detail = f"ollama at {self._base} is not reachable ({_describe(exc)})"
             return EngineHealth(ready=False, model=self._model, detail=detail, extra=extra)
         except (aiohttp.ClientResponseError, msgspec.DecodeError) as exc:
@@ -205,12 +207,14 @@ class OllamaEngine:
             resp = await self._http.post(url, data=body, timeout=self._timeout,
                                          headers={"Content-Type": "application/json"})
         except aiohttp.ClientConnectorError as exc:
-            raise EngineUnavailable(f"ollama at {self._base} is not reachable ({_describe(exc)})") from exc
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+            raise EngineUnavailable(
+                f"ollama at {self._base} is not reachable ({_describe(exc)})") from exc
+        except TimeoutError as exc:  # aiohttp's timeouts subclass it
             raise EngineTimeout(f"ollama at {self._base} did not answer within "
                                 f"{self._timeout.sock_read:g} s") from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"request to ollama at {self._base} failed ({_describe(exc)})") from exc
+            raise EngineError(
+                f"request to ollama at {self._base} failed ({_describe(exc)})") from exc
 
         clean = False  # True once the stream ended as the protocol says: keep the connection
         try:
@@ -223,7 +227,8 @@ class OllamaEngine:
                     chunk = _chunk_decoder.decode(line)
                 except msgspec.DecodeError as exc:
                     raise EngineProtocolError(
-                        f"ollama sent a line that is not a chat chunk ({exc}): {line[:200]!r}") from None
+                        f"ollama sent a line that is not a chat chunk ({exc}): {line[:200]!r}"
+                    ) from None
                 if chunk.error is not None:
                     raise EngineError(chunk.error)
                 if chunk.message is not None and chunk.message.content:
@@ -235,17 +240,28 @@ class OllamaEngine:
                     break
             if finished is None:
                 raise EngineProtocolError("ollama ended the stream without a final done chunk")
-            clean = True
+            clean = await _read_to_end(resp)
             yield finished
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:  # aiohttp's timeouts subclass it
             raise EngineTimeout(f"ollama sent nothing for {self._timeout.sock_read:g} s") from exc
         except aiohttp.ClientError as exc:
             raise EngineError(f"connection to ollama lost mid-answer ({_describe(exc)})") from exc
         finally:
             if clean:
-                resp.release()  # pooled if the body was read to its end, closed otherwise
+                resp.release()  # the body was read to its end: the connection goes back to the pool
             else:
                 resp.close()  # closes the TCP connection: Ollama sees it and stops generating
+
+
+async def _read_to_end(resp: aiohttp.ClientResponse) -> bool:
+    """After ``done`` only the end of the chunked body should follow (Ollama writes it right after
+    the last line). Reading it lets the connection go back to the pool; True if the body ended."""
+    try:
+        async with asyncio.timeout(END_OF_BODY_WAIT_S):
+            await resp.content.read()
+    except (TimeoutError, aiohttp.ClientError):
+        return False
+    return True
 
 
 def _finished(chunk: _ChatChunk, started: float, first_at: float | None) -> Finished:
@@ -263,7 +279,7 @@ async def _status_error(resp: aiohttp.ClientResponse) -> EngineError:
     """The error for a non-2xx answer, with Ollama's ``{"error": ...}`` message when it sent one."""
     try:
         raw = await resp.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         raw = b""
     message: str | None = None
     try:

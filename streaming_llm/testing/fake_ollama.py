@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -102,23 +102,24 @@ class FakeOllama:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> FakeOllama:
+    def start(self) -> Self:
         started = threading.Event()
         failure: list[BaseException] = []
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
-            self._loop = loop
+            serving = False
             try:
                 loop.run_until_complete(self._start_site())
-            except BaseException as exc:  # report to the starting thread, never hang it
+                self._loop, serving = loop, True
+            except OSError as exc:  # e.g. the port is taken: report it to the starting thread
                 failure.append(exc)
-                started.set()
-                loop.close()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
+            finally:
+                started.set()  # whatever happens, never leave start() waiting
+            if serving:
+                loop.run_forever()  # until stop()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="fake-ollama", daemon=True)
@@ -126,6 +127,8 @@ class FakeOllama:
         started.wait()
         if failure:
             raise failure[0]
+        if not self.port:
+            raise RuntimeError("the fake Ollama server did not start")
         return self
 
     def stop(self) -> None:
@@ -142,7 +145,7 @@ class FakeOllama:
         self._thread.join(10)
         self._thread = None
 
-    def __enter__(self) -> FakeOllama:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -277,7 +277,8 @@ async def test_health_reports_an_unreachable_ollama(http):
     await engine.start()  # must not raise when Ollama is down
     health = await engine.health()
     assert health.ready is False
-    assert health.detail is not None and health.detail.startswith(f"ollama at {url} is not reachable")
+    assert health.detail is not None
+    assert health.detail.startswith(f"ollama at {url} is not reachable")
 
 
 async def test_health_reports_a_failing_ollama(fake, http):
