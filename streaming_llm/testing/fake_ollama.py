@@ -223,8 +223,8 @@ class FakeOllama:
 
         if body.get("stream", True) is False:
             started = time.perf_counter_ns()
-            reply = _chunk(model, "".join(tokens), done=False)
-            reply.update(_final(model, done_reason, prompt_tokens, len(tokens), started))
+            reply = _final(model, done_reason, prompt_tokens, len(tokens), started)
+            reply["message"]["content"] = "".join(tokens)
             record.complete.set()
             return web.json_response(reply)
 
