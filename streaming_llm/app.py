@@ -94,7 +94,7 @@ async def _start_engine(services: Services) -> None:
         await engine.start()
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any load failure is reported on /health
         services.engine_failure = f"engine {engine.name!r} failed to start: {exc}"
         log.error("%s", services.engine_failure)
         return

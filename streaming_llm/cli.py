@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import __version__
 from .settings import Settings, SettingsError
@@ -74,5 +76,22 @@ def serve(settings: Settings) -> int:
         log_config=None, log_level=settings.log_level, lifespan="on",
         ws_max_size=16 * 1024 * 1024, timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run()
+    _server_class()(config).run()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                # uvicorn re-raises the signal it stopped on, so SIGTERM would exit with -15.
+                # SIGTERM is how systemd and compose stop a service: after a graceful
+                # shutdown that is a clean exit, status 0.
+                self._captured_signals = [s for s in self._captured_signals
+                                          if s != signal.SIGTERM]
+
+    return Server

@@ -12,6 +12,7 @@ is checked against :func:`describe` so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Iterator, Mapping
@@ -135,7 +136,7 @@ def _cast(var: str, hint: Any, raw: str) -> Any:
             return int(raw)
         if base is float:
             value = float(raw)
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 raise ValueError("must be a finite number")
             return value
         if base is Path:
