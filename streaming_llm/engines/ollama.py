@@ -24,7 +24,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -96,9 +96,8 @@ def keep_alive_value(text: str) -> str | float | int:
 async def ndjson_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """Yield the non-empty lines of an NDJSON body, whatever the network reads look like."""
     pending = b""
-    async for data in content.iter_any():
-        if pending:
-            data = pending + data
+    async for received in content.iter_any():
+        data = pending + received if pending else received
         start = 0
         while (end := data.find(b"\n", start)) >= 0:
             if end > start:
@@ -265,7 +264,7 @@ async def _read_to_end(resp: aiohttp.ClientResponse) -> bool:
 
 
 def _finished(chunk: _ChatChunk, started: float, first_at: float | None) -> Finished:
-    reason = "length" if chunk.done_reason == "length" else "stop"
+    reason: Literal["stop", "length"] = "length" if chunk.done_reason == "length" else "stop"
     tps = None
     if chunk.eval_count and chunk.eval_duration > 0:
         tps = round(chunk.eval_count / (chunk.eval_duration / 1e9), 2)

@@ -164,9 +164,7 @@ class FakeOllama:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
 
     # --- handlers -----------------------------------------------------------------------------
     async def _version(self, request: web.Request) -> web.Response:
