@@ -9,8 +9,8 @@ stream ourselves, so a line split across network reads or several lines in one r
 
 Failures raise :mod:`streaming_llm.errors` classes carrying Ollama's own message: a non-2xx answer
 before streaming (404 → ``model_not_found``), an ``{"error": ...}`` line mid-stream
-(``engine_error``), connection refused (``engine_unavailable``), no bytes within the read timeout
-(``engine_timeout``), a malformed line or a stream that ends without ``done``
+(``engine_error``), connection refused or not accepted within the connect timeout
+(``engine_unavailable``), no bytes within the read timeout (``engine_timeout``), a malformed line or a stream that ends without ``done``
 (``engine_protocol_error``).
 
 Cancellation: Ollama stops generating when its client goes away, so closing the stream (or
@@ -208,6 +208,10 @@ class OllamaEngine:
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailable(
                 f"ollama at {self._base} is not reachable ({_describe(exc)})") from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise EngineUnavailable(
+                f"ollama at {self._base} did not accept a connection within "
+                f"{self._timeout.sock_connect:g} s") from exc
         except TimeoutError as exc:  # aiohttp's timeouts subclass it
             raise EngineTimeout(f"ollama at {self._base} did not answer within "
                                 f"{self._timeout.sock_read:g} s") from exc

@@ -190,6 +190,27 @@ async def test_connection_refused_is_engine_unavailable(http):
     assert "not reachable" in error.message
 
 
+async def test_a_connection_not_accepted_in_time_is_engine_unavailable(http):
+    # A listening socket whose accept queue is full: the kernel leaves further connects hanging.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            engine = make_engine(None, http, url=f"http://127.0.0.1:{port}",
+                                 ollama_connect_timeout_s=0.2)
+            _, error = await asyncio.wait_for(collect_until_error(engine), 10)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert error.code == "engine_unavailable"
+    assert "did not accept a connection within 0.2 s" in error.message
+
+
 async def test_a_malformed_line_is_a_protocol_error(fake, http):
     fake.script = ChatScript(tokens=["x", "y"], malformed_after=1)
     pieces, error = await collect_until_error(make_engine(fake, http))
