@@ -23,6 +23,7 @@ def test_bench_ollama_reports_both_paths_as_json(capsys):
     for path in ("direct", "service"):
         assert figures[path]["tokens_per_s"] > 0
         assert 0 < figures[path]["first_token_ms"] < figures[path]["total_ms"]
+    assert 0 < figures["service"]["start_event_ms"] <= figures["service"]["first_token_ms"]
     ratio = figures["service"]["tokens_per_s"] / figures["direct"]["tokens_per_s"]
     assert figures["throughput_ratio"] == pytest.approx(ratio, abs=1e-3)
     assert set(figures["met"]) == {"throughput_ratio", "added_first_token_ms"}
