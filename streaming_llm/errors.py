@@ -84,5 +84,11 @@ class EngineProtocolError(EngineError):
     code = "engine_protocol_error"
 
 
+class ShuttingDown(ServiceError):
+    """The server is draining for a shutdown and starts no new turn."""
+
+    code, status = "shutting_down", 503
+
+
 class ContextTooLong(ServiceError):
     code, status = "context_too_long", 400
