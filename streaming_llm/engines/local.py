@@ -151,6 +151,9 @@ class LocalEngine:
         if self._error is not None:
             return EngineHealth(ready=False, model=self._model_name, detail=self._error,
                                 extra={"state": "failed"})
+        if self._closed:
+            return EngineHealth(ready=False, model=self._model_name, detail="shut down",
+                                extra={"state": "closed"})
         if not self._ready:
             detail = f"loading {self._model_name}"
             if self._detail:
@@ -275,6 +278,8 @@ class LocalEngine:
         if not self._ready:
             if self._error is not None:
                 raise EngineUnavailable(self._error)
+            if self._closed:
+                raise EngineUnavailable("the local engine has shut down")
             raise EngineNotReady(f"the model {self._model_name} is still loading")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()

@@ -438,7 +438,8 @@ async def test_health_reports_loading_then_ready(make_engine: MakeEngine,
     assert extra["window_tokens"] == 1024 - 4  # clamped below the trained context
     assert extra["cached_conversations"] == 1 and extra["kv_bytes"] > 0
     await engine.close()
-    with pytest.raises(EngineUnavailable):
+    assert (await engine.health()).extra == {"state": "closed"}
+    with pytest.raises(EngineUnavailable, match="shut down"):
         await chat(engine, [ChatMessage("user", "after close")])
 
 
