@@ -6,8 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.stamp-install
+NPM ?= npm
+CLIENT := clients/ts
 
-.PHONY: install run test migrate clean
+.PHONY: install run test test-python test-client migrate client chromium dev lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +25,35 @@ migrate: install
 run: migrate
 	$(PY) -m streaming_llm serve
 
-test: install
+# The TypeScript client (streaming-llm-client); the web page serves a committed build of it.
+$(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json
+	cd $(CLIENT) && $(NPM) ci --no-audit --no-fund
+
+client: $(CLIENT)/node_modules/.package-lock.json
+	cd $(CLIENT) && $(NPM) run build
+
+# Headless Chromium for the browser test (Debian packages).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
+
+# Backend + reference page together: rebuilds the client into the page, then serves.
+dev: migrate client
+	cd $(CLIENT) && $(NPM) run sync-web
+	@echo "page: http://$${STREAMING_LLM_HOST:-127.0.0.1}:$${STREAMING_LLM_PORT:-8000}/"
+	$(PY) -m streaming_llm serve
+
+lint: install
+	$(PY) -m ruff check streaming_llm tests migrations
+	$(PY) -m mypy streaming_llm
+
+test-python: install
 	$(PY) -m pytest
 
+test-client: install client chromium
+	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) test
+	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) run test:browser
+
+test: lint test-python test-client
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(CLIENT)/node_modules $(CLIENT)/dist

@@ -55,8 +55,7 @@ def render(agent_id: str, name: str, system_prompt: str, markdown_context: str) 
 
 def parse(text: str, *, source: str = "<text>") -> dict[str, str]:
     """Return the front-matter fields plus ``markdown_context``; raise MalformedAgentFile."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     lines = text.split("\n")
     if not lines or lines[0].rstrip("\r") != "---":
         raise MalformedAgentFile(f"{source}: missing front matter (first line must be '---')")

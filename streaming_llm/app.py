@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health
+from .routes import agents, chat, conversations, health, web
 from .settings import Settings
+from .shutdown import LiveSockets
 from .storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Services:
     engine: Engine
     agents: AgentService
     conversations: ConversationManager
+    sockets: LiveSockets  # open chat sockets, drained on shutdown
     engine_failure: str | None = None  # why the engine could not start, for /health
 
 
@@ -49,6 +52,9 @@ class State(TypedDict):
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first."""
+    sockets = LiveSockets()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
@@ -63,6 +69,7 @@ def create_app(settings: Settings) -> Starlette:
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=ConversationManager(
                 db, engine, default_max_new_tokens=settings.max_new_tokens),
+            sockets=sockets,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
@@ -75,8 +82,8 @@ def create_app(settings: Settings) -> Starlette:
             await http.close()
             await db.close()
 
-    return Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes],
+    app = Starlette(
+        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes, *web.routes],
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,
@@ -85,6 +92,8 @@ def create_app(settings: Settings) -> Starlette:
             500: _internal_error,
         },
     )
+    app.state.drain = functools.partial(sockets.drain, settings.shutdown_grace_s)
+    return app
 
 
 async def _start_engine(services: Services) -> None:
@@ -94,7 +103,7 @@ async def _start_engine(services: Services) -> None:
         await engine.start()
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any load failure is reported on /health
         services.engine_failure = f"engine {engine.name!r} failed to start: {exc}"
         log.error("%s", services.engine_failure)
         return

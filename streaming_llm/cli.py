@@ -1,14 +1,13 @@
-"""Command line: ``streaming-llm serve | migrate | bench <name>``."""
+"""Command line: ``streaming-llm serve | migrate | env-example | bench <name>``."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
-import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .settings import Settings, SettingsError
@@ -29,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="bring the database to the latest migration and exit")
 
+    env = sub.add_parser("env-example", help="print .env.sidecar.example (every setting)")
+    env.add_argument("-o", "--output", help="write to this file instead of stdout")
+
     bench = sub.add_parser("bench", help="run a benchmark")
     benches = bench.add_subparsers(dest="bench", required=True)
     for name in BENCHMARKS:
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "env-example":  # documents the settings: must not depend on them
+        return env_example(args.output)
     try:
         settings = Settings.from_env(
             host=getattr(args, "host", None), port=getattr(args, "port", None))
@@ -52,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .logs import configure
 
-    configure(settings.log_level)
+    configure(settings.log_level, log_dir=settings.log_dir)
     if args.command == "serve":
         return serve(settings)
     if args.command == "migrate":
@@ -68,30 +72,27 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .shutdown import Server
 
     log.info("streaming-llm %s listening on http://%s:%d (engine %s)", __version__,
              settings.host, settings.port, settings.engine)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port,
+        app, host=settings.host, port=settings.port,
         log_config=None, log_level=settings.log_level, lifespan="on",
         ws_max_size=16 * 1024 * 1024, timeout_graceful_shutdown=10,
     )
-    _server_class()(config).run()
+    # shutdown.Server drains the chat sockets first (STREAMING_LLM_SHUTDOWN_GRACE_S); uvicorn's
+    # own timeout then covers what is left (idle HTTP connections).
+    Server(config, drain=app.state.drain).run()
     return 0
 
 
-def _server_class() -> type:
-    import uvicorn
+def env_example(output: str | None) -> int:
+    from .env_example import render
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                yield
-                # uvicorn re-raises the signal it stopped on, so SIGTERM would exit with -15.
-                # SIGTERM is how systemd and compose stop a service: after a graceful
-                # shutdown that is a clean exit, status 0.
-                self._captured_signals = [s for s in self._captured_signals
-                                          if s != signal.SIGTERM]
-
-    return Server
+    if output is None:
+        sys.stdout.write(render())
+    else:
+        Path(output).write_text(render(), encoding="utf-8")
+    return 0

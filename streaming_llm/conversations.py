@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import msgspec
 
 from .engines.base import (
     ChatMessage,
+    Chunk,
     Engine,
     EngineRequest,
     Finished,
@@ -164,7 +166,7 @@ class ConversationManager:
     async def generate(self, turn: Turn) -> AsyncIterator[str]:
         """Yield the answer's text pieces; ``turn.pieces`` keeps what was yielded so far and
         ``turn.finished`` receives the engine's :class:`Finished`."""
-        stream = self.engine.stream(turn.request)
+        stream = cast(AsyncGenerator[Chunk, None], self.engine.stream(turn.request))
         try:
             async for chunk in stream:
                 if isinstance(chunk, TextChunk):

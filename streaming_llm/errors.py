@@ -72,5 +72,11 @@ class ModelNotFound(EngineError):
     code, status = "model_not_found", 404
 
 
+class ShuttingDown(ServiceError):
+    """The server is draining for a shutdown and starts no new turn."""
+
+    code, status = "shutting_down", 503
+
+
 class ContextTooLong(ServiceError):
     code, status = "context_too_long", 400

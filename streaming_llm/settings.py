@@ -12,6 +12,7 @@ is checked against :func:`describe` so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Iterator, Mapping
@@ -45,6 +46,8 @@ class Settings:
     database_url: str = _f("", "SQLAlchemy URL of the database; empty = sqlite file <data_dir>/streaming_llm.db.")
     agents_dir: Path | None = _f(None, "Directory mirroring agents as Markdown files; empty = <data_dir>/agents.")
     log_level: str = _f("info", "Log level.", choices=LOG_LEVELS)
+    log_dir: Path | None = _f(None, "Directory for a log file streaming-llm.log besides stderr; empty = stderr only.")
+    shutdown_grace_s: float = _f(10.0, "Seconds running turns may go on after SIGTERM before they are cancelled.", ge=0, le=3600)
     engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, or echo (tests only).", choices=ENGINES)
     echo_delay_ms: float = _f(10.0, "Delay between words of the echo test engine, in milliseconds.", ge=0, le=60_000)
     db_busy_timeout_ms: int = _f(5000, "SQLite busy timeout in milliseconds.", ge=0, le=600_000)
@@ -135,7 +138,7 @@ def _cast(var: str, hint: Any, raw: str) -> Any:
             return int(raw)
         if base is float:
             value = float(raw)
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 raise ValueError("must be a finite number")
             return value
         if base is Path:

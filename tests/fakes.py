@@ -6,7 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from streaming_llm.engines.base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from streaming_llm.engines.base import (
+    Chunk,
+    EngineHealth,
+    EngineRequest,
+    Finished,
+    TextChunk,
+    Usage,
+)
 from streaming_llm.errors import EngineError
 
 

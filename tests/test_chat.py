@@ -67,10 +67,10 @@ def test_two_turns_continue_one_conversation(client: TestClient, settings: Setti
     put_agent(client, "helper")
     with client.websocket_connect("/ws/chat") as ws:
         ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
-        start1, _, done1 = recv_turn(ws)
+        start1, _, _ = recv_turn(ws)
         ws.send_json({"type": "chat", "agent_id": "helper", "message": "second",
                       "conversation_id": start1["conversation_id"]})
-        start2, _, done2 = recv_turn(ws)
+        start2, _, _ = recv_turn(ws)
     assert start1["request_id"].startswith("req_") and start1["request_id"] != start2["request_id"]
     assert start2["conversation_id"] == start1["conversation_id"]
     second = scripted.requests[1]

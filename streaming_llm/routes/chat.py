@@ -4,12 +4,15 @@ Two tasks per socket: the reader decodes frames as they arrive (so ``cancel`` an
 answered while a turn generates) and queues chat frames; the worker runs queued turns one at a
 time, in order. Cancelling a turn cancels the task that drains the engine stream, which closes
 the stream and so stops the engine at its next step; the partial answer is stored as
-``cancelled``. A disconnect cancels the worker the same way.
+``cancelled``. A disconnect cancels the worker the same way. On shutdown
+:class:`~streaming_llm.shutdown.LiveSockets` drains the socket: no new turns, the running one
+finishes or is cancelled after the grace period, then the socket is closed with 1001.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -21,8 +24,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..conversations import ConversationManager, Turn, store_partial
 from ..engines.base import FinishReason, Usage
-from ..errors import EngineError, ServiceError
+from ..errors import EngineError, ServiceError, ShuttingDown
 from ..protocol import Cancel, Chat, Done, Error, Ping, Pong, Start, Token, client_decoder, encoder
+from ..shutdown import LiveSockets
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +39,32 @@ class _Job:
 
 
 class ChatSocket:
-    def __init__(self, ws: WebSocket, manager: ConversationManager) -> None:
+    def __init__(self, ws: WebSocket, manager: ConversationManager, live: LiveSockets) -> None:
         self.ws = ws
         self.manager = manager
+        self.live = live
+        self.closed = False
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.jobs: dict[str, _Job] = {}  # queued or running, by request id
         self.current: _Job | None = None
         self.drain: asyncio.Task[None] | None = None
         self.send_lock = asyncio.Lock()
 
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
     async def send(self, frame: msgspec.Struct) -> None:
         async with self.send_lock:
-            await self.ws.send_text(encoder.encode(frame).decode())
+            if not self.closed:  # after a shutdown close, late frames have nowhere to go
+                await self.ws.send_text(encoder.encode(frame).decode())
+
+    async def close(self, code: int, reason: str) -> None:
+        async with self.send_lock:
+            if not self.closed:
+                self.closed = True
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # already gone
+                    await self.ws.close(code, reason)
 
     async def error(self, request_id: str | None, code: str, message: str, **extra: str) -> None:
         await self.send(Error(request_id=request_id, code=code, message=message, **extra))
@@ -86,6 +104,9 @@ class ChatSocket:
         match frame:
             case Chat():
                 request_id = frame.request_id or f"req_{uuid.uuid4().hex}"
+                if self.live.draining:
+                    await self.refuse(request_id)
+                    return
                 if request_id in self.jobs:
                     await self.error(request_id, "duplicate_request_id",
                                      f"request {request_id!r} is already queued or running")
@@ -117,6 +138,8 @@ class ChatSocket:
             try:
                 if job.cancelled:
                     await self.error(job.request_id, "cancelled", "cancelled before it started")
+                elif self.live.draining:
+                    await self.refuse(job.request_id)
                 else:
                     await self.run_turn(job)
             finally:
@@ -136,6 +159,8 @@ class ChatSocket:
         await self.send(Start(request_id, turn.conversation_id, turn.user_turn_id))
         started = time.perf_counter()
         self.drain = asyncio.create_task(self.stream(turn))
+        if job.cancelled:  # cancelled while the user turn was being stored
+            self.drain.cancel()
         reason: FinishReason
         failure: EngineError | None = None
         usage: Usage
@@ -171,6 +196,10 @@ class ChatSocket:
         else:
             await self.send(Done(request_id, turn.conversation_id, turn_id, reason, usage))
 
+    async def refuse(self, request_id: str) -> None:
+        exc = ShuttingDown("the server is shutting down; send the turn again once it is back")
+        await self.error(request_id, exc.code, exc.message)
+
     async def stream(self, turn: Turn) -> None:
         seq = 0
         async for piece in self.manager.generate(turn):
@@ -190,7 +219,10 @@ def _peek_request_id(text: str) -> str | None:
 
 async def chat_endpoint(ws: WebSocket) -> None:
     await ws.accept()
-    await ChatSocket(ws, ws.state.services.conversations).run()
+    services = ws.state.services
+    chat = ChatSocket(ws, services.conversations, services.sockets)
+    with services.sockets.track(chat):
+        await chat.run()
 
 
 routes = [WebSocketRoute("/ws/chat", chat_endpoint)]

@@ -1,0 +1,380 @@
+// The client against a real `streaming-llm serve` (echo engine: it answers with the user's words,
+// one word per token), spoken to over real HTTP and a real WebSocket from the `ws` package.
+import assert from 'node:assert/strict'
+import { after, before, describe, test } from 'node:test'
+import WebSocket from 'ws'
+
+import {
+  ApiError,
+  ChatError,
+  DEFAULT_BASE_URL,
+  deleteAgent,
+  deleteConversation,
+  getAgent,
+  getConversation,
+  getHealth,
+  listAgents,
+  listConversations,
+  streamChat,
+  updateAgent,
+} from '../dist/index.js'
+import { freePort, startServer } from './server.mjs'
+
+const wsFactory = (url) => new WebSocket(url)
+const words = (n, from = 0) => Array.from({ length: n }, (_, i) => `w${i + from}`).join(' ')
+
+let server
+let base
+const agent = { id: 'tester', name: 'Tester', system_prompt: 'Answer briefly.', markdown_context: '# Notes\n\nnone' }
+
+before(async () => {
+  server = await startServer()
+  base = server.baseUrl
+  await updateAgent(agent, base)
+})
+
+after(async () => {
+  await server?.stop()
+})
+
+/** streamChat with the `ws` factory; collects every event. */
+async function open(extra = {}) {
+  const events = []
+  const stream = await streamChat({
+    backendUrl: server.wsUrl,
+    agentId: agent.id,
+    socketFactory: wsFactory,
+    onEvent: (event) => events.push(event),
+    ...extra,
+  })
+  return { stream, events }
+}
+
+describe('REST', () => {
+  test('updateAgent creates, getAgent and listAgents read, updateAgent edits, deleteAgent removes', async () => {
+    const created = await updateAgent(
+      { id: 'reviewer', name: 'Reviewer', system_prompt: 'Review.', markdown_context: '- a\n- b' },
+      base,
+    )
+    assert.equal(created.id, 'reviewer')
+    assert.equal(created.name, 'Reviewer')
+    assert.equal(created.system_prompt, 'Review.')
+    assert.equal(created.markdown_context, '- a\n- b')
+
+    assert.deepEqual(
+      (await listAgents(base)).map((a) => a.id).sort(),
+      ['reviewer', 'tester'],
+    )
+    const edited = await updateAgent({ ...created, name: 'Strict reviewer' }, base)
+    assert.equal(edited.name, 'Strict reviewer')
+    assert.equal((await getAgent('reviewer', base)).name, 'Strict reviewer')
+
+    await deleteAgent('reviewer', base)
+    assert.deepEqual((await listAgents(base)).map((a) => a.id), ['tester'])
+  })
+
+  test('a missing agent rejects with ApiError 404 agent_not_found', async () => {
+    for (const call of [() => getAgent('ghost', base), () => deleteAgent('ghost', base)]) {
+      await assert.rejects(call, (err) => {
+        assert.ok(err instanceof ApiError)
+        assert.equal(err.status, 404)
+        assert.equal(err.code, 'agent_not_found')
+        assert.match(err.message, /ghost/)
+        return true
+      })
+    }
+  })
+
+  test('ids are URL-encoded: a bad id reaches the server and comes back 400 invalid_id', async () => {
+    await assert.rejects(getAgent('Bad Id/../x', base), (err) => {
+      assert.ok(err instanceof ApiError)
+      assert.equal(err.status, 400)
+      assert.equal(err.code, 'invalid_id')
+      return true
+    })
+  })
+
+  test('an unreachable server rejects with ApiError status 0 network_error', async () => {
+    const port = await freePort()
+    await assert.rejects(listAgents(`http://127.0.0.1:${port}`), (err) => {
+      assert.ok(err instanceof ApiError)
+      assert.equal(err.status, 0)
+      assert.equal(err.code, 'network_error')
+      assert.match(err.message, new RegExp(`127\\.0\\.0\\.1:${port}/agents`))
+      return true
+    })
+  })
+
+  test('the base URL defaults to http://localhost:8000 and a trailing slash is ignored', async () => {
+    const realFetch = globalThis.fetch
+    const seen = []
+    globalThis.fetch = async (url, init) => {
+      seen.push(String(url))
+      if (String(url).startsWith(base)) return realFetch(url, init)
+      throw new TypeError('not this test')
+    }
+    try {
+      await assert.rejects(listAgents(), ApiError)
+      assert.equal((await listAgents(`${base}/`)).length, 1)
+    } finally {
+      globalThis.fetch = realFetch
+    }
+    assert.equal(DEFAULT_BASE_URL, 'http://localhost:8000')
+    assert.deepEqual(seen, ['http://localhost:8000/agents', `${base}/agents`])
+  })
+
+  test('getHealth reports the echo engine ready', async () => {
+    const health = await getHealth(base)
+    assert.equal(health.status, 'ok')
+    assert.equal(health.ready, true)
+    assert.equal(health.engine, 'echo')
+  })
+})
+
+describe('streamChat', () => {
+  test('several turns on one socket continue one conversation, with events in order', async () => {
+    const { stream, events } = await open({ options: { temperature: 0.2, maxNewTokens: 400 } })
+    assert.equal(stream.conversationId, undefined)
+    const first = await stream.sendMessage({ message: 'Summarize the latest run.' })
+    assert.equal(first.text, 'Summarize the latest run.')
+    assert.equal(first.finishReason, 'stop')
+    assert.equal(first.usage.completionTokens, 4)
+    assert.ok(first.usage.promptTokens >= 4)
+    assert.equal(stream.conversationId, first.conversationId)
+
+    const second = await stream.sendMessage({ message: 'Now give me the key risks.', options: { temperature: 0.1 } })
+    assert.equal(second.text, 'Now give me the key risks.')
+    assert.equal(second.conversationId, first.conversationId)
+    const third = await stream.sendMessage({ message: 'Thanks' })
+    assert.equal(third.conversationId, first.conversationId)
+    stream.stop()
+
+    // Every turn: one start, its tokens with seq 0..n-1, one done; all with the turn's request id.
+    const byTurn = [first, second, third].map((r) => events.filter((e) => e.requestId === r.requestId))
+    assert.equal(new Set([first.requestId, second.requestId, third.requestId]).size, 3)
+    for (const [i, turn] of byTurn.entries()) {
+      const result = [first, second, third][i]
+      assert.equal(turn[0].type, 'start')
+      assert.equal(turn[0].conversationId, first.conversationId)
+      assert.equal(turn.at(-1).type, 'done')
+      assert.equal(turn.at(-1).finishReason, 'stop')
+      assert.equal(turn.at(-1).turnId, result.turnId)
+      const tokens = turn.slice(1, -1)
+      assert.ok(tokens.every((e) => e.type === 'token'))
+      assert.deepEqual(tokens.map((e) => e.seq), tokens.map((_, k) => k))
+      assert.equal(tokens.map((e) => e.token).join(''), result.text)
+    }
+    assert.equal(events.length, byTurn.flat().length)
+
+    const conversation = await getConversation(first.conversationId, base)
+    assert.equal(conversation.id, first.conversationId)
+    assert.equal(conversation.agent_id, agent.id)
+    assert.deepEqual(
+      conversation.turns.map((t) => [t.role, t.content]),
+      [
+        ['user', 'Summarize the latest run.'],
+        ['assistant', 'Summarize the latest run.'],
+        ['user', 'Now give me the key risks.'],
+        ['assistant', 'Now give me the key risks.'],
+        ['user', 'Thanks'],
+        ['assistant', 'Thanks'],
+      ],
+    )
+    const listed = await listConversations(agent.id, base)
+    assert.ok(listed.some((c) => c.id === first.conversationId))
+  })
+
+  test('turns sent without waiting are queued and answered in order', async () => {
+    const { stream } = await open()
+    const messages = ['one two three', 'four five', 'six', 'seven eight nine ten']
+    const results = await Promise.all(messages.map((message) => stream.sendMessage({ message })))
+    stream.stop()
+    assert.deepEqual(results.map((r) => r.text), messages)
+    assert.equal(new Set(results.map((r) => r.conversationId)).size, 1)
+    const turns = (await getConversation(results[0].conversationId, base)).turns
+    assert.deepEqual(turns.filter((t) => t.role === 'user').map((t) => t.content), messages)
+  })
+
+  test('a caller-given conversationId is continued', async () => {
+    const { stream: a } = await open()
+    const first = await a.sendMessage({ message: 'first visit' })
+    a.stop()
+    const { stream: b } = await open({ conversationId: first.conversationId })
+    assert.equal(b.conversationId, first.conversationId)
+    const again = await b.sendMessage({ message: 'second visit' })
+    b.stop()
+    assert.equal(again.conversationId, first.conversationId)
+    const turns = (await getConversation(first.conversationId, base)).turns
+    assert.deepEqual(turns.map((t) => t.content), ['first visit', 'first visit', 'second visit', 'second visit'])
+  })
+
+  test('per-call options override the stream defaults, camelCase in and snake_case on the wire', async () => {
+    const { stream } = await open({ options: { maxNewTokens: 3 } })
+    const capped = await stream.sendMessage({ message: words(10) })
+    assert.equal(capped.finishReason, 'length')
+    assert.equal(capped.text, 'w0 w1 w2 ')
+    const two = await stream.sendMessage({ message: words(10), options: { maxNewTokens: 2 } })
+    assert.equal(two.finishReason, 'length')
+    assert.equal(two.text, 'w0 w1 ')
+    assert.equal(two.usage.completionTokens, 2)
+    const wider = await stream.sendMessage({ message: words(5), options: { maxNewTokens: 50, topP: 0.9, topK: 5, seed: 1 } })
+    assert.equal(wider.finishReason, 'stop')
+    assert.equal(wider.text, words(5))
+    const stopped = await stream.sendMessage({ message: 'alpha beta STOP gamma', options: { stop: ['STOP'] } })
+    assert.equal(stopped.finishReason, 'stop')
+    assert.equal(stopped.text, 'alpha beta ')
+    // Unset per-call fields keep the stream's default.
+    const back = await stream.sendMessage({ message: words(10), options: { temperature: undefined } })
+    assert.equal(back.text, 'w0 w1 w2 ')
+
+    await assert.rejects(stream.sendMessage({ message: 'x', options: { max_new_tokens: 2 } }), (err) => {
+      assert.ok(err instanceof TypeError)
+      assert.match(err.message, /unknown chat option "max_new_tokens"/)
+      return true
+    })
+    // A value the server refuses rejects that turn with the server's code; the socket stays usable.
+    await assert.rejects(stream.sendMessage({ message: 'x', options: { temperature: 5 } }), (err) => {
+      assert.ok(err instanceof ChatError)
+      assert.match(err.message, /temperature/)
+      return true
+    })
+    assert.equal((await stream.sendMessage({ message: 'still here' })).text, 'still here')
+    stream.stop()
+  })
+
+  test('cancel() stops the current answer and keeps the socket open', async () => {
+    let stream
+    let cancelled = false
+    ;({ stream } = await open({
+      onEvent: (event) => {
+        if (event.type === 'token' && event.seq === 2 && !cancelled) {
+          cancelled = true
+          stream.cancel()
+        }
+      },
+    }))
+    const long = words(400) // 400 tokens at 5 ms: about 2 s if nothing stops it
+    const result = await stream.sendMessage({ message: long })
+    assert.equal(result.finishReason, 'cancelled')
+    assert.ok(result.text.length > 0 && result.text.length < long.length / 2, result.text)
+    assert.ok(long.startsWith(result.text))
+    const after = await stream.sendMessage({ message: 'and then' })
+    assert.equal(after.finishReason, 'stop')
+    assert.equal(after.conversationId, result.conversationId)
+    stream.cancel() // nothing running: a no-op
+    stream.stop()
+    const turns = (await getConversation(result.conversationId, base)).turns
+    assert.deepEqual(turns.map((t) => t.finish_reason ?? null).slice(1, 2), ['cancelled'])
+  })
+
+  test('a turn the server refuses rejects with its code; the next turn still runs', async () => {
+    const { stream, events } = await open({ agentId: 'nobody' })
+    await assert.rejects(stream.sendMessage({ message: 'hello' }), (err) => {
+      assert.ok(err instanceof ChatError)
+      assert.equal(err.code, 'agent_not_found')
+      assert.match(err.message, /nobody/)
+      return true
+    })
+    assert.equal(events.at(-1).type, 'error')
+    assert.equal(events.at(-1).code, 'agent_not_found')
+    await assert.rejects(stream.sendMessage({ message: 'again' }), { code: 'agent_not_found' })
+    stream.stop()
+  })
+
+  test('stop() rejects pending turns and later sendMessage calls with code stopped', async () => {
+    const { stream } = await open()
+    const running = stream.sendMessage({ message: words(200) })
+    const queued = stream.sendMessage({ message: 'never sent' })
+    stream.stop()
+    await assert.rejects(running, { name: 'ChatError', code: 'stopped' })
+    await assert.rejects(queued, { name: 'ChatError', code: 'stopped' })
+    await assert.rejects(stream.sendMessage({ message: 'late' }), (err) => {
+      assert.ok(err instanceof ChatError)
+      assert.equal(err.code, 'stopped')
+      assert.match(err.message, /stopped.*streamChat/)
+      return true
+    })
+  })
+
+  test('pending turns reject with socket_closed when the connection drops', async () => {
+    let raw
+    const { stream } = await open({ socketFactory: (url) => (raw = new WebSocket(url)) })
+    const running = stream.sendMessage({ message: words(200) })
+    const queued = stream.sendMessage({ message: 'never sent' })
+    await new Promise((ok) => setTimeout(ok, 50))
+    raw.terminate()
+    await assert.rejects(running, { code: 'socket_closed' })
+    await assert.rejects(queued, { code: 'socket_closed' })
+    await assert.rejects(stream.sendMessage({ message: 'late' }), { code: 'socket_closed' })
+  })
+
+  test('rejects when the socket cannot open: refused port, bad URL', async () => {
+    const port = await freePort()
+    for (const backendUrl of [`ws://127.0.0.1:${port}/ws/chat`, 'not a url', `${server.wsUrl}/nowhere`]) {
+      await assert.rejects(
+        streamChat({ backendUrl, agentId: agent.id, socketFactory: wsFactory }),
+        (err) => {
+          assert.ok(err instanceof ChatError, String(err))
+          assert.equal(err.code, 'socket_open_failed')
+          assert.ok(err.message.includes(backendUrl), err.message)
+          return true
+        },
+      )
+    }
+  })
+
+  test('without socketFactory and without a global WebSocket it rejects clearly', async () => {
+    const saved = Object.getOwnPropertyDescriptor(globalThis, 'WebSocket')
+    delete globalThis.WebSocket
+    try {
+      await assert.rejects(streamChat({ backendUrl: server.wsUrl, agentId: agent.id }), (err) => {
+        assert.ok(err instanceof ChatError)
+        assert.equal(err.code, 'no_websocket')
+        assert.match(err.message, /socketFactory/)
+        return true
+      })
+    } finally {
+      if (saved) Object.defineProperty(globalThis, 'WebSocket', saved)
+    }
+  })
+
+  test('a global WebSocket is used when no socketFactory is given', async () => {
+    const saved = Object.getOwnPropertyDescriptor(globalThis, 'WebSocket')
+    globalThis.WebSocket = WebSocket
+    try {
+      const stream = await streamChat({ backendUrl: server.wsUrl, agentId: agent.id })
+      assert.equal((await stream.sendMessage({ message: 'via the global' })).text, 'via the global')
+      stream.stop()
+    } finally {
+      if (saved) Object.defineProperty(globalThis, 'WebSocket', saved)
+      else delete globalThis.WebSocket
+    }
+  })
+
+  test('bad arguments are refused before any socket is opened', async () => {
+    await assert.rejects(streamChat({ backendUrl: server.wsUrl, agentId: '', socketFactory: wsFactory }), TypeError)
+    await assert.rejects(
+      streamChat({ backendUrl: server.wsUrl, agentId: agent.id, socketFactory: wsFactory, options: { nope: 1 } }),
+      /unknown chat option "nope"/,
+    )
+    const { stream } = await open()
+    await assert.rejects(stream.sendMessage('just a string'), TypeError)
+    stream.stop()
+  })
+})
+
+describe('conversations', () => {
+  test('listConversations filters by agent; deleteConversation removes one', async () => {
+    await updateAgent({ ...agent, id: 'other', name: 'Other' }, base)
+    const { stream } = await open({ agentId: 'other' })
+    const { conversationId } = await stream.sendMessage({ message: 'hi other' })
+    stream.stop()
+    const mine = await listConversations('other', base)
+    assert.deepEqual(mine.map((c) => c.id), [conversationId])
+    assert.ok(!(await listConversations(agent.id, base)).some((c) => c.id === conversationId))
+    assert.ok((await listConversations(undefined, base)).some((c) => c.id === conversationId))
+    await deleteConversation(conversationId, base)
+    await assert.rejects(getConversation(conversationId, base), { name: 'ApiError', status: 404, code: 'conversation_not_found' })
+    assert.deepEqual(await listConversations('other', base), [])
+  })
+})

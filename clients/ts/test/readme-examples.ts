@@ -1,0 +1,45 @@
+// Type-checked, never run (`npm run typecheck`): the README's examples, written as callers use the
+// package, so a change to the public API that breaks them fails the build.
+import { listAgents, getAgent, updateAgent, deleteAgent, streamChat, type Agent, type ChatEvent } from 'streaming-llm-client'
+import { ApiError, ChatError, type ChatResult, type SocketFactory } from 'streaming-llm-client'
+import WebSocket from 'ws'
+
+export async function issueExample(): Promise<void> {
+  const agents = await listAgents('http://localhost:8000') // base URL optional, default http://localhost:8000
+  const { sendMessage, stop } = await streamChat({
+    backendUrl: 'ws://localhost:8000/ws/chat',
+    agentId: agents[0].id,
+    options: { temperature: 0.2, maxNewTokens: 400 },
+    onEvent: (event: ChatEvent) => {
+      /* 'start' | 'token' (event.token) | 'done' | 'error' (event.message) */
+      if (event.type === 'token') console.log(event.token)
+      if (event.type === 'error') console.error(event.message)
+    },
+  })
+  await sendMessage({ message: 'Summarize the latest run.' })
+  await sendMessage({ message: 'Now give me the key risks.', options: { temperature: 0.1 } })
+  stop()
+
+  const upserted: Agent = await updateAgent({ id: 'reviewer', name: 'Reviewer', system_prompt: '...', markdown_context: '...' })
+  const latest = await getAgent(upserted.id)
+  await deleteAgent(latest.id)
+}
+
+export async function nodeExample(): Promise<ChatResult | undefined> {
+  // The `ws` package's WebSocket fits `socketFactory` as it is.
+  const socketFactory: SocketFactory = (url) => new WebSocket(url)
+  const chat = await streamChat({ backendUrl: 'ws://localhost:8000/ws/chat', agentId: 'reviewer', socketFactory })
+  try {
+    const result = await chat.sendMessage({ message: 'Hello', options: { maxNewTokens: 64, stop: ['\n\n'] } })
+    const reason: 'stop' | 'length' | 'cancelled' | 'error' = result.finishReason
+    console.log(result.text, result.conversationId, reason, result.usage.completionTokens, chat.conversationId)
+    chat.cancel()
+    return result
+  } catch (err) {
+    if (err instanceof ChatError) console.error(err.code, err.message)
+    if (err instanceof ApiError) console.error(err.status, err.code, err.message)
+    return undefined
+  } finally {
+    chat.stop()
+  }
+}

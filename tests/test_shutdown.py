@@ -1,0 +1,204 @@
+"""Graceful shutdown of a real ``streaming-llm serve`` process on SIGTERM.
+
+The echo engine with a delay stands in for a long answer: SIGTERM arrives mid-answer, and the
+client, the database, the logs and the exit status tell what the server did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import sqlite3
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from streaming_llm.logs import LOG_FILE
+from streaming_llm.shutdown import LiveSockets
+
+from .server import ServerProcess, start_server
+
+
+def put_agent(server: ServerProcess) -> None:
+    body = json.dumps({"name": "Echo", "system_prompt": "", "markdown_context": ""}).encode()
+    req = urllib.request.Request(server.base_url + "/agents/echo", data=body, method="PUT",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201
+
+
+def frames_until_closed(ws: ClientConnection, timeout: float) -> tuple[list[dict[str, Any]], int]:
+    """Every frame the server sends until it closes the socket, and the close code."""
+    frames: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            frames.append(json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic()))))
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None, "the server dropped the connection without a close frame"
+            return frames, exc.rcvd.code
+        frames[-1]["_at"] = time.monotonic()
+
+
+def refuses_connections(port: int, within: float) -> bool:
+    """uvicorn looks at its exit flag every 100 ms: poll until the port refuses a connection."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stored_answer(server: ServerProcess, conversation_id: str) -> list[tuple[str, str, str | None]]:
+    with sqlite3.connect(server.db_path) as db:
+        return db.execute("SELECT role, content, finish_reason FROM turns"
+                          " WHERE conversation_id = ? ORDER BY seq", (conversation_id,)).fetchall()
+
+
+@pytest.mark.e2e
+def test_running_turn_finishes_within_grace(tmp_path: Path) -> None:
+    words = [f"zebra{i} " for i in range(15)]  # 15 words, 100 ms apart: 1.5 s of answer
+    message = "".join(words).strip()
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "100",
+           "STREAMING_LLM_SHUTDOWN_GRACE_S": "10", "STREAMING_LLM_LOG_DIR": str(tmp_path / "logs")}
+    with start_server(tmp_path, env) as server:
+        put_agent(server)
+        with connect(server.ws_url, proxy=None) as ws:
+            ws.send(json.dumps({"type": "chat", "agent_id": "echo", "message": message,
+                                "request_id": "req-long"}))
+            start = json.loads(ws.recv(timeout=10))
+            assert start["type"] == "start"
+            first = json.loads(ws.recv(timeout=10))
+            assert first["type"] == "token"
+
+            server.proc.send_signal(signal.SIGTERM)
+            sigterm_at = time.monotonic()
+            assert refuses_connections(server.port, within=5)  # stopped accepting
+            ws.send(json.dumps({"type": "chat", "agent_id": "echo", "message": "one more",
+                                "request_id": "req-late"}))
+            frames, code = frames_until_closed(ws, timeout=15)
+
+        assert code == 1001
+        done = [f for f in frames if f["type"] == "done"]
+        assert len(done) == 1 and done[0]["request_id"] == "req-long"
+        assert done[0]["finish_reason"] == "stop"
+        assert done[0]["_at"] - sigterm_at < 10  # within the grace period
+        late = [f for f in frames if f.get("request_id") == "req-late"]
+        assert [(f["type"], f["code"]) for f in late] == [("error", "shutting_down")]
+        text = first["token"] + "".join(f["token"] for f in frames if f["type"] == "token")
+        assert text == message
+
+        assert server.proc.wait(timeout=15) == 0
+        assert stored_answer(server, start["conversation_id"]) == [
+            ("user", message, None), ("assistant", message, "stop")]
+
+    log_file = (tmp_path / "logs" / LOG_FILE).read_text()
+    for log in (server.log(), log_file):
+        assert "turn req-long started" in log and "turn req-long finished: stop" in log
+        assert "zebra" not in log  # message contents stay out of info-level logs
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", log_file, re.M)
+
+
+@pytest.mark.e2e
+def test_turn_past_grace_is_cancelled_and_stored(tmp_path: Path) -> None:
+    message = " ".join(f"w{i}" for i in range(400))  # 400 words, 50 ms apart: 20 s of answer
+    grace = 0.5
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "50",
+           "STREAMING_LLM_SHUTDOWN_GRACE_S": str(grace)}
+    with start_server(tmp_path, env) as server:
+        put_agent(server)
+        with connect(server.ws_url, proxy=None) as ws:
+            ws.send(json.dumps({"type": "chat", "agent_id": "echo", "message": message,
+                                "request_id": "req-endless"}))
+            start = json.loads(ws.recv(timeout=10))
+            assert start["type"] == "start"
+            server.proc.send_signal(signal.SIGTERM)
+            sigterm_at = time.monotonic()
+            frames, code = frames_until_closed(ws, timeout=15)
+
+        assert code == 1001
+        assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "cancelled"
+        took = frames[-1]["_at"] - sigterm_at
+        assert grace <= took < grace + 3, took  # waited for the grace, then cancelled promptly
+        tokens = [f["token"] for f in frames if f["type"] == "token"]
+        assert 0 < len(tokens) < 400
+        assert frames[-1]["usage"]["completion_tokens"] == len(tokens)
+
+        assert server.proc.wait(timeout=15) == 0
+        assert stored_answer(server, start["conversation_id"]) == [
+            ("user", message, None), ("assistant", "".join(tokens), "cancelled")]
+    assert "cancelling 1 turn(s)" in server.log()
+
+
+# --- LiveSockets on its own: the bounds that the process tests cannot reach cheaply ------------
+class FakeSocket:
+    """A chat socket reduced to what the drain uses: busy for ``work_s`` unless cancelled."""
+
+    def __init__(self, live: LiveSockets, work_s: float, *, close_hangs: bool = False) -> None:
+        self.live, self.work_s, self.close_hangs = live, work_s, close_hangs
+        self.started = time.monotonic()
+        self.cancelled_at: float | None = None
+        self.closed_with: int | None = None
+        self.gone = asyncio.Event()
+
+    @property
+    def busy(self) -> bool:
+        return self.cancelled_at is None and time.monotonic() - self.started < self.work_s
+
+    async def cancel(self, request_id: str | None) -> None:
+        self.cancelled_at = time.monotonic()
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.close_hangs:
+            await asyncio.Event().wait()
+        self.closed_with = code
+        self.gone.set()
+
+    async def handler(self) -> None:
+        """What the endpoint does: tracked until the socket is gone."""
+        with self.live.track(self):
+            await self.gone.wait()
+
+
+async def drain_with(live: LiveSockets, sockets: list[FakeSocket], grace_s: float) -> float:
+    handlers = [asyncio.create_task(s.handler()) for s in sockets]
+    await asyncio.sleep(0)
+    assert len(live) == len(sockets)
+    started = time.monotonic()
+    await live.drain(grace_s)
+    took = time.monotonic() - started
+    for task in handlers:
+        task.cancel()
+    await asyncio.wait(handlers)
+    return took
+
+
+async def test_drain_waits_for_short_turns_and_cancels_long_ones() -> None:
+    live = LiveSockets()
+    short, long, idle = FakeSocket(live, 0.1), FakeSocket(live, 60), FakeSocket(live, 0)
+    took = await drain_with(live, [short, long, idle], grace_s=0.3)
+    assert live.draining
+    assert short.cancelled_at is None and idle.cancelled_at is None
+    assert long.cancelled_at is not None and long.cancelled_at - long.started >= 0.3
+    assert [s.closed_with for s in (short, long, idle)] == [1001, 1001, 1001]
+    assert took < 1
+    assert len(live) == 0
+
+
+async def test_drain_does_not_hang_on_a_socket_that_will_not_close() -> None:
+    live = LiveSockets(close_timeout_s=0.2)
+    stuck, fine = FakeSocket(live, 0, close_hangs=True), FakeSocket(live, 0)
+    took = await drain_with(live, [stuck, fine], grace_s=5)
+    assert fine.closed_with == 1001 and stuck.closed_with is None
+    assert 0.2 <= took < 1  # the close timeout, then the wait for the handlers, both bounded

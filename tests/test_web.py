@@ -1,0 +1,58 @@
+"""The reference web page: served at ``/`` with its static files, talking only through the client.
+
+The page itself is exercised in a real browser by ``clients/ts/test/browser.test.mjs``; these
+tests check what the Python package ships and serves.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from starlette.testclient import TestClient
+
+WEB = Path(__file__).resolve().parents[1] / "streaming_llm" / "web"
+
+
+def test_index_is_served_without_caching(client: TestClient) -> None:
+    resp = client.get("/")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/html")
+    assert resp.headers["cache-control"] == "no-cache"
+    assert '<script type="module" src="static/app.js"></script>' in resp.text
+
+
+def test_every_file_the_page_references_is_served(client: TestClient) -> None:
+    html = client.get("/").text
+    refs = re.findall(r'(?:src|href)="(static/[^"]+)"', html)
+    assert sorted(refs) == ["static/app.js", "static/style.css"]
+    app_js = client.get("/static/app.js")
+    imports = re.findall(r"from '(\./[^']+)'", app_js.text)
+    assert imports == ["./vendor/streaming-llm-client.js"]
+    for path in [*refs, "static/vendor/streaming-llm-client.js"]:
+        resp = client.get(f"/{path}")
+        assert resp.status_code == 200, path
+        assert resp.headers["cache-control"] == "no-cache"
+        assert resp.content == (WEB / path.removeprefix("static/")).read_bytes()
+    assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+
+
+def test_missing_static_file_is_a_json_404(client: TestClient) -> None:
+    resp = client.get("/static/missing.js")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "not_found"
+    assert client.get("/static/../app.py").status_code == 404
+
+
+def test_page_speaks_to_the_server_only_through_the_client_package() -> None:
+    app_js = (WEB / "app.js").read_text()
+    vendored = (WEB / "vendor" / "streaming-llm-client.js").read_text()
+    # No second copy of the protocol: no raw fetch, sockets or wire field names in the page.
+    for needle in ("fetch(", "WebSocket(", "request_id", "max_new_tokens"):
+        assert needle not in app_js, needle
+    (names,) = re.findall(r"import \{([^}]*)\} from '\./vendor/streaming-llm-client\.js'", app_js)
+    exported = set(re.findall(r"^export (?:async )?(?:function|class|const) (\w+)", vendored,
+                              re.MULTILINE))
+    imported = {n.strip() for n in names.split(",") if n.strip()}
+    assert imported and imported <= exported, imported - exported
