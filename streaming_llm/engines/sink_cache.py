@@ -315,7 +315,7 @@ class SinkCache(Cache):
 
 # ---------------------------------------------------------------------------------------------------
 # transformers glue: the only code that knows transformers' cache-layer interface and module layout.
-# Proven against the range pinned in pyproject.toml.
+# The tests pass on transformers 5.0.0, 5.10.4, 5.20.2 and 5.23.0; pyproject.toml pins >=5.0,<5.24.
 # ---------------------------------------------------------------------------------------------------
 def _model_inv_freq(model: Any) -> torch.Tensor:
     """The RoPE frequencies the model actually uses: the ``inv_freq`` buffer of its rotary module.
@@ -395,14 +395,19 @@ class _SinkLayer(CacheLayerMixin):
         self.keys = self._k[:, :, :self.length]
         self.values = self._v[:, :, :self.length]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0  # kv_length, kv_offset: slots 0 .. stored + q - 1
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # Recent 5.x releases pass the query length, 5.0 passes cache_position (that is
+        # ``arange(stored, stored + q)``). Either way: kv_length, kv_offset = stored + q, 0.
+        query_length = query if isinstance(query, int) else int(query.shape[0])
+        return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_max_length(self) -> int:
         return self.capacity
+
+    get_max_cache_shape = get_max_length  # the same method, as earlier 5.x releases name it
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self._k, self._v, self._arrived) if t is not None)

@@ -8,7 +8,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from streaming_llm.engines.decoding import Sampler, forward_tokens, generate_tokens
+from streaming_llm.engines.decoding import (
+    Sampler,
+    eviction_chunk,
+    forward_tokens,
+    generate_tokens,
+)
 from streaming_llm.engines.sink_cache import SinkCache
 
 from .tiny_models import dense_forward, random_ids, tiny_model, torch_threads
@@ -62,7 +67,28 @@ def test_generate_tokens_with_a_sink_cache_runs_past_the_window() -> None:
     cache = SinkCache.from_model(model, 4, 16)
     out = list(generate_tokens(model, cache, random_ids(30), Sampler(0.8, seed=1), 50))
     assert len(out) == 50
-    assert cache.seen_tokens == 30 + 49 and cache.get_seq_length() == 20
+    assert cache.seen_tokens == 30 + 49 and cache.get_seq_length() == 20  # evicts 1 at a time
+
+
+def test_generate_tokens_evicts_in_chunks_and_stays_a_correct_sink_cache() -> None:
+    model = tiny_model("llama", layers=1)
+    cache = SinkCache.from_model(model, 4, 16)
+    prompt = random_ids(20)
+    out = list(generate_tokens(model, cache, prompt, Sampler(0), 40, evict_chunk=5))
+    stored = cache.get_seq_length()
+    assert 20 - 4 <= stored <= 20 and cache.evicted_tokens % 5 == 0 and cache.evicted_tokens
+    # after chunked evictions the cache is still "sinks + the most recent tokens, re-positioned"
+    logits = forward_tokens(model, cache, [out[-1]])
+    seen, stored = prompt + out, cache.get_seq_length()
+    kept = seen[:4] + seen[len(seen) - (stored - 4):]
+    expected, _ = dense_forward(model, kept)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="evict_chunk"):
+        next(generate_tokens(model, cache, [5], Sampler(0), 3, evict_chunk=17))
+
+
+def test_eviction_chunk_is_a_small_share_of_the_window() -> None:
+    assert [eviction_chunk(w) for w in (16, 40, 1020, 2000)] == [1, 2, 63, 64]
 
 
 # -- Sampler -------------------------------------------------------------------------------------

@@ -85,11 +85,11 @@ def test_evictions_keep_min_seen_capacity_tokens_sinks_bit_identical_values_unch
             sinks_k = [layer.keys[:, :, :S].clone() for layer in cache.layers]
             sinks_v = [layer.values[:, :, :S].clone() for layer in cache.layers]
         if sinks_k is not None:
-            for layer, k, v in zip(cache.layers, sinks_k, sinks_v):
+            for layer, k, v in zip(cache.layers, sinks_k, sinks_v, strict=True):
                 assert torch.equal(layer.keys[:, :, :S], k)
                 assert torch.equal(layer.values[:, :, :S], v)
         if before_v is not None:  # surviving values only moved left by `evicted`
-            for layer, old in zip(cache.layers, before_v):
+            for layer, old in zip(cache.layers, before_v, strict=True):
                 survivors = old[:, :, S + evicted:before_len] if before_len > S else old[:, :, S:S]
                 assert torch.equal(layer.values[:, :, S:S + survivors.shape[-2]], survivors)
     assert cache.evicted_tokens > 10 * W  # many evictions happened
@@ -219,7 +219,7 @@ def test_gpt2_is_refused_with_a_hint_to_use_dense_mode() -> None:
 
 
 def test_dynamic_rope_is_refused() -> None:
-    with pytest.raises(UnsupportedModel, match="dynamic.*STREAMING_LLM_STREAMING=false"):
+    with pytest.raises(UnsupportedModel, match=r"dynamic.*STREAMING_LLM_STREAMING=false"):
         check_streaming_support(tiny_config("llama", rope="dynamic"))
 
 
