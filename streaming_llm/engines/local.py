@@ -49,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ContextTooLong, EngineError, EngineNotReady, EngineUnavailable, ModelNotFound
 from ..settings import Settings
@@ -229,7 +229,7 @@ class LocalEngine:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device.startswith("cuda"):
             kwargs["device_map"] = device  # load the weights straight onto the GPU
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
         model.to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())
         log.info("local engine: model ready in %.1f s (%s, %.1fM parameters, %d positions)",
@@ -373,7 +373,7 @@ class LocalEngine:
         stops = StopMatcher(opts.stop)
         answer: list[str] = []
         generated: list[int] = []
-        reason = "length"
+        reason: Literal["stop", "length"] = "length"
         first_at = last_at = 0.0
 
         def full(cache: Any) -> bool:
@@ -440,7 +440,7 @@ class LocalEngine:
         if self.settings.streaming:
             from .sink_cache import SinkCache
 
-            cache = SinkCache.from_model(self._model, self.settings.sink_tokens, self._window)
+            cache: Any = SinkCache.from_model(self._model, self.settings.sink_tokens, self._window)
         else:
             from transformers import DynamicCache
 

@@ -169,7 +169,7 @@ async def test_long_prompt_streams_through_a_small_window(make_engine: MakeEngin
                                                           llama_path: Path) -> None:
     engine = await make_engine(llama_path, sink_tokens=4, window_tokens=16)
     messages = [SYSTEM, ChatMessage("user", "lorem ipsum dolor sit amet " * 20)]
-    pieces, finished = await chat(engine, messages, temperature=0, max_new_tokens=5)
+    _, finished = await chat(engine, messages, temperature=0, max_new_tokens=5)
     assert finished.usage.prompt_tokens > 100
     assert finished.usage.evicted_tokens >= finished.usage.prompt_tokens - 20
     assert finished.usage.completion_tokens == 5
@@ -408,7 +408,7 @@ async def test_gpt2_refused_for_streaming_with_dense_hint(make_engine: MakeEngin
         await chat(engine, [ChatMessage("user", "hi")])
 
     dense = await make_engine(path, streaming=False)  # dense mode serves it
-    pieces, finished = await chat(dense, [ChatMessage("user", "hi")], max_new_tokens=4)
+    _, finished = await chat(dense, [ChatMessage("user", "hi")], max_new_tokens=4)
     assert finished.usage.completion_tokens == 4
 
 
@@ -428,7 +428,7 @@ async def test_health_reports_loading_then_ready(make_engine: MakeEngine,
     before = await engine.health()
     assert not before.ready and before.extra == {"state": "loading"}
     await engine.start()
-    pieces, _ = await chat(engine, [ChatMessage("user", "hello")])
+    await chat(engine, [ChatMessage("user", "hello")])
     await engine.idle()
     health = await engine.health()
     assert health.ready and health.model == str(llama_path) and health.detail is None
