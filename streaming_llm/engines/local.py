@@ -205,7 +205,7 @@ class LocalEngine:
         if s.model:
             source = s.model
         else:
-            log.warning("local engine: %s", demo_model.NOTICE)
+            # The notice itself is logged once the engine is ready (app._start_engine).
             source = str(demo_model.ensure_demo_model(s.data_dir))
         device = _resolve_device(s.device, torch)
         dtype = _resolve_dtype(s.dtype, device, torch)
