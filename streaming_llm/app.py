@@ -17,6 +17,7 @@ from typing import TypedDict
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,8 +27,10 @@ from .conversations import ConversationManager
 from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
+from .export import Exporter, TranscriptsDir
+from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health, web
+from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
 from .shutdown import LiveSockets
 from .storage.database import Database
@@ -44,6 +47,7 @@ class Services:
     agents: AgentService
     conversations: ConversationManager
     sockets: LiveSockets  # open chat sockets, drained on shutdown
+    metrics: Metrics
     engine_failure: str | None = None  # why the engine could not start, for /health
 
 
@@ -54,6 +58,7 @@ class State(TypedDict):
 def create_app(settings: Settings) -> Starlette:
     """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first."""
     sockets = LiveSockets()
+    app_metrics = Metrics()  # before the lifespan: the middleware needs it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -65,11 +70,15 @@ def create_app(settings: Settings) -> Starlette:
             log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)
         http = aiohttp.ClientSession()
         engine = create_engine(settings, http)
+        transcripts = (None if settings.transcripts_dir is None
+                       else TranscriptsDir(settings.transcripts_dir, Exporter(db)))
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=ConversationManager(
-                db, engine, default_max_new_tokens=settings.max_new_tokens),
+                db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics,
+                transcripts=transcripts),
             sockets=sockets,
+            metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
@@ -83,7 +92,10 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     app = Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes, *web.routes],
+        # export before conversations: its catch-all would take /conversations/{id}/export
+        routes=[*health.routes, *agents.routes, *export.routes, *conversations.routes, *chat.routes,
+                *openai.routes, *metrics.routes, *docs.routes, *web.routes],
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,

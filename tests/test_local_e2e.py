@@ -59,7 +59,7 @@ def test_demo_model_streams_exactly_what_is_stored(tmp_path: Path) -> None:
                                            options={"max_new_tokens": 40})
             assert done["type"] == "done" and done["finish_reason"] in ("stop", "length")
             assert done["usage"]["completion_tokens"] > 0
-            second, text, done2 = turn(ws, agent_id="polyglot", conversation_id=conv,
+            _, text, done2 = turn(ws, agent_id="polyglot", conversation_id=conv,
                                        message="もう一度 🎉", options={"max_new_tokens": 20})
             assert done2["finish_reason"] in ("stop", "length")
             assert done2["usage"]["cached_tokens"] > 0  # the first turn's cache was reused

@@ -14,6 +14,7 @@ a few hundred merges learned from :data:`_CORPUS`, and the special tokens below.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ CHAT_TEMPLATE = (
 
 N_MERGES = 256
 SEED = 20240101
-MODEL_CONFIG = dict(
+MODEL_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=176,
     num_hidden_layers=2,
@@ -113,7 +115,7 @@ def _learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:
     for _ in range(n_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break
@@ -138,7 +140,7 @@ def _learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+def build_tokenizer() -> Any:  # a transformers PreTrainedTokenizerFast
     """The demo tokenizer (byte-level BPE + special tokens + chat template), built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -176,12 +178,12 @@ def _write(target: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **MODEL_CONFIG,
+        **MODEL_CONFIG,  # type: ignore[arg-type]
     )
     # Seeded, and without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        model = LlamaForCausalLM(config).eval()  # float32, the default
     _shape_output(model, tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -194,7 +196,7 @@ def _write(target: Path) -> None:
     (target / _VERSION_FILE).write_text(VERSION + "\n", encoding="utf-8")
 
 
-def _shape_output(model, tokenizer) -> None:  # noqa: ANN001 (torch types imported lazily)
+def _shape_output(model: Any, tokenizer: Any) -> None:
     """Make the random model write readable nonsense and stop now and then.
 
     Untouched, a random byte-level model writes control characters and broken UTF-8 (U+FFFD) that

@@ -49,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ContextTooLong, EngineError, EngineNotReady, EngineUnavailable, ModelNotFound
 from ..settings import Settings
@@ -151,6 +151,9 @@ class LocalEngine:
         if self._error is not None:
             return EngineHealth(ready=False, model=self._model_name, detail=self._error,
                                 extra={"state": "failed"})
+        if self._closed:
+            return EngineHealth(ready=False, model=self._model_name, detail="shut down",
+                                extra={"state": "closed"})
         if not self._ready:
             detail = f"loading {self._model_name}"
             if self._detail:
@@ -202,7 +205,7 @@ class LocalEngine:
         if s.model:
             source = s.model
         else:
-            log.warning("local engine: %s", demo_model.NOTICE)
+            # The notice itself is logged once the engine is ready (app._start_engine).
             source = str(demo_model.ensure_demo_model(s.data_dir))
         device = _resolve_device(s.device, torch)
         dtype = _resolve_dtype(s.dtype, device, torch)
@@ -226,7 +229,7 @@ class LocalEngine:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device.startswith("cuda"):
             kwargs["device_map"] = device  # load the weights straight onto the GPU
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
         model.to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())
         log.info("local engine: model ready in %.1f s (%s, %.1fM parameters, %d positions)",
@@ -275,6 +278,8 @@ class LocalEngine:
         if not self._ready:
             if self._error is not None:
                 raise EngineUnavailable(self._error)
+            if self._closed:
+                raise EngineUnavailable("the local engine has shut down")
             raise EngineNotReady(f"the model {self._model_name} is still loading")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -368,7 +373,7 @@ class LocalEngine:
         stops = StopMatcher(opts.stop)
         answer: list[str] = []
         generated: list[int] = []
-        reason = "length"
+        reason: Literal["stop", "length"] = "length"
         first_at = last_at = 0.0
 
         def full(cache: Any) -> bool:
@@ -435,7 +440,7 @@ class LocalEngine:
         if self.settings.streaming:
             from .sink_cache import SinkCache
 
-            cache = SinkCache.from_model(self._model, self.settings.sink_tokens, self._window)
+            cache: Any = SinkCache.from_model(self._model, self.settings.sink_tokens, self._window)
         else:
             from transformers import DynamicCache
 

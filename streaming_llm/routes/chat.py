@@ -85,6 +85,7 @@ class ChatSocket:
         except WebSocketDisconnect:
             pass
         finally:
+            self.manager.metrics.turns_queued.dec(self.queue.qsize())  # never to run
             worker.cancel()
             try:
                 await worker
@@ -114,6 +115,7 @@ class ChatSocket:
                 job = _Job(frame, request_id)
                 self.jobs[request_id] = job
                 self.queue.put_nowait(job)
+                self.manager.metrics.turns_queued.inc()
             case Cancel():
                 await self.cancel(frame.request_id)
             case Ping():
@@ -134,6 +136,7 @@ class ChatSocket:
     async def work(self) -> None:
         while True:
             job = await self.queue.get()
+            self.manager.metrics.turns_queued.dec()
             self.current = job
             try:
                 if job.cancelled:
@@ -181,9 +184,9 @@ class ChatSocket:
             self.drain = None
 
         if failure is not None:
-            reason, usage = "error", Usage(completion_tokens=len(turn.pieces))
+            reason, usage = "error", turn.partial_usage()
         elif turn.finished is None:
-            reason, usage = "cancelled", Usage(completion_tokens=len(turn.pieces))
+            reason, usage = "cancelled", turn.partial_usage()
         else:
             reason, usage = turn.finished.reason, turn.finished.usage
         turn_id = await store_partial(self.manager, turn, reason, usage)

@@ -3,6 +3,7 @@ path with ``from_pretrained``, as a real model would be)."""
 
 from __future__ import annotations
 
+import itertools
 from functools import cache
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def write_chain_model(path: Path, answer: str) -> Path:
         emb = model.model.embed_tokens.weight
         emb.copy_(torch.nn.functional.normalize(emb, dim=-1))
         model.lm_head.weight.zero_()
-        for current, following in zip(chain, chain[1:]):
+        for current, following in itertools.pairwise(chain):
             model.lm_head.weight[following] = 4.0 * emb[current]
     return _save(model, path)
 
