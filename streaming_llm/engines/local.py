@@ -68,7 +68,6 @@ PREFILL_CHUNK = 512  # prompt tokens per forward call; the cancel flag is checke
 HEADROOM = 0
 # When a long answer fills the sink cache, evict this many tokens at once rather than one per step
 # (each eviction re-rotates the whole window's keys).
-EVICT_CHUNK = 64
 
 # For tokenizers that ship without a chat template (base models).
 FALLBACK_TEMPLATE = (
@@ -342,7 +341,7 @@ class LocalEngine:
                 self._active_state = None
 
     def _turn(self, job: _Job, state: _Conversation | None) -> None:
-        from .decoding import Sampler, forward_tokens
+        from .decoding import Sampler, eviction_chunk, forward_tokens
 
         request, cancel = job.request, job.cancel
         opts = request.options
@@ -400,7 +399,7 @@ class LocalEngine:
             if len(generated) >= max_new:
                 break
             if full(state.cache):
-                state.cache.make_room(min(EVICT_CHUNK, state.cache.window_tokens))
+                state.cache.make_room(eviction_chunk(state.cache.window_tokens))
             logits = forward_tokens(self._model, state.cache, [token])
             state.ids.append(token)
         if cancel.is_set():
