@@ -66,8 +66,6 @@ PREFILL_CHUNK = 512  # prompt tokens per forward call; the cancel flag is checke
 # A sink cache never shows the model a position beyond sinks + window - 1, so the window only has
 # to fit below the trained context; no extra headroom is needed.
 HEADROOM = 0
-# When a long answer fills the sink cache, evict this many tokens at once rather than one per step
-# (each eviction re-rotates the whole window's keys).
 
 # For tokenizers that ship without a chat template (base models).
 FALLBACK_TEMPLATE = (
