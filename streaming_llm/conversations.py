@@ -173,7 +173,7 @@ class ConversationManager:
             conversations, turns = ConversationRepository(session), TurnRepository(session)
             if conversation_id is None:
                 conversation = await conversations.create(agent_id, title=_title(message))
-                history: list[TurnRow] = []
+                history: list[tuple[int, str, str]] = []
             else:
                 check_conversation_id(conversation_id)
                 found = await conversations.get(conversation_id)
@@ -184,9 +184,10 @@ class ConversationManager:
                         f"conversation {conversation_id!r} belongs to agent {found.agent_id!r}, "
                         f"not {agent_id!r}", code="conversation_agent_mismatch")
                 conversation = found
-                history = await turns.list_turns(conversation.id)
+                history = await turns.history(conversation.id)
             user_turn = await turns.append(conversation.id, role="user", content=message,
-                                           request_id=request_id)
+                                           request_id=request_id,
+                                           seq=history[-1][0] + 1 if history else 0)
             await conversations.touch(conversation.id)
             await session.commit()
 
@@ -194,8 +195,8 @@ class ConversationManager:
         system = system_message(agent.system_prompt, agent.markdown_context)
         if system:
             messages.append(ChatMessage("system", system))
-        messages.extend(ChatMessage(t.role, t.content) for t in history  # type: ignore[arg-type]
-                        if t.role in ("user", "assistant"))
+        messages.extend(ChatMessage(role, content) for _, role, content in history  # type: ignore[arg-type]
+                        if role in ("user", "assistant"))
         messages.append(ChatMessage("user", message))
         request = EngineRequest(
             request_id=request_id, conversation_id=conversation.id, messages=messages,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import AgentRow, ConversationRow, TurnRow, utcnow
@@ -72,9 +72,9 @@ class ConversationRepository:
         return list((await self.session.scalars(query.limit(limit).offset(offset))).all())
 
     async def touch(self, conversation_id: str) -> None:
-        row = await self.get(conversation_id)
-        if row is not None:
-            row.updated_at = utcnow()
+        await self.session.execute(
+            update(ConversationRow).where(ConversationRow.id == conversation_id)
+            .values(updated_at=utcnow()))
 
     async def delete(self, conversation_id: str) -> bool:
         await self.session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
@@ -91,16 +91,28 @@ class TurnRepository:
         query = select(TurnRow).where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq)
         return list((await self.session.scalars(query)).all())
 
+    async def history(self, conversation_id: str) -> list[tuple[int, str, str]]:
+        """``(seq, role, content)`` in order: what a prompt needs, without ORM objects."""
+        query = (select(TurnRow.seq, TurnRow.role, TurnRow.content)
+                 .where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq))
+        return [(r.seq, r.role, r.content) for r in await self.session.execute(query)]
+
     async def append(self, conversation_id: str, *, role: str, content: str,
                      finish_reason: str | None = None, prompt_tokens: int | None = None,
                      completion_tokens: int | None = None, usage: str | None = None,
-                     request_id: str | None = None) -> TurnRow:
-        """Append with the next ``seq`` of the conversation (0, 1, 2, ...)."""
-        last = await self.session.scalar(
-            select(func.max(TurnRow.seq)).where(TurnRow.conversation_id == conversation_id))
+                     request_id: str | None = None, seq: int | None = None) -> TurnRow:
+        """Append with the next ``seq`` of the conversation (0, 1, 2, ...).
+
+        A caller that has just read the history passes ``seq`` and saves a query; the unique
+        ``(conversation_id, seq)`` constraint still refuses a stale one.
+        """
+        if seq is None:
+            last = await self.session.scalar(
+                select(func.max(TurnRow.seq)).where(TurnRow.conversation_id == conversation_id))
+            seq = 0 if last is None else last + 1
         row = TurnRow(
             id=new_id("turn"), conversation_id=conversation_id,
-            seq=0 if last is None else last + 1, role=role, content=content,
+            seq=seq, role=role, content=content,
             finish_reason=finish_reason, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, usage=usage, request_id=request_id,
             created_at=utcnow(),
