@@ -18,6 +18,7 @@ from typing import TypedDict
 import aiohttp
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,10 +28,12 @@ from .conversations import ConversationManager
 from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
+from .export import Exporter, TranscriptsDir
 from .guards import middleware
 from .limits import GenerationGate
+from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
-from .routes import agents, chat, conversations, health, web
+from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
 from .shutdown import LiveSockets
 from .storage.database import Database, storage_error
@@ -47,6 +50,7 @@ class Services:
     agents: AgentService
     conversations: ConversationManager
     sockets: LiveSockets  # open chat sockets, drained on shutdown
+    metrics: Metrics
     engine_failure: str | None = None  # why the engine could not start, for /health
 
 
@@ -58,6 +62,7 @@ def create_app(settings: Settings) -> Starlette:
     """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first."""
     guards = middleware(settings)  # first: a bad API key setting stops here, before any I/O
     sockets = LiveSockets()
+    app_metrics = Metrics()  # before the lifespan: the middleware needs it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -69,13 +74,17 @@ def create_app(settings: Settings) -> Starlette:
             log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)
         http = aiohttp.ClientSession()
         engine = create_engine(settings, http)
+        transcripts = (None if settings.transcripts_dir is None
+                       else TranscriptsDir(settings.transcripts_dir, Exporter(db)))
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=ConversationManager(
-                db, engine, default_max_new_tokens=settings.max_new_tokens,
+                db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics,
+                transcripts=transcripts,
                 gate=GenerationGate(settings.max_concurrent_generations,
                                     settings.max_waiting_generations)),
             sockets=sockets,
+            metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
@@ -89,9 +98,12 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     app = Starlette(
-        routes=[*health.routes, *agents.routes, *conversations.routes, *chat.routes, *web.routes],
+        # export before conversations: its catch-all would take /conversations/{id}/export
+        routes=[*health.routes, *agents.routes, *export.routes, *conversations.routes, *chat.routes,
+                *openai.routes, *metrics.routes, *docs.routes, *web.routes],
+        # Metrics outermost, so refused requests are counted too; then the guards.
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics), *guards],
         lifespan=lifespan,
-        middleware=guards,
         exception_handlers={
             ServiceError: _service_error,
             OperationalError: _storage_error,

@@ -1,4 +1,4 @@
-"""Command line: ``streaming-llm serve | migrate | env-example | bench <name>``."""
+"""Command line: ``streaming-llm serve | migrate | chat | export | env-example | bench <name>``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override STREAMING_LLM_PORT")
 
     sub.add_parser("migrate", help="bring the database to the latest migration and exit")
+
+    from . import chat_cli
+
+    chat_cli.add_arguments(sub.add_parser("chat", help="chat with an agent in the terminal"))
+
+    export = sub.add_parser("export", help="write conversations as Markdown transcripts or JSON")
+    export.add_argument("--conversation", metavar="ID", help="only this conversation (default: all)")
+    export.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    export.add_argument("--out", type=Path, metavar="DIR",
+                        help="write <id>.md or <id>.json files here (default: standard output)")
 
     env = sub.add_parser("env-example", help="print .env.sidecar.example (every setting)")
     env.add_argument("-o", "--output", help="write to this file instead of stdout")
@@ -72,6 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         upgrade_to_head(settings.resolved_database_url)
         log.info("database at head: %s", settings.resolved_database_url)
         return 0
+    if args.command == "chat":
+        from . import chat_cli
+
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        return chat_cli.run(args, default_url=f"http://{host}:{settings.port}")
+    if args.command == "export":
+        from .export import run_export
+
+        return run_export(settings, conversation_id=args.conversation, fmt=args.format,
+                          out=args.out)
     return int(args.bench_module.run(args))
 
 

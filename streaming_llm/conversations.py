@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 from sqlalchemy import Connection
@@ -30,9 +32,11 @@ from .engines.base import (
 from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
 from .limits import GenerationGate
+from .metrics import Metrics
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
 from .storage.repositories import (
+    AgentRepository,
     ConversationRepository,
     TurnRepository,
     agent_prompt,
@@ -42,6 +46,9 @@ from .storage.repositories import (
     touch_conversation,
     turn_history,
 )
+
+if TYPE_CHECKING:
+    from .export import TranscriptsDir
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +98,54 @@ def system_message(system_prompt: str, markdown_context: str) -> str:
 # --- turns --------------------------------------------------------------------------------------
 @dataclass
 class Turn:
-    """One chat turn in progress: the user turn is stored, the answer is being generated."""
+    """One chat turn in progress: the user turn is stored, the answer is being generated.
+
+    An unstored turn (``stored=False``: an OpenAI-style call naming no conversation) has no user
+    turn id; its conversation id is a throwaway one that :meth:`ConversationManager.discard`
+    makes the engine forget.
+    """
 
     request_id: str
     conversation_id: str
     user_turn_id: str
     request: EngineRequest
+    stored: bool = True
     pieces: list[str] = field(default_factory=list)
     finished: Finished | None = None
+    # perf_counter() when the request arrived, and at the first and the latest answer piece.
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    def timed(self, usage: Usage) -> Usage:
+        """``usage`` with the timings the engine left empty filled in from this turn's clock:
+        time to first token from the request's arrival, decode rate from the first piece to the
+        last (``completion_tokens - 1`` tokens in that span)."""
+        first, last = self.first_token_at, self.last_token_at
+        ttft, rate = usage.time_to_first_token_ms, usage.decode_tokens_per_s
+        if ttft is None and first is not None:
+            ttft = round((first - self.started) * 1000, 3)
+        count = usage.completion_tokens or len(self.pieces)
+        if rate is None and first is not None and last is not None and last > first and count > 1:
+            rate = round((count - 1) / (last - first), 2)
+        if (ttft, rate) == (usage.time_to_first_token_ms, usage.decode_tokens_per_s):
+            return usage
+        return msgspec.structs.replace(usage, time_to_first_token_ms=ttft, decode_tokens_per_s=rate)
+
+    def partial_usage(self) -> Usage:
+        """Usage of an answer that ended without the engine's own (cancelled or failed)."""
+        return self.timed(Usage(completion_tokens=len(self.pieces)))
 
 
 class ConversationManager:
     def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int,
+                 metrics: Metrics | None = None, transcripts: TranscriptsDir | None = None,
                  gate: GenerationGate | None = None) -> None:
         self.db = db
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
+        self.metrics = metrics or Metrics()
+        self.transcripts = transcripts  # kept up to date after each answer, when set
         # Server-wide bound on answers generated at once; callers hold a slot around a turn.
         self.gate = gate if gate is not None else GenerationGate(slots=1 << 30, max_waiting=0)
 
@@ -134,11 +173,14 @@ class ConversationManager:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
             await session.commit()
         self.engine.forget(conversation_id)
+        if self.transcripts is not None:
+            await self.transcripts.remove(conversation_id)
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions) -> Turn:
         """Validate, store the user turn, and build the engine request (history + new message)."""
+        started = time.perf_counter()
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
@@ -183,9 +225,36 @@ class ConversationManager:
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
         )
-        return Turn(request_id, stored_in, user_turn_id, request)
+        self.metrics.turn_started()
+        return Turn(request_id, stored_in, user_turn_id, request, started=started)
 
-    async def generate(self, turn: Turn) -> AsyncIterator[str]:
+    async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
+                             options: GenerationOptions) -> Turn:
+        """A turn whose history is the caller's ``messages`` and that stores nothing.
+
+        The agent's system message comes first; the caller's system messages are appended to it
+        (chat templates accept one system message, at the start). The engine sees a throwaway
+        conversation id; end the turn with :meth:`discard`.
+        """
+        started = time.perf_counter()
+        async with self.db.session() as session:
+            agent = await AgentRepository(session).get(agent_id)
+        if agent is None:
+            raise AgentNotFound(f"agent {agent_id!r} not found")
+        systems = [system_message(agent.system_prompt, agent.markdown_context)]
+        systems += [m.content for m in messages if m.role == "system"]
+        system = "\n\n".join(s for s in systems if s)
+        engine_messages = [ChatMessage("system", system)] if system else []
+        engine_messages += [m for m in messages if m.role != "system"]
+        request = EngineRequest(
+            request_id=request_id, conversation_id=f"tmp_{uuid.uuid4().hex}",
+            messages=engine_messages, options=options,
+            max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+        )
+        self.metrics.turn_started()
+        return Turn(request_id, request.conversation_id, "", request, stored=False, started=started)
+
+    async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
         """Yield the answer's text pieces; ``turn.pieces`` keeps what was yielded so far and
         ``turn.finished`` receives the engine's :class:`Finished`."""
         stream = cast(AsyncGenerator[Chunk, None], self.engine.stream(turn.request))
@@ -193,10 +262,17 @@ class ConversationManager:
             async for chunk in stream:
                 if isinstance(chunk, TextChunk):
                     if chunk.text:
+                        now = time.perf_counter()
+                        if turn.last_token_at is None:
+                            turn.first_token_at = now
+                            self.metrics.first_token.observe(now - turn.started)
+                        else:
+                            self.metrics.inter_token.observe(now - turn.last_token_at)
+                        turn.last_token_at = now
                         turn.pieces.append(chunk.text)
                         yield chunk.text
                 elif isinstance(chunk, Finished):
-                    turn.finished = chunk
+                    turn.finished = Finished(chunk.reason, turn.timed(chunk.usage))
                     return
             raise EngineError("the engine ended the answer without a finish reason")
         finally:
@@ -204,6 +280,10 @@ class ConversationManager:
 
     async def finish(self, turn: Turn, reason: FinishReason, usage: Usage) -> str:
         """Store the assistant turn (whatever was streamed) and return its id."""
+        if not turn.stored:
+            raise ValueError("an unstored turn ends with discard(), not finish()")
+        usage = turn.timed(usage)
+        self.metrics.turn_ended(reason, usage)
         fields = {"role": "assistant", "content": "".join(turn.pieces), "finish_reason": reason,
                   "prompt_tokens": usage.prompt_tokens,
                   "completion_tokens": usage.completion_tokens,
@@ -215,7 +295,16 @@ class ConversationManager:
                     f"conversation {turn.conversation_id!r} was deleted during the turn")
             return append_turn(conn, turn.conversation_id, **fields)
 
-        return await self.db.write(store)
+        turn_id = await self.db.write(store)
+        if self.transcripts is not None:
+            await self.transcripts.update(turn.conversation_id)
+        return turn_id
+
+
+    async def discard(self, turn: Turn, reason: FinishReason, usage: Usage) -> None:
+        """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
+        self.metrics.turn_ended(reason, usage)
+        self.engine.forget(turn.conversation_id)
 
 
 def _title(message: str) -> str:
@@ -226,5 +315,5 @@ def _title(message: str) -> str:
 async def store_partial(manager: ConversationManager, turn: Turn, reason: FinishReason,
                         usage: Usage | None = None) -> str:
     """Store a partial answer even while the calling task is being cancelled."""
-    usage = usage or Usage(completion_tokens=len(turn.pieces))
+    usage = usage or turn.partial_usage()
     return await asyncio.shield(manager.finish(turn, reason, usage))

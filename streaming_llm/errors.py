@@ -72,6 +72,18 @@ class ModelNotFound(EngineError):
     code, status = "model_not_found", 404
 
 
+class EngineTimeout(EngineError):
+    """The engine stopped answering (e.g. no chunk from Ollama within the read timeout)."""
+
+    code, status = "engine_timeout", 504
+
+
+class EngineProtocolError(EngineError):
+    """The engine answered something that breaks its wire protocol (a malformed line, no end)."""
+
+    code = "engine_protocol_error"
+
+
 class ShuttingDown(ServiceError):
     """The server is draining for a shutdown and starts no new turn."""
 

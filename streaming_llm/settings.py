@@ -51,6 +51,7 @@ class Settings:
     engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, or echo (tests only).", choices=ENGINES)
     echo_delay_ms: float = _f(10.0, "Delay between words of the echo test engine, in milliseconds.", ge=0, le=60_000)
     db_busy_timeout_ms: int = _f(5000, "SQLite busy timeout in milliseconds.", ge=0, le=600_000)
+    transcripts_dir: Path | None = _f(None, "Directory where a Markdown transcript of every conversation is kept up to date after each answer; empty = off.")
 
     # --- access -------------------------------------------------------------------------------
     api_key: str = _f("", "API key(s) clients must send, comma-separated (generate with secrets.token_urlsafe(32)); empty = no authentication.")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -23,6 +24,7 @@ from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
 from streaming_llm.limits import Limits
+from streaming_llm.metrics import Metrics
 from streaming_llm.protocol import Chat
 from streaming_llm.routes.chat import ChatSocket
 from streaming_llm.settings import Settings
@@ -55,7 +57,8 @@ class RecordingSocket:
 def handle_all(texts: list[str], queued_before: int = 0) -> tuple[ChatSocket, list[dict[str, Any]]]:
     async def go() -> tuple[ChatSocket, list[dict[str, Any]]]:
         ws = RecordingSocket()
-        sock = ChatSocket(ws, manager=None, live=LiveSockets(), limits=LIMITS)  # type: ignore[arg-type]
+        manager = SimpleNamespace(metrics=Metrics())  # the reader only counts queued turns
+        sock = ChatSocket(ws, manager=manager, live=LiveSockets(), limits=LIMITS)  # type: ignore[arg-type]
         for i in range(queued_before):  # as if the worker were busy with earlier turns
             await sock.handle(json.dumps({"type": "chat", "agent_id": "a", "message": "m",
                                           "request_id": f"earlier-{i}"}))

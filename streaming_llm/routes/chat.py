@@ -98,6 +98,7 @@ class ChatSocket:
         except WebSocketDisconnect:
             pass
         finally:
+            self.manager.metrics.turns_queued.dec(self.queue.qsize())  # never to run
             worker.cancel()
             try:
                 await worker
@@ -141,6 +142,7 @@ class ChatSocket:
                 job = _Job(frame, request_id)
                 self.jobs[request_id] = job
                 self.queue.put_nowait(job)
+                self.manager.metrics.turns_queued.inc()
             case Cancel():
                 await self.cancel(frame.request_id)
             case Ping():
@@ -163,6 +165,7 @@ class ChatSocket:
     async def work(self) -> None:
         while True:
             job = await self.queue.get()
+            self.manager.metrics.turns_queued.dec()
             self.current = job
             try:
                 if self.live.draining and not job.cancelled:
@@ -251,9 +254,9 @@ class ChatSocket:
             self.drain = None
 
         if failure is not None:
-            reason, usage = "error", Usage(completion_tokens=len(turn.pieces))
+            reason, usage = "error", turn.partial_usage()
         elif turn.finished is None:
-            reason, usage = "cancelled", Usage(completion_tokens=len(turn.pieces))
+            reason, usage = "cancelled", turn.partial_usage()
         else:
             reason, usage = turn.finished.reason, turn.finished.usage
         try:

@@ -110,17 +110,35 @@ class TurnRepository:
         query = select(TurnRow).where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq)
         return list((await self.session.scalars(query)).all())
 
+    async def history(self, conversation_id: str) -> list[tuple[int, str, str]]:
+        """``(seq, role, content)`` in order: what a prompt needs, without ORM objects."""
+        query = (select(TurnRow.seq, TurnRow.role, TurnRow.content)
+                 .where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq))
+        return [(r.seq, r.role, r.content) for r in await self.session.execute(query)]
+
     async def append(self, conversation_id: str, *, role: str, content: str,
                      finish_reason: str | None = None, prompt_tokens: int | None = None,
                      completion_tokens: int | None = None, usage: str | None = None,
-                     request_id: str | None = None) -> TurnRow:
-        """Append with the next ``seq`` of the conversation (0, 1, 2, ...)."""
-        statement, values = _insert_turn(
-            conversation_id, role=role, content=content, finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, usage=usage,
-            request_id=request_id)
-        seq = await self.session.scalar(statement)
-        return TurnRow(**values, seq=seq)
+                     request_id: str | None = None, seq: int | None = None) -> TurnRow:
+        """Append with the next ``seq`` of the conversation (0, 1, 2, ...).
+
+        A caller that has just read the history passes ``seq`` and saves a query; the unique
+        ``(conversation_id, seq)`` constraint still refuses a stale one.
+        """
+        if seq is None:
+            last = await self.session.scalar(
+                select(func.max(TurnRow.seq)).where(TurnRow.conversation_id == conversation_id))
+            seq = 0 if last is None else last + 1
+        row = TurnRow(
+            id=new_id("turn"), conversation_id=conversation_id,
+            seq=seq, role=role, content=content,
+            finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, usage=usage, request_id=request_id,
+            created_at=utcnow(),
+        )
+        self.session.add(row)
+        await self.session.flush()
+        return row
 
 
 # --- the writer thread (Database.write): a plain connection, one transaction -----------------

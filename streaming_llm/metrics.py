@@ -1,0 +1,179 @@
+"""Prometheus metrics: one :class:`Metrics` per app, with its own registry.
+
+A per-app ``CollectorRegistry`` (not prometheus-client's global one) keeps ``create_app`` free of
+import-time state and lets tests build many apps in one process. Three feeds:
+
+- :class:`MetricsMiddleware` counts HTTP requests by method, route template and status, times
+  them, and counts open WebSockets;
+- the conversation manager reports turns: started, first token, every later token (the gap
+  since the previous one), ended with an outcome and usage; the chat socket reports its queue;
+- ``GET /metrics`` takes a fresh engine health report, which :class:`_EngineCollector` turns into
+  readiness, the engine/model info, and the engine's own numbers (``EngineHealth.extra``): keys
+  ``cached_conversations`` and ``kv_tokens`` get metrics of their own, every other numeric key
+  becomes ``streaming_llm_engine_stat{key=...}``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .engines.base import EngineHealth, Usage
+
+FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 300)
+
+
+@dataclass
+class EngineSnapshot:
+    name: str
+    health: EngineHealth
+    failure: str | None  # why the engine could not start
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "streaming_llm_http_requests", "HTTP requests answered, by method, route and status.",
+            ["method", "route", "status"], registry=r)
+        self.http_seconds = Histogram(
+            "streaming_llm_http_request_duration_seconds",
+            "Time to answer an HTTP request (a streamed answer counts until its end).",
+            ["method", "route"], buckets=REQUEST_BUCKETS, registry=r)
+        self.websockets = Gauge("streaming_llm_websockets_active", "Open chat sockets.",
+                                registry=r)
+        self.turns_queued = Gauge(
+            "streaming_llm_turns_queued", "Chat turns waiting on their socket for the one before.",
+            registry=r)
+        self.turns_active = Gauge("streaming_llm_turns_active", "Turns being generated now.",
+                                  registry=r)
+        self.turns = Counter("streaming_llm_turns", "Turns ended, by outcome (finish reason).",
+                             ["outcome"], registry=r)
+        self.prompt_tokens = Counter("streaming_llm_prompt_tokens",
+                                     "Prompt tokens of ended turns, as the engine counted them.",
+                                     registry=r)
+        self.generated_tokens = Counter("streaming_llm_generated_tokens",
+                                        "Tokens generated (completion tokens of ended turns).",
+                                        registry=r)
+        self.first_token = Histogram(
+            "streaming_llm_time_to_first_token_seconds",
+            "From a turn's arrival to its first answer piece.", buckets=FIRST_TOKEN_BUCKETS,
+            registry=r)
+        self.inter_token = Histogram(
+            "streaming_llm_inter_token_seconds", "Gap between consecutive answer pieces.",
+            buckets=INTER_TOKEN_BUCKETS, registry=r)
+        self.engine: EngineSnapshot | None = None
+        r.register(_EngineCollector(self))
+
+    # turns (called by the conversation manager) -------------------------------------------------
+    def turn_started(self) -> None:
+        self.turns_active.inc()
+
+    def turn_ended(self, outcome: str, usage: Usage) -> None:
+        self.turns_active.dec()
+        self.turns.labels(outcome).inc()
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.generated_tokens.inc(usage.completion_tokens)
+
+
+class _EngineCollector(Collector):
+    """Engine gauges from the latest snapshot (taken by ``GET /metrics`` just before)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.metrics.engine
+        if snap is None:
+            return
+        ready = snap.health.ready and snap.failure is None
+        yield GaugeMetricFamily("streaming_llm_engine_ready",
+                                "1 when the engine is ready to generate.", value=int(ready))
+        info = GaugeMetricFamily("streaming_llm_engine_info", "The engine and its model.",
+                                 labels=["engine", "model"])
+        info.add_metric([snap.name, snap.health.model], 1)
+        yield info
+        numbers = {k: v for k, v in (snap.health.extra or {}).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        if "cached_conversations" in numbers:
+            yield GaugeMetricFamily("streaming_llm_cached_conversations",
+                                    "Conversations whose KV cache the engine keeps.",
+                                    value=numbers.pop("cached_conversations"))
+        if "kv_tokens" in numbers:
+            yield GaugeMetricFamily("streaming_llm_kv_tokens",
+                                    "Tokens held in the engine's KV caches.",
+                                    value=numbers.pop("kv_tokens"))
+        if numbers:
+            stats = GaugeMetricFamily("streaming_llm_engine_stat",
+                                      "Other numbers from the engine's health report.",
+                                      labels=["key"])
+            for key, value in sorted(numbers.items()):
+                stats.add_metric([key], value)
+            yield stats
+
+
+_CONVERTOR = re.compile(r":[A-Za-z_]+}")
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts and times HTTP requests, counts accepted WebSockets.
+
+    The route label is the matched route's template (``/agents/{agent_id}``), never the raw
+    path, so ids cannot blow up the label set; requests no route matched are ``unmatched``.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None)
+            label = _CONVERTOR.sub("}", route) if route else "unmatched"
+            method = scope["method"]
+            self.metrics.http_requests.labels(method, label, str(status)).inc()
+            self.metrics.http_seconds.labels(method, label).observe(time.perf_counter() - started)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        accepted = False
+
+        async def send_accept(message: Message) -> None:
+            nonlocal accepted
+            await send(message)
+            if message["type"] == "websocket.accept" and not accepted:
+                accepted = True
+                self.metrics.websockets.inc()
+
+        try:
+            await self.app(scope, receive, send_accept)
+        finally:
+            if accepted:
+                self.metrics.websockets.dec()

@@ -1,0 +1,1 @@
+"""Test doubles that ship with the package, so tests and ``streaming-llm bench`` share one copy."""

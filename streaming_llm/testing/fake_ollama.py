@@ -1,0 +1,330 @@
+"""A fake Ollama server (``aiohttp.web``) that speaks Ollama's documented wire protocol.
+
+Endpoints, as in Ollama's ``docs/api.md``:
+
+- ``POST /api/chat``: with ``"stream": true`` (the default) an ``application/x-ndjson`` stream of
+  ``{"model", "created_at", "message": {"role": "assistant", "content"}, "done": false}`` lines and
+  a final ``{"done": true, "done_reason", "total_duration", "load_duration", "prompt_eval_count",
+  "prompt_eval_duration", "eval_count", "eval_duration"}`` line (durations in nanoseconds); with
+  ``"stream": false`` one JSON object. An unknown model is a 404 ``{"error": "model \\"x\\" not
+  found, try pulling it first"}``. ``options.num_predict`` caps the answer (``done_reason:
+  "length"``).
+- ``GET /api/version`` → ``{"version": "0.x.y"}``; ``GET /api/tags`` → ``{"models": [...]}``.
+
+The server runs on its own event loop in a background thread, on a free loopback port, so it
+serves an in-process client and a server subprocess alike, and a test may block its own loop
+without starving it. :class:`ChatScript` sets how the next chats answer (slowly, lines split across
+writes or several per write, an error line, a 404/500, a malformed line, no final ``done``, a
+hang); every chat is recorded as a :class:`ChatRecord` with its body and whether the client closed
+the connection before the answer was complete.
+
+``python -m streaming_llm.testing.fake_ollama --tokens 1000`` runs one standalone (used by
+``streaming-llm bench ollama``); it prints its URL on the first line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from aiohttp import web
+
+DEFAULT_MODELS = ("llama3.2:latest",)
+VERSION = "0.6.5"
+
+
+@dataclasses.dataclass
+class ChatScript:
+    """How the fake answers ``/api/chat`` (set ``FakeOllama.script`` before the request)."""
+
+    tokens: Sequence[str] = ("Hello", ",", " world", "!")
+    done_reason: str = "stop"  # when the answer is not cut by options.num_predict
+    delay_s: float = 0.0  # pause before each write
+    lines_per_write: int = 1  # NDJSON lines sent in one write
+    split_lines: bool = False  # send every line in two writes, cut in the middle of the JSON
+    status: int = 200  # non-2xx: answer {"error": error} instead of streaming
+    error: str | None = None  # with status 200: an {"error": ...} line after `error_after` tokens
+    error_after: int = 0
+    malformed_after: int | None = None  # a line that is not JSON after this many tokens
+    end_without_done: bool = False  # finish the response without the final done line
+    hang_after: int | None = None  # after this many tokens send nothing more, keep the socket open
+    hang_before_headers: bool = False  # never even send the response headers
+
+
+@dataclasses.dataclass
+class ChatRecord:
+    """One ``/api/chat`` request as the fake saw it."""
+
+    body: dict[str, Any]
+    connection: int  # distinct number of the TCP connection it came on
+    complete: threading.Event = dataclasses.field(default_factory=threading.Event)
+    disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def wait_disconnected(self, timeout: float = 5.0) -> bool:
+        """Block until the client closed the connection mid-answer; False on timeout."""
+        return self.disconnected.wait(timeout)
+
+
+def normalize_model(name: str) -> str:
+    """``llama3.2`` → ``llama3.2:latest``: Ollama's tag defaults to ``latest``."""
+    base = name.rsplit("/", 1)[-1]
+    return name if ":" in base else f"{name}:latest"
+
+
+class FakeOllama:
+    """``with FakeOllama() as fake: ... fake.url ...``; thread-safe to script and inspect."""
+
+    def __init__(self, *, models: Sequence[str] = DEFAULT_MODELS, version: str = VERSION,
+                 script: ChatScript | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.models = list(models)
+        self.version = version
+        self.script = script or ChatScript()
+        self.version_status = 200  # set to e.g. 500 to make /api/version fail
+        self.host, self.port = host, port
+        self.chats: list[ChatRecord] = []
+        self.hits: collections.Counter[str] = collections.Counter()  # path → requests
+        self._connections: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Self:
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            serving = False
+            try:
+                loop.run_until_complete(self._start_site())
+                self._loop, serving = loop, True
+            except OSError as exc:  # e.g. the port is taken: report it to the starting thread
+                failure.append(exc)
+            finally:
+                started.set()  # whatever happens, never leave start() waiting
+            if serving:
+                loop.run_forever()  # until stop()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="fake-ollama", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        if not self.port:
+            raise RuntimeError("the fake Ollama server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        loop, self._loop = self._loop, None
+
+        def stop_loop() -> None:
+            assert self._stopping is not None
+            self._stopping.set()  # wake hanging handlers so cleanup does not wait for them
+            loop.stop()
+
+        loop.call_soon_threadsafe(stop_loop)
+        self._thread.join(10)
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _start_site(self) -> None:
+        self._stopping = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/api/chat", self._chat)
+        app.router.add_get("/api/version", self._version)
+        app.router.add_get("/api/tags", self._tags)
+        # handler_cancellation: a client closing the connection cancels the handler, which is how
+        # a hanging or slow answer learns about it (as Ollama's Go server does via the context).
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
+                                     access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    # --- handlers -----------------------------------------------------------------------------
+    async def _version(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        if self.version_status != 200:
+            return web.json_response({"error": "version unavailable"}, status=self.version_status)
+        return web.json_response({"version": self.version})
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        models = [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": "2025-01-01T00:00:00Z",
+                "size": 2019393189,
+                "digest": f"{abs(hash(name)):064x}"[:64],
+                "details": {"format": "gguf", "family": "llama", "families": ["llama"],
+                            "parameter_size": "3.2B", "quantization_level": "Q4_K_M"},
+            }
+            for name in self.models
+        ]
+        return web.json_response({"models": models})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.hits[request.path] += 1
+        script = self.script
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
+        transport_id = id(request.transport)
+        connection = self._connections.setdefault(transport_id, len(self._connections) + 1)
+        record = ChatRecord(body=body, connection=connection)
+        self.chats.append(record)
+
+        model = body.get("model") if isinstance(body, dict) else None
+        if not model:
+            return web.json_response({"error": "model is required"}, status=400)
+        if normalize_model(model) not in {normalize_model(m) for m in self.models}:
+            return web.json_response(
+                {"error": f'model "{model}" not found, try pulling it first'}, status=404)
+        if script.status != 200:
+            message = script.error or f"fake failure (HTTP {script.status})"
+            return web.json_response({"error": message}, status=script.status)
+
+        options = body.get("options") or {}
+        tokens = list(script.tokens)
+        done_reason = script.done_reason
+        limit = options.get("num_predict")
+        if isinstance(limit, int) and 0 <= limit < len(tokens):
+            tokens, done_reason = tokens[:limit], "length"
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+
+        if body.get("stream", True) is False:
+            started = time.perf_counter_ns()
+            reply = _final(model, done_reason, prompt_tokens, len(tokens), started)
+            reply["message"]["content"] = "".join(tokens)
+            record.complete.set()
+            return web.json_response(reply)
+
+        try:
+            return await self._stream(request, record, script, model, tokens, done_reason,
+                                      prompt_tokens)
+        except (ConnectionError, asyncio.CancelledError):
+            if not record.complete.is_set():
+                record.disconnected.set()
+            raise
+
+    async def _stream(self, request: web.Request, record: ChatRecord, script: ChatScript,
+                      model: str, tokens: list[str], done_reason: str,
+                      prompt_tokens: int) -> web.StreamResponse:
+        assert self._stopping is not None
+        if script.hang_before_headers:
+            await self._stopping.wait()
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        started = time.perf_counter_ns()
+
+        # The plan: token lines up to the first scripted interruption, then how the answer ends.
+        stops = [len(tokens)]
+        stops += [n for n in (script.malformed_after, script.hang_after) if n is not None]
+        if script.error is not None:
+            stops.append(script.error_after)
+        cut = max(0, min(stops))
+        # str: a token (encoded when sent, so created_at is real); bytes: a literal line;
+        # None: the final done line (built when sent, so its durations are real).
+        plan: list[str | bytes | None] = list(tokens[:cut])
+        if script.error is not None and script.error_after == cut:
+            plan.append(_line({"error": script.error}))
+        elif script.malformed_after == cut:
+            plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
+        elif script.hang_after is None and not script.end_without_done:
+            plan.append(None)
+
+        per_write = max(1, script.lines_per_write)
+        for start in range(0, len(plan), per_write):
+            payload = b"".join(
+                _line(_chunk(model, item, done=False)) if isinstance(item, str)
+                else item if item is not None
+                else _line(_final(model, done_reason, prompt_tokens, cut, started))
+                for item in plan[start:start + per_write]
+            )
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+            if script.split_lines:
+                half = len(payload) // 2
+                await response.write(payload[:half])
+                await asyncio.sleep(0.002)  # let the halves reach the client as separate reads
+                await response.write(payload[half:])
+            else:
+                await response.write(payload)
+        if script.hang_after is not None:
+            await self._stopping.wait()
+        await response.write_eof()
+        record.complete.set()
+        return response
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _chunk(model: str, content: str, *, done: bool) -> dict[str, Any]:
+    return {"model": model, "created_at": _now(),
+            "message": {"role": "assistant", "content": content}, "done": done}
+
+
+def _final(model: str, done_reason: str, prompt_tokens: int, eval_count: int,
+           started_ns: int) -> dict[str, Any]:
+    eval_ns = max(1, time.perf_counter_ns() - started_ns)
+    final = _chunk(model, "", done=True)
+    final.update(done_reason=done_reason, total_duration=eval_ns + 2_000_000,
+                 load_duration=1_000_000, prompt_eval_count=prompt_tokens,
+                 prompt_eval_duration=1_000_000, eval_count=eval_count, eval_duration=eval_ns)
+    return final
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=100, help="tokens in every answer")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="pause before every line")
+    parser.add_argument("--model", action="append", help="model to list (repeatable)")
+    args = parser.parse_args(argv)
+    script = ChatScript(tokens=[f" w{i}" for i in range(args.tokens)], delay_s=args.delay_ms / 1000)
+    with FakeOllama(models=args.model or DEFAULT_MODELS, script=script, host=args.host,
+                    port=args.port) as fake:
+        print(fake.url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""``streaming-llm bench cache`` runs end to end on a tiny model and reports what it claims.
+
+Timings are not asserted (speed belongs to the benchmark itself); what is deterministic is: the
+sink cache holds the same bytes early and late while the dense cache grows, and every figure the
+table shows is in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from streaming_llm.bench import cache as bench
+from streaming_llm.cli import build_parser
+
+TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--intermediate", "64",
+        "--window-tokens", "60", "--early", "40", "--late", "300", "--steps", "4",
+        "--repeats", "1", "--recompute-sizes", "32", "--threads", "0", "--only", "decode,recompute", "--json"]
+
+
+def test_cli_dispatches_bench_cache() -> None:
+    args = build_parser().parse_args(["bench", "cache", *TINY])
+    assert args.bench_module is bench and args.window_tokens == 60
+
+
+def test_tiny_run_reports_flat_sink_bytes_and_growing_dense_bytes(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(TINY)) == 0
+    figures = json.loads(capsys.readouterr().out)
+    decode = figures["decode"]
+    assert set(decode) == {"sink_evict_1", "sink_evict_3", "dense"}
+    for name in ("sink_evict_1", "sink_evict_3"):
+        assert decode[name]["early_kv_bytes"] == decode[name]["late_kv_bytes"] > 0
+        assert decode[name]["late_stored_tokens"] <= 4 + 60
+    assert decode["dense"]["late_kv_bytes"] > 5 * decode["dense"]["early_kv_bytes"]
+    assert decode["dense"]["late_stored_tokens"] > 300
+    recompute = figures["recompute"]["32"]
+    assert recompute["speedup_evict_1"] > 0 and recompute["evict_chunk"] == 1
+    table = bench._table(figures)
+    assert "speed-up over recomputation, cache 32" in table and "KV bytes" in table
+
+
+def test_unknown_part_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--only", "decode,nonsense"])) == 2
+    assert "nonsense" in capsys.readouterr().err

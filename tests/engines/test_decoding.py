@@ -1,0 +1,146 @@
+"""The decode loop (forward_tokens, generate_tokens) and the Sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from streaming_llm.engines.decoding import (
+    Sampler,
+    eviction_chunk,
+    forward_tokens,
+    generate_tokens,
+)
+from streaming_llm.engines.sink_cache import SinkCache
+
+from .tiny_models import dense_forward, random_ids, tiny_model, torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine their spin-waits
+    # make these tests many times slower.
+    with torch_threads(1):
+        yield
+
+
+# -- forward_tokens ------------------------------------------------------------------------------
+def test_dense_cache_uses_absolute_positions_in_any_chunking() -> None:
+    model = tiny_model("gpt_neox", layers=2)
+    ids = random_ids(40)
+    expected, _ = dense_forward(model, ids)
+    for chunk_size in (None, 1, 7):
+        cache = DynamicCache()
+        logits = forward_tokens(model, cache, ids, chunk_size=chunk_size)
+        assert logits.dtype == torch.float32 and logits.shape == (model.config.vocab_size,)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        assert cache.get_seq_length() == 40
+
+
+def test_forward_tokens_rejects_bad_input() -> None:
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(ValueError, match="at least one token"):
+        forward_tokens(model, DynamicCache(), [])
+    with pytest.raises(ValueError, match="chunk_size"):
+        forward_tokens(model, DynamicCache(), [3, 4], chunk_size=0)
+
+
+def test_generate_tokens_stops_on_stop_ids_and_max_new_tokens() -> None:
+    model = tiny_model("llama", layers=2)
+    prompt = random_ids(10)
+    free = list(generate_tokens(model, DynamicCache(), prompt, Sampler(0), 12))
+    assert len(free) == 12
+    cache = DynamicCache()
+    stopped = list(generate_tokens(model, cache, prompt, Sampler(0), 12, stop_ids=[free[4]]))
+    first = free.index(free[4])
+    assert stopped == free[:first + 1]
+    # every yielded token but the last has been fed to the cache
+    assert cache.get_seq_length() == len(prompt) + len(stopped) - 1
+    assert list(generate_tokens(model, DynamicCache(), prompt, Sampler(0), 0)) == []
+
+
+def test_generate_tokens_with_a_sink_cache_runs_past_the_window() -> None:
+    model = tiny_model("qwen2", layers=2)
+    cache = SinkCache.from_model(model, 4, 16)
+    out = list(generate_tokens(model, cache, random_ids(30), Sampler(0.8, seed=1), 50))
+    assert len(out) == 50
+    assert cache.seen_tokens == 30 + 49 and cache.get_seq_length() == 20  # evicts 1 at a time
+
+
+def test_generate_tokens_evicts_in_chunks_and_stays_a_correct_sink_cache() -> None:
+    model = tiny_model("llama", layers=1)
+    cache = SinkCache.from_model(model, 4, 16)
+    prompt = random_ids(20)
+    out = list(generate_tokens(model, cache, prompt, Sampler(0), 40, evict_chunk=5))
+    stored = cache.get_seq_length()
+    assert 20 - 4 <= stored <= 20 and cache.evicted_tokens % 5 == 0 and cache.evicted_tokens
+    # after chunked evictions the cache is still "sinks + the most recent tokens, re-positioned"
+    logits = forward_tokens(model, cache, [out[-1]])
+    seen, stored = prompt + out, cache.get_seq_length()
+    kept = seen[:4] + seen[len(seen) - (stored - 4):]
+    expected, _ = dense_forward(model, kept)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="evict_chunk"):
+        next(generate_tokens(model, cache, [5], Sampler(0), 3, evict_chunk=17))
+
+
+def test_eviction_chunk_is_a_small_share_of_the_window() -> None:
+    assert [eviction_chunk(w) for w in (16, 40, 1020, 2000)] == [1, 2, 63, 64]
+
+
+# -- Sampler -------------------------------------------------------------------------------------
+def test_greedy_is_argmax_whatever_the_seed() -> None:
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    assert Sampler(0)(logits) == 1
+    assert Sampler(0, seed=5, top_k=3, top_p=0.5)(logits) == 1
+
+
+def test_seeded_sampling_is_reproducible() -> None:
+    logits = torch.zeros(50)  # uniform: any slip in the generator shows
+    a, b = Sampler(1.0, seed=42), Sampler(1.0, seed=42)
+    draws_a = [a(logits) for _ in range(40)]
+    assert draws_a == [b(logits) for _ in range(40)]
+    other = Sampler(1.0, seed=43)
+    assert draws_a != [other(logits) for _ in range(40)]
+    assert len(set(draws_a)) > 10
+
+
+def test_top_k_keeps_only_the_k_most_likely() -> None:
+    logits = torch.tensor([3.0, 0.0, 2.9, -5.0, 2.8, 1.0])
+    sampler = Sampler(1.0, top_k=3, seed=0)
+    draws = {sampler(logits) for _ in range(300)}
+    assert draws == {0, 2, 4}
+    assert {Sampler(5.0, top_k=1, seed=s)(logits) for s in range(20)} == {0}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    sampler = Sampler(1.0, top_p=0.7, seed=0)
+    assert {sampler(logits) for _ in range(300)} == {0, 1}
+    only_top = Sampler(1.0, top_p=0.5, seed=0)
+    assert {only_top(logits) for _ in range(50)} == {0}
+    everything = Sampler(1.0, top_p=1.0, seed=0)
+    assert {everything(logits) for _ in range(600)} == {0, 1, 2, 3}
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    logits = torch.tensor([1.0, 0.0])
+    cold, hot = Sampler(0.05, seed=0), Sampler(50.0, seed=0)
+    assert sum(cold(logits) for _ in range(200)) == 0
+    assert 60 < sum(hot(logits) for _ in range(200)) < 140
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"temperature": 1.0, "top_p": 0.0}, "top_p"),
+    ({"temperature": 1.0, "top_p": 1.5}, "top_p"),
+    ({"temperature": 1.0, "top_k": -1}, "top_k"),
+])
+def test_bad_sampler_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Sampler(**kwargs)

@@ -1,0 +1,146 @@
+"""The Python client (``streaming_llm.client``) against a real server process (echo engine)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from streaming_llm.client import (
+    Agent,
+    ApiError,
+    ChatError,
+    ChatEvent,
+    delete_agent,
+    get_agent,
+    list_agents,
+    socket_url,
+    stream_chat,
+    update_agent,
+)
+from streaming_llm.protocol import Done, Start, Token
+
+from .server import ServerProcess, free_port, start_server
+
+LONG = " ".join(f"w{i}" for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "5"}
+    with start_server(tmp_path_factory.mktemp("client"), env) as server:
+        httpx.put(server.base_url + "/agents/echoer", json={"name": "Echoer"}).raise_for_status()
+        yield server
+
+
+async def test_agents_over_rest(server: ServerProcess) -> None:
+    url = server.base_url
+    stored = await update_agent(Agent(id="writer", name="Writer", system_prompt="Write."), url)
+    assert (stored.id, stored.name, stored.system_prompt) == ("writer", "Writer", "Write.")
+    assert stored.created_at is not None
+    assert (await get_agent("writer", url)).system_prompt == "Write."
+    assert "writer" in [a.id for a in await list_agents(url)]
+    await delete_agent("writer", url)
+    with pytest.raises(ApiError) as info:
+        await get_agent("writer", url)
+    assert (info.value.status, info.value.code) == (404, "agent_not_found")
+    with pytest.raises(ApiError) as info:
+        await get_agent("Bad Id", url)
+    assert (info.value.status, info.value.code) == (400, "invalid_id")
+    with pytest.raises(ApiError) as info:
+        await list_agents(f"http://127.0.0.1:{free_port()}")
+    assert (info.value.status, info.value.code) == (0, "network_error")
+
+
+async def test_turns_continue_one_conversation_with_timings(server: ServerProcess) -> None:
+    seen: list[ChatEvent] = []
+    async with stream_chat(server.base_url, "echoer", on_event=seen.append) as chat:
+        events = chat.events()
+        first = await chat.send_message("hello from python")
+        assert first.text == "hello from python" and first.finish_reason == "stop"
+        assert chat.conversation_id == first.conversation_id
+        assert first.usage.completion_tokens == 3
+        assert first.usage.time_to_first_token_ms is not None
+        assert first.usage.time_to_first_token_ms > 0
+        assert first.usage.decode_tokens_per_s is not None
+        # Two turns sent at once run in order, both in the same conversation.
+        second, third = await asyncio.gather(chat.send_message("two"),
+                                             chat.send_message("three"))
+        assert (second.text, third.text) == ("two", "three")
+        assert {second.conversation_id, third.conversation_id} == {first.conversation_id}
+        collected = []
+        async for event in events:
+            collected.append(event)
+            if isinstance(event, Done) and event.request_id == third.request_id:
+                break
+    assert collected == seen
+    kinds = [type(e) for e in collected if e.request_id == first.request_id]
+    assert kinds == [Start, Token, Token, Token, Done]
+    tokens = [e for e in collected if isinstance(e, Token) and e.request_id == first.request_id]
+    assert [t.seq for t in tokens] == [0, 1, 2]
+    turns = httpx.get(f"{server.base_url}/conversations/{first.conversation_id}").json()["turns"]
+    assert [t["content"] for t in turns[::2]] == ["hello from python", "two", "three"]
+
+    # A new stream can continue the same conversation.
+    async with stream_chat(server.ws_url, "echoer",
+                           conversation_id=first.conversation_id) as chat:
+        fourth = await chat.send_message("four")
+    assert fourth.conversation_id == first.conversation_id
+
+
+async def test_options_defaults_and_overrides(server: ServerProcess) -> None:
+    async with stream_chat(server.base_url, "echoer", options={"max_new_tokens": 2}) as chat:
+        assert (await chat.send_message("a b c d")).text == "a b "
+        result = await chat.send_message("a b c d", options={"max_new_tokens": 3})
+        assert (result.text, result.finish_reason) == ("a b c ", "length")
+        with pytest.raises(ValueError, match="temperature"):
+            await chat.send_message("x", options={"temperature": 5})
+    with pytest.raises(ValueError, match="unknown field"):
+        stream_chat(server.base_url, "echoer", options={"temprature": 1})
+
+
+async def test_cancel_stops_the_answer(server: ServerProcess) -> None:
+    async with stream_chat(server.base_url, "echoer") as chat:
+        events = chat.events()
+        answer = asyncio.create_task(chat.send_message(LONG))
+        async for event in events:
+            if isinstance(event, Token):
+                await chat.cancel()
+                break
+        result = await asyncio.wait_for(answer, 10)
+        assert result.finish_reason == "cancelled"
+        assert 0 < len(result.text) < len(LONG) and LONG.startswith(result.text)
+        # The socket is still usable.
+        assert (await chat.send_message("still here")).text == "still here"
+
+
+async def test_errors_reject_the_turn(server: ServerProcess) -> None:
+    async with stream_chat(server.base_url, "nobody") as chat:
+        with pytest.raises(ChatError) as info:
+            await chat.send_message("hi")
+        assert info.value.code == "agent_not_found"
+
+    chat = await stream_chat(server.base_url, "echoer").open()
+    pending = asyncio.create_task(chat.send_message(LONG))
+    await asyncio.sleep(0.05)
+    await chat.close()
+    with pytest.raises(ChatError) as info:
+        await pending
+    assert info.value.code == "stopped"
+    with pytest.raises(ChatError):
+        await chat.send_message("after close")
+
+    with pytest.raises(ChatError) as info:
+        await stream_chat(f"http://127.0.0.1:{free_port()}", "echoer").open()
+    assert info.value.code == "socket_open_failed"
+
+
+def test_socket_url() -> None:
+    assert socket_url("http://h:1") == "ws://h:1/ws/chat"
+    assert socket_url("https://h/") == "wss://h/ws/chat"
+    assert socket_url("ws://h:1/ws/chat") == "ws://h:1/ws/chat"
+    assert socket_url("http://h/prefix/ws/chat") == "ws://h/prefix/ws/chat"
+    with pytest.raises(ValueError):
+        socket_url("ftp://h")

@@ -1,0 +1,115 @@
+"""Conversation export over HTTP and the command line, and the transcripts directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.sync.client import connect
+
+from .server import ROOT, start_server
+
+
+def chat(ws: Any, **frame: Any) -> dict[str, Any]:
+    ws.send(json.dumps({"type": "chat", "agent_id": "echoer", **frame}))
+    while (event := json.loads(ws.recv(timeout=10)))["type"] in ("start", "token"):
+        pass
+    assert event["type"] == "done", event
+    return event
+
+
+def export_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
+    env.update({"STREAMING_LLM_DATA_DIR": str(data_dir), "STREAMING_LLM_LOG_LEVEL": "warning"})
+    return subprocess.run([sys.executable, "-m", "streaming_llm", "export", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def without_export_time(export: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in export.items() if k != "exported_at"}
+
+
+def test_export_transcripts_and_cli(tmp_path: Path) -> None:
+    transcripts = tmp_path / "transcripts"
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "1",
+           "STREAMING_LLM_TRANSCRIPTS_DIR": str(transcripts)}
+    with start_server(tmp_path, env) as server, httpx.Client(base_url=server.base_url) as http:
+        assert http.put("/agents/echoer", json={"name": "Echoer"}).status_code == 201
+        with connect(server.ws_url) as ws:
+            first = chat(ws, message="hello export world")
+            conv = first["conversation_id"]
+            transcript = transcripts / f"{conv}.md"
+            after_first = transcript.read_text()
+            assert "hello export world" in after_first and "second question" not in after_first
+            chat(ws, message="second question here", conversation_id=conv,
+                 options={"max_new_tokens": 1})
+            other = chat(ws, message="another conversation")["conversation_id"]
+
+        markdown = http.get(f"/conversations/{conv}/export")
+        assert markdown.status_code == 200
+        assert markdown.headers["content-type"] == "text/markdown; charset=utf-8"
+        assert f'filename="{conv}.md"' in markdown.headers["content-disposition"]
+        text = markdown.text
+        assert text.startswith("# hello export world\n")
+        assert f"- Conversation: `{conv}`" in text and "- Agent: Echoer (`echoer`)" in text
+        assert text.count("### User · 20") == 2 and text.count("### Echoer · 20") == 2
+        assert "\n\nsecond question here\n" in text and "\n\nsecond \n" in text
+        assert "*finished · 3 tokens · first token after" in text
+        assert "*cut at the token limit · 1 tokens" in text
+        # The transcript kept after each answer is the same Markdown, written whole.
+        assert transcript.read_text() == text
+        assert sorted(p.name for p in transcripts.iterdir()) == sorted([f"{conv}.md",
+                                                                        f"{other}.md"])
+
+        exported = http.get(f"/conversations/{conv}/export?format=json").json()
+        with sqlite3.connect(server.db_path) as db:
+            db.row_factory = sqlite3.Row
+            conv_row = dict(db.execute("SELECT * FROM conversations WHERE id = ?",
+                                       (conv,)).fetchone())
+            turn_rows = [dict(r) for r in db.execute(
+                "SELECT * FROM turns WHERE conversation_id = ? ORDER BY seq", (conv,))]
+        # Loss-free: every stored column is in the JSON, with its value.
+        assert {k: exported[k] for k in conv_row} == conv_row
+        assert len(exported["turns"]) == len(turn_rows) == 4
+        for row, turn in zip(turn_rows, exported["turns"], strict=True):
+            row.pop("conversation_id")
+            usage = row.pop("usage")
+            assert turn["usage"] == (json.loads(usage) if usage else None)
+            assert {k: turn[k] for k in row} == row
+        assert exported["agent"]["name"] == "Echoer" and exported["format_version"] == 1
+
+        bad = http.get(f"/conversations/{conv}/export?format=pdf")
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_format"
+        missing = http.get("/conversations/conv_nope/export")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "conversation_not_found"
+
+        assert http.delete(f"/conversations/{other}").status_code == 204
+        assert not (transcripts / f"{other}.md").exists()
+
+    # The command line reads the same database, with the server stopped.
+    out = tmp_path / "out"
+    proc = export_cli(server.data_dir, "--format", "json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "exported 1 conversation(s)" in proc.stderr
+    assert [p.name for p in out.iterdir()] == [f"{conv}.json"]
+    from_file = json.loads((out / f"{conv}.json").read_text())
+    assert without_export_time(from_file) == without_export_time(exported)
+
+    proc = export_cli(server.data_dir, "--conversation", conv)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == text
+
+    proc = export_cli(server.data_dir, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert [without_export_time(e) for e in json.loads(proc.stdout)] == [
+        without_export_time(exported)]
+
+    proc = export_cli(server.data_dir, "--conversation", "conv_nope")
+    assert proc.returncode == 1 and "conversation 'conv_nope' not found" in proc.stderr

@@ -1,0 +1,87 @@
+"""End to end with the local engine: a real server process, the real socket, real models.
+
+What a client reads from ``token`` frames must be exactly the text the server stores, also when
+the message and the answer are made of multi-byte characters (CJK, emoji) whose bytes span
+several tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from .engines.model_dirs import write_chain_model
+from .server import start_server
+from .test_e2e import http, turn
+
+pytestmark = pytest.mark.e2e
+
+MESSAGE = "日本語で話して 🎉🙂 — ça va? 中文"
+
+
+def stored_answers(db_path: Path, conversation_id: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(db_path) as db:
+        return db.execute("SELECT role, content FROM turns WHERE conversation_id=? ORDER BY seq",
+                          (conversation_id,)).fetchall()
+
+
+def read_turn(ws: Any, **frame: Any) -> tuple[str, list[str], dict[str, Any]]:
+    """Like ``turn`` but keeps each token frame, to check none carries a broken character."""
+    ws.send(json.dumps({"type": "chat", **frame}))
+    start = json.loads(ws.recv(timeout=60))
+    assert start["type"] == "start", start
+    tokens: list[str] = []
+    while True:
+        event = json.loads(ws.recv(timeout=60))
+        if event["type"] != "token":
+            return start["conversation_id"], tokens, event
+        assert event["seq"] == len(tokens)
+        tokens.append(event["token"])
+
+
+def test_demo_model_streams_exactly_what_is_stored(tmp_path: Path) -> None:
+    with start_server(tmp_path, {"STREAMING_LLM_ENGINE": "local"}) as server:
+        status, health = http("GET", server.base_url + "/health")
+        assert status == 200 and health["ready"] is True and health["engine"] == "local"
+        assert "meaningless" in health["detail"] and "STREAMING_LLM_MODEL" in health["detail"]
+        status, _ = http("PUT", server.base_url + "/agents/polyglot", {
+            "name": "Polyglot", "system_prompt": "Réponds en 日本語.",
+            "markdown_context": "# Glossaire\n- 🎉: fête"})
+        assert status == 201
+
+        with connect(server.ws_url) as ws:
+            conv, tokens, done = read_turn(ws, agent_id="polyglot", message=MESSAGE,
+                                           options={"max_new_tokens": 40})
+            assert done["type"] == "done" and done["finish_reason"] in ("stop", "length")
+            assert done["usage"]["completion_tokens"] > 0
+            _, text, done2 = turn(ws, agent_id="polyglot", conversation_id=conv,
+                                       message="もう一度 🎉", options={"max_new_tokens": 20})
+            assert done2["finish_reason"] in ("stop", "length")
+            assert done2["usage"]["cached_tokens"] > 0  # the first turn's cache was reused
+
+        answers = stored_answers(server.db_path, conv)
+        assert answers == [("user", MESSAGE), ("assistant", "".join(tokens)),
+                           ("user", "もう一度 🎉"), ("assistant", text)]
+        status, history = http("GET", f"{server.base_url}/conversations/{conv}")
+        assert [t["content"] for t in history["turns"]] == [a[1] for a in answers]
+    assert "demo model" in server.log()
+
+
+def test_multibyte_answer_streams_whole_characters(tmp_path: Path) -> None:
+    answer = "日語 🎉"
+    model = write_chain_model(tmp_path / "chain", answer)  # answers exactly this, byte by byte
+    env = {"STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_MODEL": str(model)}
+    with start_server(tmp_path, env) as server:
+        http("PUT", server.base_url + "/agents/chain",
+             {"name": "Chain", "system_prompt": "", "markdown_context": ""})
+        with connect(server.ws_url) as ws:
+            conv, tokens, done = read_turn(ws, agent_id="chain", message=MESSAGE)
+        assert done["finish_reason"] == "stop"
+        assert done["usage"]["completion_tokens"] == len(answer.encode())  # one token per byte
+        assert tokens == ["日", "語", " ", "🎉"]
+        assert stored_answers(server.db_path, conv) == [("user", MESSAGE), ("assistant", answer)]
