@@ -20,6 +20,7 @@ import msgspec
 
 from . import __version__
 from .agents import Agent, AgentIn
+from .auth import is_public
 from .conversations import ConversationSummary, ConversationView
 from .export import ConversationExport
 from .openai_types import (
@@ -88,7 +89,7 @@ def _openai_error(description: str) -> Body:
 AGENT_ID = Param("agent_id", "path", "1-64 lower-case letters, digits, '-' or '_'.",
                  {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}, required=True)
 CONVERSATION_ID = Param("conversation_id", "path", "A conversation id (conv_...).",
-                        required=True)
+                        {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}, required=True)
 CONVERSATION_HEADER = Param(
     "X-Conversation-Id", "header",
     "A stored conversation to continue and store into, or `new` to start one; without it (and "
@@ -114,30 +115,34 @@ OPERATIONS: tuple[Operation, ...] = (
         400: _error("Invalid id or body."), 422: _error("A field is out of bounds.")},
         request=AgentIn, params=(AGENT_ID,)),
     Operation("delete", "/agents/{agent_id}", "Delete an agent", "agents", {
-        204: Body("Deleted."), 404: _error("No such agent.")}, params=(AGENT_ID,)),
+        204: Body("Deleted."), 400: _error("Invalid id."), 404: _error("No such agent.")},
+        params=(AGENT_ID,)),
 
     Operation("get", "/conversations", "List conversations, most recently active first",
               "conversations", {200: Body("Conversations.", list[ConversationSummary]),
                                 400: _error("A bad query parameter.")}, params=(
-        Param("agent_id", "query", "Only this agent's conversations."),
+        Param("agent_id", "query", "Only this agent's conversations.", AGENT_ID.schema),
         Param("limit", "query", "At most this many (default 100).",
               {"type": "integer", "minimum": 1, "maximum": 1000}),
-        Param("offset", "query", "Skip this many.", {"type": "integer", "minimum": 0}))),
+        Param("offset", "query", "Skip this many.",
+              {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}))),
     Operation("get", "/conversations/{conversation_id}", "Read a conversation and its turns",
               "conversations", {200: Body("The conversation.", ConversationView),
-                                404: _error("No such conversation.")},
+                                400: _error("Invalid id."), 404: _error("No such conversation.")},
               params=(CONVERSATION_ID,)),
     Operation("get", "/conversations/{conversation_id}/export",
               "Export a conversation: a Markdown transcript, or loss-free JSON", "conversations", {
                   200: Body("The transcript (`format=markdown`) or every stored field "
                             "(`format=json`).", str, media_type="text/markdown",
                             also=(("application/json", ConversationExport),)),
-                  400: _error("Unknown format."), 404: _error("No such conversation.")},
+                  400: _error("Unknown format or invalid id."),
+                  404: _error("No such conversation.")},
               params=(CONVERSATION_ID, Param(
                   "format", "query", "markdown (default) or json.",
                   {"type": "string", "enum": ["markdown", "json"], "default": "markdown"}))),
     Operation("delete", "/conversations/{conversation_id}", "Delete a conversation",
-              "conversations", {204: Body("Deleted."), 404: _error("No such conversation.")},
+              "conversations", {204: Body("Deleted."), 400: _error("Invalid id."),
+                                404: _error("No such conversation.")},
               params=(CONVERSATION_ID,)),
 
     Operation("post", "/v1/chat/completions", "OpenAI-compatible chat completion", "openai", {
@@ -189,11 +194,14 @@ def build(operations: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
+        responses = {**_guard_responses(op), **op.responses}
         entry: dict[str, Any] = {
             "operationId": _operation_id(op), "summary": op.summary, "tags": [op.tag],
             "responses": {str(status): _response(body, schema_of)
-                          for status, body in sorted(op.responses.items())},
+                          for status, body in sorted(responses.items())},
         }
+        if is_public(op.path):
+            entry["security"] = []  # served without a key
         if op.description:
             entry["description"] = op.description
         if op.params:
@@ -214,8 +222,26 @@ def build(operations: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
                            "OpenAI-compatible `/v1` API.",
         },
         "paths": paths,
-        "components": {"schemas": dict(sorted(components.items()))},
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "An API key (STREAMING_LLM_API_KEY), when the server has any."}},
+        },
+        "security": [{"bearer": []}],
     }
+
+
+def _guard_responses(op: Operation) -> dict[int, Body]:
+    """What the guards in front of every route may answer (streaming_llm.guards)."""
+    out = {403: _error("A browser Origin that STREAMING_LLM_ALLOWED_ORIGINS does not list.")}
+    if not is_public(op.path):
+        out[401] = _error("Missing or invalid API key (only when the server has keys).")
+    if op.request is not None:
+        out[413] = _error("The body is larger than STREAMING_LLM_MAX_BODY_BYTES.")
+    if op.method in ("put", "post", "delete"):
+        out[503] = _error("The database refused the write (storage_unavailable).")
+    return out
 
 
 def _any_object(t: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of what clients send: socket frames and REST bodies.
 
 Budgeted for ``make test`` (a few hundred examples each, a few seconds); set
-``HYPOTHESIS_PROFILE=fuzz`` for a long run. Whatever arrives, the frame handler never raises, and
+``FUZZ_EXAMPLES=20000`` for a long run. Whatever arrives, the frame handler never raises, and
 answers with exactly one well-formed ``error`` (a known code, a message) or ``pong`` — or queues
 exactly one turn whose fields are within every bound. REST bodies never get a 500.
 """
@@ -30,11 +30,9 @@ from streaming_llm.routes.chat import ChatSocket
 from streaming_llm.settings import Settings
 from streaming_llm.shutdown import LiveSockets
 
-settings.register_profile("default", max_examples=300, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=20_000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+# Per test, not a global profile: other hypothesis tests (schemathesis) keep their own budget.
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 LIMITS = Limits(max_frame_bytes=4096, max_message_chars=500, max_new_tokens=256,
                 max_queued_turns=3)
@@ -126,26 +124,31 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+@fuzz
 @given(st.text(max_size=5000))
 def test_any_text(text: str) -> None:
     check_one(text)
 
 
+@fuzz
 @given(json_values.map(_dumps))
 def test_any_json(text: str) -> None:
     check_one(text)
 
 
+@fuzz
 @given(near_valid_frames.map(_dumps))
 def test_near_valid_frames(text: str) -> None:
     check_one(text)
 
 
+@fuzz
 @given(near_valid_frames.map(_dumps), st.integers(0, 200))
 def test_truncated_frames(text: str, cut: int) -> None:
     check_one(text[: max(0, len(text) - cut)])
 
 
+@fuzz
 @given(st.builds(
     dict, type=st.just("chat"), agent_id=st.from_regex(AGENT_ID, fullmatch=True),
     message=st.text(min_size=1, max_size=500),
@@ -164,7 +167,7 @@ def test_valid_chats_are_queued_unchanged(frame: dict[str, Any]) -> None:
     assert (job.frame.agent_id, job.frame.message) == (frame["agent_id"], frame["message"])
 
 
-@settings(max_examples=max(1, settings().max_examples // 3))
+@settings(fuzz, max_examples=max(1, EXAMPLES // 3))
 @given(st.lists(near_valid_frames.map(_dumps), min_size=1, max_size=12))
 def test_sequences_keep_the_queue_bounded(texts: list[str]) -> None:
     sock, replies = handle_all(texts, queued_before=2)
@@ -192,6 +195,7 @@ agent_bodies = (st.binary(max_size=300)
                     "id": ids | json_values}).map(lambda v: _dumps(v).encode()))
 
 
+@fuzz
 @given(body=agent_bodies, agent_id=ids)
 def test_agent_bodies_never_fail_the_server(rest: Any, body: bytes, agent_id: str) -> None:
     client, data = rest

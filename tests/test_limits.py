@@ -45,6 +45,18 @@ def test_body_over_the_limit_is_413_by_length_and_while_streaming(
         assert [a["id"] for a in client.get("/agents").json()] == ["c"]
 
 
+def test_default_body_limit_fits_the_largest_valid_agent(client: TestClient) -> None:
+    # Every field at its maximum, every character escaped as JSON \uXXXX (as json.dumps does by
+    # default): schema-valid, so it must not be refused for its size.
+    import json
+
+    body = json.dumps({"name": "é" * 200, "system_prompt": "é" * 100_000,
+                       "markdown_context": "é" * 1_000_000}).encode()
+    assert len(body) > 6_000_000
+    resp = client.put("/agents/largest", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 201, resp.text[:200]
+
+
 @pytest.mark.parametrize(("field", "limit"), [
     ("name", 200), ("system_prompt", 100_000), ("markdown_context", 1_000_000)])
 def test_agent_field_sizes(client: TestClient, field: str, limit: int) -> None:
