@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -19,6 +20,7 @@ from websockets.sync.client import connect
 
 from streaming_llm.app import create_app
 from streaming_llm.auth import load_api_keys
+from streaming_llm.client import ApiError, ChatError, list_agents, stream_chat
 from streaming_llm.logs import Redact
 from streaming_llm.settings import Settings, SettingsError
 
@@ -168,6 +170,18 @@ def test_log_lines_never_carry_a_key(line: str, masked: str) -> None:
 
 
 # --- real server ------------------------------------------------------------------------------
+async def _python_client(base_url: str) -> tuple[str, ApiError, ChatError]:
+    """streaming_llm.client with and without ``api_key``."""
+    assert [a.id for a in await list_agents(base_url, api_key=KEY)] == ["echoer"]
+    async with stream_chat(base_url, "echoer", api_key=KEY) as chat:
+        text = (await chat.send_message("through the client")).text
+    with pytest.raises(ApiError) as denied:
+        await list_agents(base_url)
+    with pytest.raises(ChatError) as refused:
+        async with stream_chat(base_url, "echoer"):
+            pass  # pragma: no cover - refused
+    return text, denied.value, refused.value
+
 def _http(method: str, url: str, headers: dict[str, str] | None = None,
           body: dict[str, Any] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
@@ -203,6 +217,10 @@ def test_real_server_keys_on_the_wire_and_never_in_the_log(tmp_path: Path) -> No
                 connect(url, subprotocols=protocols)  # type: ignore[arg-type]
             assert refused.value.response.status_code == 403
         assert _http("GET", server.base_url + "/health")[0] == 200
+        text, denied, refused_socket = asyncio.run(_python_client(server.base_url))
+        assert text == "through the client"
+        assert (denied.status, denied.code) == (401, "unauthorized")
+        assert refused_socket.code == "socket_open_failed" and "403" in refused_socket.message
         log = server.log()
     assert KEY not in log
     assert "token=***" in log and "bearer ***" in log
