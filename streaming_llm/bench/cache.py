@@ -38,18 +38,14 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ..testing.server import start_server
 
 # torch and transformers are imported inside the functions: the CLI imports this module to build
 # its parser, and `streaming-llm serve` must not pay for that.
@@ -374,58 +370,19 @@ def turn_latency(model_dir: Path, data_dir: Path, args: argparse.Namespace,
 
 
 # --- socket: what the service adds ------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server(model_dir: Path, data_dir: Path, args: argparse.Namespace,
-            log_path: Path) -> Iterator[str]:
-    """A real ``python -m streaming_llm serve`` on a free loopback port; yields its base URL."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
-    env.update({
-        "STREAMING_LLM_HOST": "127.0.0.1", "STREAMING_LLM_PORT": str(port),
-        "STREAMING_LLM_DATA_DIR": str(data_dir), "STREAMING_LLM_ENGINE": "local",
-        "STREAMING_LLM_MODEL": str(model_dir), "STREAMING_LLM_DEVICE": "cpu",
+def _server_env(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
+    """The server runs the same local engine and cache settings as the in-process engine."""
+    env = {
+        "STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_MODEL": str(model_dir),
+        "STREAMING_LLM_DEVICE": "cpu",
         "STREAMING_LLM_DTYPE": "float32", "STREAMING_LLM_STREAMING": "true",
         "STREAMING_LLM_SINK_TOKENS": str(args.sink_tokens),
         "STREAMING_LLM_WINDOW_TOKENS": str(args.window_tokens),
-        "STREAMING_LLM_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
-    })
+        "STREAMING_LLM_LOG_LEVEL": "warning",
+    }
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, as here
-    base = f"http://127.0.0.1:{port}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "streaming_llm", "serve"], env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{base}/health did not answer 200 in time")
-            time.sleep(0.2)
-        yield base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    return env
 
 
 async def _socket_rate(base: str, max_new_tokens: int) -> tuple[float, float, int]:
@@ -466,12 +423,14 @@ async def _socket(model_dir: Path, data_dir: Path, args: argparse.Namespace,
     in_process = client = reported = 0.0
     tokens = 0
     try:
-        with _server(model_dir, data_dir / "server", args, data_dir / "server" / "log.txt") as base:
+        with start_server(data_dir / "server", _server_env(model_dir, args),
+                          timeout=300) as server:
             # Alternate the two, so that a change in the machine's load hits both; the first
             # round is a warm-up. Best rate of each.
             for attempt in range(args.repeats + 1):
                 _, usage = await _ask(engine, f"rate-{attempt}", messages, args.socket_tokens)
-                rate, server_rate, tokens = await _socket_rate(base, args.socket_tokens)
+                rate, server_rate, tokens = await _socket_rate(server.base_url,
+                                                               args.socket_tokens)
                 if attempt:
                     in_process = max(in_process, usage.decode_tokens_per_s)
                     client, reported = max(client, rate), max(reported, server_rate)

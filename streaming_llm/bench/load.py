@@ -27,11 +27,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +39,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..testing.server import start_server
 
 GOAL_P99_MS = 100.0
 
@@ -162,54 +161,19 @@ def verify(db_path: Path, results: list[SocketResult]) -> dict[str, int]:
     return {"lost": lost, "reordered": reordered}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _healthy(base_url: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base_url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{base_url}/health did not answer 200 within {timeout}s")
-
-
 @contextmanager
 def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, Path]]:
     """A ``streaming-llm serve`` subprocess on a free loopback port with its own data dir."""
-    with tempfile.TemporaryDirectory(prefix="streaming-llm-load-") as tmp:
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
-        env.update({
-            "STREAMING_LLM_HOST": "127.0.0.1", "STREAMING_LLM_PORT": str(port),
-            "STREAMING_LLM_DATA_DIR": tmp, "STREAMING_LLM_ENGINE": "echo",
-            "STREAMING_LLM_ECHO_DELAY_MS": str(args.echo_delay_ms),
-            "STREAMING_LLM_LOG_LEVEL": "warning",
-        })
-        if args.api_key:
-            env["STREAMING_LLM_API_KEY"] = args.api_key
-        with open(Path(tmp) / "server.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "streaming_llm", "serve"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _healthy(f"http://127.0.0.1:{port}", proc, 120)
-            yield f"http://127.0.0.1:{port}", Path(tmp) / "streaming_llm.db"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    env = {
+        "STREAMING_LLM_ENGINE": "echo",
+        "STREAMING_LLM_ECHO_DELAY_MS": str(args.echo_delay_ms),
+        "STREAMING_LLM_LOG_LEVEL": "warning",
+    }
+    if args.api_key:
+        env["STREAMING_LLM_API_KEY"] = args.api_key
+    with tempfile.TemporaryDirectory(prefix="streaming-llm-load-") as tmp, \
+            start_server(Path(tmp), env) as server:
+        yield server.base_url, server.db_path
 
 
 def _put_agent(base_url: str, api_key: str, agent_id: str) -> None:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-import streaming_llm
+from ..testing.server import child_env, start_server, stop
 
 RATIO_GOAL = 0.9
 ADDED_FIRST_TOKEN_GOAL_MS = 5.0
@@ -255,30 +254,11 @@ async def _through_service(ws: aiohttp.ClientWebSocketResponse, tokens: int, i: 
 
 
 # --- processes ----------------------------------------------------------------------------------
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
-    # the package may be a checkout rather than installed: let the children import this copy
-    root = str(Path(streaming_llm.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextlib.contextmanager
 def _fake_ollama(tokens: int) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "streaming_llm.testing.fake_ollama", "--tokens", str(tokens)],
-        stdout=subprocess.PIPE, env=_child_env({}))
+        stdout=subprocess.PIPE, env=child_env())
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().decode().strip()
@@ -286,53 +266,20 @@ def _fake_ollama(tokens: int) -> Iterator[str]:
             raise RuntimeError(f"the fake Ollama did not start (exit code {proc.poll()})")
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 
 
 @contextlib.contextmanager
 def _service(tmp: Path, fake_url: str, tokens: int) -> Iterator[tuple[str, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = _child_env({
+    env = {
         "STREAMING_LLM_ENGINE": "ollama", "STREAMING_LLM_OLLAMA_URL": fake_url,
-        "STREAMING_LLM_OLLAMA_MODEL": MODEL, "STREAMING_LLM_HOST": "127.0.0.1",
-        "STREAMING_LLM_PORT": str(port), "STREAMING_LLM_DATA_DIR": str(tmp / "data"),
-        "STREAMING_LLM_LOG_LEVEL": "warning", "STREAMING_LLM_MAX_NEW_TOKENS": str(tokens),
-    })
-    log_path = tmp / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streaming_llm", "serve"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base_url, proc, log_path)
-        yield base_url, proc.pid
-    finally:
-        _stop(proc)
-
-
-def _wait_ready(base_url: str, proc: subprocess.Popen[bytes], log_path: Path,
-                timeout: float = 60.0) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streaming-llm serve exited with {proc.returncode}:\n"
-                               f"{log_path.read_text(errors='replace')}")
-        try:
-            with urllib.request.urlopen(base_url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{base_url}/health was not ready within {timeout:g} s:\n"
-                       f"{log_path.read_text(errors='replace')}")
+        "STREAMING_LLM_OLLAMA_MODEL": MODEL, "STREAMING_LLM_LOG_LEVEL": "warning",
+        "STREAMING_LLM_MAX_NEW_TOKENS": str(tokens),
+    }
+    with start_server(tmp, env, log_path=tmp / "serve.log", timeout=60) as server:
+        yield server.base_url, server.proc.pid
 
 
 if __name__ == "__main__":

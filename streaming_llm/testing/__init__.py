@@ -1,1 +1,2 @@
-"""Test doubles that ship with the package, so tests and ``streaming-llm bench`` share one copy."""
+"""Test doubles and a real-server harness that ship with the package, so tests and
+``streaming-llm bench`` share one copy."""
