@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import write_atomically
 from .ids import is_agent_id
 
 log = logging.getLogger(__name__)
@@ -113,18 +112,8 @@ class AgentFiles:
         self._write_bytes(agent_id, render(agent_id, name, system_prompt, markdown_context).encode())
 
     def _write_bytes(self, agent_id: str, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.path(agent_id)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{agent_id}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # the ``.{id}.`` temp prefix is what remove_leftovers() looks for after a crash
+        write_atomically(self.path(agent_id), data, temp_prefix=f".{agent_id}.")
 
     def read_bytes(self, agent_id: str) -> bytes | None:
         """The file as it is now (None when absent), to :meth:`restore` after a failed update."""

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Literal
 import msgspec
 
 from .errors import BadRequest, ConversationNotFound, ServiceError
+from .files import write_atomically
 from .ids import check_conversation_id
 from .settings import Settings
 from .storage.database import Database
@@ -174,20 +173,6 @@ def _outcome(turn: ExportedTurn) -> str:
 
 
 # --- files --------------------------------------------------------------------------------------
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class TranscriptsDir:
     """Keeps ``<directory>/<conversation id>.md`` in step with the database.
 
