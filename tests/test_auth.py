@@ -6,8 +6,6 @@ import asyncio
 import json
 import logging
 import secrets
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from streaming_llm.logs import Redact
 from streaming_llm.settings import Settings, SettingsError
 
 from .fakes import ScriptedEngine
-from .server import start_server
+from .server import http, start_server
 
 KEY = secrets.token_urlsafe(24)
 OTHER = secrets.token_urlsafe(24)
@@ -182,26 +180,13 @@ async def _python_client(base_url: str) -> tuple[str, ApiError, ChatError]:
             pass  # pragma: no cover - refused
     return text, denied.value, refused.value
 
-def _http(method: str, url: str, headers: dict[str, str] | None = None,
-          body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 @pytest.mark.e2e
 def test_real_server_keys_on_the_wire_and_never_in_the_log(tmp_path: Path) -> None:
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
            "STREAMING_LLM_API_KEY": KEY, "STREAMING_LLM_LOG_LEVEL": "debug"}
     with start_server(tmp_path, env) as server:
-        assert _http("GET", server.base_url + "/agents")[0] == 401
-        status, _ = _http("PUT", server.base_url + "/agents/echoer", auth(), {"name": "E"})
+        assert http("GET", server.base_url + "/agents")[0] == 401
+        status, _ = http("PUT", server.base_url + "/agents/echoer", {"name": "E"}, headers=auth())
         assert status == 201
         # The browser way: subprotocols ["bearer", key]; the server selects "bearer".
         with connect(server.ws_url, subprotocols=["bearer", KEY]) as ws:  # type: ignore[list-item]
@@ -216,7 +201,7 @@ def test_real_server_keys_on_the_wire_and_never_in_the_log(tmp_path: Path) -> No
             with pytest.raises(InvalidStatus) as refused:
                 connect(url, subprotocols=protocols)  # type: ignore[arg-type]
             assert refused.value.response.status_code == 403
-        assert _http("GET", server.base_url + "/health")[0] == 200
+        assert http("GET", server.base_url + "/health")[0] == 200
         text, denied, refused_socket = asyncio.run(_python_client(server.base_url))
         assert text == "through the client"
         assert (denied.status, denied.code) == (401, "unauthorized")

@@ -23,20 +23,8 @@ from streaming_llm.app import create_app
 from streaming_llm.settings import Settings
 
 from .conftest import put_agent
-from .server import start_server
+from .server import http, start_server
 from .test_chat import recv_turn
-
-
-def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 # --- read-only database -----------------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 from websockets.sync.client import connect
 
 from .engines.model_dirs import write_chain_model
-from .server import start_server
-from .test_e2e import http, turn
+from .server import http, start_server
+from .test_e2e import turn
 
 pytestmark = pytest.mark.e2e
 
