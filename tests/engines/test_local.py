@@ -26,6 +26,7 @@ from streaming_llm.errors import ContextTooLong, EngineUnavailable, ModelNotFoun
 from streaming_llm.settings import Settings
 
 from . import model_dirs as models
+from .streams import drain
 
 MakeEngine = Callable[..., Awaitable[LocalEngine]]
 SYSTEM = ChatMessage("system", "You are a test agent.\n\n# Notes\nBe brief.")
@@ -67,16 +68,7 @@ def request(messages: list[ChatMessage], *, cid: str = "c", max_new_tokens: int 
 
 async def chat(engine: LocalEngine, messages: list[ChatMessage], **kwargs: Any,
                ) -> tuple[list[str], Finished]:
-    pieces: list[str] = []
-    finished: Finished | None = None
-    async for chunk in engine.stream(request(messages, **kwargs)):
-        assert finished is None, "nothing may follow Finished"
-        if isinstance(chunk, TextChunk):
-            pieces.append(chunk.text)
-        else:
-            finished = chunk
-    assert finished is not None
-    return pieces, finished
+    return await drain(engine.stream(request(messages, **kwargs)))
 
 
 def encode(messages: list[ChatMessage], *, generation_prompt: bool = True) -> list[int]:

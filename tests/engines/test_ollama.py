@@ -11,7 +11,6 @@ import pytest
 from streaming_llm.engines.base import (
     ChatMessage,
     EngineRequest,
-    Finished,
     GenerationOptions,
     TextChunk,
 )
@@ -19,6 +18,8 @@ from streaming_llm.engines.ollama import OllamaEngine, keep_alive_value
 from streaming_llm.errors import EngineError
 from streaming_llm.settings import Settings
 from streaming_llm.testing.fake_ollama import ChatScript, FakeOllama
+
+from .streams import drain
 
 MESSAGES = [
     ChatMessage("system", "You are terse."),
@@ -53,16 +54,7 @@ def request(options: GenerationOptions | None = None, max_new_tokens: int = 64) 
 
 
 async def collect(engine: OllamaEngine, req: EngineRequest | None = None):
-    pieces: list[str] = []
-    finished: Finished | None = None
-    async for chunk in engine.stream(req or request()):
-        assert finished is None, "nothing may follow Finished"
-        if isinstance(chunk, TextChunk):
-            pieces.append(chunk.text)
-        else:
-            finished = chunk
-    assert finished is not None
-    return pieces, finished
+    return await drain(engine.stream(req or request()))
 
 
 async def collect_until_error(engine: OllamaEngine) -> tuple[list[str], EngineError]:
