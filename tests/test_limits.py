@@ -46,13 +46,15 @@ def test_body_over_the_limit_is_413_by_length_and_while_streaming(
 
 
 def test_default_body_limit_fits_the_largest_valid_agent(client: TestClient) -> None:
-    # Every field at its maximum, every character escaped as JSON \uXXXX (as json.dumps does by
-    # default): schema-valid, so it must not be refused for its size.
+    # Every field at its maximum, every character outside the BMP and so escaped as a JSON
+    # surrogate pair (12 bytes, as json.dumps does by default): schema-valid, so it must not be
+    # refused for its size.
     import json
 
-    body = json.dumps({"name": "é" * 200, "system_prompt": "é" * 100_000,
-                       "markdown_context": "é" * 1_000_000}).encode()
-    assert len(body) > 6_000_000
+    emoji = "\U0001f600"
+    body = json.dumps({"name": emoji * 200, "system_prompt": emoji * 100_000,
+                       "markdown_context": emoji * 1_000_000}).encode()
+    assert len(body) > 13_000_000
     resp = client.put("/agents/largest", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 201, resp.text[:200]
 
