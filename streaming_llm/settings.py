@@ -59,7 +59,7 @@ class Settings:
     allowed_origins: str = _f("", "Browser origins allowed to call the API and open the socket, comma-separated (https://app.example.com), or *; empty = same-origin pages and non-browser clients only.")
 
     # --- limits -------------------------------------------------------------------------------
-    max_body_bytes: int = _f(8 * 1024 * 1024, "Largest HTTP request body in bytes (the default fits the largest valid agent, even JSON-escaped); larger ones get 413 payload_too_large.", ge=1024, le=1 << 30)
+    max_body_bytes: int = _f(16 * 1024 * 1024, "Largest HTTP request body in bytes (the default fits the largest valid agent, every character JSON-escaped); larger ones get 413 payload_too_large.", ge=1024, le=1 << 30)
     max_frame_bytes: int = _f(1024 * 1024, "Largest chat socket frame in bytes; larger ones get frame_too_large (4x this closes the socket).", ge=1024, le=1 << 28)
     max_message_chars: int = _f(200_000, "Longest chat message in characters; longer ones get message_too_large.", ge=1, le=100_000_000)
     max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)

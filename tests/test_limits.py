@@ -46,13 +46,15 @@ def test_body_over_the_limit_is_413_by_length_and_while_streaming(
 
 
 def test_default_body_limit_fits_the_largest_valid_agent(client: TestClient) -> None:
-    # Every field at its maximum, every character escaped as JSON \uXXXX (as json.dumps does by
-    # default): schema-valid, so it must not be refused for its size.
+    # Every field at its maximum, every character outside the BMP and so escaped as a JSON
+    # surrogate pair (12 bytes, as json.dumps does by default): schema-valid, so it must not be
+    # refused for its size.
     import json
 
-    body = json.dumps({"name": "é" * 200, "system_prompt": "é" * 100_000,
-                       "markdown_context": "é" * 1_000_000}).encode()
-    assert len(body) > 6_000_000
+    emoji = "\U0001f600"
+    body = json.dumps({"name": emoji * 200, "system_prompt": emoji * 100_000,
+                       "markdown_context": emoji * 1_000_000}).encode()
+    assert len(body) > 13_000_000
     resp = client.put("/agents/largest", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 201, resp.text[:200]
 
@@ -200,3 +202,34 @@ async def test_gate_counts_and_cancellation_do_not_leak_slots() -> None:
     assert gate.running == 0
     for _ in range(2):  # both slots are free again
         await asyncio.wait_for(gate.acquire(), 1)
+
+
+def test_openai_endpoint_shares_the_limits_and_the_gate(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    scripted.pieces = [f"w{i} " for i in range(40)]
+    scripted.delay = 0.01
+    with limited(make_settings, max_message_chars=100, max_new_tokens_limit=64,
+                 max_new_tokens=32, max_concurrent_generations=1,
+                 max_waiting_generations=0) as client:
+        put_agent(client, "helper")
+        gate = client.app_state["services"].conversations.gate
+
+        def complete(content: str, **extra: Any) -> Any:
+            return client.post("/v1/chat/completions", json={
+                "model": "helper", "messages": [{"role": "user", "content": content}], **extra})
+
+        resp = complete("x" * 101)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "message_too_large"
+        resp = complete("x", max_tokens=65)
+        assert resp.status_code == 400
+        assert resp.json()["error"]["code"] == "max_new_tokens_too_large"
+        with client.websocket_connect("/ws/chat") as ws:  # the socket holds the only slot
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "m"})
+            assert ws.receive_json()["type"] == "start"
+            resp = complete("x")
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "busy"
+            recv_turn_rest(ws)
+        _wait_for(lambda: gate.running == 0)
+        resp = complete("x")
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
+        assert gate.running == 0  # given back when the answer ended

@@ -35,6 +35,7 @@ from ..agents import Agent
 from ..conversations import ConversationManager, Turn, store_partial
 from ..engines.base import ChatMessage, FinishReason, GenerationOptions, Usage
 from ..errors import AgentNotFound, BadRequest, EngineError, InvalidId, NotFound, ServiceError
+from ..limits import Limits
 from ..openai_types import (
     AssistantMessage,
     ChatCompletion,
@@ -194,8 +195,11 @@ async def chat_completions(request: Request) -> Response:
     body = await decode_body(request, ChatCompletionRequest)
     messages, options = _messages(body), _options(body)
     conversation_id = _conversation_id(request, body)
-    manager: ConversationManager = request.state.services.conversations
+    services = request.state.services
+    Limits.from_settings(services.settings).check_chat(messages[-1].content, options.max_new_tokens)
+    manager: ConversationManager = services.conversations
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    await manager.gate.acquire()  # a generation slot, as for the socket (busy: 503)
     try:
         if conversation_id is None:
             turn = await manager.begin_unstored(request_id=request_id, agent_id=body.model,
@@ -206,8 +210,12 @@ async def chat_completions(request: Request) -> Response:
                 conversation_id=None if conversation_id == NEW_CONVERSATION else conversation_id,
                 options=options)
     except AgentNotFound:
+        manager.gate.release()
         raise _model_not_found(body.model) from None
-    return TurnResponse(manager, turn, body)
+    except BaseException:
+        manager.gate.release()
+        raise
+    return TurnResponse(manager, turn, body)  # gives the slot back when the answer ends
 
 
 # --- chat completions: the answer ---------------------------------------------------------------
@@ -240,8 +248,11 @@ class TurnResponse(Response):
             if not work.done():
                 log.info("turn %s: client went away, cancelling", self.turn.request_id)
                 work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+            finally:
+                self.manager.gate.release()  # taken in chat_completions
 
     async def run(self) -> None:
         turn, on_piece = self.turn, (self.stream_piece if self.params.stream else _ignore)

@@ -71,14 +71,6 @@ class ConversationRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def create(self, agent_id: str, title: str = "") -> ConversationRow:
-        now = utcnow()
-        row = ConversationRow(id=new_id("conv"), agent_id=agent_id, title=title,
-                              created_at=now, updated_at=now)
-        self.session.add(row)
-        await self.session.flush()
-        return row
-
     async def get(self, conversation_id: str) -> ConversationRow | None:
         return await self.session.get(ConversationRow, conversation_id)
 
@@ -89,11 +81,6 @@ class ConversationRepository:
             query = query.where(ConversationRow.agent_id == agent_id)
         query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
         return list((await self.session.scalars(query.limit(limit).offset(offset))).all())
-
-    async def touch(self, conversation_id: str) -> bool:
-        """Mark the conversation active now; False when it does not exist."""
-        result = await self.session.execute(_touch(conversation_id))
-        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def delete(self, conversation_id: str) -> bool:
         await self.session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
@@ -109,36 +96,6 @@ class TurnRepository:
     async def list_turns(self, conversation_id: str) -> list[TurnRow]:
         query = select(TurnRow).where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq)
         return list((await self.session.scalars(query)).all())
-
-    async def history(self, conversation_id: str) -> list[tuple[int, str, str]]:
-        """``(seq, role, content)`` in order: what a prompt needs, without ORM objects."""
-        query = (select(TurnRow.seq, TurnRow.role, TurnRow.content)
-                 .where(TurnRow.conversation_id == conversation_id).order_by(TurnRow.seq))
-        return [(r.seq, r.role, r.content) for r in await self.session.execute(query)]
-
-    async def append(self, conversation_id: str, *, role: str, content: str,
-                     finish_reason: str | None = None, prompt_tokens: int | None = None,
-                     completion_tokens: int | None = None, usage: str | None = None,
-                     request_id: str | None = None, seq: int | None = None) -> TurnRow:
-        """Append with the next ``seq`` of the conversation (0, 1, 2, ...).
-
-        A caller that has just read the history passes ``seq`` and saves a query; the unique
-        ``(conversation_id, seq)`` constraint still refuses a stale one.
-        """
-        if seq is None:
-            last = await self.session.scalar(
-                select(func.max(TurnRow.seq)).where(TurnRow.conversation_id == conversation_id))
-            seq = 0 if last is None else last + 1
-        row = TurnRow(
-            id=new_id("turn"), conversation_id=conversation_id,
-            seq=seq, role=role, content=content,
-            finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, usage=usage, request_id=request_id,
-            created_at=utcnow(),
-        )
-        self.session.add(row)
-        await self.session.flush()
-        return row
 
 
 # --- the writer thread (Database.write): a plain connection, one transaction -----------------
@@ -176,7 +133,7 @@ def touch_conversation(conn: Connection, conversation_id: str) -> bool:
 
 
 def append_turn(conn: Connection, conversation_id: str, **fields: Any) -> str:
-    """Append a turn (fields as :meth:`TurnRepository.append`) and return its id."""
+    """Append a turn (``role``, ``content`` and the other ``turns`` columns) and return its id."""
     statement, values = _insert_turn(conversation_id, **fields)
     conn.execute(statement).scalar_one()
     return str(values["id"])

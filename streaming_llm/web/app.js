@@ -17,9 +17,16 @@ import {
 const BASE = new URL('..', import.meta.url).href.replace(/\/+$/, '')
 const WS_URL = `${BASE.replace(/^http/, 'ws')}/ws/chat`
 
+// With API keys configured the server answers 401 until the page has one: it asks in the header
+// and keeps the key for this tab only (sessionStorage), for REST and the socket alike.
+const KEY_STORAGE = 'streaming-llm.apiKey'
+
 const $ = (id) => document.getElementById(id)
 const ui = {
   health: $('health'),
+  keyForm: $('key-form'),
+  keyInput: $('api-key'),
+  keyError: $('key-error'),
   agentSelect: $('agent-select'),
   newAgent: $('new-agent'),
   editAgent: $('edit-agent'),
@@ -47,12 +54,64 @@ const ui = {
 }
 
 const state = {
+  apiKey: storedKey(),
   agents: [],
   agentId: null,
   conversationId: null, // null: the next message starts a new conversation
   chat: null, // { stream }: the open socket of this agent and conversation
   busy: false,
   pending: null, // the assistant message waiting for its turn's tokens
+}
+
+// --- API key ------------------------------------------------------------------------------------
+function storedKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE)
+  } catch {
+    return null // storage disabled: the key lasts until the page is left
+  }
+}
+
+function storeKey(key) {
+  state.apiKey = key
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key)
+    else sessionStorage.removeItem(KEY_STORAGE)
+  } catch {
+    // storage disabled
+  }
+}
+
+/** The last argument of every REST helper: this server, with the key when there is one. */
+function conn() {
+  return { baseUrl: BASE, apiKey: state.apiKey ?? undefined }
+}
+
+function isUnauthorized(err) {
+  return err instanceof ApiError && err.status === 401
+}
+
+/** The server refused a request for want of a (valid) key: forget the key and ask for one. */
+function askForKey() {
+  const refused = Boolean(state.apiKey)
+  storeKey(null)
+  closeChat()
+  delete document.body.dataset.ready
+  ui.keyError.textContent = refused ? 'That key was refused.' : ''
+  ui.keyForm.hidden = false
+  ui.empty.textContent = 'This server needs an API key: enter it above.'
+  ui.empty.hidden = false
+  ui.keyInput.focus()
+}
+
+function useKey(event) {
+  event.preventDefault()
+  storeKey(ui.keyInput.value.trim())
+  ui.keyInput.value = ''
+  ui.keyForm.hidden = true
+  ui.empty.textContent = EMPTY_TEXT
+  say('')
+  start().catch(fail)
 }
 
 // --- location hash: #agent=<id>&conversation=<id> survives a reload ---------------------------
@@ -69,6 +128,8 @@ function writeHash() {
 }
 
 // --- small helpers ------------------------------------------------------------------------------
+const EMPTY_TEXT = ui.empty.textContent
+
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props)
   node.append(...children)
@@ -129,7 +190,7 @@ function renderTurns(turns) {
 
 // --- agents ---------------------------------------------------------------------------------
 async function loadAgents(preferred, conversationId = null) {
-  state.agents = await listAgents(BASE)
+  state.agents = await listAgents(conn())
   ui.agentSelect.replaceChildren(...state.agents.map((a) => el('option', { value: a.id, textContent: `${a.name} (${a.id})` })))
   const hasAgents = state.agents.length > 0
   ui.empty.hidden = hasAgents
@@ -177,12 +238,13 @@ async function saveAgent(event) {
       name: ui.agentName.value.trim(),
       system_prompt: ui.agentSystemPrompt.value,
       markdown_context: ui.agentMarkdownContext.value,
-    }, BASE)
+    }, conn())
     ui.dialog.close()
     say(`Saved agent ${saved.name}.`)
     await loadAgents(saved.id)
   } catch (err) {
     ui.agentError.textContent = describeError(err)
+    if (isUnauthorized(err)) askForKey()
   }
 }
 
@@ -190,17 +252,17 @@ async function removeAgent() {
   const agent = state.agents.find((a) => a.id === state.agentId)
   if (!agent || !confirm(`Delete agent “${agent.name}”? Its conversations stay in the database.`)) return
   try {
-    await deleteAgent(agent.id, BASE)
+    await deleteAgent(agent.id, conn())
     say(`Deleted agent ${agent.name}.`)
     await loadAgents(null)
   } catch (err) {
-    say(describeError(err), 'error')
+    fail(err)
   }
 }
 
 // --- conversations --------------------------------------------------------------------------
 async function loadConversations() {
-  const conversations = await listConversations(state.agentId, BASE)
+  const conversations = await listConversations(state.agentId, conn())
   ui.conversationList.replaceChildren(
     ...conversations.map((c) => {
       const when = new Date(c.updated_at).toLocaleString()
@@ -233,7 +295,7 @@ async function openConversation(conversationId) {
     ui.transcript.replaceChildren()
     return
   }
-  const conversation = await getConversation(conversationId, BASE)
+  const conversation = await getConversation(conversationId, conn())
   renderTurns(conversation.turns)
 }
 
@@ -258,6 +320,7 @@ async function chat() {
     backendUrl: WS_URL,
     agentId: state.agentId,
     conversationId: state.conversationId ?? undefined,
+    apiKey: state.apiKey ?? undefined,
     onEvent: (event) => {
       const bubble = state.pending
       if (event.type === 'start' && bubble) bubbles.set(event.requestId, bubble)
@@ -302,6 +365,8 @@ async function send(event) {
     bubble.item.classList.add('failed')
     say(describeError(err), 'error')
     if (err instanceof ChatError && ['socket_closed', 'socket_open_failed'].includes(err.code)) state.chat = null
+    // Browsers do not say why a socket was refused: ask the REST side whether the key went stale.
+    if (err instanceof ChatError && err.code === 'socket_open_failed') listAgents(conn()).catch(fail)
   } finally {
     state.pending = null
     bubble.item.classList.remove('streaming')
@@ -313,7 +378,8 @@ async function send(event) {
 
 // --- wiring ---------------------------------------------------------------------------------
 function fail(err) {
-  say(describeError(err), 'error')
+  if (isUnauthorized(err)) askForKey() // the key prompt says it
+  else say(describeError(err), 'error')
 }
 
 async function showHealth() {
@@ -331,11 +397,12 @@ async function showHealth() {
   }
 }
 
+ui.keyForm.addEventListener('submit', useKey)
 ui.agentSelect.addEventListener('change', () => selectAgent(ui.agentSelect.value).catch(fail))
 ui.newAgent.addEventListener('click', () => openAgentDialog(null))
 ui.editAgent.addEventListener('click', async () => {
   try {
-    openAgentDialog(await getAgent(state.agentId, BASE))
+    openAgentDialog(await getAgent(state.agentId, conn()))
   } catch (err) {
     fail(err)
   }
@@ -351,10 +418,10 @@ ui.message.addEventListener('keydown', (event) => {
 ui.stop.addEventListener('click', () => state.chat?.stream.cancel())
 
 async function start() {
-  showHealth()
   const wanted = readHash()
   await loadAgents(wanted.agent, wanted.conversation)
   document.body.dataset.ready = 'true'
 }
 
+showHealth()
 start().catch(fail)

@@ -4,6 +4,11 @@
  * No runtime dependencies: it uses the global `fetch` and `WebSocket` (Node callers without a
  * global `WebSocket` pass `socketFactory`, e.g. one built on the `ws` package).
  *
+ * API keys: a server with keys configured wants one on every call. REST helpers take it in their
+ * last argument, `{ baseUrl, apiKey }` instead of the plain base URL, and send it as
+ * `Authorization: Bearer <key>`; `streamChat({ apiKey })` offers it as the WebSocket subprotocols
+ * `["bearer", key]` (browsers cannot set headers on a socket; the server answers `bearer`).
+ *
  * Naming: REST resources (`Agent`, `Conversation`, `Turn`) mirror the server's JSON, so their
  * fields are snake_case; everything the client builds itself (options, events, results, usage)
  * is camelCase, and is translated to and from snake_case on the wire.
@@ -129,6 +134,17 @@ export interface Health {
   [field: string]: unknown
 }
 
+/**
+ * Where and how the REST helpers reach the server: their last argument is this object or just the
+ * base URL (a string).
+ */
+export interface ClientOptions {
+  /** Default `http://localhost:8000`. */
+  baseUrl?: string
+  /** Sent as `Authorization: Bearer <key>`; needed when the server has API keys configured. */
+  apiKey?: string
+}
+
 export interface SendMessageRequest {
   message: string
   options?: ChatOptions
@@ -142,7 +158,11 @@ export interface WebSocketLike {
   addEventListener(type: 'open' | 'message' | 'error' | 'close', listener: (event: any) => void): void
 }
 
-export type SocketFactory = (url: string) => WebSocketLike
+/**
+ * Makes a socket. `protocols` is set when the stream has an `apiKey` (`["bearer", key]`) and must
+ * be passed on, e.g. `(url, protocols) => new WebSocket(url, protocols)`.
+ */
+export type SocketFactory = (url: string, protocols?: string[]) => WebSocketLike
 
 export interface StreamChatParams {
   /** The socket URL, e.g. `ws://localhost:8000/ws/chat`. */
@@ -155,6 +175,8 @@ export interface StreamChatParams {
   conversationId?: string
   /** Makes the socket; defaults to the global `WebSocket`. */
   socketFactory?: SocketFactory
+  /** The server's API key, offered as the subprotocols `["bearer", key]` when the socket opens. */
+  apiKey?: string
 }
 
 export interface ChatStream {
@@ -185,7 +207,8 @@ export class ApiError extends Error {
 
 /**
  * A chat turn or stream failed. `code` is the server's (`agent_not_found`, `engine_error`, ...)
- * or one of the client's own: `socket_open_failed`, `no_websocket`, `socket_closed`, `stopped`.
+ * or one of the client's own: `socket_open_failed` (a socket refused for a missing or wrong API
+ * key included), `no_websocket`, `socket_closed`, `stopped`.
  */
 export class ChatError extends Error {
   readonly code: string
@@ -201,16 +224,16 @@ export class ChatError extends Error {
 
 // --- REST ------------------------------------------------------------------------------------
 
-export function listAgents(baseUrl?: string): Promise<Agent[]> {
+export function listAgents(baseUrl?: string | ClientOptions): Promise<Agent[]> {
   return request<Agent[]>('GET', '/agents', baseUrl)
 }
 
-export function getAgent(id: string, baseUrl?: string): Promise<Agent> {
+export function getAgent(id: string, baseUrl?: string | ClientOptions): Promise<Agent> {
   return request<Agent>('GET', `/agents/${segment(id)}`, baseUrl)
 }
 
 /** Create or replace the agent `agent.id`; resolves with the agent as stored. */
-export function updateAgent(agent: Agent, baseUrl?: string): Promise<Agent> {
+export function updateAgent(agent: Agent, baseUrl?: string | ClientOptions): Promise<Agent> {
   const { name, system_prompt, markdown_context } = agent
   return request<Agent>('PUT', `/agents/${segment(agent.id)}`, baseUrl, {
     name,
@@ -219,40 +242,43 @@ export function updateAgent(agent: Agent, baseUrl?: string): Promise<Agent> {
   })
 }
 
-export async function deleteAgent(id: string, baseUrl?: string): Promise<void> {
+export async function deleteAgent(id: string, baseUrl?: string | ClientOptions): Promise<void> {
   await request<unknown>('DELETE', `/agents/${segment(id)}`, baseUrl)
 }
 
 /** Conversations, newest first; only the agent's when `agentId` is given. */
-export function listConversations(agentId?: string, baseUrl?: string): Promise<Conversation[]> {
+export function listConversations(agentId?: string, baseUrl?: string | ClientOptions): Promise<Conversation[]> {
   const query = agentId === undefined ? '' : `?agent_id=${encodeURIComponent(agentId)}`
   return request<Conversation[]>('GET', `/conversations${query}`, baseUrl)
 }
 
-export function getConversation(id: string, baseUrl?: string): Promise<ConversationDetail> {
+export function getConversation(id: string, baseUrl?: string | ClientOptions): Promise<ConversationDetail> {
   return request<ConversationDetail>('GET', `/conversations/${segment(id)}`, baseUrl)
 }
 
-export async function deleteConversation(id: string, baseUrl?: string): Promise<void> {
+export async function deleteConversation(id: string, baseUrl?: string | ClientOptions): Promise<void> {
   await request<unknown>('DELETE', `/conversations/${segment(id)}`, baseUrl)
 }
 
 /** The health report; it resolves while the engine loads too (the server answers 503 then). */
-export function getHealth(baseUrl?: string): Promise<Health> {
+export function getHealth(baseUrl?: string | ClientOptions): Promise<Health> {
   return request<Health>('GET', '/health', baseUrl, undefined, [503])
 }
 
 async function request<T>(
   method: string,
   path: string,
-  baseUrl: string | undefined,
+  target: string | ClientOptions | undefined,
   body?: unknown,
   alsoOk: number[] = [],
 ): Promise<T> {
+  const { baseUrl, apiKey } = clientOptions(target)
   const url = (baseUrl ?? DEFAULT_BASE_URL).replace(/\/+$/, '') + path
-  const init: RequestInit = { method, headers: { accept: 'application/json' } }
+  const headers: Record<string, string> = { accept: 'application/json' }
+  if (apiKey !== undefined) headers.authorization = `Bearer ${apiKey}`
+  const init: RequestInit = { method, headers }
   if (body !== undefined) {
-    init.headers = { accept: 'application/json', 'content-type': 'application/json' }
+    headers['content-type'] = 'application/json'
     init.body = JSON.stringify(body)
   }
   let response: Response
@@ -288,6 +314,26 @@ async function request<T>(
   return parsed as T
 }
 
+function clientOptions(target: string | ClientOptions | undefined | null): ClientOptions {
+  if (target === undefined || target === null) return {}
+  if (typeof target === 'string') return { baseUrl: target }
+  if (!isObject(target)) throw new TypeError('the last argument must be a base URL or { baseUrl?, apiKey? }')
+  const { baseUrl, apiKey } = target
+  if (baseUrl !== undefined && typeof baseUrl !== 'string') throw new TypeError('baseUrl must be a string')
+  return { baseUrl, apiKey: checkApiKey(apiKey) }
+}
+
+// The alphabet the server allows for keys: it fits a header and a subprotocol without escaping.
+const API_KEY_RE = /^[A-Za-z0-9._~-]+$/
+
+function checkApiKey(apiKey: unknown): string | undefined {
+  if (apiKey === undefined || apiKey === null) return undefined
+  if (typeof apiKey !== 'string' || !API_KEY_RE.test(apiKey)) {
+    throw new TypeError('apiKey must be a non-empty string of A-Z a-z 0-9 - _ . ~')
+  }
+  return apiKey
+}
+
 function segment(id: string): string {
   if (typeof id !== 'string' || id === '') throw new TypeError('id must be a non-empty string')
   return encodeURIComponent(id)
@@ -316,7 +362,9 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
   const { backendUrl, agentId, onEvent } = params
   if (typeof agentId !== 'string' || agentId === '') throw new TypeError('agentId must be a non-empty string')
   const defaults = wireOptions(params.options)
-  const socket = await openSocket(backendUrl, params.socketFactory ?? globalSocketFactory())
+  const apiKey = checkApiKey(params.apiKey)
+  const protocols = apiKey === undefined ? undefined : ['bearer', apiKey]
+  const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory())
 
   let conversationId = params.conversationId
   let ended: ChatError | null = null
@@ -492,22 +540,22 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
 }
 
 function globalSocketFactory(): SocketFactory {
-  const Ctor = (globalThis as { WebSocket?: new (url: string) => WebSocketLike }).WebSocket
+  const Ctor = (globalThis as { WebSocket?: new (url: string, protocols?: string[]) => WebSocketLike }).WebSocket
   if (typeof Ctor !== 'function') {
     throw new ChatError(
       'no_websocket',
       'this runtime has no global WebSocket (Node.js before 22): pass socketFactory, ' +
-        "e.g. (url) => new WebSocket(url) with WebSocket from the 'ws' package",
+        "e.g. (url, protocols) => new WebSocket(url, protocols) with WebSocket from the 'ws' package",
     )
   }
-  return (url) => new Ctor(url)
+  return (url, protocols) => (protocols ? new Ctor(url, protocols) : new Ctor(url))
 }
 
-function openSocket(url: string, factory: SocketFactory): Promise<WebSocketLike> {
+function openSocket(url: string, protocols: string[] | undefined, factory: SocketFactory): Promise<WebSocketLike> {
   return new Promise((resolve, reject) => {
     let socket: WebSocketLike
     try {
-      socket = factory(url)
+      socket = protocols ? factory(url, protocols) : factory(url)
     } catch (err) {
       reject(new ChatError('socket_open_failed', `cannot open a chat socket to ${url}: ${describe(err)}`, null, { cause: err }))
       return
@@ -518,7 +566,15 @@ function openSocket(url: string, factory: SocketFactory): Promise<WebSocketLike>
       settled = true
       const why = event.error ?? event.message
       const detail = why ? `: ${describe(why)}` : event.code ? ` (code ${event.code})` : ''
-      reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}`))
+      // The server refuses a socket before accepting it (HTTP 403) for a missing or wrong key or a
+      // foreign origin. Browsers hide the status, so the hint goes by whether a key was sent.
+      const refused = why !== undefined && /\b40[13]\b/.test(describe(why))
+      const hint = refused
+        ? protocols
+          ? ' (was the API key right?)'
+          : ' (does the server want an API key? pass apiKey)'
+        : ''
+      reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}${hint}`))
       try {
         socket.close()
       } catch {

@@ -2,11 +2,13 @@
 // playwright-core) against a real `streaming-llm serve` with the echo engine.
 // Set STREAMING_LLM_SCREENSHOT_DIR to keep screenshots of the page.
 import assert from 'node:assert/strict'
+import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { after, before, test } from 'node:test'
 import { chromium } from 'playwright-core'
 
+import { updateAgent } from '../dist/index.js'
 import { startServer } from './server.mjs'
 
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium'
@@ -24,7 +26,10 @@ const CHROMIUM_ARGS = [
 ]
 const words = (n) => Array.from({ length: n }, (_, i) => `word${i}`).join(' ')
 
+const API_KEY = randomBytes(24).toString('base64url')
+
 let server
+let keyedServer // the same, with STREAMING_LLM_API_KEY set
 let browser
 let page
 const problems = [] // uncaught page errors and console errors: there must be none
@@ -37,12 +42,9 @@ async function screenshot(name) {
   await page.screenshot({ path: join(dir, `${name}.png`) })
 }
 
-before(async () => {
-  assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium chromium-driver`)
-  // 15 ms a word: a short answer streams in visible steps, a long one runs long enough to stop.
-  server = await startServer({ env: { STREAMING_LLM_ECHO_DELAY_MS: '15' } })
-  // launch() gives Chromium a fresh temporary --user-data-dir and removes it on close.
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 60_000 })
+/** A fresh page (its own context: no storage shared with the last one) reporting to problems/failed. */
+async function newPage() {
+  await page?.context().close()
   page = await browser.newPage({ viewport: { width: 1100, height: 720 } })
   page.setDefaultTimeout(15_000)
   page.on('pageerror', (err) => problems.push(`page error: ${err.message}`))
@@ -54,11 +56,23 @@ before(async () => {
     if (response.status() >= 400) failed.push(`${response.request().method()} ${new URL(response.url()).pathname} ${response.status()}`)
   })
   page.on('dialog', (dialog) => dialog.accept()) // the delete confirmation
+}
+
+before(async () => {
+  assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium chromium-driver`)
+  // 15 ms a word: a short answer streams in visible steps, a long one runs long enough to stop.
+  ;[server, keyedServer] = await Promise.all([
+    startServer({ env: { STREAMING_LLM_ECHO_DELAY_MS: '15' } }),
+    startServer({ env: { STREAMING_LLM_ECHO_DELAY_MS: '15', STREAMING_LLM_API_KEY: API_KEY } }),
+  ])
+  // launch() gives Chromium a fresh temporary --user-data-dir and removes it on close.
+  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 60_000 })
+  await newPage()
 })
 
 after(async () => {
   await browser?.close()
-  await server?.stop()
+  await Promise.all([server?.stop(), keyedServer?.stop()])
 })
 
 async function load() {
@@ -183,4 +197,50 @@ test('a bad agent id is refused in the dialog with the server message', async ()
   await page.click('#agent-cancel')
   assert.deepEqual(problems, [])
   assert.deepEqual(failed, ['PUT /agents/Bad%20Id 400'])
+})
+
+test('a keyed server: the page asks for the API key, keeps it for the tab, and uses it for REST and the socket', async () => {
+  await newPage()
+  problems.length = 0
+  failed.length = 0
+  const keyed = { baseUrl: keyedServer.baseUrl, apiKey: API_KEY }
+  await updateAgent({ id: 'guarded', name: 'Guarded', system_prompt: 'Be brief.', markdown_context: '' }, keyed)
+
+  // No key yet: /agents answers 401 and the page asks for one.
+  await page.goto(`${keyedServer.baseUrl}/`)
+  await page.waitForSelector('#key-form', { state: 'visible' })
+  assert.match(await page.textContent('#empty'), /needs an API key/)
+  assert.equal(await page.evaluate(() => document.activeElement?.id), 'api-key')
+  assert.equal(await page.textContent('#key-error'), '')
+  assert.equal(await page.textContent('#status'), '')
+  await page.waitForSelector('#health[data-ready="true"]') // /health is public
+  await screenshot('5-key-prompt')
+
+  // A wrong key (well formed) is refused and forgotten; the prompt says so.
+  await page.fill('#api-key', `${API_KEY.slice(0, -1)}${API_KEY.endsWith('A') ? 'B' : 'A'}`)
+  await page.click('#key-save')
+  await page.waitForFunction(() => document.querySelector('#key-error').textContent === 'That key was refused.')
+  assert.equal(await page.locator('#key-form').isVisible(), true)
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('streaming-llm.apiKey')), null)
+
+  // The right key: the agents load, and a message streams over the keyed socket.
+  await page.fill('#api-key', API_KEY)
+  await page.press('#api-key', 'Enter')
+  await page.waitForSelector('body[data-ready="true"]')
+  assert.equal(await page.locator('#key-form').isVisible(), false)
+  assert.equal(await page.inputValue('#agent-select'), 'guarded')
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('streaming-llm.apiKey')), API_KEY)
+  await page.fill('#message', words(8))
+  await page.click('#send')
+  await page.waitForSelector('.message.assistant[data-finish-reason="stop"]')
+  assert.equal(await page.textContent('.message.assistant:last-child .text'), words(8))
+  await screenshot('6-keyed-chat')
+
+  // A reload keeps the key for this tab: no prompt, the conversation comes back.
+  await page.reload()
+  await page.waitForSelector('body[data-ready="true"]')
+  await page.waitForSelector('.message.assistant[data-finish-reason="stop"]')
+  assert.equal(await page.locator('#key-form').isVisible(), false)
+  assert.deepEqual(problems, [])
+  assert.deepEqual(failed, ['GET /agents 401', 'GET /agents 401'])
 })

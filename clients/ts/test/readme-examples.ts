@@ -1,7 +1,7 @@
 // Type-checked, never run (`npm run typecheck`): the README's examples, written as callers use the
 // package, so a change to the public API that breaks them fails the build.
 import { listAgents, getAgent, updateAgent, deleteAgent, streamChat, type Agent, type ChatEvent } from 'streaming-llm-client'
-import { ApiError, ChatError, type ChatResult, type SocketFactory } from 'streaming-llm-client'
+import { ApiError, ChatError, type ChatResult, type ClientOptions, type SocketFactory } from 'streaming-llm-client'
 import WebSocket from 'ws'
 
 export async function issueExample(): Promise<void> {
@@ -27,7 +27,9 @@ export async function issueExample(): Promise<void> {
 
 export async function nodeExample(): Promise<ChatResult | undefined> {
   // The `ws` package's WebSocket fits `socketFactory` as it is.
-  const socketFactory: SocketFactory = (url) => new WebSocket(url)
+  const socketFactory: SocketFactory = (url, protocols) => new WebSocket(url, protocols)
+  const plain: SocketFactory = (url) => new WebSocket(url) // fine for servers without keys
+  void plain
   const chat = await streamChat({ backendUrl: 'ws://localhost:8000/ws/chat', agentId: 'reviewer', socketFactory })
   try {
     const result = await chat.sendMessage({ message: 'Hello', options: { maxNewTokens: 64, stop: ['\n\n'] } })
@@ -42,4 +44,14 @@ export async function nodeExample(): Promise<ChatResult | undefined> {
   } finally {
     chat.stop()
   }
+}
+
+export async function apiKeyExample(): Promise<void> {
+  const server: ClientOptions = { baseUrl: 'https://chat.example.com', apiKey: process.env.STREAMING_LLM_API_KEY }
+  const agents = await listAgents(server)
+  await updateAgent({ id: 'reviewer', name: 'Reviewer', system_prompt: '...', markdown_context: '...' }, server)
+  const chat = await streamChat({ backendUrl: 'wss://chat.example.com/ws/chat', agentId: agents[0].id, apiKey: server.apiKey })
+  chat.stop()
+  await getAgent('reviewer', { apiKey: 'a-key-of-16-chars-or-more' }) // base URL defaults as before
+  await deleteAgent('reviewer', server)
 }

@@ -4,6 +4,11 @@
  * No runtime dependencies: it uses the global `fetch` and `WebSocket` (Node callers without a
  * global `WebSocket` pass `socketFactory`, e.g. one built on the `ws` package).
  *
+ * API keys: a server with keys configured wants one on every call. REST helpers take it in their
+ * last argument, `{ baseUrl, apiKey }` instead of the plain base URL, and send it as
+ * `Authorization: Bearer <key>`; `streamChat({ apiKey })` offers it as the WebSocket subprotocols
+ * `["bearer", key]` (browsers cannot set headers on a socket; the server answers `bearer`).
+ *
  * Naming: REST resources (`Agent`, `Conversation`, `Turn`) mirror the server's JSON, so their
  * fields are snake_case; everything the client builds itself (options, events, results, usage)
  * is camelCase, and is translated to and from snake_case on the wire.
@@ -23,7 +28,8 @@ export class ApiError extends Error {
 }
 /**
  * A chat turn or stream failed. `code` is the server's (`agent_not_found`, `engine_error`, ...)
- * or one of the client's own: `socket_open_failed`, `no_websocket`, `socket_closed`, `stopped`.
+ * or one of the client's own: `socket_open_failed` (a socket refused for a missing or wrong API
+ * key included), `no_websocket`, `socket_closed`, `stopped`.
  */
 export class ChatError extends Error {
     code;
@@ -69,11 +75,15 @@ export async function deleteConversation(id, baseUrl) {
 export function getHealth(baseUrl) {
     return request('GET', '/health', baseUrl, undefined, [503]);
 }
-async function request(method, path, baseUrl, body, alsoOk = []) {
+async function request(method, path, target, body, alsoOk = []) {
+    const { baseUrl, apiKey } = clientOptions(target);
     const url = (baseUrl ?? DEFAULT_BASE_URL).replace(/\/+$/, '') + path;
-    const init = { method, headers: { accept: 'application/json' } };
+    const headers = { accept: 'application/json' };
+    if (apiKey !== undefined)
+        headers.authorization = `Bearer ${apiKey}`;
+    const init = { method, headers };
     if (body !== undefined) {
-        init.headers = { accept: 'application/json', 'content-type': 'application/json' };
+        headers['content-type'] = 'application/json';
         init.body = JSON.stringify(body);
     }
     let response;
@@ -109,6 +119,28 @@ async function request(method, path, baseUrl, body, alsoOk = []) {
     }
     return parsed;
 }
+function clientOptions(target) {
+    if (target === undefined || target === null)
+        return {};
+    if (typeof target === 'string')
+        return { baseUrl: target };
+    if (!isObject(target))
+        throw new TypeError('the last argument must be a base URL or { baseUrl?, apiKey? }');
+    const { baseUrl, apiKey } = target;
+    if (baseUrl !== undefined && typeof baseUrl !== 'string')
+        throw new TypeError('baseUrl must be a string');
+    return { baseUrl, apiKey: checkApiKey(apiKey) };
+}
+// The alphabet the server allows for keys: it fits a header and a subprotocol without escaping.
+const API_KEY_RE = /^[A-Za-z0-9._~-]+$/;
+function checkApiKey(apiKey) {
+    if (apiKey === undefined || apiKey === null)
+        return undefined;
+    if (typeof apiKey !== 'string' || !API_KEY_RE.test(apiKey)) {
+        throw new TypeError('apiKey must be a non-empty string of A-Z a-z 0-9 - _ . ~');
+    }
+    return apiKey;
+}
 function segment(id) {
     if (typeof id !== 'string' || id === '')
         throw new TypeError('id must be a non-empty string');
@@ -127,7 +159,9 @@ export async function streamChat(params) {
     if (typeof agentId !== 'string' || agentId === '')
         throw new TypeError('agentId must be a non-empty string');
     const defaults = wireOptions(params.options);
-    const socket = await openSocket(backendUrl, params.socketFactory ?? globalSocketFactory());
+    const apiKey = checkApiKey(params.apiKey);
+    const protocols = apiKey === undefined ? undefined : ['bearer', apiKey];
+    const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory());
     let conversationId = params.conversationId;
     let ended = null;
     let queue = [];
@@ -310,15 +344,15 @@ function globalSocketFactory() {
     const Ctor = globalThis.WebSocket;
     if (typeof Ctor !== 'function') {
         throw new ChatError('no_websocket', 'this runtime has no global WebSocket (Node.js before 22): pass socketFactory, ' +
-            "e.g. (url) => new WebSocket(url) with WebSocket from the 'ws' package");
+            "e.g. (url, protocols) => new WebSocket(url, protocols) with WebSocket from the 'ws' package");
     }
-    return (url) => new Ctor(url);
+    return (url, protocols) => (protocols ? new Ctor(url, protocols) : new Ctor(url));
 }
-function openSocket(url, factory) {
+function openSocket(url, protocols, factory) {
     return new Promise((resolve, reject) => {
         let socket;
         try {
-            socket = factory(url);
+            socket = protocols ? factory(url, protocols) : factory(url);
         }
         catch (err) {
             reject(new ChatError('socket_open_failed', `cannot open a chat socket to ${url}: ${describe(err)}`, null, { cause: err }));
@@ -331,7 +365,15 @@ function openSocket(url, factory) {
             settled = true;
             const why = event.error ?? event.message;
             const detail = why ? `: ${describe(why)}` : event.code ? ` (code ${event.code})` : '';
-            reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}`));
+            // The server refuses a socket before accepting it (HTTP 403) for a missing or wrong key or a
+            // foreign origin. Browsers hide the status, so the hint goes by whether a key was sent.
+            const refused = why !== undefined && /\b40[13]\b/.test(describe(why));
+            const hint = refused
+                ? protocols
+                    ? ' (was the API key right?)'
+                    : ' (does the server want an API key? pass apiKey)'
+                : '';
+            reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}${hint}`));
             try {
                 socket.close();
             }
