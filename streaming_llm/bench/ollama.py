@@ -277,6 +277,8 @@ def _service(tmp: Path, fake_url: str, tokens: int) -> Iterator[tuple[str, int]]
         "STREAMING_LLM_ENGINE": "ollama", "STREAMING_LLM_OLLAMA_URL": fake_url,
         "STREAMING_LLM_OLLAMA_MODEL": MODEL, "STREAMING_LLM_LOG_LEVEL": "warning",
         "STREAMING_LLM_MAX_NEW_TOKENS": str(tokens),
+        # The ceiling must admit the default, or the server refuses to start.
+        "STREAMING_LLM_MAX_NEW_TOKENS_LIMIT": str(max(tokens, 4096)),
     }
     with start_server(tmp, env, log_path=tmp / "serve.log", timeout=60) as server:
         yield server.base_url, server.proc.pid

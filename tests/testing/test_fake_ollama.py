@@ -33,7 +33,8 @@ async def test_streamed_chat_is_ndjson_with_a_final_done_line(fake):
     assert final["done"] is True and final["done_reason"] == "stop"
     assert final["eval_count"] == 2 and final["prompt_eval_count"] == 5
     assert {"total_duration", "load_duration", "prompt_eval_duration", "eval_duration"} <= set(final)
-    assert fake.chats[0].body == BODY and fake.chats[0].complete.is_set()
+    # The fake marks the answer complete on its own thread, just after the last write.
+    assert fake.chats[0].body == BODY and fake.chats[0].complete.wait(5)
     assert not fake.chats[0].disconnected.is_set()
 
 
