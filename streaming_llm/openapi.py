@@ -247,7 +247,7 @@ def _guard_responses(op: Operation) -> dict[int, Body]:
 def _any_object(t: Any) -> dict[str, Any]:
     if t is object:  # dict[str, object]: free-form JSON values
         return {"description": "any JSON value"}
-    raise NotImplementedError
+    raise NotImplementedError  # msgspec's schema_hook protocol: "not a type this hook handles"
 
 
 def _response(body: Body, schema_of: dict[int, Any]) -> dict[str, Any]:
