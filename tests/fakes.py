@@ -27,6 +27,7 @@ class ScriptedEngine:
     reason: str = "stop"
     fail_after: int | None = None  # raise EngineError after this many pieces
     ready: bool = True
+    refuse: EngineError | None = None  # what refusal() answers: a turn refused before storing
     requests: list[EngineRequest] = field(default_factory=list)
     closed_streams: int = 0
     forgotten: list[str] = field(default_factory=list)
@@ -39,6 +40,9 @@ class ScriptedEngine:
 
     async def health(self) -> EngineHealth:
         return EngineHealth(ready=self.ready, model="scripted-model")
+
+    def refusal(self) -> EngineError | None:
+        return self.refuse
 
     def forget(self, conversation_id: str) -> None:
         self.forgotten.append(conversation_id)

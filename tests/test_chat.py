@@ -233,6 +233,31 @@ def test_engine_failure_stores_partial_with_error(client: TestClient, settings: 
     assert db_turns(settings, start["conversation_id"])[-1] == (1, "assistant", "Hello, ", "error")
 
 
+def test_a_turn_the_engine_refuses_stores_nothing(client: TestClient, settings: Settings,
+                                                  scripted: ScriptedEngine) -> None:
+    from streaming_llm.errors import EngineUnavailable
+
+    put_agent(client, "helper")
+    scripted.refuse = EngineUnavailable("could not load model 'x'")
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "hi", "request_id": "r"})
+        error = ws.receive_json()
+        assert (error["type"], error["request_id"], error["code"]) == (
+            "error", "r", "engine_unavailable")
+        assert error["message"] == "could not load model 'x'"
+        # An unknown agent is still named first, whatever the engine's state.
+        ws.send_json({"type": "chat", "agent_id": "nobody", "message": "hi"})
+        assert ws.receive_json()["code"] == "agent_not_found"
+        scripted.refuse = None
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "now"})
+        start, _, done = recv_turn(ws)
+        assert done["type"] == "done"
+    assert scripted.requests[-1].messages[-1].content == "now" and len(scripted.requests) == 1
+    assert [r[2] for r in db_turns(settings, start["conversation_id"])] == ["now", "Hello, world!"]
+    with sqlite3.connect(settings.data_dir / "streaming_llm.db") as db:
+        assert db.execute("SELECT count(*) FROM turns").fetchone() == (2,)
+
+
 def test_disconnect_mid_answer_stops_generation(client: TestClient, settings: Settings,
                                                 scripted: ScriptedEngine) -> None:
     put_agent(client, "helper")

@@ -18,6 +18,8 @@ from typing import Annotated, Literal, Protocol, runtime_checkable
 import msgspec
 from msgspec import Meta
 
+from ..errors import EngineError
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -100,3 +102,8 @@ class Engine(Protocol):
 
     def forget(self, conversation_id: str) -> None:
         """Drop any per-conversation state (the conversation was deleted)."""
+
+    def refusal(self) -> EngineError | None:
+        """Why no turn can start now, when that is known without I/O (the model is still
+        loading, or failed to load); None means "try". Checked before a user turn is stored, so
+        a turn that cannot run leaves nothing behind."""

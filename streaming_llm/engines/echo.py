@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+from ..errors import EngineError
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 
 _WORDS = re.compile(r"\S+\s*|\s+")
@@ -35,6 +36,9 @@ class EchoEngine:
 
     def forget(self, conversation_id: str) -> None:
         return None
+
+    def refusal(self) -> EngineError | None:
+        return None  # always ready
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         message = request.messages[-1].content

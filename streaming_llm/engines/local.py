@@ -271,13 +271,18 @@ class LocalEngine:
     def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         return self._stream(request)
 
+    def refusal(self) -> EngineError | None:
+        if self._ready:
+            return None
+        if self._error is not None:
+            return EngineUnavailable(self._error)
+        if self._closed:
+            return EngineUnavailable("the local engine has shut down")
+        return EngineNotReady(f"the model {self._model_name} is still loading")
+
     async def _stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
-        if not self._ready:
-            if self._error is not None:
-                raise EngineUnavailable(self._error)
-            if self._closed:
-                raise EngineUnavailable("the local engine has shut down")
-            raise EngineNotReady(f"the model {self._model_name} is still loading")
+        if (refused := self.refusal()) is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
 

@@ -144,6 +144,9 @@ class OllamaEngine:
     def forget(self, conversation_id: str) -> None:
         return None  # Ollama keeps no per-conversation state for us
 
+    def refusal(self) -> EngineError | None:
+        return None  # Ollama's state is learned per request (its errors are stable codes)
+
     # --- health ---------------------------------------------------------------------------------
     async def health(self) -> EngineHealth:
         """Does Ollama answer, and does it have the model? Cached ``health_ttl_s`` seconds."""
