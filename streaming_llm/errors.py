@@ -35,7 +35,14 @@ class InvalidId(BadRequest):
 
 
 class ValidationFailed(ServiceError):
+    """A body that breaks its type; ``field`` is the path of the bad value (``messages[0].role``)
+    when there is one."""
+
     code, status = "validation_error", 422
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(ServiceError):

@@ -66,6 +66,8 @@ class Settings:
     max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)
     max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot.", ge=1, le=100_000)
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
+    max_generations_per_client: int = _f(8, "Generation slots one client address may hold at once; its further turns wait while other addresses' turns go ahead.", ge=1, le=100_000)
+    send_timeout_s: float = _f(30.0, "Seconds a chat socket may go without taking a frame (a client that stopped reading); then its turn is cancelled and stored as cancelled, its slot freed and the socket closed with 1008.", ge=0.1, le=3600)
 
     # --- local engine -------------------------------------------------------------------------
     model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")

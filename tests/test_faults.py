@@ -165,7 +165,7 @@ def test_unwritable_agents_dir(make_settings: Callable[..., Settings], tmp_path:
                                scripted: Any) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the agents directory should be")
-    with TestClient(create_app(make_settings(agents_dir=blocker))) as client:
+    with TestClient(create_app(make_settings(agents_dir=blocker), engine=scripted)) as client:
         resp = client.put("/agents/a", json={"name": "A"})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
         assert "agents directory cannot be written" in resp.json()["error"]["message"]
