@@ -22,11 +22,9 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from .errors import Conflict, ServiceError
+from .errors import Busy, Conflict
 
-
-class Busy(ServiceError):
-    code, status = "busy", 503
+__all__ = ["Busy", "ConversationBusy", "ConversationLocks", "GenerationGate"]
 
 
 class ConversationBusy(Conflict):

@@ -91,6 +91,12 @@ class EngineProtocolError(EngineError):
     code = "engine_protocol_error"
 
 
+class Busy(ServiceError):
+    """A limit on waiting work is reached (generation slots, a socket's queue): try again."""
+
+    code, status = "busy", 503
+
+
 class ShuttingDown(ServiceError):
     """The server is draining for a shutdown and starts no new turn."""
 

@@ -207,3 +207,32 @@ def test_model_that_fails_to_load(tmp_path: Path) -> None:
         log = server.log()
     assert "ERROR streaming_llm.app: engine 'local' failed to start" in log
     assert "Traceback" not in log
+
+
+def test_disk_filling_mid_answer_keeps_user_and_assistant_turns_alternating(
+        client: TestClient, scripted: Any, disk: dict[str, bool]) -> None:
+    """The user turn is stored, the disk fills while the answer streams, the answer cannot be
+    stored: the client is told, and the conversation's next turn first records the lost answer
+    as an empty ``error`` turn, so no two user turns follow each other."""
+    put_agent(client, "helper")
+    scripted.pieces = ["y" * 50_000] * 3
+    scripted.delay = 0.05
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
+        start = ws.receive_json()
+        assert start["type"] == "start"
+        disk["full"] = True
+        while (frame := ws.receive_json())["type"] == "token":
+            pass
+        assert (frame["type"], frame["code"]) == ("error", "storage_unavailable")
+        assert frame["message"].startswith("the answer could not be stored")
+        disk["full"] = False
+        scripted.pieces = ["fine"]
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "again",
+                      "conversation_id": start["conversation_id"]})
+        _, _, done = recv_turn(ws)
+        assert done["type"] == "done"
+    turns = client.get(f"/conversations/{start['conversation_id']}").json()["turns"]
+    assert [(t["role"], t["content"], t["finish_reason"]) for t in turns] == [
+        ("user", "first", None), ("assistant", "", "error"),
+        ("user", "again", None), ("assistant", "fine", "stop")]

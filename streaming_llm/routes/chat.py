@@ -65,6 +65,17 @@ class _Job:
     control: TurnControl = field(default_factory=TurnControl)
     task: asyncio.Task[None] | None = None
     seq: int = 0
+    queued: bool = True  # counted in streaming_llm_turns_queued
+
+    def dequeue(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.socket.metrics.turns_queued.dec()
+
+    def ended(self, task: asyncio.Task[None]) -> None:
+        # A done callback: it runs even for a task cancelled before it started.
+        self.dequeue()
+        self.socket.jobs.pop(self.request_id, None)
 
     async def start(self, turn: Turn) -> None:
         await self.socket.send(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
@@ -122,10 +133,10 @@ class ChatSocket:
             self.closed = True
             await self._close(code, reason)
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def _close(self, code: int, reason: str, timeout_s: float = 2.0) -> None:
         # Bounded: the close frame waits for the write buffer like any frame.
         with contextlib.suppress(OSError, RuntimeError, TimeoutError, WebSocketDisconnect):
-            async with asyncio.timeout(min(self.send_timeout_s, 2.0)):
+            async with asyncio.timeout(timeout_s):
                 await self.ws.close(code, reason[:120])
 
     async def error(self, request_id: str | None, code: str, message: str, **extra: str) -> None:
@@ -156,8 +167,8 @@ class ChatSocket:
             for task in jobs:
                 task.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
-            if self.stalled is not None:
-                await self._close(SEND_TIMEOUT_CLOSE, self.stalled)
+            if self.stalled is not None:  # a client that reads again gets the reason
+                await self._close(SEND_TIMEOUT_CLOSE, self.stalled, self.send_timeout_s)
 
     async def handle(self, text: str) -> None:
         try:
@@ -206,6 +217,7 @@ class ChatSocket:
         self.jobs[request_id] = job
         self.metrics.turns_queued.inc()
         job.task = asyncio.create_task(self.work(job), name=f"turn-{request_id}")
+        job.task.add_done_callback(job.ended)
 
     async def cancel(self, request_id: str | None) -> None:
         job = self.current if request_id is None else self.jobs.get(request_id)
@@ -218,14 +230,12 @@ class ChatSocket:
 
     # one job ------------------------------------------------------------------------------------
     async def work(self, job: _Job) -> None:
-        queued = True
         try:
             try:
                 async with job.control.cancellable():
                     await self.turns.acquire()
             finally:
-                self.metrics.turns_queued.dec()
-                queued = False
+                job.dequeue()
             try:
                 self.current = job
                 await self.run_turn(job)
@@ -233,7 +243,8 @@ class ChatSocket:
                 self.current = None
                 self.turns.release()
         except TurnCancelled:
-            await self.error(job.request_id, "cancelled", "cancelled before it started")
+            with contextlib.suppress(ClientGone):
+                await self.error(job.request_id, "cancelled", "cancelled before it started")
         except ClientGone:
             pass  # the reader sees it too, and ends the socket
         except Exception:  # one broken turn must not take the socket down with it
@@ -241,8 +252,6 @@ class ChatSocket:
             with contextlib.suppress(ClientGone):
                 await self.error(job.request_id, "internal_error", "internal server error")
         finally:
-            if queued:
-                self.metrics.turns_queued.dec()
             self.jobs.pop(job.request_id, None)
 
     async def run_turn(self, job: _Job) -> None:

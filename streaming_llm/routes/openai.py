@@ -202,7 +202,8 @@ async def chat_completions(request: Request) -> Response:
     messages, options = _messages(body), _options(body)
     conversation_id = _conversation_id(request, body)
     services = request.state.services
-    Limits.from_settings(services.settings).check_chat(messages[-1].content, options.max_new_tokens)
+    Limits.from_settings(services.settings).check_messages([m.content for m in messages],
+                                                           options.max_new_tokens)
     stored = conversation_id is not None
     spec = TurnSpec(
         request_id=f"chatcmpl-{uuid.uuid4().hex}", agent_id=body.model,
