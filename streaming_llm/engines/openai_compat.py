@@ -36,7 +36,7 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 
-from ..errors import EngineError, EngineProtocolError
+from ..errors import EngineError, EngineProtocolError, EngineUnavailable
 from ..settings import Settings, url_list
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 from .upstream import HEALTH_TTL_S, UpstreamEngine, error_message, lines
@@ -155,11 +155,11 @@ class OpenAIEngine(UpstreamEngine):
                 body[name] = value
         return body
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
+    async def prepare(self) -> None:
         if self._served is None:  # no model configured: ask the server which one it serves
-            await self.health()
-        async for chunk in super().stream(request):
-            yield chunk
+            report = await self.health()
+            if self._served is None:
+                raise EngineUnavailable(report.detail or f"{self.where} names no model")
 
     async def read_answer(self, resp: aiohttp.ClientResponse,
                           started: float) -> AsyncGenerator[Chunk, None]:

@@ -22,7 +22,8 @@ that do not depend on the wire format:
   split across reads, many lines in one read), for NDJSON and server-sent events alike.
 
 A subclass sets ``name``, ``label`` (how messages call the upstream), ``chat_path``, and writes
-``chat_body``, ``read_answer`` (the body → text pieces and one :class:`Finished`) and ``_probe``.
+``chat_body``, ``read_answer`` (the body → text pieces and one :class:`Finished`) and ``_probe``;
+``prepare`` runs before each request.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class UpstreamEngine:
             report = await self._probe()
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             report = self.unhealthy(f"{self.where} is not reachable ({describe(exc)})")
-        except (aiohttp.ClientResponseError, msgspec.DecodeError) as exc:
+        except (aiohttp.ClientError, msgspec.DecodeError) as exc:
             report = self.unhealthy(f"{self.where} gave an unexpected answer ({describe(exc)})")
         self._health = (time.monotonic(), report)
         return report
@@ -167,6 +168,10 @@ class UpstreamEngine:
     def chat_body(self, request: EngineRequest) -> dict[str, Any]:
         raise NotImplementedError
 
+    async def prepare(self) -> None:
+        """Called before each request; learn what the request needs (e.g. the model's name)."""
+        return None
+
     def read_answer(self, resp: aiohttp.ClientResponse,
                     started: float) -> AsyncGenerator[Chunk, None]:
         """The answer's text pieces, then one :class:`Finished` once the protocol says it ended.
@@ -175,6 +180,7 @@ class UpstreamEngine:
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         started = time.perf_counter()
+        await self.prepare()
         resp = await self._post(self.chat_path, _encoder.encode(self.chat_body(request)))
         clean = False  # True once the stream ended as the protocol says: keep the connection
         try:

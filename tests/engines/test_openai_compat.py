@@ -92,6 +92,14 @@ async def test_without_a_model_setting_the_first_listed_model_is_used(fake, http
     assert (await engine.health()).model == "fake-model"
 
 
+async def test_without_a_model_setting_a_server_listing_none_is_engine_unavailable(http):
+    with FakeOpenAI(models=[]) as fake:
+        _, error = await collect_until_error(make_engine(fake, http, openai_model=""))
+        assert fake.chats == []  # nothing was sent with no model to name
+    assert error.code == "engine_unavailable"
+    assert error.message == f"openai at {fake.base_url} lists no model at /models"
+
+
 # --- the answer -------------------------------------------------------------------------------
 async def test_pieces_then_finish_with_the_upstreams_usage(fake, http):
     fake.script = CompletionScript(tokens=["The", " sky", " is", " blue", "."], cached_tokens=3)
