@@ -228,3 +228,25 @@ async def test_metrics_show_each_backends_state(pool, fakes):
     assert sum(turns.values()) >= 2
     for url, n in turns.items():
         assert f'streaming_llm_backend_turns_total{{backend="{url}"}} {float(n)}' in text
+
+
+async def test_openai_base_urls_make_a_pool_that_moves_off_a_stopped_server(http):
+    from streaming_llm.testing.fake_openai import CompletionScript, FakeOpenAI
+
+    servers = [FakeOpenAI(script=CompletionScript(tokens=[f"s{i}"])).start() for i in range(3)]
+    try:
+        engine = create_engine(Settings(
+            engine="openai", openai_base_url=",".join(s.base_url for s in servers),
+            openai_model="fake-model", backend_retry_s=0.05), http)
+        assert isinstance(engine, BackendPool) and engine.name == "openai"
+        await engine.start()
+        pieces, _ = await drain(engine.stream(turn("c1")))
+        home = int(pieces[0].removeprefix("s"))
+        servers[home].stop()
+        pieces, finished = await drain(engine.stream(turn("c1")))
+        assert pieces != [f"s{home}"] and finished.reason == "stop"
+        assert states(engine)[home] == "down"
+        await engine.close()
+    finally:
+        for server in servers:
+            server.stop()
