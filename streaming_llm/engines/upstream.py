@@ -11,6 +11,8 @@ that do not depend on the wire format:
   that drops mid-answer is :class:`ConnectionLost` (``engine_error``); any other non-2xx answer is
   ``engine_error`` with the upstream's own message (Ollama's ``{"error": "..."}``, OpenAI's
   ``{"error": {"message": ...}}``, vLLM's ``{"object": "error", "message": ...}``);
+- **kept-alive connections**: a request whose pooled connection turns out closed by the server
+  (its idle timeout, a restart) is sent once more on a new connection;
 - **cancellation**: closing the stream (or cancelling the task reading it) closes the upstream
   response *and its TCP connection*, which is how Ollama, vLLM and llama-server learn that the
   client went away and stop generating; a stream that ended as its protocol says is read to the
@@ -211,8 +213,14 @@ class UpstreamEngine:
 
     async def _post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         try:
-            return await self._http.post(self._base + path, data=body, timeout=self._timeout,
-                                         headers=self._headers)
+            try:
+                return await self._http.post(self._base + path, data=body, timeout=self._timeout,
+                                             headers=self._headers)
+            except aiohttp.ServerDisconnectedError:
+                # A kept-alive connection the server had just closed (uvicorn, so vLLM, drops
+                # idle ones after 5 s; a restart drops them all): once more, on a new one.
+                return await self._http.post(self._base + path, data=body, timeout=self._timeout,
+                                             headers=self._headers)
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailable(f"{self.where} is not reachable ({describe(exc)})") from exc
         except aiohttp.ConnectionTimeoutError as exc:

@@ -293,3 +293,12 @@ async def test_health_is_cached_so_checks_do_not_hammer_ollama(fake, http):
     await asyncio.sleep(0.25)
     assert (await engine.health()).ready is False
     assert fake.hits["/api/version"] == 2
+
+
+async def test_the_first_turn_after_ollama_restarted_gets_a_fresh_connection(fake, http):
+    engine = make_engine(fake, http)
+    await collect(engine)  # its connection is kept for the next turn...
+    fake.stop()
+    fake.start()  # ...but Ollama restarted (same port) and that connection is dead
+    pieces, finished = await collect(engine)
+    assert "".join(pieces) == "Hello, world!" and finished.reason == "stop"
