@@ -256,7 +256,7 @@ class ConversationManager:
         return Turn(request_id, request.conversation_id, "", request, stored=False, started=started)
 
     async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
-        """Yield the answer's text pieces; ``turn.pieces`` keeps what was yielded so far and
+        """Yield the answer's text pieces; ``turn.pieces`` keeps those the caller took and
         ``turn.finished`` receives the engine's :class:`Finished`."""
         stream = cast(AsyncGenerator[Chunk, None], self.engine.stream(turn.request))
         try:
@@ -270,8 +270,10 @@ class ConversationManager:
                         else:
                             self.metrics.inter_token.observe(now - turn.last_token_at)
                         turn.last_token_at = now
-                        turn.pieces.append(chunk.text)
                         yield chunk.text
+                        # Kept once the caller took it (sent it): a piece whose sending failed
+                        # or was cancelled is not part of the stored answer.
+                        turn.pieces.append(chunk.text)
                 elif isinstance(chunk, Finished):
                     turn.finished = Finished(chunk.reason, turn.timed(chunk.usage))
                     return

@@ -77,11 +77,15 @@ def unanswered(db_path: Path) -> int:
 def client_socket(server: ServerProcess, source: str, *, rcvbuf: int | None = None) -> socket.socket:
     """A TCP connection to the server from the loopback address ``source``."""
     sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((source, 0))
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", server.port))
+    try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.port))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -124,8 +128,10 @@ def test_non_reading_sockets_cannot_stop_other_clients(tmp_path: Path) -> None:
 
 
 def _non_readers_and_a_good_client(server: ServerProcess) -> None:
-    stalled = [chat_socket(server, rcvbuf=4096) for _ in range(SLOW_READERS)]
+    stalled: list[ClientConnection] = []
     try:
+        for _ in range(SLOW_READERS):
+            stalled.append(chat_socket(server, rcvbuf=4096))
         for ws in stalled:
             for _ in range(3):
                 ws.send(chat(LONG))
@@ -206,16 +212,15 @@ def test_early_disconnects_leave_every_turn_answered_and_every_gauge_at_zero(
         put_echoer(server)
 
         def vanish(n: int) -> None:
-            sock = client_socket(server, "127.0.0.1")
-            ws = connect(server.ws_url, sock=sock, open_timeout=10, legacy=True)
-            ws.send(chat(f"turn {n} " + "word " * 50))
-            if n % 3 == 0:
-                ws.close()  # a clean close
-            else:  # a reset (RST), after a moment or at once
-                if n % 3 == 1:
-                    time.sleep(0.005)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
+            with client_socket(server, "127.0.0.1") as sock:
+                ws = connect(server.ws_url, sock=sock, open_timeout=10, legacy=True)
+                ws.send(chat(f"turn {n} " + "word " * 50))
+                if n % 3 == 0:
+                    ws.close()  # a clean close
+                else:  # a reset (RST), after a moment or at once
+                    if n % 3 == 1:
+                        time.sleep(0.005)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
         workers = [threading.Thread(target=lambda k=k: [vanish(n) for n in range(k, 300, 10)])
                    for k in range(10)]
@@ -262,14 +267,18 @@ def _raw_chat_socket(port: int) -> socket.socket:
     import os
 
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -295,7 +304,7 @@ def test_keepalive_close_mid_answer_is_stored_as_cancelled(
     settings = make_settings(max_message_chars=10_000_000, max_frame_bytes=20_000_000,
                              max_new_tokens=4096)
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning",
-                            ws_ping_interval=2, ws_ping_timeout=1, lifespan="on")
+                            ws_ping_interval=5, ws_ping_timeout=1, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
@@ -304,21 +313,20 @@ def test_keepalive_close_mid_answer_is_stored_as_cancelled(
     try:
         base = f"http://127.0.0.1:{port}"
         assert http("PUT", base + "/agents/echoer", {"name": "Echoer"})[0] == 201
-        sock = _raw_chat_socket(port)
-        sock.sendall(_masked_text(chat(HUGE).encode()))
         db = settings.data_dir / "streaming_llm.db"
         data = b""
         deadline = time.monotonic() + 60
-        try:  # read slowly, never pong, until the answer is stored
-            while sum(len(r) for r in turns(db).values()) < 2:
-                assert time.monotonic() < deadline, "the answer was never stored"
-                if not (chunk := sock.recv(4096)):
-                    break
-                data += chunk
-                time.sleep(0.005)
-        except (TimeoutError, ConnectionResetError):
-            pass
-        sock.close()
+        with _raw_chat_socket(port) as sock:
+            sock.sendall(_masked_text(chat(HUGE).encode()))  # well before the first ping (5 s)
+            try:  # read slowly, never pong, until the answer is stored
+                while sum(len(r) for r in turns(db).values()) < 2:
+                    assert time.monotonic() < deadline, "the answer was never stored"
+                    if not (chunk := sock.recv(4096)):
+                        break
+                    data += chunk
+                    time.sleep(0.005)
+            except (TimeoutError, ConnectionResetError):
+                pass
         assert b'"type":"start"' in data and b'"type":"done"' not in data
         wait_for(lambda: sum(len(r) for r in turns(db).values()) == 2, 15, "answer not stored")
         (rows,) = turns(db).values()
