@@ -20,7 +20,8 @@ def test_upgrade_creates_schema_and_downgrade_removes_it(tmp_path: Path) -> None
         assert {"prompt_tokens", "completion_tokens", "usage", "created_at"} <= set(cols)
         assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
     upgrade_to_head(url)  # idempotent
-    command.downgrade(alembic_config(url), "base")
+    with alembic_config(url) as cfg:
+        command.downgrade(cfg, "base")
     with sqlite3.connect(path) as db:
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert names == {"alembic_version"}

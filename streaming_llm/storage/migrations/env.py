@@ -36,10 +36,10 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
 
 
 async def run_migrations_online() -> None:
-    from streaming_llm.storage.database import _ensure_sqlite_dir
+    from streaming_llm.storage.database import ensure_sqlite_dir
 
     url = _url()
-    _ensure_sqlite_dir(url)
+    ensure_sqlite_dir(url)
     engine = create_async_engine(url)
     async with engine.connect() as connection:
         await connection.run_sync(_run)
