@@ -4,12 +4,15 @@ both): plain SQL through SQLAlchemy, outside the service."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import text
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from streaming_llm.settings import Settings
+
+T = TypeVar("T")
 
 
 def fetch(url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -32,3 +35,28 @@ def stored_turns(settings: Settings, conversation_id: str) -> list[tuple[Any, ..
                  "SELECT seq, role, content, finish_reason FROM turns "
                  "WHERE conversation_id = :conversation ORDER BY seq", conversation=conversation_id)
     return [tuple(row.values()) for row in rows]
+
+
+def columns(url: str) -> dict[str, list[str]]:
+    """Every table of the database at ``url`` and its column names, in order."""
+
+    def read(conn: Any) -> dict[str, list[str]]:
+        inspector = inspect(conn)
+        return {table: [c["name"] for c in inspector.get_columns(table)]
+                for table in inspector.get_table_names()}
+
+    return run_sync(url, read)
+
+
+def run_sync(url: str, fn: Callable[[Connection], T]) -> T:
+    """``fn(connection)`` on a synchronous connection to the database at ``url``."""
+
+    async def run() -> T:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(fn)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
