@@ -116,7 +116,10 @@ def chat_turn(server: ServerProcess, message: str, conversation_id: str | None) 
     frame: dict[str, Any] = {"type": "chat", "agent_id": "echoer", "message": message}
     if conversation_id:
         frame["conversation_id"] = conversation_id
-    with connect(server.ws_url, open_timeout=10) as ws:
+    # The id in the URL too, as a balancer routing by conversation needs (deploy/nginx); ignored
+    # by the service.
+    url = server.ws_url + (f"?conversation_id={conversation_id}" if conversation_id else "")
+    with connect(url, open_timeout=10) as ws:
         ws.send(json.dumps(frame))
         start = json.loads(ws.recv(timeout=30))
         assert start["type"] == "start", start

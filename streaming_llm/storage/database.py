@@ -102,8 +102,9 @@ class Database:
         self._writer: ThreadPoolExecutor | None = None
         self._readers: ThreadPoolExecutor | None = None
         if self.dialect != "sqlite":
-            # pre-ping: a connection the server dropped (restart, failover) is replaced, not used
-            self.engine = create_async_engine(url, pool_pre_ping=True)
+            # No pool_pre_ping (a round trip per transaction): a connection the server dropped
+            # fails its request with StorageUnavailable, and the pool then reconnects.
+            self.engine = create_async_engine(url)
         else:
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
             self.sqlite = create_engine(sync_url, pool_size=1 + READERS, max_overflow=0)
