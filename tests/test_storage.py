@@ -20,10 +20,11 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 from websockets.sync.client import connect
 
-from streaming_llm.errors import StorageConflict
+from streaming_llm.errors import StorageConflict, StorageUnavailable
 from streaming_llm.storage import queries
 from streaming_llm.storage.database import Database, alembic_config, upgrade_to_head
 from streaming_llm.storage.models import AgentRow, Base, utcnow
+from streaming_llm.testing.postgres import PostgresServer
 
 from .conftest import BOTH_DATABASES, database_env
 from .database import columns, fetch, run_sync
@@ -195,3 +196,22 @@ def test_two_instances_on_one_postgresql_serve_one_conversation(
         views = [http("GET", f"{s.base_url}/conversations/{conversation}")[1] for s in (a, b)]
         assert views[0] == views[1] and len(views[0]["turns"]) == 16
     assert "Traceback" not in a.log() + b.log()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_postgresql_restart_fails_one_request_clearly_then_the_pool_reconnects(
+        database_url: str, postgres: PostgresServer) -> None:
+    db = Database(database_url)
+    await db.migrate()
+    try:
+        await db.write(lambda s: queries.upsert_agent(s, "a", name="A", system_prompt="",
+                                                      markdown_context=""))
+        await asyncio.to_thread(postgres.restart)  # the pooled connection is now dead
+        try:
+            agents = await db.read(queries.list_agents)
+        except StorageUnavailable as exc:  # the request that met the dropped connection
+            assert exc.message.startswith("storage unavailable:")
+            agents = await db.read(queries.list_agents)
+        assert [a.id for a in agents] == ["a"]
+    finally:
+        await db.close()

@@ -54,6 +54,13 @@ class PostgresServer:
                         "-U", USER, name], check=True, capture_output=True, timeout=60)
         return self.url(name)
 
+    def restart(self) -> None:
+        """Stop the server (dropping every connection) and start it again on the same port."""
+        # `restart` starts it with the options it was started with (port, loopback only).
+        subprocess.run([*self.run_as, str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
+                        str(self.data / "server.log"), "-m", "fast", "-w", "restart"],
+                       check=True, capture_output=True, timeout=90, cwd=self.data.parent)
+
     def log(self) -> str:
         path = self.data / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
