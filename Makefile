@@ -36,9 +36,11 @@ client: $(CLIENT)/node_modules/.package-lock.json
 chromium:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
-# PostgreSQL server binaries for the storage tests, which start their own server (Debian packages).
+# PostgreSQL server binaries for the storage tests, which start their own server, and nginx for
+# the test of deploy/nginx (Debian packages).
 postgresql:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql)
+	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx)
 
 # Backend + reference page together: rebuilds the client into the page, then serves.
 dev: migrate client
