@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 NPM ?= npm
 CLIENT := clients/ts
 
-.PHONY: install run test test-python test-client migrate client chromium postgresql dev lint clean
+.PHONY: install run test test-python test-client migrate client chromium test-servers dev lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ chromium:
 
 # PostgreSQL server binaries for the storage tests, which start their own server, and nginx for
 # the test of deploy/nginx (Debian packages).
-postgresql:
+test-servers:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql)
 	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx)
 
@@ -52,7 +52,7 @@ lint: install
 	$(PY) -m ruff check streaming_llm tests
 	$(PY) -m mypy streaming_llm
 
-test-python: install postgresql
+test-python: install test-servers
 	$(PY) -m pytest
 
 test-client: install client chromium
