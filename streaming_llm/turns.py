@@ -44,13 +44,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sqlalchemy.exc import OperationalError
-
 from .admission import ConversationLocks, GenerationGate
 from .conversations import ConversationManager, Turn
 from .engines.base import ChatMessage
 from .errors import EngineError, ServiceError
-from .storage.database import storage_error
 from .wire import FinishReason, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
@@ -183,11 +180,7 @@ class TurnRunner:
                     log.info("turn %s ended: %s (the client went away)", spec.request_id,
                              ending.reason)
                 raise
-            except OperationalError as exc:
-                if turn is None:
-                    raise storage_error(exc) from None
-                failure = storage_error(exc)
-            except ServiceError as exc:  # EngineError included
+            except ServiceError as exc:  # EngineError and the storage's errors included
                 if turn is None:
                     raise
                 failure = exc
@@ -220,9 +213,7 @@ class TurnRunner:
                 else self.manager.discard(turn, reason, usage))
         try:
             turn_id = await asyncio.shield(work)
-        except OperationalError as exc:
-            return Ending(turn.conversation_id, reason, usage, None, storage_error(exc))
-        except ServiceError as exc:
+        except ServiceError as exc:  # storage_unavailable, storage_conflict, deleted meanwhile
             return Ending(turn.conversation_id, reason, usage, None, exc)
         log.info("turn %s finished: %s, %d pieces in %.2fs", turn.request_id, reason,
                  len(turn.pieces), time.perf_counter() - turn.started)
