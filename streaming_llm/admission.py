@@ -8,7 +8,8 @@ those that may run: a waiter whose address is at its cap does not hold up a wait
 address. Past ``max_waiting`` waiters a new turn is refused at once with :class:`Busy`.
 
 :class:`ConversationLocks` lets one turn at a time run in a conversation, across sockets and
-``/v1`` calls alike, so two clients continuing one conversation never interleave its history.
+``/v1`` calls alike: a second one waits (holding no generation slot) until the first answer is
+stored, so two clients continuing one conversation never interleave its history.
 
 Both are used as ``async with``: leaving the block, however it is left (an answer, an error, a
 cancel, a disconnect), gives the slot back.
@@ -19,16 +20,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from .errors import Busy, Conflict
+from .errors import Busy
 
-__all__ = ["Busy", "ConversationBusy", "ConversationLocks", "GenerationGate"]
-
-
-class ConversationBusy(Conflict):
-    code = "conversation_busy"
+__all__ = ["Busy", "ConversationLocks", "GenerationGate"]
 
 
 @dataclass(eq=False)
@@ -107,22 +104,24 @@ class GenerationGate:
 
 
 class ConversationLocks:
-    """One turn at a time per conversation id, server-wide; a second one is refused at once."""
+    """One turn at a time per conversation id, server-wide: a second one waits its turn (first
+    come, first served) and then reads the history the first one stored."""
 
     def __init__(self) -> None:
-        self._busy: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
-        return len(self._busy)
+        return len(self._locks)  # conversations with a turn running or waiting
 
-    @contextlib.contextmanager
-    def hold(self, conversation_id: str) -> Iterator[None]:
-        if conversation_id in self._busy:
-            raise ConversationBusy(
-                f"conversation {conversation_id!r} is answering another turn (from another socket "
-                "or request); send this one when that answer is done")
-        self._busy.add(conversation_id)
+    @contextlib.asynccontextmanager
+    async def hold(self, conversation_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
+        self._users[conversation_id] += 1
         try:
-            yield
+            async with lock:
+                yield
         finally:
-            self._busy.discard(conversation_id)
+            self._users[conversation_id] -= 1
+            if not self._users[conversation_id]:
+                del self._users[conversation_id], self._locks[conversation_id]

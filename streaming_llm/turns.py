@@ -5,7 +5,7 @@ writes its own frames through a :class:`TurnWriter`; :meth:`TurnRunner.run` does
 same way for both:
 
 1. one turn at a time per conversation (:class:`~streaming_llm.admission.ConversationLocks`):
-   a second one is refused with ``conversation_busy`` before anything is stored;
+   a second one waits for the first to be stored (cancellable), then reads the history;
 2. a generation slot (:class:`~streaming_llm.admission.GenerationGate`), waited for, held for the
    generation and given back however it ends;
 3. the user turn stored and the engine request built (:class:`ConversationManager.begin`);
@@ -143,25 +143,26 @@ class TurnRunner:
                   control: TurnControl | None = None) -> Ending:
         """Run the turn (see the module docstring); the ending is stored when this returns."""
         control = control or TurnControl()
-        with contextlib.ExitStack() as held:
-            if spec.stored and spec.conversation_id is not None:
-                held.enter_context(self.locks.hold(spec.conversation_id))
+        async with contextlib.AsyncExitStack() as held:
             begin: asyncio.Future[Turn] | None = None
             turn: Turn | None = None
             started = False
             failure: ServiceError | None = None
             try:
-                async with control.cancellable(), self.gate.slot(spec.client):
-                    begin = asyncio.ensure_future(self._begin(spec))
-                    turn = await asyncio.shield(begin)  # a cancel must not lose a stored turn
-                    if spec.stored and spec.conversation_id is None:
-                        held.enter_context(self.locks.hold(turn.conversation_id))
-                    log.info("turn %s started: conversation %s", spec.request_id,
-                             turn.conversation_id)
-                    started = True
-                    await writer.start(turn)
-                    async for piece in self.manager.generate(turn):
-                        await writer.piece(turn, piece)
+                async with control.cancellable():
+                    if spec.stored and spec.conversation_id is not None:  # its turn, then a slot
+                        await held.enter_async_context(self.locks.hold(spec.conversation_id))
+                    async with self.gate.slot(spec.client):
+                        begin = asyncio.ensure_future(self._begin(spec))
+                        turn = await asyncio.shield(begin)  # a cancel must not lose the turn
+                        if spec.stored and spec.conversation_id is None:  # free: nobody knows it
+                            await held.enter_async_context(self.locks.hold(turn.conversation_id))
+                        log.info("turn %s started: conversation %s", spec.request_id,
+                                 turn.conversation_id)
+                        started = True
+                        await writer.start(turn)
+                        async for piece in self.manager.generate(turn):
+                            await writer.piece(turn, piece)
             except TurnCancelled:
                 turn = turn or await _landed(begin)
                 if turn is None:
