@@ -67,12 +67,19 @@ class TextChunk(msgspec.Struct, frozen=True):
     text: str
 
 
+class PromptTokens(msgspec.Struct, frozen=True):
+    """How many tokens the prompt has, yielded before the first text piece by engines that know
+    it then, so an answer cut short (cancelled, failed) still reports its ``prompt_tokens``."""
+
+    count: int
+
+
 class Finished(msgspec.Struct, frozen=True):
     reason: Literal["stop", "length"]
     usage: Usage
 
 
-Chunk = TextChunk | Finished
+Chunk = PromptTokens | TextChunk | Finished
 
 
 class EngineHealth(msgspec.Struct, omit_defaults=True):

@@ -75,12 +75,32 @@ class ConversationRepository:
         return await self.session.get(ConversationRow, conversation_id)
 
     async def list(self, *, agent_id: str | None = None, limit: int = 100,
-                   offset: int = 0) -> list[ConversationRow]:
+                   offset: int = 0, search: str | None = None) -> list[ConversationRow]:
         query = select(ConversationRow)
         if agent_id is not None:
             query = query.where(ConversationRow.agent_id == agent_id)
+        if search:  # a case-insensitive substring of the title or of any turn
+            in_turns = select(TurnRow.id).where(
+                TurnRow.conversation_id == ConversationRow.id,
+                TurnRow.content.icontains(search, autoescape=True))
+            query = query.where(ConversationRow.title.icontains(search, autoescape=True)
+                                | in_turns.exists())
         query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
         return list((await self.session.scalars(query.limit(limit).offset(offset))).all())
+
+    async def rename(self, conversation_id: str, title: str) -> ConversationRow | None:
+        row = await self.session.get(ConversationRow, conversation_id)
+        if row is not None:
+            row.title = title
+            await self.session.flush()
+        return row
+
+    async def truncate(self, conversation_id: str, from_seq: int) -> int:
+        """Delete the turns with ``seq >= from_seq``; return how many went."""
+        result = await self.session.execute(delete(TurnRow).where(
+            TurnRow.conversation_id == conversation_id, TurnRow.seq >= from_seq))
+        await self.session.execute(_touch(conversation_id))
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def delete(self, conversation_id: str) -> bool:
         await self.session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))

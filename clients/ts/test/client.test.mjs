@@ -25,7 +25,7 @@ const words = (n, from = 0) => Array.from({ length: n }, (_, i) => `w${i + from}
 
 let server
 let base
-const agent = { id: 'tester', name: 'Tester', system_prompt: 'Answer briefly.', markdown_context: '# Notes\n\nnone' }
+const agent = { id: 'tester', name: 'Tester', systemPrompt: 'Answer briefly.', markdownContext: '# Notes\n\nnone' }
 
 before(async () => {
   server = await startServer()
@@ -53,13 +53,13 @@ async function open(extra = {}) {
 describe('REST', () => {
   test('updateAgent creates, getAgent and listAgents read, updateAgent edits, deleteAgent removes', async () => {
     const created = await updateAgent(
-      { id: 'reviewer', name: 'Reviewer', system_prompt: 'Review.', markdown_context: '- a\n- b' },
+      { id: 'reviewer', name: 'Reviewer', systemPrompt: 'Review.', markdownContext: '- a\n- b' },
       base,
     )
     assert.equal(created.id, 'reviewer')
     assert.equal(created.name, 'Reviewer')
-    assert.equal(created.system_prompt, 'Review.')
-    assert.equal(created.markdown_context, '- a\n- b')
+    assert.equal(created.systemPrompt, 'Review.')
+    assert.equal(created.markdownContext, '- a\n- b')
 
     assert.deepEqual(
       (await listAgents(base)).map((a) => a.id).sort(),
@@ -168,7 +168,7 @@ describe('streamChat', () => {
 
     const conversation = await getConversation(first.conversationId, base)
     assert.equal(conversation.id, first.conversationId)
-    assert.equal(conversation.agent_id, agent.id)
+    assert.equal(conversation.agentId, agent.id)
     assert.deepEqual(
       conversation.turns.map((t) => [t.role, t.content]),
       [
@@ -264,7 +264,7 @@ describe('streamChat', () => {
     stream.cancel() // nothing running: a no-op
     stream.stop()
     const turns = (await getConversation(result.conversationId, base)).turns
-    assert.deepEqual(turns.map((t) => t.finish_reason ?? null).slice(1, 2), ['cancelled'])
+    assert.deepEqual(turns.map((t) => t.finishReason).slice(1, 2), ['cancelled'])
   })
 
   test('a turn the server refuses rejects with its code; the next turn still runs', async () => {

@@ -20,7 +20,7 @@ export async function issueExample(): Promise<void> {
   await sendMessage({ message: 'Now give me the key risks.', options: { temperature: 0.1 } })
   stop()
 
-  const upserted: Agent = await updateAgent({ id: 'reviewer', name: 'Reviewer', system_prompt: '...', markdown_context: '...' })
+  const upserted: Agent = await updateAgent({ id: 'reviewer', name: 'Reviewer', systemPrompt: '...', markdownContext: '...' })
   const latest = await getAgent(upserted.id)
   await deleteAgent(latest.id)
 }
@@ -49,7 +49,7 @@ export async function nodeExample(): Promise<ChatResult | undefined> {
 export async function apiKeyExample(): Promise<void> {
   const server: ClientOptions = { baseUrl: 'https://chat.example.com', apiKey: process.env.STREAMING_LLM_API_KEY }
   const agents = await listAgents(server)
-  await updateAgent({ id: 'reviewer', name: 'Reviewer', system_prompt: '...', markdown_context: '...' }, server)
+  await updateAgent({ id: 'reviewer', name: 'Reviewer', systemPrompt: '...', markdownContext: '...' }, server)
   const chat = await streamChat({ backendUrl: 'wss://chat.example.com/ws/chat', agentId: agents[0].id, apiKey: server.apiKey })
   chat.stop()
   await getAgent('reviewer', { apiKey: 'a-key-of-16-chars-or-more' }) // base URL defaults as before
