@@ -19,8 +19,10 @@ export const VENDORED = resolve(VENDOR_DIR, 'streaming-llm-client.js')
 /** [package, file inside it, name under vendor/] */
 const THIRD_PARTY = [
   ['marked', 'lib/marked.esm.js', 'marked.esm.js'],
+  ['marked', 'lib/marked.d.ts', 'marked.esm.d.ts'],
   ['marked', 'LICENSE', 'LICENSE.marked.txt'],
   ['dompurify', 'dist/purify.es.mjs', 'purify.es.mjs'],
+  ['dompurify', 'dist/purify.es.d.mts', 'purify.es.d.mts'],
   ['dompurify', 'LICENSE', 'LICENSE.dompurify.txt'],
   ['@highlightjs/cdn-assets', 'es/highlight.min.js', 'highlight.min.js'],
   ['@highlightjs/cdn-assets', 'styles/github.min.css', 'highlight-github.min.css'],
@@ -40,14 +42,15 @@ function manifest() {
     '# Vendored browser files',
     '',
     'Copied by `clients/ts/scripts/sync-web.mjs` (`npm run sync-web`); do not edit by hand.',
-    '`npm test` in clients/ts fails when a copy differs from its source.',
+    '`npm test` in clients/ts fails when a copy differs from its source. The `.d.ts` / `.d.mts`',
+    'files are type declarations the page script is checked against (`npm run typecheck`).',
     '',
     '| file | from | version | licence |',
     '|---|---|---|---|',
     '| streaming-llm-client.js | clients/ts (tsc build) | this repository | MIT |',
   ]
   for (const [name, file, as] of THIRD_PARTY) {
-    if (as.startsWith('LICENSE') || as.startsWith('NOTICE')) continue
+    if (as.startsWith('LICENSE') || as.startsWith('NOTICE') || /\.d\.m?ts$/.test(as)) continue
     const licence = THIRD_PARTY.filter(([n, , a]) => n === name && /^(LICENSE|NOTICE)/.test(a)).map(([, , a]) => a)
     lines.push(`| ${as} | npm ${name} (${file}) | ${version(name)} | ${licence.join(', ')} |`)
   }
@@ -58,6 +61,7 @@ function manifest() {
 export function vendorFiles() {
   return [
     [BUILT, VENDORED, null],
+    [BUILT.replace(/\.js$/, '.d.ts'), VENDORED.replace(/\.js$/, '.d.ts'), null],
     ...THIRD_PARTY.map(([name, file, as]) => [resolve(modules, name, file), resolve(VENDOR_DIR, as), null]),
     [null, resolve(VENDOR_DIR, 'README.md'), manifest()],
   ]

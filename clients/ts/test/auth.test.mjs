@@ -112,6 +112,6 @@ test('a malformed apiKey or options object is a TypeError before any request', a
     await assert.rejects(listAgents({ baseUrl: server.baseUrl, apiKey }), TypeError)
     await assert.rejects(streamChat({ backendUrl: server.wsUrl, agentId: agent.id, apiKey, socketFactory: wsFactory }), /apiKey must be/)
   }
-  await assert.rejects(listAgents(['http://127.0.0.1:1']), /base URL or \{ baseUrl\?, apiKey\? \}/)
+  await assert.rejects(listAgents(['http://127.0.0.1:1']), /base URL or \{ baseUrl\?, apiKey\?, signal\? \}/)
   await assert.rejects(listAgents({ baseUrl: 8000 }), /baseUrl must be a string/)
 })

@@ -55,3 +55,17 @@ export async function apiKeyExample(): Promise<void> {
   await getAgent('reviewer', { apiKey: 'a-key-of-16-chars-or-more' }) // base URL defaults as before
   await deleteAgent('reviewer', server)
 }
+
+export async function eventsExample(): Promise<void> {
+  const controller = new AbortController()
+  const chat = await streamChat({ backendUrl: 'ws://127.0.0.1:8000/ws/chat', agentId: 'reviewer', signal: controller.signal })
+  const reading = (async () => {
+    for await (const event of chat.events()) {
+      if (event.type === 'token') process.stdout.write(event.token)
+      if (event.type === 'done') console.log('\n', event.finishReason, event.usage.completionTokens, event.answerTurnId)
+    }
+  })()
+  await chat.sendMessage({ message: 'Summarize the latest run.', options: { topP: 0.9, repetitionPenalty: 1.1 } })
+  controller.abort() // closes the stream, as chat.stop() does; the loop above ends
+  await reading
+}
