@@ -218,7 +218,7 @@ function renderMarkdown(target, markdown) {
   for (const code of target.querySelectorAll('pre > code')) {
     hljs.highlightElement(/** @type {HTMLElement} */ (code))
     const pre = /** @type {HTMLElement} */ (code.parentElement)
-    pre.prepend(copyButton('Copy', 'Copy this code', () => code.textContent ?? ''))
+    pre.prepend(copyButton('Copy', 'Copy this code', () => (code.textContent ?? '').replace(/\n$/, '')))
   }
 }
 
