@@ -30,8 +30,8 @@ def curl_commands() -> list[str]:
     commands = []
     for block in blocks("sh"):
         joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = line.strip()
+        for raw in joined.splitlines():
+            line = raw.strip()
             if line.startswith("curl "):
                 commands.append(re.sub(r"\s+#.*$", "", line))
     return commands
@@ -58,7 +58,8 @@ def test_readme_snippets_run_against_a_real_server(tmp_path: Path) -> None:
         # curl first: it creates the agent `reviewer` the Python snippets talk to.
         commands = curl_commands()
         conversation_id = None
-        for command in commands:
+        for written in commands:
+            command = written
             if "conv_…" in command:
                 if conversation_id is None:
                     status, created = http("POST", server.base_url + "/v1/chat/completions", {

@@ -2,7 +2,9 @@
 
 An engine turns an :class:`EngineRequest` (chat messages + options + the conversation id, so an
 engine may keep per-conversation state such as a KV cache) into an async stream of
-:class:`TextChunk` pieces followed by exactly one :class:`Finished`.
+:class:`TextChunk` pieces followed by exactly one :class:`Finished`; an engine that knows the
+prompt's size before the first piece yields one :class:`PromptTokens` first (so an answer cut
+short still reports its ``prompt_tokens``).
 
 Cancellation is the caller closing the stream (``await stream.aclose()``) or cancelling the task
 that iterates it; an engine stops its underlying work promptly when that happens (a worker thread

@@ -14,8 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..errors import EngineError
-from .base import (Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk,
-                   Usage)
+from .base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
 
 _WORDS = re.compile(r"\S+\s*|\s+")
 

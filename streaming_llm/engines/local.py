@@ -54,8 +54,7 @@ from typing import Any, Literal
 from ..errors import ContextTooLong, EngineError, EngineNotReady, EngineUnavailable, ModelNotFound
 from ..settings import Settings
 from . import demo_model
-from .base import (Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk,
-                   Usage)
+from .base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
 from .detokenize import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
