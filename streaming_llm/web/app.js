@@ -564,6 +564,8 @@ async function loadAgents(preferred, conversationId = null) {
 async function selectAgent(agentId, conversationId = null) {
   disconnect(agentId ? 'connecting' : 'closed')
   state.agentId = agentId
+  state.conversationId = null // until this agent's conversations are known
+  writeHash() // a reload from here on comes back to this agent
   ui.agentSelect.value = agentId ?? ''
   ui.search.value = ''
   loadOptions()

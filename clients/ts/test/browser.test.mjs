@@ -81,10 +81,10 @@ after(async () => {
   await Promise.all([server?.stop(), keyedServer?.stop()])
 })
 
-async function load(target = server) {
+async function load(target = server, hash = '') {
   problems.length = 0
   failed.length = 0
-  await page.goto(`${target.baseUrl}/`)
+  await page.goto(`${target.baseUrl}/${hash}`)
   await page.waitForSelector('body[data-ready="true"]')
 }
 
@@ -372,6 +372,7 @@ test('conversations: switching agent opens its latest, search, rename, regenerat
   await page.waitForFunction(() => document.querySelector('#opt-top-k').value === '')
   await page.selectOption('#agent-select', 'first')
   await page.waitForFunction(() => document.querySelector('#opt-top-k').value === '7')
+  await page.waitForFunction(() => location.hash.includes('agent=first'))
   await page.reload()
   await page.waitForSelector('body[data-ready="true"]')
   await page.waitForFunction(() => document.querySelector('#opt-stop').value === 'stop-here' && document.querySelector('#opt-top-k').value === '7')
@@ -420,11 +421,34 @@ test('the header tells the truth when the server goes away, the page reconnects 
 
 test('a phone-width screen: nothing overflows sideways and the composer is reachable', async () => {
   await newPage({ width: 390, height: 800 })
-  await load()
+  await updateAgent({ id: 'phone', name: 'Phone', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await load(server, '#agent=phone')
   await page.waitForSelector('#connection[data-state="open"]')
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
   assert.ok(overflow <= 0, `the page is ${overflow}px wider than the screen`)
   assert.equal(await page.locator('#message').isVisible(), true)
   await sendAndWait('small screens too')
   assert.deepEqual(problems, [])
+})
+
+test('Send is disabled while the model loads, and the page says why', async () => {
+  await newPage()
+  // The server's loading report (its shape is the real one: /health answers 503 while loading),
+  // held back until the test lets the real, ready /health through.
+  const loading = { status: 'loading', ready: false, engine: 'local', model: 'some/model', detail: 'loading weights', version: '0' }
+  await page.route('**/health', (route) => route.fulfill({ status: 503, contentType: 'application/json', body: JSON.stringify(loading) }))
+  await updateAgent({ id: 'loader', name: 'Loader', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await load(server, '#agent=loader')
+  await page.waitForSelector('#connection[data-state="open"]')
+  await page.waitForSelector('#health[data-ready="false"]')
+  assert.equal(await page.isDisabled('#send'), true)
+  assert.match(await page.textContent('#status'), /model is loading \(loading weights\)/)
+  assert.match(await page.getAttribute('#send', 'title'), /model is loading/)
+  await page.unroute('**/health')
+  await page.waitForSelector('#health[data-ready="true"]', { timeout: 10_000 }) // polled every 2 s
+  await page.waitForSelector('#send:not([disabled])')
+  assert.equal(await page.textContent('#status'), '')
+  await sendAndWait('ready now')
+  assert.deepEqual(problems, [])
+  assert.ok(failed.every((f) => f === 'GET /health 503'), String(failed))
 })
