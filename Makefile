@@ -41,7 +41,8 @@ chat: install
 
 # The TypeScript client (streaming-llm-client); the web page serves a committed build of it.
 $(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json
-	cd $(CLIENT) && $(NPM) ci --no-audit --no-fund
+	# swagger-ui-dist depends on @scarf/scarf, an install-time analytics hook: keep it off.
+	cd $(CLIENT) && SCARF_ANALYTICS=false $(NPM) ci --no-audit --no-fund
 
 client: $(CLIENT)/node_modules/.package-lock.json
 	cd $(CLIENT) && $(NPM) run build

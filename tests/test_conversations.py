@@ -147,3 +147,22 @@ def test_rename_search_and_truncate(client: TestClient, settings: Settings) -> N
                           "ORDER BY seq", (c1,)).fetchall()
     assert [r[:2] for r in rows] == [(0, "user"), (1, "assistant"), (2, "user"), (3, "assistant")]
     assert rows[2][2] == "edited question"
+
+
+def test_deleting_an_agent_keeps_its_conversations(client: TestClient) -> None:
+    # The documented choice (README, Storage): no foreign key, nothing cascades.
+    put_agent(client, "gone")
+    with client.websocket_connect("/ws/chat") as ws:
+        conversation_id = _chat(ws, "gone", "remember me")
+    assert client.delete("/agents/gone").status_code == 204
+    assert [c["id"] for c in client.get("/conversations?agent_id=gone").json()] == [conversation_id]
+    assert len(client.get(f"/conversations/{conversation_id}").json()["turns"]) == 2
+    assert client.get(f"/conversations/{conversation_id}/export").status_code == 200
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "gone", "message": "still there?",
+                      "conversation_id": conversation_id})
+        assert ws.receive_json()["code"] == "agent_not_found"
+    put_agent(client, "gone")  # the same id again: the conversation goes on
+    with client.websocket_connect("/ws/chat") as ws:
+        assert _chat(ws, "gone", "back", conversation_id) == conversation_id
+    assert len(client.get(f"/conversations/{conversation_id}").json()["turns"]) == 4
