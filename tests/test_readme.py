@@ -1,8 +1,11 @@
 """README's Python and curl snippets, run as written against a real server.
 
-The only change made to a snippet is the address: README says ``127.0.0.1:8000`` /
-``localhost:8000`` (where ``make run`` serves), the test server listens on a free port. A
-``conv_…`` placeholder in a curl line is filled with a real conversation id.
+The only change made to a snippet is where things are: README says ``127.0.0.1:8000`` /
+``localhost:8000`` (where ``make run`` serves) and ``.venv/bin/`` (what ``make run`` creates);
+the test server listens on a free port with its own data directory (``STREAMING_LLM_DATA_DIR``
+for the ``streaming-llm export`` lines, which read the database directly), and the test's own
+environment stands in for ``.venv``. A ``conv_…`` placeholder is filled with a real conversation
+id.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ def blocks(language: str) -> list[str]:
 
 
 def curl_commands() -> list[str]:
-    """Every ``curl`` command of the sh blocks, continuation lines joined, comments dropped."""
+    """Every ``curl`` and ``.venv/bin/streaming-llm export`` command of the sh blocks,
+    continuation lines joined, comments dropped."""
     commands = []
     for block in blocks("sh"):
         joined = re.sub(r"\\\n\s*", " ", block)
         for raw in joined.splitlines():
             line = raw.strip()
-            if line.startswith("curl "):
+            if line.startswith(("curl ", ".venv/bin/streaming-llm export")):
                 commands.append(re.sub(r"\s+#.*$", "", line))
     return commands
 
@@ -41,7 +45,8 @@ def test_the_readme_has_the_snippets_this_test_runs() -> None:
     assert len(blocks("python")) >= 2
     assert any("stream_chat" in b for b in blocks("python"))
     assert any("OpenAI(" in b for b in blocks("python"))
-    assert len(curl_commands()) >= 4
+    assert len([c for c in curl_commands() if c.startswith("curl ")]) >= 4
+    assert len([c for c in curl_commands() if "streaming-llm export" in c]) == 2
     assert not any("await " in line and not line.startswith((" ", "\t"))
                    for b in blocks("python") for line in b.splitlines()), "top-level await"
 
@@ -53,6 +58,7 @@ def test_readme_snippets_run_against_a_real_server(tmp_path: Path) -> None:
         address = server.base_url.removeprefix("http://")
 
         def localize(text: str) -> str:
+            text = text.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
             return text.replace("127.0.0.1:8000", address).replace("localhost:8000", address)
 
         # curl first: it creates the agent `reviewer` the Python snippets talk to.
@@ -70,9 +76,14 @@ def test_readme_snippets_run_against_a_real_server(tmp_path: Path) -> None:
                     conversation_id = listed[0]["id"]
                 command = command.replace("conv_…", conversation_id)
             proc = subprocess.run(["bash", "-c", localize(command)], capture_output=True,
-                                  text=True, timeout=30, check=False)
+                                  text=True, timeout=60, check=False, cwd=tmp_path,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT),
+                                       "STREAMING_LLM_DATA_DIR": str(server.data_dir)})
             assert proc.returncode == 0, (command, proc.stderr)
-            assert proc.stdout and '"error"' not in proc.stdout, (command, proc.stdout)
+            if "--out " in command:
+                assert list((tmp_path / "transcripts").glob("conv_*.md")), command
+            else:
+                assert proc.stdout and '"error"' not in proc.stdout, (command, proc.stdout)
 
         for snippet in blocks("python"):
             proc = subprocess.run([sys.executable, "-c", localize(snippet)], capture_output=True,
