@@ -428,6 +428,7 @@ async function watch(stream, generation) {
 function scheduleReconnect(err) {
   const delay = BACKOFF_MS[Math.min(state.reconnectAttempt, BACKOFF_MS.length - 1)]
   state.reconnectAttempt += 1
+  showHealth() // the header's model status: a server on its way down may still have answered "ok"
   setConnection('reconnecting')
   ui.connection.title = `${describeError(err)} Next attempt in ${Math.round((delay ?? 0) / 100) / 10} s.`
   const generation = state.generation
@@ -813,7 +814,17 @@ async function send(message) {
 }
 
 // --- health: which model, and whether it can answer ------------------------------------------
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let healthTimer
+
+/** Ask /health again in `ms` (one pending check at most). @param {number} ms */
+function pollHealth(ms) {
+  clearTimeout(healthTimer)
+  healthTimer = setTimeout(showHealth, ms)
+}
+
 async function showHealth() {
+  clearTimeout(healthTimer)
   try {
     const health = await getHealth(BASE)
     const names = health.model && health.model !== health.engine ? `${health.engine} · ${health.model}` : health.engine
@@ -825,13 +836,13 @@ async function showHealth() {
       : health.status === 'loading'
         ? `The model is loading${health.detail ? ` (${health.detail})` : ''}. Send is enabled once it is ready.`
         : `The model is not available: ${health.detail ?? health.status}. Check the server's log.`
-    if (!health.ready && health.status === 'loading') setTimeout(showHealth, 2000)
+    if (!health.ready && health.status === 'loading') pollHealth(2000)
   } catch (err) {
     ui.health.textContent = 'server unreachable'
     ui.health.dataset.ready = 'false'
     ui.health.title = describeError(err)
     state.modelBlocked = null // the connection state says it
-    setTimeout(showHealth, 5000)
+    pollHealth(5000)
   }
   refreshControls()
 }

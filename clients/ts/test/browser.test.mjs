@@ -404,10 +404,13 @@ test('the header tells the truth when the server goes away, the page reconnects 
     assert.equal(await page.isDisabled('#send'), true)
     assert.match(await page.textContent('#status'), /connection to the server is lost/i)
     await page.waitForFunction(() => /attempt [2-9]/.test(document.querySelector('#connection').textContent))
+    await page.waitForSelector('#health[data-ready="false"]') // no green "ok" for a server that is gone
+    assert.equal(await page.textContent('#health'), 'server unreachable')
 
     restartable = await startServer({ port, dataDir, keepData: true, env: { STREAMING_LLM_ECHO_DELAY_MS: '5' } })
     await page.waitForSelector('#connection[data-state="open"]', { timeout: 30_000 })
     await page.waitForSelector('#send:not([disabled])')
+    await page.waitForSelector('#health[data-ready="true"]')
     await sendAndWait('after the restart')
     assert.deepEqual(await page.$$eval('#transcript .message .text', (nodes) => nodes.map((n) => n.textContent)),
       ['before the restart', 'before the restart', 'after the restart', 'after the restart'])
@@ -451,4 +454,23 @@ test('Send is disabled while the model loads, and the page says why', async () =
   await sendAndWait('ready now')
   assert.deepEqual(problems, [])
   assert.ok(failed.every((f) => f === 'GET /health 503'), String(failed))
+})
+
+test('/docs shows the OpenAPI document through the vendored swagger-ui, with no request off the server', async () => {
+  await newPage()
+  problems.length = 0
+  failed.length = 0
+  const foreign = []
+  page.on('request', (request) => {
+    if (!request.url().startsWith(server.baseUrl) && !request.url().startsWith('data:')) foreign.push(request.url())
+  })
+  await page.goto(`${server.baseUrl}/docs`)
+  await page.waitForSelector('body[data-ready="true"]')
+  await page.waitForSelector('.opblock-summary-path')
+  const paths = await page.$$eval('.opblock-summary-path', (nodes) => nodes.map((n) => n.textContent.trim()))
+  assert.ok(paths.some((p) => p.startsWith('/conversations/{conversation_id}')), String(paths))
+  assert.ok(paths.includes('/agents'), String(paths))
+  assert.deepEqual(foreign, [])
+  assert.deepEqual(problems, [])
+  assert.deepEqual(failed, [])
 })
