@@ -533,7 +533,8 @@ function editTurn(bubble, turn) {
 /** Edit-and-resend and regenerate: delete the turns from user turn `seq` on, then send `message`
  * in the same conversation. @param {number} seq @param {string} message */
 async function resend(seq, message) {
-  if (!state.conversationId || state.busy) return
+  // Only when the message can go out right away: never cut a conversation that cannot continue.
+  if (!state.conversationId || state.busy || !state.stream || state.modelBlocked) return
   setBusy(true)
   try {
     await truncateConversation(state.conversationId, seq, conn())
