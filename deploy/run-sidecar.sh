@@ -90,7 +90,7 @@ if [[ $bootstrap == 1 ]]; then
             { [[ -x $PY ]] || "$base" -m venv "$VENV"; } \
                 || die "creating $VENV failed (on Debian/Ubuntu: apt-get install python3-venv)"
             if ! { "$PY" -m pip install --quiet "$torch_spec" \
-                    && "$PY" -m pip install --quiet -e "${ROOT}" "$torch_spec"; }; then
+                    && "$PY" -m pip install --quiet -e "${ROOT}[postgres]" "$torch_spec"; }; then
                 die "installing the dependencies failed (see above)"
             fi
             touch "$stamp"
