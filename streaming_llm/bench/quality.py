@@ -240,19 +240,21 @@ def measure_ppl(model: Any, tokenizer: Any, ids: list[int], *, sink_tokens: int,
 
     runs: dict[str, Stream] = {}
     log(f"ppl: {len(ids)} tokens, scored {len(scored)} (from position {evicting_from})")
-    runs["dense"] = stream_text(model, DynamicCache(), ids)
-    log("  dense done")
-    runs["window"] = stream_text(model, SinkCache.from_model(model, 0, window_tokens), ids)
-    log("  window done")
-    runs["sinks"] = stream_text(model, SinkCache.from_model(model, sink_tokens, window_tokens), ids)
-    log("  sinks done")
-    runs["pinned"] = stream_text(model, SinkCache.from_model(model, pinned, window_tokens), ids,
-                                 context=prefix)
+    plans: dict[str, Any] = {
+        "dense": lambda: stream_text(model, DynamicCache(), ids),
+        "window": lambda: stream_text(model, SinkCache.from_model(model, 0, window_tokens), ids),
+        "sinks": lambda: stream_text(
+            model, SinkCache.from_model(model, sink_tokens, window_tokens), ids),
+        "pinned": lambda: stream_text(
+            model, SinkCache.from_model(model, pinned, window_tokens), ids, context=prefix),
+        "recompute": lambda: recompute_text(model, ids, evicting_from, sampled),
+    }
+    for name in CONFIGS:
+        start = time.perf_counter()
+        runs[name] = plans[name]()
+        log(f"  {name}: {time.perf_counter() - start:.0f} s")
     runs["pinned"].extra = {"prefix_tokens": len(prefix), "sink_tokens": pinned}
-    log("  pinned done")
-    runs["recompute"] = recompute_text(model, ids, evicting_from, sampled)
     runs["recompute"].extra = {"stride": stride, "recomputed_tokens": evicting_from}
-    log("  recompute done")
 
     configs: dict[str, Any] = {}
     for name in CONFIGS:

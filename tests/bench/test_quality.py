@@ -19,7 +19,7 @@ from streaming_llm.cli import build_parser
 from streaming_llm.engines.demo_model import ensure_demo_model
 
 # The demo tokenizer spends 172 tokens on the agent prefix, so the window must be larger.
-TINY = ["--tokens", "300", "--window-tokens", "200", "--recompute-stride", "8",
+TINY = ["--tokens", "260", "--window-tokens", "200", "--recompute-stride", "8",
         "--recall-evicted", "300", "--answer-tokens", "3", "--json"]
 
 
@@ -52,14 +52,14 @@ def test_tiny_run_reports_every_configuration(demo_model: Path,
     assert code == 0
     figures = json.loads(out)
     ppl = figures["ppl"]
-    assert ppl["evicting_from"] == 4 + 200 and ppl["tokens"] == 300
+    assert ppl["evicting_from"] == 4 + 200 and ppl["tokens"] == 260
     configs = ppl["configs"]
     assert list(configs) == list(bench.CONFIGS)
     for name, row in configs.items():
         assert math.isfinite(row["ppl"]) and row["ppl"] > 1, name
         assert row["ms_per_token"] > 0, name
-    assert configs["dense"]["scored_tokens"] == 300 - 204
-    assert configs["recompute"]["scored_tokens"] == len(range(204, 300, 8))
+    assert configs["dense"]["scored_tokens"] == 260 - 204
+    assert configs["recompute"]["scored_tokens"] == len(range(204, 260, 8))
     assert configs["pinned"]["sink_tokens"] == configs["pinned"]["prefix_tokens"] > 4
 
     # Before any eviction the sink caches hold exactly the dense cache's keys and values.
