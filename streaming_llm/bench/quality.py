@@ -98,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-tokens", type=int, default=512,
                         help="recent tokens every cache keeps (512)")
     parser.add_argument("--sink-tokens", type=int, default=4, help="sinks of `sinks` (4)")
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="tokens per forward call (1: token by token, as the paper; k: a "
+                             "sink cache evicts k at a time, as the decode loop does)")
     parser.add_argument("--recompute-stride", type=int, default=16,
                         help="re-compute every k-th scored token (16)")
     parser.add_argument("--recall-evicted", default="1000,2000",
@@ -183,20 +186,48 @@ def _nll(logits: Any, target: int) -> float:
     return float(-torch.log_softmax(logits.float(), dim=-1)[target])
 
 
-def stream_text(model: Any, cache: Any, ids: list[int], *,
+def stream_text(model: Any, cache: Any, ids: list[int], *, chunk: int = 1,
                 context: Sequence[int] = ()) -> Stream:
-    """Feed ``context`` (not scored) then ``ids`` one token at a time, scoring every next token."""
+    """Feed ``context`` (not scored) then ``ids`` ``chunk`` tokens per forward call, scoring every
+    next token. With ``chunk`` 1 this is the paper's token-by-token stream (a sink cache evicts
+    one token per step); with more, a sink cache evicts ``chunk`` tokens before each call, as the
+    engine's decode loop does (``decoding.eviction_chunk``)."""
     from ..engines.decoding import forward_tokens
 
-    nll, seconds = [math.nan], [math.nan]
+    nll, seconds = [math.nan] * len(ids), [math.nan] * len(ids)
     if context:
         forward_tokens(model, cache, context)
-    for i in range(1, len(ids)):
-        start = time.perf_counter()
-        logits = forward_tokens(model, cache, ids[i - 1:i])
-        seconds.append(time.perf_counter() - start)
-        nll.append(_nll(logits, ids[i]))
+    for start in range(0, len(ids) - 1, chunk):
+        piece = ids[start:min(start + chunk, len(ids) - 1)]
+        began = time.perf_counter()
+        if len(piece) == 1:
+            logits = forward_tokens(model, cache, piece)[None]
+        else:
+            logits = _forward_all(model, cache, piece)
+        elapsed = (time.perf_counter() - began) / len(piece)
+        for j in range(len(piece)):
+            nll[start + j + 1] = _nll(logits[j], ids[start + j + 1])
+            seconds[start + j + 1] = elapsed
     return Stream(nll, seconds, cache=repr(cache))
+
+
+def _forward_all(model: Any, cache: Any, piece: list[int]) -> Any:
+    """Like :func:`~streaming_llm.engines.decoding.forward_tokens` for one chunk, but returning
+    the logits of every position, ``(len(piece), vocab)``."""
+    import torch
+
+    from ..engines.sink_cache import SinkCache
+
+    if isinstance(cache, SinkCache):
+        cache.make_room(len(piece))
+    stored = cache.get_seq_length()
+    device = model.device
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([piece], dtype=torch.long, device=device),
+                    position_ids=torch.arange(stored, stored + len(piece),
+                                              device=device).unsqueeze(0),
+                    past_key_values=cache, use_cache=True)
+    return out.logits[0].float()
 
 
 def recompute_text(model: Any, ids: list[int], size: int, positions: list[int]) -> Stream:
@@ -219,7 +250,7 @@ def _ppl(values: list[float]) -> float:
 
 
 def measure_ppl(model: Any, tokenizer: Any, ids: list[int], *, sink_tokens: int,
-                window_tokens: int, stride: int, log: Any) -> dict[str, Any]:
+                window_tokens: int, stride: int, chunk: int, log: Any) -> dict[str, Any]:
     """Every configuration over ``ids``; returns the figures (see the module docstring)."""
     from transformers import DynamicCache
 
@@ -236,17 +267,21 @@ def measure_ppl(model: Any, tokenizer: Any, ids: list[int], *, sink_tokens: int,
                          f"{evicting_from}: raise --tokens or lower --window-tokens")
     scored = list(range(evicting_from, len(ids)))
     sampled = scored[::stride]
-    before = list(range(1, window_tokens + 1))
+    if not 1 <= chunk <= window_tokens:
+        raise ValueError(f"--chunk must be in 1..{window_tokens}, got {chunk}")
+    # No cache evicts before a chunk that would overfill the smallest one (the window's).
+    before = list(range(1, window_tokens // chunk * chunk + 1))
 
     runs: dict[str, Stream] = {}
     log(f"ppl: {len(ids)} tokens, scored {len(scored)} (from position {evicting_from})")
     plans: dict[str, Any] = {
-        "dense": lambda: stream_text(model, DynamicCache(), ids),
-        "window": lambda: stream_text(model, SinkCache.from_model(model, 0, window_tokens), ids),
+        "dense": lambda: stream_text(model, DynamicCache(), ids, chunk=chunk),
+        "window": lambda: stream_text(model, SinkCache.from_model(model, 0, window_tokens), ids, chunk=chunk),
         "sinks": lambda: stream_text(
-            model, SinkCache.from_model(model, sink_tokens, window_tokens), ids),
+            model, SinkCache.from_model(model, sink_tokens, window_tokens), ids, chunk=chunk),
         "pinned": lambda: stream_text(
-            model, SinkCache.from_model(model, pinned, window_tokens), ids, context=prefix),
+            model, SinkCache.from_model(model, pinned, window_tokens), ids, chunk=chunk,
+            context=prefix),
         "recompute": lambda: recompute_text(model, ids, evicting_from, sampled),
     }
     for name in CONFIGS:
@@ -271,6 +306,7 @@ def measure_ppl(model: Any, tokenizer: Any, ids: list[int], *, sink_tokens: int,
             **run.extra,
         }
     return {"tokens": len(ids), "window_tokens": window_tokens, "sink_tokens": sink_tokens,
+            "chunk": chunk,
             "evicting_from": evicting_from, "sampled_tokens": len(sampled),
             "configs": configs}
 
@@ -372,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         if "ppl" in parts:
             figures["ppl"] = measure_ppl(
                 model, tokenizer, text_ids[:args.tokens], sink_tokens=args.sink_tokens,
-                window_tokens=args.window_tokens, stride=args.recompute_stride, log=log)
+                window_tokens=args.window_tokens, stride=args.recompute_stride, chunk=args.chunk,
+                log=log)
         if "recall" in parts:
             figures["recall"] = measure_recall(
                 model, tokenizer, text_ids, evicted, sink_tokens=args.sink_tokens,

@@ -98,3 +98,15 @@ def test_bad_arguments_are_refused(demo_model: Path, capsys: pytest.CaptureFixtu
     code, _, err = _run(["--model", str(demo_model), "--tokens", "210", "--window-tokens", "200",
                          "--only", "ppl"], capsys)
     assert code == 2 and "nothing to score" in err
+
+
+def test_chunked_stream_matches_dense_before_eviction(demo_model: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["--model", str(demo_model), *TINY, "--only", "ppl", "--chunk", "8"],
+                        capsys)
+    assert code == 0
+    configs = json.loads(out)["ppl"]["configs"]
+    dense = configs["dense"]["ppl_before_eviction"]
+    for name in ("window", "sinks"):
+        assert configs[name]["ppl_before_eviction"] == pytest.approx(dense, rel=1e-5), name
+    assert configs["window"]["ppl"] != pytest.approx(configs["dense"]["ppl"], rel=1e-5)
