@@ -169,15 +169,10 @@ def _decode_ms(model: Any, cache: Any, tokens: Iterator[int], args: argparse.Nam
     """(best, best wall) ms of one decode step, eviction included, over ``args.repeats`` blocks."""
     import torch
 
-    from ..engines.decoding import forward_tokens
-    from ..engines.sink_cache import SinkCache
-
-    sink = isinstance(cache, SinkCache)
+    from ..engines.decoding import decode_step
 
     def step() -> None:
-        if sink and cache.get_seq_length() + 1 > cache.capacity:
-            cache.make_room(evict_chunk)
-        forward_tokens(model, cache, [next(tokens)])
+        decode_step(model, cache, next(tokens), evict=evict_chunk)
 
     step()  # warm-up, not timed
     clock = _Clock(torch.get_num_threads())

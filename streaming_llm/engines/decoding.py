@@ -1,6 +1,9 @@
-"""The model-level decode loop: feed tokens through a causal LM with a KV cache, and sample.
+"""The model-level steps of decoding: feed tokens through a causal LM with a KV cache, and sample.
 
-No threads, HTTP or database here: the local engine runs these functions in its worker thread.
+No threads, HTTP or database here: the local engine's decode loop
+(:meth:`streaming_llm.engines.local.engine.LocalEngine`) runs these functions in its worker
+thread: :func:`forward_tokens` for a prompt, then :func:`decode_step` per generated token, with a
+:class:`Sampler` picking each token.
 
 ``model.generate()`` is not used with a :class:`~streaming_llm.engines.sink_cache.SinkCache`: it
 derives absolute positions from the number of tokens seen, while the sink cache needs positions
@@ -10,23 +13,26 @@ relative to what it stores (``arange(stored, stored + n)``) and room made before
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .sink_cache import SinkCache
 
-__all__ = ["Sampler", "eviction_chunk", "forward_tokens", "generate_tokens"]
+__all__ = ["Sampler", "decode_step", "eviction_chunk", "forward_tokens"]
 
 
 def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
-                   chunk_size: int | None = None) -> torch.Tensor:
+                   chunk_size: int | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """Feed ``token_ids`` through ``model``, appending to ``cache``; return the last token's logits.
 
     ``cache`` is a :class:`SinkCache` or a plain transformers ``DynamicCache``. Tokens go in chunks
-    of at most ``chunk_size`` (default: the whole input for a dense cache, the window for a sink
-    cache, which cannot take more at once); for a sink cache, room is made before each chunk.
+    of at most ``chunk_size`` (default: the whole input), and never more than a sink cache's
+    window, which cannot take more at once; for a sink cache, room is made before each chunk.
+    ``should_stop`` is asked before every chunk: when it says yes, the rest is not fed and the
+    result is None (the cache then holds the chunks fed so far).
     Positions are ``arange(stored, stored + n)``: absolute for a dense cache, cache-relative for a
     sink cache (A.1 of :mod:`~streaming_llm.engines.sink_cache`).
 
@@ -36,16 +42,17 @@ def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
     if not ids:
         raise ValueError("forward_tokens needs at least one token")
     sink = isinstance(cache, SinkCache)
-    limit = cache.window_tokens if sink else None
-    size = chunk_size if chunk_size is not None else (limit or len(ids))
+    size = chunk_size if chunk_size is not None else len(ids)
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {size}")
-    if limit is not None and size > limit:
-        raise ValueError(f"chunk_size {size} exceeds the sink cache window of {limit} tokens")
+    if sink:
+        size = min(size, cache.window_tokens)
     device = model.device
     with torch.inference_mode():
         logits = None
         for start in range(0, len(ids), size):
+            if should_stop is not None and should_stop():
+                return None
             chunk = ids[start:start + size]
             if sink:
                 cache.make_room(len(chunk))
@@ -57,6 +64,19 @@ def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
             logits = out.logits
         assert logits is not None
         return logits[0, -1].float()
+
+
+def decode_step(model: Any, cache: Any, token: int, *, evict: int | None = None) -> torch.Tensor:
+    """Feed one generated ``token``; return the next token's float32 logits ``(vocab,)``.
+
+    A full sink cache first evicts ``evict`` tokens at once (default :func:`eviction_chunk`;
+    never the sinks).
+    """
+    if isinstance(cache, SinkCache) and cache.get_seq_length() >= cache.capacity:
+        cache.make_room(eviction_chunk(cache.window_tokens) if evict is None else evict)
+    logits = forward_tokens(model, cache, [token])
+    assert logits is not None
+    return logits
 
 
 def eviction_chunk(window_tokens: int) -> int:
@@ -119,33 +139,3 @@ class Sampler:
             scores = scores.scatter(0, order[drop], -math.inf)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self._generator))
-
-
-def generate_tokens(model: Any, cache: Any, prompt_ids: Sequence[int], sampler: Sampler,
-                    max_new_tokens: int, *, stop_ids: Sequence[int] = (),
-                    chunk_size: int | None = None,
-                    evict_chunk: int | None = None) -> Iterator[int]:
-    """Prefill ``prompt_ids``, then yield up to ``max_new_tokens`` sampled tokens.
-
-    Stops after yielding a token in ``stop_ids``. Each yielded token except the last has been fed
-    to the cache; the caller feeds the last one (with whatever closes the turn) when the
-    conversation continues. Closing the iterator stops between decode steps. With a sink cache,
-    a full cache evicts ``evict_chunk`` tokens at once (default :func:`eviction_chunk`).
-    """
-    if max_new_tokens < 1:
-        return
-    stops = set(stop_ids)
-    sink = isinstance(cache, SinkCache)
-    if sink:
-        chunk = eviction_chunk(cache.window_tokens) if evict_chunk is None else evict_chunk
-        if not 1 <= chunk <= cache.window_tokens:
-            raise ValueError(f"evict_chunk must be in 1..{cache.window_tokens}, got {chunk}")
-    logits = forward_tokens(model, cache, prompt_ids, chunk_size=chunk_size)
-    for produced in range(1, max_new_tokens + 1):
-        token = sampler(logits)
-        yield token
-        if token in stops or produced == max_new_tokens:
-            return
-        if sink and cache.get_seq_length() + 1 > cache.capacity:
-            cache.make_room(chunk)
-        logits = forward_tokens(model, cache, [token])

@@ -279,8 +279,17 @@ class SinkCache(Cache):
             layer.reset()
         self.seen_tokens = self.evicted_tokens = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SinkCache does not support crop (assisted decoding)")
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` stored tokens, transformers' meaning of crop: a negative
+        ``max_length`` drops that many of the newest tokens (as :meth:`rollback`).
+
+        Raises ValueError when that would drop a sink once something has been evicted (the
+        tokens before the window are gone; see :meth:`can_rollback`).
+        """
+        stored = self.get_seq_length()
+        keep = stored + max_length if max_length < 0 else max_length
+        if keep < stored:
+            self.rollback(stored - keep)
 
     def can_rollback(self, n: int) -> bool:
         """Whether the newest ``n`` tokens seen are all still stored (see :meth:`rollback`)."""

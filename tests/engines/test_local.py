@@ -175,14 +175,15 @@ async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
     messages += [ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "second 🎉")]
     await engine.idle()
     state = engine._conversations["c"]
-    text = engine._render([{"role": m.role, "content": m.content} for m in messages],
+    prompts = engine._prompts
+    text = prompts.render([{"role": m.role, "content": m.content} for m in messages],
                           generation_prompt=True)
-    full = engine._encode_text(text)
+    full = prompts.encode_text(text)
     seen: list[str] = []
-    encode_text = engine._encode_text
-    engine._encode_text = lambda t: seen.append(t) or encode_text(t)  # type: ignore[method-assign]
+    encode_text = prompts.encode_text
+    prompts.encode_text = lambda t: seen.append(t) or encode_text(t)  # type: ignore[method-assign]
 
-    assert engine._encode_prompt(state, text) == full
+    assert prompts.encode_prompt(state.text, state.ids, text) == full
     assert seen == [text[len(state.text):]]  # only the new turn was tokenized
     assert seen[0].startswith("<|user|>")
 
@@ -190,11 +191,11 @@ async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
     seen.clear()
     known = text[:len(state.text) + 20]
     known_ids = encode_text(known)
-    assert engine._encode_after(known, known_ids, text) == full
+    assert prompts.encode_after(known, known_ids, text) == full
     assert seen == [known[known.rindex("<|user|>"):], text[known.rindex("<|user|>"):]]
 
     seen.clear()  # a text that does not extend the known one is tokenized whole
-    assert engine._encode_after(known + "x", known_ids, text) == full
+    assert prompts.encode_after(known + "x", known_ids, text) == full
     assert seen == [text]
 
 
