@@ -152,7 +152,7 @@ def converted_gguf(path: Path, models_dir: Path, progress: Progress) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     # The weights are plain tensors now; transformers only refuses to save a model it still
     # marks as GGUF-quantized.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(partial)
