@@ -144,7 +144,7 @@ class OllamaEngine:
     def forget(self, conversation_id: str) -> None:
         return None  # Ollama keeps no per-conversation state for us
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # Ollama's state is learned per request (its errors are stable codes)
 
     # --- health ---------------------------------------------------------------------------------

@@ -315,6 +315,21 @@ class SinkCache(Cache):
             layer._refresh_views()
         self.seen_tokens -= n
 
+    def clone(self) -> SinkCache:
+        """An independent copy (same sinks, window, stored tokens and positions).
+
+        The local engine keeps an agent's pinned prefix once and gives every new conversation a
+        clone of it, so the prefix is not prefilled again.
+        """
+        copy = SinkCache(num_layers=len(self.layers), sink_tokens=self.sink_tokens,
+                         window_tokens=self.window_tokens, inv_freq=self._inv_freq)
+        copy.seen_tokens, copy.evicted_tokens = self.seen_tokens, self.evicted_tokens
+        with torch.inference_mode(False):  # normal tensors, as the originals
+            copy._origin = self._origin.clone()
+            for mine, theirs in zip(self.layers, copy.layers, strict=True):
+                mine.copy_into(theirs)
+        return copy
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SinkCache does not support beam search")
 
@@ -400,6 +415,16 @@ class _SinkLayer(CacheLayerMixin):
                 out=self._k[:, :, dst])
         self.length = kept_end
         self._refresh_views()
+
+    def copy_into(self, other: _SinkLayer) -> None:
+        """Make ``other`` (same capacity) an independent copy of this layer."""
+        other.length = self.length
+        if self.is_initialized:
+            assert self._k is not None and self._v is not None and self._arrived is not None
+            other._k, other._v = self._k.clone(), self._v.clone()
+            other._arrived = self._arrived.clone()
+            other.dtype, other.device, other.is_initialized = self.dtype, self.device, True
+            other._refresh_views()
 
     def _refresh_views(self) -> None:
         assert self._k is not None and self._v is not None

@@ -30,6 +30,7 @@ from .streams import drain
 
 MakeEngine = Callable[..., Awaitable[LocalEngine]]
 SYSTEM = ChatMessage("system", "You are a test agent.\n\n# Notes\nBe brief.")
+PREFIX_TOKENS = 34  # SYSTEM rendered by the demo chat template (checked in the pinning tests)
 
 
 # --- fixtures and helpers -----------------------------------------------------------------------
@@ -72,6 +73,7 @@ async def chat(engine: LocalEngine, messages: list[ChatMessage], **kwargs: Any,
 
 
 def encode(messages: list[ChatMessage], *, generation_prompt: bool = True) -> list[int]:
+    """The ids of ``messages`` rendered with the demo tokenizer's chat template."""
     tok = models.tokenizer()
     text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                    add_generation_prompt=generation_prompt, tokenize=False)
@@ -115,7 +117,8 @@ async def test_turn_three_from_kept_cache_equals_replay(
     assert answer == reference(llama_path, prompt, 12)
     engine.forget("c")
     pieces, replayed = await chat(engine, prompt, temperature=0)
-    assert replayed.usage.cached_tokens == 0
+    # only the agent's prefix comes from a kept cache: the copy every new conversation starts from
+    assert replayed.usage.cached_tokens == (PREFIX_TOKENS if streaming else 0)
     assert "".join(pieces) == answer
 
 
@@ -130,7 +133,7 @@ async def test_cache_dropped_from_lru_is_replayed(make_engine: MakeEngine,
     await engine.idle()
     assert (await engine.health()).extra["cached_conversations"] == 1
     pieces, finished = await chat(engine, a, cid="a", temperature=0)
-    assert finished.usage.cached_tokens == 0
+    assert finished.usage.cached_tokens == PREFIX_TOKENS  # the shared agent prefix only
     assert "".join(pieces) == reference(llama_path, a, 12)
 
 
@@ -154,7 +157,8 @@ async def test_reuse_continues_after_sink_evictions(make_engine: MakeEngine,
     # and the cache holds sinks + the most recent tokens of it.
     assert state.ids == encode(messages, generation_prompt=False)
     assert state.cache.seen_tokens == len(state.ids)
-    assert state.cache.get_seq_length() <= 4 + 24
+    assert state.cache.sink_tokens == PREFIX_TOKENS  # the pinned agent prefix
+    assert state.cache.get_seq_length() <= PREFIX_TOKENS + 24
 
 
 async def test_long_prompt_streams_through_a_small_window(make_engine: MakeEngine,
@@ -163,7 +167,7 @@ async def test_long_prompt_streams_through_a_small_window(make_engine: MakeEngin
     messages = [SYSTEM, ChatMessage("user", "lorem ipsum dolor sit amet " * 20)]
     _, finished = await chat(engine, messages, temperature=0, max_new_tokens=5)
     assert finished.usage.prompt_tokens > 100
-    assert finished.usage.evicted_tokens >= finished.usage.prompt_tokens - 20
+    assert finished.usage.evicted_tokens >= finished.usage.prompt_tokens - PREFIX_TOKENS - 16
     assert finished.usage.completion_tokens == 5
 
 
@@ -208,7 +212,7 @@ async def test_forget_drops_the_cache(make_engine: MakeEngine, llama_path: Path)
     engine.forget("c")
     assert (await engine.health()).extra["cached_conversations"] == 0
     _, finished = await chat(engine, messages, temperature=0)
-    assert finished.usage.cached_tokens == 0
+    assert finished.usage.cached_tokens == PREFIX_TOKENS  # the shared agent prefix only
 
 
 # --- text: UTF-8, stop strings, length ----------------------------------------------------------

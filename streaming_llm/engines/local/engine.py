@@ -27,6 +27,19 @@ A turn (:meth:`LocalEngine._turn`)
     until prompt + ``max_new_tokens`` fit the model's context, reported as ``dropped_turns``.
     At most ``cached_conversations`` caches are kept (:mod:`.store`).
 
+Pinned agent prefix (streaming, ``pin_agent_prefix``)
+    The sink region of a conversation's cache is the whole rendered agent prefix: everything the
+    chat template writes before the first user message (system prompt + Markdown context), and
+    never fewer than ``sink_tokens``; it is never evicted, and the recent window follows it. The
+    window is ``window_tokens``, clamped so that prefix + window stay inside the trained context;
+    a prefix that leaves the window less than a quarter of the cache is refused
+    (:class:`~streaming_llm.errors.AgentContextTooLong`, also through :meth:`LocalEngine.refusal`
+    before a turn is stored). Without a system message the sinks are the first ``sink_tokens``
+    tokens, as in the paper. A new conversation starts from a copy of the agent's prefix cache
+    (:class:`~.store.PrefixStore`, ``shared_prefixes``) instead of prefilling it again. An edited
+    agent renders a different prefix: the next turn's prompt departs from the kept ids inside the
+    prefix, so the cache is rolled back there or rebuilt from the new prefix.
+
 Sampling defaults (when a request leaves them unset)
     temperature :data:`DEFAULT_TEMPERATURE`, top-p :data:`DEFAULT_TOP_P`, top-k off; temperature 0
     is greedy. Generation stops at an end-of-sequence id (the tokenizer's and the generation
@@ -44,14 +57,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ...errors import ContextTooLong, EngineError, EngineNotReady, EngineUnavailable, ModelNotFound
+from ...errors import (
+    AgentContextTooLong,
+    ContextTooLong,
+    EngineError,
+    EngineNotReady,
+    EngineUnavailable,
+    ModelNotFound,
+)
 from ...settings import Settings
 from .. import demo_model
 from ..base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 from ..detokenize import IncrementalDecoder, StopMatcher
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
 from .prompts import Message, Prompts
-from .store import Conversation, ConversationStore
+from .store import Conversation, ConversationStore, PrefixStore
 
 log = logging.getLogger("streaming_llm.engines.local")
 
@@ -61,6 +81,16 @@ DEFAULT_TOP_K = 0
 PREFILL_CHUNK = 512  # prompt tokens per forward call; the cancel flag is checked between chunks
 
 _END = object()  # the worker finished with a request (sent after its last chunk)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a streaming conversation's cache is laid out for the agent it talks to."""
+
+    prefix: str  # the pinned agent prefix as rendered; "" when none is pinned
+    prefix_ids: list[int]
+    sinks: int  # max(sink_tokens, len(prefix_ids))
+    window: int
 
 
 @dataclass
@@ -81,6 +111,8 @@ class LocalEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-engine")
         self._lock = threading.Lock()  # guards _active and _active_state
         self._conversations = ConversationStore(settings.cached_conversations)
+        self._prefixes = PrefixStore(settings.shared_prefixes)  # worker thread only
+        self._refusals: dict[str, EngineError | None] = {}  # by system message (event loop)
         self._active: _Job | None = None
         self._active_state: Conversation | None = None
         self._loaded: LoadedModel | None = None
@@ -128,6 +160,7 @@ class LocalEngine:
                 self._active.cancel.set()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._conversations.clear()
+        self._prefixes.clear()
         self._loaded = None
 
     async def health(self) -> EngineHealth:
@@ -145,7 +178,7 @@ class LocalEngine:
                 detail += f"; {self._detail}"
             return EngineHealth(ready=False, model=self._model_name, detail=detail,
                                 extra={"state": "loading"})
-        states = self._conversations.states()
+        states = self._conversations.states() + self._prefixes.states()
         with self._lock:
             if self._active_state is not None:
                 states.append(self._active_state)
@@ -163,6 +196,8 @@ class LocalEngine:
         if self.settings.streaming:
             extra["sink_tokens"] = self.settings.sink_tokens
             extra["window_tokens"] = loaded.window
+            extra["pin_agent_prefix"] = self.settings.pin_agent_prefix
+            extra["shared_prefixes"] = len(self._prefixes.states())
         return EngineHealth(ready=True, model=self._model_name, detail=self._detail, extra=extra)
 
     async def idle(self) -> None:
@@ -184,14 +219,31 @@ class LocalEngine:
     def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         return self._stream(request)
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         if self._ready:
-            return None
+            return self._agent_refusal(system) if system else None
         if self._error is not None:
             return EngineUnavailable(self._error)
         if self._closed:
             return EngineUnavailable("the local engine has shut down")
         return EngineNotReady(f"the model {self._model_name} is still loading")
+
+    def _agent_refusal(self, system: str) -> EngineError | None:
+        """AgentContextTooLong when this system message, pinned, leaves too small a window."""
+        if not (self.settings.streaming and self.settings.pin_agent_prefix):
+            return None
+        if system not in self._refusals:
+            assert self._prompts is not None
+            prefix = self._prompts.agent_prefix([{"role": "system", "content": system}])
+            try:
+                self._layout(prefix, self._prompts.encode_text(prefix) if prefix else [])
+                refused = None
+            except AgentContextTooLong as exc:
+                refused = exc
+            if len(self._refusals) >= 256:
+                self._refusals.clear()
+            self._refusals[system] = refused
+        return self._refusals[system]
 
     async def _stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         if (refused := self.refusal()) is not None:
@@ -245,7 +297,7 @@ class LocalEngine:
         try:
             with torch.inference_mode():
                 self._turn(job, state)
-        except ContextTooLong as exc:
+        except (ContextTooLong, AgentContextTooLong) as exc:
             job.emit(exc)
         except Exception as exc:
             log.exception("local engine: generation failed")
@@ -261,21 +313,28 @@ class LocalEngine:
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         known_text, known_ids = (state.text, state.ids) if state is not None else (None, [])
         max_new, dropped = request.max_new_tokens, None
+        layout: _Layout | None = None
         if self.settings.streaming:
             prompt_text = prompts.render(messages, generation_prompt=True)
             prompt_ids = prompts.encode_prompt(known_text, known_ids, prompt_text)
+            layout = self._layout(*self._pinned(messages, prompt_text, prompt_ids))
+            if state is not None and state.cache.sink_tokens != layout.sinks:
+                state = None  # the agent's prefix changed length: rebuild from the new one
         else:
             prompt_text, prompt_ids, max_new, dropped = prompts.fit_dense(
                 known_text, known_ids, messages, max_new, self._loaded.context)
 
-        state, reused, logits = self._advance(state, prompt_ids, prompt_text, reserve=max_new,
-                                              cancel=job.cancel)
+        def fresh() -> Conversation:
+            return self._new_conversation(layout, job.cancel)
+
+        state, reused, logits = self._advance(state, prompt_ids, prompt_text, fresh=fresh,
+                                              reserve=max_new, cancel=job.cancel)
         self._active_state = state
         if logits is not None:  # else cancelled during the prompt
             state.text = None  # from here on the cache holds generated ids
             answer = self._decode(job, state, logits, max_new, len(prompt_ids), reused, dropped)
             if answer is not None:
-                self._close_turn(job, state, messages, prompt_text, prompt_ids, answer)
+                self._close_turn(job, state, messages, prompt_text, prompt_ids, answer, fresh)
         self._keep(job, state)
 
     def _decode(self, job: _Job, state: Conversation, logits: Any, max_new: int,
@@ -343,52 +402,93 @@ class LocalEngine:
         return "".join(answer)
 
     def _close_turn(self, job: _Job, state: Conversation, messages: list[Message],
-                    prompt_text: str, prompt_ids: list[int], answer: str) -> None:
+                    prompt_text: str, prompt_ids: list[int], answer: str,
+                    fresh: Callable[[], Conversation]) -> None:
         """Close the assistant turn the way the chat template writes it, so the next turn's
         prompt extends the kept ids. Done after Finished: it costs the caller nothing now."""
         assert self._prompts is not None
         closed_text = self._prompts.render(
             [*messages, {"role": "assistant", "content": answer}], generation_prompt=False)
         closed_ids = self._prompts.encode_after(prompt_text, prompt_ids, closed_text)
-        self._advance(state, closed_ids, closed_text, reserve=0, cancel=job.cancel,
+        self._advance(state, closed_ids, closed_text, fresh=fresh, reserve=0, cancel=job.cancel,
                       need_logits=False)
 
-    # --- cache bookkeeping (worker thread) ------------------------------------------------------
-    def _new_conversation(self) -> Conversation:
-        assert self._loaded is not None
-        if self.settings.streaming:
-            from ..sink_cache import SinkCache
+    # --- the pinned agent prefix ----------------------------------------------------------------
+    def _pinned(self, messages: list[Message], prompt_text: str, prompt_ids: list[int],
+                ) -> tuple[str, list[int]]:
+        """The agent prefix to pin and its ids (a prefix of ``prompt_ids``), or ("", [])."""
+        assert self._prompts is not None
+        if not self.settings.pin_agent_prefix:
+            return "", []
+        prefix = self._prompts.agent_prefix(messages)
+        if not prefix or not prompt_text.startswith(prefix):
+            return "", []
+        ids = self._prompts.encode_text(prefix)
+        if prompt_ids[:len(ids)] != ids:  # the template tokenizes across the boundary
+            return "", []
+        return prefix, ids
 
-            cache: Any = SinkCache.from_model(self._loaded.model, self.settings.sink_tokens,
-                                              self._loaded.window)
-        else:
+    def _layout(self, prefix: str, prefix_ids: list[int]) -> _Layout:
+        """Sinks = the pinned prefix (at least ``sink_tokens``), then as much window as fits."""
+        assert self._loaded is not None
+        sinks = max(self.settings.sink_tokens, len(prefix_ids))
+        window = min(self._loaded.window, self._loaded.context - sinks)
+        if 3 * window < sinks:  # the window would be less than a quarter of sinks + window
+            raise AgentContextTooLong(
+                f"the agent's system prompt and Markdown context take {len(prefix_ids)} tokens, "
+                f"which leaves {max(window, 0)} tokens of a {sinks + max(window, 0)}-token cache "
+                f"for the conversation (at least a quarter is needed; the model was trained on "
+                f"{self._loaded.context} positions): shorten the agent's context, or raise "
+                "STREAMING_LLM_WINDOW_TOKENS")
+        return _Layout(prefix, prefix_ids, sinks, window)
+
+    # --- cache bookkeeping (worker thread) ------------------------------------------------------
+    def _new_conversation(self, layout: _Layout | None, cancel: threading.Event) -> Conversation:
+        """A fresh cache; for a pinned prefix, a copy of the agent's kept prefix cache (built and
+        kept on first use), so the prefix is prefilled once per agent version."""
+        assert self._loaded is not None
+        if layout is None or not self.settings.streaming:
             from transformers import DynamicCache
 
-            cache = DynamicCache()
-        return Conversation(cache=cache, ids=[])
+            return Conversation(cache=DynamicCache(), ids=[])
+        if layout.prefix_ids and (shared := self._prefixes.get(layout.prefix)) is not None:
+            return shared
+        from ..sink_cache import SinkCache
+
+        state = Conversation(cache=SinkCache.from_model(self._loaded.model, layout.sinks,
+                                                        layout.window), ids=[])
+        if layout.prefix_ids:
+            self._feed(state, layout.prefix_ids, reserve=0, cancel=cancel)
+            if len(state.ids) == len(layout.prefix_ids):  # not cancelled half-way
+                self._prefixes.put(layout.prefix, state)
+        return state
 
     def _advance(self, state: Conversation | None, target: Sequence[int], text: str, *,
-                 reserve: int, cancel: threading.Event, need_logits: bool = True,
-                 ) -> tuple[Conversation, int, Any]:
+                 fresh: Callable[[], Conversation], reserve: int, cancel: threading.Event,
+                 need_logits: bool = True) -> tuple[Conversation, int, Any]:
         """Bring ``state`` to have consumed exactly ``target`` (the tokenization of ``text``);
-        return it, the ids reused and the next-token logits (None when cancelled or not needed).
+        return it, the ids reused from a kept cache and the next-token logits (None when cancelled or not needed).
 
         Reuses the longest common prefix of the kept ids and ``target`` when the cache can be
         rolled back to it, else starts a fresh cache and replays ``target``.
         """
+        copied: int | None = None  # for a fresh cache: the tokens it got from a kept one
         if state is None:
-            state = self._new_conversation()
+            state = fresh()
+            copied = state.copied
         keep = _common_prefix(state.ids, target)
         if need_logits and keep == len(target):
             keep -= 1  # the last token must go through the model again to give logits
         state.text = None
         if keep < len(state.ids) and not _rollback(state, keep):
-            state = self._new_conversation()
-            keep = 0
+            state = fresh()
+            # A fresh conversation holds nothing or the pinned prefix, a prefix of every target.
+            keep, copied = len(state.ids), state.copied
+            assert list(target[:keep]) == state.ids and keep < len(target)
         logits = self._feed(state, target[keep:], reserve=reserve, cancel=cancel)
         if not cancel.is_set():
             state.text = text
-        return state, keep, logits
+        return state, keep if copied is None else min(keep, copied), logits
 
     def _feed(self, state: Conversation, ids: Sequence[int], *, reserve: int,
               cancel: threading.Event) -> Any:

@@ -26,6 +26,17 @@ class Prompts:
             messages, add_generation_prompt=generation_prompt, tokenize=False
         )
 
+    def agent_prefix(self, messages: list[Message]) -> str:
+        """Everything the chat template writes before the first user message, when the
+        conversation opens with a system message (the agent's system prompt and Markdown
+        context); else "" (a template's own default system text is not the agent's)."""
+        if not messages or messages[0]["role"] != "system":
+            return ""
+        try:
+            return self.render(messages[:1], generation_prompt=False)
+        except Exception:  # noqa: BLE001  # a template that insists on a user message: no pin
+            return ""
+
     def encode_text(self, text: str) -> list[int]:
         # verbose=False: a long conversation is no mistake in streaming mode, so no warning that
         # it is longer than the model's maximum length.

@@ -1,9 +1,17 @@
-"""The per-conversation caches the local engine keeps between turns: a small LRU.
+"""What the local engine keeps between turns: per-conversation caches and shared agent prefixes.
 
 A :class:`Conversation` is a KV cache plus the ids of every token it has consumed (evicted ones
-included), oldest first, and the rendered text whose tokenization those ids are. At most
-``limit`` conversations are kept; the least recently used goes first. The store is shared by the
-event loop (health, forget) and the worker thread (take, keep), so it locks.
+included), oldest first, and the rendered text whose tokenization those ids are.
+
+:class:`ConversationStore` keeps at most ``limit`` conversations; the least recently used goes
+first. It is shared by the event loop (health, forget) and the worker thread (take, keep), so it
+locks.
+
+:class:`PrefixStore` keeps, per rendered agent prefix (the system message as the chat template
+writes it, so per agent and agent version; one engine serves one model), a cache holding exactly
+that prefix. A new conversation starts from a copy instead of prefilling the prefix again. An
+edited agent renders a different prefix, hence a new entry; old ones age out (LRU). Used by the
+worker thread only.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ class Conversation:
     # The rendered chat text whose tokenization ``ids`` is; None while they are not canonical
     # (mid-answer, after a cancel).
     text: str | None = None
+    copied: int = 0  # tokens copied from a kept agent prefix when the conversation started
 
 
 class ConversationStore:
@@ -66,3 +75,32 @@ class ConversationStore:
     def states(self) -> list[Conversation]:
         with self._lock:
             return list(self._items.values())
+
+
+class PrefixStore:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[str, Conversation] = OrderedDict()
+
+    def get(self, prefix: str) -> Conversation | None:
+        """A fresh copy of the conversation holding exactly ``prefix``, if kept."""
+        kept = self._items.get(prefix)
+        if kept is None:
+            return None
+        self._items.move_to_end(prefix)
+        return Conversation(cache=kept.cache.clone(), ids=list(kept.ids), copied=len(kept.ids))
+
+    def put(self, prefix: str, state: Conversation) -> None:
+        """Keep a copy of ``state``, which holds exactly ``prefix``."""
+        if self.limit == 0:
+            return
+        self._items[prefix] = Conversation(cache=state.cache.clone(), ids=list(state.ids))
+        self._items.move_to_end(prefix)
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def states(self) -> list[Conversation]:
+        return list(self._items.values())
