@@ -20,7 +20,7 @@ import torch
 
 from .sink_cache import SinkCache
 
-__all__ = ["Sampler", "decode_step", "eviction_chunk", "forward_tokens"]
+__all__ = ["PENALTY_WINDOW", "Sampler", "decode_step", "eviction_chunk", "forward_tokens"]
 
 
 def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
@@ -66,6 +66,9 @@ def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
         return logits[0, -1].float()
 
 
+PENALTY_WINDOW = 64  # recent tokens the repetition penalties look at (llama.cpp's repeat_last_n)
+
+
 def decode_step(model: Any, cache: Any, token: int, *, evict: int | None = None) -> torch.Tensor:
     """Feed one generated ``token``; return the next token's float32 logits ``(vocab,)``.
 
@@ -93,23 +96,45 @@ def eviction_chunk(window_tokens: int) -> int:
 
 
 class Sampler:
-    """Pick the next token from logits: greedy at temperature 0, else top-k / top-p sampling.
+    """Pick the next token from logits: greedy at temperature 0, else top-k / top-p / min-p
+    sampling; repetition penalties first, in both cases.
+
+    Penalties look at ``history``, the most recent tokens of the conversation (the engine passes
+    the last :data:`PENALTY_WINDOW`, as llama.cpp's ``repeat_last_n``), each distinct token once
+    for ``repetition_penalty`` and ``presence_penalty``, ``count`` times for
+    ``frequency_penalty``:
+
+    * ``repetition_penalty`` r (1 = off): a positive logit is divided by r, a negative one
+      multiplied (CTRL, Keskar et al. 2019; llama.cpp ``repeat_penalty``);
+    * ``presence_penalty`` a: ``logit -= a``; ``frequency_penalty`` f: ``logit -= f * count``
+      (OpenAI's definitions);
+    * ``min_p`` m (0 = off): after temperature, tokens less likely than m times the most likely
+      one are dropped.
 
     With a ``seed`` the sampler owns a seeded ``torch.Generator``, so the same logits give the same
     tokens run after run; without one it owns a randomly seeded generator (never the global one).
     """
 
     def __init__(self, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, *, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if not (0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        if not (0 <= min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
+        self.min_p = min_p
+        self.repetition_penalty = repetition_penalty
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
         self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
@@ -120,15 +145,31 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """``logits``: ``(vocab,)``; returns a token id."""
-        scores = logits.detach().reshape(-1).float().cpu()
+    def penalize(self, scores: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """``scores`` ``(vocab,)`` with the repetition penalties for ``history`` applied."""
+        if not history or (self.repetition_penalty == 1 and self.presence_penalty == 0
+                           and self.frequency_penalty == 0):
+            return scores
+        ids, counts = torch.tensor(list(history), dtype=torch.long).unique(return_counts=True)
+        seen = scores[ids]
+        if self.repetition_penalty != 1:
+            seen = torch.where(seen > 0, seen / self.repetition_penalty,
+                               seen * self.repetition_penalty)
+        seen = seen - self.presence_penalty - self.frequency_penalty * counts.float()
+        return scores.index_copy(0, ids, seen)
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """``logits``: ``(vocab,)``; ``history``: recent token ids; returns a token id."""
+        scores = self.penalize(logits.detach().reshape(-1).float().cpu(), history)
         if self.greedy:
             return int(torch.argmax(scores))
         scores = scores / self.temperature
         if 0 < self.top_k < scores.numel():
             kth = torch.topk(scores, self.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, -math.inf)
+        if self.min_p > 0:
+            # p < min_p * p_max  <=>  score < max score + log(min_p)
+            scores = scores.masked_fill(scores < scores.max() + math.log(self.min_p), -math.inf)
         if self.top_p < 1:
             # Keep the smallest set of most likely tokens whose probability reaches top_p
             # (always at least the most likely one).

@@ -177,7 +177,9 @@ def _options(body: ChatCompletionRequest) -> GenerationOptions:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationOptions(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=stop or None,
-        seed=body.seed, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+        seed=body.seed, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, min_p=body.min_p)
 
 
 def _conversation_id(request: Request, body: ChatCompletionRequest) -> str | None:

@@ -161,3 +161,34 @@ def test_temperature_sharpens_and_flattens() -> None:
 def test_bad_sampler_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Sampler(**kwargs)
+
+
+# -- penalties and min_p -------------------------------------------------------------------------
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = torch.tensor([2.0, 1.9, -1.0, -1.05, 0.5])
+    sampler = Sampler(0, repetition_penalty=1.25)
+    out = sampler.penalize(logits, [0, 2, 0])
+    torch.testing.assert_close(out, torch.tensor([1.6, 1.9, -1.25, -1.05, 0.5]))
+    assert Sampler(0)(logits, [0]) == 0  # no penalty: argmax
+    assert sampler(logits, [0]) == 1  # the repeated token lost its lead
+    assert Sampler(0, repetition_penalty=1.25)(torch.tensor([-1.0, -1.05]), [0]) == 1
+
+
+def test_presence_counts_once_and_frequency_per_occurrence() -> None:
+    logits = torch.tensor([1.0, 0.8, 0.0])
+    history = [0, 0, 0, 2]
+    torch.testing.assert_close(Sampler(0, presence_penalty=0.3).penalize(logits, history),
+                               torch.tensor([0.7, 0.8, -0.3]))
+    torch.testing.assert_close(Sampler(0, frequency_penalty=0.1).penalize(logits, history),
+                               torch.tensor([0.7, 0.8, -0.1]))
+    assert Sampler(0, frequency_penalty=0.1)(logits, history) == 1
+    assert Sampler(0, frequency_penalty=0.05)(logits, history) == 0
+    assert Sampler(0, presence_penalty=-0.5)(torch.tensor([0.8, 1.0]), [0]) == 0  # negative: favour
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_most_likely() -> None:
+    probs = torch.tensor([0.4, 0.3, 0.19, 0.11])
+    logits = probs.log()
+    picked = {Sampler(1.0, min_p=0.5, seed=s)(logits) for s in range(200)}
+    assert picked == {0, 1}  # 0.19 < 0.5 * 0.4
+    assert {Sampler(1.0, seed=s)(logits) for s in range(200)} == {0, 1, 2, 3}

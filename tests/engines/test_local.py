@@ -63,6 +63,8 @@ async def make_engine(tmp_path: Path) -> AsyncIterator[MakeEngine]:
 
 def request(messages: list[ChatMessage], *, cid: str = "c", max_new_tokens: int = 12,
             **options: Any) -> EngineRequest:
+    # Compared with a plain greedy generate(), which has no repetition penalty.
+    options.setdefault("repetition_penalty", 1.0)
     return EngineRequest(request_id="r", conversation_id=cid, messages=list(messages),
                          options=GenerationOptions(**options), max_new_tokens=max_new_tokens)
 

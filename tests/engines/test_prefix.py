@@ -135,9 +135,9 @@ async def test_a_new_conversation_copies_the_shared_prefix_equal_to_a_fresh_pref
     seen: list[torch.Tensor] = []
     sample = decoding.Sampler.__call__
 
-    def record(self: decoding.Sampler, logits: torch.Tensor) -> int:
+    def record(self: decoding.Sampler, logits: torch.Tensor, history: Any = ()) -> int:
         seen.append(logits.clone())
-        return sample(self, logits)
+        return sample(self, logits, history)
 
     monkeypatch.setattr(decoding.Sampler, "__call__", record)
     shared = await make(llama_path, window_tokens=24)

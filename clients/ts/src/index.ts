@@ -35,6 +35,12 @@ export interface ChatOptions {
   topK?: number
   stop?: string[]
   seed?: number
+  /** Against repetition loops (Ollama / llama.cpp meanings): 1 = off; default 1.1 on the local engine. */
+  repetitionPenalty?: number
+  presencePenalty?: number
+  frequencyPenalty?: number
+  /** Drop tokens less likely than minP × the most likely one (0 = off). */
+  minP?: number
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error'
@@ -598,6 +604,10 @@ const OPTION_NAMES: Record<keyof ChatOptions, string> = {
   topK: 'top_k',
   stop: 'stop',
   seed: 'seed',
+  repetitionPenalty: 'repetition_penalty',
+  presencePenalty: 'presence_penalty',
+  frequencyPenalty: 'frequency_penalty',
+  minP: 'min_p',
 }
 
 /** camelCase options → the wire's snake_case, leaving out unset fields. Unknown keys throw. */

@@ -41,8 +41,10 @@ Pinned agent prefix (streaming, ``pin_agent_prefix``)
     prefix, so the cache is rolled back there or rebuilt from the new prefix.
 
 Sampling defaults (when a request leaves them unset)
-    temperature :data:`DEFAULT_TEMPERATURE`, top-p :data:`DEFAULT_TOP_P`, top-k off; temperature 0
-    is greedy. Generation stops at an end-of-sequence id (the tokenizer's and the generation
+    temperature :data:`DEFAULT_TEMPERATURE`, top-p :data:`DEFAULT_TOP_P`, top-k off, min-p
+    :data:`DEFAULT_MIN_P`, repetition penalty :data:`DEFAULT_REPETITION_PENALTY` over the last
+    :data:`~streaming_llm.engines.decoding.PENALTY_WINDOW` tokens, presence and frequency
+    penalties 0; temperature 0 is greedy (after the penalties). Generation stops at an end-of-sequence id (the tokenizer's and the generation
     config's), at a stop string (never included in the text) or after ``max_new_tokens``.
 """
 
@@ -78,6 +80,8 @@ log = logging.getLogger("streaming_llm.engines.local")
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 0
+DEFAULT_MIN_P = 0.05  # llama.cpp's default
+DEFAULT_REPETITION_PENALTY = 1.1  # Ollama's default; keeps SmolLM2-135M out of loops (README)
 PREFILL_CHUNK = 512  # prompt tokens per forward call; the cancel flag is checked between chunks
 
 _END = object()  # the worker finished with a request (sent after its last chunk)
@@ -341,7 +345,7 @@ class LocalEngine:
                 prompt_tokens: int, reused: int, dropped: int | None) -> str | None:
         """The decode loop: stream the answer, emit :class:`Finished`; return the answer's text,
         or None when cancelled."""
-        from ..decoding import Sampler, decode_step
+        from ..decoding import PENALTY_WINDOW, Sampler, decode_step
 
         assert self._loaded is not None
         opts, cancel, model = job.request.options, job.cancel, self._loaded.model
@@ -350,6 +354,11 @@ class LocalEngine:
             top_p=DEFAULT_TOP_P if opts.top_p is None else opts.top_p,
             top_k=DEFAULT_TOP_K if opts.top_k is None else opts.top_k,
             seed=opts.seed,
+            min_p=DEFAULT_MIN_P if opts.min_p is None else opts.min_p,
+            repetition_penalty=(DEFAULT_REPETITION_PENALTY if opts.repetition_penalty is None
+                                else opts.repetition_penalty),
+            presence_penalty=opts.presence_penalty or 0.0,
+            frequency_penalty=opts.frequency_penalty or 0.0,
         )
         decoder = IncrementalDecoder(self._loaded.tokenizer)
         stops = StopMatcher(opts.stop)
@@ -364,7 +373,7 @@ class LocalEngine:
                 job.emit(TextChunk(text))
 
         while not cancel.is_set():
-            token = sampler(logits)
+            token = sampler(logits, state.ids[-PENALTY_WINDOW:])
             last_at = time.perf_counter()
             if not generated and not first_at:
                 first_at = last_at
