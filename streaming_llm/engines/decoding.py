@@ -66,7 +66,7 @@ def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
         return logits[0, -1].float()
 
 
-PENALTY_WINDOW = 64  # recent tokens the repetition penalties look at (llama.cpp's repeat_last_n)
+PENALTY_WINDOW = 64  # recent answer tokens the penalties look at (llama.cpp's repeat_last_n)
 
 
 def decode_step(model: Any, cache: Any, token: int, *, evict: int | None = None) -> torch.Tensor:
@@ -99,8 +99,9 @@ class Sampler:
     """Pick the next token from logits: greedy at temperature 0, else top-k / top-p / min-p
     sampling; repetition penalties first, in both cases.
 
-    Penalties look at ``history``, the most recent tokens of the conversation (the engine passes
-    the last :data:`PENALTY_WINDOW`, as llama.cpp's ``repeat_last_n``), each distinct token once
+    Penalties look at ``history``, the most recent tokens (the engine passes the last
+    :data:`PENALTY_WINDOW` of the answer, as many as llama.cpp's ``repeat_last_n``, which also
+    counts the prompt's: that would keep an agent from quoting its context), each distinct token once
     for ``repetition_penalty`` and ``presence_penalty``, ``count`` times for
     ``frequency_penalty``:
 

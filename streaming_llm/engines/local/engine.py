@@ -43,8 +43,9 @@ Pinned agent prefix (streaming, ``pin_agent_prefix``)
 Sampling defaults (when a request leaves them unset)
     temperature :data:`DEFAULT_TEMPERATURE`, top-p :data:`DEFAULT_TOP_P`, top-k off, min-p
     :data:`DEFAULT_MIN_P`, repetition penalty :data:`DEFAULT_REPETITION_PENALTY` over the last
-    :data:`~streaming_llm.engines.decoding.PENALTY_WINDOW` tokens, presence and frequency
-    penalties 0; temperature 0 is greedy (after the penalties). Generation stops at an end-of-sequence id (the tokenizer's and the generation
+    :data:`~streaming_llm.engines.decoding.PENALTY_WINDOW` tokens of the answer (not the prompt:
+    an agent must be free to quote its context), presence and frequency penalties 0;
+    temperature 0 is greedy (after the penalties). Generation stops at an end-of-sequence id (the tokenizer's and the generation
     config's), at a stop string (never included in the text) or after ``max_new_tokens``.
 """
 
@@ -373,7 +374,7 @@ class LocalEngine:
                 job.emit(TextChunk(text))
 
         while not cancel.is_set():
-            token = sampler(logits, state.ids[-PENALTY_WINDOW:])
+            token = sampler(logits, generated[-PENALTY_WINDOW:])
             last_at = time.perf_counter()
             if not generated and not first_at:
                 first_at = last_at
