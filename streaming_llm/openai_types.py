@@ -141,6 +141,7 @@ class Model(msgspec.Struct, tag="model", tag_field="object"):
     created: int
     owned_by: str = "streaming-llm"
     name: str | None = None  # extension: the agent's display name
+    served_model: str | None = None  # extension: the model the engine serves (as /health names it)
 
 
 class ModelList(msgspec.Struct, tag="list", tag_field="object"):

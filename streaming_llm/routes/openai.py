@@ -108,15 +108,21 @@ def _model_not_found(model: str) -> AgentNotFound:
 
 
 # --- models -------------------------------------------------------------------------------------
-def _model(agent: Agent) -> Model:
+def _model(agent: Agent, served: str) -> Model:
     created = int(datetime.fromisoformat(agent.created_at).timestamp())
-    return Model(id=agent.id, created=created, name=agent.name)
+    return Model(id=agent.id, created=created, name=agent.name, served_model=served)
+
+
+async def _served(request: Request) -> str:
+    """The name of the model the engine actually serves (as /health reports it)."""
+    return (await request.state.services.engine.health()).model
 
 
 @_openai_errors
 async def list_models(request: Request) -> Response:
     agents = await request.state.services.agents.list()
-    return JSONResponse(ModelList([_model(a) for a in agents]))
+    served = await _served(request)
+    return JSONResponse(ModelList([_model(a, served) for a in agents]))
 
 
 @_openai_errors
@@ -126,7 +132,7 @@ async def get_model(request: Request) -> Response:
         agent = await request.state.services.agents.get(model)
     except (AgentNotFound, InvalidId):
         raise _model_not_found(model) from None
-    return JSONResponse(_model(agent))
+    return JSONResponse(_model(agent, await _served(request)))
 
 
 @_openai_errors
