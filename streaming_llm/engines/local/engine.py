@@ -70,7 +70,7 @@ from ...errors import (
 )
 from ...settings import Settings
 from .. import demo_model
-from ..base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from ..base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
 from ..detokenize import IncrementalDecoder, StopMatcher
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
 from .prompts import Message, Prompts
@@ -273,7 +273,7 @@ class LocalEngine:
                     raise EngineUnavailable("the local engine stopped before the answer ended")
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, (TextChunk, Finished))
+                assert isinstance(item, (PromptTokens, TextChunk, Finished))
                 if isinstance(item, Finished):
                     finished = True
                 yield item
@@ -328,6 +328,7 @@ class LocalEngine:
         else:
             prompt_text, prompt_ids, max_new, dropped = prompts.fit_dense(
                 known_text, known_ids, messages, max_new, self._loaded.context)
+        job.emit(PromptTokens(len(prompt_ids)))
 
         def fresh() -> Conversation:
             return self._new_conversation(layout, job.cancel)
