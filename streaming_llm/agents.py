@@ -98,18 +98,45 @@ class AgentService:
         async with self._write_lock, self.db.writing() as session:
             if not await AgentRepository(session).delete(agent_id):
                 raise AgentNotFound(f"agent {agent_id!r} not found")
-            await session.commit()
-            await asyncio.to_thread(self.files.remove, agent_id)
+            # File first, commit second, as in upsert: a file that cannot be removed leaves the
+            # row alone (else the agent would come back from its file at the next start); a
+            # failed commit puts the file back.
+            previous = await asyncio.to_thread(self.files.read_bytes, agent_id)
+            try:
+                await asyncio.to_thread(self.files.remove, agent_id)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"the agent's file cannot be removed: {exc.strerror or exc}") from None
+            try:
+                await session.commit()
+            except Exception:
+                if previous is not None:
+                    try:
+                        await asyncio.to_thread(self.files.restore, agent_id, previous)
+                    except OSError as exc:
+                        log.error("agent %s: could not restore its file after a failed commit: "
+                                  "%s", agent_id, exc)
+                raise
             log.info("agent %s deleted", agent_id)
 
     async def import_files(self) -> int:
-        """Import ``.md`` files that are new, or newer than their row and different from it."""
+        """Import ``.md`` files that are new, or newer than their row and different from it.
+
+        A file is held to the same field limits as ``PUT /agents/{id}`` (:class:`AgentIn`); one
+        that breaks them is skipped with a warning naming the file and the field.
+        """
         imported = 0
         async with self._write_lock, self.db.writing() as session:
             await asyncio.to_thread(self.files.remove_leftovers)
             found = await asyncio.to_thread(self.files.scan)
             repo = AgentRepository(session)
             for f in found:
+                try:
+                    msgspec.convert({"name": f.name, "system_prompt": f.system_prompt,
+                                     "markdown_context": f.markdown_context}, AgentIn)
+                except msgspec.ValidationError as exc:
+                    log.warning("skipping agent file %s: %s", self.files.path(f.id), exc)
+                    continue
                 row = await repo.get(f.id)
                 if row is not None:
                     same = (row.name, row.system_prompt, row.markdown_context) == (

@@ -99,8 +99,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .connections import uvicorn_options
     from .limits import ws_max_size
-    from .shutdown import Server
+    from .shutdown import GRACEFUL_SHUTDOWN_S, Server
 
     log.info("streaming-llm %s listening on http://%s:%d (engine %s)", __version__,
              settings.host, settings.port, settings.engine)
@@ -108,9 +109,11 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port,
         log_config=None, log_level=settings.log_level, lifespan="on",
-        ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=10,
+        ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # Token frames are tens of bytes: deflating each costs ~80 us of CPU and saves nothing.
         ws_per_message_deflate=False,
+        # Connection caps, header deadline, idle timeout, bounded pongs (connections.py).
+        **uvicorn_options(settings, app.state.connection_refused),
     )
     # shutdown.Server drains the chat sockets first (STREAMING_LLM_SHUTDOWN_GRACE_S); uvicorn's
     # own timeout then covers what is left (idle HTTP connections).

@@ -17,7 +17,9 @@ from .fakes import ScriptedEngine
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"data_dir": tmp_path / "data", "engine": "echo", "echo_delay_ms": 0}
+        # TestClient's requests carry ``Host: testserver``
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "engine": "echo", "echo_delay_ms": 0,
+                                  "allowed_hosts": "testserver"}
         values.update(overrides)
         return Settings(**values)
 
