@@ -101,16 +101,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits]
     refused = False  # read by other connections' counts
+    _request_head: bytes | None = None  # a refused connection's request, until its end
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0
+        self._arm_header_deadline()
         reason = self._over_limit()
         if reason is not None:
             self._refuse(reason)
-            return
-        self._arm_header_deadline()
 
     def _over_limit(self) -> str | None:
         live = [c for c in self.connections if not getattr(c, "refused", False)]
@@ -124,21 +124,31 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         return None
 
     def _refuse(self, reason: str) -> None:
+        """Answer the request once its headers are in (no parser, no app), then close."""
         self.refused = True
+        self._refusal_reason = reason
+        self._request_head = b""
         self.limits.refused(reason, self.client)
+
+    def _answer_refusal(self) -> None:
         what = ("the server is at its connection limit (STREAMING_LLM_MAX_CONNECTIONS)"
-                if reason == "too_many_connections" else
+                if self._refusal_reason == "too_many_connections" else
                 "this address is at its connection limit "
                 "(STREAMING_LLM_MAX_CONNECTIONS_PER_ADDRESS)")
+        self._disarm_header_deadline()
         self.transport.write(_refusal(f"{what}; try again later"))
         if self.transport.can_write_eof():
-            self.transport.write_eof()  # what the client sends meanwhile is read and dropped
+            self.transport.write_eof()  # what the client still sends is read and dropped
         self.loop.call_later(REFUSAL_LINGER_S, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
-        if self.refused:
-            return
-        super().data_received(data)
+        if not self.refused:
+            super().data_received(data)
+        elif self._request_head is not None:
+            self._request_head += data
+            if b"\r\n\r\n" in self._request_head or len(self._request_head) > MAX_HEADER_BYTES:
+                self._request_head = None
+                self._answer_refusal()
 
     def eof_received(self) -> None:
         if self.refused:
