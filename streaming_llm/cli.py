@@ -105,6 +105,7 @@ def serve(settings: Settings) -> int:
 
     log.info("streaming-llm %s listening on http://%s:%d (engine %s)", __version__,
              settings.host, settings.port, settings.engine)
+    _ensure_descriptors(settings.max_connections)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port,
@@ -119,6 +120,26 @@ def serve(settings: Settings) -> int:
     # own timeout then covers what is left (idle HTTP connections).
     Server(config, drain=app.state.drain).run()
     return 0
+
+
+#: Descriptors the server needs besides its connections: database, logs, model files, pipes.
+SPARE_DESCRIPTORS = 128
+
+
+def _ensure_descriptors(max_connections: int) -> None:
+    """Raise the soft descriptor limit to cover the connection cap, or say that it cannot."""
+    import resource
+
+    needed = max_connections + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        log.warning("the descriptor limit (%d) is below STREAMING_LLM_MAX_CONNECTIONS + %d (%d): "
+                    "connections beyond it fail without an answer; raise LimitNOFILE / ulimit -n "
+                    "or lower STREAMING_LLM_MAX_CONNECTIONS", soft, SPARE_DESCRIPTORS, needed)
 
 
 def env_example(output: str | None) -> int:
