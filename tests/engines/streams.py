@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from streaming_llm.engines.base import Chunk, Finished, TextChunk
+from streaming_llm.engines.base import (
+    ChatMessage,
+    Chunk,
+    EngineRequest,
+    Finished,
+    GenerationOptions,
+    TextChunk,
+)
+from streaming_llm.errors import EngineError
 
 
 async def drain(stream: AsyncIterator[Chunk]) -> tuple[list[str], Finished]:
@@ -19,3 +27,31 @@ async def drain(stream: AsyncIterator[Chunk]) -> tuple[list[str], Finished]:
             finished = chunk
     assert finished is not None
     return pieces, finished
+
+
+async def until_error(stream: AsyncIterator[Chunk]) -> tuple[list[str], EngineError]:
+    """The text pieces streamed before the stream raised, and the error (fails if none)."""
+    pieces: list[str] = []
+    try:
+        async for chunk in stream:
+            assert isinstance(chunk, TextChunk), f"expected an error, got {chunk!r}"
+            pieces.append(chunk.text)
+    except EngineError as exc:
+        return pieces, exc
+    raise AssertionError("the stream ended without an error")
+
+
+MESSAGES = [
+    ChatMessage("system", "You are terse."),
+    ChatMessage("user", "first question"),
+    ChatMessage("assistant", "first answer"),
+    ChatMessage("user", "second question"),
+]
+
+
+def engine_request(options: GenerationOptions | None = None, max_new_tokens: int = 64, *,
+                   conversation_id: str = "c1", request_id: str = "r1") -> EngineRequest:
+    """A turn with :data:`MESSAGES` as its history."""
+    return EngineRequest(request_id=request_id, conversation_id=conversation_id,
+                         messages=MESSAGES, options=options or GenerationOptions(),
+                         max_new_tokens=max_new_tokens)
