@@ -49,6 +49,9 @@ MAX_HEADER_BYTES = 64 * 1024
 #: How long a refused connection may go on sending before it is closed (so that the client
 #: reads the 503 instead of a reset).
 REFUSAL_LINGER_S = 2.0
+#: Refused connections waiting for their request to be answered with 503; beyond this many
+#: (a flood), further ones are dropped at once, so that refusals cannot use up descriptors.
+MAX_PENDING_REFUSALS = 32
 #: Refusals are logged at most this often (each one is counted in /metrics).
 LOG_EVERY_S = 10.0
 
@@ -125,10 +128,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, reason: str) -> None:
         """Answer the request once its headers are in (no parser, no app), then close."""
+        pending = sum(1 for c in self.connections if getattr(c, "refused", False))
         self.refused = True
         self._refusal_reason = reason
-        self._request_head = b""
         self.limits.refused(reason, self.client)
+        if pending >= MAX_PENDING_REFUSALS:
+            self.transport.abort()  # a flood: no answer, and the descriptor is free at once
+            return
+        self._request_head = b""
 
     def _answer_refusal(self) -> None:
         what = ("the server is at its connection limit (STREAMING_LLM_MAX_CONNECTIONS)"

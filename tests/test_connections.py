@@ -17,7 +17,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from .server import ServerProcess, http, start_server
+from .server import ServerProcess, http, start_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -245,3 +245,35 @@ def test_memory_with_300_sockets_that_never_read(tmp_path: Path) -> None:
           f"{baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB, after {after / 1024:.0f} MiB")
     assert refused == 300 - 100 and len(socks) == 100  # STREAMING_LLM_MAX_CONNECTIONS_PER_ADDRESS
     assert (peak - baseline) / 1024 < 1024, peak
+
+
+def test_a_flood_under_a_small_descriptor_limit_leaves_room_for_others(tmp_path: Path) -> None:
+    """300 connections that never send a byte, from one address, on a server limited to 256
+    descriptors: uvicorn alone accepts until it runs out and then answers nobody."""
+    import resource
+
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_MAX_CONNECTIONS": "100",
+           "STREAMING_LLM_MAX_CONNECTIONS_PER_ADDRESS": "50",
+           "STREAMING_LLM_HEADER_TIMEOUT_S": "60"}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the server
+    try:
+        server_cm = start_server(tmp_path, env, wait=False)
+        srv = server_cm.__enter__()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        wait_healthy(srv.base_url, srv.proc, 120, srv.log_path)
+        flood = []
+        try:
+            for _ in range(300):
+                flood.append(open_socket(srv, timeout=10))
+            time.sleep(1)
+            with open_socket(srv, "127.0.0.2") as sock:  # another client
+                assert get(sock).startswith(b"HTTP/1.1 200")
+        finally:
+            for sock in flood:
+                sock.close()
+        assert srv.proc.poll() is None
+    finally:
+        server_cm.__exit__(None, None, None)
