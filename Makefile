@@ -9,12 +9,12 @@ STAMP := $(VENV)/.stamp-install
 NPM ?= npm
 CLIENT := clients/ts
 
-.PHONY: install run test test-python test-client migrate client chromium dev lint clean
+.PHONY: install run test test-python test-client migrate client chromium test-servers dev lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]' "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[test,postgres]' "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,12 @@ client: $(CLIENT)/node_modules/.package-lock.json
 chromium:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
+# PostgreSQL server binaries for the storage tests, which start their own server, and nginx for
+# the test of deploy/nginx (Debian packages).
+test-servers:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql)
+	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx)
+
 # Backend + reference page together: rebuilds the client into the page, then serves.
 dev: migrate client
 	cd $(CLIENT) && $(NPM) run sync-web
@@ -43,10 +49,10 @@ dev: migrate client
 	$(PY) -m streaming_llm serve
 
 lint: install
-	$(PY) -m ruff check streaming_llm tests migrations
+	$(PY) -m ruff check streaming_llm tests
 	$(PY) -m mypy streaming_llm
 
-test-python: install
+test-python: install test-servers
 	$(PY) -m pytest
 
 test-client: install client chromium

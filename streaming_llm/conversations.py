@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import msgspec
-from sqlalchemy import Connection
+from sqlalchemy.orm import Session
 
 from .engines.base import (
     ChatMessage,
@@ -33,19 +33,9 @@ from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
 from .limits import GenerationGate
 from .metrics import Metrics
+from .storage import queries
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
-from .storage.repositories import (
-    AgentRepository,
-    ConversationRepository,
-    TurnRepository,
-    agent_prompt,
-    append_turn,
-    conversation_owner,
-    create_conversation,
-    touch_conversation,
-    turn_history,
-)
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir
@@ -151,27 +141,28 @@ class ConversationManager:
 
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int) -> list[ConversationSummary]:
-        async with self.db.session() as session:
-            rows = await ConversationRepository(session).list(agent_id=agent_id, limit=limit,
-                                                               offset=offset)
+        rows = await self.db.read(lambda session: queries.list_conversations(
+            session, agent_id=agent_id, limit=limit, offset=offset))
         return [_summary(r) for r in rows]
 
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)
-        async with self.db.session() as session:
-            row = await ConversationRepository(session).get(conversation_id)
+
+        def load(session: Session) -> tuple[ConversationRow, list[TurnRow]]:
+            row = queries.get_conversation(session, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            turns = await TurnRepository(session).list_turns(conversation_id)
+            return row, queries.list_turns(session, conversation_id)
+
+        row, turns = await self.db.read(load)
         return ConversationView(row.id, row.agent_id, row.title, row.created_at, row.updated_at,
                                 [_turn_view(t) for t in turns])
 
     async def delete(self, conversation_id: str) -> None:
         check_conversation_id(conversation_id)
-        async with self.db.writing() as session:
-            if not await ConversationRepository(session).delete(conversation_id):
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            await session.commit()
+        if not await self.db.write(lambda session: queries.delete_conversation(session,
+                                                                                conversation_id)):
+            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
         self.engine.forget(conversation_id)
         if self.transcripts is not None:
             await self.transcripts.remove(conversation_id)
@@ -184,31 +175,32 @@ class ConversationManager:
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
-        def load(conn: Connection) -> tuple[tuple[str, str], list[tuple[str, str]]]:
-            # On a reader thread: the history may be long, and the writer must not wait for it.
-            prompt = agent_prompt(conn, agent_id)
-            if prompt is None:
+        def load(session: Session) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+            # A read: on SQLite the history may be long, and the writer must not wait for it.
+            agent = queries.get_agent(session, agent_id)
+            if agent is None:
                 raise AgentNotFound(f"agent {agent_id!r} not found")
+            prompt = (agent.system_prompt, agent.markdown_context)
             if conversation_id is None:
                 return prompt, []
-            owner = conversation_owner(conn, conversation_id)
-            if owner is None:
+            conversation = queries.get_conversation(session, conversation_id)
+            if conversation is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            if owner != agent_id:
+            if conversation.agent_id != agent_id:
                 raise Conflict(
-                    f"conversation {conversation_id!r} belongs to agent {owner!r}, "
+                    f"conversation {conversation_id!r} belongs to agent {conversation.agent_id!r}, "
                     f"not {agent_id!r}", code="conversation_agent_mismatch")
-            return prompt, turn_history(conn, conversation_id)
+            return prompt, [(t.role, t.content) for t in queries.list_turns(session, conversation_id)]
 
-        def store(conn: Connection) -> tuple[str, str]:  # on the writer thread, one transaction
+        def store(session: Session) -> tuple[str, str]:  # the writer queue, one transaction
             if conversation_id is None:
-                conversation = create_conversation(conn, agent_id, _title(message))
-            elif touch_conversation(conn, conversation_id):
+                conversation = queries.create_conversation(session, agent_id, _title(message))
+            elif queries.touch_conversation(session, conversation_id):
                 conversation = conversation_id
             else:  # deleted since it was read
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return conversation, append_turn(conn, conversation, role="user", content=message,
-                                             request_id=request_id)
+            return conversation, queries.append_turn(session, conversation, role="user",
+                                                     content=message, request_id=request_id)
 
         (system_prompt, context), history = await self.db.read(load)
         if (refused := self.engine.refusal()) is not None:
@@ -239,8 +231,7 @@ class ConversationManager:
         conversation id; end the turn with :meth:`discard`.
         """
         started = time.perf_counter()
-        async with self.db.session() as session:
-            agent = await AgentRepository(session).get(agent_id)
+        agent = await self.db.read(lambda session: queries.get_agent(session, agent_id))
         if agent is None:
             raise AgentNotFound(f"agent {agent_id!r} not found")
         systems = [system_message(agent.system_prompt, agent.markdown_context)]
@@ -291,11 +282,11 @@ class ConversationManager:
                   "completion_tokens": usage.completion_tokens,
                   "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
 
-        def store(conn: Connection) -> str:  # on the writer thread, one transaction
-            if not touch_conversation(conn, turn.conversation_id):
+        def store(session: Session) -> str:  # the writer queue, one transaction
+            if not queries.touch_conversation(session, turn.conversation_id):
                 raise ConversationNotFound(
                     f"conversation {turn.conversation_id!r} was deleted during the turn")
-            return append_turn(conn, turn.conversation_id, **fields)
+            return queries.append_turn(session, turn.conversation_id, **fields)
 
         turn_id = await self.db.write(store)
         if self.transcripts is not None:

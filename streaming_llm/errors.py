@@ -98,3 +98,9 @@ class StorageUnavailable(ServiceError):
     """The database refused a write or a read (read-only, disk full, locked, I/O error)."""
 
     code, status = "storage_unavailable", 503
+
+
+class StorageConflict(Conflict):
+    """A constraint of the database refused the write (for example, a row made concurrently)."""
+
+    code = "storage_conflict"

@@ -241,6 +241,8 @@ def _guard_responses(op: Operation) -> dict[int, Body]:
         out[413] = _error("The body is larger than STREAMING_LLM_MAX_BODY_BYTES.")
     if op.method in ("put", "post", "delete"):
         out[503] = _error("The database refused the write (storage_unavailable).")
+        out[409] = _error("A constraint of the database refused the write (storage_conflict): "
+                          "for example one agent created at once on two instances.")
     return out
 
 

@@ -6,7 +6,7 @@ from starlette.testclient import TestClient
 
 from streaming_llm.settings import Settings
 
-from .conftest import put_agent
+from .conftest import BOTH_DATABASES, put_agent
 from .fakes import ScriptedEngine
 from .test_chat import recv_turn
 
@@ -20,6 +20,7 @@ def _chat(ws, agent: str, message: str, conversation_id: str | None = None) -> s
     return start["conversation_id"]
 
 
+@BOTH_DATABASES
 def test_list_filter_get_delete(client: TestClient, scripted: ScriptedEngine) -> None:
     put_agent(client, "a")
     put_agent(client, "b")
