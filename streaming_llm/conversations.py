@@ -13,9 +13,10 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import msgspec
+from msgspec import Meta
 from sqlalchemy.orm import Session
 
 from .engines.base import (
@@ -26,10 +27,11 @@ from .engines.base import (
     Finished,
     FinishReason,
     GenerationOptions,
+    PromptTokens,
     TextChunk,
     Usage,
 )
-from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
+from .errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
 from .limits import GenerationGate
 from .metrics import Metrics
@@ -60,6 +62,12 @@ class ConversationSummary(msgspec.Struct):
     title: str
     created_at: str
     updated_at: str
+
+
+class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``PATCH /conversations/{id}``: what may change about a conversation."""
+
+    title: Annotated[str, Meta(min_length=1, max_length=200)]
 
 
 class ConversationView(msgspec.Struct):
@@ -106,6 +114,7 @@ class Turn:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    prompt_tokens: int = 0  # from the engine's PromptTokens, for an answer cut short
 
     def timed(self, usage: Usage) -> Usage:
         """``usage`` with the timings the engine left empty filled in from this turn's clock:
@@ -124,7 +133,8 @@ class Turn:
 
     def partial_usage(self) -> Usage:
         """Usage of an answer that ended without the engine's own (cancelled or failed)."""
-        return self.timed(Usage(completion_tokens=len(self.pieces)))
+        return self.timed(Usage(prompt_tokens=self.prompt_tokens,
+                                completion_tokens=len(self.pieces)))
 
 
 class ConversationManager:
@@ -140,10 +150,40 @@ class ConversationManager:
         self.gate = gate if gate is not None else GenerationGate(slots=1 << 30, max_waiting=0)
 
     # REST ---------------------------------------------------------------------------------------
-    async def list(self, *, agent_id: str | None, limit: int, offset: int) -> list[ConversationSummary]:
+    async def list(self, *, agent_id: str | None, limit: int, offset: int,
+                   search: str | None = None) -> list[ConversationSummary]:
         rows = await self.db.read(lambda session: queries.list_conversations(
-            session, agent_id=agent_id, limit=limit, offset=offset))
+            session, agent_id=agent_id, limit=limit, offset=offset, search=search))
         return [_summary(r) for r in rows]
+
+    async def rename(self, conversation_id: str, title: str) -> ConversationSummary:
+        check_conversation_id(conversation_id)
+
+        def store(session: Session) -> ConversationSummary:
+            row = queries.rename_conversation(session, conversation_id, title)
+            if row is None:
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            return _summary(row)
+
+        return await self.db.write(store)
+
+    async def truncate(self, conversation_id: str, from_seq: int) -> None:
+        """Delete the turns from the user turn ``from_seq`` on: what "edit and resend" and
+        "regenerate" do before sending that message again. The engine's conversation cache
+        needs no telling: it rolls back to the prefix the next prompt shares with it."""
+        check_conversation_id(conversation_id)
+
+        def store(session: Session) -> None:
+            if not queries.touch_conversation(session, conversation_id):  # locks its row
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            turn = next((t for t in queries.list_turns(session, conversation_id)
+                         if t.seq == from_seq), None)
+            if turn is None or turn.role != "user":
+                raise BadRequest(f"conversation {conversation_id!r} has no user turn with "
+                                 f"seq {from_seq}")
+            queries.truncate_conversation(session, conversation_id, from_seq)
+
+        await self.db.write(store)
 
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)
@@ -264,6 +304,8 @@ class ConversationManager:
                         turn.last_token_at = now
                         turn.pieces.append(chunk.text)
                         yield chunk.text
+                elif isinstance(chunk, PromptTokens):
+                    turn.prompt_tokens = chunk.count
                 elif isinstance(chunk, Finished):
                     turn.finished = Finished(chunk.reason, turn.timed(chunk.usage))
                     return

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
+from streaming_llm.app import create_app
 from streaming_llm.settings import Settings
 
 from .conftest import BOTH_DATABASES, put_agent
@@ -275,3 +277,26 @@ def test_disconnect_mid_answer_stops_generation(client: TestClient, settings: Se
     assert done.is_set()
     assert rows[1][3] == "cancelled" and len(rows[1][2].split()) < 500
     assert scripted.closed_streams == 1
+
+
+def test_turn_ids_are_named_and_a_cancelled_turn_counts_its_prompt(
+        make_settings: Callable[..., Settings]) -> None:
+    # The echo engine (real, not scripted) reports its prompt size before the first token.
+    with TestClient(create_app(make_settings(echo_delay_ms=20))) as client:
+        put_agent(client, "helper")
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "request_id": "c1",
+                          "message": " ".join(f"w{i}" for i in range(300))})
+            start = ws.receive_json()
+            assert start["type"] == "start"
+            assert start["user_turn_id"] == start["turn_id"]  # old name kept
+            assert ws.receive_json()["type"] == "token"
+            ws.send_json({"type": "cancel", "request_id": "c1"})
+            while (done := ws.receive_json())["type"] == "token":
+                pass
+        assert done["finish_reason"] == "cancelled"
+        assert done["answer_turn_id"] == done["turn_id"] != start["user_turn_id"]
+        assert done["usage"]["prompt_tokens"] >= 300
+        turns = client.get(f"/conversations/{done['conversation_id']}").json()["turns"]
+        assert [t["id"] for t in turns] == [start["user_turn_id"], done["answer_turn_id"]]
+        assert turns[1]["usage"]["prompt_tokens"] == done["usage"]["prompt_tokens"]

@@ -2,7 +2,9 @@
 
 An engine turns an :class:`EngineRequest` (chat messages + options + the conversation id, so an
 engine may keep per-conversation state such as a KV cache) into an async stream of
-:class:`TextChunk` pieces followed by exactly one :class:`Finished`.
+:class:`TextChunk` pieces followed by exactly one :class:`Finished`; an engine that knows the
+prompt's size before the first piece yields one :class:`PromptTokens` first (so an answer cut
+short still reports its ``prompt_tokens``).
 
 Cancellation is the caller closing the stream (``await stream.aclose()``) or cancelling the task
 that iterates it; an engine stops its underlying work promptly when that happens (a worker thread
@@ -67,12 +69,19 @@ class TextChunk(msgspec.Struct, frozen=True):
     text: str
 
 
+class PromptTokens(msgspec.Struct, frozen=True):
+    """How many tokens the prompt has, yielded before the first text piece by engines that know
+    it then, so an answer cut short (cancelled, failed) still reports its ``prompt_tokens``."""
+
+    count: int
+
+
 class Finished(msgspec.Struct, frozen=True):
     reason: Literal["stop", "length"]
     usage: Usage
 
 
-Chunk = TextChunk | Finished
+Chunk = PromptTokens | TextChunk | Finished
 
 
 class EngineHealth(msgspec.Struct, omit_defaults=True):

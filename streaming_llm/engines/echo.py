@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..errors import EngineError
-from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
 
 _WORDS = re.compile(r"\S+\s*|\s+")
 
@@ -43,6 +43,7 @@ class EchoEngine:
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         message = request.messages[-1].content
         prompt_tokens = sum(len(_WORDS.findall(m.content)) for m in request.messages)
+        yield PromptTokens(prompt_tokens)
         stops = request.options.stop or []
         started = time.perf_counter()
         text = ""

@@ -54,7 +54,7 @@ from typing import Any, Literal
 from ..errors import ContextTooLong, EngineError, EngineNotReady, EngineUnavailable, ModelNotFound
 from ..settings import Settings
 from . import demo_model
-from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
 from .detokenize import IncrementalDecoder, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class LocalEngine:
                     raise EngineUnavailable("the local engine stopped before the answer ended")
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, (TextChunk, Finished))
+                assert isinstance(item, (PromptTokens, TextChunk, Finished))
                 if isinstance(item, Finished):
                     finished = True
                 yield item
@@ -356,6 +356,7 @@ class LocalEngine:
             prompt_ids = self._encode_prompt(state, prompt_text)
         else:
             prompt_text, prompt_ids, max_new, dropped = self._fit_dense(state, messages, max_new)
+        job.emit(PromptTokens(len(prompt_ids)))
 
         state, reused, logits = self._advance(state, prompt_ids, prompt_text, reserve=max_new,
                                               cancel=cancel)

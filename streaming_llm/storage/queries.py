@@ -71,11 +71,19 @@ def get_conversation(session: Session, conversation_id: str) -> ConversationRow 
 
 
 def list_conversations(session: Session, *, agent_id: str | None = None,
-                       limit: int | None = 100, offset: int = 0) -> list[ConversationRow]:
-    """Most recently active first; ``limit=None``: all of them."""
+                       limit: int | None = 100, offset: int = 0,
+                       search: str | None = None) -> list[ConversationRow]:
+    """Most recently active first; ``limit=None``: all of them. ``search``: only those whose
+    title or any turn contains it, case-insensitively (LIKE wildcards in it are plain text)."""
     query = select(ConversationRow)
     if agent_id is not None:
         query = query.where(ConversationRow.agent_id == agent_id)
+    if search:
+        in_turns = select(TurnRow.id).where(
+            TurnRow.conversation_id == ConversationRow.id,
+            TurnRow.content.icontains(search, autoescape=True))
+        query = query.where(ConversationRow.title.icontains(search, autoescape=True)
+                            | in_turns.exists())
     query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
     return list(session.scalars(query.limit(limit).offset(offset)))
 
@@ -95,6 +103,23 @@ def touch_conversation(session: Session, conversation_id: str) -> bool:
         update(ConversationRow).where(ConversationRow.id == conversation_id)
         .values(updated_at=utcnow()).execution_options(synchronize_session=False))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def rename_conversation(session: Session, conversation_id: str,
+                        title: str) -> ConversationRow | None:
+    row = session.get(ConversationRow, conversation_id, with_for_update=True)
+    if row is not None:
+        row.title = title
+        session.flush()
+    return row
+
+
+def truncate_conversation(session: Session, conversation_id: str, from_seq: int) -> int:
+    """Delete the turns with ``seq >= from_seq``; return how many went. Call it after
+    :func:`touch_conversation` in the same transaction, so no append interleaves."""
+    result = session.execute(delete(TurnRow).where(
+        TurnRow.conversation_id == conversation_id, TurnRow.seq >= from_seq))
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def delete_conversation(session: Session, conversation_id: str) -> bool:

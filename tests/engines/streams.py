@@ -10,22 +10,30 @@ from streaming_llm.engines.base import (
     EngineRequest,
     Finished,
     GenerationOptions,
+    PromptTokens,
     TextChunk,
 )
 from streaming_llm.errors import EngineError
 
 
 async def drain(stream: AsyncIterator[Chunk]) -> tuple[list[str], Finished]:
-    """The text pieces and the one ``Finished``; fails if anything follows it or it is missing."""
+    """The text pieces and the one ``Finished``; fails if anything follows it or it is missing,
+    or if a ``PromptTokens`` comes other than once, first."""
     pieces: list[str] = []
     finished: Finished | None = None
+    prompt: PromptTokens | None = None
     async for chunk in stream:
         assert finished is None, "nothing may follow Finished"
-        if isinstance(chunk, TextChunk):
+        if isinstance(chunk, PromptTokens):
+            assert prompt is None and not pieces, "PromptTokens comes once, before any text"
+            prompt = chunk
+        elif isinstance(chunk, TextChunk):
             pieces.append(chunk.text)
         else:
             finished = chunk
     assert finished is not None
+    if prompt is not None:
+        assert prompt.count == finished.usage.prompt_tokens, (prompt, finished.usage)
     return pieces, finished
 
 
@@ -34,6 +42,8 @@ async def until_error(stream: AsyncIterator[Chunk]) -> tuple[list[str], EngineEr
     pieces: list[str] = []
     try:
         async for chunk in stream:
+            if isinstance(chunk, PromptTokens):
+                continue
             assert isinstance(chunk, TextChunk), f"expected an error, got {chunk!r}"
             pieces.append(chunk.text)
     except EngineError as exc:
