@@ -45,8 +45,9 @@ def database_env(database_url: str) -> dict[str, str]:
 @pytest.fixture
 def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
+        # TestClient's requests carry ``Host: testserver``
         values: dict[str, Any] = {"data_dir": tmp_path / "data", "engine": "echo", "echo_delay_ms": 0,
-                                  "database_url": database_url}
+                                  "database_url": database_url, "allowed_hosts": "testserver"}
         values.update(overrides)
         return Settings(**values)
 
