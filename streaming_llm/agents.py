@@ -98,22 +98,53 @@ class AgentService:
 
     async def delete(self, agent_id: str) -> None:
         check_agent_id(agent_id)
+        previous: list[bytes | None] = []  # the file before this delete, once it was removed
 
-        def remove(session: Session) -> bool:
-            return queries.delete_agent(session, agent_id)
+        def remove(session: Session) -> bool:  # on the writer queue
+            if not queries.delete_agent(session, agent_id):
+                return False
+            # File before the commit, as in upsert: a file that cannot be removed leaves the row
+            # alone (else the agent would come back from its file at the next start).
+            before = self.files.read_bytes(agent_id)
+            try:
+                self.files.remove(agent_id)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"the agent's file cannot be removed: {exc.strerror or exc}") from None
+            previous.append(before)
+            return True
 
-        if not await self.db.write(remove):
+        try:
+            found = await self.db.write(remove)
+        except Exception:
+            if previous and previous[0] is not None:  # the file went, the commit failed
+                try:
+                    await asyncio.to_thread(self.files.restore, agent_id, previous[0])
+                except OSError as exc:
+                    log.error("agent %s: could not restore its file after a failed commit: %s",
+                              agent_id, exc)
+            raise
+        if not found:
             raise AgentNotFound(f"agent {agent_id!r} not found")
-        await asyncio.to_thread(self.files.remove, agent_id)
         log.info("agent %s deleted", agent_id)
 
     async def import_files(self) -> int:
-        """Import ``.md`` files that are new, or newer than their row and different from it."""
+        """Import ``.md`` files that are new, or newer than their row and different from it.
+
+        A file is held to the same field limits as ``PUT /agents/{id}`` (:class:`AgentIn`); one
+        that breaks them is skipped with a warning naming the file and the field.
+        """
 
         def store(session: Session) -> list[str]:  # one transaction, on the writer queue
             self.files.remove_leftovers()
             imported = []
             for f in self.files.scan():
+                try:
+                    msgspec.convert({"name": f.name, "system_prompt": f.system_prompt,
+                                     "markdown_context": f.markdown_context}, AgentIn)
+                except msgspec.ValidationError as exc:
+                    log.warning("skipping agent file %s: %s", self.files.path(f.id), exc)
+                    continue
                 row = queries.get_agent(session, f.id)
                 if row is not None:
                     same = (row.name, row.system_prompt, row.markdown_context) == (

@@ -121,6 +121,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         },
     )
     app.state.drain = functools.partial(sockets.drain, settings.shutdown_grace_s)
+    app.state.connection_refused = app_metrics.connection_refused  # for the connection caps
     return app
 
 

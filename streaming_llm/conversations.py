@@ -242,7 +242,7 @@ class ConversationManager:
                                                      content=message, request_id=request_id)
 
         (system_prompt, context), history = await self.db.read(load)
-        if (refused := self.engine.refusal()) is not None:
+        if (refused := self.engine.refusal(system_message(system_prompt, context))) is not None:
             raise refused  # e.g. the model failed to load: store no turn that cannot run
         stored_in, user_turn_id = await self.db.write(store)
 

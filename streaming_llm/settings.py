@@ -57,6 +57,7 @@ class Settings:
     api_key: str = _f("", "API key(s) clients must send, comma-separated (generate with secrets.token_urlsafe(32)); empty = no authentication.")
     api_key_file: Path | None = _f(None, "File of API keys, one per line (# starts a comment); adds to STREAMING_LLM_API_KEY.")
     allowed_origins: str = _f("", "Browser origins allowed to call the API and open the socket, comma-separated (https://app.example.com), or *; empty = same-origin pages and non-browser clients only.")
+    allowed_hosts: str = _f("", "Host names clients may use in the Host header, comma-separated (api.example.com, *.example.com), or *; others get 400 host_not_allowed (DNS rebinding); empty = the listen address plus localhost, 127.0.0.1 and ::1 (and this machine's name on 0.0.0.0/::).")
 
     # --- limits -------------------------------------------------------------------------------
     max_body_bytes: int = _f(16 * 1024 * 1024, "Largest HTTP request body in bytes (the default fits the largest valid agent, every character JSON-escaped); larger ones get 413 payload_too_large.", ge=1024, le=1 << 30)
@@ -70,14 +71,22 @@ class Settings:
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
     max_generations_per_client: int = _f(8, "Generation slots one client address may hold at once; its further turns wait while other addresses' turns go ahead.", ge=1, le=100_000)
     send_timeout_s: float = _f(30.0, "Seconds a chat socket may go without taking a frame (a client that stopped reading); then its turn is cancelled and stored as cancelled, its slot freed and the socket closed with 1008.", ge=0.1, le=3600)
+    max_connections: int = _f(1000, "Open TCP connections (HTTP and sockets) across the server; more get 503 too_many_connections. Keep it below the descriptor limit (systemd LimitNOFILE).", ge=1, le=1_000_000)
+    max_connections_per_address: int = _f(100, "Open TCP connections from one client address; more get 503 too_many_connections. Behind a reverse proxy every client shares its address: raise it to max_connections.", ge=1, le=1_000_000)
+    header_timeout_s: float = _f(10.0, "Seconds a connection has to send a request's headers (from connect, or from the request's first byte); then it is closed (slowloris).", ge=0.1, le=3600)
+    body_timeout_s: float = _f(60.0, "Seconds a request has to send its whole body once the headers are in; then 408 request_timeout and the connection closes.", ge=0.1, le=3600)
+    idle_timeout_s: int = _f(5, "Seconds an idle keep-alive HTTP connection stays open between requests.", ge=1, le=3600)
 
     # --- local engine -------------------------------------------------------------------------
-    model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")
+    model: str = _f("", "Model: a hub id, a local folder or a .gguf file; empty = the bundled SmolLM2-135M-Instruct (Q4_1 GGUF); demo = a tiny random-weight model (tests).")
+    models_dir: Path | None = _f(None, "Directory for GGUF files converted to safetensors (one folder per file content); empty = <data_dir>/models.")
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
     dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
     streaming: bool = _f(True, "Use the StreamingLLM attention-sink KV cache (off = dense cache, oldest turns dropped).")
     sink_tokens: int = _f(4, "Attention-sink tokens kept at the start of the KV cache.", ge=0, le=1024)
     window_tokens: int = _f(2000, "Recent tokens kept in the KV cache (clamped below the model's trained context).", ge=16, le=1_048_576)
+    pin_agent_prefix: bool = _f(True, "Pin the whole rendered agent prefix (system prompt + Markdown context) as the cache's sinks, never evicted; off = only sink_tokens sinks, as in the StreamingLLM paper.")
+    shared_prefixes: int = _f(4, "Agent prefixes whose KV cache is kept and copied into each new conversation (0 = prefill every time).", ge=0, le=1000)
     cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
     max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
 
@@ -117,6 +126,10 @@ class Settings:
     @property
     def resolved_agents_dir(self) -> Path:
         return self.agents_dir if self.agents_dir is not None else self.data_dir / "agents"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
     @property
     def resolved_database_url(self) -> str:

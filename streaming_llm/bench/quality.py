@@ -201,7 +201,9 @@ def stream_text(model: Any, cache: Any, ids: list[int], *, chunk: int = 1,
         piece = ids[start:min(start + chunk, len(ids) - 1)]
         began = time.perf_counter()
         if len(piece) == 1:
-            logits = forward_tokens(model, cache, piece)[None]
+            last = forward_tokens(model, cache, piece)
+            assert last is not None
+            logits = last[None]
         else:
             logits = _forward_all(model, cache, piece)
         elapsed = (time.perf_counter() - began) / len(piece)
@@ -318,7 +320,7 @@ def measure_recall(model: Any, tokenizer: Any, text_ids: list[int], evicted: lis
     """Facts in the system message, ``n`` tokens of other text, then one question per fact."""
     from transformers import DynamicCache
 
-    from ..engines.decoding import Sampler, forward_tokens, generate_tokens
+    from ..engines.decoding import Sampler, decode_step, forward_tokens
     from ..engines.sink_cache import SinkCache
 
     system = {"role": "system", "content": agent_system_message()}
@@ -351,8 +353,8 @@ def measure_recall(model: Any, tokenizer: Any, text_ids: list[int], evicted: lis
                     raise ValueError("the chat template renders earlier turns differently")
                 asked = copy.deepcopy(cache)
                 prompt = context[-1:] + encode(tokenizer, full[len(base):])
-                out = list(generate_tokens(model, asked, prompt, Sampler(0.0), answer_tokens,
-                                           stop_ids=stops))
+                out = _greedy(model, asked, prompt, answer_tokens, stops, Sampler(0.0),
+                              forward_tokens, decode_step)
                 answer = tokenizer.decode(out, skip_special_tokens=True).strip()
                 ok = expected.lower() in answer.lower()
                 correct += ok
@@ -453,3 +455,16 @@ def _table(figures: dict[str, Any]) -> str:
             lines.append(f"{row['config']:<10} {row['filler_tokens']:>14} "
                          f"{row['evicted_tokens']:>8} {row['correct']:>4}/{row['total']}")
     return "\n".join(lines)
+
+
+def _greedy(model: Any, cache: Any, prompt: list[int], max_new: int, stops: Any, sampler: Any,
+            forward_tokens: Any, decode_step: Any) -> list[int]:
+    """Greedy answer tokens (the last one a stop id, if reached), with the engine's decode step."""
+    logits = forward_tokens(model, cache, prompt)
+    out: list[int] = []
+    while len(out) < max_new:
+        out.append(sampler(logits))
+        if out[-1] in stops:
+            break
+        logits = decode_step(model, cache, out[-1])
+    return out

@@ -100,7 +100,8 @@ class Engine(Protocol):
     def forget(self, conversation_id: str) -> None:
         """Drop any per-conversation state (the conversation was deleted)."""
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         """Why no turn can start now, when that is known without I/O (the model is still
-        loading, or failed to load); None means "try". Checked before a user turn is stored, so
-        a turn that cannot run leaves nothing behind."""
+        loading, or failed to load; with ``system``, the agent's system message, also an agent
+        the engine cannot serve, e.g. ``agent_context_too_long``); None means "try". Checked
+        before a user turn is stored, so a turn that cannot run leaves nothing behind."""

@@ -37,7 +37,7 @@ class EchoEngine:
     def forget(self, conversation_id: str) -> None:
         return None
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # always ready
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:

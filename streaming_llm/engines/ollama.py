@@ -113,7 +113,10 @@ class OllamaEngine(UpstreamEngine):
         opts = request.options
         options: dict[str, Any] = {"num_predict": request.max_new_tokens}
         for name, value in (("temperature", opts.temperature), ("top_p", opts.top_p),
-                            ("top_k", opts.top_k), ("stop", opts.stop), ("seed", opts.seed)):
+                            ("top_k", opts.top_k), ("stop", opts.stop), ("seed", opts.seed),
+                            ("repeat_penalty", opts.repetition_penalty),
+                            ("presence_penalty", opts.presence_penalty),
+                            ("frequency_penalty", opts.frequency_penalty), ("min_p", opts.min_p)):
             if value is not None:
                 options[name] = value
         if self._num_ctx > 0:

@@ -104,7 +104,7 @@ class BackendPool:
         for backend in self.backends:
             backend.engine.forget(conversation_id)
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # even a pool that is all down gets tried: a backend may be back already
 
     def backend_of(self, conversation_id: str) -> str | None:

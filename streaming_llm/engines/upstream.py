@@ -126,7 +126,7 @@ class UpstreamEngine:
     def forget(self, conversation_id: str) -> None:
         return None  # the upstream keeps no per-conversation state for us
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # the upstream's state is learned per request (its errors are stable codes)
 
     # --- health ---------------------------------------------------------------------------------
