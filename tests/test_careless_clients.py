@@ -33,7 +33,8 @@ def put_echoer(server: ServerProcess) -> None:
 
 def gauges(server: ServerProcess) -> dict[str, float | None]:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.sendall(f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                     "Connection: close\r\n\r\n".encode())
         raw = b""
         while chunk := sock.recv(65536):
             raw += chunk
@@ -305,7 +306,7 @@ def test_keepalive_close_mid_answer_is_stored_as_cancelled(
     from streaming_llm.app import create_app
 
     settings = make_settings(max_message_chars=10_000_000, max_frame_bytes=20_000_000,
-                             max_new_tokens=4096)
+                             max_new_tokens=4096, allowed_hosts="127.0.0.1")
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning",
                             ws_ping_interval=5, ws_ping_timeout=1, lifespan="on")
     server = uvicorn.Server(config)
