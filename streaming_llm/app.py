@@ -32,6 +32,7 @@ from .export import Exporter, TranscriptsDir
 from .guards import middleware
 from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
+from .resume import ResumableTurns
 from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
 from .shutdown import LiveSockets
@@ -52,6 +53,7 @@ class Services:
     gate: GenerationGate  # generation slots, server-wide and per client address
     turns: TurnRunner  # every chat turn, socket and /v1 alike
     sockets: LiveSockets  # open chat sockets, drained on shutdown
+    resumable: ResumableTurns  # the chat socket's started turns, for a resume after a drop
     metrics: Metrics
     engine_failure: str | None = None  # why the engine could not start, for /health
 
@@ -92,12 +94,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=manager, gate=gate,
             turns=TurnRunner(manager, gate, ConversationLocks()),
-            sockets=sockets,
+            sockets=sockets, resumable=ResumableTurns(settings.resume_grace_s),
             metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
         try:
-            yield {"services": services}
+            with sockets.track(services.resumable):  # its detached turns drain like sockets'
+                yield {"services": services}
         finally:
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,6 +24,7 @@ transport above carries them without escaping; ``secrets.token_urlsafe(32)`` mak
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -45,6 +46,10 @@ PUBLIC_PREFIXES = ("/static/",)
 
 #: The subprotocol a browser offers next to its key; the server accepts it by name.
 SUBPROTOCOL = "bearer"
+
+#: The scope entry naming the key a socket was opened with (a digest, never the key): whose turns
+#: it may resume. Absent without keys.
+KEY_ID_SCOPE = "streaming_llm.key_id"
 
 KEY_RE = re.compile(r"[A-Za-z0-9._~-]{16,512}")
 
@@ -153,13 +158,16 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             offered = list(scope.get("subprotocols") or ())
-            if self.checker and not any(self.checker.valid(c) for c in socket_credentials(scope)):
+            key = next((c for c in socket_credentials(scope) if self.checker.valid(c)), None)
+            if self.checker and key is None:
                 await receive()  # websocket.connect
                 log.warning("refused socket %s from %s: missing or invalid API key",
                             scope["path"], _client(scope))
                 await send({"type": "websocket.close", "code": 1008,
                             "reason": "missing or invalid API key"})
                 return
+            if key is not None:
+                scope[KEY_ID_SCOPE] = hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:32]
             scope["subprotocols"] = _without_keys(offered)
             await self.app(scope, receive, _accept_bearer(send, SUBPROTOCOL in offered))
         else:

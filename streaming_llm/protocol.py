@@ -1,6 +1,6 @@
 """The chat socket protocol (``/ws/chat``): JSON text frames as msgspec tagged unions.
 
-Client → server frames are tagged by ``type``: ``chat``, ``cancel``, ``ping``. Server → client
+Client → server frames are tagged by ``type``: ``chat``, ``cancel``, ``ping``, ``resume``. Server → client
 frames: ``start``, ``token``, ``done``, ``error``, ``pong``. Every server frame answering a request
 carries its ``request_id``. New fields are only ever added with defaults, so older clients keep
 working (msgspec schema evolution).
@@ -36,7 +36,15 @@ class Ping(msgspec.Struct, tag="ping"):
     request_id: Id | None = None
 
 
-ClientFrame = Chat | Cancel | Ping
+class Resume(msgspec.Struct, tag="resume", forbid_unknown_fields=True):
+    """Pick up a turn started on a socket that dropped: its tokens after ``after_seq`` (-1: all
+    of them), then the live rest and its ``done``."""
+
+    request_id: Id
+    after_seq: Annotated[int, Meta(ge=-1)] = -1
+
+
+ClientFrame = Chat | Cancel | Ping | Resume
 
 
 # --- server → client ----------------------------------------------------------------------------
@@ -99,7 +107,7 @@ ServerFrame = Start | Token | Done | Error | Pong
 
 client_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
-CLIENT_TAGS = frozenset(t.__struct_config__.tag for t in (Chat, Cancel, Ping))
+CLIENT_TAGS = frozenset(t.__struct_config__.tag for t in (Chat, Cancel, Ping, Resume))
 
 
 class FrameHead(msgspec.Struct):

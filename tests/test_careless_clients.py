@@ -122,7 +122,8 @@ def test_non_reading_sockets_cannot_stop_other_clients(tmp_path: Path) -> None:
     read; their answers take 20 s each. Another address is answered within 5 s: one address
     holds at most STREAMING_LLM_MAX_GENERATIONS_PER_CLIENT (8) of the 64 slots."""
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "5",
-           "STREAMING_LLM_MAX_NEW_TOKENS": "4096"}
+           "STREAMING_LLM_MAX_NEW_TOKENS": "4096",
+           "STREAMING_LLM_RESUME_GRACE_S": "0"}  # gone clients' turns end at once
     with start_server(tmp_path, env) as server:
         put_echoer(server)
         _non_readers_and_a_good_client(server)
@@ -169,6 +170,7 @@ def test_a_client_that_stops_reading_is_cancelled_then_closed_with_1008(tmp_path
     has its turn stored as cancelled and its slot freed; reading again, it gets the rest of what
     was sent and a 1008 close naming the setting."""
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
+           "STREAMING_LLM_RESUME_GRACE_S": "0",  # cancelled at the send timeout, no resume wait
            "STREAMING_LLM_MAX_NEW_TOKENS": "4096", "STREAMING_LLM_SEND_TIMEOUT_S": "3",
            "STREAMING_LLM_MAX_MESSAGE_CHARS": "10000000",
            "STREAMING_LLM_MAX_FRAME_BYTES": "20000000"}
@@ -306,7 +308,7 @@ def test_keepalive_close_mid_answer_is_stored_as_cancelled(
     from streaming_llm.app import create_app
 
     settings = make_settings(max_message_chars=10_000_000, max_frame_bytes=20_000_000,
-                             max_new_tokens=4096, allowed_hosts="127.0.0.1")
+                             max_new_tokens=4096, allowed_hosts="127.0.0.1", resume_grace_s=0)
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning",
                             ws_ping_interval=5, ws_ping_timeout=1, lifespan="on")
     server = uvicorn.Server(config)

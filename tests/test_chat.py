@@ -257,26 +257,32 @@ def test_a_turn_the_engine_refuses_stores_nothing(client: TestClient, settings: 
         assert db.execute("SELECT count(*) FROM turns").fetchone() == (2,)
 
 
-def test_disconnect_mid_answer_stops_generation(client: TestClient, settings: Settings,
-                                                scripted: ScriptedEngine) -> None:
-    put_agent(client, "helper")
+@pytest.mark.parametrize("grace_s", [0, 0.3])
+def test_disconnect_mid_answer_stops_generation(make_settings: Callable[..., Settings],
+                                                scripted: ScriptedEngine, grace_s: float) -> None:
+    """Resume off (0), or nobody resuming within the grace: cancelled, the engine stopped."""
+    settings = make_settings(resume_grace_s=grace_s)
     scripted.pieces = [f"w{i} " for i in range(500)]
     scripted.delay = 0.01
-    with client.websocket_connect("/ws/chat") as ws:
-        ws.send_json({"type": "chat", "agent_id": "helper", "message": "long"})
-        start = ws.receive_json()
-        ws.receive_json()
-    # Leaving the block closed the socket; the turn is stored as cancelled soon after.
-    done = threading.Event()
-    for _ in range(200):
-        rows = stored_turns(settings, start["conversation_id"])
-        if len(rows) == 2:
-            done.set()
-            break
-        threading.Event().wait(0.02)
-    assert done.is_set()
+    with TestClient(create_app(settings, engine=scripted)) as client:
+        put_agent(client, "helper")
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "long"})
+            start = ws.receive_json()
+            ws.receive_json()
+        # Leaving the block closed the socket; the turn is stored as cancelled soon after.
+        rows = _wait_answered(settings, start["conversation_id"])
     assert rows[1][3] == "cancelled" and len(rows[1][2].split()) < 500
     assert scripted.closed_streams == 1
+
+
+def _wait_answered(settings: Settings, conversation_id: str) -> list[Any]:
+    for _ in range(400):
+        rows = stored_turns(settings, conversation_id)
+        if len(rows) == 2:
+            return rows
+        threading.Event().wait(0.02)
+    raise AssertionError("the answer was not stored")
 
 
 def test_turn_ids_are_named_and_a_cancelled_turn_counts_its_prompt(

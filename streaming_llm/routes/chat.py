@@ -29,6 +29,7 @@ import msgspec
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..auth import KEY_ID_SCOPE
 from ..conversations import Turn
 from ..errors import ServiceError, ShuttingDown
 from ..limits import Limits
@@ -41,12 +42,14 @@ from ..protocol import (
     FrameHead,
     Ping,
     Pong,
+    Resume,
     Start,
     Token,
     client_decoder,
     encoder,
     head_decoder,
 )
+from ..resume import Replayable, ResumableTurns
 from ..shutdown import LiveSockets
 from ..turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 
@@ -57,15 +60,16 @@ SEND_TIMEOUT_CLOSE = 1008  # policy violation: the client did not read its frame
 
 @dataclass(eq=False)
 class _Job:
-    """One chat frame's turn on this socket; it writes its own ``start`` and ``token`` frames."""
+    """One chat frame's turn on this socket; it writes its own frames. Once started it is
+    :class:`~streaming_llm.resume.Replayable`: its frames go to whichever socket resumed it."""
 
     socket: ChatSocket
     frame: Chat
     request_id: str
     control: TurnControl = field(default_factory=TurnControl)
     task: asyncio.Task[None] | None = None
-    seq: int = 0
     queued: bool = True  # counted in streaming_llm_turns_queued
+    kept: Replayable | None = None  # once started
 
     def dequeue(self) -> None:
         if self.queued:
@@ -77,17 +81,56 @@ class _Job:
         self.dequeue()
         self.socket.jobs.pop(self.request_id, None)
 
+    @property
+    def detachable(self) -> bool:
+        """Gone clients leave this turn generating, waiting for a resume."""
+        return (self.kept is not None and self.kept.final is None
+                and not self.socket.live.draining and not self.control.cancelled)
+
+    async def emit(self, frame: msgspec.Struct) -> None:
+        """Write a frame to the socket the turn is attached to; a gone client detaches it."""
+        kept = self.kept
+        sink = self.socket if kept is None else kept.sink
+        if sink is None:
+            return  # detached: the frame is kept for a resume
+        try:
+            await sink.send(frame)
+        except ClientGone:
+            if kept is None or not self.detachable:
+                raise
+            if kept.sink is sink:
+                kept.detach()
+
     async def start(self, turn: Turn) -> None:
-        await self.socket.send(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
+        sock = self.socket
+        if sock.resumable.enabled:
+            self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock)
+        await self.emit(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
 
     async def piece(self, turn: Turn, text: str) -> None:
-        await self.socket.send(Token(self.request_id, text, self.seq))
-        self.seq += 1
+        kept = self.kept
+        if kept is None:
+            await self.socket.send(Token(self.request_id, text, len(turn.pieces)))
+            return
+        seq = len(kept.pieces)
+        kept.pieces.append(text)
+        try:
+            await self.emit(Token(self.request_id, text, seq))
+        except BaseException:  # not sent and not stored: not replayed either
+            del kept.pieces[seq:]
+            raise
+
+    async def end(self, frame: msgspec.Struct) -> None:
+        """The ending (``done``/``error``): kept for a resume, written if a client is there."""
+        if self.kept is not None:
+            self.kept.ended(frame)
+        await self.emit(frame)
 
 
 class ChatSocket:
     def __init__(self, ws: WebSocket, runner: TurnRunner, live: LiveSockets, limits: Limits,
-                 metrics: Metrics, send_timeout_s: float) -> None:
+                 metrics: Metrics, send_timeout_s: float,
+                 resumable: ResumableTurns | None = None, owner: str = "") -> None:
         self.ws = ws
         self.runner = runner
         self.live = live
@@ -102,6 +145,10 @@ class ChatSocket:
         self.send_lock = asyncio.Lock()
         self.reader: asyncio.Task[None] | None = None
         self.stalled: str | None = None  # why the client was given up on
+        self.resumable = resumable if resumable is not None else ResumableTurns(0)
+        self.owner = owner  # the API key's id: whose turns this socket may resume
+        self.attached: set[Replayable] = set()  # turns writing here (own or resumed)
+        self.replays: set[asyncio.Task[None]] = set()
 
     @property
     def busy(self) -> bool:
@@ -163,10 +210,15 @@ class ChatSocket:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
         finally:
             self.closed = True
-            jobs = [job.task for job in self.jobs.values() if job.task is not None]
+            for replay in self.replays:
+                replay.cancel()
+            for kept in list(self.attached):  # started turns generate on, for a resume
+                kept.detach()
+            jobs = [job.task for job in self.jobs.values()
+                    if job.task is not None and not job.detachable]
             for task in jobs:
                 task.cancel()
-            await asyncio.gather(*jobs, return_exceptions=True)
+            await asyncio.gather(*jobs, *self.replays, return_exceptions=True)
             if self.stalled is not None:  # a client that reads again gets the reason
                 await self._close(SEND_TIMEOUT_CLOSE, self.stalled, self.send_timeout_s)
 
@@ -197,6 +249,8 @@ class ChatSocket:
                 await self.cancel(frame.request_id)
             case Ping():
                 await self.send(Pong(request_id=frame.request_id))
+            case Resume():
+                await self.resume(frame)
 
     async def queue(self, frame: Chat) -> None:
         request_id = frame.request_id or f"req_{uuid.uuid4().hex}"
@@ -219,8 +273,30 @@ class ChatSocket:
         job.task = asyncio.create_task(self.work(job), name=f"turn-{request_id}")
         job.task.add_done_callback(job.ended)
 
+    async def resume(self, frame: Resume) -> None:
+        kept = self.resumable.get(self.owner, frame.request_id)
+        if kept is None or frame.request_id in self.jobs:
+            await self.error(frame.request_id, "unknown_request",
+                             f"no turn {frame.request_id!r} to resume: unknown, or it ended more "
+                             "than STREAMING_LLM_RESUME_GRACE_S ago")
+            return
+        replay = asyncio.create_task(kept.replay(self, frame.after_seq),
+                                     name=f"resume-{frame.request_id}")
+        self.replays.add(replay)
+        replay.add_done_callback(self._replayed)
+
+    def _replayed(self, replay: asyncio.Task[None]) -> None:
+        self.replays.discard(replay)
+        if not replay.cancelled() and not isinstance(replay.exception(), ClientGone | None):
+            log.error("resume failed", exc_info=replay.exception())
+
     async def cancel(self, request_id: str | None) -> None:
         job = self.current if request_id is None else self.jobs.get(request_id)
+        if job is None and request_id is not None:  # a resumed turn
+            kept = next((k for k in self.attached if k.request_id == request_id), None)
+            if kept is not None:
+                kept.cancel()
+                return
         if job is None:
             if request_id is not None:
                 await self.error(request_id, "unknown_request",
@@ -250,7 +326,8 @@ class ChatSocket:
         except Exception:  # one broken turn must not take the socket down with it
             log.exception("turn %s failed unexpectedly", job.request_id)
             with contextlib.suppress(ClientGone):
-                await self.error(job.request_id, "internal_error", "internal server error")
+                await job.end(Error(request_id=job.request_id, code="internal_error",
+                                    message="internal server error"))
         finally:
             self.jobs.pop(job.request_id, None)
 
@@ -271,17 +348,20 @@ class ChatSocket:
 
     async def end(self, job: _Job, ending: Ending) -> None:
         conversation_id = ending.conversation_id
+        frame: Error | Done
         if ending.turn_id is None and ending.failure is not None:
             failed = ending.failure
-            await self.error(job.request_id, failed.code,
-                             f"the answer could not be stored: {failed.message}",
-                             conversation_id=conversation_id)
+            frame = Error(request_id=job.request_id, code=failed.code,
+                          message=f"the answer could not be stored: {failed.message}",
+                          conversation_id=conversation_id)
         elif ending.failure is not None:
-            await self.error(job.request_id, ending.failure.code, ending.failure.message,
-                             conversation_id=conversation_id, turn_id=ending.turn_id or "")
+            frame = Error(request_id=job.request_id, code=ending.failure.code,
+                          message=ending.failure.message, conversation_id=conversation_id,
+                          turn_id=ending.turn_id or "")
         else:
-            await self.send(Done(job.request_id, conversation_id, ending.turn_id or "",
-                                 ending.reason, ending.usage))
+            frame = Done(job.request_id, conversation_id, ending.turn_id or "", ending.reason,
+                         ending.usage)
+        await job.end(frame)
 
     async def refuse(self, request_id: str) -> None:
         exc = ShuttingDown("the server is shutting down; send the turn again once it is back")
@@ -299,7 +379,8 @@ async def chat_endpoint(ws: WebSocket) -> None:
     await ws.accept()
     services = ws.state.services
     chat = ChatSocket(ws, services.turns, services.sockets, Limits.from_settings(services.settings),
-                      services.metrics, services.settings.send_timeout_s)
+                      services.metrics, services.settings.send_timeout_s,
+                      services.resumable, ws.scope.get(KEY_ID_SCOPE, ""))
     with services.sockets.track(chat):
         await chat.run()
 

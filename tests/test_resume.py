@@ -1,0 +1,168 @@
+"""Resume after reconnect against a real server (echo engine): a socket cut mid-answer, a new one
+sends ``resume``, and the tokens of both add up to the stored answer, none twice, none missing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from .server import ServerProcess, http, start_server
+from .test_careless_clients import client_socket, put_echoer, wait_for
+
+pytestmark = pytest.mark.e2e
+
+MESSAGE = "".join(f"word{i} " for i in range(60)).rstrip()
+KEY_A = "a" * 16 + "-resume-key-a"
+KEY_B = "b" * 16 + "-resume-key-b"
+
+
+def open_socket(server: ServerProcess, key: str | None = None) -> tuple[ClientConnection, socket.socket]:
+    sock = client_socket(server, "127.0.0.1")
+    url = server.ws_url + (f"?token={key}" if key else "")
+    return connect(url, sock=sock, open_timeout=10, legacy=True), sock
+
+
+def cut(ws: ClientConnection, sock: socket.socket) -> None:
+    """Drop the connection without a close frame (a reset), as a lost network would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    ws.close_socket()
+
+
+def frames(ws: ClientConnection, timeout: float = 20) -> list[dict[str, Any]]:
+    """Frames up to and including the ending (``done`` or ``error``)."""
+    out = []
+    while True:
+        frame = json.loads(ws.recv(timeout=timeout))
+        out.append(frame)
+        if frame["type"] in ("done", "error"):
+            return out
+
+
+def stored_answer(db_path: Path, turn_id: str) -> tuple[str, str]:
+    with sqlite3.connect(db_path) as db:
+        row = db.execute("SELECT content, finish_reason FROM turns WHERE id = ?", (turn_id,)).fetchone()
+    assert row is not None, turn_id
+    return row[0], row[1]
+
+
+def answers(db_path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(db_path) as db:
+        return list(db.execute("SELECT content, finish_reason FROM turns WHERE role = 'assistant'"))
+
+
+def start_and_cut(server: ServerProcess, request_id: str, tokens: int,
+                  key: str | None = None) -> list[dict[str, Any]]:
+    """Chat, read ``start`` and ``tokens`` tokens, then cut the socket; the frames read."""
+    ws, sock = open_socket(server, key)
+    ws.send(json.dumps({"type": "chat", "agent_id": "echoer", "message": MESSAGE,
+                        "request_id": request_id}))
+    got = [json.loads(ws.recv(timeout=20)) for _ in range(tokens + 1)]
+    assert got[0]["type"] == "start" and all(f["type"] == "token" for f in got[1:]), got
+    cut(ws, sock)
+    return got
+
+
+def resume(server: ServerProcess, request_id: str, after_seq: int,
+           key: str | None = None) -> list[dict[str, Any]]:
+    ws, _ = open_socket(server, key)
+    with ws:
+        ws.send(json.dumps({"type": "resume", "request_id": request_id, "after_seq": after_seq}))
+        return frames(ws)
+
+
+def check_whole(before: list[dict[str, Any]], after: list[dict[str, Any]],
+                db_path: Path) -> None:
+    tokens = [f for f in before + after if f["type"] == "token"]
+    assert [f["seq"] for f in tokens] == list(range(len(tokens)))  # none twice, none missing
+    done = after[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "stop", done
+    content, reason = stored_answer(db_path, done["turn_id"])
+    assert "".join(f["token"] for f in tokens) == content == MESSAGE
+    assert reason == "stop"
+
+
+def test_a_cut_socket_resumes_mid_answer_without_a_token_lost_or_repeated(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "30"}
+    with start_server(tmp_path, env) as server:
+        put_echoer(server)
+        before = start_and_cut(server, "r-mid", 3)
+        after = resume(server, "r-mid", before[-1]["seq"])
+        assert after[0]["type"] == "token" and after[0]["seq"] == before[-1]["seq"] + 1
+        assert len(answers(server.db_path)) == 1  # not finished when resumed: still running
+        check_whole(before, after, server.db_path)
+        # and again, from the start, once it finished: the same tokens and the same done
+        again = resume(server, "r-mid", -1)
+        assert [f for f in again if f["type"] == "token"] == [
+            f for f in before + after if f["type"] == "token"]
+        assert again[-1] == after[-1]
+
+
+def test_a_resume_after_the_answer_finished_returns_the_rest_and_done(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "5"}
+    with start_server(tmp_path, env) as server:
+        put_echoer(server)
+        before = start_and_cut(server, "r-late", 2)
+        wait_for(lambda: len(answers(server.db_path)) == 1, 30, "the answer was not stored")
+        assert answers(server.db_path)[0][1] == "stop"  # it generated on without its client
+        after = resume(server, "r-late", before[-1]["seq"])
+        check_whole(before, after, server.db_path)
+
+
+def test_unknown_and_expired_requests_are_unknown_request(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "100",
+           "STREAMING_LLM_RESUME_GRACE_S": "0.5"}
+    with start_server(tmp_path, env) as server:
+        put_echoer(server)
+        [error] = resume(server, "never-sent", -1)
+        assert error["type"] == "error" and error["code"] == "unknown_request", error
+        assert error["request_id"] == "never-sent"
+        start_and_cut(server, "r-gone", 1)
+        # nobody resumes it within the grace: cancelled, stored as cancelled, then forgotten
+        wait_for(lambda: len(answers(server.db_path)) == 1, 30, "the answer was not stored")
+        content, reason = answers(server.db_path)[0]
+        assert reason == "cancelled" and MESSAGE.startswith(content) and content != MESSAGE
+        [error] = resume(server, "r-gone", 0)
+        assert error["code"] == "unknown_request", error
+        assert "Traceback" not in server.log()
+
+
+def test_another_keys_request_is_unknown_request(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "30",
+           "STREAMING_LLM_API_KEY": f"{KEY_A},{KEY_B}"}
+    with start_server(tmp_path, env) as server:
+        headers = {"authorization": f"Bearer {KEY_A}"}
+        assert http("PUT", server.base_url + "/agents/echoer", {"name": "Echoer"},
+                    headers=headers)[0] == 201
+        before = start_and_cut(server, "r-key", 2, key=KEY_A)
+        [error] = resume(server, "r-key", before[-1]["seq"], key=KEY_B)
+        assert error["code"] == "unknown_request", error
+        after = resume(server, "r-key", before[-1]["seq"], key=KEY_A)
+        check_whole(before, after, server.db_path)
+
+
+def test_cancel_on_the_resuming_socket_cancels_the_turn(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "50"}
+    with start_server(tmp_path, env) as server:
+        put_echoer(server)
+        before = start_and_cut(server, "r-cancel", 1)
+        ws, _ = open_socket(server)
+        with ws:
+            ws.send(json.dumps({"type": "resume", "request_id": "r-cancel",
+                                "after_seq": before[-1]["seq"]}))
+            first = json.loads(ws.recv(timeout=20))
+            assert first["type"] == "token", first
+            ws.send(json.dumps({"type": "cancel", "request_id": "r-cancel"}))
+            rest = frames(ws)
+        tokens = [f for f in [*before, first, *rest] if f["type"] == "token"]
+        assert [f["seq"] for f in tokens] == list(range(len(tokens)))
+        assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "cancelled"
+        content, reason = stored_answer(server.db_path, rest[-1]["turn_id"])
+        assert reason == "cancelled" and content == "".join(f["token"] for f in tokens)
