@@ -11,8 +11,10 @@ the first one started::
         print(result.text, result.finish_reason, result.usage.completion_tokens)
 
 ``chat.events()`` is an async iterator of the server's ``start`` / ``token`` / ``done`` /
-``error`` frames (the :mod:`streaming_llm.protocol` structs); ``on_event`` gets the same events
-as a callback. ``send_message`` resolves on the turn's ``done`` and raises :class:`ChatError` on
+``error`` frames (the :mod:`streaming_llm.protocol` structs) and :class:`Resumed`; ``on_event``
+gets the same events as a callback. A socket that drops is reopened by itself (bounded backoff,
+``reconnect_attempts`` tries) and the answer in flight resumed where it stopped (the server's
+``resume`` frame): :class:`Resumed` says so, and no token is lost or repeated. ``send_message`` resolves on the turn's ``done`` and raises :class:`ChatError` on
 its ``error``. ``cancel()`` stops the current answer (it ends ``cancelled``; the socket stays
 open), ``close()`` closes the socket (pending turns raise ``ChatError('stopped')``).
 
@@ -41,10 +43,22 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 
-ChatEvent = Start | Token | Done | Error
+ServerEvent = Start | Token | Done | Error
 Options = GenerationOptions | Mapping[str, Any]
+RECONNECT_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0)  # then 2 s apart
 
-_event_decoder = msgspec.json.Decoder(ChatEvent)
+
+class Resumed(msgspec.Struct, tag="resumed"):
+    """Client-side event: the socket dropped and was reopened; ``request_id`` (the turn in
+    flight, None when there was none) goes on after ``after_seq``. ``attempt`` counts the tries."""
+
+    request_id: str | None
+    after_seq: int
+    attempt: int
+
+
+ChatEvent = ServerEvent | Resumed
+_event_decoder = msgspec.json.Decoder(ServerEvent)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -153,6 +167,8 @@ class _Turn:
     future: asyncio.Future[ChatResult]
     pieces: list[str] = field(default_factory=list)
     sent: bool = False
+    started: bool = False  # its start came
+    resuming: bool = False  # a resume for it is out, not yet answered
 
 
 def socket_url(url: str) -> str:
@@ -183,7 +199,8 @@ class ChatStream:
                  conversation_id: str | None = None,
                  on_event: Callable[[ChatEvent], None] | None = None,
                  api_key: str | None = None,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 reconnect_attempts: int = len(RECONNECT_DELAYS_S)) -> None:
         if not agent_id:
             raise ValueError("agent_id must be a non-empty string")
         self.url = socket_url(backend_url)
@@ -200,8 +217,9 @@ class ChatStream:
         self._subscribers: list[asyncio.Queue[ChatEvent | None]] = []
         self._ended: ChatError | None = None
         self._send_lock = asyncio.Lock()
-        self._prefix = uuid.uuid4().hex[:8]
+        self._prefix = uuid.uuid4().hex[:12]  # random: a resume names the turn by its id alone
         self._counter = 0
+        self.reconnect_attempts = reconnect_attempts
 
     @property
     def conversation_id(self) -> str | None:
@@ -213,14 +231,18 @@ class ChatStream:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            self._ws = await self._session.ws_connect(self.url, headers=_headers(self.api_key),
-                                                      max_msg_size=16 * 1024 * 1024)
+            self._ws = await self._connect()
         except (aiohttp.ClientError, OSError) as exc:
             await self._close_session()
             raise ChatError("socket_open_failed",
                             f"cannot open a chat socket to {self.url}: {exc}") from exc
         self._reader = asyncio.create_task(self._read(), name="chat-reader")
         return self
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        assert self._session is not None
+        return await self._session.ws_connect(self.url, headers=_headers(self.api_key),
+                                              max_msg_size=16 * 1024 * 1024)
 
     async def __aenter__(self) -> ChatStream:
         return await self.open()
@@ -333,18 +355,48 @@ class ChatStream:
     async def _read(self) -> None:
         assert self._ws is not None
         try:
-            async for message in self._ws:
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                try:
-                    event = _event_decoder.decode(message.data)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue  # pong, or a frame type newer than this client
-                await self._handle(event)
+            while True:
+                async for message in self._ws:
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    try:
+                        event = _event_decoder.decode(message.data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue  # pong, or a frame type newer than this client
+                    await self._handle(event)
+                if self._ended is not None or not await self._reconnect():
+                    break
         finally:
             code = self._ws.close_code
             self._end(ChatError("socket_closed", "the chat socket closed"
                                 + (f" (code {code})" if code else "")))
+
+    async def _reconnect(self) -> bool:
+        """Reopen the dropped socket (bounded backoff) and resume the turn in flight."""
+        for attempt in range(1, self.reconnect_attempts + 1):
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S)) - 1])
+            if self._ended is not None:
+                return False
+            try:
+                ws = await self._connect()
+            except (aiohttp.ClientError, OSError) as exc:
+                log.info("chat socket: reconnect %d failed: %s", attempt, exc)
+                continue
+            self._ws = ws
+            current = self._queue[0] if self._queue else None
+            after = -1
+            try:
+                if current is not None and current.sent:
+                    after = len(current.pieces) - 1
+                    current.resuming = True
+                    await self._send({"type": "resume", "request_id": current.request_id,
+                                      "after_seq": after})
+                self._emit(Resumed(current.request_id if current else None, after, attempt))
+                await self._pump()
+            except (aiohttp.ClientError, ConnectionError, RuntimeError):
+                continue
+            return True
+        return False
 
     async def _handle(self, event: ChatEvent) -> None:
         current = self._queue[0] if self._queue else None
@@ -353,9 +405,14 @@ class ChatStream:
             case Start():
                 if self._conversation_id is None:
                     self._conversation_id = event.conversation_id
+                if mine and current is not None:
+                    current.started = True
                 self._emit(event)
             case Token():
                 if mine and current is not None:
+                    current.resuming = False
+                    if event.seq != len(current.pieces):
+                        return  # already had it (or a gap the server never makes)
                     current.pieces.append(event.token)
                 self._emit(event)
             case Done():
@@ -369,6 +426,12 @@ class ChatStream:
                             event.finish_reason, event.usage, current.request_id, event.turn_id))
                     await self._next()
             case Error():
+                if (mine and current is not None and current.resuming and not current.started
+                        and event.code == "unknown_request"):
+                    # It was dropped before it started (nothing stored): send it again.
+                    current.resuming = False
+                    await self._send(current.frame)
+                    return
                 self._emit(event)
                 # No request id: the server could not read the frame in flight, the current one.
                 if current is not None and current.sent and event.request_id in (
@@ -383,12 +446,14 @@ def stream_chat(backend_url: str, agent_id: str, *, options: Options | None = No
                 conversation_id: str | None = None,
                 on_event: Callable[[ChatEvent], None] | None = None,
                 api_key: str | None = None,
-                session: aiohttp.ClientSession | None = None) -> ChatStream:
+                session: aiohttp.ClientSession | None = None,
+                reconnect_attempts: int = len(RECONNECT_DELAYS_S)) -> ChatStream:
     """A chat stream for ``agent_id``: use ``async with`` (or ``await stream.open()``).
 
     ``backend_url`` is the server (``http://host:port``) or the socket (``ws://host:port/ws/chat``).
     ``options`` are defaults for every turn; ``send_message(options=...)`` overrides them field
-    by field.
+    by field. ``reconnect_attempts=0`` turns the reconnect off (a drop then ends the stream).
     """
     return ChatStream(backend_url, agent_id, options=options, conversation_id=conversation_id,
-                      on_event=on_event, api_key=api_key, session=session)
+                      on_event=on_event, api_key=api_key, session=session,
+                      reconnect_attempts=reconnect_attempts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +14,7 @@ from streaming_llm.client import (
     ApiError,
     ChatError,
     ChatEvent,
+    Resumed,
     delete_agent,
     get_agent,
     list_agents,
@@ -147,3 +149,58 @@ def test_socket_url() -> None:
     assert socket_url("http://h/prefix/ws/chat") == "ws://h/prefix/ws/chat"
     with pytest.raises(ValueError):
         socket_url("ftp://h")
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the server that drops its first connection (both ways, a reset)
+    once ``cut_after`` bytes came down it: the client's socket dies mid-answer."""
+
+    def __init__(self, port: int, cut_after: int) -> None:
+        self.port, self.cut_after = port, cut_after
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        limit = self.cut_after if self.connections == 1 else None
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       budget: int | None) -> None:
+            moved = 0
+            while chunk := await src.read(256):
+                dst.write(chunk)
+                moved += len(chunk)
+                if budget is not None and moved >= budget:
+                    writer.transport.abort()
+                    up_writer.transport.abort()
+                    return
+                await dst.drain()
+            dst.close()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(pipe(reader, up_writer, None), pipe(up_reader, writer, limit))
+
+
+async def test_a_dropped_socket_reconnects_and_resumes_the_answer(server: ServerProcess) -> None:
+    seen: list[ChatEvent] = []
+    async with CuttingProxy(server.port, cut_after=900) as url:
+        async with stream_chat(url, "echoer", on_event=seen.append) as chat:
+            result = await chat.send_message(LONG)
+            again = await chat.send_message("and on the new socket")
+    resumed = [e for e in seen if isinstance(e, Resumed)]
+    assert len(resumed) == 1 and resumed[0].request_id == result.request_id
+    assert resumed[0].after_seq >= 0
+    assert result.text == LONG and result.finish_reason == "stop"
+    tokens = [e for e in seen if isinstance(e, Token) and e.request_id == result.request_id]
+    assert [t.seq for t in tokens] == list(range(len(tokens)))  # none repeated, none missing
+    assert again.text == "and on the new socket"
+    assert again.conversation_id == result.conversation_id

@@ -114,8 +114,23 @@ export interface ChatErrorEvent {
   turnId?: string
 }
 
-/** What the server sends about a turn, in order: `start`, `token`s, then `done` or `error`. */
-export type ChatEvent = ChatStartEvent | ChatTokenEvent | ChatDoneEvent | ChatErrorEvent
+/**
+ * The client's own event: the socket dropped and was reopened (`attempt` counts the tries); the
+ * turn in flight (`requestId`, null when there was none) goes on after token `afterSeq`, with no
+ * token lost or repeated.
+ */
+export interface ChatResumedEvent {
+  type: 'resumed'
+  requestId: string | null
+  afterSeq: number
+  attempt: number
+}
+
+/**
+ * What the server sends about a turn, in order: `start`, `token`s, then `done` or `error`; and
+ * `resumed` when the client reopened a dropped socket.
+ */
+export type ChatEvent = ChatStartEvent | ChatTokenEvent | ChatDoneEvent | ChatErrorEvent | ChatResumedEvent
 
 export interface ChatResult {
   /** The whole answer: the tokens of this turn joined. */
@@ -228,7 +243,15 @@ export interface StreamChatParams {
   apiKey?: string
   /** Aborting it closes the stream, as `stop()` does (also while the socket is still opening). */
   signal?: AbortSignal
+  /**
+   * Tries to reopen a socket that dropped (backoff 0.1, 0.25, 0.5, 1, 2 s, then 2 s apart) and
+   * resume the answer in flight; default 5, 0 = a drop ends the stream.
+   */
+  reconnectAttempts?: number
 }
+
+/** Backoff between reconnect tries, in ms; the last repeats. */
+export const RECONNECT_DELAYS_MS = [100, 250, 500, 1000, 2000]
 
 export interface ChatStream {
   /** Queue a turn; resolves on its `done`, rejects with a {@link ChatError} on its `error`. */
@@ -537,7 +560,12 @@ interface PendingTurn {
   resolve: (result: ChatResult) => void
   reject: (error: Error) => void
   text: string
+  /** Tokens received: the next expected `seq`. */
+  received: number
   sent: boolean
+  started: boolean
+  /** A `resume` for it is out and not answered yet. */
+  resuming: boolean
 }
 
 /** One server frame as an event; throws a {@link ShapeError} when a field is missing. */
@@ -664,7 +692,9 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
   const protocols = apiKey === undefined ? undefined : ['bearer', apiKey]
   if (signal?.aborted) throw new ChatError('aborted', 'the chat stream was aborted before it opened')
   const prefix = randomPrefix()
-  const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory(), signal)
+  const factory = params.socketFactory ?? globalSocketFactory()
+  const reconnectAttempts = params.reconnectAttempts ?? RECONNECT_DELAYS_MS.length
+  let socket = await openSocket(backendUrl, protocols, factory, signal)
 
   let conversationId = params.conversationId
   let ended: ChatError | null = null
@@ -723,7 +753,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     }
   }
 
-  socket.addEventListener('message', (message: { data: unknown }) => {
+  const onMessage = (message: { data: unknown }): void => {
     const frame = parseFrame(message.data)
     if (!frame) return
     let event: ChatEvent | null
@@ -740,10 +770,16 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     switch (event.type) {
       case 'start':
         if (conversationId === undefined) conversationId = event.conversationId
+        if (mine(event.requestId)) current!.started = true
         emit(event)
         return
       case 'token':
-        if (mine(event.requestId)) current!.text += event.token
+        if (mine(event.requestId)) {
+          current!.resuming = false
+          if (event.seq !== current!.received) return // already had it
+          current!.text += event.token
+          current!.received += 1
+        }
         emit(event)
         return
       case 'done': {
@@ -765,6 +801,16 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         return
       }
       case 'error':
+        if (mine(event.requestId) && current!.resuming && !current!.started && event.code === 'unknown_request') {
+          // It was dropped before it started (nothing stored): send it again.
+          current!.resuming = false
+          try {
+            socket.send(JSON.stringify(current!.frame))
+          } catch {
+            // the close handler reconnects again
+          }
+          return
+        }
         emit(event)
         // An error without a request id answers a frame the server could not read; only the
         // current turn's frame is in flight, so it is that turn's.
@@ -775,12 +821,61 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         }
         return
     }
-  })
+  }
 
-  socket.addEventListener('close', (event: { code?: number; reason?: string }) => {
+  const onClose = (event: { code?: number; reason?: string }): void => {
+    if (ended) return
     const detail = event.code ? ` (code ${event.code}${event.reason ? `: ${event.reason}` : ''})` : ''
-    end(new ChatError('socket_closed', `the chat socket closed${detail}`))
-  })
+    void reconnect().then((ok) => {
+      if (!ok) end(new ChatError('socket_closed', `the chat socket closed${detail}`))
+    })
+  }
+
+  const listen = (sock: WebSocketLike): void => {
+    sock.addEventListener('message', (message: { data: unknown }) => {
+      if (sock === socket) onMessage(message)
+    })
+    sock.addEventListener('close', (event: { code?: number; reason?: string }) => {
+      if (sock === socket) onClose(event)
+    })
+  }
+  listen(socket)
+
+  /** Reopen the dropped socket (bounded backoff) and resume the turn in flight. */
+  const reconnect = async (): Promise<boolean> => {
+    for (let attempt = 1; attempt <= reconnectAttempts; attempt++) {
+      const delay = RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length) - 1]!
+      await new Promise((resolve) => setTimeout(resolve, delay))
+      if (ended) return false
+      let fresh: WebSocketLike
+      try {
+        fresh = await openSocket(backendUrl, protocols, factory, signal)
+      } catch {
+        continue
+      }
+      if (ended) {
+        fresh.close(1000, 'stopped')
+        return false
+      }
+      socket = fresh
+      listen(fresh)
+      const current = queue[0]
+      let afterSeq = -1
+      try {
+        if (current?.sent) {
+          afterSeq = current.received - 1
+          current.resuming = true
+          fresh.send(JSON.stringify({ type: 'resume', request_id: current.requestId, after_seq: afterSeq }))
+        }
+      } catch {
+        continue
+      }
+      emit({ type: 'resumed', requestId: current?.sent ? current.requestId : null, afterSeq, attempt })
+      pump()
+      return true
+    }
+    return false
+  }
 
   const cancelTurn = (requestId: string): void => {
     const index = queue.findIndex((turn) => turn.requestId === requestId)
@@ -837,7 +932,10 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
           reject(error)
         },
         text: '',
+        received: 0,
         sent: false,
+        started: false,
+        resuming: false,
       })
       pump()
     })

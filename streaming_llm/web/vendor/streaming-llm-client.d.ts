@@ -101,8 +101,22 @@ export interface ChatErrorEvent {
     /** @deprecated the same id as `answerTurnId` */
     turnId?: string;
 }
-/** What the server sends about a turn, in order: `start`, `token`s, then `done` or `error`. */
-export type ChatEvent = ChatStartEvent | ChatTokenEvent | ChatDoneEvent | ChatErrorEvent;
+/**
+ * The client's own event: the socket dropped and was reopened (`attempt` counts the tries); the
+ * turn in flight (`requestId`, null when there was none) goes on after token `afterSeq`, with no
+ * token lost or repeated.
+ */
+export interface ChatResumedEvent {
+    type: 'resumed';
+    requestId: string | null;
+    afterSeq: number;
+    attempt: number;
+}
+/**
+ * What the server sends about a turn, in order: `start`, `token`s, then `done` or `error`; and
+ * `resumed` when the client reopened a dropped socket.
+ */
+export type ChatEvent = ChatStartEvent | ChatTokenEvent | ChatDoneEvent | ChatErrorEvent | ChatResumedEvent;
 export interface ChatResult {
     /** The whole answer: the tokens of this turn joined. */
     text: string;
@@ -204,7 +218,14 @@ export interface StreamChatParams {
     apiKey?: string;
     /** Aborting it closes the stream, as `stop()` does (also while the socket is still opening). */
     signal?: AbortSignal;
+    /**
+     * Tries to reopen a socket that dropped (backoff 0.1, 0.25, 0.5, 1, 2 s, then 2 s apart) and
+     * resume the answer in flight; default 5, 0 = a drop ends the stream.
+     */
+    reconnectAttempts?: number;
 }
+/** Backoff between reconnect tries, in ms; the last repeats. */
+export declare const RECONNECT_DELAYS_MS: number[];
 export interface ChatStream {
     /** Queue a turn; resolves on its `done`, rejects with a {@link ChatError} on its `error`. */
     sendMessage(request: SendMessageRequest): Promise<ChatResult>;

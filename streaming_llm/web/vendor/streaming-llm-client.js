@@ -14,6 +14,8 @@
  * and from the wire's snake_case. REST resources and socket events share the same `Usage` type.
  */
 export const DEFAULT_BASE_URL = 'http://localhost:8000';
+/** Backoff between reconnect tries, in ms; the last repeats. */
+export const RECONNECT_DELAYS_MS = [100, 250, 500, 1000, 2000];
 // --- errors ----------------------------------------------------------------------------------
 /** A REST call failed: `status` is the HTTP status (0 when the server could not be reached). */
 export class ApiError extends Error {
@@ -405,7 +407,9 @@ export async function streamChat(params) {
     if (signal?.aborted)
         throw new ChatError('aborted', 'the chat stream was aborted before it opened');
     const prefix = randomPrefix();
-    const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory(), signal);
+    const factory = params.socketFactory ?? globalSocketFactory();
+    const reconnectAttempts = params.reconnectAttempts ?? RECONNECT_DELAYS_MS.length;
+    let socket = await openSocket(backendUrl, protocols, factory, signal);
     let conversationId = params.conversationId;
     let ended = null;
     let queue = [];
@@ -467,7 +471,7 @@ export async function streamChat(params) {
             // already closing
         }
     };
-    socket.addEventListener('message', (message) => {
+    const onMessage = (message) => {
         const frame = parseFrame(message.data);
         if (!frame)
             return;
@@ -489,11 +493,18 @@ export async function streamChat(params) {
             case 'start':
                 if (conversationId === undefined)
                     conversationId = event.conversationId;
+                if (mine(event.requestId))
+                    current.started = true;
                 emit(event);
                 return;
             case 'token':
-                if (mine(event.requestId))
+                if (mine(event.requestId)) {
+                    current.resuming = false;
+                    if (event.seq !== current.received)
+                        return; // already had it
                     current.text += event.token;
+                    current.received += 1;
+                }
                 emit(event);
                 return;
             case 'done': {
@@ -516,6 +527,17 @@ export async function streamChat(params) {
                 return;
             }
             case 'error':
+                if (mine(event.requestId) && current.resuming && !current.started && event.code === 'unknown_request') {
+                    // It was dropped before it started (nothing stored): send it again.
+                    current.resuming = false;
+                    try {
+                        socket.send(JSON.stringify(current.frame));
+                    }
+                    catch {
+                        // the close handler reconnects again
+                    }
+                    return;
+                }
                 emit(event);
                 // An error without a request id answers a frame the server could not read; only the
                 // current turn's frame is in flight, so it is that turn's.
@@ -526,11 +548,65 @@ export async function streamChat(params) {
                 }
                 return;
         }
-    });
-    socket.addEventListener('close', (event) => {
+    };
+    const onClose = (event) => {
+        if (ended)
+            return;
         const detail = event.code ? ` (code ${event.code}${event.reason ? `: ${event.reason}` : ''})` : '';
-        end(new ChatError('socket_closed', `the chat socket closed${detail}`));
-    });
+        void reconnect().then((ok) => {
+            if (!ok)
+                end(new ChatError('socket_closed', `the chat socket closed${detail}`));
+        });
+    };
+    const listen = (sock) => {
+        sock.addEventListener('message', (message) => {
+            if (sock === socket)
+                onMessage(message);
+        });
+        sock.addEventListener('close', (event) => {
+            if (sock === socket)
+                onClose(event);
+        });
+    };
+    listen(socket);
+    /** Reopen the dropped socket (bounded backoff) and resume the turn in flight. */
+    const reconnect = async () => {
+        for (let attempt = 1; attempt <= reconnectAttempts; attempt++) {
+            const delay = RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length) - 1];
+            await new Promise((resolve) => setTimeout(resolve, delay));
+            if (ended)
+                return false;
+            let fresh;
+            try {
+                fresh = await openSocket(backendUrl, protocols, factory, signal);
+            }
+            catch {
+                continue;
+            }
+            if (ended) {
+                fresh.close(1000, 'stopped');
+                return false;
+            }
+            socket = fresh;
+            listen(fresh);
+            const current = queue[0];
+            let afterSeq = -1;
+            try {
+                if (current?.sent) {
+                    afterSeq = current.received - 1;
+                    current.resuming = true;
+                    fresh.send(JSON.stringify({ type: 'resume', request_id: current.requestId, after_seq: afterSeq }));
+                }
+            }
+            catch {
+                continue;
+            }
+            emit({ type: 'resumed', requestId: current?.sent ? current.requestId : null, afterSeq, attempt });
+            pump();
+            return true;
+        }
+        return false;
+    };
     const cancelTurn = (requestId) => {
         const index = queue.findIndex((turn) => turn.requestId === requestId);
         if (ended || index < 0)
@@ -588,7 +664,10 @@ export async function streamChat(params) {
                 reject(error);
             },
             text: '',
+            received: 0,
             sent: false,
+            started: false,
+            resuming: false,
         });
         pump();
     });
