@@ -166,6 +166,7 @@ class _Turn:
     frame: dict[str, Any]
     future: asyncio.Future[ChatResult]
     pieces: list[str] = field(default_factory=list)
+    received: int = 0  # answer pieces received: the next token frame's seq
     sent: bool = False
     started: bool = False  # its start came
     resuming: bool = False  # a resume for it is out, not yet answered
@@ -387,7 +388,7 @@ class ChatStream:
             after = -1
             try:
                 if current is not None and current.sent:
-                    after = len(current.pieces) - 1
+                    after = current.received - 1
                     current.resuming = True
                     await self._send({"type": "resume", "request_id": current.request_id,
                                       "after_seq": after})
@@ -411,9 +412,10 @@ class ChatStream:
             case Token():
                 if mine and current is not None:
                     current.resuming = False
-                    if event.seq != len(current.pieces):
+                    if event.seq != current.received:
                         return  # already had it (or a gap the server never makes)
                     current.pieces.append(event.token)
+                    current.received += event.count
                 self._emit(event)
             case Done():
                 if self._conversation_id is None:

@@ -17,14 +17,22 @@ import-time state and lets tests build many apps in one process. Three feeds:
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engines.base import EngineHealth
@@ -71,9 +79,10 @@ class Metrics:
             "streaming_llm_time_to_first_token_seconds",
             "From a turn's arrival to its first answer piece.", buckets=FIRST_TOKEN_BUCKETS,
             registry=r)
-        self.inter_token = Histogram(
+        self.inter_token = LoopHistogram(
             "streaming_llm_inter_token_seconds", "Gap between consecutive answer pieces.",
-            buckets=INTER_TOKEN_BUCKETS, registry=r)
+            INTER_TOKEN_BUCKETS)
+        r.register(self.inter_token)
         self.connections_refused = Counter(
             "streaming_llm_connections_refused",
             "Connections refused or closed by a cap or deadline, by reason "
@@ -95,6 +104,31 @@ class Metrics:
         self.turns.labels(outcome).inc()
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.generated_tokens.inc(usage.completion_tokens)
+
+
+class LoopHistogram(Collector):
+    """A histogram observed from the event loop only: one ``bisect`` and two additions per
+    observation, no lock and no per-bucket objects (prometheus-client's ``Histogram.observe``
+    took ~8% of the service's CPU per streamed token). Exposed exactly as a ``Histogram``."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family.add_metric([], buckets, self.sum)
+        yield family
 
 
 class _EngineCollector(Collector):

@@ -62,10 +62,14 @@ class Start(msgspec.Struct, tag="start"):
             self.user_turn_id = self.turn_id
 
 
-class Token(msgspec.Struct, tag="token"):
+class Token(msgspec.Struct, tag="token", omit_defaults=True):
+    """Answer pieces ``seq`` … ``seq + count - 1`` of the turn, their texts joined. ``count`` is
+    left out when 1 (the usual case: a client that keeps up gets one piece per frame)."""
+
     request_id: str
     token: str
-    seq: int  # 0, 1, 2, ... within the turn
+    seq: int  # 0, 1, 2, ... within the turn: the first piece's
+    count: int = 1  # pieces in this frame: the next frame's seq is seq + count
 
 
 class Done(msgspec.Struct, tag="done"):

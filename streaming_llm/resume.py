@@ -29,6 +29,8 @@ from .protocol import Token
 
 log = logging.getLogger(__name__)
 
+REPLAY_BATCH = 256  # pieces per replayed ``token`` frame
+
 
 class Sink(Protocol):
     """A chat socket that frames of a resumable turn can be written to."""
@@ -48,6 +50,7 @@ class Replayable:
     registry: ResumableTurns
     origin: Sink | None = None  # the socket it was started on
     pieces: list[str] = field(default_factory=list)
+    delivered: int = 0  # pieces handed to the sink (the live writer's cursor)
     final: msgspec.Struct | None = None  # done / error, once the turn ended
     sink: Sink | None = None
     expired: bool = False  # cancelled because nobody resumed it in time
@@ -81,7 +84,7 @@ class Replayable:
         """The turn's ending frame; the turn stays resumable for the grace period."""
         self.final = frame
         self._stop_timer()
-        if self.expired:
+        if self.expired or not self.registry.enabled:
             self.registry.forget(self)
         else:
             self._timer = asyncio.get_running_loop().call_later(
@@ -117,14 +120,16 @@ class Replayable:
         try:
             while True:
                 while sent < len(self.pieces):
-                    await sink.send(Token(self.request_id, self.pieces[sent], sent))
-                    sent += 1
+                    batch = self.pieces[sent:sent + REPLAY_BATCH]
+                    await sink.send(Token(self.request_id, "".join(batch), sent, len(batch)))
+                    sent += len(batch)
                     if self._attach != mine:
                         return  # a newer resume took over
                 # No await from here on: a piece or the ending arriving now waits for the sink.
                 if self.final is not None:
                     await sink.send(self.final)
                 else:
+                    self.delivered = sent
                     self.attach(sink)
                 return
         except BaseException:
@@ -159,7 +164,8 @@ class ResumableTurns:
         """Keep a turn started on ``origin`` (a later one with the same owner and id replaces
         it), attached to it."""
         turn = Replayable(request_id, owner, cancel, self, origin)
-        self._turns[owner, request_id] = turn
+        if self.enabled:
+            self._turns[owner, request_id] = turn
         turn.attach(origin)
         return turn
 

@@ -366,3 +366,4 @@ def test_v1_limits_cover_every_message(tmp_path: Path) -> None:
             400, "too_many_messages", "messages")
         status, body = complete([{"role": "user", "content": "u" * 900}] * 3 + [user])
         assert status == 200, body
+

@@ -43,8 +43,12 @@ def test_one_turn_streams_and_is_stored(client: TestClient, settings: Settings,
                       "request_id": "r1", "options": {"temperature": 0, "max_new_tokens": 7}})
         start, tokens, done = recv_turn(ws)
     assert start["request_id"] == "r1" and start["turn_id"].startswith("turn_")
-    assert [t["token"] for t in tokens] == ["Hello", ", ", "world", "!"]
-    assert [t["seq"] for t in tokens] == [0, 1, 2, 3]
+    # The scripted engine never waits between pieces: what queued shares a frame (seq, count).
+    assert "".join(t["token"] for t in tokens) == "Hello, world!"
+    assert [t["seq"] for t in tokens] == [sum(t.get("count", 1) for t in tokens[:i])
+                                          for i in range(len(tokens))]
+    assert sum(t.get("count", 1) for t in tokens) == 4
+    assert len(tokens) < 4  # (it never waits: the pieces went out while the first was queued)
     assert all(t["request_id"] == "r1" for t in tokens)
     assert done["type"] == "done" and done["finish_reason"] == "stop"
     assert done["conversation_id"] == start["conversation_id"] and done["turn_id"] != start["turn_id"]
@@ -226,7 +230,7 @@ def test_engine_failure_stores_partial_with_error(client: TestClient, settings: 
     with client.websocket_connect("/ws/chat") as ws:
         ws.send_json({"type": "chat", "agent_id": "helper", "message": "x", "request_id": "f"})
         start, tokens, error = recv_turn(ws)
-    assert [t["token"] for t in tokens] == ["Hello", ", "]
+    assert "".join(t["token"] for t in tokens) == "Hello, "
     assert error["type"] == "error" and error["code"] == "engine_error"
     assert error["turn_id"] and error["conversation_id"] == start["conversation_id"]
     assert stored_turns(settings, start["conversation_id"])[-1] == (1, "assistant", "Hello, ", "error")

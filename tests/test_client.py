@@ -198,9 +198,10 @@ async def test_a_dropped_socket_reconnects_and_resumes_the_answer(server: Server
             again = await chat.send_message("and on the new socket")
     resumed = [e for e in seen if isinstance(e, Resumed)]
     assert len(resumed) == 1 and resumed[0].request_id == result.request_id
-    assert resumed[0].after_seq >= 0
+    assert resumed[0].after_seq < 299  # cut before the end
     assert result.text == LONG and result.finish_reason == "stop"
     tokens = [e for e in seen if isinstance(e, Token) and e.request_id == result.request_id]
-    assert [t.seq for t in tokens] == list(range(len(tokens)))  # none repeated, none missing
+    assert [t.seq for t in tokens] == [sum(t.count for t in tokens[:i])  # none repeated or missing
+                                       for i in range(len(tokens))]
     assert again.text == "and on the new socket"
     assert again.conversation_id == result.conversation_id

@@ -36,11 +36,13 @@ def read_turn(ws: Any, **frame: Any) -> tuple[str, list[str], dict[str, Any]]:
     start = json.loads(ws.recv(timeout=60))
     assert start["type"] == "start", start
     tokens: list[str] = []
+    pieces = 0
     while True:
         event = json.loads(ws.recv(timeout=60))
         if event["type"] != "token":
             return start["conversation_id"], tokens, event
-        assert event["seq"] == len(tokens)
+        assert event["seq"] == pieces  # a frame carries `count` pieces when they queued
+        pieces += event.get("count", 1)
         tokens.append(event["token"])
 
 

@@ -50,7 +50,8 @@ def recv(ws: Any, kind: str) -> dict[str, Any]:
 
 
 def test_metrics_follow_requests_sockets_and_turns(tmp_path: Any) -> None:
-    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "10"}
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "10",
+           "STREAMING_LLM_RESUME_GRACE_S": "0"}  # a closed socket's turn ends at once
     with start_server(tmp_path, env) as server:
         base = server.base_url
         assert httpx.put(base + "/agents/echoer", json={"name": "Echoer"}).status_code == 201

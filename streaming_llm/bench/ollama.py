@@ -241,7 +241,7 @@ async def _through_service(ws: aiohttp.ClientWebSocketResponse, tokens: int, i: 
             last = time.perf_counter()
             if not count:
                 first = last
-            count += 1
+            count += event.get("count", 1)  # pieces that came while the last frame went out
         elif kind == "start":
             start_ms = (time.perf_counter() - started) * 1000
         elif kind == "done":

@@ -56,6 +56,8 @@ from ..turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, 
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_CLOSE = 1008  # policy violation: the client did not read its frames
+#: Pieces that may wait for the socket (and go out in one ``token`` frame) before the turn waits.
+MAX_PENDING = 256
 
 
 @dataclass(eq=False)
@@ -70,6 +72,10 @@ class _Job:
     task: asyncio.Task[None] | None = None
     queued: bool = True  # counted in streaming_llm_turns_queued
     kept: Replayable | None = None  # once started
+    sender: asyncio.Task[None] | None = None  # writes the pieces (see piece)
+    lost: ClientGone | None = None  # the sender could not write and the turn cannot detach
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)  # pieces to write
+    _drained: asyncio.Event = field(default_factory=asyncio.Event)  # nothing left to write
 
     def dequeue(self) -> None:
         if self.queued:
@@ -80,11 +86,14 @@ class _Job:
         # A done callback: it runs even for a task cancelled before it started.
         self.dequeue()
         self.socket.jobs.pop(self.request_id, None)
+        if self.sender is not None:
+            self.sender.cancel()
 
     @property
     def detachable(self) -> bool:
         """Gone clients leave this turn generating, waiting for a resume."""
         return (self.kept is not None and self.kept.final is None
+                and self.socket.resumable.enabled
                 and not self.socket.live.draining and not self.control.cancelled)
 
     async def emit(self, frame: msgspec.Struct) -> None:
@@ -103,25 +112,68 @@ class _Job:
 
     async def start(self, turn: Turn) -> None:
         sock = self.socket
-        if sock.resumable.enabled:
-            self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock)
+        self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock)
         await self.emit(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
 
     async def piece(self, turn: Turn, text: str) -> None:
+        """Hand one piece to the sender, which writes what is waiting as one ``token`` frame.
+
+        A client that keeps up gets every piece in a frame of its own as soon as the engine
+        waits for its next one; only pieces that came while the previous frame was being
+        written share a frame (``count`` > 1). At most :data:`MAX_PENDING` pieces wait: then
+        the turn waits for the client, as before, and the send timeout still ends it.
+        """
         kept = self.kept
-        if kept is None:
-            await self.socket.send(Token(self.request_id, text, len(turn.pieces)))
-            return
-        seq = len(kept.pieces)
+        assert kept is not None
+        if self.lost is not None:
+            raise self.lost
         kept.pieces.append(text)
-        try:
-            await self.emit(Token(self.request_id, text, seq))
-        except BaseException:  # not sent and not stored: not replayed either
-            del kept.pieces[seq:]
-            raise
+        self._wake.set()
+        if self.sender is None:
+            self.sender = asyncio.create_task(self._send_pieces(), name=f"send-{self.request_id}")
+        if len(kept.pieces) - kept.delivered >= MAX_PENDING:
+            await self._flush()
+            if self.lost is not None:
+                del kept.pieces[len(turn.pieces):]  # what it will store: not replayed either
+                raise self.lost
+
+    async def _send_pieces(self) -> None:
+        kept = self.kept
+        assert kept is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while (sink := kept.sink) is not None and kept.delivered < len(kept.pieces):
+                first = kept.delivered
+                batch = kept.pieces[first:first + MAX_PENDING]
+                kept.delivered = first + len(batch)
+                text = batch[0] if len(batch) == 1 else "".join(batch)
+                try:
+                    await sink.send(Token(self.request_id, text, first, len(batch)))
+                except ClientGone as exc:
+                    if not self.detachable:
+                        self.lost = exc
+                        self._drained.set()
+                        return
+                    if kept.sink is sink:
+                        kept.detach()
+            self._drained.set()
+
+    async def _flush(self) -> None:
+        """Wait until the waiting pieces are written (or the client is gone)."""
+        kept = self.kept
+        while (kept is not None and self.sender is not None and not self.sender.done()
+               and kept.sink is not None and kept.delivered < len(kept.pieces)):
+            self._drained.clear()
+            self._wake.set()
+            await self._drained.wait()
 
     async def end(self, frame: msgspec.Struct) -> None:
-        """The ending (``done``/``error``): kept for a resume, written if a client is there."""
+        """The ending (``done``/``error``), after the pieces: kept for a resume, written if a
+        client is there."""
+        await self._flush()
+        if self.sender is not None:
+            self.sender.cancel()
         if self.kept is not None:
             self.kept.ended(frame)
         await self.emit(frame)

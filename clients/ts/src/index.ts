@@ -86,8 +86,11 @@ export interface ChatStartEvent {
 export interface ChatTokenEvent {
   type: 'token'
   requestId: string
+  /** The text of answer pieces `seq` … `seq + count - 1`, joined. */
   token: string
   seq: number
+  /** Pieces in this event: 1, or more when they came faster than the socket took them. */
+  count: number
 }
 
 export interface ChatDoneEvent {
@@ -587,6 +590,7 @@ function readEvent(frame: Record<string, unknown>): ChatEvent | null {
         requestId: field(frame, 'request_id', isString),
         token: field(frame, 'token', isString),
         seq: field(frame, 'seq', isNumber),
+        count: typeof frame.count === 'number' ? frame.count : 1,
       }
     case 'done': {
       const turnId = field(frame, 'turn_id', isString)
@@ -778,7 +782,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
           current!.resuming = false
           if (event.seq !== current!.received) return // already had it
           current!.text += event.token
-          current!.received += 1
+          current!.received += event.count
         }
         emit(event)
         return

@@ -164,7 +164,8 @@ describe('streamChat', () => {
       assert.equal(turn.at(-1).turnId, result.turnId)
       const tokens = turn.slice(1, -1)
       assert.ok(tokens.every((e) => e.type === 'token'))
-      assert.deepEqual(tokens.map((e) => e.seq), tokens.map((_, k) => k))
+      // each event starts where the last one's pieces ended (`count` > 1 when pieces queued)
+      assert.deepEqual(tokens.map((e) => e.seq), tokens.map((_, k) => tokens.slice(0, k).reduce((n, e) => n + e.count, 0)))
       assert.equal(tokens.map((e) => e.token).join(''), result.text)
     }
     assert.equal(events.length, byTurn.flat().length)
@@ -250,7 +251,7 @@ describe('streamChat', () => {
     let cancelled = false
     ;({ stream } = await open({
       onEvent: (event) => {
-        if (event.type === 'token' && event.seq === 2 && !cancelled) {
+        if (event.type === 'token' && event.seq + event.count > 2 && !cancelled) {
           cancelled = true
           stream.cancel()
         }
@@ -299,9 +300,9 @@ describe('streamChat', () => {
     })
   })
 
-  test('pending turns reject with socket_closed when the connection drops', async () => {
+  test('with reconnect off, pending turns reject with socket_closed when the connection drops', async () => {
     let raw
-    const { stream } = await open({ socketFactory: (url) => (raw = new WebSocket(url)) })
+    const { stream } = await open({ socketFactory: (url) => (raw = new WebSocket(url)), reconnectAttempts: 0 })
     const running = stream.sendMessage({ message: words(200) })
     const queued = stream.sendMessage({ message: 'never sent' })
     await new Promise((ok) => setTimeout(ok, 50))

@@ -64,11 +64,14 @@ test('a socket reset mid-answer is reopened and the answer resumed, every token 
     const resumed = events.filter((e) => e.type === 'resumed')
     assert.equal(resumed.length, 1)
     assert.equal(resumed[0].requestId, result.requestId)
-    assert.ok(resumed[0].afterSeq >= 0)
+    assert.ok(resumed[0].afterSeq < 299) // cut before the end (what came before the reset may be lost with it)
     assert.equal(result.text, message)
     assert.equal(result.finishReason, 'stop')
-    const seqs = events.filter((e) => e.type === 'token').map((e) => e.seq)
-    assert.deepEqual(seqs, seqs.map((_, i) => i)) // none repeated, none missing
+    let next = 0 // none repeated, none missing: each event starts where the last one's pieces ended
+    for (const event of events.filter((e) => e.type === 'token')) {
+      assert.equal(event.seq, next)
+      next += event.count
+    }
     const again = await stream.sendMessage({ message: 'and on the new socket' })
     assert.equal(again.text, 'and on the new socket')
     assert.equal(again.conversationId, result.conversationId)

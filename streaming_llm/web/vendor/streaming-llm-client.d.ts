@@ -76,8 +76,11 @@ export interface ChatStartEvent {
 export interface ChatTokenEvent {
     type: 'token';
     requestId: string;
+    /** The text of answer pieces `seq` … `seq + count - 1`, joined. */
     token: string;
     seq: number;
+    /** Pieces in this event: 1, or more when they came faster than the socket took them. */
+    count: number;
 }
 export interface ChatDoneEvent {
     type: 'done';

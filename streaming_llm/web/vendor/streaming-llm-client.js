@@ -300,6 +300,7 @@ function readEvent(frame) {
                 requestId: field(frame, 'request_id', isString),
                 token: field(frame, 'token', isString),
                 seq: field(frame, 'seq', isNumber),
+                count: typeof frame.count === 'number' ? frame.count : 1,
             };
         case 'done': {
             const turnId = field(frame, 'turn_id', isString);
@@ -503,7 +504,7 @@ export async function streamChat(params) {
                     if (event.seq !== current.received)
                         return; // already had it
                     current.text += event.token;
-                    current.received += 1;
+                    current.received += event.count;
                 }
                 emit(event);
                 return;
