@@ -74,7 +74,7 @@ class Replayable:
         if self.sink is not None:
             self.sink.attached.discard(self)
             self.sink = None
-        if self.final is None and self._timer is None:
+        if self.final is None and self._timer is None and self.registry.enabled:
             log.info("turn %s: client gone, kept generating for %gs for a resume",
                      self.request_id, self.registry.grace_s)
             self._timer = asyncio.get_running_loop().call_later(self.registry.grace_s,

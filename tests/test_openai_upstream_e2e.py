@@ -31,6 +31,7 @@ LONG = " ".join(f"w{i}" for i in range(300))
 
 def front_env(upstream: ServerProcess, **extra: str) -> dict[str, str]:
     return {"STREAMING_LLM_ENGINE": "openai",
+            "STREAMING_LLM_RESUME_GRACE_S": "0",  # a disconnect cancels the turn at once
             "STREAMING_LLM_OPENAI_BASE_URL": f"{upstream.base_url}/v1",
             "STREAMING_LLM_OPENAI_MODEL": "echoer", "STREAMING_LLM_OPENAI_API_KEY": KEY, **extra}
 
