@@ -16,6 +16,7 @@ turns queued per socket   the chat socket's reader                 ``busy``
 ``/v1`` messages          :meth:`Limits.check_messages`            ``message_too_large``,
                                                                    ``too_many_messages``,
                                                                    ``request_too_large``
+``/v1`` prompt tokens     :meth:`Limits.check_prompt_tokens`       ``prompt_too_large``
 concurrent generations    :class:`~streaming_llm.admission.        waits; past the line ``busy``
                           GenerationGate` (server-wide, per
                           client address)
@@ -63,6 +64,7 @@ class Limits:
     max_queued_turns: int
     max_request_chars: int = 200_000
     max_messages: int = 1000
+    max_prompt_tokens: int = 32_768
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -71,7 +73,8 @@ class Limits:
                    max_new_tokens=settings.max_new_tokens_limit,
                    max_queued_turns=settings.max_queued_turns,
                    max_request_chars=settings.max_request_chars,
-                   max_messages=settings.max_messages)
+                   max_messages=settings.max_messages,
+                   max_prompt_tokens=settings.max_prompt_tokens)
 
     def check_frame(self, text: str) -> None:
         # Characters are a lower bound of UTF-8 bytes: encode only when it could matter.
@@ -115,6 +118,14 @@ class Limits:
                 f"{self.max_request_chars} (STREAMING_LLM_MAX_REQUEST_CHARS)",
                 code="request_too_large", param="messages")
         self.check_chat("", max_new_tokens)
+
+    def check_prompt_tokens(self, count: int | None) -> None:
+        """A ``/v1`` caller's history, as counted by the engine (None: it cannot count)."""
+        if count is not None and count > self.max_prompt_tokens:
+            raise LimitExceeded(
+                f"the messages take {count} prompt tokens, more than the limit of "
+                f"{self.max_prompt_tokens} (STREAMING_LLM_MAX_PROMPT_TOKENS)",
+                code="prompt_too_large", param="messages")
 
     def check_queue(self, queued: int) -> None:
         if queued >= self.max_queued_turns:

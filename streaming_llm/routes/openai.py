@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ..conversations import Turn
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, count_tokens
 from ..errors import (
     AgentNotFound,
     BadRequest,
@@ -210,9 +210,12 @@ async def chat_completions(request: Request) -> Response:
     messages, options = _messages(body), _options(body)
     conversation_id = _conversation_id(request, body)
     services = request.state.services
-    Limits.from_settings(services.settings).check_messages([m.content for m in messages],
-                                                           options.max_new_tokens)
+    limits = Limits.from_settings(services.settings)
+    limits.check_messages([m.content for m in messages], options.max_new_tokens)
     stored = conversation_id is not None
+    if not stored:  # the caller's history is the prompt (a stored one is the socket's)
+        limits.check_prompt_tokens(
+            await asyncio.to_thread(count_tokens, services.engine, messages))
     spec = TurnSpec(
         request_id=f"chatcmpl-{uuid.uuid4().hex}", agent_id=body.model,
         message=messages[-1].content, options=options,
