@@ -15,6 +15,9 @@ the first one started::
 as a callback. ``send_message`` resolves on the turn's ``done`` and raises :class:`ChatError` on
 its ``error``. ``cancel()`` stops the current answer (it ends ``cancelled``; the socket stays
 open), ``close()`` closes the socket (pending turns raise ``ChatError('stopped')``).
+A stream that continues a conversation (``conversation_id=``) puts the id in the socket URL as
+``?conversation_id=``, so a proxy that routes by it (``deploy/nginx``) sends it to the instance
+that holds the conversation's cache.
 
 Only msgspec and aiohttp are imported: the client does not pull in the server's dependencies.
 """
@@ -29,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import msgspec
@@ -165,6 +168,15 @@ def socket_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
+def conversation_url(url: str, conversation_id: str) -> str:
+    """``url`` with ``?conversation_id=`` set (other query parameters kept), for sticky routing."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != "conversation_id"]
+    query.append(("conversation_id", conversation_id))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def _wire_options(options: Options | None) -> dict[str, Any]:
     if options is None:
         return {}
@@ -187,6 +199,8 @@ class ChatStream:
         if not agent_id:
             raise ValueError("agent_id must be a non-empty string")
         self.url = socket_url(backend_url)
+        if conversation_id:
+            self.url = conversation_url(self.url, conversation_id)
         self.agent_id = agent_id
         self.defaults = _wire_options(options)
         self.on_event = on_event
