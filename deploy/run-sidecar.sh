@@ -90,7 +90,7 @@ if [[ $bootstrap == 1 ]]; then
             { [[ -x $PY ]] || "$base" -m venv "$VENV"; } \
                 || die "creating $VENV failed (on Debian/Ubuntu: apt-get install python3-venv)"
             if ! { "$PY" -m pip install --quiet "$torch_spec" \
-                    && "$PY" -m pip install --quiet -e "${ROOT}[test]" "$torch_spec"; }; then
+                    && "$PY" -m pip install --quiet -e "${ROOT}[postgres]" "$torch_spec"; }; then
                 die "installing the dependencies failed (see above)"
             fi
             touch "$stamp"
@@ -103,7 +103,15 @@ fi
     || die "$PY lacks the service's dependencies: run 'make install' (or set STREAMING_LLM_BOOTSTRAP_DEPS=1)"
 
 # --- 4. database ------------------------------------------------------------------------------
-"$PY" -m streaming_llm migrate || die "could not bring the database to the latest migration"
+# Exit status 2 is a bad setting, already explained on stderr by streaming-llm itself: stop there
+# rather than add a misleading word about the database.
+status=0
+"$PY" -m streaming_llm migrate || status=$?
+if [[ $status == 2 ]]; then
+    exit 2
+elif [[ $status != 0 ]]; then
+    die "could not bring the database to the latest migration (see above)"
+fi
 
 # --- 5. server -------------------------------------------------------------------------------
 say "starting on ${STREAMING_LLM_HOST:-127.0.0.1}:${STREAMING_LLM_PORT:-8000} (engine ${STREAMING_LLM_ENGINE:-local})"

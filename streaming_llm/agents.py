@@ -1,4 +1,4 @@
-"""Agents: stored in SQLite, mirrored to ``{agents_dir}/{id}.md``, imported back at start-up."""
+"""Agents: stored in the database, mirrored to ``{agents_dir}/{id}.md``, imported back at start-up."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import Annotated
 
 import msgspec
 from msgspec import Meta
+from sqlalchemy.orm import Session
 
 from .agent_files import AgentFiles
 from .errors import AgentNotFound, BadRequest, StorageUnavailable
 from .ids import check_agent_id
+from .storage import queries
 from .storage.database import Database
 from .storage.models import AgentRow
-from .storage.repositories import AgentRepository
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,25 @@ class Agent(msgspec.Struct):
 
 
 class AgentService:
+    """Agents in the database, each mirrored to a file.
+
+    A write runs on the database's writer queue (:meth:`Database.write`) with its file: the file
+    is written after the row and before the commit, so if the file cannot be written nothing is
+    stored, and if the commit fails (disk full) the file is put back as it was. On PostgreSQL the
+    row lock that :func:`~.storage.queries.upsert_agent` takes keeps two writers of one agent
+    in step.
+    """
+
     def __init__(self, db: Database, files: AgentFiles) -> None:
         self.db = db
         self.files = files
-        self._write_lock = asyncio.Lock()  # one writer keeps the DB row and the file in step
 
     async def list(self) -> list[Agent]:
-        async with self.db.session() as session:
-            return [Agent.from_row(r) for r in await AgentRepository(session).list()]
+        return [Agent.from_row(r) for r in await self.db.read(queries.list_agents)]
 
     async def get(self, agent_id: str) -> Agent:
         check_agent_id(agent_id)
-        async with self.db.session() as session:
-            row = await AgentRepository(session).get(agent_id)
+        row = await self.db.read(lambda session: queries.get_agent(session, agent_id))
         if row is None:
             raise AgentNotFound(f"agent {agent_id!r} not found")
         return Agent.from_row(row)
@@ -68,60 +75,67 @@ class AgentService:
                              code="id_mismatch")
         if not body.name.strip():
             raise BadRequest("name must not be blank", code="validation_error")
-        async with self._write_lock, self.db.writing() as session:
-            row, created = await AgentRepository(session).upsert(
-                agent_id, name=body.name, system_prompt=body.system_prompt,
+        previous: list[bytes | None] = []  # the file before this write, once it was replaced
+
+        def store(session: Session) -> tuple[AgentRow, bool]:  # on the writer queue
+            row, created = queries.upsert_agent(
+                session, agent_id, name=body.name, system_prompt=body.system_prompt,
                 markdown_context=body.markdown_context)
-            # File first, commit second: if the file cannot be written nothing is stored; if the
-            # commit fails (disk full) the file is put back as it was.
-            previous = await asyncio.to_thread(self.files.read_bytes, agent_id)
+            before = self.files.read_bytes(agent_id)
             try:
-                await asyncio.to_thread(self.files.write, agent_id, body.name,
-                                        body.system_prompt, body.markdown_context)
+                self.files.write(agent_id, body.name, body.system_prompt, body.markdown_context)
             except OSError as exc:
                 raise StorageUnavailable(
                     f"the agents directory cannot be written: {exc.strerror or exc}") from None
-            try:
-                await session.commit()
-            except Exception:
+            previous.append(before)
+            return row, created
+
+        try:
+            row, created = await self.db.write(store)
+        except Exception:
+            if previous:  # the file was written, the commit failed
                 try:
-                    await asyncio.to_thread(self.files.restore, agent_id, previous)
+                    await asyncio.to_thread(self.files.restore, agent_id, previous[0])
                 except OSError as exc:
                     log.error("agent %s: could not restore its file after a failed commit: %s",
                               agent_id, exc)
-                raise
-            log.info("agent %s %s", agent_id, "created" if created else "updated")
-            return Agent.from_row(row), created
+            raise
+        log.info("agent %s %s", agent_id, "created" if created else "updated")
+        return Agent.from_row(row), created
 
     async def delete(self, agent_id: str) -> None:
         check_agent_id(agent_id)
-        async with self._write_lock, self.db.writing() as session:
-            if not await AgentRepository(session).delete(agent_id):
-                raise AgentNotFound(f"agent {agent_id!r} not found")
-            await session.commit()
-            await asyncio.to_thread(self.files.remove, agent_id)
-            log.info("agent %s deleted", agent_id)
+
+        def remove(session: Session) -> bool:
+            return queries.delete_agent(session, agent_id)
+
+        if not await self.db.write(remove):
+            raise AgentNotFound(f"agent {agent_id!r} not found")
+        await asyncio.to_thread(self.files.remove, agent_id)
+        log.info("agent %s deleted", agent_id)
 
     async def import_files(self) -> int:
         """Import ``.md`` files that are new, or newer than their row and different from it."""
-        imported = 0
-        async with self._write_lock, self.db.writing() as session:
-            await asyncio.to_thread(self.files.remove_leftovers)
-            found = await asyncio.to_thread(self.files.scan)
-            repo = AgentRepository(session)
-            for f in found:
-                row = await repo.get(f.id)
+
+        def store(session: Session) -> list[str]:  # one transaction, on the writer queue
+            self.files.remove_leftovers()
+            imported = []
+            for f in self.files.scan():
+                row = queries.get_agent(session, f.id)
                 if row is not None:
                     same = (row.name, row.system_prompt, row.markdown_context) == (
                         f.name, f.system_prompt, f.markdown_context)
                     if same or _parse_ts(row.updated_at) >= f.mtime:
                         continue
-                await repo.upsert(f.id, name=f.name, system_prompt=f.system_prompt,
-                                  markdown_context=f.markdown_context)
-                imported += 1
-                log.info("imported agent %s from %s", f.id, self.files.path(f.id))
-            await session.commit()
-        return imported
+                queries.upsert_agent(session, f.id, name=f.name, system_prompt=f.system_prompt,
+                                     markdown_context=f.markdown_context)
+                imported.append(f.id)
+            return imported
+
+        imported = await self.db.write(store)
+        for agent_id in imported:
+            log.info("imported agent %s from %s", agent_id, self.files.path(agent_id))
+        return len(imported)
 
 
 def _parse_ts(value: str) -> float:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 import aiohttp
-from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -36,7 +35,7 @@ from .responses import JSONResponse, error_response
 from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
 from .shutdown import LiveSockets
-from .storage.database import Database, storage_error
+from .storage.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,6 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,
-            OperationalError: _storage_error,
             404: _not_found,
             405: _method_not_allowed,
             500: _internal_error,
@@ -136,11 +134,6 @@ async def _start_engine(services: Services) -> None:
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     return error_response(exc)
-
-
-async def _storage_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, OperationalError)
-    return error_response(storage_error(exc))
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

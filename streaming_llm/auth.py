@@ -40,7 +40,7 @@ from .settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 #: Paths served without a key: the health probe and the static chat page (which asks for the key).
-PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/health", "/", "/docs", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
 
 #: The subprotocol a browser offers next to its key; the server accepts it by name.

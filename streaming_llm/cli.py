@@ -14,7 +14,7 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load")
+BENCHMARKS = ("cache", "ollama", "load", "quality")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .logs import configure
 
-    configure(settings.log_level, log_dir=settings.log_dir, secrets=api_keys)
+    configure(settings.log_level, log_dir=settings.log_dir,
+              secrets=[*api_keys, settings.openai_api_key])
     if args.command == "serve":
         try:
             return serve(settings)

@@ -13,10 +13,11 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import msgspec
-from sqlalchemy import Connection
+from msgspec import Meta
+from sqlalchemy.orm import Session
 
 from .engines.base import (
     ChatMessage,
@@ -26,26 +27,17 @@ from .engines.base import (
     Finished,
     FinishReason,
     GenerationOptions,
+    PromptTokens,
     TextChunk,
     Usage,
 )
-from .errors import AgentNotFound, Conflict, ConversationNotFound, EngineError
+from .errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
 from .limits import GenerationGate
 from .metrics import Metrics
+from .storage import queries
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
-from .storage.repositories import (
-    AgentRepository,
-    ConversationRepository,
-    TurnRepository,
-    agent_prompt,
-    append_turn,
-    conversation_owner,
-    create_conversation,
-    touch_conversation,
-    turn_history,
-)
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir
@@ -70,6 +62,12 @@ class ConversationSummary(msgspec.Struct):
     title: str
     created_at: str
     updated_at: str
+
+
+class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``PATCH /conversations/{id}``: what may change about a conversation."""
+
+    title: Annotated[str, Meta(min_length=1, max_length=200)]
 
 
 class ConversationView(msgspec.Struct):
@@ -116,6 +114,7 @@ class Turn:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    prompt_tokens: int = 0  # from the engine's PromptTokens, for an answer cut short
 
     def timed(self, usage: Usage) -> Usage:
         """``usage`` with the timings the engine left empty filled in from this turn's clock:
@@ -134,7 +133,8 @@ class Turn:
 
     def partial_usage(self) -> Usage:
         """Usage of an answer that ended without the engine's own (cancelled or failed)."""
-        return self.timed(Usage(completion_tokens=len(self.pieces)))
+        return self.timed(Usage(prompt_tokens=self.prompt_tokens,
+                                completion_tokens=len(self.pieces)))
 
 
 class ConversationManager:
@@ -150,28 +150,59 @@ class ConversationManager:
         self.gate = gate if gate is not None else GenerationGate(slots=1 << 30, max_waiting=0)
 
     # REST ---------------------------------------------------------------------------------------
-    async def list(self, *, agent_id: str | None, limit: int, offset: int) -> list[ConversationSummary]:
-        async with self.db.session() as session:
-            rows = await ConversationRepository(session).list(agent_id=agent_id, limit=limit,
-                                                               offset=offset)
+    async def list(self, *, agent_id: str | None, limit: int, offset: int,
+                   search: str | None = None) -> list[ConversationSummary]:
+        rows = await self.db.read(lambda session: queries.list_conversations(
+            session, agent_id=agent_id, limit=limit, offset=offset, search=search))
         return [_summary(r) for r in rows]
+
+    async def rename(self, conversation_id: str, title: str) -> ConversationSummary:
+        check_conversation_id(conversation_id)
+
+        def store(session: Session) -> ConversationSummary:
+            row = queries.rename_conversation(session, conversation_id, title)
+            if row is None:
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            return _summary(row)
+
+        return await self.db.write(store)
+
+    async def truncate(self, conversation_id: str, from_seq: int) -> None:
+        """Delete the turns from the user turn ``from_seq`` on: what "edit and resend" and
+        "regenerate" do before sending that message again. The engine's conversation cache
+        needs no telling: it rolls back to the prefix the next prompt shares with it."""
+        check_conversation_id(conversation_id)
+
+        def store(session: Session) -> None:
+            if not queries.touch_conversation(session, conversation_id):  # locks its row
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            turn = next((t for t in queries.list_turns(session, conversation_id)
+                         if t.seq == from_seq), None)
+            if turn is None or turn.role != "user":
+                raise BadRequest(f"conversation {conversation_id!r} has no user turn with "
+                                 f"seq {from_seq}")
+            queries.truncate_conversation(session, conversation_id, from_seq)
+
+        await self.db.write(store)
 
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)
-        async with self.db.session() as session:
-            row = await ConversationRepository(session).get(conversation_id)
+
+        def load(session: Session) -> tuple[ConversationRow, list[TurnRow]]:
+            row = queries.get_conversation(session, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            turns = await TurnRepository(session).list_turns(conversation_id)
+            return row, queries.list_turns(session, conversation_id)
+
+        row, turns = await self.db.read(load)
         return ConversationView(row.id, row.agent_id, row.title, row.created_at, row.updated_at,
                                 [_turn_view(t) for t in turns])
 
     async def delete(self, conversation_id: str) -> None:
         check_conversation_id(conversation_id)
-        async with self.db.writing() as session:
-            if not await ConversationRepository(session).delete(conversation_id):
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            await session.commit()
+        if not await self.db.write(lambda session: queries.delete_conversation(session,
+                                                                                conversation_id)):
+            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
         self.engine.forget(conversation_id)
         if self.transcripts is not None:
             await self.transcripts.remove(conversation_id)
@@ -184,34 +215,35 @@ class ConversationManager:
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
-        def load(conn: Connection) -> tuple[tuple[str, str], list[tuple[str, str]]]:
-            # On a reader thread: the history may be long, and the writer must not wait for it.
-            prompt = agent_prompt(conn, agent_id)
-            if prompt is None:
+        def load(session: Session) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+            # A read: on SQLite the history may be long, and the writer must not wait for it.
+            agent = queries.get_agent(session, agent_id)
+            if agent is None:
                 raise AgentNotFound(f"agent {agent_id!r} not found")
+            prompt = (agent.system_prompt, agent.markdown_context)
             if conversation_id is None:
                 return prompt, []
-            owner = conversation_owner(conn, conversation_id)
-            if owner is None:
+            conversation = queries.get_conversation(session, conversation_id)
+            if conversation is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            if owner != agent_id:
+            if conversation.agent_id != agent_id:
                 raise Conflict(
-                    f"conversation {conversation_id!r} belongs to agent {owner!r}, "
+                    f"conversation {conversation_id!r} belongs to agent {conversation.agent_id!r}, "
                     f"not {agent_id!r}", code="conversation_agent_mismatch")
-            return prompt, turn_history(conn, conversation_id)
+            return prompt, [(t.role, t.content) for t in queries.list_turns(session, conversation_id)]
 
-        def store(conn: Connection) -> tuple[str, str]:  # on the writer thread, one transaction
+        def store(session: Session) -> tuple[str, str]:  # the writer queue, one transaction
             if conversation_id is None:
-                conversation = create_conversation(conn, agent_id, _title(message))
-            elif touch_conversation(conn, conversation_id):
+                conversation = queries.create_conversation(session, agent_id, _title(message))
+            elif queries.touch_conversation(session, conversation_id):
                 conversation = conversation_id
             else:  # deleted since it was read
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return conversation, append_turn(conn, conversation, role="user", content=message,
-                                             request_id=request_id)
+            return conversation, queries.append_turn(session, conversation, role="user",
+                                                     content=message, request_id=request_id)
 
         (system_prompt, context), history = await self.db.read(load)
-        if (refused := self.engine.refusal()) is not None:
+        if (refused := self.engine.refusal(system_message(system_prompt, context))) is not None:
             raise refused  # e.g. the model failed to load: store no turn that cannot run
         stored_in, user_turn_id = await self.db.write(store)
 
@@ -239,8 +271,7 @@ class ConversationManager:
         conversation id; end the turn with :meth:`discard`.
         """
         started = time.perf_counter()
-        async with self.db.session() as session:
-            agent = await AgentRepository(session).get(agent_id)
+        agent = await self.db.read(lambda session: queries.get_agent(session, agent_id))
         if agent is None:
             raise AgentNotFound(f"agent {agent_id!r} not found")
         systems = [system_message(agent.system_prompt, agent.markdown_context)]
@@ -273,6 +304,8 @@ class ConversationManager:
                         turn.last_token_at = now
                         turn.pieces.append(chunk.text)
                         yield chunk.text
+                elif isinstance(chunk, PromptTokens):
+                    turn.prompt_tokens = chunk.count
                 elif isinstance(chunk, Finished):
                     turn.finished = Finished(chunk.reason, turn.timed(chunk.usage))
                     return
@@ -291,11 +324,11 @@ class ConversationManager:
                   "completion_tokens": usage.completion_tokens,
                   "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
 
-        def store(conn: Connection) -> str:  # on the writer thread, one transaction
-            if not touch_conversation(conn, turn.conversation_id):
+        def store(session: Session) -> str:  # the writer queue, one transaction
+            if not queries.touch_conversation(session, turn.conversation_id):
                 raise ConversationNotFound(
                     f"conversation {turn.conversation_id!r} was deleted during the turn")
-            return append_turn(conn, turn.conversation_id, **fields)
+            return queries.append_turn(session, turn.conversation_id, **fields)
 
         turn_id = await self.db.write(store)
         if self.transcripts is not None:

@@ -94,7 +94,20 @@ class ContextTooLong(ServiceError):
     code, status = "context_too_long", 400
 
 
+class AgentContextTooLong(EngineError):
+    """The agent's pinned prefix (system prompt + Markdown context) leaves too little room for the
+    conversation's recent window."""
+
+    code, status = "agent_context_too_long", 400
+
+
 class StorageUnavailable(ServiceError):
     """The database refused a write or a read (read-only, disk full, locked, I/O error)."""
 
     code, status = "storage_unavailable", 503
+
+
+class StorageConflict(Conflict):
+    """A constraint of the database refused the write (for example, a row made concurrently)."""
+
+    code = "storage_conflict"

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+from sqlalchemy.orm import Session
 
 from .errors import BadRequest, ConversationNotFound, ServiceError
 from .files import write_atomically
 from .ids import check_conversation_id
 from .settings import Settings
+from .storage import queries
 from .storage.database import Database
-from .storage.models import AgentRow, TurnRow, utcnow
-from .storage.repositories import AgentRepository, ConversationRepository, TurnRepository
+from .storage.models import AgentRow, ConversationRow, TurnRow, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,15 @@ class Exporter:
 
     async def load(self, conversation_id: str) -> ConversationExport:
         check_conversation_id(conversation_id)
-        async with self.db.session() as session:
-            row = await ConversationRepository(session).get(conversation_id)
+
+        def load(session: Session) -> tuple[ConversationRow, AgentRow | None, list[TurnRow]]:
+            row = queries.get_conversation(session, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            agent = await AgentRepository(session).get(row.agent_id)
-            turns = await TurnRepository(session).list_turns(conversation_id)
+            return (row, queries.get_agent(session, row.agent_id),
+                    queries.list_turns(session, conversation_id))
+
+        row, agent, turns = await self.db.read(load)
         return ConversationExport(
             id=row.id, agent_id=row.agent_id, title=row.title, created_at=row.created_at,
             updated_at=row.updated_at, agent=None if agent is None else _agent(agent),
@@ -99,12 +103,11 @@ class Exporter:
 
     async def conversation_ids(self) -> list[str]:
         """Every conversation, most recently active first."""
-        ids: list[str] = []
-        async with self.db.session() as session:
-            repo = ConversationRepository(session)
-            while page := await repo.list(limit=500, offset=len(ids)):
-                ids += [row.id for row in page]
-        return ids
+
+        def load(session: Session) -> list[str]:
+            return [row.id for row in queries.list_conversations(session, limit=None)]
+
+        return await self.db.read(load)
 
     async def render(self, conversation_id: str, fmt: Format) -> bytes:
         export = await self.load(conversation_id)

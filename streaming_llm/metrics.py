@@ -10,7 +10,9 @@ import-time state and lets tests build many apps in one process. Three feeds:
 - ``GET /metrics`` takes a fresh engine health report, which :class:`_EngineCollector` turns into
   readiness, the engine/model info, and the engine's own numbers (``EngineHealth.extra``): keys
   ``cached_conversations`` and ``kv_tokens`` get metrics of their own, every other numeric key
-  becomes ``streaming_llm_engine_stat{key=...}``.
+  becomes ``streaming_llm_engine_stat{key=...}``; a backend pool's ``backends`` list becomes
+  ``streaming_llm_backend_up``, ``_active_turns``, ``_turns_total`` and ``_failures_total``, each
+  labelled with the backend's URL.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -102,6 +104,9 @@ class _EngineCollector(Collector):
                                  labels=["engine", "model"])
         info.add_metric([snap.name, snap.health.model], 1)
         yield info
+        backends = (snap.health.extra or {}).get("backends")
+        if isinstance(backends, list):
+            yield from _backend_metrics(backends)
         numbers = {k: v for k, v in (snap.health.extra or {}).items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         if "cached_conversations" in numbers:
@@ -119,6 +124,26 @@ class _EngineCollector(Collector):
             for key, value in sorted(numbers.items()):
                 stats.add_metric([key], value)
             yield stats
+
+
+def _backend_metrics(backends: list[dict[str, object]]) -> Iterator[Metric]:
+    """Each backend of a pool, by URL: up or down, turns streaming now, turns and failures."""
+    up = GaugeMetricFamily("streaming_llm_backend_up", "1 when the backend is up, 0 when down.",
+                           labels=["backend"])
+    active = GaugeMetricFamily("streaming_llm_backend_active_turns",
+                               "Turns streaming from the backend now.", labels=["backend"])
+    turns = CounterMetricFamily("streaming_llm_backend_turns",
+                                "Turns started on the backend (a failover counts on each).",
+                                labels=["backend"])
+    failures = CounterMetricFamily("streaming_llm_backend_failures",
+                                   "Times the backend was marked down.", labels=["backend"])
+    for backend in backends:
+        url = str(backend["url"])
+        up.add_metric([url], int(backend["state"] == "up"))
+        active.add_metric([url], float(str(backend["active"])))
+        turns.add_metric([url], float(str(backend["turns"])))
+        failures.add_metric([url], float(str(backend["failures"])))
+    yield from (up, active, turns, failures)
 
 
 _CONVERTOR = re.compile(r":[A-Za-z_]+}")

@@ -1,8 +1,8 @@
 """OpenAI-shaped request and response types for ``/v1/chat/completions`` and ``/v1/models``.
 
 Only the subset of OpenAI's Chat Completions API this server can honour is declared. Request
-fields OpenAI clients commonly send but that change nothing here (``frequency_penalty``,
-``presence_penalty``, ``user``, ``store``, ...) are accepted and ignored, as unknown fields are;
+fields OpenAI clients commonly send but that change nothing here (``user``, ``store``, ...) are
+accepted and ignored, as unknown fields are;
 fields that would change the answer in a way we cannot (``n`` > 1, ``tools``, ``logprobs``, a
 ``response_format`` other than text) are refused by the route with a 400 naming the field.
 Bounds live in the types, so a bad value fails with the path of the field (``$.temperature``).
@@ -54,6 +54,10 @@ class ChatCompletionRequest(msgspec.Struct):
     max_completion_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     stop: StopString | Annotated[list[StopString], Meta(max_length=16)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Meta(ge=0.5, le=2)] | None = None  # extension
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None  # extension
     metadata: dict[str, str] | None = None
     # Declared only to be refused when set to something this server cannot do:
     n: int | None = None
@@ -137,6 +141,7 @@ class Model(msgspec.Struct, tag="model", tag_field="object"):
     created: int
     owned_by: str = "streaming-llm"
     name: str | None = None  # extension: the agent's display name
+    served_model: str | None = None  # extension: the model the engine serves (as /health names it)
 
 
 class ModelList(msgspec.Struct, tag="list", tag_field="object"):

@@ -21,7 +21,7 @@ import msgspec
 from . import __version__
 from .agents import Agent, AgentIn
 from .auth import is_public
-from .conversations import ConversationSummary, ConversationView
+from .conversations import ConversationPatch, ConversationSummary, ConversationView
 from .export import ConversationExport
 from .openai_types import (
     ChatCompletion,
@@ -105,6 +105,8 @@ OPERATIONS: tuple[Operation, ...] = (
         200: Body("The OpenAPI 3.1 document.", dict[str, Any])}),
     Operation("get", "/", "The reference web page (its files are under /static)", "service", {
         200: Body("The page.", media_type="text/html")}),
+    Operation("get", "/docs", "This document for people (swagger-ui, vendored)", "service", {
+        200: Body("The page.", media_type="text/html")}),
 
     Operation("get", "/agents", "List agents", "agents", {200: Body("All agents.", list[Agent])}),
     Operation("get", "/agents/{agent_id}", "Read an agent", "agents", {
@@ -125,7 +127,9 @@ OPERATIONS: tuple[Operation, ...] = (
         Param("limit", "query", "At most this many (default 100).",
               {"type": "integer", "minimum": 1, "maximum": 1000}),
         Param("offset", "query", "Skip this many.",
-              {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}))),
+              {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}),
+        Param("q", "query", "Only conversations whose title or any turn contains this text "
+              "(case-insensitive).", {"type": "string", "maxLength": 200}))),
     Operation("get", "/conversations/{conversation_id}", "Read a conversation and its turns",
               "conversations", {200: Body("The conversation.", ConversationView),
                                 400: _error("Invalid id."), 404: _error("No such conversation.")},
@@ -140,6 +144,23 @@ OPERATIONS: tuple[Operation, ...] = (
               params=(CONVERSATION_ID, Param(
                   "format", "query", "markdown (default) or json.",
                   {"type": "string", "enum": ["markdown", "json"], "default": "markdown"}))),
+    Operation("patch", "/conversations/{conversation_id}", "Rename a conversation",
+              "conversations", {200: Body("The conversation as stored.", ConversationSummary),
+                                400: _error("Invalid id or body."),
+                                404: _error("No such conversation."),
+                                422: _error("The title is empty or longer than 200 characters.")},
+              request=ConversationPatch, params=(CONVERSATION_ID,)),
+    Operation("delete", "/conversations/{conversation_id}/turns",
+              "Delete the turns from a user turn on (edit-and-resend, regenerate)",
+              "conversations", {204: Body("Deleted."),
+                                400: _error("Invalid id, or no user turn with that seq."),
+                                404: _error("No such conversation.")},
+              params=(CONVERSATION_ID, Param(
+                  "from_seq", "query", "The `seq` of a user turn: it and every later turn go.",
+                  {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}, required=True)),
+              description="The page's edit-and-resend and regenerate: delete the turns from the "
+                          "user turn `from_seq` on, then send the (edited) message again on the "
+                          "socket with this conversation id. The deleted turns are gone."),
     Operation("delete", "/conversations/{conversation_id}", "Delete a conversation",
               "conversations", {204: Body("Deleted."), 400: _error("Invalid id."),
                                 404: _error("No such conversation.")},
@@ -241,6 +262,8 @@ def _guard_responses(op: Operation) -> dict[int, Body]:
         out[413] = _error("The body is larger than STREAMING_LLM_MAX_BODY_BYTES.")
     if op.method in ("put", "post", "delete"):
         out[503] = _error("The database refused the write (storage_unavailable).")
+        out[409] = _error("A constraint of the database refused the write (storage_conflict): "
+                          "for example one agent created at once on two instances.")
     return out
 
 

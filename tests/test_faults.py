@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 from websockets.sync.client import connect
 
@@ -96,7 +96,7 @@ def disk(client: TestClient) -> Iterator[dict[str, bool]]:
     every write that needs a new page then fails with SQLITE_FULL, as on a full disk."""
     state = {"full": False}
     db = client.app_state["services"].db
-    pools = [db.engine.sync_engine.pool, db.write_engine.pool]  # chat turns use the writer
+    pools = [db.sqlite.pool]  # every read and write goes through these connections
 
     def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -145,13 +145,13 @@ def test_failed_commit_puts_the_agent_file_back(client: TestClient, settings: Se
     path = settings.resolved_agents_dir / "kept.md"
     before = path.read_bytes()
 
-    async def full_disk_commit(self: AsyncSession) -> None:
+    def full_disk_commit(self: Session) -> None:
         # What a full disk does when SQLite appends the transaction to the WAL at COMMIT; the
         # write that came before (the flush) succeeded, and so did the agent file's.
         raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
 
     with monkeypatch.context() as patch:
-        patch.setattr(AsyncSession, "commit", full_disk_commit)
+        patch.setattr(Session, "commit", full_disk_commit)
         resp = client.put("/agents/kept", json={"name": "New"})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
         resp = client.put("/agents/fresh", json={"name": "Fresh"})

@@ -45,7 +45,8 @@ def read_turn(ws: Any, **frame: Any) -> tuple[str, list[str], dict[str, Any]]:
 
 
 def test_demo_model_streams_exactly_what_is_stored(tmp_path: Path) -> None:
-    with start_server(tmp_path, {"STREAMING_LLM_ENGINE": "local"}) as server:
+    with start_server(tmp_path, {"STREAMING_LLM_ENGINE": "local",
+                                 "STREAMING_LLM_MODEL": "demo"}) as server:
         status, health = http("GET", server.base_url + "/health")
         assert status == 200 and health["ready"] is True and health["engine"] == "local"
         assert "meaningless" in health["detail"] and "STREAMING_LLM_MODEL" in health["detail"]
@@ -85,3 +86,58 @@ def test_multibyte_answer_streams_whole_characters(tmp_path: Path) -> None:
         assert done["usage"]["completion_tokens"] == len(answer.encode())  # one token per byte
         assert tokens == ["日", "語", " ", "🎉"]
         assert stored_answers(server.db_path, conv) == [("user", MESSAGE), ("assistant", answer)]
+
+
+# --- the default model: an agent keeps its facts however long the conversation -----------------
+FACTS = {"name": "Bluefin", "system_prompt": "You are the assistant of Project Bluefin.",
+         "markdown_context": "# Facts\n- The project codename is BLUEFIN.\n- The release date is March 3."}
+# Unrelated text, ~170 tokens a turn: the prefill is cheap, so the window is passed quickly.
+FILLER = ("Here is a note about gardening, unrelated to anything else. Tomatoes need sun, water "
+          "and patience; basil grows well beside them, and marigolds keep some pests away. "
+          "Water early in the morning, mulch the beds, and pick the fruit when it is deep red. ") * 3
+
+
+def ask(ws: Any, conversation: str | None, message: str, max_new_tokens: int) -> tuple[str, str, dict[str, Any]]:
+    frame: dict[str, Any] = {"agent_id": "bluefin", "message": message,
+                             "options": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+    if conversation:
+        frame["conversation_id"] = conversation
+    conv, tokens, done = read_turn(ws, **frame)
+    assert done["type"] == "done", done
+    return conv, "".join(tokens), done["usage"]
+
+
+def facts_after_evictions(tmp_path: Path, models_dir: Path, pin: bool) -> tuple[str, str, int]:
+    env = {"STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_MODELS_DIR": str(models_dir),
+           "STREAMING_LLM_WINDOW_TOKENS": "300", "STREAMING_LLM_DEVICE": "cpu",
+           "STREAMING_LLM_PIN_AGENT_PREFIX": str(pin).lower()}
+    with start_server(tmp_path, env, timeout=300) as server:
+        _, health = http("GET", server.base_url + "/health")
+        assert health["model"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert http("PUT", server.base_url + "/agents/bluefin", FACTS)[0] == 201
+        with connect(server.ws_url) as ws:
+            conv, early, _ = ask(ws, None, "What is the project codename?", 16)
+            assert "BLUEFIN" in early  # known before anything is evicted, pinned or not
+            evicted = 0
+            while evicted <= 1500:
+                _, _, usage = ask(ws, conv, FILLER + "Reply with one word.", 4)
+                evicted = usage["evicted_tokens"]
+            _, codename, _ = ask(ws, conv, "What is the project codename?", 16)
+            _, date, usage = ask(ws, conv, "When is the release date?", 24)
+    return codename, date, usage["evicted_tokens"]
+
+
+@pytest.mark.slow
+def test_default_model_keeps_the_agents_facts_past_the_window(tmp_path: Path,
+                                                             default_models_dir: Path) -> None:
+    codename, date, evicted = facts_after_evictions(tmp_path, default_models_dir, pin=True)
+    assert evicted > 1500
+    assert "BLUEFIN" in codename and "March 3" in date
+
+
+@pytest.mark.slow
+def test_default_model_loses_the_facts_without_the_pin(tmp_path: Path,
+                                                       default_models_dir: Path) -> None:
+    codename, date, evicted = facts_after_evictions(tmp_path, default_models_dir, pin=False)
+    assert evicted > 1500
+    assert "BLUEFIN" not in codename and "March 3" not in date

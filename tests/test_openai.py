@@ -46,6 +46,10 @@ def test_models_are_the_agents(oai: openai.OpenAI) -> None:
     assert [m.id for m in models.data] == ["echoer", "other"]
     assert all(m.object == "model" and m.created > 1_600_000_000 for m in models.data)
     assert oai.models.retrieve("other").id == "other"
+    # the model actually served, as /health names it (here the echo engine)
+    served = httpx.get(str(oai.base_url).removesuffix("/v1/") + "/health").json()["model"]
+    assert {m.model_extra["served_model"] for m in models.data} == {served}
+    assert oai.models.retrieve("other").model_extra["served_model"] == served
     with pytest.raises(openai.NotFoundError) as info:
         oai.models.retrieve("gpt-4o")
     assert info.value.code == "model_not_found"

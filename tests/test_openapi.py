@@ -79,6 +79,7 @@ def test_live_responses_match_the_document(tmp_path: Path) -> None:
         c = Checker(doc)
         c.check("GET", "/openapi.json", http.get("/openapi.json"))
         assert "<html" in c.check("GET", "/", http.get("/")).lower()
+        assert "swagger-ui" in c.check("GET", "/docs", http.get("/docs"))
         assert c.check("GET", "/health", http.get("/health"))["ready"] is True
         assert "streaming_llm_engine_ready" in c.check("GET", "/metrics", http.get("/metrics"))
 
@@ -114,6 +115,17 @@ def test_live_responses_match_the_document(tmp_path: Path) -> None:
                        http.get(export)).startswith("# hello there")
         c.check("GET", "/conversations/{conversation_id}/export", http.get(export + "?format=json"))
         c.check("GET", "/conversations/{conversation_id}/export", http.get(export + "?format=pdf"))
+        one = f"/conversations/{conversation_id}"
+        assert c.check("PATCH", "/conversations/{conversation_id}",
+                       http.patch(one, json={"title": "Renamed"}))["title"] == "Renamed"
+        c.check("PATCH", "/conversations/{conversation_id}", http.patch(one, json={"title": ""}))
+        c.check("PATCH", "/conversations/{conversation_id}",
+                http.patch("/conversations/conv_none", json={"title": "x"}))
+        c.check("GET", "/conversations", http.get("/conversations?q=renamed"))
+        c.check("DELETE", "/conversations/{conversation_id}/turns",
+                http.delete(one + "/turns?from_seq=1"))
+        c.check("DELETE", "/conversations/{conversation_id}/turns",
+                http.delete(one + "/turns?from_seq=0"))
         c.check("DELETE", "/conversations/{conversation_id}",
                 http.delete(f"/conversations/{conversation_id}"))
         c.check("DELETE", "/conversations/{conversation_id}",

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from streaming_llm.settings import Settings, SettingsError, describe
+from streaming_llm.settings import Settings, SettingsError, describe, url_list
 
 
 def test_defaults() -> None:
@@ -33,7 +33,10 @@ def test_overrides_win_over_environment() -> None:
 @pytest.mark.parametrize(("var", "value", "expected"), [
     ("STREAMING_LLM_PORT", "eighty", "STREAMING_LLM_PORT='eighty' is not valid"),
     ("STREAMING_LLM_PORT", "70000", "STREAMING_LLM_PORT=70000 is not valid: must be <= 65535"),
-    ("STREAMING_LLM_ENGINE", "gpt5", "expected one of local, ollama, echo"),
+    ("STREAMING_LLM_ENGINE", "gpt5", "expected one of local, ollama, openai, echo"),
+    ("STREAMING_LLM_OLLAMA_URL", "http://a:11434,b:11434", "STREAMING_LLM_OLLAMA_URL='b:11434'"),
+    ("STREAMING_LLM_OPENAI_BASE_URL", "", "STREAMING_LLM_OPENAI_BASE_URL='' is not valid"),
+    ("STREAMING_LLM_OPENAI_BASE_URL", "localhost:8080/v1", "expected http://... or https://..."),
     ("STREAMING_LLM_LOG_LEVEL", "loud", "STREAMING_LLM_LOG_LEVEL='loud'"),
     ("STREAMING_LLM_STREAMING", "maybe", "STREAMING_LLM_STREAMING='maybe'"),
     ("STREAMING_LLM_ECHO_DELAY_MS", "nan", "must be a finite number"),
@@ -42,6 +45,12 @@ def test_overrides_win_over_environment() -> None:
 def test_bad_values_name_the_variable(var: str, value: str, expected: str) -> None:
     with pytest.raises(SettingsError, match=expected.replace("(", r"\(")):
         Settings.from_env({var: value})
+
+
+def test_url_settings_take_a_comma_separated_list() -> None:
+    s = Settings.from_env({"STREAMING_LLM_OLLAMA_URL": " http://a:11434/, https://b ,,"})
+    assert url_list(s.ollama_url) == ["http://a:11434", "https://b"]
+    assert url_list(Settings().openai_base_url) == ["http://127.0.0.1:8080/v1"]
 
 
 def test_every_setting_is_described() -> None:

@@ -22,20 +22,43 @@ def test_index_is_served_without_caching(client: TestClient) -> None:
     assert '<script type="module" src="static/app.js"></script>' in resp.text
 
 
-def test_every_file_the_page_references_is_served(client: TestClient) -> None:
+def test_every_file_the_pages_reference_is_served(client: TestClient) -> None:
     html = client.get("/").text
     refs = re.findall(r'(?:src|href)="(static/[^"]+)"', html)
-    assert sorted(refs) == ["static/app.js", "static/style.css"]
+    assert sorted(refs) == ["static/app.js", "static/style.css",
+                            "static/vendor/highlight-github.min.css"]
     app_js = client.get("/static/app.js")
     imports = re.findall(r"from '(\./[^']+)'", app_js.text)
-    assert imports == ["./vendor/streaming-llm-client.js"]
-    for path in [*refs, "static/vendor/streaming-llm-client.js"]:
+    assert imports == ["./vendor/streaming-llm-client.js", "./vendor/marked.esm.js",
+                       "./vendor/purify.es.mjs", "./vendor/highlight.min.js"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    docs_refs = re.findall(r'(?:src|href)="(static/[^"]+)"', docs.text)
+    assert sorted(docs_refs) == ["static/docs.js", "static/vendor/swagger-ui-bundle.js",
+                                 "static/vendor/swagger-ui.css"]
+    for path in {*refs, *docs_refs, *(f"static/{i.removeprefix('./')}" for i in imports)}:
         resp = client.get(f"/{path}")
         assert resp.status_code == 200, path
         assert resp.headers["cache-control"] == "no-cache"
         assert resp.content == (WEB / path.removeprefix("static/")).read_bytes()
-    assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
-    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+        kind = "text/css" if path.endswith(".css") else "text/javascript"
+        assert resp.headers["content-type"].startswith(kind), (path, resp.headers["content-type"])
+
+
+def test_vendored_files_ship_in_the_package_with_their_licences() -> None:
+    import tomllib
+
+    data = tomllib.loads((WEB.parents[1] / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["streaming_llm"]
+    vendor = WEB / "vendor"
+    served = {f.name for f in vendor.iterdir()
+              if not f.name.endswith((".d.ts", ".d.mts"))}  # type declarations: not served
+    shipped = {f.name for pattern in patterns if pattern.startswith("web/vendor/")
+               for f in vendor.glob(pattern.removeprefix("web/vendor/"))}
+    assert served <= shipped, served - shipped
+    for licence in ("LICENSE.marked.txt", "LICENSE.dompurify.txt", "LICENSE.highlight.js.txt",
+                    "LICENSE.swagger-ui.txt"):
+        assert licence in shipped
 
 
 def test_missing_static_file_is_a_json_404(client: TestClient) -> None:

@@ -51,7 +51,7 @@ from ..testing.server import start_server
 # its parser, and `streaming-llm serve` must not pay for that.
 
 Log = Callable[[str], None]
-PARTS = ("decode", "recompute", "turns", "socket")
+PARTS = ("decode", "recompute", "turns", "socket", "prefix")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     turns.add_argument("--answer-tokens", type=int, default=24, help="tokens per answer")
     turns.add_argument("--socket-tokens", type=int, default=256,
                        help="tokens of the answer timed over the socket")
+    prefix = parser.add_argument_group("prefix (a real model)")
+    prefix.add_argument("--prefix-tokens", type=int, default=2000,
+                        help="tokens of the agent's Markdown context")
+    prefix.add_argument("--prefix-model", default="",
+                        help="STREAMING_LLM_MODEL for this part (default: the bundled SmolLM2)")
+    prefix.add_argument("--models-dir", type=Path, default=None,
+                        help="where converted GGUF models are kept (default: a temporary dir)")
     run = parser.add_argument_group("run")
     run.add_argument("--repeats", type=int, default=3, help="timed blocks; the best one counts")
     run.add_argument("--threads", type=int, default=1,
@@ -169,15 +176,10 @@ def _decode_ms(model: Any, cache: Any, tokens: Iterator[int], args: argparse.Nam
     """(best, best wall) ms of one decode step, eviction included, over ``args.repeats`` blocks."""
     import torch
 
-    from ..engines.decoding import forward_tokens
-    from ..engines.sink_cache import SinkCache
-
-    sink = isinstance(cache, SinkCache)
+    from ..engines.decoding import decode_step
 
     def step() -> None:
-        if sink and cache.get_seq_length() + 1 > cache.capacity:
-            cache.make_room(evict_chunk)
-        forward_tokens(model, cache, [next(tokens)])
+        decode_step(model, cache, next(tokens), evict=evict_chunk)
 
     step()  # warm-up, not timed
     clock = _Clock(torch.get_num_threads())
@@ -448,6 +450,49 @@ def socket_throughput(model_dir: Path, data_dir: Path, args: argparse.Namespace,
     return asyncio.run(_socket(model_dir, data_dir, args, log))
 
 
+# --- prefix: the shared agent prefix ----------------------------------------------------------------
+PREFIX_LINE = "- Rule {i}: a review names the file, the line and the reason; keep each note short.\n"
+
+
+async def _prefix(data_dir: Path, args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    """First token of new conversations with an agent whose Markdown context is long: the first
+    conversation prefills the prefix and keeps it, the next ones start from a copy."""
+    from ..engines.local import LocalEngine
+    from ..settings import Settings
+
+    models = args.models_dir or data_dir / "models"
+    engine = LocalEngine(Settings(engine="local", model=args.prefix_model, data_dir=data_dir,
+                                  models_dir=models, device="cpu", dtype="float32",
+                                  window_tokens=args.window_tokens, max_new_tokens=2))
+    await engine.start()
+    try:
+        prompts = engine._prompts
+        assert prompts is not None
+        lines: list[str] = []
+        while len(prompts.encode_text("# Handbook\n" + "".join(lines))) < args.prefix_tokens:
+            lines.append(PREFIX_LINE.format(i=len(lines)))
+        system = "You review code.\n\n# Handbook\n" + "".join(lines)
+        tokens = len(prompts.encode_text(prompts.agent_prefix([{"role": "system",
+                                                                "content": system}])))
+        ttft: list[float] = []
+        for n in range(1, args.repeats + 2):
+            _, usage = await _ask(engine, f"prefix-{n}", [("system", system),
+                                                          ("user", "Hello, who are you?")], 2)
+            ttft.append(usage.time_to_first_token_ms)
+            log(f"prefix: conversation {n}: first token {ttft[-1]:.0f} ms "
+                f"({usage.cached_tokens} of {usage.prompt_tokens} prompt tokens copied)")
+        name = (await engine.health()).model
+    finally:
+        await engine.close()
+    later = min(ttft[1:])
+    return {"model": name, "prefix_tokens": tokens, "first_ms": ttft[0], "next_ms": later,
+            "speedup": ttft[0] / later}
+
+
+def shared_prefix(data_dir: Path, args: argparse.Namespace, log: Log) -> dict[str, Any]:
+    return asyncio.run(_prefix(data_dir, args, log))
+
+
 # --- report --------------------------------------------------------------------------------------
 def _table(figures: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str]] = []
@@ -485,6 +530,12 @@ def _table(figures: dict[str, Any]) -> str:
         rows.append(("socket tokens/s / the server's own engine tokens/s",
                      f"{s['ratio_to_server_engine']:.3f} ({s['client_tokens_per_s']:.1f} / "
                      f"{s['server_reported_tokens_per_s']:.1f})", ">= 0.95"))
+    if "prefix" in figures:
+        p = figures["prefix"]
+        rows.append((f"first token of a new conversation, {p['prefix_tokens']}-token agent "
+                     f"prefix, {p['model']}: first vs next",
+                     f"{p['first_ms']:.0f} -> {p['next_ms']:.0f} ms (x{p['speedup']:.1f} faster)",
+                     ">= 5"))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     m = figures["model"]
@@ -538,6 +589,8 @@ def run(args: argparse.Namespace) -> int:
             figures["turns"] = turn_latency(model_dir, work / "turns", args, log)
         if "socket" in parts:
             figures["socket"] = socket_throughput(model_dir, work / "socket", args, log)
+        if "prefix" in parts:
+            figures["prefix"] = shared_prefix(work / "prefix", args, log)
     print(json.dumps(figures, indent=2) if args.json else _table(figures))
     return 0
 

@@ -7,7 +7,8 @@ message is unique (``s<socket>t<turn> w1 w2 ...``), so the echo answer is known.
 sockets start over ``--ramp-s`` 2 s and pause ``--think-ms`` 1 s between a ``done`` and their next
 chat, as people or agents reading answers do; ``--ramp-s 0 --think-ms 0`` sends everything at
 once, back to back, and so measures the server's saturation throughput instead (first-token
-latency is then queueing time).
+latency is then queueing time). ``--postgres`` stores in a throwaway PostgreSQL server
+(:mod:`streaming_llm.testing.postgres`) instead of SQLite.
 
 Figures: first-token latency (from sending the chat frame to the first ``token`` frame, as the
 client sees it) p50 / p99 / max, tokens per second over the whole run, turns per second. Then
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="use this running server (http://host:port) instead of "
                                       "spawning one; needs --db to verify storage")
     parser.add_argument("--db", type=Path, help="its SQLite file, read to verify storage")
+    parser.add_argument("--postgres", action="store_true",
+                        help="the spawned server stores in a throwaway PostgreSQL server "
+                             "(initdb + pg_ctl; needs PostgreSQL and streaming-llm[postgres])")
     parser.add_argument("--api-key", default=os.environ.get("STREAMING_LLM_API_KEY", "").split(",")[0],
                         help="API key to send (default: the first of STREAMING_LLM_API_KEY)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="give up after this long")
@@ -138,32 +142,58 @@ async def _drive(args: argparse.Namespace, ws_url: str, agent_id: str) -> tuple[
     return list(results), time.perf_counter() - started
 
 
-def verify(db_path: Path, results: list[SocketResult]) -> dict[str, int]:
+TURNS = "SELECT seq, role, content FROM turns WHERE conversation_id = :c ORDER BY seq"
+
+
+def _stored(db: Path | str, conversations: list[str]) -> dict[str, list[tuple[int, str, str]]]:
+    """``(seq, role, content)`` of each conversation's turns: from a SQLite file (``Path``, read
+    only) or any database by its SQLAlchemy async URL (``str``)."""
+    if isinstance(db, Path):
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return {c: conn.execute(TURNS.replace(":c", "?"), (c,)).fetchall()
+                    for c in conversations}
+
+    async def read() -> dict[str, list[tuple[int, str, str]]]:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(db)
+        try:
+            async with engine.connect() as conn:
+                return {c: [(r[0], r[1], r[2]) for r in await conn.execute(text(TURNS), {"c": c})]
+                        for c in conversations}
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def verify(db: Path | str, results: list[SocketResult]) -> dict[str, int]:
     """Compare the database with what the sockets were told: stored, in order, nothing lost."""
     lost = reordered = 0
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-        for r in results:
-            if r.conversation_id is None:
-                continue
-            rows = db.execute("SELECT seq, role, content FROM turns WHERE conversation_id = ? "
-                              "ORDER BY seq", (r.conversation_id,)).fetchall()
-            expected: list[tuple[str, str]] = []
-            for i, message in enumerate(r.sent):
-                expected.append(("user", message))
-                if i < len(r.answers):
-                    expected.append(("assistant", r.answers[i]))
-            stored = [(role, content) for _, role, content in rows]
-            lost += sum(1 for e in expected if e not in stored)
-            in_order = [e for e in stored if e in expected]
-            if in_order != [e for e in expected if e in stored] or [
-                    s for s, _, _ in rows] != list(range(len(rows))):
-                reordered += 1
+    stored_turns = _stored(db, [r.conversation_id for r in results if r.conversation_id])
+    for r in results:
+        if r.conversation_id is None:
+            continue
+        rows = stored_turns[r.conversation_id]
+        expected: list[tuple[str, str]] = []
+        for i, message in enumerate(r.sent):
+            expected.append(("user", message))
+            if i < len(r.answers):
+                expected.append(("assistant", r.answers[i]))
+        stored = [(role, content) for _, role, content in rows]
+        lost += sum(1 for e in expected if e not in stored)
+        in_order = [e for e in stored if e in expected]
+        if in_order != [e for e in expected if e in stored] or [
+                s for s, _, _ in rows] != list(range(len(rows))):
+            reordered += 1
     return {"lost": lost, "reordered": reordered}
 
 
 @contextmanager
-def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, Path]]:
-    """A ``streaming-llm serve`` subprocess on a free loopback port with its own data dir."""
+def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, Path | str]]:
+    """A ``streaming-llm serve`` subprocess on a free loopback port with its own data dir (and,
+    with ``--postgres``, its own PostgreSQL server); yields its URL and its database."""
     env = {
         "STREAMING_LLM_ENGINE": "echo",
         "STREAMING_LLM_ECHO_DELAY_MS": str(args.echo_delay_ms),
@@ -171,9 +201,16 @@ def spawned_server(args: argparse.Namespace) -> Iterator[tuple[str, Path]]:
     }
     if args.api_key:
         env["STREAMING_LLM_API_KEY"] = args.api_key
-    with tempfile.TemporaryDirectory(prefix="streaming-llm-load-") as tmp, \
-            start_server(Path(tmp), env) as server:
-        yield server.base_url, server.db_path
+    with contextlib.ExitStack() as stack:
+        database: Path | str | None = None
+        if args.postgres:
+            from ..testing.postgres import postgres_server
+
+            database = stack.enter_context(postgres_server()).create_database()
+            env["STREAMING_LLM_DATABASE_URL"] = database
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="streaming-llm-load-"))
+        server = stack.enter_context(start_server(Path(tmp), env))
+        yield server.base_url, database or server.db_path
 
 
 def _put_agent(base_url: str, api_key: str, agent_id: str) -> None:
@@ -195,7 +232,7 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
 
 
-def measure(args: argparse.Namespace, base_url: str, db_path: Path | None) -> dict[str, Any]:
+def measure(args: argparse.Namespace, base_url: str, db_path: Path | str | None) -> dict[str, Any]:
     agent_id = "load-bench"
     _put_agent(base_url, args.api_key, agent_id)
     ws_url = base_url.replace("http", "ws", 1) + "/ws/chat"

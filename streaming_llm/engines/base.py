@@ -2,7 +2,9 @@
 
 An engine turns an :class:`EngineRequest` (chat messages + options + the conversation id, so an
 engine may keep per-conversation state such as a KV cache) into an async stream of
-:class:`TextChunk` pieces followed by exactly one :class:`Finished`.
+:class:`TextChunk` pieces followed by exactly one :class:`Finished`; an engine that knows the
+prompt's size before the first piece yields one :class:`PromptTokens` first (so an answer cut
+short still reports its ``prompt_tokens``).
 
 Cancellation is the caller closing the stream (``await stream.aclose()``) or cancelling the task
 that iterates it; an engine stops its underlying work promptly when that happens (a worker thread
@@ -41,6 +43,11 @@ class GenerationOptions(msgspec.Struct, frozen=True, omit_defaults=True, forbid_
     top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    # Against repetition loops (Ollama / llama.cpp names and meanings; README: Sampling).
+    repetition_penalty: Annotated[float, Meta(ge=0.5, le=2)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
 class EngineRequest(msgspec.Struct, frozen=True):
@@ -67,12 +74,19 @@ class TextChunk(msgspec.Struct, frozen=True):
     text: str
 
 
+class PromptTokens(msgspec.Struct, frozen=True):
+    """How many tokens the prompt has, yielded before the first text piece by engines that know
+    it then, so an answer cut short (cancelled, failed) still reports its ``prompt_tokens``."""
+
+    count: int
+
+
 class Finished(msgspec.Struct, frozen=True):
     reason: Literal["stop", "length"]
     usage: Usage
 
 
-Chunk = TextChunk | Finished
+Chunk = PromptTokens | TextChunk | Finished
 
 
 class EngineHealth(msgspec.Struct, omit_defaults=True):
@@ -103,7 +117,8 @@ class Engine(Protocol):
     def forget(self, conversation_id: str) -> None:
         """Drop any per-conversation state (the conversation was deleted)."""
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         """Why no turn can start now, when that is known without I/O (the model is still
-        loading, or failed to load); None means "try". Checked before a user turn is stored, so
-        a turn that cannot run leaves nothing behind."""
+        loading, or failed to load; with ``system``, the agent's system message, also an agent
+        the engine cannot serve, e.g. ``agent_context_too_long``); None means "try". Checked
+        before a user turn is stored, so a turn that cannot run leaves nothing behind."""

@@ -1,4 +1,4 @@
-"""The built-in offline demo model: what the local engine serves when no model is configured.
+"""The built-in demo model, ``STREAMING_LLM_MODEL=demo``: tiny, random weights, for tests.
 
 A tiny Llama-architecture model with random weights (fixed seed) and a byte-level BPE tokenizer
 with a chat template, written into ``<data_dir>/demo-model/`` on first start and then loaded with
@@ -35,7 +35,7 @@ _VERSION_FILE = "DEMO_MODEL_VERSION"
 
 NOTICE = (
     "demo model: a tiny random-weight model built in, so its words are meaningless; "
-    "set STREAMING_LLM_MODEL=<hub id or local path> to serve a real model"
+    "unset STREAMING_LLM_MODEL for the bundled SmolLM2, or set it to a hub id, folder or .gguf file"
 )
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"

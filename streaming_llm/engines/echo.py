@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ..errors import EngineError
-from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
 
 _WORDS = re.compile(r"\S+\s*|\s+")
 
@@ -37,12 +37,13 @@ class EchoEngine:
     def forget(self, conversation_id: str) -> None:
         return None
 
-    def refusal(self) -> EngineError | None:
+    def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # always ready
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         message = request.messages[-1].content
         prompt_tokens = sum(len(_WORDS.findall(m.content)) for m in request.messages)
+        yield PromptTokens(prompt_tokens)
         stops = request.options.stop or []
         started = time.perf_counter()
         text = ""

@@ -279,8 +279,17 @@ class SinkCache(Cache):
             layer.reset()
         self.seen_tokens = self.evicted_tokens = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("SinkCache does not support crop (assisted decoding)")
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` stored tokens, transformers' meaning of crop: a negative
+        ``max_length`` drops that many of the newest tokens (as :meth:`rollback`).
+
+        Raises ValueError when that would drop a sink once something has been evicted (the
+        tokens before the window are gone; see :meth:`can_rollback`).
+        """
+        stored = self.get_seq_length()
+        keep = stored + max_length if max_length < 0 else max_length
+        if keep < stored:
+            self.rollback(stored - keep)
 
     def can_rollback(self, n: int) -> bool:
         """Whether the newest ``n`` tokens seen are all still stored (see :meth:`rollback`)."""
@@ -305,6 +314,21 @@ class SinkCache(Cache):
             layer.length -= n
             layer._refresh_views()
         self.seen_tokens -= n
+
+    def clone(self) -> SinkCache:
+        """An independent copy (same sinks, window, stored tokens and positions).
+
+        The local engine keeps an agent's pinned prefix once and gives every new conversation a
+        clone of it, so the prefix is not prefilled again.
+        """
+        copy = SinkCache(num_layers=len(self.layers), sink_tokens=self.sink_tokens,
+                         window_tokens=self.window_tokens, inv_freq=self._inv_freq)
+        copy.seen_tokens, copy.evicted_tokens = self.seen_tokens, self.evicted_tokens
+        with torch.inference_mode(False):  # normal tensors, as the originals
+            copy._origin = self._origin.clone()
+            for mine, theirs in zip(self.layers, copy.layers, strict=True):
+                mine.copy_into(theirs)
+        return copy
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SinkCache does not support beam search")
@@ -391,6 +415,16 @@ class _SinkLayer(CacheLayerMixin):
                 out=self._k[:, :, dst])
         self.length = kept_end
         self._refresh_views()
+
+    def copy_into(self, other: _SinkLayer) -> None:
+        """Make ``other`` (same capacity) an independent copy of this layer."""
+        other.length = self.length
+        if self.is_initialized:
+            assert self._k is not None and self._v is not None and self._arrived is not None
+            other._k, other._v = self._k.clone(), self._v.clone()
+            other._arrived = self._arrived.clone()
+            other.dtype, other.device, other.is_initialized = self.dtype, self.device, True
+            other._refresh_views()
 
     def _refresh_views(self) -> None:
         assert self._k is not None and self._v is not None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ..agents import AgentIn, AgentService
+from ..conversations import system_message
+from ..errors import AgentContextTooLong
 from ..ids import check_agent_id
 from ..responses import JSONResponse, decode_body
 
@@ -28,7 +31,14 @@ async def put_agent(request: Request) -> Response:
     check_agent_id(agent_id)  # before reading the body: a bad id never gets further
     body = await decode_body(request, AgentIn)
     agent, created = await _agents(request).upsert(agent_id, body)
-    return JSONResponse(agent, status_code=201 if created else 200)
+    status = 201 if created else 200
+    # Stored either way; an agent the engine cannot chat with says so (README: Pinned prefix).
+    system = system_message(agent.system_prompt, agent.markdown_context)
+    warning = request.state.services.engine.refusal(system) if system else None
+    if isinstance(warning, AgentContextTooLong):
+        warnings = [{"code": warning.code, "message": warning.message}]
+        return JSONResponse({**msgspec.to_builtins(agent), "warnings": warnings}, status_code=status)
+    return JSONResponse(agent, status_code=status)
 
 
 async def delete_agent(request: Request) -> Response:

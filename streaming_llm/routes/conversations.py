@@ -1,4 +1,5 @@
-"""``/conversations``: list (newest first, by agent), read with turns, delete."""
+"""``/conversations``: list (newest first, by agent, by search), read with turns, rename,
+truncate (for edit-and-resend and regenerate), delete."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..conversations import ConversationManager
+from ..conversations import ConversationManager, ConversationPatch
 from ..errors import BadRequest
 from ..ids import check_agent_id, check_conversation_id
-from ..responses import JSONResponse
+from ..responses import JSONResponse, decode_body
 
 
 def _manager(request: Request) -> ConversationManager:
@@ -35,11 +36,32 @@ async def list_conversations(request: Request) -> Response:
         check_agent_id(agent_id)
     limit = _int_param(request, "limit", 100, lo=1, hi=1000)
     offset = _int_param(request, "offset", 0, lo=0, hi=10**9)
-    return JSONResponse(await _manager(request).list(agent_id=agent_id, limit=limit, offset=offset))
+    search = request.query_params.get("q") or None
+    if search is not None and len(search) > 200:
+        raise BadRequest("query parameter 'q' must be at most 200 characters")
+    return JSONResponse(await _manager(request).list(agent_id=agent_id, limit=limit, offset=offset,
+                                                     search=search))
 
 
 async def get_conversation(request: Request) -> Response:
     return JSONResponse(await _manager(request).get(request.path_params["conversation_id"]))
+
+
+async def patch_conversation(request: Request) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    check_conversation_id(conversation_id)
+    body = await decode_body(request, ConversationPatch)
+    return JSONResponse(await _manager(request).rename(conversation_id, body.title))
+
+
+async def truncate_conversation(request: Request) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    check_conversation_id(conversation_id)
+    if request.query_params.get("from_seq") is None:
+        raise BadRequest("query parameter 'from_seq' is required")
+    from_seq = _int_param(request, "from_seq", 0, lo=0, hi=10**9)
+    await _manager(request).truncate(conversation_id, from_seq)
+    return Response(status_code=204)
 
 
 async def delete_conversation(request: Request) -> Response:
@@ -55,6 +77,9 @@ async def bad_conversation_path(request: Request) -> Response:
 routes = [
     Route("/conversations", list_conversations, methods=["GET"]),
     Route("/conversations/{conversation_id:str}", get_conversation, methods=["GET"]),
+    Route("/conversations/{conversation_id:str}", patch_conversation, methods=["PATCH"]),
     Route("/conversations/{conversation_id:str}", delete_conversation, methods=["DELETE"]),
-    Route("/conversations/{rest:path}", bad_conversation_path, methods=["GET", "DELETE"]),
+    Route("/conversations/{conversation_id:str}/turns", truncate_conversation,
+          methods=["DELETE"]),
+    Route("/conversations/{rest:path}", bad_conversation_path, methods=["GET", "PATCH", "DELETE"]),
 ]

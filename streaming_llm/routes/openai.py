@@ -108,15 +108,21 @@ def _model_not_found(model: str) -> AgentNotFound:
 
 
 # --- models -------------------------------------------------------------------------------------
-def _model(agent: Agent) -> Model:
+def _model(agent: Agent, served: str) -> Model:
     created = int(datetime.fromisoformat(agent.created_at).timestamp())
-    return Model(id=agent.id, created=created, name=agent.name)
+    return Model(id=agent.id, created=created, name=agent.name, served_model=served)
+
+
+async def _served(request: Request) -> str:
+    """The name of the model the engine actually serves (as /health reports it)."""
+    return (await request.state.services.engine.health()).model
 
 
 @_openai_errors
 async def list_models(request: Request) -> Response:
     agents = await request.state.services.agents.list()
-    return JSONResponse(ModelList([_model(a) for a in agents]))
+    served = await _served(request)
+    return JSONResponse(ModelList([_model(a, served) for a in agents]))
 
 
 @_openai_errors
@@ -126,7 +132,7 @@ async def get_model(request: Request) -> Response:
         agent = await request.state.services.agents.get(model)
     except (AgentNotFound, InvalidId):
         raise _model_not_found(model) from None
-    return JSONResponse(_model(agent))
+    return JSONResponse(_model(agent, await _served(request)))
 
 
 @_openai_errors
@@ -177,7 +183,9 @@ def _options(body: ChatCompletionRequest) -> GenerationOptions:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationOptions(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=stop or None,
-        seed=body.seed, max_new_tokens=body.max_completion_tokens or body.max_tokens)
+        seed=body.seed, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, min_p=body.min_p)
 
 
 def _conversation_id(request: Request, body: ChatCompletionRequest) -> str | None:

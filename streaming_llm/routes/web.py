@@ -2,7 +2,9 @@
 
 The page is plain files inside the package (``streaming_llm/web``), so an installed server serves
 it with no build step at run time; ``web/vendor/streaming-llm-client.js`` is the TypeScript
-client's ``tsc`` output, committed and checked against a fresh build by the client's tests.
+client's ``tsc`` output, and ``web/vendor`` also holds the pinned builds of marked, DOMPurify,
+highlight.js and swagger-ui (``/docs``) with their licences, all committed and checked against
+their sources by the client's tests (``clients/ts/test/vendor.test.mjs``).
 Responses ask browsers to revalidate (``no-cache``), so a page and a client from different
 versions are never mixed after an upgrade.
 """

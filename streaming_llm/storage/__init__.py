@@ -1,1 +1,2 @@
-"""SQLite storage: SQLAlchemy models, the database handle and thin repositories."""
+"""Storage on SQLite or PostgreSQL: the models, the query layer, the database handle (one writer
+queue) and the Alembic migrations shipped in this package."""

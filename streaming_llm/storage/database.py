@@ -1,11 +1,23 @@
-"""The database handle: an async engine in WAL mode with a busy timeout, migrated by Alembic.
+"""The database handle: one way in for every read and write, and the migrations.
 
-The chat path reads through :meth:`Database.read` and writes through :meth:`Database.write`: a
-function run on a plain (synchronous) SQLAlchemy connection in a thread — reads on a small pool,
-writes on one writer thread, one transaction per call. Through the async engine every statement
-is several round trips to aiosqlite's thread (cursor, execute, fetch, close, commit, reset),
-each waiting for a turn of a busy event loop, and SQLite's single writer turns those waits into a
-queue; in a thread a whole unit of work is one hand-off.
+Every unit of work is a plain function over a synchronous SQLAlchemy :class:`~sqlalchemy.orm.Session`
+(the statements of :mod:`.queries`), run by :meth:`Database.read` or :meth:`Database.write` in one
+transaction: committed when the function returns, rolled back when it raises. REST and chat use
+the same two entry points, so there is one writer queue.
+
+SQLite (the default): pysqlite connections in WAL mode with a busy timeout. Writes run on one
+writer thread, in call order, so two write transactions never meet in SQLite's busy handler (it
+sleeps in steps of up to 100 ms, and a reader upgrading to a writer after another commit fails at
+once with SQLITE_BUSY). Reads run on a small pool of reader threads: in WAL mode readers never wait
+for the writer, nor it for them. A unit of work on a thread is one hand-off from the event loop;
+through aiosqlite every statement would be several, each waiting for a turn of a busy loop.
+
+PostgreSQL (``postgresql+asyncpg://``): the same functions on the async engine through
+``AsyncSession.run_sync`` (SQLAlchemy's greenlet bridge over asyncpg, no thread). PostgreSQL has
+row locks, so writes need no queue; :func:`.queries.append_turn` says why appends stay ordered.
+
+Database failures leave here as domain errors: :class:`StorageUnavailable` (read-only, disk full,
+server gone) and :class:`StorageConflict` (a constraint refused the write).
 """
 
 from __future__ import annotations
@@ -13,52 +25,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine.url import make_url
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import StorageUnavailable
+from ..errors import ServiceError, StorageConflict, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-READERS = 2  # threads for Database.read
-
-ROOT = Path(__file__).resolve().parents[2]
+READERS = 2  # threads for Database.read on SQLite
 
 
-def alembic_config(url: str) -> Any:
+@contextlib.contextmanager
+def alembic_config(url: str) -> Iterator[Any]:
+    """Alembic's configuration for ``url``: the ``alembic.ini`` and ``migrations/`` shipped inside
+    this package (``importlib.resources``, so an installed wheel migrates as a checkout does)."""
     from alembic.config import Config
 
-    ini = ROOT / "alembic.ini"
-    cfg = Config(str(ini)) if ini.exists() else Config()
-    # Works from an installed package too: the migrations live next to the package source tree.
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    cfg.attributes["configure_logger"] = False
-    return cfg
+    with as_file(files("streaming_llm.storage")) as storage:
+        cfg = Config(str(storage / "alembic.ini"))
+        cfg.set_main_option("script_location", str(storage / "migrations"))
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        cfg.attributes["configure_logger"] = False
+        yield cfg
 
 
 def upgrade_to_head(url: str) -> None:
     """Bring the database to the latest migration (blocking; run it in a thread from async code)."""
     from alembic import command
 
-    _ensure_sqlite_dir(url)
-    command.upgrade(alembic_config(url), "head")
+    ensure_sqlite_dir(url)
+    with alembic_config(url) as cfg:
+        command.upgrade(cfg, "head")
 
 
-def _ensure_sqlite_dir(url: str) -> None:
+def ensure_sqlite_dir(url: str) -> None:
+    """Create the directory of a SQLite file (SQLite creates the file, not its directory)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return
@@ -71,10 +82,13 @@ def _ensure_sqlite_dir(url: str) -> None:
     Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def storage_error(exc: OperationalError) -> StorageUnavailable:
-    """A client-facing error for a database failure: what SQLite said, without the SQL."""
+def storage_error(exc: BaseException) -> ServiceError:
+    """The client-facing error for a database failure: what the database said, without the SQL."""
     orig = getattr(exc, "orig", None)
-    detail = str(orig) if orig is not None else exc.__class__.__name__
+    detail = str(orig if orig is not None else exc) or exc.__class__.__name__
+    if isinstance(exc, IntegrityError):
+        log.warning("write refused by a constraint: %s", detail)
+        return StorageConflict(f"the write conflicts with stored data: {detail}")
     log.error("database failure: %s", detail)
     return StorageUnavailable(f"storage unavailable: {detail}")
 
@@ -82,77 +96,76 @@ def storage_error(exc: OperationalError) -> StorageUnavailable:
 class Database:
     def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
         self.url = url
-        self.engine: AsyncEngine = create_async_engine(url)
-        self.write_engine: Engine | None = None
+        self.dialect = make_url(url).get_backend_name()
+        self.engine: AsyncEngine | None = None
+        self.sqlite: Engine | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._readers: ThreadPoolExecutor | None = None
-        if self.engine.dialect.name == "sqlite":
-            _configure_sqlite(self.engine.sync_engine, busy_timeout_ms)
+        if self.dialect != "sqlite":
+            # No pool_pre_ping (a round trip per transaction): a connection the server dropped
+            # fails its request with StorageUnavailable, and the pool then reconnects.
+            self.engine = create_async_engine(url)
+        else:
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
-            self.write_engine = create_engine(sync_url, pool_size=1 + READERS, max_overflow=0)
-            _configure_sqlite(self.write_engine, busy_timeout_ms)
+            self.sqlite = create_engine(sync_url, pool_size=1 + READERS, max_overflow=0)
+            _configure_sqlite(self.sqlite, busy_timeout_ms)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
             self._readers = ThreadPoolExecutor(max_workers=READERS,
                                                thread_name_prefix="sqlite-reader")
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._write_lock = asyncio.Lock()
+        self._sessions = sessionmaker(self.sqlite, expire_on_commit=False)
+        self._async_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def migrate(self) -> None:
         try:
             await asyncio.to_thread(upgrade_to_head, self.url)
-        except OperationalError as exc:  # unreadable, read-only before migrating, disk full
+        except (DBAPIError, OSError) as exc:  # unreadable, read-only, disk full, server down
             shown = make_url(self.url).render_as_string(hide_password=True)
+            detail = getattr(exc, "orig", None) or exc
             raise StorageUnavailable(
-                f"cannot bring the database {shown} to the latest migration: {exc.orig}") from None
+                f"cannot bring the database {shown} to the latest migration: {detail}") from None
 
-    def session(self) -> AsyncSession:
-        return self.sessions()
+    async def write(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)`` in one write transaction and return what it returns.
 
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[AsyncSession]:
-        """A session for a write transaction, one at a time across the app.
-
-        SQLite has one writer. Concurrent write transactions would meet in SQLite's busy
-        handler, which sleeps in steps of up to 100 ms (and a reader upgrading to a writer after
-        another commit fails at once with SQLITE_BUSY); queueing them here costs microseconds.
-        Reads need no lock (WAL: readers never wait for the writer).
+        On SQLite ``fn`` runs on the writer thread, after every write asked for before it. ``fn``
+        runs off the event loop and must not await; it may block briefly (the agents' files).
         """
-        async with self._write_lock, self.sessions() as session:
-            yield session
+        return await self._run(fn, self._writer)
 
-    async def write(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn(connection)`` in one write transaction (committed when it returns, rolled
-        back when it raises) on the writer thread. ``fn`` runs off the event loop: Core
-        statements only, no awaiting. Writes happen in call order."""
-        if self._writer is None:  # not SQLite: the same transaction through the async engine
-            async with self.writing() as session:
-                result = await session.run_sync(lambda sync: fn(sync.connection()))
+    async def read(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)`` (reads only) in one transaction; on SQLite on a reader thread."""
+        return await self._run(fn, self._readers)
+
+    async def _run(self, fn: Callable[[Session], T], pool: ThreadPoolExecutor | None) -> T:
+        try:
+            if pool is not None:
+                return await asyncio.get_running_loop().run_in_executor(
+                    pool, self._transaction, fn)
+            async with self._async_sessions() as session:
+                result = await session.run_sync(fn)
                 await session.commit()
                 return result
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._transaction, fn)
+        except DBAPIError as exc:
+            raise storage_error(exc) from None
+        except OSError as exc:  # asyncpg: the server refused or dropped the connection
+            if pool is not None:
+                raise
+            raise storage_error(exc) from None
 
-    async def read(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn(connection)`` (reads only) on a reader thread; in WAL mode readers never wait
-        for the writer, nor it for them."""
-        if self._readers is None:
-            async with self.session() as session:
-                return await session.run_sync(lambda sync: fn(sync.connection()))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._transaction, fn)
-
-    def _transaction(self, fn: Callable[[Connection], T]) -> T:
-        assert self.write_engine is not None
-        with self.write_engine.begin() as connection:
-            return fn(connection)
+    def _transaction(self, fn: Callable[[Session], T]) -> T:
+        with self._sessions() as session:
+            result = fn(session)
+            session.commit()
+            return result
 
     async def close(self) -> None:
         for pool in (self._writer, self._readers):
             if pool is not None:
                 await asyncio.to_thread(pool.shutdown)
-        if self.write_engine is not None:
-            self.write_engine.dispose()
-        await self.engine.dispose()
+        if self.sqlite is not None:
+            self.sqlite.dispose()
+        if self.engine is not None:
+            await self.engine.dispose()
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

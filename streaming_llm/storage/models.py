@@ -1,4 +1,4 @@
-"""SQLAlchemy models. The schema is created only by Alembic (``migrations/``).
+"""SQLAlchemy models. The schema is created only by Alembic (``storage/migrations/``).
 
 Plain names a person can read with ``sqlite3``: text ids, ISO-8601 UTC timestamps stored as text
 (``2026-11-24T05:16:23.123456Z``, which also sorts correctly), a per-conversation ``seq``.

@@ -11,9 +11,8 @@ Endpoints, as in Ollama's ``docs/api.md``:
   "length"``).
 - ``GET /api/version`` → ``{"version": "0.x.y"}``; ``GET /api/tags`` → ``{"models": [...]}``.
 
-The server runs on its own event loop in a background thread, on a free loopback port, so it
-serves an in-process client and a server subprocess alike, and a test may block its own loop
-without starving it. :class:`ChatScript` sets how the next chats answer (slowly, lines split across
+It runs as :class:`~streaming_llm.testing.fake_server.FakeServer` does (its own loop and thread,
+a free loopback port, restartable on the same port). :class:`ChatScript` sets how the next chats answer (slowly, lines split across
 writes or several per write, an error line, a 404/500, a malformed line, no final ``done``, a
 hang); every chat is recorded as a :class:`ChatRecord` with its body and whether the client closed
 the connection before the answer was complete.
@@ -26,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import dataclasses
 import json
 import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
+
+from .fake_server import ChatRecord, FakeServer
+
+__all__ = ["ChatRecord", "ChatScript", "FakeOllama", "normalize_model"]
 
 DEFAULT_MODELS = ("llama3.2:latest",)
 VERSION = "0.6.5"
@@ -59,112 +61,29 @@ class ChatScript:
     hang_before_headers: bool = False  # never even send the response headers
 
 
-@dataclasses.dataclass
-class ChatRecord:
-    """One ``/api/chat`` request as the fake saw it."""
-
-    body: dict[str, Any]
-    connection: int  # distinct number of the TCP connection it came on
-    complete: threading.Event = dataclasses.field(default_factory=threading.Event)
-    disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def wait_disconnected(self, timeout: float = 5.0) -> bool:
-        """Block until the client closed the connection mid-answer; False on timeout."""
-        return self.disconnected.wait(timeout)
-
-
 def normalize_model(name: str) -> str:
     """``llama3.2`` → ``llama3.2:latest``: Ollama's tag defaults to ``latest``."""
     base = name.rsplit("/", 1)[-1]
     return name if ":" in base else f"{name}:latest"
 
 
-class FakeOllama:
+class FakeOllama(FakeServer):
     """``with FakeOllama() as fake: ... fake.url ...``; thread-safe to script and inspect."""
+
+    thread_name = "fake-ollama"
 
     def __init__(self, *, models: Sequence[str] = DEFAULT_MODELS, version: str = VERSION,
                  script: ChatScript | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host=host, port=port)
         self.models = list(models)
         self.version = version
         self.script = script or ChatScript()
         self.version_status = 200  # set to e.g. 500 to make /api/version fail
-        self.host, self.port = host, port
-        self.chats: list[ChatRecord] = []
-        self.hits: collections.Counter[str] = collections.Counter()  # path → requests
-        self._connections: dict[int, int] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._stopping: asyncio.Event | None = None
 
-    # --- life cycle ---------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> Self:
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            serving = False
-            try:
-                loop.run_until_complete(self._start_site())
-                self._loop, serving = loop, True
-            except OSError as exc:  # e.g. the port is taken: report it to the starting thread
-                failure.append(exc)
-            finally:
-                started.set()  # whatever happens, never leave start() waiting
-            if serving:
-                loop.run_forever()  # until stop()
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="fake-ollama", daemon=True)
-        self._thread.start()
-        started.wait()
-        if failure:
-            raise failure[0]
-        if not self.port:
-            raise RuntimeError("the fake Ollama server did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        loop, self._loop = self._loop, None
-
-        def stop_loop() -> None:
-            assert self._stopping is not None
-            self._stopping.set()  # wake hanging handlers so cleanup does not wait for them
-            loop.stop()
-
-        loop.call_soon_threadsafe(stop_loop)
-        self._thread.join(10)
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def _start_site(self) -> None:
-        self._stopping = asyncio.Event()
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/chat", self._chat)
         app.router.add_get("/api/version", self._version)
         app.router.add_get("/api/tags", self._tags)
-        # handler_cancellation: a client closing the connection cancels the handler, which is how
-        # a hanging or slow answer learns about it (as Ollama's Go server does via the context).
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
-                                     access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     # --- handlers -----------------------------------------------------------------------------
     async def _version(self, request: web.Request) -> web.Response:
@@ -196,10 +115,7 @@ class FakeOllama:
             body = await request.json()
         except ValueError as exc:
             return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
-        transport_id = id(request.transport)
-        connection = self._connections.setdefault(transport_id, len(self._connections) + 1)
-        record = ChatRecord(body=body, connection=connection)
-        self.chats.append(record)
+        record = self.record(request, body)
 
         model = body.get("model") if isinstance(body, dict) else None
         if not model:
@@ -237,9 +153,8 @@ class FakeOllama:
     async def _stream(self, request: web.Request, record: ChatRecord, script: ChatScript,
                       model: str, tokens: list[str], done_reason: str,
                       prompt_tokens: int) -> web.StreamResponse:
-        assert self._stopping is not None
         if script.hang_before_headers:
-            await self._stopping.wait()
+            await self.hang()
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         started = time.perf_counter_ns()
@@ -278,7 +193,7 @@ class FakeOllama:
             else:
                 await response.write(payload)
         if script.hang_after is not None:
-            await self._stopping.wait()
+            await self.hang()
         await response.write_eof()
         record.complete.set()
         return response

@@ -1,17 +1,35 @@
+// @ts-check
 // The reference chat page. Everything it says to the server goes through the streaming-llm-client
 // package (the built module in vendor/), so the page and TypeScript callers share one protocol.
+// Answers are Markdown: rendered with marked, sanitized with DOMPurify (model output never runs
+// script), code highlighted with highlight.js; all three are pinned builds in vendor/.
 import {
   ApiError,
   ChatError,
   deleteAgent,
+  deleteConversation,
   getAgent,
   getConversation,
   getHealth,
   listAgents,
   listConversations,
+  renameConversation,
   streamChat,
+  truncateConversation,
   updateAgent,
 } from './vendor/streaming-llm-client.js'
+import { marked } from './vendor/marked.esm.js'
+import DOMPurify from './vendor/purify.es.mjs'
+import hljs from './vendor/highlight.min.js'
+
+/** @typedef {import('./vendor/streaming-llm-client.js').Agent} Agent */
+/** @typedef {import('./vendor/streaming-llm-client.js').ChatStream} ChatStream */
+/** @typedef {import('./vendor/streaming-llm-client.js').ChatOptions} ChatOptions */
+/** @typedef {import('./vendor/streaming-llm-client.js').Conversation} Conversation */
+/** @typedef {import('./vendor/streaming-llm-client.js').Turn} Turn */
+/** @typedef {import('./vendor/streaming-llm-client.js').Usage} Usage */
+/** @typedef {'connecting' | 'open' | 'reconnecting' | 'closed'} ConnectionState */
+/** @typedef {{ item: HTMLLIElement, body: HTMLDivElement, info: HTMLDivElement, raw: string }} Bubble */
 
 // The page is served by the backend itself: REST and socket live next to it (any path prefix kept).
 const BASE = new URL('..', import.meta.url).href.replace(/\/+$/, '')
@@ -20,47 +38,207 @@ const WS_URL = `${BASE.replace(/^http/, 'ws')}/ws/chat`
 // With API keys configured the server answers 401 until the page has one: it asks in the header
 // and keeps the key for this tab only (sessionStorage), for REST and the socket alike.
 const KEY_STORAGE = 'streaming-llm.apiKey'
+const OPTIONS_STORAGE = 'streaming-llm.options.' // + agent id, in localStorage
+const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000] // then 15 s between reconnect attempts
 
-const $ = (id) => document.getElementById(id)
+/** @param {string} id */
+function $(id) {
+  const node = document.getElementById(id)
+  if (!node) throw new Error(`#${id} is missing from index.html`)
+  return node
+}
+/** @param {string} id */
+const input = (id) => /** @type {HTMLInputElement} */ ($(id))
+/** @param {string} id */
+const button = (id) => /** @type {HTMLButtonElement} */ ($(id))
+
 const ui = {
   health: $('health'),
-  keyForm: $('key-form'),
-  keyInput: $('api-key'),
+  connection: $('connection'),
+  keyForm: /** @type {HTMLFormElement} */ ($('key-form')),
+  keyInput: input('api-key'),
   keyError: $('key-error'),
-  agentSelect: $('agent-select'),
-  newAgent: $('new-agent'),
-  editAgent: $('edit-agent'),
-  deleteAgent: $('delete-agent'),
-  newConversation: $('new-conversation'),
+  agentSelect: /** @type {HTMLSelectElement} */ ($('agent-select')),
+  newAgent: button('new-agent'),
+  editAgent: button('edit-agent'),
+  deleteAgent: button('delete-agent'),
+  newConversation: button('new-conversation'),
+  search: input('conversation-search'),
   conversationList: $('conversation-list'),
   empty: $('empty'),
   transcript: $('transcript'),
-  composer: $('composer'),
-  message: $('message'),
-  temperature: $('opt-temperature'),
-  maxNewTokens: $('opt-max-new-tokens'),
+  composer: /** @type {HTMLFormElement} */ ($('composer')),
+  message: /** @type {HTMLTextAreaElement} */ ($('message')),
+  options: {
+    temperature: input('opt-temperature'),
+    maxNewTokens: input('opt-max-new-tokens'),
+    topP: input('opt-top-p'),
+    topK: input('opt-top-k'),
+    minP: input('opt-min-p'),
+    repetitionPenalty: input('opt-repetition-penalty'),
+    presencePenalty: input('opt-presence-penalty'),
+    frequencyPenalty: input('opt-frequency-penalty'),
+  },
+  stop: /** @type {HTMLTextAreaElement} */ ($('opt-stop')),
+  resetOptions: button('opt-reset'),
   status: $('status'),
-  stop: $('stop'),
-  send: $('send'),
-  dialog: $('agent-dialog'),
+  stopButton: button('stop'),
+  send: button('send'),
+  dialog: /** @type {HTMLDialogElement} */ ($('agent-dialog')),
   dialogTitle: $('agent-dialog-title'),
-  agentForm: $('agent-form'),
-  agentId: $('agent-id'),
-  agentName: $('agent-name'),
-  agentSystemPrompt: $('agent-system-prompt'),
-  agentMarkdownContext: $('agent-markdown-context'),
+  agentForm: /** @type {HTMLFormElement} */ ($('agent-form')),
+  agentId: input('agent-id'),
+  agentName: input('agent-name'),
+  agentSystemPrompt: /** @type {HTMLTextAreaElement} */ ($('agent-system-prompt')),
+  agentMarkdownContext: /** @type {HTMLTextAreaElement} */ ($('agent-markdown-context')),
   agentError: $('agent-error'),
-  agentCancel: $('agent-cancel'),
+  agentCancel: button('agent-cancel'),
 }
 
 const state = {
   apiKey: storedKey(),
+  /** @type {Agent[]} */
   agents: [],
+  /** @type {string | null} */
   agentId: null,
-  conversationId: null, // null: the next message starts a new conversation
-  chat: null, // { stream }: the open socket of this agent and conversation
+  /** @type {string | null} null: the next message starts a new conversation */
+  conversationId: null,
+  /** @type {ChatStream | null} the open socket of this agent and conversation */
+  stream: null,
+  /** @type {ConnectionState} */
+  connection: 'connecting',
+  reconnectAttempt: 0,
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  reconnectTimer: null,
+  /** bumped whenever the wanted socket changes, so a late connect attempt knows it is stale */
+  generation: 0,
   busy: false,
-  pending: null, // the assistant message waiting for its turn's tokens
+  /** @type {string | null} why the model cannot answer now (loading, failed), or null */
+  modelBlocked: null,
+  /** @type {Bubble | null} the assistant message waiting for its turn's tokens */
+  pending: null,
+}
+
+// --- small helpers ------------------------------------------------------------------------------
+const EMPTY_TEXT = ui.empty.textContent ?? ''
+
+/**
+ * @template {keyof HTMLElementTagNameMap} K
+ * @param {K} tag
+ * @param {Partial<HTMLElementTagNameMap[K]>} props
+ * @param {(Node | string)[]} children
+ * @returns {HTMLElementTagNameMap[K]}
+ */
+function el(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props)
+  node.append(...children)
+  return node
+}
+
+/** @param {string} text @param {'' | 'error'} kind */
+function say(text, kind = '') {
+  ui.status.textContent = text
+  ui.status.className = `status ${kind}`
+}
+
+/** What went wrong, in words a person can act on. @param {unknown} err */
+function describeError(err) {
+  if (err instanceof ChatError || err instanceof ApiError) {
+    switch (err.code) {
+      case 'socket_open_failed':
+      case 'network_error':
+        return `Cannot reach the server at ${new URL(BASE).host}. Is it running? The page keeps trying to reconnect.`
+      case 'socket_closed':
+        return 'The connection to the server was lost. The page is reconnecting; the answer so far is kept if the server stored it.'
+      case 'engine_not_ready':
+        return 'The model is still loading. Send works again once it is ready.'
+      case 'engine_unavailable':
+        return `The model could not be loaded: ${err.message}. Check the server's log and settings.`
+      case 'busy':
+        return 'The server is busy with other answers. Try again in a moment.'
+      case 'shutting_down':
+        return 'The server is shutting down. The page reconnects when it is back.'
+      case 'unauthorized':
+        return 'This server needs an API key.'
+      default:
+        return `${err.message} (${err.code})`
+    }
+  }
+  return err instanceof Error ? err.message : String(err)
+}
+
+/** @param {string | null} finishReason @param {Usage | null | undefined} usage */
+function formatUsage(finishReason, usage) {
+  const parts = [finishReason ?? '']
+  if (usage) {
+    parts.push(`${usage.completionTokens} tokens`)
+    if (usage.decodeTokensPerS) parts.push(`${usage.decodeTokensPerS} tok/s`)
+  }
+  return parts.filter(Boolean).join(' · ')
+}
+
+/** Copy `text`; say so on the button. @param {HTMLButtonElement} target @param {string} text */
+async function copy(target, text) {
+  try {
+    await navigator.clipboard.writeText(text)
+    target.textContent = 'Copied'
+  } catch {
+    target.textContent = 'Copy failed'
+  }
+  target.dataset.copied = 'true'
+  setTimeout(() => {
+    target.textContent = target.dataset.label ?? 'Copy'
+    delete target.dataset.copied
+  }, 1500)
+}
+
+/** @param {string} label @param {string} title @param {() => string} text */
+function copyButton(label, title, text) {
+  const b = el('button', { type: 'button', className: 'copy', textContent: label, title })
+  b.dataset.label = label
+  b.addEventListener('click', () => copy(b, text()))
+  return b
+}
+
+// --- Markdown -------------------------------------------------------------------------------
+// Links open in a new tab without access to this page; DOMPurify already drops script, event
+// handlers and javascript: URLs.
+DOMPurify.addHook('afterSanitizeAttributes', (node) => {
+  if (node.tagName === 'A' && node.hasAttribute('href')) {
+    node.setAttribute('target', '_blank')
+    node.setAttribute('rel', 'noopener noreferrer')
+  }
+})
+
+/** Render Markdown into `target`, safely, with highlighted code and a copy button per block.
+ * @param {HTMLElement} target @param {string} markdown */
+function renderMarkdown(target, markdown) {
+  const html = /** @type {string} */ (marked.parse(markdown, { async: false, gfm: true, breaks: true }))
+  target.innerHTML = DOMPurify.sanitize(html.trimEnd())
+  for (const code of target.querySelectorAll('pre > code')) {
+    hljs.highlightElement(/** @type {HTMLElement} */ (code))
+    const pre = /** @type {HTMLElement} */ (code.parentElement)
+    pre.prepend(copyButton('Copy', 'Copy this code', () => (code.textContent ?? '').replace(/\n$/, '')))
+  }
+}
+
+/** Re-render the streaming answer at most once per animation frame, not once per token. */
+const frames = {
+  /** @type {Set<Bubble>} */
+  dirty: new Set(),
+  scheduled: false,
+  /** @param {Bubble} bubble */
+  mark(bubble) {
+    this.dirty.add(bubble)
+    if (this.scheduled) return
+    this.scheduled = true
+    requestAnimationFrame(() => {
+      this.scheduled = false
+      for (const b of this.dirty) renderMarkdown(b.body, b.raw)
+      this.dirty.clear()
+      scrollDown()
+    })
+  },
 }
 
 // --- API key ------------------------------------------------------------------------------------
@@ -72,6 +250,7 @@ function storedKey() {
   }
 }
 
+/** @param {string | null} key */
 function storeKey(key) {
   state.apiKey = key
   try {
@@ -87,6 +266,7 @@ function conn() {
   return { baseUrl: BASE, apiKey: state.apiKey ?? undefined }
 }
 
+/** @param {unknown} err */
 function isUnauthorized(err) {
   return err instanceof ApiError && err.status === 401
 }
@@ -95,7 +275,7 @@ function isUnauthorized(err) {
 function askForKey() {
   const refused = Boolean(state.apiKey)
   storeKey(null)
-  closeChat()
+  disconnect('closed')
   delete document.body.dataset.ready
   ui.keyError.textContent = refused ? 'That key was refused.' : ''
   ui.keyForm.hidden = false
@@ -104,6 +284,7 @@ function askForKey() {
   ui.keyInput.focus()
 }
 
+/** @param {SubmitEvent} event */
 function useKey(event) {
   event.preventDefault()
   storeKey(ui.keyInput.value.trim())
@@ -127,50 +308,157 @@ function writeHash() {
   history.replaceState(null, '', `#${params}`)
 }
 
-// --- small helpers ------------------------------------------------------------------------------
-const EMPTY_TEXT = ui.empty.textContent
-
-function el(tag, props = {}, ...children) {
-  const node = Object.assign(document.createElement(tag), props)
-  node.append(...children)
-  return node
+// --- what can be pressed now ------------------------------------------------------------------
+function refreshControls() {
+  const idle = !state.busy
+  const blocked = state.modelBlocked ?? (state.connection === 'open' ? null : connectionWords())
+  ui.stopButton.disabled = !state.busy
+  ui.send.disabled = state.busy || !state.agentId || blocked !== null
+  ui.send.title = blocked ?? ''
+  ui.agentSelect.disabled = state.busy || state.agents.length === 0
+  ui.newConversation.disabled = state.busy || !state.agentId
+  ui.search.disabled = !state.agentId
+  for (const b of ui.transcript.querySelectorAll('button.turn-action')) {
+    /** @type {HTMLButtonElement} */ (b).disabled = !idle || blocked !== null
+  }
+  for (const b of ui.conversationList.querySelectorAll('button')) /** @type {HTMLButtonElement} */ (b).disabled = !idle
+  if (!state.busy && blocked !== null && state.agentId) say(blocked, state.modelBlocked ? '' : 'error')
+  else if (!state.busy && ui.status.dataset.reason === 'blocked') say('')
+  ui.status.dataset.reason = !state.busy && blocked !== null ? 'blocked' : ''
 }
 
-function say(text, kind = '') {
-  ui.status.textContent = text
-  ui.status.className = `status ${kind}`
-}
-
-function describeError(err) {
-  if (err instanceof ApiError || err instanceof ChatError) return `${err.message} (${err.code})`
-  return err instanceof Error ? err.message : String(err)
-}
-
-function formatUsage(finishReason, usage) {
-  const parts = [finishReason]
-  const tokens = usage?.completionTokens ?? usage?.completion_tokens
-  if (tokens !== undefined) parts.push(`${tokens} tokens`)
-  const speed = usage?.decodeTokensPerS ?? usage?.decode_tokens_per_s
-  if (speed) parts.push(`${speed} tok/s`)
-  return parts.join(' · ')
-}
-
+/** @param {boolean} busy */
 function setBusy(busy) {
   state.busy = busy
-  ui.stop.disabled = !busy
-  ui.send.disabled = busy || !state.agentId
-  ui.agentSelect.disabled = busy || state.agents.length === 0
-  ui.newConversation.disabled = busy || !state.agentId
+  refreshControls()
+}
+
+// --- the connection: connecting → open → (reconnecting → open)* ; closed when there is none -----
+function connectionWords() {
+  switch (state.connection) {
+    case 'connecting':
+      return 'Connecting to the server…'
+    case 'reconnecting':
+      return `The connection to the server is lost. Reconnecting (attempt ${state.reconnectAttempt})…`
+    case 'closed':
+      return 'Not connected.'
+    default:
+      return ''
+  }
+}
+
+/** @param {ConnectionState} next */
+function setConnection(next) {
+  state.connection = next
+  ui.connection.dataset.state = next
+  ui.connection.textContent = {
+    connecting: 'connecting…',
+    open: 'connected',
+    reconnecting: `reconnecting (attempt ${state.reconnectAttempt})…`,
+    closed: 'not connected',
+  }[next]
+  ui.connection.title = next === 'open' ? `chat socket ${WS_URL}` : connectionWords()
+  refreshControls()
+}
+
+/** Close the socket on purpose (another agent or conversation, a missing key). @param {ConnectionState} next */
+function disconnect(next = 'closed') {
+  state.generation += 1
+  if (state.reconnectTimer !== null) clearTimeout(state.reconnectTimer)
+  state.reconnectTimer = null
+  const stream = state.stream
+  state.stream = null
+  stream?.stop()
+  setConnection(next)
+}
+
+/** Open the socket for the current agent and conversation; on failure, retry with backoff. */
+async function connect() {
+  if (!state.agentId) return
+  const generation = ++state.generation
+  if (state.connection !== 'reconnecting') setConnection('connecting')
+  try {
+    const stream = await streamChat({
+      backendUrl: WS_URL,
+      agentId: state.agentId,
+      conversationId: state.conversationId ?? undefined,
+      apiKey: state.apiKey ?? undefined,
+      onEvent,
+    })
+    if (generation !== state.generation) {
+      stream.stop() // the page moved on while this one opened
+      return
+    }
+    state.stream = stream
+    const wasReconnecting = state.connection === 'reconnecting'
+    state.reconnectAttempt = 0
+    setConnection('open')
+    watch(stream, generation)
+    if (wasReconnecting) {
+      say('Reconnected.')
+      showHealth()
+      if (state.conversationId && !state.busy) await showConversation(state.conversationId)
+    }
+  } catch (err) {
+    if (generation !== state.generation) return
+    // Browsers do not say why a socket was refused: ask the REST side whether the key went stale.
+    try {
+      await listAgents(conn())
+    } catch (rest) {
+      if (isUnauthorized(rest)) {
+        askForKey()
+        return
+      }
+    }
+    scheduleReconnect(err)
+  }
+}
+
+/** Notice a socket that dies under us (server restart, network): reconnect. @param {ChatStream} stream @param {number} generation */
+async function watch(stream, generation) {
+  for await (const _ of stream.events()) {
+    // events() ends when the stream does
+  }
+  if (generation !== state.generation || state.stream !== stream) return // closed on purpose
+  state.stream = null
+  scheduleReconnect(new ChatError('socket_closed', 'the chat socket closed'))
+}
+
+/** @param {unknown} err */
+function scheduleReconnect(err) {
+  const delay = BACKOFF_MS[Math.min(state.reconnectAttempt, BACKOFF_MS.length - 1)]
+  state.reconnectAttempt += 1
+  showHealth() // the header's model status: a server on its way down may still have answered "ok"
+  setConnection('reconnecting')
+  ui.connection.title = `${describeError(err)} Next attempt in ${Math.round((delay ?? 0) / 100) / 10} s.`
+  const generation = state.generation
+  state.reconnectTimer = setTimeout(() => {
+    state.reconnectTimer = null
+    if (generation === state.generation) connect().catch(fail)
+  }, delay)
 }
 
 // --- transcript -----------------------------------------------------------------------------
+/** @param {'user' | 'assistant'} role @param {string} text @param {string} meta @returns {Bubble} */
 function addMessage(role, text, meta = '') {
-  const body = el('div', { className: 'text' }, text)
-  const info = el('div', { className: 'meta' }, meta)
-  const item = el('li', { className: `message ${role}` }, el('div', { className: 'role' }, role === 'user' ? 'You' : 'Assistant'), body, info)
+  const body = el('div', { className: 'text' })
+  const info = el('div', { className: 'meta' })
+  info.append(el('span', { className: 'usage' }, meta))
+  const item = el('li', { className: `message ${role}` },
+    el('div', { className: 'role' }, role === 'user' ? 'You' : 'Assistant'), body, info)
+  /** @type {Bubble} */
+  const bubble = { item, body, info, raw: text }
+  if (role === 'assistant') renderMarkdown(body, text)
+  else body.textContent = text
   ui.transcript.append(item)
   scrollDown(true)
-  return { item, body, info }
+  return bubble
+}
+
+/** @param {Bubble} bubble @param {string} text */
+function setMeta(bubble, text) {
+  const usage = bubble.info.querySelector('.usage')
+  if (usage) usage.textContent = text
 }
 
 function scrollDown(force = false) {
@@ -178,17 +466,90 @@ function scrollDown(force = false) {
   if (force || t.scrollHeight - t.scrollTop - t.clientHeight < 80) t.scrollTop = t.scrollHeight
 }
 
+/** The stored turns, with the actions that act on them. @param {Turn[]} turns */
 function renderTurns(turns) {
   ui.transcript.replaceChildren()
-  for (const turn of turns) {
-    if (turn.role !== 'user' && turn.role !== 'assistant') continue
-    const meta = turn.role === 'assistant' && turn.finish_reason ? formatUsage(turn.finish_reason, turn.usage) : ''
-    const { item } = addMessage(turn.role, turn.content, meta)
-    if (turn.finish_reason) item.dataset.finishReason = turn.finish_reason
+  const shown = turns.filter((t) => t.role === 'user' || t.role === 'assistant')
+  const lastUser = shown.findLast((t) => t.role === 'user')
+  for (const turn of shown) {
+    const role = /** @type {'user' | 'assistant'} */ (turn.role)
+    const meta = role === 'assistant' && turn.finishReason ? formatUsage(turn.finishReason, turn.usage) : ''
+    const bubble = addMessage(role, turn.content, meta)
+    bubble.item.dataset.seq = String(turn.seq)
+    if (turn.finishReason) bubble.item.dataset.finishReason = turn.finishReason
+    if (turn.finishReason === 'error') bubble.item.classList.add('failed')
+    if (role === 'assistant') {
+      bubble.info.append(copyButton('Copy', 'Copy this answer as Markdown', () => turn.content))
+    } else {
+      bubble.info.append(actionButton('Edit', 'Edit this message and send it again', 'edit', () => editTurn(bubble, turn)))
+    }
   }
+  // Regenerate: the last answer, when the conversation ends with one.
+  const last = shown.at(-1)
+  if (last?.role === 'assistant' && lastUser) {
+    const item = ui.transcript.lastElementChild
+    item?.querySelector('.meta')?.append(actionButton('Regenerate', 'Answer the last message again', 'regenerate',
+      () => resend(lastUser.seq, lastUser.content)))
+  }
+  refreshControls()
+}
+
+/** @param {string} label @param {string} title @param {string} action @param {() => void} run */
+function actionButton(label, title, action, run) {
+  const b = el('button', { type: 'button', className: 'turn-action', textContent: label, title })
+  b.dataset.action = action
+  b.addEventListener('click', () => {
+    if (!state.busy) run()
+  })
+  return b
+}
+
+/** Edit a user turn in place; "Send" truncates the conversation there and sends the new text.
+ * @param {Bubble} bubble @param {Turn} turn */
+function editTurn(bubble, turn) {
+  const editor = el('textarea', { className: 'edit', value: turn.content, rows: 3 })
+  editor.setAttribute('aria-label', 'Edited message')
+  const sendEdit = el('button', { type: 'button', className: 'primary', textContent: 'Send edited' })
+  const cancel = el('button', { type: 'button', textContent: 'Cancel' })
+  const form = el('div', { className: 'editing' }, editor, el('div', { className: 'row end' }, cancel, sendEdit))
+  bubble.body.replaceWith(form)
+  editor.focus()
+  const restore = () => form.replaceWith(bubble.body)
+  cancel.addEventListener('click', restore)
+  editor.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') restore()
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault()
+      sendEdit.click()
+    }
+  })
+  sendEdit.addEventListener('click', () => {
+    const text = editor.value
+    if (!text.trim()) return
+    resend(turn.seq, text)
+  })
+}
+
+/** Edit-and-resend and regenerate: delete the turns from user turn `seq` on, then send `message`
+ * in the same conversation. @param {number} seq @param {string} message */
+async function resend(seq, message) {
+  // Only when the message can go out right away: never cut a conversation that cannot continue.
+  if (!state.conversationId || state.busy || !state.stream || state.modelBlocked) return
+  setBusy(true)
+  try {
+    await truncateConversation(state.conversationId, seq, conn())
+  } catch (err) {
+    setBusy(false)
+    fail(err)
+    return
+  }
+  await showConversation(state.conversationId)
+  setBusy(false)
+  await send(message)
 }
 
 // --- agents ---------------------------------------------------------------------------------
+/** @param {string | null} preferred @param {string | null} conversationId */
 async function loadAgents(preferred, conversationId = null) {
   state.agents = await listAgents(conn())
   ui.agentSelect.replaceChildren(...state.agents.map((a) => el('option', { value: a.id, textContent: `${a.name} (${a.id})` })))
@@ -200,10 +561,16 @@ async function loadAgents(preferred, conversationId = null) {
   await selectAgent(pick?.id ?? null, pick && pick.id === preferred ? conversationId : null)
 }
 
+/** Switch agent: its options, and its latest conversation (or the one asked for).
+ * @param {string | null} agentId @param {string | null} conversationId */
 async function selectAgent(agentId, conversationId = null) {
-  closeChat()
+  disconnect(agentId ? 'connecting' : 'closed')
   state.agentId = agentId
+  state.conversationId = null // until this agent's conversations are known
+  writeHash() // a reload from here on comes back to this agent
   ui.agentSelect.value = agentId ?? ''
+  ui.search.value = ''
+  loadOptions()
   setBusy(false)
   ui.transcript.replaceChildren()
   if (!agentId) {
@@ -214,21 +581,23 @@ async function selectAgent(agentId, conversationId = null) {
   }
   const conversations = await loadConversations()
   const known = conversationId && conversations.some((c) => c.id === conversationId)
-  await openConversation(known ? conversationId : null)
+  await openConversation(known ? conversationId : (conversations[0]?.id ?? null))
 }
 
+/** @param {Agent | null} agent */
 function openAgentDialog(agent) {
   ui.dialogTitle.textContent = agent ? `Edit ${agent.name}` : 'New agent'
   ui.agentId.value = agent?.id ?? ''
   ui.agentId.readOnly = Boolean(agent)
   ui.agentName.value = agent?.name ?? ''
-  ui.agentSystemPrompt.value = agent?.system_prompt ?? ''
-  ui.agentMarkdownContext.value = agent?.markdown_context ?? ''
+  ui.agentSystemPrompt.value = agent?.systemPrompt ?? ''
+  ui.agentMarkdownContext.value = agent?.markdownContext ?? ''
   ui.agentError.textContent = ''
   ui.dialog.showModal()
   ;(agent ? ui.agentName : ui.agentId).focus()
 }
 
+/** @param {SubmitEvent} event */
 async function saveAgent(event) {
   event.preventDefault()
   ui.agentError.textContent = ''
@@ -236,12 +605,12 @@ async function saveAgent(event) {
     const saved = await updateAgent({
       id: ui.agentId.value.trim(),
       name: ui.agentName.value.trim(),
-      system_prompt: ui.agentSystemPrompt.value,
-      markdown_context: ui.agentMarkdownContext.value,
+      systemPrompt: ui.agentSystemPrompt.value,
+      markdownContext: ui.agentMarkdownContext.value,
     }, conn())
     ui.dialog.close()
     say(`Saved agent ${saved.name}.`)
-    await loadAgents(saved.id)
+    await loadAgents(saved.id, saved.id === state.agentId ? state.conversationId : null)
   } catch (err) {
     ui.agentError.textContent = describeError(err)
     if (isUnauthorized(err)) askForKey()
@@ -250,7 +619,7 @@ async function saveAgent(event) {
 
 async function removeAgent() {
   const agent = state.agents.find((a) => a.id === state.agentId)
-  if (!agent || !confirm(`Delete agent “${agent.name}”? Its conversations stay in the database.`)) return
+  if (!agent || !confirm(`Delete agent “${agent.name}”? Its conversations stay stored (GET /conversations?agent_id=${agent.id}) and come back if an agent with this id is created again.`)) return
   try {
     await deleteAgent(agent.id, conn())
     say(`Deleted agent ${agent.name}.`)
@@ -260,85 +629,152 @@ async function removeAgent() {
   }
 }
 
-// --- conversations --------------------------------------------------------------------------
-async function loadConversations() {
-  const conversations = await listConversations(state.agentId, conn())
-  ui.conversationList.replaceChildren(
-    ...conversations.map((c) => {
-      const when = new Date(c.updated_at).toLocaleString()
-      const button = el('button', { type: 'button', className: 'conversation' },
-        el('span', { className: 'title' }, c.title || 'Untitled'), el('small', {}, when))
-      button.dataset.id = c.id
-      button.addEventListener('click', () => {
-        if (!state.busy) openConversation(c.id).catch(fail)
-      })
-      return el('li', {}, button)
-    }),
-  )
-  markCurrentConversation()
-  return conversations
+// --- options, remembered per agent (localStorage) --------------------------------------------
+/** @returns {Record<string, string>} */
+function readOptionFields() {
+  /** @type {Record<string, string>} */
+  const fields = {}
+  for (const [name, field] of Object.entries(ui.options)) if (field.value !== '') fields[name] = field.value
+  if (ui.stop.value.trim() !== '') fields.stop = ui.stop.value
+  return fields
 }
 
-function markCurrentConversation() {
-  for (const button of ui.conversationList.querySelectorAll('button')) {
-    if (button.dataset.id === state.conversationId) button.setAttribute('aria-current', 'true')
-    else button.removeAttribute('aria-current')
+function saveOptions() {
+  if (!state.agentId) return
+  try {
+    localStorage.setItem(OPTIONS_STORAGE + state.agentId, JSON.stringify(readOptionFields()))
+  } catch {
+    // storage disabled: the options last until the page is left
   }
 }
 
-async function openConversation(conversationId) {
-  closeChat()
-  state.conversationId = conversationId
-  writeHash()
-  markCurrentConversation()
-  if (!conversationId) {
-    ui.transcript.replaceChildren()
-    return
+function loadOptions() {
+  /** @type {Record<string, unknown>} */
+  let saved = {}
+  try {
+    const raw = state.agentId ? localStorage.getItem(OPTIONS_STORAGE + state.agentId) : null
+    const parsed = raw ? JSON.parse(raw) : {}
+    if (parsed && typeof parsed === 'object') saved = parsed
+  } catch {
+    // unreadable: defaults
   }
-  const conversation = await getConversation(conversationId, conn())
-  renderTurns(conversation.turns)
+  for (const [name, field] of Object.entries(ui.options)) field.value = typeof saved[name] === 'string' ? saved[name] : ''
+  ui.stop.value = typeof saved.stop === 'string' ? saved.stop : ''
 }
 
-// --- chat -----------------------------------------------------------------------------------
-function closeChat() {
-  state.chat?.stream.stop()
-  state.chat = null
-}
-
+/** @returns {ChatOptions} */
 function chatOptions() {
+  /** @type {ChatOptions} */
   const options = {}
-  if (ui.temperature.value !== '') options.temperature = Number(ui.temperature.value)
-  if (ui.maxNewTokens.value !== '') options.maxNewTokens = Number(ui.maxNewTokens.value)
+  for (const [name, value] of Object.entries(readOptionFields())) {
+    if (name === 'stop') {
+      const stops = value.split('\n').filter((s) => s !== '')
+      if (stops.length > 0) options.stop = stops
+    } else {
+      /** @type {Record<string, number>} */ (options)[name] = Number(value)
+    }
+  }
   return options
 }
 
-/** The open stream for this agent and conversation, opened on first use. */
-async function chat() {
-  if (state.chat) return state.chat.stream
-  const bubbles = new Map() // request id -> the assistant message being streamed
-  const stream = await streamChat({
-    backendUrl: WS_URL,
-    agentId: state.agentId,
-    conversationId: state.conversationId ?? undefined,
-    apiKey: state.apiKey ?? undefined,
-    onEvent: (event) => {
-      const bubble = state.pending
-      if (event.type === 'start' && bubble) bubbles.set(event.requestId, bubble)
-      const target = bubbles.get(event.requestId)
-      if (event.type === 'token' && target) {
-        target.body.append(event.token)
-        scrollDown()
-      }
-    },
-  })
-  state.chat = { stream }
-  return stream
+// --- conversations --------------------------------------------------------------------------
+async function loadConversations() {
+  const q = ui.search.value.trim()
+  const conversations = await listConversations({ agentId: state.agentId ?? undefined, q: q || undefined }, conn())
+  ui.conversationList.replaceChildren(...conversations.map(conversationItem))
+  if (conversations.length === 0 && q) ui.conversationList.append(el('li', { className: 'none' }, `Nothing matches “${q}”.`))
+  markCurrentConversation()
+  refreshControls()
+  return conversations
 }
 
-async function send(event) {
-  event?.preventDefault()
-  const message = ui.message.value
-  if (!message.trim() || state.busy || !state.agentId) return
+/** @param {Conversation} c */
+function conversationItem(c) {
+  const when = new Date(c.updatedAt).toLocaleString()
+  const open = el('button', { type: 'button', className: 'conversation' },
+    el('span', { className: 'title' }, c.title || 'Untitled'), el('small', {}, when))
+  open.dataset.id = c.id
+  open.addEventListener('click', () => {
+    if (!state.busy) openConversation(c.id).catch(fail)
+  })
+  const rename = el('button', { type: 'button', className: 'rename', textContent: '✎', title: `Rename “${c.title}”` })
+  rename.setAttribute('aria-label', `Rename conversation ${c.title}`)
+  rename.addEventListener('click', async () => {
+    const title = prompt('New title for this conversation', c.title)?.trim()
+    if (!title || title === c.title) return
+    try {
+      await renameConversation(c.id, title, conn())
+      say(`Renamed to “${title}”.`)
+      await loadConversations()
+    } catch (err) {
+      fail(err)
+    }
+  })
+  const remove = el('button', { type: 'button', className: 'remove danger', textContent: '✕', title: `Delete “${c.title}”` })
+  remove.setAttribute('aria-label', `Delete conversation ${c.title}`)
+  remove.addEventListener('click', async () => {
+    if (!confirm(`Delete the conversation “${c.title}” and all its messages?`)) return
+    try {
+      await deleteConversation(c.id, conn())
+      say(`Deleted “${c.title}”.`)
+      const wasOpen = c.id === state.conversationId
+      const rest = await loadConversations()
+      if (wasOpen) await openConversation(rest[0]?.id ?? null)
+    } catch (err) {
+      fail(err)
+    }
+  })
+  const item = el('li', {}, open, rename, remove)
+  item.dataset.id = c.id
+  return item
+}
+
+function markCurrentConversation() {
+  for (const b of ui.conversationList.querySelectorAll('button.conversation')) {
+    if (/** @type {HTMLElement} */ (b).dataset.id === state.conversationId) b.setAttribute('aria-current', 'true')
+    else b.removeAttribute('aria-current')
+  }
+}
+
+/** @param {string | null} conversationId */
+async function openConversation(conversationId) {
+  disconnect('connecting')
+  state.conversationId = conversationId
+  writeHash()
+  markCurrentConversation()
+  if (conversationId) await showConversation(conversationId)
+  else ui.transcript.replaceChildren()
+  await connect()
+}
+
+/** @param {string} conversationId */
+async function showConversation(conversationId) {
+  const conversation = await getConversation(conversationId, conn())
+  if (conversationId === state.conversationId) renderTurns(conversation.turns)
+}
+
+// --- chat -----------------------------------------------------------------------------------
+/** @type {Map<string, Bubble>} request id -> the assistant message being streamed */
+const bubbles = new Map()
+
+/** @param {import('./vendor/streaming-llm-client.js').ChatEvent} event */
+function onEvent(event) {
+  if (event.requestId === null) return
+  if (event.type === 'start' && state.pending) bubbles.set(event.requestId, state.pending)
+  const target = bubbles.get(event.requestId)
+  if (!target) return
+  if (event.type === 'token') {
+    target.raw += event.token
+    frames.mark(target)
+  } else if (event.type === 'done' || event.type === 'error') {
+    bubbles.delete(event.requestId)
+  }
+}
+
+/** @param {string} message */
+async function send(message) {
+  if (!message.trim() || state.busy || !state.agentId || !state.stream || state.modelBlocked) return
+  const stream = state.stream
   setBusy(true)
   ui.message.value = ''
   addMessage('user', message)
@@ -346,63 +782,91 @@ async function send(event) {
   bubble.item.classList.add('streaming')
   bubble.item.setAttribute('aria-busy', 'true')
   state.pending = bubble
-  say('Generating…')
+  say('Generating… (Esc or Stop to stop)')
+  let conversationId = state.conversationId
   try {
-    const stream = await chat()
     const result = await stream.sendMessage({ message, options: chatOptions() })
-    bubble.body.textContent = result.text
-    bubble.info.textContent = formatUsage(result.finishReason, result.usage)
-    bubble.item.dataset.finishReason = result.finishReason
+    conversationId = result.conversationId
     say(result.finishReason === 'cancelled' ? 'Stopped.' : '')
-    if (state.conversationId !== result.conversationId) {
-      state.conversationId = result.conversationId
-      writeHash()
-    }
-    await loadConversations()
   } catch (err) {
-    bubble.info.textContent = describeError(err)
-    bubble.item.dataset.finishReason = 'error'
     bubble.item.classList.add('failed')
+    bubble.item.dataset.finishReason = 'error'
+    setMeta(bubble, describeError(err))
     say(describeError(err), 'error')
-    if (err instanceof ChatError && ['socket_closed', 'socket_open_failed'].includes(err.code)) state.chat = null
-    // Browsers do not say why a socket was refused: ask the REST side whether the key went stale.
-    if (err instanceof ChatError && err.code === 'socket_open_failed') listAgents(conn()).catch(fail)
   } finally {
     state.pending = null
     bubble.item.classList.remove('streaming')
     bubble.item.removeAttribute('aria-busy')
+  }
+  // What is stored is the truth: show it (with its seq numbers, for edit and regenerate).
+  try {
+    if (conversationId && conversationId !== state.conversationId) {
+      state.conversationId = conversationId
+      writeHash()
+    }
+    if (conversationId && !bubble.item.classList.contains('failed')) await showConversation(conversationId)
+    await loadConversations()
+  } catch (err) {
+    fail(err)
+  } finally {
     setBusy(false)
     ui.message.focus()
   }
 }
 
-// --- wiring ---------------------------------------------------------------------------------
-function fail(err) {
-  if (isUnauthorized(err)) askForKey() // the key prompt says it
-  else say(describeError(err), 'error')
+// --- health: which model, and whether it can answer ------------------------------------------
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let healthTimer
+
+/** Ask /health again in `ms` (one pending check at most). @param {number} ms */
+function pollHealth(ms) {
+  clearTimeout(healthTimer)
+  healthTimer = setTimeout(showHealth, ms)
 }
 
 async function showHealth() {
+  clearTimeout(healthTimer)
   try {
     const health = await getHealth(BASE)
     const names = health.model && health.model !== health.engine ? `${health.engine} · ${health.model}` : health.engine
     ui.health.textContent = `${names} · ${health.status}`
     ui.health.title = health.detail ?? ''
     ui.health.dataset.ready = String(health.ready)
-    if (!health.ready && health.status === 'loading') setTimeout(showHealth, 2000)
+    state.modelBlocked = health.ready
+      ? null
+      : health.status === 'loading'
+        ? `The model is loading${health.detail ? ` (${health.detail})` : ''}. Send is enabled once it is ready.`
+        : `The model is not available: ${health.detail ?? health.status}. Check the server's log.`
+    if (!health.ready && health.status === 'loading') pollHealth(2000)
   } catch (err) {
     ui.health.textContent = 'server unreachable'
     ui.health.dataset.ready = 'false'
     ui.health.title = describeError(err)
+    state.modelBlocked = null // the connection state says it
+    pollHealth(5000)
   }
+  refreshControls()
 }
 
+// --- wiring ---------------------------------------------------------------------------------
+/** @param {unknown} err */
+function fail(err) {
+  if (isUnauthorized(err)) askForKey() // the key prompt says it
+  else say(describeError(err), 'error')
+}
+
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let searchTimer
+ui.search.addEventListener('input', () => {
+  clearTimeout(searchTimer)
+  searchTimer = setTimeout(() => loadConversations().catch(fail), 200)
+})
 ui.keyForm.addEventListener('submit', useKey)
 ui.agentSelect.addEventListener('change', () => selectAgent(ui.agentSelect.value).catch(fail))
 ui.newAgent.addEventListener('click', () => openAgentDialog(null))
 ui.editAgent.addEventListener('click', async () => {
   try {
-    openAgentDialog(await getAgent(state.agentId, conn()))
+    if (state.agentId) openAgentDialog(await getAgent(state.agentId, conn()))
   } catch (err) {
     fail(err)
   }
@@ -411,11 +875,26 @@ ui.deleteAgent.addEventListener('click', () => removeAgent())
 ui.agentForm.addEventListener('submit', (event) => saveAgent(event))
 ui.agentCancel.addEventListener('click', () => ui.dialog.close())
 ui.newConversation.addEventListener('click', () => openConversation(null).catch(fail))
-ui.composer.addEventListener('submit', send)
-ui.message.addEventListener('keydown', (event) => {
-  if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) send(event)
+ui.composer.addEventListener('submit', (event) => {
+  event.preventDefault()
+  send(ui.message.value)
 })
-ui.stop.addEventListener('click', () => state.chat?.stream.cancel())
+ui.message.addEventListener('keydown', (event) => {
+  if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    event.preventDefault()
+    send(ui.message.value)
+  }
+})
+document.addEventListener('keydown', (event) => {
+  if (event.key === 'Escape' && state.busy && !ui.dialog.open) state.stream?.cancel()
+})
+ui.stopButton.addEventListener('click', () => state.stream?.cancel())
+for (const field of [...Object.values(ui.options), ui.stop]) field.addEventListener('change', saveOptions)
+ui.resetOptions.addEventListener('click', () => {
+  for (const field of Object.values(ui.options)) field.value = ''
+  ui.stop.value = ''
+  saveOptions()
+})
 
 async function start() {
   const wanted = readHash()
@@ -423,5 +902,6 @@ async function start() {
   document.body.dataset.ready = 'true'
 }
 
+setConnection('connecting')
 showHealth()
 start().catch(fail)

@@ -49,3 +49,20 @@ def test_unknown_part_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     bench.add_arguments(parser)
     assert bench.run(parser.parse_args(["--only", "decode,nonsense"])) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_prefix_part_times_first_and_next_conversation(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--only", "prefix", "--prefix-model", "demo", "--prefix-tokens",
+                              "200", "--repeats", "1", "--window-tokens", "256", "--layers", "1",
+                              "--hidden", "32", "--heads", "2", "--intermediate", "64", "--json"])
+    assert bench.run(args) == 0
+    prefix = json.loads(capsys.readouterr().out)["prefix"]
+    assert prefix["prefix_tokens"] >= 200 and prefix["model"] == "streaming-llm/demo"
+    assert prefix["first_ms"] > 0 and prefix["next_ms"] > 0 and prefix["speedup"] > 0
+    assert "first vs next" in bench._table({"model": {"threads": 1, "layers": 1, "hidden": 32,
+                                                      "parameters": 1, "dtype": "float32",
+                                                      "device": "cpu"},
+                                            "sink_tokens": 4, "window_tokens": 256,
+                                            "prefix": prefix})

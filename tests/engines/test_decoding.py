@@ -1,4 +1,4 @@
-"""The decode loop (forward_tokens, generate_tokens) and the Sampler."""
+"""The decode steps (forward_tokens, decode_step) and the Sampler."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from transformers import DynamicCache
 
 from streaming_llm.engines.decoding import (
     Sampler,
+    decode_step,
     eviction_chunk,
     forward_tokens,
-    generate_tokens,
 )
 from streaming_llm.engines.sink_cache import SinkCache
 
@@ -48,43 +48,60 @@ def test_forward_tokens_rejects_bad_input() -> None:
         forward_tokens(model, DynamicCache(), [3, 4], chunk_size=0)
 
 
-def test_generate_tokens_stops_on_stop_ids_and_max_new_tokens() -> None:
-    model = tiny_model("llama", layers=2)
-    prompt = random_ids(10)
-    free = list(generate_tokens(model, DynamicCache(), prompt, Sampler(0), 12))
-    assert len(free) == 12
+def test_forward_tokens_stops_between_chunks_when_asked() -> None:
+    model = tiny_model("llama", layers=1)
     cache = DynamicCache()
-    stopped = list(generate_tokens(model, cache, prompt, Sampler(0), 12, stop_ids=[free[4]]))
-    first = free.index(free[4])
-    assert stopped == free[:first + 1]
-    # every yielded token but the last has been fed to the cache
-    assert cache.get_seq_length() == len(prompt) + len(stopped) - 1
-    assert list(generate_tokens(model, DynamicCache(), prompt, Sampler(0), 0)) == []
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(cache.get_seq_length())
+        return len(asked) > 2
+
+    assert forward_tokens(model, cache, random_ids(20), chunk_size=8, should_stop=should_stop) is None
+    assert asked == [0, 8, 16] and cache.get_seq_length() == 16
 
 
-def test_generate_tokens_with_a_sink_cache_runs_past_the_window() -> None:
+def test_forward_tokens_feeds_a_sink_cache_in_window_sized_chunks() -> None:
+    model = tiny_model("llama", layers=1)
+    cache = SinkCache.from_model(model, 4, 16)
+    forward_tokens(model, cache, random_ids(50), chunk_size=512)  # more than the window at once
+    assert cache.seen_tokens == 50 and cache.get_seq_length() <= 20
+
+
+def test_decode_steps_run_a_sink_cache_past_the_window() -> None:
     model = tiny_model("qwen2", layers=2)
     cache = SinkCache.from_model(model, 4, 16)
-    out = list(generate_tokens(model, cache, random_ids(30), Sampler(0.8, seed=1), 50))
-    assert len(out) == 50
+    logits = forward_tokens(model, cache, random_ids(30))
+    sampler = Sampler(0.8, seed=1)
+    for _ in range(49):
+        logits = decode_step(model, cache, sampler(logits), evict=1)
     assert cache.seen_tokens == 30 + 49 and cache.get_seq_length() == 20  # evicts 1 at a time
 
 
-def test_generate_tokens_evicts_in_chunks_and_stays_a_correct_sink_cache() -> None:
+def test_decode_steps_evict_in_chunks_and_stay_a_correct_sink_cache() -> None:
     model = tiny_model("llama", layers=1)
     cache = SinkCache.from_model(model, 4, 16)
     prompt = random_ids(20)
-    out = list(generate_tokens(model, cache, prompt, Sampler(0), 40, evict_chunk=5))
+    logits = forward_tokens(model, cache, prompt)
+    out: list[int] = []
+    for _ in range(40):
+        out.append(Sampler(0)(logits))
+        logits = decode_step(model, cache, out[-1], evict=5)
     stored = cache.get_seq_length()
     assert 20 - 4 <= stored <= 20 and cache.evicted_tokens % 5 == 0 and cache.evicted_tokens
     # after chunked evictions the cache is still "sinks + the most recent tokens, re-positioned"
-    logits = forward_tokens(model, cache, [out[-1]])
-    seen, stored = prompt + out, cache.get_seq_length()
+    seen = prompt + out
     kept = seen[:4] + seen[len(seen) - (stored - 4):]
     expected, _ = dense_forward(model, kept)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="evict_chunk"):
-        next(generate_tokens(model, cache, [5], Sampler(0), 3, evict_chunk=17))
+
+
+def test_decode_step_evicts_the_default_chunk() -> None:
+    model = tiny_model("llama", layers=1)
+    cache = SinkCache.from_model(model, 4, 40)
+    logits = forward_tokens(model, cache, random_ids(44))
+    decode_step(model, cache, Sampler(0)(logits))
+    assert cache.evicted_tokens == eviction_chunk(40) == 2
 
 
 def test_eviction_chunk_is_a_small_share_of_the_window() -> None:
@@ -144,3 +161,34 @@ def test_temperature_sharpens_and_flattens() -> None:
 def test_bad_sampler_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Sampler(**kwargs)
+
+
+# -- penalties and min_p -------------------------------------------------------------------------
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = torch.tensor([2.0, 1.9, -1.0, -1.05, 0.5])
+    sampler = Sampler(0, repetition_penalty=1.25)
+    out = sampler.penalize(logits, [0, 2, 0])
+    torch.testing.assert_close(out, torch.tensor([1.6, 1.9, -1.25, -1.05, 0.5]))
+    assert Sampler(0)(logits, [0]) == 0  # no penalty: argmax
+    assert sampler(logits, [0]) == 1  # the repeated token lost its lead
+    assert Sampler(0, repetition_penalty=1.25)(torch.tensor([-1.0, -1.05]), [0]) == 1
+
+
+def test_presence_counts_once_and_frequency_per_occurrence() -> None:
+    logits = torch.tensor([1.0, 0.8, 0.0])
+    history = [0, 0, 0, 2]
+    torch.testing.assert_close(Sampler(0, presence_penalty=0.3).penalize(logits, history),
+                               torch.tensor([0.7, 0.8, -0.3]))
+    torch.testing.assert_close(Sampler(0, frequency_penalty=0.1).penalize(logits, history),
+                               torch.tensor([0.7, 0.8, -0.1]))
+    assert Sampler(0, frequency_penalty=0.1)(logits, history) == 1
+    assert Sampler(0, frequency_penalty=0.05)(logits, history) == 0
+    assert Sampler(0, presence_penalty=-0.5)(torch.tensor([0.8, 1.0]), [0]) == 0  # negative: favour
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_most_likely() -> None:
+    probs = torch.tensor([0.4, 0.3, 0.19, 0.11])
+    logits = probs.log()
+    picked = {Sampler(1.0, min_p=0.5, seed=s)(logits) for s in range(200)}
+    assert picked == {0, 1}  # 0.19 < 0.5 * 0.4
+    assert {Sampler(1.0, seed=s)(logits) for s in range(200)} == {0, 1, 2, 3}

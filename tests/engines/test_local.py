@@ -30,6 +30,7 @@ from .streams import drain
 
 MakeEngine = Callable[..., Awaitable[LocalEngine]]
 SYSTEM = ChatMessage("system", "You are a test agent.\n\n# Notes\nBe brief.")
+PREFIX_TOKENS = 34  # SYSTEM rendered by the demo chat template (checked in the pinning tests)
 
 
 # --- fixtures and helpers -----------------------------------------------------------------------
@@ -62,6 +63,8 @@ async def make_engine(tmp_path: Path) -> AsyncIterator[MakeEngine]:
 
 def request(messages: list[ChatMessage], *, cid: str = "c", max_new_tokens: int = 12,
             **options: Any) -> EngineRequest:
+    # Compared with a plain greedy generate(), which has no repetition penalty.
+    options.setdefault("repetition_penalty", 1.0)
     return EngineRequest(request_id="r", conversation_id=cid, messages=list(messages),
                          options=GenerationOptions(**options), max_new_tokens=max_new_tokens)
 
@@ -72,6 +75,7 @@ async def chat(engine: LocalEngine, messages: list[ChatMessage], **kwargs: Any,
 
 
 def encode(messages: list[ChatMessage], *, generation_prompt: bool = True) -> list[int]:
+    """The ids of ``messages`` rendered with the demo tokenizer's chat template."""
     tok = models.tokenizer()
     text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                    add_generation_prompt=generation_prompt, tokenize=False)
@@ -115,7 +119,8 @@ async def test_turn_three_from_kept_cache_equals_replay(
     assert answer == reference(llama_path, prompt, 12)
     engine.forget("c")
     pieces, replayed = await chat(engine, prompt, temperature=0)
-    assert replayed.usage.cached_tokens == 0
+    # only the agent's prefix comes from a kept cache: the copy every new conversation starts from
+    assert replayed.usage.cached_tokens == (PREFIX_TOKENS if streaming else 0)
     assert "".join(pieces) == answer
 
 
@@ -130,7 +135,7 @@ async def test_cache_dropped_from_lru_is_replayed(make_engine: MakeEngine,
     await engine.idle()
     assert (await engine.health()).extra["cached_conversations"] == 1
     pieces, finished = await chat(engine, a, cid="a", temperature=0)
-    assert finished.usage.cached_tokens == 0
+    assert finished.usage.cached_tokens == PREFIX_TOKENS  # the shared agent prefix only
     assert "".join(pieces) == reference(llama_path, a, 12)
 
 
@@ -154,7 +159,8 @@ async def test_reuse_continues_after_sink_evictions(make_engine: MakeEngine,
     # and the cache holds sinks + the most recent tokens of it.
     assert state.ids == encode(messages, generation_prompt=False)
     assert state.cache.seen_tokens == len(state.ids)
-    assert state.cache.get_seq_length() <= 4 + 24
+    assert state.cache.sink_tokens == PREFIX_TOKENS  # the pinned agent prefix
+    assert state.cache.get_seq_length() <= PREFIX_TOKENS + 24
 
 
 async def test_long_prompt_streams_through_a_small_window(make_engine: MakeEngine,
@@ -163,7 +169,7 @@ async def test_long_prompt_streams_through_a_small_window(make_engine: MakeEngin
     messages = [SYSTEM, ChatMessage("user", "lorem ipsum dolor sit amet " * 20)]
     _, finished = await chat(engine, messages, temperature=0, max_new_tokens=5)
     assert finished.usage.prompt_tokens > 100
-    assert finished.usage.evicted_tokens >= finished.usage.prompt_tokens - 20
+    assert finished.usage.evicted_tokens >= finished.usage.prompt_tokens - PREFIX_TOKENS - 16
     assert finished.usage.completion_tokens == 5
 
 
@@ -175,14 +181,15 @@ async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
     messages += [ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "second 🎉")]
     await engine.idle()
     state = engine._conversations["c"]
-    text = engine._render([{"role": m.role, "content": m.content} for m in messages],
+    prompts = engine._prompts
+    text = prompts.render([{"role": m.role, "content": m.content} for m in messages],
                           generation_prompt=True)
-    full = engine._encode_text(text)
+    full = prompts.encode_text(text)
     seen: list[str] = []
-    encode_text = engine._encode_text
-    engine._encode_text = lambda t: seen.append(t) or encode_text(t)  # type: ignore[method-assign]
+    encode_text = prompts.encode_text
+    prompts.encode_text = lambda t: seen.append(t) or encode_text(t)  # type: ignore[method-assign]
 
-    assert engine._encode_prompt(state, text) == full
+    assert prompts.encode_prompt(state.text, state.ids, text) == full
     assert seen == [text[len(state.text):]]  # only the new turn was tokenized
     assert seen[0].startswith("<|user|>")
 
@@ -190,11 +197,11 @@ async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
     seen.clear()
     known = text[:len(state.text) + 20]
     known_ids = encode_text(known)
-    assert engine._encode_after(known, known_ids, text) == full
+    assert prompts.encode_after(known, known_ids, text) == full
     assert seen == [known[known.rindex("<|user|>"):], text[known.rindex("<|user|>"):]]
 
     seen.clear()  # a text that does not extend the known one is tokenized whole
-    assert engine._encode_after(known + "x", known_ids, text) == full
+    assert prompts.encode_after(known + "x", known_ids, text) == full
     assert seen == [text]
 
 
@@ -207,7 +214,7 @@ async def test_forget_drops_the_cache(make_engine: MakeEngine, llama_path: Path)
     engine.forget("c")
     assert (await engine.health()).extra["cached_conversations"] == 0
     _, finished = await chat(engine, messages, temperature=0)
-    assert finished.usage.cached_tokens == 0
+    assert finished.usage.cached_tokens == PREFIX_TOKENS  # the shared agent prefix only
 
 
 # --- text: UTF-8, stop strings, length ----------------------------------------------------------
@@ -435,13 +442,13 @@ async def test_health_reports_loading_then_ready(make_engine: MakeEngine,
         await chat(engine, [ChatMessage("user", "after close")])
 
 
-async def test_demo_model_is_the_default(make_engine: MakeEngine, tmp_path: Path) -> None:
-    engine = await make_engine("")
+async def test_demo_model_is_selected_by_name(make_engine: MakeEngine, tmp_path: Path) -> None:
+    engine = await make_engine("demo")
     assert (tmp_path / "data" / demo_model.DIRNAME / "config.json").exists()
     health = await engine.health()
     assert health.ready and health.model == demo_model.NAME
     assert health.detail == demo_model.NOTICE
-    assert "meaningless" in health.detail and "STREAMING_LLM_MODEL=" in health.detail
+    assert "meaningless" in health.detail and "STREAMING_LLM_MODEL" in health.detail
     pieces, finished = await chat(engine, [SYSTEM, ChatMessage("user", "hi 日本語 🎉")],
                                   temperature=0, max_new_tokens=30)
     text = "".join(pieces)

@@ -8,25 +8,13 @@ import socket
 import aiohttp
 import pytest
 
-from streaming_llm.engines.base import (
-    ChatMessage,
-    EngineRequest,
-    GenerationOptions,
-    TextChunk,
-)
+from streaming_llm.engines.base import EngineRequest, GenerationOptions, TextChunk
 from streaming_llm.engines.ollama import OllamaEngine, keep_alive_value
 from streaming_llm.errors import EngineError
 from streaming_llm.settings import Settings
 from streaming_llm.testing.fake_ollama import ChatScript, FakeOllama
 
-from .streams import drain
-
-MESSAGES = [
-    ChatMessage("system", "You are terse."),
-    ChatMessage("user", "first question"),
-    ChatMessage("assistant", "first answer"),
-    ChatMessage("user", "second question"),
-]
+from .streams import drain, engine_request, until_error
 
 
 @pytest.fixture
@@ -48,9 +36,7 @@ def make_engine(fake: FakeOllama | None, http: aiohttp.ClientSession, **override
     return OllamaEngine(settings, http, health_ttl_s=ttl)
 
 
-def request(options: GenerationOptions | None = None, max_new_tokens: int = 64) -> EngineRequest:
-    return EngineRequest(request_id="r1", conversation_id="c1", messages=MESSAGES,
-                         options=options or GenerationOptions(), max_new_tokens=max_new_tokens)
+request = engine_request
 
 
 async def collect(engine: OllamaEngine, req: EngineRequest | None = None):
@@ -58,12 +44,7 @@ async def collect(engine: OllamaEngine, req: EngineRequest | None = None):
 
 
 async def collect_until_error(engine: OllamaEngine) -> tuple[list[str], EngineError]:
-    pieces: list[str] = []
-    with pytest.raises(EngineError) as info:
-        async for chunk in engine.stream(request()):
-            assert isinstance(chunk, TextChunk)
-            pieces.append(chunk.text)
-    return pieces, info.value
+    return await until_error(engine.stream(request()))
 
 
 def free_port() -> int:
@@ -312,3 +293,12 @@ async def test_health_is_cached_so_checks_do_not_hammer_ollama(fake, http):
     await asyncio.sleep(0.25)
     assert (await engine.health()).ready is False
     assert fake.hits["/api/version"] == 2
+
+
+async def test_the_first_turn_after_ollama_restarted_gets_a_fresh_connection(fake, http):
+    engine = make_engine(fake, http)
+    await collect(engine)  # its connection is kept for the next turn...
+    fake.stop()
+    fake.start()  # ...but Ollama restarted (same port) and that connection is dead
+    pieces, finished = await collect(engine)
+    assert "".join(pieces) == "Hello, world!" and finished.reason == "stop"

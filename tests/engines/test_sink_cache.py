@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from streaming_llm.engines.decoding import Sampler, forward_tokens, generate_tokens
+from streaming_llm.engines.decoding import Sampler, decode_step, forward_tokens
 from streaming_llm.engines.sink_cache import SinkCache, UnsupportedModel, check_streaming_support
 
 from .tiny_models import dense_forward, random_ids, tiny_config, tiny_model, torch_threads
@@ -55,8 +55,13 @@ def test_window_covering_the_sequence_matches_dense_cache_and_generate() -> None
         reference = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)
     assert tokens == reference[0, len(prompt):].tolist()
-    # and the library loop gives the same greedy tokens
-    loop = list(generate_tokens(model, SinkCache.from_model(model, 4, 100), prompt, Sampler(0), 20))
+    # and our decode steps give the same greedy tokens
+    cache = SinkCache.from_model(model, 4, 100)
+    logits = forward_tokens(model, cache, prompt)
+    loop = [Sampler(0)(logits)]
+    while len(loop) < 20:
+        logits = decode_step(model, cache, loop[-1])
+        loop.append(Sampler(0)(logits))
     assert loop == tokens
     assert len(set(tokens)) > 1  # a model stuck on one token would prove little
 
@@ -139,8 +144,9 @@ def test_long_prompt_streams_through_in_chunks() -> None:
     small_chunks = SinkCache.from_model(model, S, W)
     torch.testing.assert_close(forward_tokens(model, small_chunks, ids, chunk_size=5), expected,
                                rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="chunk"):
-        forward_tokens(model, SinkCache.from_model(model, S, W), ids, chunk_size=W + 1)
+    # a chunk size above the window is capped at the window
+    torch.testing.assert_close(forward_tokens(model, SinkCache.from_model(model, S, W), ids,
+                                              chunk_size=W + 1), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="chunks"):
         by_window.make_room(W + 1)
 
@@ -262,3 +268,19 @@ def test_rollback_forgets_the_newest_tokens_but_never_the_sinks() -> None:
     assert cache.can_rollback(W) and not cache.can_rollback(W + 1)  # the sinks stay
     with pytest.raises(ValueError, match="cannot roll back"):
         cache.rollback(W + 1)
+
+
+def test_crop_has_transformers_meaning() -> None:
+    model = tiny_model("llama", layers=1)
+    cache = SinkCache.from_model(model, 4, 16)
+    forward_tokens(model, cache, random_ids(10))
+    cache.crop(-3)  # negative: drop the newest 3
+    assert cache.get_seq_length() == 7 and cache.seen_tokens == 7
+    cache.crop(9)  # longer than stored: nothing happens
+    assert cache.get_seq_length() == 7
+    cache.crop(5)  # keep the first 5
+    assert cache.get_seq_length() == 5
+    forward_tokens(model, cache, random_ids(30))  # evicts
+    assert cache.evicted_tokens
+    with pytest.raises(ValueError, match="roll back"):
+        cache.crop(2)  # would drop sinks after an eviction

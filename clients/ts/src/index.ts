@@ -9,9 +9,9 @@
  * `Authorization: Bearer <key>`; `streamChat({ apiKey })` offers it as the WebSocket subprotocols
  * `["bearer", key]` (browsers cannot set headers on a socket; the server answers `bearer`).
  *
- * Naming: REST resources (`Agent`, `Conversation`, `Turn`) mirror the server's JSON, so their
- * fields are snake_case; everything the client builds itself (options, events, results, usage)
- * is camelCase, and is translated to and from snake_case on the wire.
+ * Naming: everything this package hands you or takes is camelCase (`Agent.systemPrompt`,
+ * `Turn.finishReason`, `ChatDoneEvent.usage.completionTokens`, options); the client translates to
+ * and from the wire's snake_case. REST resources and socket events share the same `Usage` type.
  */
 
 export const DEFAULT_BASE_URL = 'http://localhost:8000'
@@ -21,10 +21,25 @@ export const DEFAULT_BASE_URL = 'http://localhost:8000'
 export interface Agent {
   id: string
   name: string
-  system_prompt: string
-  markdown_context: string
-  created_at?: string
-  updated_at?: string
+  systemPrompt: string
+  markdownContext: string
+  createdAt?: string
+  updatedAt?: string
+}
+
+/**
+ * What `updateAgent` sends. The snake_case spellings (`system_prompt`, `markdown_context`) of
+ * client versions before 0.2 are still accepted.
+ */
+export interface AgentInput {
+  id: string
+  name: string
+  systemPrompt?: string
+  markdownContext?: string
+  /** @deprecated use `systemPrompt` */
+  system_prompt?: string
+  /** @deprecated use `markdownContext` */
+  markdown_context?: string
 }
 
 /** Sampling options; unset fields fall back to the stream's defaults, then the server's. */
@@ -35,6 +50,14 @@ export interface ChatOptions {
   topK?: number
   stop?: string[]
   seed?: number
+  /** > 1 discourages repeating any earlier token (1 = off). */
+  repetitionPenalty?: number
+  /** Subtracted once from the logit of every token already generated (0 = off). */
+  presencePenalty?: number
+  /** Subtracted per occurrence from the logit of tokens already generated (0 = off). */
+  frequencyPenalty?: number
+  /** Drop tokens whose probability is below `minP` × the most likely one's (0 = off). */
+  minP?: number
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled' | 'error'
@@ -48,13 +71,15 @@ export interface Usage {
   droppedTurns?: number
   timeToFirstTokenMs?: number
   decodeTokensPerS?: number
-  [field: string]: number | undefined
 }
 
 export interface ChatStartEvent {
   type: 'start'
   requestId: string
   conversationId: string
+  /** The stored user turn: the message just sent. */
+  userTurnId: string
+  /** @deprecated the same id as `userTurnId` */
   turnId: string
 }
 
@@ -69,6 +94,9 @@ export interface ChatDoneEvent {
   type: 'done'
   requestId: string
   conversationId: string
+  /** The stored assistant turn: the answer. */
+  answerTurnId: string
+  /** @deprecated the same id as `answerTurnId` */
   turnId: string
   finishReason: FinishReason
   usage: Usage
@@ -79,8 +107,10 @@ export interface ChatErrorEvent {
   requestId: string | null
   code: string
   message: string
-  /** Set when the turn failed after `start`: its partial answer is stored as `turnId`. */
+  /** Set when the turn failed after `start`: its partial answer is stored as `answerTurnId`. */
   conversationId?: string
+  answerTurnId?: string
+  /** @deprecated the same id as `answerTurnId` */
   turnId?: string
 }
 
@@ -94,34 +124,45 @@ export interface ChatResult {
   finishReason: FinishReason
   usage: Usage
   requestId: string
+  /** The stored answer. */
+  answerTurnId: string
+  /** @deprecated the same id as `answerTurnId` */
   turnId: string
 }
 
 /** A conversation as listed by `GET /conversations`. */
 export interface Conversation {
   id: string
-  agent_id: string
-  title?: string | null
-  created_at?: string
-  updated_at?: string
-  [field: string]: unknown
+  agentId: string
+  title: string
+  createdAt: string
+  updatedAt: string
 }
 
 /** One stored message of a conversation; assistant turns carry how they finished. */
 export interface Turn {
   id: string
+  /** 0, 1, 2, ... within the conversation. */
   seq: number
   role: 'user' | 'assistant' | 'system'
   content: string
-  finish_reason?: FinishReason | null
-  usage?: Record<string, unknown> | null
-  created_at?: string
-  [field: string]: unknown
+  finishReason: FinishReason | null
+  usage: Usage | null
+  createdAt: string
 }
 
 /** A conversation with its turns in order, from `GET /conversations/{id}`. */
 export interface ConversationDetail extends Conversation {
   turns: Turn[]
+}
+
+/** `GET /conversations` filters. */
+export interface ConversationQuery {
+  agentId?: string
+  /** Only conversations whose title or any turn contains this text (case-insensitive). */
+  q?: string
+  limit?: number
+  offset?: number
 }
 
 /** `GET /health`: `ready` is false while the engine is still loading. */
@@ -130,8 +171,8 @@ export interface Health {
   engine: string
   model: string
   ready: boolean
-  detail?: string | null
-  [field: string]: unknown
+  detail: string | null
+  version: string | null
 }
 
 /**
@@ -139,15 +180,23 @@ export interface Health {
  * base URL (a string).
  */
 export interface ClientOptions {
-  /** Default `http://localhost:8000`. */
+  /**
+   * The server, e.g. `http://127.0.0.1:8000` (scheme, host, port, and a path prefix if it is
+   * served under one). Default {@link DEFAULT_BASE_URL}, `http://localhost:8000`: pass it whenever
+   * the server runs elsewhere, on another port (`STREAMING_LLM_PORT`) included.
+   */
   baseUrl?: string
   /** Sent as `Authorization: Bearer <key>`; needed when the server has API keys configured. */
   apiKey?: string
+  /** Aborts the request: it rejects with an `ApiError` of code `aborted`. */
+  signal?: AbortSignal
 }
 
 export interface SendMessageRequest {
   message: string
   options?: ChatOptions
+  /** Aborting it cancels this turn (sent or still queued); the stream stays open. */
+  signal?: AbortSignal
 }
 
 /** The part of the WebSocket interface the client needs; the browser's and `ws`'s both fit. */
@@ -177,6 +226,8 @@ export interface StreamChatParams {
   socketFactory?: SocketFactory
   /** The server's API key, offered as the subprotocols `["bearer", key]` when the socket opens. */
   apiKey?: string
+  /** Aborting it closes the stream, as `stop()` does (also while the socket is still opening). */
+  signal?: AbortSignal
 }
 
 export interface ChatStream {
@@ -186,6 +237,11 @@ export interface ChatStream {
   stop(): void
   /** Stop the current answer (it finishes with reason `cancelled`); the socket stays open. */
   cancel(): void
+  /**
+   * Every event from now on, as an async iterable (the same events `onEvent` gets); it ends when
+   * the stream ends. Events arriving while no loop awaits are buffered.
+   */
+  events(): AsyncIterableIterator<ChatEvent>
   /** The conversation every turn continues: the caller's, else the one the first turn started. */
   readonly conversationId: string | undefined
 }
@@ -208,7 +264,8 @@ export class ApiError extends Error {
 /**
  * A chat turn or stream failed. `code` is the server's (`agent_not_found`, `engine_error`, ...)
  * or one of the client's own: `socket_open_failed` (a socket refused for a missing or wrong API
- * key included), `no_websocket`, `socket_closed`, `stopped`.
+ * key included), `no_websocket`, `socket_closed`, `stopped`, `aborted`, `bad_frame` (the server
+ * sent a frame this client cannot read).
  */
 export class ChatError extends Error {
   readonly code: string
@@ -224,70 +281,201 @@ export class ChatError extends Error {
 
 // --- REST ------------------------------------------------------------------------------------
 
-export function listAgents(baseUrl?: string | ClientOptions): Promise<Agent[]> {
-  return request<Agent[]>('GET', '/agents', baseUrl)
+export async function listAgents(baseUrl?: string | ClientOptions): Promise<Agent[]> {
+  return list(await request('GET', '/agents', baseUrl), readAgent)
 }
 
-export function getAgent(id: string, baseUrl?: string | ClientOptions): Promise<Agent> {
-  return request<Agent>('GET', `/agents/${segment(id)}`, baseUrl)
+export async function getAgent(id: string, baseUrl?: string | ClientOptions): Promise<Agent> {
+  return readAgent(await request('GET', `/agents/${segment(id)}`, baseUrl))
 }
 
 /** Create or replace the agent `agent.id`; resolves with the agent as stored. */
-export function updateAgent(agent: Agent, baseUrl?: string | ClientOptions): Promise<Agent> {
-  const { name, system_prompt, markdown_context } = agent
-  return request<Agent>('PUT', `/agents/${segment(agent.id)}`, baseUrl, {
-    name,
-    system_prompt,
-    markdown_context,
-  })
+export async function updateAgent(agent: AgentInput, baseUrl?: string | ClientOptions): Promise<Agent> {
+  if (!isObject(agent)) throw new TypeError('updateAgent expects { id, name, systemPrompt?, markdownContext? }')
+  const body = {
+    name: agent.name,
+    system_prompt: agent.systemPrompt ?? agent.system_prompt ?? '',
+    markdown_context: agent.markdownContext ?? agent.markdown_context ?? '',
+  }
+  return readAgent(await request('PUT', `/agents/${segment(agent.id)}`, baseUrl, body))
 }
 
 export async function deleteAgent(id: string, baseUrl?: string | ClientOptions): Promise<void> {
-  await request<unknown>('DELETE', `/agents/${segment(id)}`, baseUrl)
+  await request('DELETE', `/agents/${segment(id)}`, baseUrl)
 }
 
-/** Conversations, newest first; only the agent's when `agentId` is given. */
-export function listConversations(agentId?: string, baseUrl?: string | ClientOptions): Promise<Conversation[]> {
-  const query = agentId === undefined ? '' : `?agent_id=${encodeURIComponent(agentId)}`
-  return request<Conversation[]>('GET', `/conversations${query}`, baseUrl)
+/**
+ * Conversations, most recently active first: all of them, one agent's (`agentId` as a string, the
+ * seed's form), or as filtered by a {@link ConversationQuery} (`{ agentId?, q?, limit?, offset? }`).
+ */
+export async function listConversations(
+  query?: string | ConversationQuery,
+  baseUrl?: string | ClientOptions,
+): Promise<Conversation[]> {
+  const filters: ConversationQuery = typeof query === 'string' ? { agentId: query } : (query ?? {})
+  const params = new URLSearchParams()
+  if (filters.agentId !== undefined) params.set('agent_id', filters.agentId)
+  if (filters.q) params.set('q', filters.q)
+  if (filters.limit !== undefined) params.set('limit', String(filters.limit))
+  if (filters.offset !== undefined) params.set('offset', String(filters.offset))
+  const search = params.toString() === '' ? '' : `?${params}`
+  return list(await request('GET', `/conversations${search}`, baseUrl), readConversation)
 }
 
-export function getConversation(id: string, baseUrl?: string | ClientOptions): Promise<ConversationDetail> {
-  return request<ConversationDetail>('GET', `/conversations/${segment(id)}`, baseUrl)
+export async function getConversation(id: string, baseUrl?: string | ClientOptions): Promise<ConversationDetail> {
+  const raw = await request('GET', `/conversations/${segment(id)}`, baseUrl)
+  return { ...readConversation(raw), turns: list(field(raw, 'turns', isArray), readTurn) }
+}
+
+/** Set a conversation's title (1-200 characters); resolves with the conversation as stored. */
+export async function renameConversation(id: string, title: string, baseUrl?: string | ClientOptions): Promise<Conversation> {
+  return readConversation(await request('PATCH', `/conversations/${segment(id)}`, baseUrl, { title }))
+}
+
+/**
+ * Delete the turns from the user turn `fromSeq` on (it included). Edit-and-resend and regenerate:
+ * truncate, then send the (edited) message again in the same conversation.
+ */
+export async function truncateConversation(id: string, fromSeq: number, baseUrl?: string | ClientOptions): Promise<void> {
+  if (!Number.isInteger(fromSeq) || fromSeq < 0) throw new TypeError('fromSeq must be an integer >= 0')
+  await request('DELETE', `/conversations/${segment(id)}/turns?from_seq=${fromSeq}`, baseUrl)
 }
 
 export async function deleteConversation(id: string, baseUrl?: string | ClientOptions): Promise<void> {
-  await request<unknown>('DELETE', `/conversations/${segment(id)}`, baseUrl)
+  await request('DELETE', `/conversations/${segment(id)}`, baseUrl)
 }
 
 /** The health report; it resolves while the engine loads too (the server answers 503 then). */
-export function getHealth(baseUrl?: string | ClientOptions): Promise<Health> {
-  return request<Health>('GET', '/health', baseUrl, undefined, [503])
+export async function getHealth(baseUrl?: string | ClientOptions): Promise<Health> {
+  const raw = await request('GET', '/health', baseUrl, undefined, [503])
+  const detail = isObject(raw) ? raw.detail : undefined
+  const version = isObject(raw) ? raw.version : undefined
+  return {
+    status: field(raw, 'status', isString),
+    engine: field(raw, 'engine', isString),
+    model: field(raw, 'model', isString),
+    ready: field(raw, 'ready', isBoolean),
+    detail: typeof detail === 'string' ? detail : null,
+    version: typeof version === 'string' ? version : null,
+  }
 }
 
-async function request<T>(
+// --- reading what the server sent: checked, never coerced --------------------------------------
+
+/** A response or frame that lacks a field this client needs, or has it with the wrong type. */
+class ShapeError extends Error {}
+
+const isString = (v: unknown): v is string => typeof v === 'string'
+const isNumber = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v)
+const isBoolean = (v: unknown): v is boolean => typeof v === 'boolean'
+const isArray = (v: unknown): v is unknown[] => Array.isArray(v)
+
+function field<T>(raw: unknown, name: string, check: (v: unknown) => v is T): T {
+  const value = isObject(raw) ? raw[name] : undefined
+  if (!check(value)) throw new ShapeError(`field ${JSON.stringify(name)} is missing or not ${check.name.slice(2).toLowerCase()}`)
+  return value
+}
+
+function optionalString(raw: unknown, name: string): string | undefined {
+  const value = isObject(raw) ? raw[name] : undefined
+  return typeof value === 'string' ? value : undefined
+}
+
+function list<T>(raw: unknown, read: (item: unknown) => T): T[] {
+  if (!Array.isArray(raw)) throw new ShapeError('expected a JSON array')
+  return raw.map(read)
+}
+
+function readAgent(raw: unknown): Agent {
+  const agent: Agent = {
+    id: field(raw, 'id', isString),
+    name: field(raw, 'name', isString),
+    systemPrompt: field(raw, 'system_prompt', isString),
+    markdownContext: field(raw, 'markdown_context', isString),
+  }
+  const createdAt = optionalString(raw, 'created_at')
+  const updatedAt = optionalString(raw, 'updated_at')
+  if (createdAt !== undefined) agent.createdAt = createdAt
+  if (updatedAt !== undefined) agent.updatedAt = updatedAt
+  return agent
+}
+
+function readConversation(raw: unknown): Conversation {
+  return {
+    id: field(raw, 'id', isString),
+    agentId: field(raw, 'agent_id', isString),
+    title: field(raw, 'title', isString),
+    createdAt: field(raw, 'created_at', isString),
+    updatedAt: field(raw, 'updated_at', isString),
+  }
+}
+
+const ROLES = new Set(['user', 'assistant', 'system'])
+const FINISH_REASONS = new Set(['stop', 'length', 'cancelled', 'error'])
+const isRole = (v: unknown): v is Turn['role'] => typeof v === 'string' && ROLES.has(v)
+const isFinishReason = (v: unknown): v is FinishReason => typeof v === 'string' && FINISH_REASONS.has(v)
+
+function readTurn(raw: unknown): Turn {
+  const reason = isObject(raw) ? raw.finish_reason : undefined
+  const usage = isObject(raw) ? raw.usage : undefined
+  return {
+    id: field(raw, 'id', isString),
+    seq: field(raw, 'seq', isNumber),
+    role: field(raw, 'role', isRole),
+    content: field(raw, 'content', isString),
+    finishReason: isFinishReason(reason) ? reason : null,
+    usage: isObject(usage) ? readUsage(usage) : null,
+    createdAt: field(raw, 'created_at', isString),
+  }
+}
+
+/** The wire's usage fields and their names here: only these are read (`Usage` is closed). */
+const USAGE_FIELDS = {
+  prompt_tokens: 'promptTokens',
+  completion_tokens: 'completionTokens',
+  cached_tokens: 'cachedTokens',
+  evicted_tokens: 'evictedTokens',
+  dropped_turns: 'droppedTurns',
+  time_to_first_token_ms: 'timeToFirstTokenMs',
+  decode_tokens_per_s: 'decodeTokensPerS',
+} as const satisfies Record<string, keyof Usage>
+
+function readUsage(raw: unknown): Usage {
+  const usage: Usage = { promptTokens: 0, completionTokens: 0 }
+  if (!isObject(raw)) return usage
+  for (const [wire, name] of Object.entries(USAGE_FIELDS)) {
+    const value = raw[wire]
+    if (isNumber(value)) usage[name] = value
+  }
+  return usage
+}
+
+async function request(
   method: string,
   path: string,
   target: string | ClientOptions | undefined,
   body?: unknown,
   alsoOk: number[] = [],
-): Promise<T> {
-  const { baseUrl, apiKey } = clientOptions(target)
+): Promise<unknown> {
+  const { baseUrl, apiKey, signal } = clientOptions(target)
   const url = (baseUrl ?? DEFAULT_BASE_URL).replace(/\/+$/, '') + path
   const headers: Record<string, string> = { accept: 'application/json' }
   if (apiKey !== undefined) headers.authorization = `Bearer ${apiKey}`
   const init: RequestInit = { method, headers }
+  if (signal !== undefined) init.signal = signal
   if (body !== undefined) {
     headers['content-type'] = 'application/json'
     init.body = JSON.stringify(body)
   }
   let response: Response
+  let text: string
   try {
     response = await fetch(url, init)
+    text = await response.text()
   } catch (err) {
+    if (signal?.aborted) throw new ApiError(0, 'aborted', `${method} ${url} was aborted`, { cause: err })
     throw new ApiError(0, 'network_error', `${method} ${url} failed: ${describe(err)}`, { cause: err })
   }
-  const text = await response.text()
   let parsed: unknown = undefined
   let parseError: unknown = undefined
   if (text) {
@@ -311,16 +499,18 @@ async function request<T>(
       cause: parseError,
     })
   }
-  return parsed as T
+  return parsed
 }
 
 function clientOptions(target: string | ClientOptions | undefined | null): ClientOptions {
   if (target === undefined || target === null) return {}
   if (typeof target === 'string') return { baseUrl: target }
-  if (!isObject(target)) throw new TypeError('the last argument must be a base URL or { baseUrl?, apiKey? }')
-  const { baseUrl, apiKey } = target
+  if (!isObject(target)) throw new TypeError('the last argument must be a base URL or { baseUrl?, apiKey?, signal? }')
+  const { baseUrl, apiKey, signal } = target as ClientOptions
   if (baseUrl !== undefined && typeof baseUrl !== 'string') throw new TypeError('baseUrl must be a string')
-  return { baseUrl, apiKey: checkApiKey(apiKey) }
+  const options: ClientOptions = { baseUrl, apiKey: checkApiKey(apiKey) }
+  if (signal !== undefined) options.signal = signal
+  return options
 }
 
 // The alphabet the server allows for keys: it fits a header and a subprotocol without escaping.
@@ -350,6 +540,114 @@ interface PendingTurn {
   sent: boolean
 }
 
+/** One server frame as an event; throws a {@link ShapeError} when a field is missing. */
+function readEvent(frame: Record<string, unknown>): ChatEvent | null {
+  switch (frame.type) {
+    case 'start': {
+      const turnId = field(frame, 'turn_id', isString)
+      return {
+        type: 'start',
+        requestId: field(frame, 'request_id', isString),
+        conversationId: field(frame, 'conversation_id', isString),
+        userTurnId: optionalString(frame, 'user_turn_id') ?? turnId,
+        turnId,
+      }
+    }
+    case 'token':
+      return {
+        type: 'token',
+        requestId: field(frame, 'request_id', isString),
+        token: field(frame, 'token', isString),
+        seq: field(frame, 'seq', isNumber),
+      }
+    case 'done': {
+      const turnId = field(frame, 'turn_id', isString)
+      return {
+        type: 'done',
+        requestId: field(frame, 'request_id', isString),
+        conversationId: field(frame, 'conversation_id', isString),
+        answerTurnId: optionalString(frame, 'answer_turn_id') ?? turnId,
+        turnId,
+        finishReason: field(frame, 'finish_reason', isFinishReason),
+        usage: readUsage(frame.usage),
+      }
+    }
+    case 'error': {
+      const event: ChatErrorEvent = {
+        type: 'error',
+        requestId: optionalString(frame, 'request_id') ?? null,
+        code: optionalString(frame, 'code') ?? 'error',
+        message: optionalString(frame, 'message') ?? 'the server reported an error',
+      }
+      const conversationId = optionalString(frame, 'conversation_id')
+      const answerTurnId = optionalString(frame, 'answer_turn_id') ?? optionalString(frame, 'turn_id')
+      if (conversationId !== undefined) event.conversationId = conversationId
+      if (answerTurnId !== undefined) event.answerTurnId = event.turnId = answerTurnId
+      return event
+    }
+    default:
+      return null // pong, or a frame type added after this client was written
+  }
+}
+
+/** An async iterator fed by `push`, ended by `close`; unread events wait in a buffer. */
+function eventQueue(onDone: () => void): {
+  iterator: AsyncIterableIterator<ChatEvent>
+  push: (event: ChatEvent) => void
+  close: () => void
+} {
+  const buffered: ChatEvent[] = []
+  let waiting: ((result: IteratorResult<ChatEvent>) => void) | null = null
+  let closed = false
+  const finish = (): IteratorResult<ChatEvent> => {
+    closed = true
+    buffered.length = 0
+    onDone()
+    return { value: undefined, done: true }
+  }
+  const iterator: AsyncIterableIterator<ChatEvent> = {
+    next: () => {
+      const event = buffered.shift()
+      if (event !== undefined) return Promise.resolve({ value: event, done: false })
+      if (closed) return Promise.resolve({ value: undefined, done: true })
+      return new Promise((resolve) => {
+        waiting = resolve
+      })
+    },
+    return: () => Promise.resolve(finish()),
+    [Symbol.asyncIterator]() {
+      return iterator
+    },
+  }
+  return {
+    iterator,
+    push: (event) => {
+      if (closed) return
+      if (waiting) {
+        const resolve = waiting
+        waiting = null
+        resolve({ value: event, done: false })
+      } else buffered.push(event)
+    },
+    close: () => {
+      closed = true
+      if (waiting) {
+        const resolve = waiting
+        waiting = null
+        resolve({ value: undefined, done: true })
+      }
+    },
+  }
+}
+
+function randomPrefix(): string {
+  const c = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto
+  if (typeof c?.randomUUID !== 'function') {
+    throw new ChatError('no_crypto', 'this runtime has no crypto.randomUUID (a browser page needs https or localhost)')
+  }
+  return c.randomUUID()
+}
+
 /**
  * Open a chat socket for one agent. Resolves once the socket is open; rejects with a
  * {@link ChatError} if it cannot be opened.
@@ -359,20 +657,23 @@ interface PendingTurn {
  * server error can be matched to exactly one turn.
  */
 export async function streamChat(params: StreamChatParams): Promise<ChatStream> {
-  const { backendUrl, agentId, onEvent } = params
+  const { backendUrl, agentId, onEvent, signal } = params
   if (typeof agentId !== 'string' || agentId === '') throw new TypeError('agentId must be a non-empty string')
   const defaults = wireOptions(params.options)
   const apiKey = checkApiKey(params.apiKey)
   const protocols = apiKey === undefined ? undefined : ['bearer', apiKey]
-  const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory())
+  if (signal?.aborted) throw new ChatError('aborted', 'the chat stream was aborted before it opened')
+  const prefix = randomPrefix()
+  const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory(), signal)
 
   let conversationId = params.conversationId
   let ended: ChatError | null = null
   let queue: PendingTurn[] = []
-  const prefix = Math.random().toString(36).slice(2, 10)
   let counter = 0
+  const listeners = new Set<ReturnType<typeof eventQueue>>()
 
   const emit = (event: ChatEvent): void => {
+    for (const listener of listeners) listener.push(event)
     if (!onEvent) return
     try {
       onEvent(event)
@@ -390,6 +691,9 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     const pending = queue
     queue = []
     for (const turn of pending) turn.reject(error)
+    for (const listener of listeners) listener.close()
+    listeners.clear()
+    signal?.removeEventListener('abort', onAbort)
   }
 
   const pump = (): void => {
@@ -410,42 +714,42 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     pump()
   }
 
-  socket.addEventListener('message', (event: { data: unknown }) => {
-    const frame = parseFrame(event.data)
+  const close = (error: ChatError, code: number, reason: string): void => {
+    end(error)
+    try {
+      socket.close(code, reason)
+    } catch {
+      // already closing
+    }
+  }
+
+  socket.addEventListener('message', (message: { data: unknown }) => {
+    const frame = parseFrame(message.data)
     if (!frame) return
+    let event: ChatEvent | null
+    try {
+      event = readEvent(frame)
+    } catch (err) {
+      if (!(err instanceof ShapeError)) throw err
+      close(new ChatError('bad_frame', `the server sent a ${String(frame.type)} frame this client cannot read: ${err.message}`), 1002, 'bad frame')
+      return
+    }
+    if (event === null) return
     const current = queue[0]
-    const mine = (id: unknown) => current !== undefined && current.sent && id === current.requestId
-    switch (frame.type) {
-      case 'start': {
-        if (conversationId === undefined && typeof frame.conversation_id === 'string') {
-          conversationId = frame.conversation_id
-        }
-        emit({
-          type: 'start',
-          requestId: String(frame.request_id),
-          conversationId: String(frame.conversation_id),
-          turnId: String(frame.turn_id),
-        })
-        return
-      }
-      case 'token': {
-        const token = typeof frame.token === 'string' ? frame.token : ''
-        if (mine(frame.request_id)) current!.text += token
-        emit({ type: 'token', requestId: String(frame.request_id), token, seq: Number(frame.seq) })
-        return
-      }
-      case 'done': {
-        const event: ChatDoneEvent = {
-          type: 'done',
-          requestId: String(frame.request_id),
-          conversationId: String(frame.conversation_id),
-          turnId: String(frame.turn_id),
-          finishReason: frame.finish_reason as FinishReason,
-          usage: camelUsage(frame.usage),
-        }
+    const mine = (id: string | null) => current !== undefined && current.sent && id === current.requestId
+    switch (event.type) {
+      case 'start':
         if (conversationId === undefined) conversationId = event.conversationId
         emit(event)
-        if (mine(frame.request_id)) {
+        return
+      case 'token':
+        if (mine(event.requestId)) current!.text += event.token
+        emit(event)
+        return
+      case 'done': {
+        if (conversationId === undefined) conversationId = event.conversationId
+        emit(event)
+        if (mine(event.requestId)) {
           const turn = current!
           turn.resolve({
             text: turn.text,
@@ -453,31 +757,23 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
             finishReason: event.finishReason,
             usage: event.usage,
             requestId: turn.requestId,
-            turnId: event.turnId,
+            answerTurnId: event.answerTurnId,
+            turnId: event.answerTurnId,
           })
           next()
         }
         return
       }
-      case 'error': {
-        const requestId = typeof frame.request_id === 'string' ? frame.request_id : null
-        const code = typeof frame.code === 'string' ? frame.code : 'error'
-        const message = typeof frame.message === 'string' ? frame.message : 'the server reported an error'
-        const event: ChatErrorEvent = { type: 'error', requestId, code, message }
-        if (typeof frame.conversation_id === 'string') event.conversationId = frame.conversation_id
-        if (typeof frame.turn_id === 'string') event.turnId = frame.turn_id
+      case 'error':
         emit(event)
         // An error without a request id answers a frame the server could not read; only the
         // current turn's frame is in flight, so it is that turn's.
-        if (mine(requestId) || (requestId === null && current?.sent)) {
+        if (mine(event.requestId) || (event.requestId === null && current?.sent)) {
           const turn = current!
-          turn.reject(new ChatError(code, message, turn.requestId))
+          turn.reject(new ChatError(event.code, event.message, turn.requestId))
           next()
         }
         return
-      }
-      default:
-        return // pong, or a frame type added after this client was written
     }
   })
 
@@ -486,6 +782,22 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     end(new ChatError('socket_closed', `the chat socket closed${detail}`))
   })
 
+  const cancelTurn = (requestId: string): void => {
+    const index = queue.findIndex((turn) => turn.requestId === requestId)
+    if (ended || index < 0) return
+    const turn = queue[index]!
+    if (!turn.sent) {
+      queue.splice(index, 1)
+      turn.reject(new ChatError('aborted', 'the turn was aborted before it was sent', requestId))
+      return
+    }
+    try {
+      socket.send(JSON.stringify({ type: 'cancel', request_id: requestId }))
+    } catch {
+      // the close handler rejects the turn
+    }
+  }
+
   const sendMessage = (req: SendMessageRequest): Promise<ChatResult> =>
     new Promise<ChatResult>((resolve, reject) => {
       if (ended) {
@@ -493,7 +805,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         return
       }
       if (!isObject(req) || typeof req.message !== 'string') {
-        reject(new TypeError('sendMessage expects { message: string, options?: ChatOptions }'))
+        reject(new TypeError('sendMessage expects { message: string, options?: ChatOptions, signal?: AbortSignal }'))
         return
       }
       let options: Record<string, unknown>
@@ -504,35 +816,58 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         return
       }
       const requestId = `${prefix}-${++counter}`
+      if (req.signal?.aborted) {
+        reject(new ChatError('aborted', 'the turn was aborted before it was sent', requestId))
+        return
+      }
       const frame: Record<string, unknown> = { type: 'chat', agent_id: agentId, message: req.message, request_id: requestId }
       if (Object.keys(options).length > 0) frame.options = options
-      queue.push({ requestId, frame, resolve, reject, text: '', sent: false })
+      const abort = () => cancelTurn(requestId)
+      req.signal?.addEventListener('abort', abort, { once: true })
+      const settle = () => req.signal?.removeEventListener('abort', abort)
+      queue.push({
+        requestId,
+        frame,
+        resolve: (result) => {
+          settle()
+          resolve(result)
+        },
+        reject: (error) => {
+          settle()
+          reject(error)
+        },
+        text: '',
+        sent: false,
+      })
       pump()
     })
 
   const stop = (): void => {
-    end(new ChatError('stopped', 'the chat stream was stopped; call streamChat() again to chat'))
-    try {
-      socket.close(1000, 'stop')
-    } catch {
-      // already closing
-    }
+    close(new ChatError('stopped', 'the chat stream was stopped; call streamChat() again to chat'), 1000, 'stop')
   }
+
+  function onAbort(): void {
+    close(new ChatError('aborted', 'the chat stream was aborted'), 1000, 'aborted')
+  }
+  signal?.addEventListener('abort', onAbort, { once: true })
 
   const cancel = (): void => {
     const current = queue[0]
-    if (ended || !current?.sent) return
-    try {
-      socket.send(JSON.stringify({ type: 'cancel', request_id: current.requestId }))
-    } catch {
-      // the close handler rejects the turn
-    }
+    if (current?.sent) cancelTurn(current.requestId)
+  }
+
+  const events = (): AsyncIterableIterator<ChatEvent> => {
+    const listener = eventQueue(() => listeners.delete(listener))
+    if (ended) listener.close()
+    else listeners.add(listener)
+    return listener.iterator
   }
 
   return {
     sendMessage,
     stop,
     cancel,
+    events,
     get conversationId() {
       return conversationId
     },
@@ -551,7 +886,12 @@ function globalSocketFactory(): SocketFactory {
   return (url, protocols) => (protocols ? new Ctor(url, protocols) : new Ctor(url))
 }
 
-function openSocket(url: string, protocols: string[] | undefined, factory: SocketFactory): Promise<WebSocketLike> {
+function openSocket(
+  url: string,
+  protocols: string[] | undefined,
+  factory: SocketFactory,
+  signal: AbortSignal | undefined,
+): Promise<WebSocketLike> {
   return new Promise((resolve, reject) => {
     let socket: WebSocketLike
     try {
@@ -561,34 +901,67 @@ function openSocket(url: string, protocols: string[] | undefined, factory: Socke
       return
     }
     let settled = false
-    const fail = (event: { code?: number; message?: string; error?: unknown }) => {
-      if (settled) return
-      settled = true
-      const why = event.error ?? event.message
-      const detail = why ? `: ${describe(why)}` : event.code ? ` (code ${event.code})` : ''
-      // The server refuses a socket before accepting it (HTTP 403) for a missing or wrong key or a
-      // foreign origin. Browsers hide the status, so the hint goes by whether a key was sent.
-      const refused = why !== undefined && /\b40[13]\b/.test(describe(why))
-      const hint = refused
-        ? protocols
-          ? ' (was the API key right?)'
-          : ' (does the server want an API key? pass apiKey)'
-        : ''
-      reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}${hint}`))
+    const closeQuietly = () => {
       try {
         socket.close()
       } catch {
         // never opened
       }
     }
+    const onAbort = () => {
+      if (settled) return
+      settled = true
+      reject(new ChatError('aborted', 'the chat stream was aborted while its socket opened'))
+      closeQuietly()
+    }
+    signal?.addEventListener('abort', onAbort, { once: true })
+    const fail = (event: { code?: number; message?: string; error?: unknown }) => {
+      if (settled) return
+      settled = true
+      signal?.removeEventListener('abort', onAbort)
+      closeQuietly()
+      const why = event.error ?? event.message
+      const detail = why ? `: ${describe(why)}` : event.code ? ` (code ${event.code})` : ''
+      // The server refuses a socket before accepting it (HTTP 403) for a missing or wrong key, a
+      // foreign origin, or a path that is not the chat socket. Browsers hide the status.
+      const refused = why !== undefined && /\b40[134]\b/.test(describe(why))
+      refusalHint(url, refused, protocols !== undefined).then((hint) =>
+        reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}${hint}`)),
+      )
+    }
     socket.addEventListener('open', () => {
       if (settled) return
       settled = true
+      signal?.removeEventListener('abort', onAbort)
       resolve(socket)
     })
     socket.addEventListener('error', fail)
     socket.addEventListener('close', fail)
   })
+}
+
+/**
+ * Why a refused socket was refused, as far as can be told: a key is only mentioned when the server
+ * has keys configured (its REST side answers 401 without one), a path when it is not /ws/chat.
+ */
+async function refusalHint(url: string, refused: boolean, keySent: boolean): Promise<string> {
+  if (!refused) return ''
+  let parsed: URL
+  try {
+    parsed = new URL(url)
+  } catch {
+    return ''
+  }
+  if (!/\/ws\/chat\/?$/.test(parsed.pathname)) return ` (the chat socket is at /ws/chat, not ${parsed.pathname})`
+  if (keySent) return ' (was the API key right?)'
+  const base = `${parsed.protocol === 'wss:' ? 'https:' : 'http:'}//${parsed.host}${parsed.pathname.replace(/\/ws\/chat\/?$/, '')}`
+  try {
+    const response = await fetch(`${base}/agents`, { method: 'GET', headers: { accept: 'application/json' } })
+    if (response.status === 401) return ' (the server wants an API key: pass apiKey)'
+  } catch {
+    // the REST side is unreachable too: nothing more to say
+  }
+  return ''
 }
 
 const OPTION_NAMES: Record<keyof ChatOptions, string> = {
@@ -598,6 +971,10 @@ const OPTION_NAMES: Record<keyof ChatOptions, string> = {
   topK: 'top_k',
   stop: 'stop',
   seed: 'seed',
+  repetitionPenalty: 'repetition_penalty',
+  presencePenalty: 'presence_penalty',
+  frequencyPenalty: 'frequency_penalty',
+  minP: 'min_p',
 }
 
 /** camelCase options → the wire's snake_case, leaving out unset fields. Unknown keys throw. */
@@ -612,15 +989,6 @@ function wireOptions(options: ChatOptions | undefined): Record<string, unknown> 
     if (value !== undefined) wire[OPTION_NAMES[key as keyof ChatOptions]] = value
   }
   return wire
-}
-
-function camelUsage(raw: unknown): Usage {
-  const usage: Usage = { promptTokens: 0, completionTokens: 0 }
-  if (!isObject(raw)) return usage
-  for (const [key, value] of Object.entries(raw)) {
-    if (typeof value === 'number') usage[key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase())] = value
-  }
-  return usage
 }
 
 function parseFrame(data: unknown): Record<string, unknown> | null {

@@ -21,7 +21,7 @@ import { startServer } from './server.mjs'
 
 const KEY = randomBytes(24).toString('base64url') // 32 characters of A-Z a-z 0-9 - _
 const WRONG = `${KEY.slice(0, -1)}${KEY.endsWith('A') ? 'B' : 'A'}`
-const agent = { id: 'keyed', name: 'Keyed', system_prompt: 'Answer briefly.', markdown_context: '' }
+const agent = { id: 'keyed', name: 'Keyed', systemPrompt: 'Answer briefly.', markdownContext: '' }
 // Passes the protocols on, as a factory must for apiKey to reach the server.
 const wsFactory = (url, protocols) => new WebSocket(url, protocols)
 
@@ -112,6 +112,6 @@ test('a malformed apiKey or options object is a TypeError before any request', a
     await assert.rejects(listAgents({ baseUrl: server.baseUrl, apiKey }), TypeError)
     await assert.rejects(streamChat({ backendUrl: server.wsUrl, agentId: agent.id, apiKey, socketFactory: wsFactory }), /apiKey must be/)
   }
-  await assert.rejects(listAgents(['http://127.0.0.1:1']), /base URL or \{ baseUrl\?, apiKey\? \}/)
+  await assert.rejects(listAgents(['http://127.0.0.1:1']), /base URL or \{ baseUrl\?, apiKey\?, signal\? \}/)
   await assert.rejects(listAgents({ baseUrl: 8000 }), /baseUrl must be a string/)
 })

@@ -1,15 +1,19 @@
 // The reference web page in headless Chromium (Debian's /usr/bin/chromium, driven by
 // playwright-core) against a real `streaming-llm serve` with the echo engine.
-// Set STREAMING_LLM_SCREENSHOT_DIR to keep screenshots of the page.
+// Set STREAMING_LLM_SCREENSHOT_DIR to keep screenshots of every step; one screenshot of a rendered
+// answer is always written to clients/ts/test-artifacts/ (gitignored), for people to look at.
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
-import { existsSync, mkdirSync } from 'node:fs'
-import { join } from 'node:path'
+import { existsSync, mkdirSync, rmSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { after, before, test } from 'node:test'
 import { chromium } from 'playwright-core'
 
-import { updateAgent } from '../dist/index.js'
-import { startServer } from './server.mjs'
+import { getConversation, listConversations, updateAgent } from '../dist/index.js'
+import { freePort, startServer } from './server.mjs'
+
+const ARTIFACTS = join(dirname(fileURLToPath(import.meta.url)), '..', 'test-artifacts')
 
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium'
 // The machine has no open network: without these Chromium stalls on its own background traffic.
@@ -34,6 +38,7 @@ let browser
 let page
 const problems = [] // uncaught page errors and console errors: there must be none
 const failed = [] // HTTP responses >= 400
+const prompts = [] // answers for window.prompt(), in order
 
 async function screenshot(name) {
   const dir = process.env.STREAMING_LLM_SCREENSHOT_DIR
@@ -43,9 +48,9 @@ async function screenshot(name) {
 }
 
 /** A fresh page (its own context: no storage shared with the last one) reporting to problems/failed. */
-async function newPage() {
+async function newPage(viewport = { width: 1100, height: 720 }) {
   await page?.context().close()
-  page = await browser.newPage({ viewport: { width: 1100, height: 720 } })
+  page = await browser.newPage({ viewport })
   page.setDefaultTimeout(15_000)
   page.on('pageerror', (err) => problems.push(`page error: ${err.message}`))
   page.on('console', (msg) => {
@@ -55,7 +60,8 @@ async function newPage() {
   page.on('response', (response) => {
     if (response.status() >= 400) failed.push(`${response.request().method()} ${new URL(response.url()).pathname} ${response.status()}`)
   })
-  page.on('dialog', (dialog) => dialog.accept()) // the delete confirmation
+  // Confirmations are accepted; a prompt (rename) answers with the next entry of `prompts`.
+  page.on('dialog', (dialog) => dialog.accept(dialog.type() === 'prompt' ? prompts.shift() : undefined))
 }
 
 before(async () => {
@@ -75,10 +81,10 @@ after(async () => {
   await Promise.all([server?.stop(), keyedServer?.stop()])
 })
 
-async function load() {
+async function load(target = server, hash = '') {
   problems.length = 0
   failed.length = 0
-  await page.goto(`${server.baseUrl}/`)
+  await page.goto(`${target.baseUrl}/${hash}`)
   await page.waitForSelector('body[data-ready="true"]')
 }
 
@@ -158,22 +164,22 @@ test('create an agent, stream an answer, stop one, and find the history after a 
     ['user', long, null],
     ['assistant', stopped, 'cancelled'],
   ])
-  assert.equal(await page.locator('#conversation-list button').count(), 1)
-  assert.equal(await page.getAttribute('#conversation-list button', 'aria-current'), 'true')
+  assert.equal(await page.locator('#conversation-list button.conversation').count(), 1)
+  assert.equal(await page.getAttribute('#conversation-list button.conversation', 'aria-current'), 'true')
   await screenshot('4-reloaded')
 
   // The next message continues that conversation; a new one starts empty and shows up in the list.
   await page.fill('#message', 'one more')
   await page.click('#send')
   await page.waitForFunction(() => document.querySelectorAll('.message.assistant[data-finish-reason]').length === 3)
-  assert.equal(await page.locator('#conversation-list button').count(), 1)
+  assert.equal(await page.locator('#conversation-list button.conversation').count(), 1)
   await page.click('#new-conversation')
   assert.equal(await page.locator('#transcript .message').count(), 0)
   await page.fill('#message', 'fresh start')
   await page.click('#send')
-  await page.waitForFunction(() => document.querySelectorAll('#conversation-list button').length === 2)
+  await page.waitForFunction(() => document.querySelectorAll('#conversation-list button.conversation').length === 2)
   await page.waitForSelector('#stop[disabled]') // the turn is over: conversations can be switched
-  await page.click('#conversation-list li:last-child button')
+  await page.click('#conversation-list li:last-child button.conversation')
   await page.waitForFunction(() => document.querySelectorAll('#transcript .message').length === 6)
 
   // Delete the agent: the page goes back to its empty state.
@@ -204,7 +210,7 @@ test('a keyed server: the page asks for the API key, keeps it for the tab, and u
   problems.length = 0
   failed.length = 0
   const keyed = { baseUrl: keyedServer.baseUrl, apiKey: API_KEY }
-  await updateAgent({ id: 'guarded', name: 'Guarded', system_prompt: 'Be brief.', markdown_context: '' }, keyed)
+  await updateAgent({ id: 'guarded', name: 'Guarded', systemPrompt: 'Be brief.', markdownContext: '' }, keyed)
 
   // No key yet: /agents answers 401 and the page asks for one.
   await page.goto(`${keyedServer.baseUrl}/`)
@@ -243,4 +249,228 @@ test('a keyed server: the page asks for the API key, keeps it for the tab, and u
   assert.equal(await page.locator('#key-form').isVisible(), false)
   assert.deepEqual(problems, [])
   assert.deepEqual(failed, ['GET /agents 401', 'GET /agents 401'])
+})
+
+/** Send a message from the composer and wait until its answer is stored and shown. */
+async function sendAndWait(text) {
+  const before = await page.locator('.message.assistant[data-finish-reason]').count()
+  await page.fill('#message', text)
+  await page.click('#send')
+  await page.waitForFunction((n) => document.querySelectorAll('.message.assistant[data-finish-reason]').length > n && document.querySelector('#stop').disabled, before)
+}
+
+test('answers render as Markdown with highlighted, copyable code; model output and agent text never run script', async () => {
+  await newPage()
+  await page.context().grantPermissions(['clipboard-read', 'clipboard-write'], { origin: server.baseUrl })
+  await updateAgent({ id: 'md', name: '<img src=y onerror="window.__xss=3">', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await load()
+  await page.selectOption('#agent-select', 'md')
+  await page.waitForSelector('#connection[data-state="open"]')
+  // The echo engine answers with the message itself: the answer is this Markdown.
+  const markdown = [
+    '# Plan', '', 'Some **bold** words and `inline code`.', '',
+    '- one', '- two', '',
+    '```python', 'def greet(name):', '    return f"hi {name}"', '```', '',
+    '<img src=x onerror="window.__xss=1"> [click me](javascript:window.__xss=2) <script>window.__xss=4</script>',
+  ].join('\n')
+  await sendAndWait(markdown)
+  const answer = page.locator('.message.assistant').last()
+  assert.equal(await answer.locator('.text h1').textContent(), 'Plan')
+  assert.equal(await answer.locator('.text strong').textContent(), 'bold')
+  assert.equal(await answer.locator('.text :not(pre) > code').textContent(), 'inline code')
+  assert.equal(await answer.locator('.text li').count(), 2)
+  assert.equal(await answer.locator('.text pre code.hljs.language-python').count(), 1)
+  assert.ok(await answer.locator('.text pre code .hljs-keyword').count() >= 1, 'the code is highlighted')
+  // Inert: no handler attribute, no javascript: link, no script element, nothing ran.
+  assert.equal(await page.locator('#transcript [onerror]').count(), 0)
+  assert.equal(await page.locator('#transcript script').count(), 0)
+  assert.equal(await page.locator('#transcript a[href^="javascript"]').count(), 0)
+  assert.equal(await answer.locator('.text a', { hasText: 'click me' }).count(), 1)
+  assert.equal(await page.locator('#transcript .message.user img').count(), 0) // the user's text is text
+  assert.match(await page.textContent('#transcript .message.user .text'), /<img src=x onerror=/)
+  assert.match(await page.textContent('#agent-select option[value="md"]'), /<img src=y/)
+  assert.equal(await page.evaluate(() => window.__xss), undefined)
+  // Copy buttons: on the code block (its code only) and on the whole answer (its Markdown).
+  await answer.locator('pre button.copy').click()
+  await page.waitForSelector('pre button.copy[data-copied]')
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), 'def greet(name):\n    return f"hi {name}"')
+  await answer.locator('.meta button.copy').click()
+  await page.waitForSelector('.meta button.copy[data-copied]')
+  assert.equal((await page.evaluate(() => navigator.clipboard.readText())).trim(), markdown.trim())
+  mkdirSync(ARTIFACTS, { recursive: true })
+  await page.screenshot({ path: join(ARTIFACTS, 'markdown-answer.png'), fullPage: true })
+  assert.deepEqual(problems, [])
+  assert.deepEqual(failed.filter((f) => f !== 'GET /x 404'), []) // the inert <img src=x> still loads x
+})
+
+test('conversations: switching agent opens its latest, search, rename, regenerate, edit and resend, delete; options per agent', async () => {
+  await newPage()
+  await updateAgent({ id: 'first', name: 'First', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await updateAgent({ id: 'second', name: 'Second', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await load()
+  await page.selectOption('#agent-select', 'first')
+  await page.waitForSelector('#connection[data-state="open"]')
+  await sendAndWait('apples and pears')
+  await page.click('#new-conversation')
+  await sendAndWait('plums only')
+  const [latest, older] = await listConversations('first', server.baseUrl)
+
+  // Another agent, then back: its latest conversation opens, not a blank one.
+  await page.selectOption('#agent-select', 'second')
+  await page.waitForFunction(() => document.querySelectorAll('#transcript .message').length === 0)
+  await page.selectOption('#agent-select', 'first')
+  await page.waitForSelector(`#conversation-list button.conversation[aria-current="true"][data-id="${latest.id}"]`)
+  await page.waitForFunction(() => document.querySelector('#transcript .message.user')?.textContent.includes('plums only'))
+
+  // Search by content.
+  await page.fill('#conversation-search', 'PEARS')
+  await page.waitForFunction(() => document.querySelectorAll('#conversation-list button.conversation').length === 1)
+  assert.equal(await page.getAttribute('#conversation-list button.conversation', 'data-id'), older.id)
+  await page.fill('#conversation-search', '')
+  await page.waitForFunction(() => document.querySelectorAll('#conversation-list button.conversation').length === 2)
+
+  // Rename (a prompt for the title), then find it by its new title.
+  prompts.push('Fruit salad')
+  await page.click(`#conversation-list li[data-id="${older.id}"] button.rename`)
+  await page.waitForFunction(() => document.querySelector('#conversation-list').textContent.includes('Fruit salad'))
+  assert.equal((await getConversation(older.id, server.baseUrl)).title, 'Fruit salad')
+
+  // Regenerate: the last answer is replaced, nothing else changes.
+  await page.click(`#conversation-list li[data-id="${older.id}"] button.conversation`)
+  await page.waitForSelector('[data-action="regenerate"]:not([disabled])')
+  const oldAnswer = (await getConversation(older.id, server.baseUrl)).turns[1]
+  await page.click('[data-action="regenerate"]')
+  let turns = []
+  for (let i = 0; i < 100; i++) {
+    turns = (await getConversation(older.id, server.baseUrl)).turns
+    if (turns.length === 2 && turns[1].id !== oldAnswer.id && turns[1].finishReason) break
+    await new Promise((ok) => setTimeout(ok, 100))
+  }
+  await page.waitForSelector('#stop[disabled]')
+  assert.deepEqual(turns.map((t) => [t.seq, t.role, t.content]), [[0, 'user', 'apples and pears'], [1, 'assistant', 'apples and pears']])
+  assert.notEqual(turns[1].id, oldAnswer.id)
+
+  // Edit and resend the user turn: the conversation is cut there and goes on with the new text.
+  await page.waitForSelector('#stop[disabled]')
+  await page.click('.message.user [data-action="edit"]')
+  await page.fill('.message.user textarea.edit', 'cherries instead')
+  await page.click('.message.user .editing button.primary')
+  await page.waitForFunction(() => document.querySelector('.message.assistant[data-finish-reason] .text')?.textContent === 'cherries instead')
+  turns = (await getConversation(older.id, server.baseUrl)).turns
+  assert.deepEqual(turns.map((t) => [t.seq, t.role, t.content]), [[0, 'user', 'cherries instead'], [1, 'assistant', 'cherries instead']])
+  assert.deepEqual(await page.$$eval('#transcript .message .text', (nodes) => nodes.map((n) => n.textContent)), ['cherries instead', 'cherries instead'])
+
+  // Options are remembered per agent, and sent: a stop sequence cuts the echo short.
+  await page.click('#options summary')
+  await page.fill('#opt-top-k', '7')
+  await page.fill('#opt-stop', 'stop-here')
+  await page.dispatchEvent('#opt-stop', 'change')
+  await page.dispatchEvent('#opt-top-k', 'change')
+  await sendAndWait('keep this stop-here not this')
+  assert.equal(await page.textContent('.message.assistant:last-child .text'), 'keep this ')
+  await page.selectOption('#agent-select', 'second')
+  await page.waitForFunction(() => document.querySelector('#opt-top-k').value === '')
+  await page.selectOption('#agent-select', 'first')
+  await page.waitForFunction(() => document.querySelector('#opt-top-k').value === '7')
+  await page.waitForFunction(() => location.hash.includes('agent=first'))
+  await page.reload()
+  await page.waitForSelector('body[data-ready="true"]')
+  await page.waitForFunction(() => document.querySelector('#opt-stop').value === 'stop-here' && document.querySelector('#opt-top-k').value === '7')
+
+  // Delete a conversation from the list: it goes, the other one opens.
+  await page.click(`#conversation-list li[data-id="${older.id}"] button.remove`)
+  await page.waitForFunction((id) => !document.querySelector(`#conversation-list li[data-id="${id}"]`), older.id)
+  await page.waitForSelector(`#conversation-list button.conversation[aria-current="true"][data-id="${latest.id}"]`)
+  assert.deepEqual((await listConversations('first', server.baseUrl)).map((c) => c.id), [latest.id])
+  assert.deepEqual(problems, [])
+  assert.deepEqual(failed, [])
+})
+
+test('the header tells the truth when the server goes away, the page reconnects when it is back', async () => {
+  await newPage()
+  const port = await freePort()
+  let restartable = await startServer({ port, keepData: true, env: { STREAMING_LLM_ECHO_DELAY_MS: '5' } })
+  const dataDir = restartable.dataDir
+  try {
+    await updateAgent({ id: 'steady', name: 'Steady', systemPrompt: '', markdownContext: '' }, restartable.baseUrl)
+    await load(restartable)
+    await page.waitForSelector('#connection[data-state="open"]')
+    await sendAndWait('before the restart')
+    assert.equal(await page.textContent('#connection'), 'connected')
+
+    await restartable.stop()
+    await page.waitForSelector('#connection[data-state="reconnecting"]')
+    assert.match(await page.textContent('#connection'), /reconnecting/)
+    assert.equal(await page.isDisabled('#send'), true)
+    assert.match(await page.textContent('#status'), /connection to the server is lost/i)
+    await page.waitForFunction(() => /attempt [2-9]/.test(document.querySelector('#connection').textContent))
+    await page.waitForSelector('#health[data-ready="false"]') // no green "ok" for a server that is gone
+    assert.equal(await page.textContent('#health'), 'server unreachable')
+
+    restartable = await startServer({ port, dataDir, keepData: true, env: { STREAMING_LLM_ECHO_DELAY_MS: '5' } })
+    await page.waitForSelector('#connection[data-state="open"]', { timeout: 30_000 })
+    await page.waitForSelector('#send:not([disabled])')
+    await page.waitForSelector('#health[data-ready="true"]')
+    await sendAndWait('after the restart')
+    assert.deepEqual(await page.$$eval('#transcript .message .text', (nodes) => nodes.map((n) => n.textContent)),
+      ['before the restart', 'before the restart', 'after the restart', 'after the restart'])
+    // Chromium logs each refused reconnect attempt itself; nothing else may have gone wrong.
+    assert.deepEqual(problems.filter((p) => !/WebSocket connection to '.*' failed/.test(p)), [])
+  } finally {
+    await restartable.stop()
+    rmSync(dataDir, { recursive: true, force: true })
+  }
+})
+
+test('a phone-width screen: nothing overflows sideways and the composer is reachable', async () => {
+  await newPage({ width: 390, height: 800 })
+  await updateAgent({ id: 'phone', name: 'Phone', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await load(server, '#agent=phone')
+  await page.waitForSelector('#connection[data-state="open"]')
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
+  assert.ok(overflow <= 0, `the page is ${overflow}px wider than the screen`)
+  assert.equal(await page.locator('#message').isVisible(), true)
+  await sendAndWait('small screens too')
+  assert.deepEqual(problems, [])
+})
+
+test('Send is disabled while the model loads, and the page says why', async () => {
+  await newPage()
+  // The server's loading report (its shape is the real one: /health answers 503 while loading),
+  // held back until the test lets the real, ready /health through.
+  const loading = { status: 'loading', ready: false, engine: 'local', model: 'some/model', detail: 'loading weights', version: '0' }
+  await page.route('**/health', (route) => route.fulfill({ status: 503, contentType: 'application/json', body: JSON.stringify(loading) }))
+  await updateAgent({ id: 'loader', name: 'Loader', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  await load(server, '#agent=loader')
+  await page.waitForSelector('#connection[data-state="open"]')
+  await page.waitForSelector('#health[data-ready="false"]')
+  assert.equal(await page.isDisabled('#send'), true)
+  assert.match(await page.textContent('#status'), /model is loading \(loading weights\)/)
+  assert.match(await page.getAttribute('#send', 'title'), /model is loading/)
+  await page.unroute('**/health')
+  await page.waitForSelector('#health[data-ready="true"]', { timeout: 10_000 }) // polled every 2 s
+  await page.waitForSelector('#send:not([disabled])')
+  assert.equal(await page.textContent('#status'), '')
+  await sendAndWait('ready now')
+  assert.deepEqual(problems, [])
+  assert.ok(failed.every((f) => f === 'GET /health 503'), String(failed))
+})
+
+test('/docs shows the OpenAPI document through the vendored swagger-ui, with no request off the server', async () => {
+  await newPage()
+  problems.length = 0
+  failed.length = 0
+  const foreign = []
+  page.on('request', (request) => {
+    if (!request.url().startsWith(server.baseUrl) && !request.url().startsWith('data:')) foreign.push(request.url())
+  })
+  await page.goto(`${server.baseUrl}/docs`)
+  await page.waitForSelector('body[data-ready="true"]')
+  await page.waitForSelector('.opblock-summary-path')
+  const paths = await page.$$eval('.opblock-summary-path', (nodes) => nodes.map((n) => n.textContent.trim()))
+  assert.ok(paths.some((p) => p.startsWith('/conversations/{conversation_id}')), String(paths))
+  assert.ok(paths.includes('/agents'), String(paths))
+  assert.deepEqual(foreign, [])
+  assert.deepEqual(problems, [])
+  assert.deepEqual(failed, [])
 })

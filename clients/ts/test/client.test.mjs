@@ -15,9 +15,12 @@ import {
   getHealth,
   listAgents,
   listConversations,
+  renameConversation,
   streamChat,
+  truncateConversation,
   updateAgent,
 } from '../dist/index.js'
+import { WebSocketServer } from 'ws'
 import { freePort, startServer } from './server.mjs'
 
 const wsFactory = (url) => new WebSocket(url)
@@ -25,7 +28,7 @@ const words = (n, from = 0) => Array.from({ length: n }, (_, i) => `w${i + from}
 
 let server
 let base
-const agent = { id: 'tester', name: 'Tester', system_prompt: 'Answer briefly.', markdown_context: '# Notes\n\nnone' }
+const agent = { id: 'tester', name: 'Tester', systemPrompt: 'Answer briefly.', markdownContext: '# Notes\n\nnone' }
 
 before(async () => {
   server = await startServer()
@@ -53,13 +56,13 @@ async function open(extra = {}) {
 describe('REST', () => {
   test('updateAgent creates, getAgent and listAgents read, updateAgent edits, deleteAgent removes', async () => {
     const created = await updateAgent(
-      { id: 'reviewer', name: 'Reviewer', system_prompt: 'Review.', markdown_context: '- a\n- b' },
+      { id: 'reviewer', name: 'Reviewer', systemPrompt: 'Review.', markdownContext: '- a\n- b' },
       base,
     )
     assert.equal(created.id, 'reviewer')
     assert.equal(created.name, 'Reviewer')
-    assert.equal(created.system_prompt, 'Review.')
-    assert.equal(created.markdown_context, '- a\n- b')
+    assert.equal(created.systemPrompt, 'Review.')
+    assert.equal(created.markdownContext, '- a\n- b')
 
     assert.deepEqual(
       (await listAgents(base)).map((a) => a.id).sort(),
@@ -168,7 +171,7 @@ describe('streamChat', () => {
 
     const conversation = await getConversation(first.conversationId, base)
     assert.equal(conversation.id, first.conversationId)
-    assert.equal(conversation.agent_id, agent.id)
+    assert.equal(conversation.agentId, agent.id)
     assert.deepEqual(
       conversation.turns.map((t) => [t.role, t.content]),
       [
@@ -264,7 +267,7 @@ describe('streamChat', () => {
     stream.cancel() // nothing running: a no-op
     stream.stop()
     const turns = (await getConversation(result.conversationId, base)).turns
-    assert.deepEqual(turns.map((t) => t.finish_reason ?? null).slice(1, 2), ['cancelled'])
+    assert.deepEqual(turns.map((t) => t.finishReason).slice(1, 2), ['cancelled'])
   })
 
   test('a turn the server refuses rejects with its code; the next turn still runs', async () => {
@@ -376,5 +379,107 @@ describe('conversations', () => {
     await deleteConversation(conversationId, base)
     await assert.rejects(getConversation(conversationId, base), { name: 'ApiError', status: 404, code: 'conversation_not_found' })
     assert.deepEqual(await listConversations('other', base), [])
+  })
+
+  test('renameConversation, a search by title or content, and truncateConversation; REST fields are camelCase', async () => {
+    const { stream } = await open()
+    const first = await stream.sendMessage({ message: 'zebracorn beta' })
+    await stream.sendMessage({ message: 'quokkafish delta' })
+    stream.stop()
+    const id = first.conversationId
+    const renamed = await renameConversation(id, 'Greek letters', base)
+    assert.deepEqual(Object.keys(renamed).sort(), ['agentId', 'createdAt', 'id', 'title', 'updatedAt'])
+    assert.equal(renamed.title, 'Greek letters')
+    assert.deepEqual((await listConversations({ agentId: agent.id, q: 'greek' }, base)).map((c) => c.id), [id])
+    assert.deepEqual((await listConversations({ q: 'QUOKKAFISH' }, base)).map((c) => c.id), [id])
+    assert.deepEqual(await listConversations({ q: 'no such words anywhere' }, base), [])
+    await assert.rejects(renameConversation(id, '', base), { status: 422, code: 'validation_error' })
+
+    const before = await getConversation(id, base)
+    const answer = before.turns[1]
+    assert.deepEqual(Object.keys(answer).sort(), ['content', 'createdAt', 'finishReason', 'id', 'role', 'seq', 'usage'])
+    assert.equal(answer.finishReason, 'stop')
+    assert.equal(answer.usage.completionTokens, 2)
+    assert.equal(before.turns[0].usage, null)
+    await assert.rejects(truncateConversation(id, 1, base), { status: 400 }) // an answer, not a user turn
+    await truncateConversation(id, 2, base)
+    assert.deepEqual((await getConversation(id, base)).turns.map((t) => t.content), ['zebracorn beta', 'zebracorn beta'])
+  })
+})
+
+describe('events(), AbortSignal, and what the server sends', () => {
+  test('events() yields every event of the stream as an async iterable, and ends with it', async () => {
+    const { stream, events } = await open()
+    const seen = []
+    const reading = (async () => {
+      for await (const event of stream.events()) seen.push(event)
+    })()
+    const result = await stream.sendMessage({ message: 'one two three' })
+    stream.stop()
+    await reading // ended with the stream
+    assert.deepEqual(seen, events)
+    assert.deepEqual(seen.map((e) => e.type), ['start', 'token', 'token', 'token', 'done'])
+    assert.equal(seen[0].userTurnId, seen[0].turnId)
+    assert.equal(seen.at(-1).answerTurnId, result.answerTurnId)
+    assert.notEqual(seen[0].userTurnId, result.answerTurnId)
+    assert.deepEqual(Object.keys(result.usage).filter((k) => /_/.test(k)), []) // camelCase only
+  })
+
+  test('a turn signal cancels that turn; a stream signal closes the stream', async () => {
+    const { stream } = await open()
+    const controller = new AbortController()
+    const turn = stream.sendMessage({ message: words(300), signal: controller.signal })
+    const queued = new AbortController()
+    const later = stream.sendMessage({ message: 'never sent', signal: queued.signal })
+    queued.abort()
+    await assert.rejects(later, { name: 'ChatError', code: 'aborted' })
+    await new Promise((ok) => setTimeout(ok, 30))
+    controller.abort()
+    const result = await turn
+    assert.equal(result.finishReason, 'cancelled')
+    assert.ok(result.usage.promptTokens >= 300, `prompt tokens of a cancelled turn: ${result.usage.promptTokens}`)
+    const after = await stream.sendMessage({ message: 'still open' })
+    assert.equal(after.text, 'still open')
+
+    const streamAbort = new AbortController()
+    const { stream: second } = await open({ signal: streamAbort.signal })
+    const pending = second.sendMessage({ message: words(300) })
+    streamAbort.abort()
+    await assert.rejects(pending, { code: 'aborted' })
+    await assert.rejects(second.sendMessage({ message: 'x' }), { code: 'aborted' })
+    stream.stop()
+
+    const early = new AbortController()
+    early.abort()
+    await assert.rejects(open({ signal: early.signal }), { code: 'aborted' })
+  })
+
+  test('a wrong socket path says so, and mentions API keys only when the server has them', async () => {
+    const wrong = server.wsUrl.replace('/ws/chat', '/ws/chatt')
+    const err = await open({ backendUrl: wrong }).catch((e) => e)
+    assert.equal(err.code, 'socket_open_failed')
+    assert.match(err.message, /the chat socket is at \/ws\/chat/)
+    assert.doesNotMatch(err.message, /API key/)
+  })
+
+  test('a frame missing a field ends the stream with bad_frame instead of inventing a value', async () => {
+    const port = await freePort()
+    const fake = new WebSocketServer({ host: '127.0.0.1', port })
+    fake.on('connection', (socket) => {
+      socket.on('message', (data) => {
+        const frame = JSON.parse(String(data))
+        socket.send(JSON.stringify({ type: 'start', request_id: frame.request_id, turn_id: 't1' })) // no conversation_id
+      })
+    })
+    try {
+      const stream = await streamChat({ backendUrl: `ws://127.0.0.1:${port}/ws/chat`, agentId: 'x', socketFactory: wsFactory })
+      await assert.rejects(stream.sendMessage({ message: 'hi' }), (e) => {
+        assert.equal(e.code, 'bad_frame')
+        assert.match(e.message, /conversation_id/)
+        return true
+      })
+    } finally {
+      await new Promise((ok) => fake.close(ok))
+    }
   })
 })

@@ -20,7 +20,7 @@ export async function issueExample(): Promise<void> {
   await sendMessage({ message: 'Now give me the key risks.', options: { temperature: 0.1 } })
   stop()
 
-  const upserted: Agent = await updateAgent({ id: 'reviewer', name: 'Reviewer', system_prompt: '...', markdown_context: '...' })
+  const upserted: Agent = await updateAgent({ id: 'reviewer', name: 'Reviewer', systemPrompt: '...', markdownContext: '...' })
   const latest = await getAgent(upserted.id)
   await deleteAgent(latest.id)
 }
@@ -49,9 +49,23 @@ export async function nodeExample(): Promise<ChatResult | undefined> {
 export async function apiKeyExample(): Promise<void> {
   const server: ClientOptions = { baseUrl: 'https://chat.example.com', apiKey: process.env.STREAMING_LLM_API_KEY }
   const agents = await listAgents(server)
-  await updateAgent({ id: 'reviewer', name: 'Reviewer', system_prompt: '...', markdown_context: '...' }, server)
+  await updateAgent({ id: 'reviewer', name: 'Reviewer', systemPrompt: '...', markdownContext: '...' }, server)
   const chat = await streamChat({ backendUrl: 'wss://chat.example.com/ws/chat', agentId: agents[0].id, apiKey: server.apiKey })
   chat.stop()
   await getAgent('reviewer', { apiKey: 'a-key-of-16-chars-or-more' }) // base URL defaults as before
   await deleteAgent('reviewer', server)
+}
+
+export async function eventsExample(): Promise<void> {
+  const controller = new AbortController()
+  const chat = await streamChat({ backendUrl: 'ws://127.0.0.1:8000/ws/chat', agentId: 'reviewer', signal: controller.signal })
+  const reading = (async () => {
+    for await (const event of chat.events()) {
+      if (event.type === 'token') process.stdout.write(event.token)
+      if (event.type === 'done') console.log('\n', event.finishReason, event.usage.completionTokens, event.answerTurnId)
+    }
+  })()
+  await chat.sendMessage({ message: 'Summarize the latest run.', options: { topP: 0.9, repetitionPenalty: 1.1 } })
+  controller.abort() // closes the stream, as chat.stop() does; the loop above ends
+  await reading
 }

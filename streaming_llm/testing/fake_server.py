@@ -1,0 +1,139 @@
+"""The running half of the fake upstream servers (:mod:`.fake_ollama`, :mod:`.fake_openai`).
+
+A fake runs an ``aiohttp.web`` application on its own event loop in a background thread, on a
+free loopback port (or the one it is given), so it serves an in-process client and a server
+subprocess alike, and a test may block its own loop without starving it. ``stop()`` then
+``start()`` again serves on the same port: a backend that goes away and comes back.
+
+Every chat request is kept as a :class:`ChatRecord`: its body, the TCP connection it came on, and
+whether the client closed the connection before the answer was complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+from typing import Any, Self
+
+from aiohttp import web
+
+
+@dataclasses.dataclass
+class ChatRecord:
+    """One chat request as the fake saw it."""
+
+    body: dict[str, Any]
+    connection: int  # distinct number of the TCP connection it came on
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    complete: threading.Event = dataclasses.field(default_factory=threading.Event)
+    disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def wait_disconnected(self, timeout: float = 5.0) -> bool:
+        """Block until the client closed the connection mid-answer; False on timeout."""
+        return self.disconnected.wait(timeout)
+
+
+class FakeServer:
+    """Base of the fakes: ``with Fake() as fake: ... fake.url ...``; subclasses add routes."""
+
+    thread_name = "fake-server"
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self.chats: list[ChatRecord] = []
+        self.hits: collections.Counter[str] = collections.Counter()  # path → requests
+        self._connections: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    # --- life cycle ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    def start(self) -> Self:
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            serving = False
+            try:
+                loop.run_until_complete(self._start_site())
+                self._loop, serving = loop, True
+            except OSError as exc:  # e.g. the port is taken: report it to the starting thread
+                failure.append(exc)
+            finally:
+                started.set()  # whatever happens, never leave start() waiting
+            if serving:
+                loop.run_forever()  # until stop()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name=self.thread_name, daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        if not self.port:
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: open connections are closed and new ones refused (until ``start()``)."""
+        if self._loop is None or self._thread is None:
+            return
+        loop, self._loop = self._loop, None
+
+        def stop_loop() -> None:
+            assert self._stopping is not None
+            self._stopping.set()  # wake hanging handlers so cleanup does not wait for them
+            loop.stop()
+
+        loop.call_soon_threadsafe(stop_loop)
+        self._thread.join(10)
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _start_site(self) -> None:
+        self._stopping = asyncio.Event()
+        app = web.Application()
+        self.add_routes(app)
+        # handler_cancellation: a client closing the connection cancels the handler, which is how
+        # a hanging or slow answer learns about it (as Go and Python servers do via the context).
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
+                                     access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    # --- for handlers -------------------------------------------------------------------------
+    def record(self, request: web.Request, body: dict[str, Any]) -> ChatRecord:
+        transport_id = id(request.transport)
+        connection = self._connections.setdefault(transport_id, len(self._connections) + 1)
+        record = ChatRecord(body=body, connection=connection, headers=dict(request.headers))
+        self.chats.append(record)
+        return record
+
+    async def hang(self) -> None:
+        """Wait until the server stops (or the client goes away and cancels the handler)."""
+        assert self._stopping is not None
+        await self._stopping.wait()
