@@ -27,11 +27,16 @@ B.2 Rows of different lengths
 -----------------------------
 A step feeds one token per row, ``input_ids (batch, 1)``, at the row's own cache-relative
 position ``position_ids = lengths (batch, 1)``. :meth:`BatchSinkCache.update` writes each row's new
-key and value at slot ``lengths[b]`` (a scatter, in place) and returns the whole buffers
-``(batch, kv_heads, slots, head_dim)``, so every step has the same shapes however long each row
-is. The attention mask ``(batch, 1, 1, slots)`` lets row ``b`` see slots ``0 .. lengths[b]`` only
-(its stored tokens and the new one); the slots beyond are masked to the dtype's minimum, so they
-get exactly zero weight. Per-row results do not depend on the other rows.
+key and value at slot ``lengths[b]`` (a scatter, in place) and returns the buffers' first
+``span`` slots, ``(batch, kv_heads, span, head_dim)``. The attention mask
+``(batch, 1, 1, span)`` lets row ``b`` see slots ``0 .. lengths[b]`` only (its stored tokens and
+the new one); the slots beyond are masked to the dtype's minimum, so they get exactly zero
+weight, and per-row results do not depend on the other rows.
+
+``span`` is the longest row's length + 1 rounded up to a power of two (at least
+:data:`MIN_SPAN`, at most ``slots``): attention reads no more than twice the slots in use, and
+a step takes one of a few fixed shapes (``log2(slots)`` spans per batch size) however long
+each row is.
 
 The batch dimension is a *bucket*: the smallest power of two that holds the decoding rows, at
 most ``rows``. Decoding rows are kept in rows ``0 .. n-1`` (a leaving row's place is taken by the
@@ -59,7 +64,14 @@ from transformers.cache_utils import Cache
 
 from .sink_cache import SinkCache, _rotate
 
-__all__ = ["BatchSinkCache", "bucket_size"]
+__all__ = ["MIN_SPAN", "BatchSinkCache", "bucket_size", "span_size"]
+
+MIN_SPAN = 64  # the shortest attention span of a step, in slots
+
+
+def span_size(longest: int, slots: int) -> int:
+    """Slots a step attends to: ``longest`` rounded up to a power of two, MIN_SPAN..slots."""
+    return min(slots, max(MIN_SPAN, 1 << (longest - 1).bit_length()))
 
 
 def bucket_size(n: int, rows: int) -> int:
@@ -103,6 +115,7 @@ class BatchSinkCache(Cache):
         self._inv_freq: torch.Tensor | None = None  # (r/2,) float32, the model's RoPE frequencies
         self._lengths = torch.zeros(0, dtype=torch.long)  # (rows,) on the device
         self._batch = 0  # rows in the current step (a bucket)
+        self._span = 0  # slots the current step attends to
         self._write_at: torch.Tensor | None = None  # (batch, 1, 1, 1): the slot each row writes
 
     # -- rows in and out ---------------------------------------------------------------------------
@@ -231,7 +244,7 @@ class BatchSinkCache(Cache):
         """The forward call's inputs for one token per decoding row (``tokens[b]`` for row b).
 
         Returns ``input_ids`` and ``position_ids`` ``(batch, 1)`` and ``attention_mask``
-        ``(batch, 1, 1, slots)`` in ``dtype`` (0 where a row may attend, the dtype's minimum
+        ``(batch, 1, 1, span)`` in ``dtype`` (0 where a row may attend, the dtype's minimum
         elsewhere), for the bucket ``batch`` that holds the rows.
         """
         n = self.active
@@ -244,13 +257,14 @@ class BatchSinkCache(Cache):
         device = self._lengths.device
         lengths = [row.length for row in self._rows] + [0] * (batch - n)
         self._lengths[:batch] = torch.tensor(lengths, dtype=torch.long)
-        self._batch = batch
+        span = span_size(max(lengths) + 1, self.slots)
+        self._batch, self._span = batch, span
         self._write_at = self._lengths[:batch].view(batch, 1, 1, 1)
         input_ids = torch.zeros((batch, 1), dtype=torch.long)
         input_ids[:n, 0] = torch.tensor(list(tokens), dtype=torch.long)
-        # (batch, 1, 1, slots): row b sees its stored slots and the one it writes now.
-        visible = torch.arange(self.slots, device=device)[None, :] <= self._lengths[:batch, None]
-        mask = torch.zeros((batch, 1, 1, self.slots), dtype=dtype, device=device)
+        # (batch, 1, 1, span): row b sees its stored slots and the one it writes now.
+        visible = torch.arange(span, device=device)[None, :] <= self._lengths[:batch, None]
+        mask = torch.zeros((batch, 1, 1, span), dtype=dtype, device=device)
         mask.masked_fill_(~visible[:, None, None, :], torch.finfo(dtype).min)
         return {"input_ids": input_ids.to(device),
                 "position_ids": self._lengths[:batch].view(batch, 1).clone(),
@@ -260,8 +274,8 @@ class BatchSinkCache(Cache):
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one new key/value per row ``(batch, kv_heads, 1, head_dim)`` at its slot.
 
-        Returns the layer's whole buffers for the bucket, ``(batch, kv_heads, slots, head_dim)``;
-        the mask from :meth:`step_inputs` hides each row's unused slots.
+        Returns the layer's buffers for the bucket and span, ``(batch, kv_heads, span,
+        head_dim)``; the mask from :meth:`step_inputs` hides each row's unused slots.
         """
         if key_states.shape[-2] != 1 or key_states.shape[0] != self._batch:
             raise RuntimeError(f"a batched step takes one token per row for {self._batch} rows, "
@@ -274,7 +288,7 @@ class BatchSinkCache(Cache):
         k[:batch].scatter_(2, at_k, key_states.to(k.dtype))
         arrived[:batch].scatter_(2, at_k, key_states.to(k.dtype))
         v[:batch].scatter_(2, at_v, value_states.to(v.dtype))
-        return k[:batch], v[:batch]
+        return k[:batch, :, :self._span], v[:batch, :, :self._span]
 
     def advance(self) -> None:
         """After the forward call: every decoding row now stores one more token."""

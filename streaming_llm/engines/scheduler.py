@@ -41,14 +41,14 @@ import enum
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 
 from .batch_cache import BatchSinkCache
-from .decoding import Sampler, eviction_chunk, forward_tokens
+from .decoding import decode_step, eviction_chunk, forward_tokens
 from .sink_cache import SinkCache
 
 __all__ = ["Handler", "Outcome", "Prefill", "Request", "Scheduler", "State"]
@@ -73,11 +73,14 @@ class Prefill:
 
     ``reserve``: answer tokens to make room for before the prompt (sink cache; at most half the
     window is set aside, so a large ``max_new_tokens`` does not throw the recent past away).
+    ``breaks``: offsets into ``ids`` where a chunk must end, so that :meth:`Handler.consumed`
+    sees the cache holding exactly ``ids[:offset]`` (e.g. an agent's prefix, to keep a copy).
     """
 
     cache: Any  # SinkCache (streaming) or DynamicCache (dense)
     ids: Sequence[int]
     reserve: int = 0
+    breaks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,14 +127,15 @@ class Handler(Protocol):
 class Request:
     key: str  # requests with the same key (a conversation) run one after another
     handler: Handler
-    sampler: Sampler
+    sampler: Callable[[torch.Tensor], int]  # (vocab,) logits -> a token (a decoding.Sampler)
     max_new_tokens: int
     cancel: threading.Event = field(default_factory=threading.Event)
     state: State = State.WAITING
     # -- the loop's own bookkeeping ------------------------------------------------------------
     cache: Any = None
     pending: list[int] = field(default_factory=list)  # ids still to feed (prompt or closing)
-    fed_any: bool = False
+    fed: int = 0  # ids of the current Prefill fed so far
+    breaks: tuple[int, ...] = ()
     tokens: list[int] = field(default_factory=list)
     next_token: int = -1  # the sampled token the next decode step feeds
     ending: Literal["stop", "length", "cancelled"] = "length"
@@ -157,6 +161,7 @@ class Scheduler:
         self._solo: list[Request] = []  # decoding with a dense cache, stepped one by one
         self._feeding: list[Request] = []  # prefilling or closing, oldest first
         self._waiting: deque[Request] = deque()
+        self._held: set[Request] = set()  # admitted and not yet released (any live state)
         self._cond = threading.Condition()
         self._closed = False
         self._steps = 0
@@ -205,7 +210,7 @@ class Scheduler:
 
     # -- the loop (scheduler thread) -----------------------------------------------------------
     def _busy(self) -> bool:
-        return bool(self._waiting or self._feeding or self._rows or self._solo)
+        return bool(self._waiting or self._held)
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -250,7 +255,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self._cond:
-            live_keys = {r.key for r in (*self._feeding, *self._rows, *self._solo)}
+            live_keys = {r.key for r in self._held}
             admitted: list[Request] = []
             for r in list(self._waiting):
                 if len(self._feeding) + len(admitted) + self.decoding >= self.max_batch:
@@ -260,6 +265,7 @@ class Scheduler:
                 self._waiting.remove(r)
                 live_keys.add(r.key)
                 admitted.append(r)
+                self._held.add(r)
         for r in admitted:
             try:
                 work = r.handler.prepare()
@@ -269,13 +275,18 @@ class Scheduler:
             self._start_feeding(r, work, State.PREFILLING)
 
     def _start_feeding(self, r: Request, work: Prefill, state: State) -> None:
-        r.cache, r.pending, r.fed_any, r.state = work.cache, list(work.ids), False, state
+        r.cache, r.pending, r.state = work.cache, list(work.ids), state
+        r.fed, r.breaks = 0, work.breaks
         if state is State.PREFILLING and not r.pending:
             self._fail(r, ValueError("a prompt needs at least one token"))
             return
         if isinstance(r.cache, SinkCache) and r.pending:
             window = r.cache.window_tokens
-            r.cache.make_room(min(len(r.pending) + min(work.reserve, window // 2), window))
+            try:
+                r.cache.make_room(min(len(r.pending) + min(work.reserve, window // 2), window))
+            except Exception as exc:  # noqa: BLE001 - reported to its handler
+                self._fail(r, exc)
+                return
         self._feeding.append(r)
 
     def _prefill(self) -> None:
@@ -286,6 +297,7 @@ class Scheduler:
         size = self.prefill_chunk
         if isinstance(r.cache, SinkCache):
             size = min(size, r.cache.window_tokens)
+        size = min([size, *(b - r.fed for b in r.breaks if b > r.fed)])
         chunk, rest = r.pending[:size], r.pending[size:]
         try:
             logits = forward_tokens(self.model, r.cache, chunk) if chunk else None
@@ -293,7 +305,7 @@ class Scheduler:
             self._feeding.remove(r)
             self._fail(r, exc)
             return
-        r.pending = rest
+        r.pending, r.fed = rest, r.fed + len(chunk)
         self._call(r, lambda: r.handler.consumed(chunk))
         if rest and not r.failed:
             return
@@ -321,7 +333,7 @@ class Scheduler:
             self._step_batch()
         for r in list(self._solo):
             try:
-                logits = forward_tokens(self.model, r.cache, [r.next_token])
+                logits = decode_step(self.model, r.cache, r.next_token)
             except Exception as exc:  # noqa: BLE001 - reported to its handler
                 self._solo.remove(r)
                 self._fail(r, exc)
@@ -405,6 +417,13 @@ class Scheduler:
     def _release(self, r: Request, state: State) -> None:
         r.state = state
         self._call(r, r.handler.released)
+        self._let_go(r)
+
+    def _let_go(self, r: Request) -> None:
+        """``r`` has left: its key is free, and wait_idle() may look again."""
+        with self._cond:
+            self._held.discard(r)
+            self._cond.notify_all()
 
     def _fail(self, r: Request, exc: Exception) -> None:
         if r.failed:
@@ -415,6 +434,7 @@ class Scheduler:
             r.handler.failed(exc)
         except Exception:
             log.exception("scheduler: a request's failure handler raised")
+        self._let_go(r)
 
     def _call(self, r: Request, fn: Any) -> Any:
         """Call a handler method; a handler that raises fails its own request, nobody else's."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_llm.engines.batch_cache import BatchSinkCache, bucket_size
+from streaming_llm.engines.batch_cache import BatchSinkCache, bucket_size, span_size
 from streaming_llm.engines.decoding import forward_tokens
 from streaming_llm.engines.sink_cache import SinkCache
 
@@ -138,3 +138,23 @@ def test_misuse_is_refused() -> None:
         batch.step_inputs([3], torch.float32)
     with pytest.raises(ValueError, match="tokens"):
         batch.step_inputs([3, 4], torch.float32)
+
+
+def test_a_step_attends_to_the_slots_in_use_rounded_up_to_a_power_of_two() -> None:
+    assert [span_size(n, 1000) for n in (1, 64, 65, 129, 600, 999)] == [64, 64, 128, 256, 1000, 1000]
+    model = tiny_model("llama", layers=2)
+    lengths = [5, 70, 100]
+    rows = [prefilled(model, n, seed=n, window=400) for n in lengths]
+    alone = [prefilled(model, n, seed=n, window=400) for n in lengths]
+    batch = BatchSinkCache(4)
+    for cache in rows:
+        batch.join(cache)
+    assert batch.slots == S + 400
+    inputs = batch.step_inputs([3, 4, 5], torch.float32)
+    assert inputs["attention_mask"].shape == (4, 1, 1, 128)  # the longest row, 101, rounded up
+    with torch.inference_mode():
+        out = model(**inputs, past_key_values=batch, use_cache=True, logits_to_keep=1)
+    batch.advance()
+    for b, cache in enumerate(alone):
+        torch.testing.assert_close(out.logits[b, -1].float(), forward_tokens(model, cache, [3 + b]),
+                                   rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from streaming_llm.engines.decoding import Sampler, generate_tokens
+from streaming_llm.engines.decoding import Sampler, decode_step, forward_tokens
 from streaming_llm.engines.scheduler import Outcome, Prefill, Request, Scheduler, State
 from streaming_llm.engines.sink_cache import SinkCache
 
@@ -87,6 +87,17 @@ class Recorder:
         self.done.set()
 
 
+def lone_greedy(model: Any, cache: Any, prompt: list[int], n: int) -> list[int]:
+    """The lone decode loop's greedy answer: the prompt in chunks, then one decode_step a token."""
+    logits = forward_tokens(model, cache, prompt, chunk_size=CHUNK)
+    tokens = []
+    while True:
+        tokens.append(int(torch.argmax(logits)))
+        if len(tokens) == n:
+            return tokens
+        logits = decode_step(model, cache, tokens[-1])
+
+
 def request(handler: Recorder, max_new: int, key: str | None = None) -> Request:
     return Request(key=key or f"c{id(handler)}", handler=handler, sampler=Sampler(0),
                    max_new_tokens=max_new)
@@ -144,12 +155,12 @@ def test_greedy_answers_batched_equal_one_at_a_time(model: Any) -> None:
 
 
 def test_answers_equal_the_lone_decode_loop(model: Any) -> None:
-    """One at a time, the scheduler gives what generate_tokens gives (same prompt chunks)."""
+    """One at a time, the scheduler gives what the lone decode loop gives (same prompt chunks)."""
     for prompt, n in zip(prompts()[:4], ANSWERS[:4], strict=True):
         [mine] = one_at_a_time(model, [prompt], [n])
         cache = SinkCache.from_model(model, S, W)
         cache.make_room(min(len(prompt) + min(8, W // 2), W))  # the scheduler reserves room too
-        assert mine == list(generate_tokens(model, cache, prompt, Sampler(0), n, chunk_size=CHUNK))
+        assert mine == lone_greedy(model, cache, prompt, n)
 
 
 def test_cancel_of_one_row_leaves_the_others_intact(model: Any) -> None:
@@ -248,9 +259,7 @@ def test_dense_caches_decode_one_by_one_beside_the_batch(model: Any) -> None:
         wait([dense, sink])
     finally:
         scheduler.close()
-    expected = list(generate_tokens(model, DynamicCache(), dense.prompt, Sampler(0), 12,
-                                    chunk_size=CHUNK))
-    assert dense.tokens == expected
+    assert dense.tokens == lone_greedy(model, DynamicCache(), dense.prompt, 12)
     assert dense.outcome is not None and dense.outcome.evicted_tokens is None
 
 
