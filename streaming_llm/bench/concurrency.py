@@ -7,7 +7,11 @@ one socket and one conversation per simulated agent. For every N in ``--conversa
 measured turn at once (greedy, ``--max-new-tokens``). Figures per N, from the client's clock:
 
 * ``aggregate_tokens_per_s``: tokens after each conversation's first, over the span from the
-  earliest first token to the latest last token;
+  earliest first token to the latest last token (so it includes the prompts joining one after
+  another, and the tail where answers that ended early left the batch);
+* ``steady_tokens_per_s``: the token frames all N conversations received while every one of
+  them was streaming (from the latest first token to the earliest last), per second: the rate
+  of a full batch;
 * ``per_conversation_tokens_per_s``: each conversation's own decode rate (tokens after the first
   over its first-to-last span), min and median;
 * ``first_token_p50_ms`` / ``p99``: from sending the chat frame to its first token frame;
@@ -138,10 +142,17 @@ def _summary(n: int, turns: list[Turn]) -> dict[str, Any]:
     span = (max(t.token_at[-1] for t in good) - min(t.token_at[0] for t in good)) if good else 0
     after_first = sum(t.tokens - 1 for t in good)
     ttft = [t.first_token_ms for t in good]
+    steady = None
+    if good:
+        start, end = max(t.token_at[0] for t in good), min(t.token_at[-1] for t in good)
+        if end > start:
+            frames = sum(1 for t in good for at in t.token_at if start < at <= end)
+            steady = round(frames / (end - start), 2)
     return {
         "conversations": n,
         "tokens": sum(t.tokens for t in good),
         "aggregate_tokens_per_s": round(after_first / span, 2) if span > 0 else None,
+        "steady_tokens_per_s": steady,
         "per_conversation_min_tokens_per_s": round(min(rates), 2) if rates else None,
         "per_conversation_median_tokens_per_s": round(statistics.median(rates), 2) if rates else None,
         "first_token_p50_ms": round(percentile(ttft, 0.5), 1),
@@ -230,6 +241,9 @@ def _ratios(rows: list[dict[str, Any]], joiner: dict[str, Any]) -> dict[str, Any
             continue
         out[f"aggregate_{n}_over_1"] = round(row["aggregate_tokens_per_s"]
                                              / alone["aggregate_tokens_per_s"], 2)
+        if row["steady_tokens_per_s"] and alone["steady_tokens_per_s"]:
+            out[f"steady_{n}_over_1"] = round(row["steady_tokens_per_s"]
+                                              / alone["steady_tokens_per_s"], 2)
         out[f"per_conversation_min_{n}_over_1"] = round(
             row["per_conversation_min_tokens_per_s"] / alone["per_conversation_min_tokens_per_s"], 2)
     if joiner:
@@ -238,10 +252,11 @@ def _ratios(rows: list[dict[str, Any]], joiner: dict[str, Any]) -> dict[str, Any
 
 
 def _table(figures: dict[str, Any]) -> str:
-    lines = ["| conversations | aggregate tok/s | per conversation tok/s (min / median) | "
-             "first token p50 / p99 ms | batch |", "|---|---|---|---|---|"]
+    lines = ["| conversations | aggregate tok/s | all streaming tok/s | per conversation tok/s "
+             "(min / median) | first token p50 / p99 ms | batch |", "|---|---|---|---|---|---|"]
     for r in figures["rows"]:
         lines.append(f"| {r['conversations']} | {r['aggregate_tokens_per_s']} | "
+                     f"{r['steady_tokens_per_s']} | "
                      f"{r['per_conversation_min_tokens_per_s']} / "
                      f"{r['per_conversation_median_tokens_per_s']} | {r['first_token_p50_ms']} / "
                      f"{r['first_token_p99_ms']} | {r['batch_size']} |")

@@ -46,7 +46,7 @@ def test_smoke_run_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not one["errors"] and not three["errors"]
     joiner = figures["joiner"]
     assert joiner["joined_first_token_ms"] > 0 and not joiner["errors"]
-    assert set(figures["ratios"]) == {"aggregate_3_over_1", "per_conversation_min_3_over_1",
+    assert set(figures["ratios"]) >= {"aggregate_3_over_1", "per_conversation_min_3_over_1",
                                       "joiner_first_token_over_alone"}
     table = bench._table(figures)
     assert "| 3 |" in table and "joiner" in table
