@@ -14,7 +14,7 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load", "quality", "concurrency")
+BENCHMARKS = ("cache", "ollama", "load", "quality", "concurrency", "speed")
 
 
 def build_parser() -> argparse.ArgumentParser:
