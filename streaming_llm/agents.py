@@ -17,6 +17,7 @@ from .ids import check_agent_id
 from .storage import queries
 from .storage.database import Database
 from .storage.models import AgentRow
+from .wire import Agent
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,10 @@ class AgentIn(msgspec.Struct):
     id: str | None = None
 
 
-class Agent(msgspec.Struct):
-    id: str
-    name: str
-    system_prompt: str
-    markdown_context: str
-    created_at: str
-    updated_at: str
-
-    @classmethod
-    def from_row(cls, row: AgentRow) -> Agent:
-        return cls(row.id, row.name, row.system_prompt, row.markdown_context,
-                   row.created_at, row.updated_at)
+def agent_of(row: AgentRow) -> Agent:
+    return Agent(id=row.id, name=row.name, system_prompt=row.system_prompt,
+                 markdown_context=row.markdown_context, created_at=row.created_at,
+                 updated_at=row.updated_at)
 
 
 class AgentService:
@@ -59,14 +52,14 @@ class AgentService:
         self.files = files
 
     async def list(self) -> list[Agent]:
-        return [Agent.from_row(r) for r in await self.db.read(queries.list_agents)]
+        return [agent_of(r) for r in await self.db.read(queries.list_agents)]
 
     async def get(self, agent_id: str) -> Agent:
         check_agent_id(agent_id)
         row = await self.db.read(lambda session: queries.get_agent(session, agent_id))
         if row is None:
             raise AgentNotFound(f"agent {agent_id!r} not found")
-        return Agent.from_row(row)
+        return agent_of(row)
 
     async def upsert(self, agent_id: str, body: AgentIn) -> tuple[Agent, bool]:
         check_agent_id(agent_id)
@@ -101,26 +94,57 @@ class AgentService:
                               agent_id, exc)
             raise
         log.info("agent %s %s", agent_id, "created" if created else "updated")
-        return Agent.from_row(row), created
+        return agent_of(row), created
 
     async def delete(self, agent_id: str) -> None:
         check_agent_id(agent_id)
+        previous: list[bytes | None] = []  # the file before this delete, once it was removed
 
-        def remove(session: Session) -> bool:
-            return queries.delete_agent(session, agent_id)
+        def remove(session: Session) -> bool:  # on the writer queue
+            if not queries.delete_agent(session, agent_id):
+                return False
+            # File before the commit, as in upsert: a file that cannot be removed leaves the row
+            # alone (else the agent would come back from its file at the next start).
+            before = self.files.read_bytes(agent_id)
+            try:
+                self.files.remove(agent_id)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"the agent's file cannot be removed: {exc.strerror or exc}") from None
+            previous.append(before)
+            return True
 
-        if not await self.db.write(remove):
+        try:
+            found = await self.db.write(remove)
+        except Exception:
+            if previous and previous[0] is not None:  # the file went, the commit failed
+                try:
+                    await asyncio.to_thread(self.files.restore, agent_id, previous[0])
+                except OSError as exc:
+                    log.error("agent %s: could not restore its file after a failed commit: %s",
+                              agent_id, exc)
+            raise
+        if not found:
             raise AgentNotFound(f"agent {agent_id!r} not found")
-        await asyncio.to_thread(self.files.remove, agent_id)
         log.info("agent %s deleted", agent_id)
 
     async def import_files(self) -> int:
-        """Import ``.md`` files that are new, or newer than their row and different from it."""
+        """Import ``.md`` files that are new, or newer than their row and different from it.
+
+        A file is held to the same field limits as ``PUT /agents/{id}`` (:class:`AgentIn`); one
+        that breaks them is skipped with a warning naming the file and the field.
+        """
 
         def store(session: Session) -> list[str]:  # one transaction, on the writer queue
             self.files.remove_leftovers()
             imported = []
             for f in self.files.scan():
+                try:
+                    msgspec.convert({"name": f.name, "system_prompt": f.system_prompt,
+                                     "markdown_context": f.markdown_context}, AgentIn)
+                except msgspec.ValidationError as exc:
+                    log.warning("skipping agent file %s: %s", self.files.path(f.id), exc)
+                    continue
                 row = queries.get_agent(session, f.id)
                 if row is not None:
                     same = (row.name, row.system_prompt, row.markdown_context) == (

@@ -100,23 +100,47 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .connections import uvicorn_options
     from .limits import ws_max_size
-    from .shutdown import Server
+    from .shutdown import GRACEFUL_SHUTDOWN_S, Server
 
     log.info("streaming-llm %s listening on http://%s:%d (engine %s)", __version__,
              settings.host, settings.port, settings.engine)
+    _ensure_descriptors(settings.max_connections)
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port,
         log_config=None, log_level=settings.log_level, lifespan="on",
-        ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=10,
+        ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # Token frames are tens of bytes: deflating each costs ~80 us of CPU and saves nothing.
         ws_per_message_deflate=False,
+        # Connection caps, header deadline, idle timeout, bounded pongs (connections.py).
+        **uvicorn_options(settings, app.state.connection_refused),
     )
     # shutdown.Server drains the chat sockets first (STREAMING_LLM_SHUTDOWN_GRACE_S); uvicorn's
     # own timeout then covers what is left (idle HTTP connections).
     Server(config, drain=app.state.drain).run()
     return 0
+
+
+#: Descriptors the server needs besides its connections: database, logs, model files, pipes.
+SPARE_DESCRIPTORS = 128
+
+
+def _ensure_descriptors(max_connections: int) -> None:
+    """Raise the soft descriptor limit to cover the connection cap, or say that it cannot."""
+    import resource
+
+    needed = max_connections + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        log.warning("the descriptor limit (%d) is below STREAMING_LLM_MAX_CONNECTIONS + %d (%d): "
+                    "connections beyond it fail without an answer; raise LimitNOFILE / ulimit -n "
+                    "or lower STREAMING_LLM_MAX_CONNECTIONS", soft, SPARE_DESCRIPTORS, needed)
 
 
 def env_example(output: str | None) -> int:

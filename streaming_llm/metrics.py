@@ -27,7 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engines.base import EngineHealth, Usage
+from .engines.base import EngineHealth
+from .wire import Usage
 
 FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -73,10 +74,19 @@ class Metrics:
         self.inter_token = Histogram(
             "streaming_llm_inter_token_seconds", "Gap between consecutive answer pieces.",
             buckets=INTER_TOKEN_BUCKETS, registry=r)
+        self.connections_refused = Counter(
+            "streaming_llm_connections_refused",
+            "Connections refused or closed by a cap or deadline, by reason "
+            "(too_many_connections, too_many_connections_per_address, header_timeout, "
+            "headers_too_large).", ["reason"], registry=r)
         self.engine: EngineSnapshot | None = None
         r.register(_EngineCollector(self))
 
     # turns (called by the conversation manager) -------------------------------------------------
+    def connection_refused(self, reason: str) -> None:
+        """Called by the server's connection caps (:mod:`streaming_llm.connections`)."""
+        self.connections_refused.labels(reason).inc()
+
     def turn_started(self) -> None:
         self.turns_active.inc()
 

@@ -6,7 +6,8 @@ WebSocket is not covered by CORS: without a check, any page a user visits could 
 
 - A request or socket that carries an ``Origin`` is refused unless that origin is listed in
   ``STREAMING_LLM_ALLOWED_ORIGINS`` or is the server's own origin (its ``Host`` header — a page
-  served by this server). HTTP answers ``403 origin_not_allowed``; a socket is closed before it
+  served by this server — and only when that host is one of ``STREAMING_LLM_ALLOWED_HOSTS``,
+  :mod:`streaming_llm.hosts`, so a rebound DNS name is never "own"). HTTP answers ``403 origin_not_allowed``; a socket is closed before it
   is accepted (the client sees HTTP 403).
 - Requests without ``Origin`` (curl, SDKs, servers, the Python client) pass: they are not browsers
   acting for someone else. Authentication is the API key's job (:mod:`streaming_llm.auth`).
@@ -30,6 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ServiceError
+from .hosts import HostPolicy
 from .responses import error_response
 from .settings import Settings, SettingsError
 
@@ -84,11 +86,12 @@ def _strip_default_port(host: str, scheme: str) -> str:
 
 
 class OriginPolicy:
-    def __init__(self, allowed: Sequence[str]) -> None:
+    def __init__(self, allowed: Sequence[str], hosts: HostPolicy) -> None:
         self.any = "*" in allowed
         self.allowed = frozenset(allowed)
+        self.hosts = hosts
 
-    def allows(self, origin: str, host: str | None, scheme: str) -> bool:
+    async def allows(self, origin: str, host: str | None, scheme: str) -> bool:
         """Whether a request to ``scheme://host`` may come from a page of ``origin``."""
         if self.any:
             return True
@@ -102,7 +105,8 @@ class OriginPolicy:
         own_scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
         origin_scheme, _, netloc = normalized.partition("://")
         return (origin_scheme == own_scheme
-                and netloc == _strip_default_port(host.strip().lower(), own_scheme))
+                and netloc == _strip_default_port(host.strip().lower(), own_scheme)
+                and await self.hosts.allows_host(netloc))
 
 
 def _headers(scope: Scope) -> dict[bytes, str]:
@@ -112,16 +116,16 @@ def _headers(scope: Scope) -> dict[bytes, str]:
 class OriginMiddleware:
     """Refuse HTTP requests and sockets whose browser ``Origin`` is not allowed."""
 
-    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, allowed: Sequence[str], hosts: HostPolicy) -> None:
         self.app = app
-        self.policy = OriginPolicy(allowed)
+        self.policy = OriginPolicy(allowed, hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and not self.policy.any:
             headers = _headers(scope)
             origin = headers.get(b"origin")
-            if origin is not None and not self.policy.allows(origin, headers.get(b"host"),
-                                                             scope.get("scheme", "http")):
+            if origin is not None and not await self.policy.allows(
+                    origin, headers.get(b"host"), scope.get("scheme", "http")):
                 await self._refuse(scope, receive, send, origin)
                 return
         await self.app(scope, receive, send)
@@ -139,13 +143,20 @@ class OriginMiddleware:
         await response(scope, receive, send)
 
 
-def middleware(settings: Settings) -> list[Middleware]:
+#: Request headers a listed origin's page may send (CORS): the key, JSON bodies, and the
+#: conversation to continue on ``/v1/chat/completions``.
+ALLOWED_HEADERS = ["authorization", "content-type", "x-conversation-id"]
+#: Response headers such a page may read: the conversation a ``/v1`` answer was stored in.
+EXPOSED_HEADERS = ["x-conversation-id"]
+
+
+def middleware(settings: Settings, hosts: HostPolicy) -> list[Middleware]:
     """The origin check, then CORS for the listed origins (none when the list is empty)."""
     allowed = parse_allowed_origins(settings.allowed_origins)
-    stack = [Middleware(OriginMiddleware, allowed=allowed)]
+    stack = [Middleware(OriginMiddleware, allowed=allowed, hosts=hosts)]
     if allowed:
         stack.append(Middleware(
             CORSMiddleware, allow_origins=list(allowed),
             allow_methods=["GET", "POST", "PUT", "DELETE"],
-            allow_headers=["authorization", "content-type"], max_age=600))
+            allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, max_age=600))
     return stack

@@ -57,15 +57,25 @@ class Settings:
     api_key: str = _f("", "API key(s) clients must send, comma-separated (generate with secrets.token_urlsafe(32)); empty = no authentication.")
     api_key_file: Path | None = _f(None, "File of API keys, one per line (# starts a comment); adds to STREAMING_LLM_API_KEY.")
     allowed_origins: str = _f("", "Browser origins allowed to call the API and open the socket, comma-separated (https://app.example.com), or *; empty = same-origin pages and non-browser clients only.")
+    allowed_hosts: str = _f("", "Host names clients may use in the Host header, comma-separated (api.example.com, *.example.com), or *; others get 400 host_not_allowed (DNS rebinding); empty = the listen address plus localhost, 127.0.0.1 and ::1 (and this machine's name on 0.0.0.0/::).")
 
     # --- limits -------------------------------------------------------------------------------
     max_body_bytes: int = _f(16 * 1024 * 1024, "Largest HTTP request body in bytes (the default fits the largest valid agent, every character JSON-escaped); larger ones get 413 payload_too_large.", ge=1024, le=1 << 30)
     max_frame_bytes: int = _f(1024 * 1024, "Largest chat socket frame in bytes; larger ones get frame_too_large (4x this closes the socket).", ge=1024, le=1 << 28)
     max_message_chars: int = _f(200_000, "Longest chat message in characters; longer ones get message_too_large.", ge=1, le=100_000_000)
+    max_request_chars: int = _f(200_000, "Characters in all the messages of one /v1/chat/completions request together (the caller's history); more get request_too_large.", ge=1, le=100_000_000)
+    max_messages: int = _f(1000, "Messages in one /v1/chat/completions request; more get too_many_messages.", ge=1, le=1_000_000)
     max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)
     max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)
     max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot.", ge=1, le=100_000)
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
+    max_generations_per_client: int = _f(8, "Generation slots one client address may hold at once; its further turns wait while other addresses' turns go ahead.", ge=1, le=100_000)
+    send_timeout_s: float = _f(30.0, "Seconds a chat socket may go without taking a frame (a client that stopped reading); then its turn is cancelled and stored as cancelled, its slot freed and the socket closed with 1008.", ge=0.1, le=3600)
+    max_connections: int = _f(1000, "Open TCP connections (HTTP and sockets) across the server; more get 503 too_many_connections. Keep it below the descriptor limit (systemd LimitNOFILE).", ge=1, le=1_000_000)
+    max_connections_per_address: int = _f(100, "Open TCP connections from one client address; more get 503 too_many_connections. Behind a reverse proxy every client shares its address: raise it to max_connections.", ge=1, le=1_000_000)
+    header_timeout_s: float = _f(10.0, "Seconds a connection has to send a request's headers (from connect, or from the request's first byte); then it is closed (slowloris).", ge=0.1, le=3600)
+    body_timeout_s: float = _f(60.0, "Seconds a request has to send its whole body once the headers are in; then 408 request_timeout and the connection closes.", ge=0.1, le=3600)
+    idle_timeout_s: int = _f(5, "Seconds an idle keep-alive HTTP connection stays open between requests.", ge=1, le=3600)
 
     # --- local engine -------------------------------------------------------------------------
     model: str = _f("", "Model: a hub id, a local folder or a .gguf file; empty = the bundled SmolLM2-135M-Instruct (Q4_1 GGUF); demo = a tiny random-weight model (tests).")

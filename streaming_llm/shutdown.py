@@ -11,10 +11,15 @@ open:
 3. running turns may finish for up to ``STREAMING_LLM_SHUTDOWN_GRACE_S`` seconds;
 4. those still running are cancelled: each stores its partial answer with finish reason
    ``cancelled`` and sends its ``done``, as a client's ``cancel`` would;
-5. every chat socket is closed with 1001 (going away).
+5. every chat socket is closed with 1001 (going away);
+6. connections whose client stopped reading (data still waiting in the write buffer) are
+   aborted: ``close()`` would wait for that buffer to drain, for ever, and uvicorn would then
+   wait out its own timeout (:data:`GRACEFUL_SHUTDOWN_S`) before cancelling their tasks.
 
 Then uvicorn's own shutdown runs (idle HTTP connections, the lifespan) and the process exits 0,
-SIGTERM being how systemd and compose ask a service to stop.
+SIGTERM being how systemd and compose ask a service to stop. The whole stop takes at most
+``STREAMING_LLM_SHUTDOWN_GRACE_S`` + :func:`stop_budget_s` seconds, stalled clients included
+(the systemd unit's ``TimeoutStopSec`` is set above that).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 GOING_AWAY = 1001
 POLL_S = 0.05
+#: uvicorn's ``timeout_graceful_shutdown``: what it waits for requests still running after the
+#: drain (a long ``/v1`` answer, say) before it cancels them.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 class Drainable(Protocol):
@@ -115,6 +123,12 @@ class LiveSockets:
         return True
 
 
+def stop_budget_s(sockets: LiveSockets | None = None) -> float:
+    """Seconds a stop may take beyond the grace: the drain's own waits plus uvicorn's timeout."""
+    sockets = sockets or LiveSockets()
+    return sockets.cancel_timeout_s + 2 * sockets.close_timeout_s + GRACEFUL_SHUTDOWN_S
+
+
 class Server(uvicorn.Server):
     """uvicorn's server with a drain step before its shutdown and a clean exit on SIGTERM."""
 
@@ -136,7 +150,19 @@ class Server(uvicorn.Server):
             await asyncio.wait({task})
         elif task.exception() is not None:  # logged, and uvicorn's shutdown still runs
             log.error("shutdown: draining the chat sockets failed", exc_info=task.exception())
+        self._abort_stalled()
         await super().shutdown(sockets)
+
+    def _abort_stalled(self) -> None:
+        """Drop connections whose client stopped reading: their close would never finish."""
+        stalled = 0
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and transport.get_write_buffer_size():
+                transport.abort()  # closing or not: a close waits for the buffer to drain
+                stalled += 1
+        if stalled:
+            log.warning("shutdown: dropped %d connection(s) whose client stopped reading", stalled)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -44,13 +44,15 @@ LIMITS = {
     "STREAMING_LLM_MAX_NEW_TOKENS": "128",
     "STREAMING_LLM_MAX_QUEUED_TURNS": "2",
 }
+APP_ORIGIN = "https://app.example"  # the one listed origin (CORS)
 GOOD_CONVERSATIONS: list[str] = []  # conversations made by the good requests of this module
 CASES_RUN: list[str] = []
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "3", **LIMITS}
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "3",
+           "STREAMING_LLM_ALLOWED_ORIGINS": APP_ORIGIN, **LIMITS}
     with start_server(tmp_path_factory.mktemp("catalogue"), env) as srv:
         status, _ = request(srv, "PUT", "/agents/helper",
                             json.dumps({"name": "Helper", "system_prompt": "Echo."}).encode())
@@ -390,6 +392,51 @@ def test_socket_from_a_foreign_origin_is_refused(server: ServerProcess) -> None:
                               {**J, "Origin": "https://evil.example"})
     assert (status, payload["error"]["code"]) == (403, "origin_not_allowed")
     CASES_RUN.extend(["socket from a foreign origin", "REST from a foreign origin"])
+
+
+def _handshake(server: ServerProcess, host: str, origin: str) -> bytes:
+    """The status line a raw WebSocket handshake with this ``Host`` and ``Origin`` gets."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /ws/chat HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_dns_rebinding_is_refused(server: ServerProcess) -> None:
+    # A page on http://evil.example:PORT whose name now resolves to 127.0.0.1 is "same-origin"
+    # by its Host header; the Host check refuses it before the origin check is asked.
+    evil = f"evil.example:{server.port}"
+    for headers in ({"Host": evil, "Origin": f"http://{evil}"}, {"Host": evil}):
+        status, payload = request(server, "GET", "/agents", headers=headers)
+        assert (status, payload["error"]["code"]) == (400, "host_not_allowed"), payload
+        status, payload = request(server, "PUT", "/agents/evil", b'{"name": "n"}',
+                                  {**J, **headers})
+        assert (status, payload["error"]["code"]) == (400, "host_not_allowed"), payload
+    assert _handshake(server, evil, f"http://{evil}") == b"HTTP/1.1 400 Bad Request"
+    # The server's real names still work, same-origin pages included.
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}"):
+        status, _ = request(server, "GET", "/agents", headers={"Host": host,
+                                                               "Origin": f"http://{host}"})
+        assert status == 200, host
+        assert _handshake(server, host, f"http://{host}") == b"HTTP/1.1 101 Switching Protocols"
+    CASES_RUN.extend(["DNS rebinding: REST", "DNS rebinding: socket"])
+
+
+def test_cors_lets_a_listed_page_name_the_conversation(server: ServerProcess) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-conversation-id"})
+        resp = conn.getresponse()
+        resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200
+    assert "x-conversation-id" in resp.headers["access-control-allow-headers"].lower()
+    CASES_RUN.append("CORS preflight naming X-Conversation-Id")
 
 
 # --- what is left behind ----------------------------------------------------------------------

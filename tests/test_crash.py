@@ -116,7 +116,9 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path, database_u
             time.sleep(0.01)
         for c in chatters:
             c.streaming.clear()
+        deadline = time.monotonic() + 30
         while not all(c.streaming.is_set() for c in chatters):  # every socket mid-answer
+            assert time.monotonic() < deadline, "the sockets stopped streaming"
             time.sleep(0.001)
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
@@ -187,9 +189,11 @@ def test_leftover_temp_files_are_removed_at_start_up(
     agents_dir = settings.resolved_agents_dir
     agents_dir.mkdir(parents=True)
     (agents_dir / "kept.md").write_text(render("kept", "Kept", "", ""))
-    (agents_dir / ".half.abc123.tmp").write_text(render("half", "Half", "", "")[:20])
-    (agents_dir / ".kept.xyz.tmp").write_text("---\nid: kept\nname: \"Newer but cut")
+    # the names write_atomically makes: ".{id}." + tempfile's 8 random characters + ".tmp"
+    (agents_dir / ".half.abc12345.tmp").write_text(render("half", "Half", "", "")[:20])
+    (agents_dir / ".kept.xyz_9876.tmp").write_text("---\nid: kept\nname: \"Newer but cut")
+    (agents_dir / ".kept.tmp").write_text("a person's file, not one of ours")
     with caplog.at_level("WARNING"), TestClient(create_app(settings)) as client:
         assert [(a["id"], a["name"]) for a in client.get("/agents").json()] == [("kept", "Kept")]
-    assert sorted(p.name for p in agents_dir.iterdir()) == ["kept.md"]
+    assert sorted(p.name for p in agents_dir.iterdir()) == [".kept.tmp", "kept.md"]
     assert caplog.text.count("left behind by an interrupted write") == 2

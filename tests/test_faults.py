@@ -4,6 +4,7 @@ to load. Each gets a clear error; the service keeps serving what it still can.""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import urllib.error
@@ -165,7 +166,7 @@ def test_unwritable_agents_dir(make_settings: Callable[..., Settings], tmp_path:
                                scripted: Any) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the agents directory should be")
-    with TestClient(create_app(make_settings(agents_dir=blocker))) as client:
+    with TestClient(create_app(make_settings(agents_dir=blocker), engine=scripted)) as client:
         resp = client.put("/agents/a", json={"name": "A"})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
         assert "agents directory cannot be written" in resp.json()["error"]["message"]
@@ -207,3 +208,117 @@ def test_model_that_fails_to_load(tmp_path: Path) -> None:
         log = server.log()
     assert "ERROR streaming_llm.app: engine 'local' failed to start" in log
     assert "Traceback" not in log
+
+
+def test_disk_filling_mid_answer_keeps_user_and_assistant_turns_alternating(
+        client: TestClient, scripted: Any, disk: dict[str, bool]) -> None:
+    """The user turn is stored, the disk fills while the answer streams, the answer cannot be
+    stored: the client is told, and the conversation's next turn first records the lost answer
+    as an empty ``error`` turn, so no two user turns follow each other."""
+    put_agent(client, "helper")
+    scripted.pieces = ["y" * 50_000] * 3
+    scripted.delay = 0.05
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
+        start = ws.receive_json()
+        assert start["type"] == "start"
+        disk["full"] = True
+        while (frame := ws.receive_json())["type"] == "token":
+            pass
+        assert (frame["type"], frame["code"]) == ("error", "storage_unavailable")
+        assert frame["message"].startswith("the answer could not be stored")
+        disk["full"] = False
+        scripted.pieces = ["fine"]
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "again",
+                      "conversation_id": start["conversation_id"]})
+        _, _, done = recv_turn(ws)
+        assert done["type"] == "done"
+    turns = client.get(f"/conversations/{start['conversation_id']}").json()["turns"]
+    assert [(t["role"], t["content"], t["finish_reason"]) for t in turns] == [
+        ("user", "first", None), ("assistant", "", "error"),
+        ("user", "again", None), ("assistant", "fine", "stop")]
+
+
+# --- a hostile agents folder ------------------------------------------------------------------
+def _agent_text(agent_id: str, name: str, context: str = "Notes.") -> str:
+    return f'---\nid: {agent_id}\nname: "{name}"\nsystem_prompt: "S."\n---\n{context}'
+
+
+@pytest.mark.e2e
+def test_hostile_agents_folder_neither_hangs_nor_crashes_start_up(tmp_path: Path) -> None:
+    agents = tmp_path / "data" / "agents"
+    agents.mkdir(parents=True)
+    (agents / "good.md").write_text(_agent_text("good", "Good"))
+    os.mkfifo(agents / "fifo.md")  # opened blocking, start-up would wait for a writer forever
+    (agents / "zero.md").symlink_to("/dev/zero")  # read to the end: until memory runs out
+    outside = tmp_path / "secret.md"
+    outside.write_text(_agent_text("outside", "Outside"))
+    (agents / "outside.md").symlink_to(outside)  # a file outside the folder, served over REST
+    (agents / "folder.md").mkdir()
+    (agents / ".x.tmp").mkdir()  # looked like a leftover temp file: unlinking it crashed start-up
+    (agents / ".notes.tmp").write_text("a person's notes")  # not one of our temp names
+    (agents / ".good.abcd1234.tmp").write_text("half a write")  # one of ours: removed
+    (agents / "long.md").write_text(_agent_text("long", "Long", "x" * 1_000_001))  # field limit
+    with open(agents / "huge.md", "w") as fh:  # over the file size limit: never parsed
+        fh.write(_agent_text("huge", "Huge", ""))
+        fh.truncate(9 * 1024 * 1024)
+
+    env = {"STREAMING_LLM_ENGINE": "echo"}
+    started = time.monotonic()
+    with start_server(tmp_path, env, timeout=60) as server:
+        startup_s = time.monotonic() - started
+        status, listed = http("GET", server.base_url + "/agents")
+        assert status == 200 and [a["id"] for a in listed] == ["good"]
+        assert http("GET", server.base_url + "/agents/outside")[0] == 404
+        log = server.log()
+    print(f"start-up with a hostile agents folder: {startup_s:.2f}s")  # README figure
+    reasons = {"fifo.md": "a FIFO", "zero.md": "a symbolic link", "outside.md": "a symbolic link",
+               "folder.md": "a directory", "long.md": "markdown_context",
+               "huge.md": "more than the 8388608 an agent file may have"}
+    skipped = [line for line in log.splitlines() if "skipping agent file" in line]
+    assert len(skipped) == len(reasons), skipped  # one warning per skipped file
+    for name, reason in reasons.items():
+        [line] = [line for line in skipped if f"/{name}:" in line]
+        assert reason in line, line
+    assert "Traceback" not in log
+    assert sorted(p.name for p in agents.iterdir()) == sorted(
+        [".notes.tmp", ".x.tmp", "folder.md", "fifo.md", "good.md", "huge.md", "long.md",
+         "outside.md", "zero.md"])
+    assert (agents / ".notes.tmp").read_text() == "a person's notes"
+
+
+@pytest.mark.e2e
+def test_agent_file_that_cannot_be_touched_leaves_the_row_alone(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo"}
+    with start_server(tmp_path, env) as server:
+        assert http("PUT", server.base_url + "/agents/helper", {"name": "Helper"})[0] == 201
+        path = server.data_dir / "agents" / "helper.md"
+        # Neither unlink nor rename can replace a non-empty directory, even for root.
+        path.unlink()
+        path.mkdir()
+        (path / "keep").write_text("x")
+        status, error = http("DELETE", server.base_url + "/agents/helper")
+        assert (status, error["error"]["code"]) == (503, "storage_unavailable"), error
+        status, error = http("PUT", server.base_url + "/agents/helper", {"name": "Changed"})
+        assert (status, error["error"]["code"]) == (503, "storage_unavailable"), error
+        status, agent = http("GET", server.base_url + "/agents/helper")
+        assert status == 200 and agent["name"] == "Helper"
+        log = server.log()
+    assert "Traceback" not in log and "internal_error" not in log
+    with start_server(tmp_path, env, data_dir=server.data_dir) as again:
+        status, agent = http("GET", again.base_url + "/agents/helper")
+        assert status == 200 and agent["name"] == "Helper"
+
+
+@pytest.mark.e2e
+def test_agent_name_is_stored_as_given_across_a_restart(tmp_path: Path) -> None:
+    env = {"STREAMING_LLM_ENGINE": "echo"}
+    name = "  Spaced name\t"
+    with start_server(tmp_path, env) as server:
+        status, agent = http("PUT", server.base_url + "/agents/spaced", {"name": name})
+        assert status == 201 and agent["name"] == name
+    with start_server(tmp_path, env, data_dir=server.data_dir) as again:
+        status, agent = http("GET", again.base_url + "/agents/spaced")
+        assert status == 200 and agent["name"] == name
+        log = again.log()
+    assert "imported agent spaced" not in log

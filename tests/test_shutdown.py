@@ -202,3 +202,50 @@ async def test_drain_does_not_hang_on_a_socket_that_will_not_close() -> None:
     took = await drain_with(live, [stuck, fine], grace_s=5)
     assert fine.closed_with == 1001 and stuck.closed_with is None
     assert 0.2 <= took < 1  # the close timeout, then the wait for the handlers, both bounded
+
+
+@pytest.mark.e2e
+def test_stop_is_bounded_with_clients_that_stopped_reading(tmp_path: Path) -> None:
+    """SIGTERM with 4 sockets and 2 ``/v1`` streams whose clients never read: the stop fits
+    the unit's budget (uvicorn alone waits its graceful timeout out for the streams)."""
+    from streaming_llm.shutdown import stop_budget_s
+
+    from .test_connections import handshake, open_socket, ws_frame
+
+    grace = 1.0
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
+           "STREAMING_LLM_SHUTDOWN_GRACE_S": str(grace),
+           # answers far larger than what the kernel buffers on loopback (~4 MB a socket)
+           "STREAMING_LLM_MAX_MESSAGE_CHARS": "9000000", "STREAMING_LLM_MAX_FRAME_BYTES": "16777216",
+           "STREAMING_LLM_MAX_NEW_TOKENS_LIMIT": "1000000"}
+    with start_server(tmp_path, env) as server:
+        put_agent(server)
+        message = " ".join(["x" * 4000] * 2000)  # 8 MB of answer, 4 KB a token
+        frame = ws_frame(0x1, json.dumps({"type": "chat", "agent_id": "echo", "message": message,
+                                          "options": {"max_new_tokens": 1_000_000}}).encode())
+        stalled = []
+        for _ in range(4):
+            sock = open_socket(server, rcvbuf=4096)
+            handshake(sock)
+            sock.sendall(frame)
+            stalled.append(sock)
+        body = json.dumps({"model": "echo", "stream": True, "max_tokens": 1_000_000,
+                           "messages": [{"role": "user", "content": message}]}).encode()
+        for _ in range(2):
+            sock = open_socket(server, rcvbuf=4096)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            stalled.append(sock)
+        time.sleep(4)  # the answers fill the kernel's buffers (a few MB) and the sends block
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=60)
+        took = time.monotonic() - started
+        for sock in stalled:
+            sock.close()
+        log = server.log()
+    print(f"stop with 4 stalled sockets and 2 stalled streams: {took:.1f}s")
+    assert code == 0, log[-3000:]
+    assert "timeout graceful shutdown exceeded" not in log, log[-6000:]
+    assert took < grace + stop_budget_s(), (took, log[-3000:])
