@@ -16,7 +16,7 @@ turns queued per socket   the chat socket's reader                 ``busy``
 ``/v1`` messages          :meth:`Limits.check_messages`            ``message_too_large``,
                                                                    ``too_many_messages``,
                                                                    ``request_too_large``
-concurrent generations    :class:`~streaming_llm.admission.        waits; past the line ``busy``
+concurrent generations    :class:`~streaming_llm.chat.admission.   waits; past the line ``busy``
                           GenerationGate` (server-wide, per
                           client address)
 agent fields              ``agents.AgentIn`` bounds (characters)   ``422 validation_error``
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import Busy, ServiceError
-from .responses import error_response
-from .settings import Settings
+from ..errors import Busy, ServiceError
+from ..http.responses import error_response
+from ..settings import Settings
 
 
 class PayloadTooLarge(ServiceError):
