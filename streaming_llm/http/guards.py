@@ -5,7 +5,7 @@
 3. Starlette's ``CORSMiddleware`` for the allowed origins (preflights, response headers).
 4. :class:`~streaming_llm.http.auth.AuthMiddleware` — API key (``401`` / socket refused).
 5. :class:`~streaming_llm.http.connections.BodyReadTimeout` — the body's deadline (``408``).
-6. :class:`~streaming_llm.chat.limits.BodySizeLimit` — request body size (``413``).
+6. :class:`~streaming_llm.http.body_limit.BodySizeLimit` — request body size (``413``).
 
 Built once per app by :func:`middleware`; each guard lives in the module of its concept. The
 connection caps and header deadline act before any of these, in the server's protocol
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from starlette.middleware import Middleware
 
-from ..chat.limits import BodySizeLimit
 from ..settings import Settings
 from . import origins
 from .auth import AuthMiddleware, load_api_keys
+from .body_limit import BodySizeLimit
 from .connections import BodyReadTimeout
 from .hosts import HostMiddleware, HostPolicy, allowed_hosts
 
