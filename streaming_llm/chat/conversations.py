@@ -18,7 +18,7 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy.orm import Session
 
-from .engines.base import (
+from ..engines.base import (
     ChatMessage,
     Chunk,
     Engine,
@@ -27,13 +27,13 @@ from .engines.base import (
     PromptTokens,
     TextChunk,
 )
-from .errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
-from .ids import check_conversation_id
-from .metrics import Metrics
-from .storage import queries
-from .storage.database import Database
-from .storage.models import ConversationRow, TurnRow
-from .wire import FinishReason, GenerationOptions, Usage
+from ..errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
+from ..ids import check_conversation_id
+from ..metrics import Metrics
+from ..storage import queries
+from ..storage.database import Database
+from ..storage.models import ConversationRow, TurnRow
+from ..wire import FinishReason, GenerationOptions, Usage
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir

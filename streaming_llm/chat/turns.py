@@ -4,9 +4,9 @@ A route (the chat socket, ``/v1/chat/completions``) describes the turn (:class:`
 writes its own frames through a :class:`TurnWriter`; :meth:`TurnRunner.run` does the rest, the
 same way for both:
 
-1. one turn at a time per conversation (:class:`~streaming_llm.admission.ConversationLocks`):
+1. one turn at a time per conversation (:class:`~streaming_llm.chat.admission.ConversationLocks`):
    a second one waits for the first to be stored (cancellable), then reads the history;
-2. a generation slot (:class:`~streaming_llm.admission.GenerationGate`), waited for, held for the
+2. a generation slot (:class:`~streaming_llm.chat.admission.GenerationGate`), waited for, held for the
    generation and given back however it ends;
 3. the user turn stored and the engine request built (:class:`ConversationManager.begin`);
    :meth:`TurnWriter.start` tells the client;
@@ -44,11 +44,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..engines.base import ChatMessage
+from ..errors import EngineError, ServiceError
+from ..wire import FinishReason, GenerationOptions, Usage
 from .admission import ConversationLocks, GenerationGate
 from .conversations import ConversationManager, Turn
-from .engines.base import ChatMessage
-from .errors import EngineError, ServiceError
-from .wire import FinishReason, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ against ``STREAMING_LLM_ALLOWED_HOSTS`` (Starlette's ``TrustedHostMiddleware`` d
 - A request with another ``Host`` gets ``400 host_not_allowed``; a socket gets the same answer
   in place of the handshake, so no frame is read from it.
 
-The origin check (:mod:`streaming_llm.origins`) runs after this one, so "same origin" there
+The origin check (:mod:`streaming_llm.http.origins`) runs after this one, so "same origin" there
 compares against an allowed host, never against a name an attacker chose.
 """
 
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from starlette.middleware.trustedhost import ENFORCE_DOMAIN_WILDCARD, TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError
+from ..errors import ServiceError
+from ..settings import Settings, SettingsError
 from .responses import error_response
-from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import write_atomically
-from .ids import is_agent_id
+from ..files import write_atomically
+from ..ids import is_agent_id
 
 log = logging.getLogger(__name__)
 

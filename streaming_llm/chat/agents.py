@@ -11,13 +11,13 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy.orm import Session
 
+from ..errors import AgentNotFound, BadRequest, StorageUnavailable
+from ..ids import check_agent_id
+from ..storage import queries
+from ..storage.database import Database
+from ..storage.models import AgentRow
+from ..wire import Agent
 from .agent_files import AgentFiles
-from .errors import AgentNotFound, BadRequest, StorageUnavailable
-from .ids import check_agent_id
-from .storage import queries
-from .storage.database import Database
-from .storage.models import AgentRow
-from .wire import Agent
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 import msgspec
 
-from .protocol import Done, Error, Start, Token
-from .wire import Agent, FinishReason, GenerationOptions, Usage
+from ..protocol import Done, Error, Start, Token
+from ..wire import Agent, FinishReason, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
 

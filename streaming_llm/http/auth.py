@@ -33,9 +33,9 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError
+from ..errors import ServiceError
+from ..settings import Settings, SettingsError
 from .responses import error_response
-from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ WebSocket is not covered by CORS: without a check, any page a user visits could 
 - A request or socket that carries an ``Origin`` is refused unless that origin is listed in
   ``STREAMING_LLM_ALLOWED_ORIGINS`` or is the server's own origin (its ``Host`` header — a page
   served by this server — and only when that host is one of ``STREAMING_LLM_ALLOWED_HOSTS``,
-  :mod:`streaming_llm.hosts`, so a rebound DNS name is never "own"). HTTP answers ``403 origin_not_allowed``; a socket is closed before it
+  :mod:`streaming_llm.http.hosts`, so a rebound DNS name is never "own"). HTTP answers ``403 origin_not_allowed``; a socket is closed before it
   is accepted (the client sees HTTP 403).
 - Requests without ``Origin`` (curl, SDKs, servers, the Python client) pass: they are not browsers
-  acting for someone else. Authentication is the API key's job (:mod:`streaming_llm.auth`).
+  acting for someone else. Authentication is the API key's job (:mod:`streaming_llm.http.auth`).
 - CORS headers for the REST routes follow the same list (Starlette's ``CORSMiddleware``); with
   an empty list none are sent. ``*`` allows every origin (keys then carry all the protection).
 
@@ -30,10 +30,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ServiceError
+from ..errors import ServiceError
+from ..settings import Settings, SettingsError
 from .hosts import HostPolicy
 from .responses import error_response
-from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 

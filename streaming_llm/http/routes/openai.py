@@ -30,9 +30,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ..conversations import Turn
-from ..engines.base import ChatMessage
-from ..errors import (
+from ...chat.conversations import Turn
+from ...chat.limits import Limits
+from ...chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
+from ...engines.base import ChatMessage
+from ...errors import (
     AgentNotFound,
     BadRequest,
     InvalidId,
@@ -40,8 +42,7 @@ from ..errors import (
     ServiceError,
     ValidationFailed,
 )
-from ..limits import Limits
-from ..openai_types import (
+from ...openai_types import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -58,9 +59,8 @@ from ..openai_types import (
     RequestMessage,
     openai_finish_reason,
 )
+from ...wire import Agent, FinishReason, GenerationOptions, Usage
 from ..responses import JSONResponse, decode_body
-from ..turns import ClientGone, Ending, TurnRunner, TurnSpec
-from ..wire import Agent, FinishReason, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 The reader (the endpoint's own task) decodes frames as they arrive, so ``cancel`` and ``ping``
 are answered while a turn generates. Each chat frame becomes one job, one task: it waits for the
 turns queued before it on this socket (they run one at a time, in order), then hands the turn to
-the :class:`~streaming_llm.turns.TurnRunner` with this socket as the writer of its frames
+the :class:`~streaming_llm.chat.turns.TurnRunner` with this socket as the writer of its frames
 (``start``, ``token``) and writes the ending (``done`` or ``error``). ``cancel`` cancels the job's
-:class:`~streaming_llm.turns.TurnControl`: waiting, it ends ``cancelled`` before it started;
+:class:`~streaming_llm.chat.turns.TurnControl`: waiting, it ends ``cancelled`` before it started;
 running, its partial answer is stored as ``cancelled`` and ``done`` says so.
 
 Every frame goes out with a deadline (``STREAMING_LLM_SEND_TIMEOUT_S``): uvicorn sends a frame
@@ -13,7 +13,7 @@ only once the connection's write buffer is below its high-water mark (64 KiB), s
 stops reading stalls its own turn, and past the deadline the turn ends ``cancelled``, its slot is
 free and the socket is closed with 1008. A disconnect, a keepalive timeout or the shutdown's
 close are the same: the client is gone, the turn is cancelled, never an engine error. On
-shutdown :class:`~streaming_llm.shutdown.LiveSockets` drains the socket: no new turns, the
+shutdown :class:`~streaming_llm.http.shutdown.LiveSockets` drains the socket: no new turns, the
 running one finishes or is cancelled after the grace period, then the socket is closed with 1001.
 """
 
@@ -29,11 +29,12 @@ import msgspec
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..conversations import Turn
-from ..errors import ServiceError, ShuttingDown
-from ..limits import Limits
-from ..metrics import Metrics
-from ..protocol import (
+from ...chat.conversations import Turn
+from ...chat.limits import Limits
+from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
+from ...errors import ServiceError, ShuttingDown
+from ...metrics import Metrics
+from ...protocol import (
     Cancel,
     Chat,
     Done,
@@ -48,7 +49,6 @@ from ..protocol import (
     head_decoder,
 )
 from ..shutdown import LiveSockets
-from ..turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from .errors import Busy
+from ..errors import Busy
 
 __all__ = ["Busy", "ConversationLocks", "GenerationGate"]
 

@@ -22,15 +22,15 @@ from typing import Literal
 import msgspec
 from sqlalchemy.orm import Session
 
+from ..errors import BadRequest, ConversationNotFound, ServiceError
+from ..files import write_atomically
+from ..ids import check_conversation_id
+from ..settings import Settings
+from ..storage import queries
+from ..storage.database import Database
+from ..storage.models import AgentRow, ConversationRow, TurnRow, utcnow
+from ..wire import Agent
 from .agents import agent_of
-from .errors import BadRequest, ConversationNotFound, ServiceError
-from .files import write_atomically
-from .ids import check_conversation_id
-from .settings import Settings
-from .storage import queries
-from .storage.database import Database
-from .storage.models import AgentRow, ConversationRow, TurnRow, utcnow
-from .wire import Agent
 
 log = logging.getLogger(__name__)
 

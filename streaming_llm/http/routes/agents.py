@@ -7,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..agents import AgentIn, AgentService
-from ..conversations import system_message
-from ..errors import AgentContextTooLong
-from ..ids import check_agent_id
+from ...chat.agents import AgentIn, AgentService
+from ...chat.conversations import system_message
+from ...errors import AgentContextTooLong
+from ...ids import check_agent_id
 from ..responses import JSONResponse, decode_body
 
 

@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..metrics import EngineSnapshot
+from ...metrics import EngineSnapshot
 
 
 async def metrics(request: Request) -> Response:

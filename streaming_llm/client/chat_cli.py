@@ -17,8 +17,8 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from .client import ApiError, ChatError, ChatEvent, ChatResult, ChatStream, get_agent, stream_chat
-from .protocol import Start, Token
+from ..protocol import Start, Token
+from .api import ApiError, ChatError, ChatEvent, ChatResult, ChatStream, get_agent, stream_chat
 
 EXIT_INTERRUPTED = 130  # the shell's convention for "ended by SIGINT"
 FATAL = ("socket_closed", "socket_open_failed", "stopped")

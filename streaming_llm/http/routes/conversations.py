@@ -7,9 +7,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..conversations import ConversationManager, ConversationPatch
-from ..errors import BadRequest
-from ..ids import check_agent_id, check_conversation_id
+from ...chat.conversations import ConversationManager, ConversationPatch
+from ...errors import BadRequest
+from ...ids import check_agent_id, check_conversation_id
 from ..responses import JSONResponse, decode_body
 
 

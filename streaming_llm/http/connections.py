@@ -39,8 +39,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .errors import ServiceError
-from .settings import Settings
+from ..errors import ServiceError
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from typing import Any
 
 import msgspec
 
-from . import __version__
-from .agents import AgentIn
-from .auth import is_public
-from .conversations import ConversationPatch, ConversationSummary, ConversationView
-from .export import ConversationExport
-from .openai_types import (
+from .. import __version__
+from ..chat.agents import AgentIn
+from ..chat.conversations import ConversationPatch, ConversationSummary, ConversationView
+from ..chat.export import ConversationExport
+from ..openai_types import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -31,9 +30,10 @@ from .openai_types import (
     ModelList,
     OpenAIError,
 )
-from .protocol import ClientFrame, ServerFrame
+from ..protocol import ClientFrame, ServerFrame
+from ..wire import Agent
+from .auth import is_public
 from .routes.health import HealthReport
-from .wire import Agent
 
 
 class ErrorDetail(msgspec.Struct):
@@ -255,7 +255,7 @@ def build(operations: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
 
 
 def _guard_responses(op: Operation) -> dict[int, Body]:
-    """What the guards in front of every route may answer (streaming_llm.guards)."""
+    """What the guards in front of every route may answer (streaming_llm.http.guards)."""
     out = {403: _error("A browser Origin that STREAMING_LLM_ALLOWED_ORIGINS does not list.")}
     if not is_public(op.path):
         out[401] = _error("Missing or invalid API key (only when the server has keys).")

@@ -8,7 +8,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .errors import BadRequest, ServiceError, ValidationFailed
+from ..errors import BadRequest, ServiceError, ValidationFailed
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..export import MEDIA_TYPE, SUFFIX, Exporter, check_format
+from ...chat.export import MEDIA_TYPE, SUFFIX, Exporter, check_format
 
 
 async def export_conversation(request: Request) -> Response:

@@ -6,7 +6,8 @@ limit and the setting that raises it:
 ========================  =======================================  ===============================
 limit                     where                                    refusal
 ========================  =======================================  ===============================
-request body              :class:`BodySizeLimit` (HTTP)            ``413 payload_too_large``
+request body              :class:`~streaming_llm.http.body_limit.  ``413 payload_too_large``
+                          BodySizeLimit` (HTTP middleware)
 socket frame              :meth:`Limits.check_frame`               ``frame_too_large`` (socket stays
                                                                    open; 4x the limit: uvicorn
                                                                    closes it with 1009)
@@ -16,7 +17,7 @@ turns queued per socket   the chat socket's reader                 ``busy``
 ``/v1`` messages          :meth:`Limits.check_messages`            ``message_too_large``,
                                                                    ``too_many_messages``,
                                                                    ``request_too_large``
-concurrent generations    :class:`~streaming_llm.admission.        waits; past the line ``busy``
+concurrent generations    :class:`~streaming_llm.chat.admission.   waits; past the line ``busy``
                           GenerationGate` (server-wide, per
                           client address)
 agent fields              ``agents.AgentIn`` bounds (characters)   ``422 validation_error``
@@ -28,15 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from .errors import Busy, ServiceError
-from .responses import error_response
-from .settings import Settings
-
-
-class PayloadTooLarge(ServiceError):
-    code, status = "payload_too_large", 413
+from ..errors import Busy, ServiceError
+from ..settings import Settings
 
 
 class LimitExceeded(ServiceError):
@@ -121,38 +115,3 @@ class Limits:
             raise Busy(
                 f"this socket already has {queued} turn(s) waiting behind the running one, the "
                 f"limit (STREAMING_LLM_MAX_QUEUED_TURNS); send more when a turn has ended")
-
-
-class BodySizeLimit:
-    """``413 payload_too_large`` for bodies over ``max_bytes``: by ``Content-Length`` before
-    reading anything, and while reading for chunked bodies."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _error(self, size: int | None) -> PayloadTooLarge:
-        stated = f"of {size} bytes " if size is not None else ""
-        return PayloadTooLarge(f"request body {stated}is larger than the limit of "
-                               f"{self.max_bytes} bytes (STREAMING_LLM_MAX_BODY_BYTES)")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for key, value in scope.get("headers", ()):
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await error_response(self._error(int(value)))(scope, receive, send)
-                return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._error(None)  # answered by the app's ServiceError handler
-            return message
-
-        await self.app(scope, limited, send)
