@@ -88,6 +88,7 @@ class Settings:
     window_tokens: int = _f(2000, "Recent tokens kept in the KV cache (clamped below the model's trained context).", ge=16, le=1_048_576)
     pin_agent_prefix: bool = _f(True, "Pin the whole rendered agent prefix (system prompt + Markdown context) as the cache's sinks, never evicted; off = only sink_tokens sinks, as in the StreamingLLM paper.")
     shared_prefixes: int = _f(4, "Agent prefixes whose KV cache is kept and copied into each new conversation (0 = prefill every time).", ge=0, le=1000)
+    max_batch: int = _f(0, "Conversations the local engine decodes together in one batch; more wait their turn in arrival order (0 = 8 on CPU, 32 on CUDA).", ge=0, le=4096)
     cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
     max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
 

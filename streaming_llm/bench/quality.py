@@ -58,7 +58,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..conversations import system_message
+from ..chat.conversations import system_message
 
 # torch and transformers are imported inside the functions: the CLI imports this module to build
 # its parser, and `streaming-llm serve` must not pay for that.
