@@ -19,9 +19,13 @@ reports per temperature and setting:
 ``facts``
     the agent's four facts (in its Markdown context) asked one question each in a fresh
     conversation: answers that contain the fact.
+``knowledge``
+    a few questions a new user asks first ("What is the capital of France?"), with the system
+    prompt of a plain helpful agent: answers that contain the answer.
 
-Each answer is one fresh conversation with seed ``--seed``, so settings are compared on the same
-random stream. Run ``streaming-llm bench sampling --help``; a quick run:
+Each answer is one fresh conversation; the prompts use seed ``--seed``, so settings are compared
+on the same random stream, and the short questions (facts, knowledge) are asked with each of
+``--seeds`` seeds from ``--seed`` on. Run ``streaming-llm bench sampling --help``; a quick run:
 ``--prompts 1 --max-new-tokens 48 --temperatures 0.2``.
 """
 
@@ -43,6 +47,13 @@ PROMPTS = (
     "Explain in detail how a bicycle works.",
     "Describe a day in the life of a lighthouse keeper.",
 )
+KNOWLEDGE = (
+    ("What is the capital of France?", "Paris"),
+    ("What is the largest planet in the solar system?", "Jupiter"),
+    ("Who wrote Romeo and Juliet?", "Shakespeare"),
+)
+HELPER = "You are a helpful assistant."
+PARTS = ("loops", "facts", "knowledge")
 # name=repetition_penalty:min_p
 SETTINGS = "off=1:0,rp1.05+minp=1.05:0.05,rp1.1=1.1:0,rp1.1+minp=1.1:0.05,rp1.15+minp=1.15:0.05"
 MAX_PERIOD = 32
@@ -61,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=24,
                         help="answer length cap for the facts (24)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds per short question (facts, knowledge) (1)")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine more threads wait on each "
                              "other; 0 = torch's default)")
@@ -132,7 +147,8 @@ async def _answer(engine: Any, conversation: str, messages: list[tuple[str, str]
 
 
 async def _measure(args: argparse.Namespace, temperatures: list[float],
-                   settings: list[tuple[str, float, float]], log: Any) -> dict[str, Any]:
+                   settings: list[tuple[str, float, float]], parts: list[str],
+                   log: Any) -> dict[str, Any]:
     from ..engines.base import GenerationOptions
     from ..engines.local import LocalEngine
     from ..settings import Settings
@@ -152,41 +168,53 @@ async def _measure(args: argparse.Namespace, temperatures: list[float],
             for label, penalty, min_p in settings:
                 started = time.perf_counter()
 
-                def options(max_new: int, penalty: float = penalty,
-                            min_p: float = min_p) -> GenerationOptions:
-                    return GenerationOptions(temperature=temperature, seed=args.seed,
+                def options(max_new: int, penalty: float = penalty, min_p: float = min_p,
+                            seed: int = args.seed,
+                            temperature: float = temperature) -> GenerationOptions:
+                    return GenerationOptions(temperature=temperature, seed=seed,
                                              repetition_penalty=penalty, min_p=min_p,
                                              max_new_tokens=max_new)
 
-                answers = []
-                for i, prompt in enumerate(PROMPTS[:args.prompts]):
+                answers: list[dict[str, Any]] = []
+                for i, prompt in enumerate(PROMPTS[:args.prompts] if "loops" in parts else ()):
                     text, reason = await _answer(engine, f"p{i}", [("user", prompt)],
                                                  options(args.max_new_tokens))
                     ids = prompts.encode_text(text)
                     answers.append({"prompt": prompt, "answer": text, "finish_reason": reason,
                                     "tokens": len(ids), "repeated_4grams": repeated_ngrams(ids),
                                     "longest_loop": longest_loop(ids)})
-                facts = []
-                for j, (_, question, expected) in enumerate(FACTS):
-                    text, _ = await _answer(engine, f"f{j}", [("system", system),
-                                                              ("user", question)],
-                                            options(args.answer_tokens))
-                    facts.append({"question": question, "expected": expected, "answer": text,
-                                  "correct": expected.lower() in text.lower()})
-                row = {
+                questions = [*(("facts", system, q, e) for _, q, e in FACTS
+                               if "facts" in parts),
+                             *(("knowledge", HELPER, q, e) for q, e in KNOWLEDGE
+                               if "knowledge" in parts)]
+                checked: dict[str, list[dict[str, Any]]] = {"facts": [], "knowledge": []}
+                for j, (part, prompt_system, question, expected) in enumerate(questions):
+                    for seed in range(args.seed, args.seed + args.seeds):
+                        text, _ = await _answer(engine, f"q{j}-{seed}",
+                                                [("system", prompt_system), ("user", question)],
+                                                options(args.answer_tokens, seed=seed))
+                        checked[part].append({"question": question, "expected": expected,
+                                              "seed": seed, "answer": text,
+                                              "correct": expected.lower() in text.lower()})
+                row: dict[str, Any] = {
                     "temperature": temperature, "setting": label,
-                    "repetition_penalty": penalty, "min_p": min_p,
-                    "repeated_4grams": sum(a["repeated_4grams"] for a in answers) / len(answers),
-                    "longest_loop": max(a["longest_loop"] for a in answers),
-                    "stopped": sum(a["finish_reason"] == "stop" for a in answers),
-                    "prompts": len(answers),
-                    "facts_correct": sum(f["correct"] for f in facts), "facts": len(facts),
-                    "answers": answers, "fact_answers": facts,
+                    "repetition_penalty": penalty, "min_p": min_p, "prompts": len(answers),
                 }
+                if answers:
+                    row.update({
+                        "repeated_4grams": (sum(a["repeated_4grams"] for a in answers)
+                                            / len(answers)),
+                        "longest_loop": max(a["longest_loop"] for a in answers),
+                        "stopped": sum(a["finish_reason"] == "stop" for a in answers),
+                        "answers": answers})
+                for part, results in checked.items():
+                    if results:
+                        row[f"{part}_correct"] = sum(r["correct"] for r in results)
+                        row[part] = len(results)
+                        row[f"{part}_answers"] = results
                 rows.append(row)
-                log(f"T={temperature} {label}: repeated 4-grams {row['repeated_4grams']:.2f}, "
-                    f"longest loop {row['longest_loop']}, facts {row['facts_correct']}/"
-                    f"{row['facts']} ({time.perf_counter() - started:.0f} s)")
+                log(f"T={temperature} {label}: {_cells(row)} "
+                    f"({time.perf_counter() - started:.0f} s)")
     finally:
         await engine.close()
     return {"model": name, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
@@ -199,6 +227,14 @@ def run(args: argparse.Namespace) -> int:
         settings = parse_settings(args.settings)
     except ValueError as exc:
         print(f"streaming-llm bench sampling: {exc}", file=sys.stderr)
+        return 2
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    if not parts or set(parts) - set(PARTS):
+        print(f"streaming-llm bench sampling: --only takes parts of {', '.join(PARTS)}, got "
+              f"{args.only!r}", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print("streaming-llm bench sampling: --seeds must be >= 1", file=sys.stderr)
         return 2
     if not 1 <= args.prompts <= len(PROMPTS):
         print(f"streaming-llm bench sampling: --prompts must be in 1..{len(PROMPTS)}",
@@ -215,20 +251,28 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    figures = asyncio.run(_measure(args, temperatures, settings, log))
+    figures = asyncio.run(_measure(args, temperatures, settings, parts, log))
     print(json.dumps(figures, indent=2) if args.json else _table(figures))
     return 0
 
 
+def _cells(row: dict[str, Any]) -> str:
+    cells = []
+    if row["prompts"]:
+        cells.append(f"repeated 4-grams {row['repeated_4grams']:.2f}, longest loop "
+                     f"{row['longest_loop']}, stopped {row['stopped']}/{row['prompts']}")
+    for part in ("facts", "knowledge"):
+        if part in row:
+            cells.append(f"{part} {row[f'{part}_correct']}/{row[part]}")
+    return ", ".join(cells)
+
+
 def _table(figures: dict[str, Any]) -> str:
     lines = [f"model {figures['model']}, seed {figures['seed']}, answers of at most "
-             f"{figures['max_new_tokens']} tokens",
-             f"{'T':>4} {'setting':<14} {'rep. pen.':>9} {'min_p':>6} {'repeated 4-grams':>17} "
-             f"{'longest loop':>13} {'stopped':>8} {'facts':>6}"]
+             f"{figures['max_new_tokens']} tokens"]
     for r in figures["rows"]:
-        lines.append(f"{r['temperature']:>4} {r['setting']:<14} {r['repetition_penalty']:>9} "
-                     f"{r['min_p']:>6} {r['repeated_4grams']:>17.2f} {r['longest_loop']:>13} "
-                     f"{r['stopped']:>4}/{r['prompts']:<3} {r['facts_correct']:>3}/{r['facts']}")
+        lines.append(f"T={r['temperature']} {r['setting']} (repetition_penalty "
+                     f"{r['repetition_penalty']}, min_p {r['min_p']}): {_cells(r)}")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ def test_bad_settings_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     for bad in (["--settings", "x=1.1"], ["--settings", "x=3:0"], ["--prompts", "9"],
-                ["--temperatures", "5"]):
+                ["--temperatures", "5"], ["--only", "loops,nonsense"], ["--seeds", "0"]):
         assert bench.run(parser.parse_args(bad)) == 2, bad
         assert "bench sampling" in capsys.readouterr().err
 
@@ -48,18 +48,33 @@ def test_tiny_run_through_the_engine(capsys: pytest.CaptureFixture[str],
     bench.add_arguments(parser)
     args = parser.parse_args(["--model", "demo", "--prompts", "2", "--max-new-tokens", "12",
                               "--answer-tokens", "3", "--temperatures", "0,0.7",
-                              "--settings", "off=1:0,on=2:0.05", "--threads", "0", "--json"])
+                              "--settings", "off=1:0,on=2:0.05", "--seeds", "2", "--threads", "0",
+                              "--json"])
     assert bench.run(args) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["model"] == "streaming-llm/demo"
     rows = {(r["temperature"], r["setting"]): r for r in figures["rows"]}
     assert set(rows) == {(0.0, "off"), (0.0, "on"), (0.7, "off"), (0.7, "on")}
     for row in rows.values():
-        assert row["prompts"] == 2 == len(row["answers"]) and row["facts"] == 4
+        assert row["prompts"] == 2 == len(row["answers"]) and row["facts"] == 4 * 2
+        assert row["knowledge"] == len(bench.KNOWLEDGE) * 2
+        assert {a["seed"] for a in row["knowledge_answers"]} == {1, 2}
         assert 0 <= row["repeated_4grams"] <= 1 and row["longest_loop"] >= 0
         for answer in row["answers"]:
             assert answer["tokens"] > 0  # the answer text, tokenized again
     # Greedy: penalties change what the model picks, so the two settings differ.
     assert rows[(0.0, "off")]["answers"] != rows[(0.0, "on")]["answers"]
     table = bench._table(figures)
-    assert "repeated 4-grams" in table and "longest loop" in table
+    assert "repeated 4-grams" in table and "longest loop" in table and "knowledge 0/6" in table
+
+
+def test_only_the_short_questions(capsys: pytest.CaptureFixture[str], tmp_path: object,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMING_LLM_DATA_DIR", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "demo", "--only", "knowledge", "--answer-tokens", "2",
+                              "--temperatures", "0.2", "--settings", "d=1.1:0.05", "--json"])
+    assert bench.run(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["prompts"] == 0 and "facts" not in row and row["knowledge"] == 3
