@@ -17,6 +17,7 @@ from .ids import check_agent_id
 from .storage import queries
 from .storage.database import Database
 from .storage.models import AgentRow
+from .wire import Agent
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,10 @@ class AgentIn(msgspec.Struct):
     id: str | None = None
 
 
-class Agent(msgspec.Struct):
-    id: str
-    name: str
-    system_prompt: str
-    markdown_context: str
-    created_at: str
-    updated_at: str
-
-    @classmethod
-    def from_row(cls, row: AgentRow) -> Agent:
-        return cls(row.id, row.name, row.system_prompt, row.markdown_context,
-                   row.created_at, row.updated_at)
+def agent_of(row: AgentRow) -> Agent:
+    return Agent(id=row.id, name=row.name, system_prompt=row.system_prompt,
+                 markdown_context=row.markdown_context, created_at=row.created_at,
+                 updated_at=row.updated_at)
 
 
 class AgentService:
@@ -59,14 +52,14 @@ class AgentService:
         self.files = files
 
     async def list(self) -> list[Agent]:
-        return [Agent.from_row(r) for r in await self.db.read(queries.list_agents)]
+        return [agent_of(r) for r in await self.db.read(queries.list_agents)]
 
     async def get(self, agent_id: str) -> Agent:
         check_agent_id(agent_id)
         row = await self.db.read(lambda session: queries.get_agent(session, agent_id))
         if row is None:
             raise AgentNotFound(f"agent {agent_id!r} not found")
-        return Agent.from_row(row)
+        return agent_of(row)
 
     async def upsert(self, agent_id: str, body: AgentIn) -> tuple[Agent, bool]:
         check_agent_id(agent_id)
@@ -101,7 +94,7 @@ class AgentService:
                               agent_id, exc)
             raise
         log.info("agent %s %s", agent_id, "created" if created else "updated")
-        return Agent.from_row(row), created
+        return agent_of(row), created
 
     async def delete(self, agent_id: str) -> None:
         check_agent_id(agent_id)

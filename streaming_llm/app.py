@@ -21,6 +21,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .admission import ConversationLocks, GenerationGate
 from .agent_files import AgentFiles
 from .agents import AgentService
 from .conversations import ConversationManager
@@ -29,13 +30,13 @@ from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .export import Exporter, TranscriptsDir
 from .guards import middleware
-from .limits import GenerationGate
 from .metrics import Metrics, MetricsMiddleware
 from .responses import JSONResponse, error_response
 from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
 from .shutdown import LiveSockets
 from .storage.database import Database
+from .turns import TurnRunner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Services:
     engine: Engine
     agents: AgentService
     conversations: ConversationManager
+    gate: GenerationGate  # generation slots, server-wide and per client address
+    turns: TurnRunner  # every chat turn, socket and /v1 alike
     sockets: LiveSockets  # open chat sockets, drained on shutdown
     metrics: Metrics
     engine_failure: str | None = None  # why the engine could not start, for /health
@@ -57,8 +60,13 @@ class State(TypedDict):
     services: Services
 
 
-def create_app(settings: Settings) -> Starlette:
-    """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first."""
+def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
+    """The app; ``app.state.drain()`` is the shutdown step that ``shutdown.Server`` runs first.
+
+    ``engine`` replaces the one ``settings.engine`` names (tests pass a scripted fake); the
+    lifespan starts and closes it like its own.
+    """
+    given_engine = engine
     guards = middleware(settings)  # first: a bad API key setting stops here, before any I/O
     sockets = LiveSockets()
     app_metrics = Metrics()  # before the lifespan: the middleware needs it
@@ -72,16 +80,18 @@ def create_app(settings: Settings) -> Starlette:
         if imported:
             log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)
         http = aiohttp.ClientSession()
-        engine = create_engine(settings, http)
+        engine = given_engine if given_engine is not None else create_engine(settings, http)
         transcripts = (None if settings.transcripts_dir is None
                        else TranscriptsDir(settings.transcripts_dir, Exporter(db)))
+        manager = ConversationManager(db, engine, default_max_new_tokens=settings.max_new_tokens,
+                                      metrics=app_metrics, transcripts=transcripts)
+        gate = GenerationGate(settings.max_concurrent_generations,
+                              settings.max_waiting_generations,
+                              per_client=settings.max_generations_per_client)
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
-            conversations=ConversationManager(
-                db, engine, default_max_new_tokens=settings.max_new_tokens, metrics=app_metrics,
-                transcripts=transcripts,
-                gate=GenerationGate(settings.max_concurrent_generations,
-                                    settings.max_waiting_generations)),
+            conversations=manager, gate=gate,
+            turns=TurnRunner(manager, gate, ConversationLocks()),
             sockets=sockets,
             metrics=app_metrics,
         )

@@ -34,8 +34,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 import msgspec
 
-from .engines.base import FinishReason, GenerationOptions, Usage
 from .protocol import Done, Error, Start, Token
+from .wire import Agent, FinishReason, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ class ChatError(Exception):
 
 
 # --- REST -----------------------------------------------------------------------------------------
-class Agent(msgspec.Struct, kw_only=True):
-    id: str
-    name: str
-    system_prompt: str = ""
-    markdown_context: str = ""
-    created_at: str | None = None
-    updated_at: str | None = None
-
-
 def _headers(api_key: str | None) -> dict[str, str]:
     # Placeholder for the server's API keys: sent as a bearer token when given.
     return {"authorization": f"Bearer {api_key}"} if api_key else {}

@@ -7,7 +7,6 @@ generation and the assistant turn after, in order, and builds the engine request
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -25,19 +24,16 @@ from .engines.base import (
     Engine,
     EngineRequest,
     Finished,
-    FinishReason,
-    GenerationOptions,
     PromptTokens,
     TextChunk,
-    Usage,
 )
 from .errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
 from .ids import check_conversation_id
-from .limits import GenerationGate
 from .metrics import Metrics
 from .storage import queries
 from .storage.database import Database
 from .storage.models import ConversationRow, TurnRow
+from .wire import FinishReason, GenerationOptions, Usage
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir
@@ -139,15 +135,13 @@ class Turn:
 
 class ConversationManager:
     def __init__(self, db: Database, engine: Engine, *, default_max_new_tokens: int,
-                 metrics: Metrics | None = None, transcripts: TranscriptsDir | None = None,
-                 gate: GenerationGate | None = None) -> None:
+                 metrics: Metrics | None = None, transcripts: TranscriptsDir | None = None
+                 ) -> None:
         self.db = db
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
         self.metrics = metrics or Metrics()
         self.transcripts = transcripts  # kept up to date after each answer, when set
-        # Server-wide bound on answers generated at once; callers hold a slot around a turn.
-        self.gate = gate if gate is not None else GenerationGate(slots=1 << 30, max_waiting=0)
 
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int,
@@ -239,6 +233,11 @@ class ConversationManager:
                 conversation = conversation_id
             else:  # deleted since it was read
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            if history and history[-1][0] == "user":
+                # The last answer was never stored (the disk filled, the process died): mark it
+                # failed, so user and assistant turns keep alternating.
+                queries.append_turn(session, conversation, role="assistant", content="",
+                                    finish_reason="error", request_id=None)
             return conversation, queries.append_turn(session, conversation, role="user",
                                                      content=message, request_id=request_id)
 
@@ -288,7 +287,7 @@ class ConversationManager:
         return Turn(request_id, request.conversation_id, "", request, stored=False, started=started)
 
     async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
-        """Yield the answer's text pieces; ``turn.pieces`` keeps what was yielded so far and
+        """Yield the answer's text pieces; ``turn.pieces`` keeps those the caller took and
         ``turn.finished`` receives the engine's :class:`Finished`."""
         stream = cast(AsyncGenerator[Chunk, None], self.engine.stream(turn.request))
         try:
@@ -302,8 +301,10 @@ class ConversationManager:
                         else:
                             self.metrics.inter_token.observe(now - turn.last_token_at)
                         turn.last_token_at = now
-                        turn.pieces.append(chunk.text)
                         yield chunk.text
+                        # Kept once the caller took it (sent it): a piece whose sending failed
+                        # or was cancelled is not part of the stored answer.
+                        turn.pieces.append(chunk.text)
                 elif isinstance(chunk, PromptTokens):
                     turn.prompt_tokens = chunk.count
                 elif isinstance(chunk, Finished):
@@ -335,7 +336,6 @@ class ConversationManager:
             await self.transcripts.update(turn.conversation_id)
         return turn_id
 
-
     async def discard(self, turn: Turn, reason: FinishReason, usage: Usage) -> None:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
         self.metrics.turn_ended(reason, usage)
@@ -346,9 +346,3 @@ def _title(message: str) -> str:
     line = message.strip().splitlines()[0] if message.strip() else ""
     return line[:80]
 
-
-async def store_partial(manager: ConversationManager, turn: Turn, reason: FinishReason,
-                        usage: Usage | None = None) -> str:
-    """Store a partial answer even while the calling task is being cancelled."""
-    usage = usage or turn.partial_usage()
-    return await asyncio.shield(manager.finish(turn, reason, usage))

@@ -35,7 +35,14 @@ class InvalidId(BadRequest):
 
 
 class ValidationFailed(ServiceError):
+    """A body that breaks its type; ``field`` is the path of the bad value (``messages[0].role``)
+    when there is one."""
+
     code, status = "validation_error", 422
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(ServiceError):
@@ -82,6 +89,12 @@ class EngineProtocolError(EngineError):
     """The engine answered something that breaks its wire protocol (a malformed line, no end)."""
 
     code = "engine_protocol_error"
+
+
+class Busy(ServiceError):
+    """A limit on waiting work is reached (generation slots, a socket's queue): try again."""
+
+    code, status = "busy", 503
 
 
 class ShuttingDown(ServiceError):

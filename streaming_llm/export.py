@@ -22,6 +22,7 @@ from typing import Literal
 import msgspec
 from sqlalchemy.orm import Session
 
+from .agents import agent_of
 from .errors import BadRequest, ConversationNotFound, ServiceError
 from .files import write_atomically
 from .ids import check_conversation_id
@@ -29,6 +30,7 @@ from .settings import Settings
 from .storage import queries
 from .storage.database import Database
 from .storage.models import AgentRow, ConversationRow, TurnRow, utcnow
+from .wire import Agent
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,6 @@ Format = Literal["markdown", "json"]
 FORMATS: tuple[Format, ...] = ("markdown", "json")
 SUFFIX = {"markdown": ".md", "json": ".json"}
 MEDIA_TYPE = {"markdown": "text/markdown; charset=utf-8", "json": "application/json"}
-
-
-class ExportedAgent(msgspec.Struct):
-    id: str
-    name: str
-    system_prompt: str
-    markdown_context: str
-    created_at: str
-    updated_at: str
 
 
 class ExportedTurn(msgspec.Struct):
@@ -68,7 +61,7 @@ class ConversationExport(msgspec.Struct):
     title: str
     created_at: str
     updated_at: str
-    agent: ExportedAgent | None  # the agent as it is now; None when it was deleted
+    agent: Agent | None  # the agent as it is now; None when it was deleted
     turns: list[ExportedTurn]
     exported_at: str
     format_version: int = 1
@@ -98,7 +91,7 @@ class Exporter:
         row, agent, turns = await self.db.read(load)
         return ConversationExport(
             id=row.id, agent_id=row.agent_id, title=row.title, created_at=row.created_at,
-            updated_at=row.updated_at, agent=None if agent is None else _agent(agent),
+            updated_at=row.updated_at, agent=None if agent is None else agent_of(agent),
             turns=[_turn(t) for t in turns], exported_at=utcnow())
 
     async def conversation_ids(self) -> list[str]:
@@ -112,11 +105,6 @@ class Exporter:
     async def render(self, conversation_id: str, fmt: Format) -> bytes:
         export = await self.load(conversation_id)
         return render_json(export) if fmt == "json" else render_markdown(export).encode()
-
-
-def _agent(row: AgentRow) -> ExportedAgent:
-    return ExportedAgent(row.id, row.name, row.system_prompt, row.markdown_context,
-                         row.created_at, row.updated_at)
 
 
 def _turn(row: TurnRow) -> ExportedTurn:

@@ -13,19 +13,24 @@ socket frame              :meth:`Limits.check_frame`               ``frame_too_l
 chat message              :meth:`Limits.check_chat`                ``message_too_large``
 ``max_new_tokens``        :meth:`Limits.check_chat`                ``max_new_tokens_too_large``
 turns queued per socket   the chat socket's reader                 ``busy``
-concurrent generations    :class:`GenerationGate` (server-wide)    waits; past the line ``busy``
+``/v1`` messages          :meth:`Limits.check_messages`            ``message_too_large``,
+                                                                   ``too_many_messages``,
+                                                                   ``request_too_large``
+concurrent generations    :class:`~streaming_llm.admission.        waits; past the line ``busy``
+                          GenerationGate` (server-wide, per
+                          client address)
 agent fields              ``agents.AgentIn`` bounds (characters)   ``422 validation_error``
 ========================  =======================================  ===============================
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ServiceError
+from .errors import Busy, ServiceError
 from .responses import error_response
 from .settings import Settings
 
@@ -35,11 +40,13 @@ class PayloadTooLarge(ServiceError):
 
 
 class LimitExceeded(ServiceError):
+    """A request over a limit; ``param`` names the part that is (``messages[0].content``)."""
+
     code, status = "limit_exceeded", 400
 
-
-class Busy(ServiceError):
-    code, status = "busy", 503
+    def __init__(self, message: str, *, code: str, param: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.param = param
 
 
 def ws_max_size(settings: Settings) -> int:
@@ -54,13 +61,17 @@ class Limits:
     max_message_chars: int
     max_new_tokens: int
     max_queued_turns: int
+    max_request_chars: int = 200_000
+    max_messages: int = 1000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(max_frame_bytes=settings.max_frame_bytes,
                    max_message_chars=settings.max_message_chars,
                    max_new_tokens=settings.max_new_tokens_limit,
-                   max_queued_turns=settings.max_queued_turns)
+                   max_queued_turns=settings.max_queued_turns,
+                   max_request_chars=settings.max_request_chars,
+                   max_messages=settings.max_messages)
 
     def check_frame(self, text: str) -> None:
         # Characters are a lower bound of UTF-8 bytes: encode only when it could matter.
@@ -74,57 +85,42 @@ class Limits:
                 f"frame of {size} bytes or more is larger than the limit of {self.max_frame_bytes} "
                 "bytes (STREAMING_LLM_MAX_FRAME_BYTES)", code="frame_too_large")
 
-    def check_chat(self, message: str, max_new_tokens: int | None) -> None:
+    def check_chat(self, message: str, max_new_tokens: int | None, *,
+                   param: str | None = None) -> None:
         """Check one chat request (socket frame or HTTP body) against the per-request limits."""
         if len(message) > self.max_message_chars:
             raise LimitExceeded(
                 f"message of {len(message)} characters is longer than the limit of "
                 f"{self.max_message_chars} (STREAMING_LLM_MAX_MESSAGE_CHARS)",
-                code="message_too_large")
+                code="message_too_large", param=param)
         if max_new_tokens is not None and max_new_tokens > self.max_new_tokens:
             raise LimitExceeded(
                 f"options.max_new_tokens={max_new_tokens} is above the server's limit of "
                 f"{self.max_new_tokens} (STREAMING_LLM_MAX_NEW_TOKENS_LIMIT)",
                 code="max_new_tokens_too_large")
 
+    def check_messages(self, contents: Sequence[str], max_new_tokens: int | None) -> None:
+        """A ``/v1`` request carries its whole history: every message obeys the message limit,
+        and their count and their characters together have limits of their own."""
+        if len(contents) > self.max_messages:
+            raise LimitExceeded(
+                f"{len(contents)} messages are more than the limit of {self.max_messages} "
+                "(STREAMING_LLM_MAX_MESSAGES)", code="too_many_messages", param="messages")
+        for i, content in enumerate(contents):
+            self.check_chat(content, None, param=f"messages[{i}].content")
+        total = sum(len(c) for c in contents)
+        if total > self.max_request_chars:
+            raise LimitExceeded(
+                f"the messages hold {total} characters together, more than the limit of "
+                f"{self.max_request_chars} (STREAMING_LLM_MAX_REQUEST_CHARS)",
+                code="request_too_large", param="messages")
+        self.check_chat("", max_new_tokens)
+
     def check_queue(self, queued: int) -> None:
         if queued >= self.max_queued_turns:
             raise Busy(
                 f"this socket already has {queued} turn(s) waiting behind the running one, the "
                 f"limit (STREAMING_LLM_MAX_QUEUED_TURNS); send more when a turn has ended")
-
-
-class GenerationGate:
-    """Admits at most ``slots`` generations at once across the server.
-
-    Turns beyond that wait in line, first come first served; when ``max_waiting`` turns are
-    already waiting, a new one is refused at once with :class:`Busy` instead of joining a line
-    it would take too long to leave.
-    """
-
-    def __init__(self, slots: int, max_waiting: int) -> None:
-        self.slots = slots
-        self.max_waiting = max_waiting
-        self._free = asyncio.Semaphore(slots)
-        self.waiting = 0
-        self.running = 0
-
-    async def acquire(self) -> None:
-        if self._free.locked() and self.waiting >= self.max_waiting:
-            raise Busy(
-                f"the server is busy: {self.running} answers are being generated and "
-                f"{self.waiting} turns are waiting (STREAMING_LLM_MAX_CONCURRENT_GENERATIONS, "
-                "STREAMING_LLM_MAX_WAITING_GENERATIONS); try again shortly")
-        self.waiting += 1
-        try:
-            await self._free.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-
-    def release(self) -> None:
-        self.running -= 1
-        self._free.release()
 
 
 class BodySizeLimit:

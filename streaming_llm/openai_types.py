@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from .engines.base import FinishReason
+from .wire import FinishReason
 
 StopString = Annotated[str, Meta(min_length=1, max_length=256)]
 

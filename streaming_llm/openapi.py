@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .agents import Agent, AgentIn
+from .agents import AgentIn
 from .auth import is_public
 from .conversations import ConversationPatch, ConversationSummary, ConversationView
 from .export import ConversationExport
@@ -33,6 +33,7 @@ from .openai_types import (
 )
 from .protocol import ClientFrame, ServerFrame
 from .routes.health import HealthReport
+from .wire import Agent
 
 
 class ErrorDetail(msgspec.Struct):

@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from .engines.base import FinishReason, GenerationOptions, Usage
+from .wire import FinishReason, GenerationOptions, Usage
 
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 AgentId = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
@@ -99,3 +99,25 @@ ServerFrame = Start | Token | Done | Error | Pong
 
 client_decoder = msgspec.json.Decoder(ClientFrame)
 encoder = msgspec.json.Encoder()
+CLIENT_TAGS = frozenset(t.__struct_config__.tag for t in (Chat, Cancel, Ping))
+
+
+class FrameHead(msgspec.Struct):
+    """The envelope of any client frame, decoded first so a bad frame is classified by what it
+    holds: a ``type`` that is no frame type is ``unknown_type``, anything else ``invalid_frame``."""
+
+    type: object = msgspec.UNSET
+    request_id: object = None
+
+    @property
+    def unknown_type(self) -> bool:
+        return self.type is not msgspec.UNSET and not (isinstance(self.type, str)
+                                                    and self.type in CLIENT_TAGS)
+
+    @property
+    def valid_request_id(self) -> str | None:
+        rid = self.request_id
+        return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+head_decoder = msgspec.json.Decoder(FrameHead)

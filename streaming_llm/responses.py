@@ -33,8 +33,18 @@ async def decode_body(request: Request, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        raise ValidationFailed(f"invalid body: {exc}") from None
+        raise ValidationFailed(f"invalid body: {exc}", field=invalid_field(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter on bad UTF-8
         raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:  # msgspec recurses into values it skips, e.g. unknown fields
         raise BadRequest("body is nested too deeply", code="invalid_json") from None
+
+
+def invalid_field(exc: msgspec.ValidationError) -> str | None:
+    """The path of the value a msgspec validation error is about (``options.temperature``), or
+    None when it is about the whole document. msgspec gives the path only as the last part of
+    its message, `` - at `$.path` ``; this is the one place that reads it."""
+    _, at, path = str(exc).rpartition(" - at `$")
+    if not at or not path.endswith("`"):
+        return None
+    return path[:-1].removeprefix(".") or None

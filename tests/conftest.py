@@ -8,7 +8,6 @@ import pytest
 from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
-from streaming_llm.engines import registry
 from streaming_llm.settings import Settings
 from streaming_llm.testing.postgres import PostgresServer, postgres_server
 
@@ -60,16 +59,14 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> ScriptedEngine:
-    """Route tests: the app's engine is a scripted fake (selected with engine='echo')."""
-    engine = ScriptedEngine()
-    monkeypatch.setitem(registry.ENGINES, "echo", lambda settings, http: engine)
-    return engine
+def scripted() -> ScriptedEngine:
+    """Route tests: the app's engine is a scripted fake (``create_app(settings, engine=...)``)."""
+    return ScriptedEngine()
 
 
 @pytest.fixture
 def client(settings: Settings, scripted: ScriptedEngine) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, engine=scripted)) as c:
         yield c
 
 

@@ -94,7 +94,7 @@ def test_files_dropped_or_edited_by_hand_are_imported(make_settings, scripted,  
                                                       caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings()
     agents_dir = settings.resolved_agents_dir
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, engine=scripted)) as c:
         put_agent(c, "edited", name="Before")
         put_agent(c, "untouched", name="Same")
     # Dropped in by hand, YAML block scalar for the system prompt.
@@ -107,7 +107,7 @@ def test_files_dropped_or_edited_by_hand_are_imported(make_settings, scripted,  
     _write(agents_dir / "broken.md", "no front matter here")
     _write(agents_dir / "BadName.md", render("BadName", "x", "", ""))
     _write(agents_dir / "mismatch.md", render("other", "x", "", ""))
-    with caplog.at_level("WARNING"), TestClient(create_app(settings)) as c:
+    with caplog.at_level("WARNING"), TestClient(create_app(settings, engine=scripted)) as c:
         agents = {a["id"]: a for a in c.get("/agents").json()}
     assert set(agents) == {"dropped", "edited", "untouched"}
     assert agents["dropped"]["name"] == "Dropped In"
@@ -122,11 +122,11 @@ def test_files_dropped_or_edited_by_hand_are_imported(make_settings, scripted,  
 
 def test_older_file_does_not_overwrite_newer_row(make_settings, scripted) -> None:  # type: ignore[no-untyped-def]
     settings = make_settings()
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, engine=scripted)) as c:
         put_agent(c, "a", name="Row wins")
     path = settings.resolved_agents_dir / "a.md"
     _write(path, render("a", "Stale file", "", ""), mtime=time.time() - 3600)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, engine=scripted)) as c:
         assert c.get("/agents/a").json()["name"] == "Row wins"
 
 

@@ -31,7 +31,7 @@ OTHER = secrets.token_urlsafe(24)
 
 @pytest.fixture
 def secured(make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(api_key=f"{KEY}, {OTHER}"))) as c:
+    with TestClient(create_app(make_settings(api_key=f"{KEY}, {OTHER}"), engine=scripted)) as c:
         yield c
 
 

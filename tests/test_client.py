@@ -123,8 +123,11 @@ async def test_errors_reject_the_turn(server: ServerProcess) -> None:
         assert info.value.code == "agent_not_found"
 
     chat = await stream_chat(server.base_url, "echoer").open()
+    events = chat.events()
     pending = asyncio.create_task(chat.send_message(LONG))
-    await asyncio.sleep(0.05)
+    async for event in events:  # the turn is under way: close it mid-answer
+        if isinstance(event, Token):
+            break
     await chat.close()
     with pytest.raises(ChatError) as info:
         await pending

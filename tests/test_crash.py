@@ -116,7 +116,9 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path, database_u
             time.sleep(0.01)
         for c in chatters:
             c.streaming.clear()
+        deadline = time.monotonic() + 30
         while not all(c.streaming.is_set() for c in chatters):  # every socket mid-answer
+            assert time.monotonic() < deadline, "the sockets stopped streaming"
             time.sleep(0.001)
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)

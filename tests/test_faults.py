@@ -166,7 +166,7 @@ def test_unwritable_agents_dir(make_settings: Callable[..., Settings], tmp_path:
                                scripted: Any) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the agents directory should be")
-    with TestClient(create_app(make_settings(agents_dir=blocker))) as client:
+    with TestClient(create_app(make_settings(agents_dir=blocker), engine=scripted)) as client:
         resp = client.put("/agents/a", json={"name": "A"})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
         assert "agents directory cannot be written" in resp.json()["error"]["message"]
@@ -208,6 +208,35 @@ def test_model_that_fails_to_load(tmp_path: Path) -> None:
         log = server.log()
     assert "ERROR streaming_llm.app: engine 'local' failed to start" in log
     assert "Traceback" not in log
+
+
+def test_disk_filling_mid_answer_keeps_user_and_assistant_turns_alternating(
+        client: TestClient, scripted: Any, disk: dict[str, bool]) -> None:
+    """The user turn is stored, the disk fills while the answer streams, the answer cannot be
+    stored: the client is told, and the conversation's next turn first records the lost answer
+    as an empty ``error`` turn, so no two user turns follow each other."""
+    put_agent(client, "helper")
+    scripted.pieces = ["y" * 50_000] * 3
+    scripted.delay = 0.05
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
+        start = ws.receive_json()
+        assert start["type"] == "start"
+        disk["full"] = True
+        while (frame := ws.receive_json())["type"] == "token":
+            pass
+        assert (frame["type"], frame["code"]) == ("error", "storage_unavailable")
+        assert frame["message"].startswith("the answer could not be stored")
+        disk["full"] = False
+        scripted.pieces = ["fine"]
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "again",
+                      "conversation_id": start["conversation_id"]})
+        _, _, done = recv_turn(ws)
+        assert done["type"] == "done"
+    turns = client.get(f"/conversations/{start['conversation_id']}").json()["turns"]
+    assert [(t["role"], t["content"], t["finish_reason"]) for t in turns] == [
+        ("user", "first", None), ("assistant", "", "error"),
+        ("user", "again", None), ("assistant", "fine", "stop")]
 
 
 # --- a hostile agents folder ------------------------------------------------------------------

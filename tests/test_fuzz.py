@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -47,6 +46,8 @@ AGENT_ID = re.compile(r"[a-z0-9_-]{1,64}")
 class RecordingSocket:
     """Stands in for the WebSocket: the frame handler only sends text."""
 
+    client = None
+
     def __init__(self) -> None:
         self.sent: list[str] = []
 
@@ -54,17 +55,31 @@ class RecordingSocket:
         self.sent.append(text)
 
 
-def handle_all(texts: list[str], queued_before: int = 0) -> tuple[ChatSocket, list[dict[str, Any]]]:
-    async def go() -> tuple[ChatSocket, list[dict[str, Any]]]:
+class ParkedRunner:
+    """A turn runner whose turns never end, so accepted chats stay queued behind the first."""
+
+    async def run(self, *args: Any) -> None:
+        await asyncio.Event().wait()
+
+
+def handle_all(texts: list[str], queued_before: int = 0) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The jobs the reader accepted (queued, in order) and its replies."""
+
+    async def go() -> tuple[list[Any], list[dict[str, Any]]]:
         ws = RecordingSocket()
-        manager = SimpleNamespace(metrics=Metrics())  # the reader only counts queued turns
-        sock = ChatSocket(ws, manager=manager, live=LiveSockets(), limits=LIMITS)  # type: ignore[arg-type]
+        sock = ChatSocket(ws, ParkedRunner(), LiveSockets(), LIMITS, Metrics(),  # type: ignore[arg-type]
+                          send_timeout_s=5)
         for i in range(queued_before):  # as if the worker were busy with earlier turns
             await sock.handle(json.dumps({"type": "chat", "agent_id": "a", "message": "m",
                                           "request_id": f"earlier-{i}"}))
         for text in texts:
             await sock.handle(text)
-        return sock, [json.loads(t) for t in ws.sent]
+        accepted = list(sock.jobs.values())
+        tasks = [job.task for job in accepted if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return accepted, [json.loads(t) for t in ws.sent]
 
     return asyncio.run(go())
 
@@ -88,10 +103,9 @@ def check_job(chat: Chat) -> None:
 
 
 def check_one(text: str) -> None:
-    sock, replies = handle_all([text])
-    jobs = list(sock.jobs.values())
+    jobs, replies = handle_all([text])
     if jobs:  # accepted: queued once, nothing said
-        assert replies == [] and len(jobs) == 1 and sock.queue.qsize() == 1
+        assert replies == [] and len(jobs) == 1
         check_job(jobs[0].frame)
     else:  # refused or answered: one reply (a bare cancel of nothing says nothing)
         assert len(replies) <= 1, replies
@@ -161,9 +175,9 @@ def test_truncated_frames(text: str, cut: int) -> None:
         "stop": st.lists(st.text(min_size=1, max_size=256), max_size=16),
         "seed": st.integers(0, 2**63 - 1)})))
 def test_valid_chats_are_queued_unchanged(frame: dict[str, Any]) -> None:
-    sock, replies = handle_all([_dumps(frame)])
+    jobs, replies = handle_all([_dumps(frame)])
     assert replies == []
-    (job,) = sock.jobs.values()
+    (job,) = jobs
     assert job.request_id == frame["request_id"]
     assert msgspec.to_builtins(job.frame.options) == frame["options"]
     assert (job.frame.agent_id, job.frame.message) == (frame["agent_id"], frame["message"])
@@ -172,11 +186,11 @@ def test_valid_chats_are_queued_unchanged(frame: dict[str, Any]) -> None:
 @settings(fuzz, max_examples=max(1, EXAMPLES // 3))
 @given(st.lists(near_valid_frames.map(_dumps), min_size=1, max_size=12))
 def test_sequences_keep_the_queue_bounded(texts: list[str]) -> None:
-    sock, replies = handle_all(texts, queued_before=2)
+    jobs, replies = handle_all(texts, queued_before=2)
     for reply in replies:
         check_reply(reply)
-    assert sock.queue.qsize() <= LIMITS.max_queued_turns
-    assert len(sock.jobs) == sock.queue.qsize()
+    assert len(jobs) <= LIMITS.max_queued_turns
+    assert len({job.request_id for job in jobs}) == len(jobs)
 
 
 # --- REST bodies ------------------------------------------------------------------------------

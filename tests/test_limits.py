@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from streaming_llm.admission import Busy, GenerationGate
 from streaming_llm.app import create_app
-from streaming_llm.limits import Busy, GenerationGate, LimitExceeded, Limits
+from streaming_llm.limits import LimitExceeded, Limits
 from streaming_llm.settings import Settings, SettingsError
 
 from .conftest import put_agent
@@ -19,14 +21,15 @@ from .fakes import ScriptedEngine
 from .test_chat import recv_turn
 
 
-def limited(make_settings: Callable[..., Settings], **limits: Any) -> TestClient:
-    return TestClient(create_app(make_settings(**limits)))
+def limited(make_settings: Callable[..., Settings], scripted: ScriptedEngine,
+            **limits: Any) -> TestClient:
+    return TestClient(create_app(make_settings(**limits), engine=scripted))
 
 
 # --- HTTP body --------------------------------------------------------------------------------
 def test_body_over_the_limit_is_413_by_length_and_while_streaming(
         make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
-    with limited(make_settings, max_body_bytes=2048) as client:
+    with limited(make_settings, scripted, max_body_bytes=2048) as client:
         big = b'{"name": "n", "system_prompt": "' + b"x" * 3000 + b'"}'
         resp = client.put("/agents/a", content=big, headers={"content-type": "application/json"})
         assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
@@ -74,7 +77,7 @@ def test_agent_field_sizes(client: TestClient, field: str, limit: int) -> None:
 # --- socket frames ----------------------------------------------------------------------------
 def test_frame_message_and_max_new_tokens_limits(make_settings: Callable[..., Settings],
                                                  scripted: ScriptedEngine) -> None:
-    with limited(make_settings, max_frame_bytes=4096, max_message_chars=100,
+    with limited(make_settings, scripted, max_frame_bytes=4096, max_message_chars=100,
                  max_new_tokens_limit=64, max_new_tokens=32) as client:
         put_agent(client, "helper")
         with client.websocket_connect("/ws/chat") as ws:
@@ -116,7 +119,7 @@ def test_check_frame_counts_bytes() -> None:
 def test_socket_queue_limit_answers_busy_and_keeps_the_rest(
         make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
     scripted.delay = 0.02
-    with limited(make_settings, max_queued_turns=2) as client:
+    with limited(make_settings, scripted, max_queued_turns=2) as client:
         put_agent(client, "helper")
         with client.websocket_connect("/ws/chat") as ws:
             ws.send_json({"type": "chat", "agent_id": "helper", "message": "m", "request_id": "q0"})
@@ -146,9 +149,9 @@ def test_server_gate_queues_then_refuses_and_cancel_works_while_waiting(
         make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
     scripted.pieces = [f"w{i} " for i in range(40)]
     scripted.delay = 0.01
-    with limited(make_settings, max_concurrent_generations=1, max_waiting_generations=1) as client:
+    with limited(make_settings, scripted, max_concurrent_generations=1, max_waiting_generations=1) as client:
         put_agent(client, "helper")
-        gate = client.app_state["services"].conversations.gate
+        gate = client.app_state["services"].gate
         with client.websocket_connect("/ws/chat") as a, \
                 client.websocket_connect("/ws/chat") as b, \
                 client.websocket_connect("/ws/chat") as c:
@@ -185,34 +188,52 @@ def recv_turn_rest(ws: Any) -> tuple[None, list[dict[str, Any]], dict[str, Any]]
 
 async def test_gate_counts_and_cancellation_do_not_leak_slots() -> None:
     gate = GenerationGate(slots=2, max_waiting=1)
-    await gate.acquire()
-    await gate.acquire()
-    assert (gate.running, gate.waiting) == (2, 0)
-    waiter = asyncio.ensure_future(gate.acquire())
-    await asyncio.sleep(0)
-    assert gate.waiting == 1
-    with pytest.raises(Busy):
-        await gate.acquire()
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert gate.waiting == 0
-    gate.release()
-    gate.release()
+    async with contextlib.AsyncExitStack() as held:
+        await held.enter_async_context(gate.slot())
+        await held.enter_async_context(gate.slot())
+        assert (gate.running, gate.waiting) == (2, 0)
+        waiter = asyncio.ensure_future(held.enter_async_context(gate.slot()))
+        await asyncio.sleep(0)
+        assert gate.waiting == 1
+        with pytest.raises(Busy):
+            async with gate.slot():
+                pass
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert gate.waiting == 0
     assert gate.running == 0
-    for _ in range(2):  # both slots are free again
-        await asyncio.wait_for(gate.acquire(), 1)
+    async with gate.slot(), gate.slot():  # both slots are free again
+        assert gate.running == 2
+
+
+async def test_one_client_address_cannot_take_every_slot() -> None:
+    """At its cap, an address waits; another address's turn goes ahead of it in the line."""
+    gate = GenerationGate(slots=3, max_waiting=10, per_client=2)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(2):
+            await held.enter_async_context(gate.slot("10.0.0.1"))
+        third = asyncio.ensure_future(held.enter_async_context(gate.slot("10.0.0.1")))
+        await asyncio.sleep(0)
+        assert (gate.running, gate.waiting) == (2, 1)
+        async with asyncio.timeout(1), gate.slot("10.0.0.2"):  # not behind the capped waiter
+            assert gate.running == 3 and gate.held_by("10.0.0.2") == 1
+        assert not third.done()  # the free slot is still not its: its address is at the cap
+        third.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await third
+    assert (gate.running, gate.waiting) == (0, 0)
 
 
 def test_openai_endpoint_shares_the_limits_and_the_gate(
         make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
     scripted.pieces = [f"w{i} " for i in range(40)]
     scripted.delay = 0.01
-    with limited(make_settings, max_message_chars=100, max_new_tokens_limit=64,
+    with limited(make_settings, scripted, max_message_chars=100, max_new_tokens_limit=64,
                  max_new_tokens=32, max_concurrent_generations=1,
                  max_waiting_generations=0) as client:
         put_agent(client, "helper")
-        gate = client.app_state["services"].conversations.gate
+        gate = client.app_state["services"].gate
 
         def complete(content: str, **extra: Any) -> Any:
             return client.post("/v1/chat/completions", json={

@@ -120,7 +120,7 @@ def test_engine_numbers_and_one_registry_per_app(settings: Settings,
 
     scripted.health = health  # type: ignore[method-assign]
     for _ in range(2):  # a second app in the same process has a registry of its own
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings, engine=scripted)) as client:
             put_agent(client, "helper")
             resp = client.post("/v1/chat/completions", json={
                 "model": "helper", "messages": [{"role": "user", "content": "hi"}]})

@@ -12,7 +12,6 @@ from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
 from streaming_llm.conversations import Turn
-from streaming_llm.engines import registry
 from streaming_llm.engines.base import (
     Chunk,
     EngineRequest,
@@ -80,9 +79,8 @@ class ReportingEngine(ScriptedEngine):
                                      decode_tokens_per_s=321.0))
 
 
-def test_engine_timings_win(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(registry.ENGINES, "echo", lambda s, http: ReportingEngine())
-    with TestClient(create_app(settings)) as client:
+def test_engine_timings_win(settings: Settings) -> None:
+    with TestClient(create_app(settings, engine=ReportingEngine())) as client:
         put_agent(client, "helper")
         with client.websocket_connect("/ws/chat") as ws:
             ws.send_json({"type": "chat", "agent_id": "helper", "message": "Hi"})

@@ -15,39 +15,34 @@ as :class:`streaming_llm.errors.EngineError` subclasses, with a stable ``code``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
-from msgspec import Meta
 
 from ..errors import EngineError
+from ..wire import FinishReason, GenerationOptions, Usage
+
+__all__ = [
+    "ChatMessage",
+    "Chunk",
+    "Engine",
+    "EngineHealth",
+    "EngineRequest",
+    "FinishReason",
+    "Finished",
+    "GenerationOptions",
+    "PromptTokens",
+    "Role",
+    "TextChunk",
+    "Usage",
+]
 
 Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
     role: Role
     content: str
-
-
-class GenerationOptions(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
-    """Sampling options; bounds live in the types so a bad socket frame names the bad field.
-
-    ``None`` means "the engine's / server's default".
-    """
-
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
-    max_new_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
-    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
-    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)] | None = None
-    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    # Against repetition loops (Ollama / llama.cpp names and meanings; README: Sampling).
-    repetition_penalty: Annotated[float, Meta(ge=0.5, le=2)] | None = None
-    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
-    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
 class EngineRequest(msgspec.Struct, frozen=True):
@@ -56,18 +51,6 @@ class EngineRequest(msgspec.Struct, frozen=True):
     messages: list[ChatMessage]  # system (if any), the stored history, then the new user message
     options: GenerationOptions
     max_new_tokens: int  # options.max_new_tokens resolved against the server default
-
-
-class Usage(msgspec.Struct, omit_defaults=True):
-    """Token counts and timings reported on ``done``; engine-specific fields default to None."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int | None = None  # prompt tokens served from a kept per-conversation cache
-    evicted_tokens: int | None = None  # tokens evicted from the conversation's cache so far
-    dropped_turns: int | None = None  # dense mode: oldest turns left out to fit the context
-    time_to_first_token_ms: float | None = None
-    decode_tokens_per_s: float | None = None
 
 
 class TextChunk(msgspec.Struct, frozen=True):

@@ -1,18 +1,20 @@
 """``/ws/chat``: many turns over one socket, tokens streamed as they are generated.
 
-Two tasks per socket: the reader decodes frames as they arrive (so ``cancel`` and ``ping`` are
-answered while a turn generates) and queues chat frames; the worker runs queued turns one at a
-time, in order. Cancelling a turn cancels the task that drains the engine stream, which closes
-the stream and so stops the engine at its next step; the partial answer is stored as
-``cancelled``. A disconnect cancels the worker the same way. On shutdown
-:class:`~streaming_llm.shutdown.LiveSockets` drains the socket: no new turns, the running one
-finishes or is cancelled after the grace period, then the socket is closed with 1001.
+The reader (the endpoint's own task) decodes frames as they arrive, so ``cancel`` and ``ping``
+are answered while a turn generates. Each chat frame becomes one job, one task: it waits for the
+turns queued before it on this socket (they run one at a time, in order), then hands the turn to
+the :class:`~streaming_llm.turns.TurnRunner` with this socket as the writer of its frames
+(``start``, ``token``) and writes the ending (``done`` or ``error``). ``cancel`` cancels the job's
+:class:`~streaming_llm.turns.TurnControl`: waiting, it ends ``cancelled`` before it started;
+running, its partial answer is stored as ``cancelled`` and ``done`` says so.
 
-Limits (:mod:`streaming_llm.limits`): the reader refuses oversized frames and messages, a
-``max_new_tokens`` over the ceiling and chats beyond the socket's queue; the worker waits for a
-server-wide generation slot before each turn (``cancel`` works while it waits) and answers ``busy``
-when the line for slots is full. A turn that fails unexpectedly is reported and logged; the
-socket keeps working.
+Every frame goes out with a deadline (``STREAMING_LLM_SEND_TIMEOUT_S``): uvicorn sends a frame
+only once the connection's write buffer is below its high-water mark (64 KiB), so a client that
+stops reading stalls its own turn, and past the deadline the turn ends ``cancelled``, its slot is
+free and the socket is closed with 1008. A disconnect, a keepalive timeout or the shutdown's
+close are the same: the client is gone, the turn is cancelled, never an engine error. On
+shutdown :class:`~streaming_llm.shutdown.LiveSockets` drains the socket: no new turns, the
+running one finishes or is cancelled after the grace period, then the socket is closed with 1001.
 """
 
 from __future__ import annotations
@@ -20,71 +22,129 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
-from sqlalchemy.exc import OperationalError
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..conversations import ConversationManager, Turn, store_partial
-from ..engines.base import FinishReason, Usage
-from ..errors import EngineError, ServiceError, ShuttingDown
-from ..limits import GenerationGate, Limits
-from ..protocol import Cancel, Chat, Done, Error, Ping, Pong, Start, Token, client_decoder, encoder
+from ..conversations import Turn
+from ..errors import ServiceError, ShuttingDown
+from ..limits import Limits
+from ..metrics import Metrics
+from ..protocol import (
+    Cancel,
+    Chat,
+    Done,
+    Error,
+    FrameHead,
+    Ping,
+    Pong,
+    Start,
+    Token,
+    client_decoder,
+    encoder,
+    head_decoder,
+)
 from ..shutdown import LiveSockets
-from ..storage.database import storage_error
+from ..turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT_CLOSE = 1008  # policy violation: the client did not read its frames
 
-@dataclass
+
+@dataclass(eq=False)
 class _Job:
+    """One chat frame's turn on this socket; it writes its own ``start`` and ``token`` frames."""
+
+    socket: ChatSocket
     frame: Chat
     request_id: str
-    cancelled: bool = False
+    control: TurnControl = field(default_factory=TurnControl)
+    task: asyncio.Task[None] | None = None
+    seq: int = 0
+    queued: bool = True  # counted in streaming_llm_turns_queued
+
+    def dequeue(self) -> None:
+        if self.queued:
+            self.queued = False
+            self.socket.metrics.turns_queued.dec()
+
+    def ended(self, task: asyncio.Task[None]) -> None:
+        # A done callback: it runs even for a task cancelled before it started.
+        self.dequeue()
+        self.socket.jobs.pop(self.request_id, None)
+
+    async def start(self, turn: Turn) -> None:
+        await self.socket.send(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
+
+    async def piece(self, turn: Turn, text: str) -> None:
+        await self.socket.send(Token(self.request_id, text, self.seq))
+        self.seq += 1
 
 
 class ChatSocket:
-    def __init__(self, ws: WebSocket, manager: ConversationManager, live: LiveSockets,
-                 limits: Limits) -> None:
+    def __init__(self, ws: WebSocket, runner: TurnRunner, live: LiveSockets, limits: Limits,
+                 metrics: Metrics, send_timeout_s: float) -> None:
         self.ws = ws
-        self.manager = manager
+        self.runner = runner
         self.live = live
         self.limits = limits
-        self.closed = False
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.metrics = metrics
+        self.send_timeout_s = send_timeout_s
+        self.client = ws.client.host if ws.client is not None else ""
+        self.closed = False  # closed by us, or the client is gone: nothing more is sent
         self.jobs: dict[str, _Job] = {}  # queued or running, by request id
         self.current: _Job | None = None
-        self.drain: asyncio.Task[None] | None = None
-        self.admission: asyncio.Task[None] | None = None  # the current job waiting for a slot
+        self.turns = asyncio.Lock()  # FIFO: the socket's turns run one at a time, in order
         self.send_lock = asyncio.Lock()
+        self.reader: asyncio.Task[None] | None = None
+        self.stalled: str | None = None  # why the client was given up on
 
     @property
     def busy(self) -> bool:
         return self.current is not None
 
     async def send(self, frame: msgspec.Struct) -> None:
+        """Send one frame within the send timeout; :class:`ClientGone` when it cannot go out."""
         async with self.send_lock:
-            if not self.closed:  # after a shutdown close, late frames have nowhere to go
-                await self.ws.send_text(encoder.encode(frame).decode())
+            if self.closed:  # after a close (ours, the client's, shutdown's) frames go nowhere
+                raise ClientGone
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.ws.send_text(encoder.encode(frame).decode())
+            except TimeoutError:
+                self.closed = True
+                self.stalled = (f"the client did not read for {self.send_timeout_s:g}s "
+                                "(STREAMING_LLM_SEND_TIMEOUT_S)")
+                log.warning("chat socket from %s: %s; closing it", self.client, self.stalled)
+                if self.reader is not None and self.reader is not asyncio.current_task():
+                    self.reader.cancel()  # it waits on receive(): stop it, it closes the socket
+                raise ClientGone from None
+            except (OSError, RuntimeError, WebSocketDisconnect) as exc:
+                # Disconnected, or closed meanwhile (keepalive timeout, uvicorn's shutdown).
+                self.closed = True
+                raise ClientGone from exc
 
     async def close(self, code: int, reason: str) -> None:
         async with self.send_lock:
-            if not self.closed:
-                self.closed = True
-                with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # already gone
-                    await self.ws.close(code, reason)
+            self.closed = True
+            await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str, timeout_s: float = 2.0) -> None:
+        # Bounded: the close frame waits for the write buffer like any frame.
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError, WebSocketDisconnect):
+            async with asyncio.timeout(timeout_s):
+                await self.ws.close(code, reason[:120])
 
     async def error(self, request_id: str | None, code: str, message: str, **extra: str) -> None:
         await self.send(Error(request_id=request_id, code=code, message=message, **extra))
 
     # reader -------------------------------------------------------------------------------------
     async def run(self) -> None:
-        worker = asyncio.create_task(self.work())
+        self.reader = asyncio.current_task()
         try:
             while True:
                 message = await self.ws.receive()
@@ -95,15 +155,20 @@ class ChatSocket:
                     await self.error(None, "bad_frame", "binary frames are not supported; send JSON text")
                     continue
                 await self.handle(text)
-        except WebSocketDisconnect:
+        except ClientGone:
             pass
+        except asyncio.CancelledError:
+            if self.stalled is None:
+                raise  # not ours: the server is going away
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
         finally:
-            self.manager.metrics.turns_queued.dec(self.queue.qsize())  # never to run
-            worker.cancel()
-            try:
-                await worker
-            except asyncio.CancelledError:
-                pass
+            self.closed = True
+            jobs = [job.task for job in self.jobs.values() if job.task is not None]
+            for task in jobs:
+                task.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            if self.stalled is not None:  # a client that reads again gets the reason
+                await self._close(SEND_TIMEOUT_CLOSE, self.stalled, self.send_timeout_s)
 
     async def handle(self, text: str) -> None:
         try:
@@ -114,8 +179,10 @@ class ChatSocket:
         try:
             frame = client_decoder.decode(text)
         except msgspec.ValidationError as exc:
-            code = "unknown_type" if "`$.type`" in str(exc) or "tag" in str(exc) else "invalid_frame"
-            await self.error(_peek_request_id(text), code, f"invalid frame: {exc}")
+            head = _head(text)
+            code = "unknown_type" if head is not None and head.unknown_type else "invalid_frame"
+            await self.error(None if head is None else head.valid_request_id, code,
+                             f"invalid frame: {exc}")
             return
         except (msgspec.DecodeError, UnicodeEncodeError) as exc:  # a lone surrogate: not UTF-8
             await self.error(None, "invalid_json", f"frame is not valid JSON: {exc}")
@@ -125,28 +192,32 @@ class ChatSocket:
             return
         match frame:
             case Chat():
-                request_id = frame.request_id or f"req_{uuid.uuid4().hex}"
-                if self.live.draining:
-                    await self.refuse(request_id)
-                    return
-                if request_id in self.jobs:
-                    await self.error(request_id, "duplicate_request_id",
-                                     f"request {request_id!r} is already queued or running")
-                    return
-                try:
-                    self.limits.check_chat(frame.message, frame.options.max_new_tokens)
-                    self.limits.check_queue(self.queue.qsize())
-                except ServiceError as exc:
-                    await self.error(request_id, exc.code, exc.message)
-                    return
-                job = _Job(frame, request_id)
-                self.jobs[request_id] = job
-                self.queue.put_nowait(job)
-                self.manager.metrics.turns_queued.inc()
+                await self.queue(frame)
             case Cancel():
                 await self.cancel(frame.request_id)
             case Ping():
                 await self.send(Pong(request_id=frame.request_id))
+
+    async def queue(self, frame: Chat) -> None:
+        request_id = frame.request_id or f"req_{uuid.uuid4().hex}"
+        if self.live.draining:
+            await self.refuse(request_id)
+            return
+        if request_id in self.jobs:
+            await self.error(request_id, "duplicate_request_id",
+                             f"request {request_id!r} is already queued or running")
+            return
+        try:
+            self.limits.check_chat(frame.message, frame.options.max_new_tokens)
+            self.limits.check_queue(len(self.jobs) - (self.current is not None))
+        except ServiceError as exc:
+            await self.error(request_id, exc.code, exc.message)
+            return
+        job = _Job(self, frame, request_id)
+        self.jobs[request_id] = job
+        self.metrics.turns_queued.inc()
+        job.task = asyncio.create_task(self.work(job), name=f"turn-{request_id}")
+        job.task.add_done_callback(job.ended)
 
     async def cancel(self, request_id: str | None) -> None:
         job = self.current if request_id is None else self.jobs.get(request_id)
@@ -155,168 +226,80 @@ class ChatSocket:
                 await self.error(request_id, "unknown_request",
                                  f"no queued or running request {request_id!r} on this socket")
             return  # nothing running: a bare cancel is a no-op
-        job.cancelled = True
-        if job is self.current:
-            for task in (self.drain, self.admission):
-                if task is not None:
-                    task.cancel()
+        job.control.cancel()
 
-    # worker -------------------------------------------------------------------------------------
-    async def work(self) -> None:
-        while True:
-            job = await self.queue.get()
-            self.manager.metrics.turns_queued.dec()
-            self.current = job
+    # one job ------------------------------------------------------------------------------------
+    async def work(self, job: _Job) -> None:
+        try:
             try:
-                if self.live.draining and not job.cancelled:
-                    await self.refuse(job.request_id)
-                elif await self.admit(job):
-                    try:
-                        await self.run_turn(job)
-                    finally:
-                        self.manager.gate.release()
-            except WebSocketDisconnect:
-                return  # the reader sees the disconnect too and ends the socket
-            except Exception:  # one broken turn must not take the socket down with it
-                log.exception("turn %s failed unexpectedly", job.request_id)
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise asyncio.CancelledError from None  # the socket is closing: stop
-                with contextlib.suppress(Exception):
-                    await self.error(job.request_id, "internal_error", "internal server error")
+                async with job.control.cancellable():
+                    await self.turns.acquire()
+            finally:
+                job.dequeue()
+            try:
+                self.current = job
+                await self.run_turn(job)
             finally:
                 self.current = None
-                self.jobs.pop(job.request_id, None)
-
-    async def admit(self, job: _Job) -> bool:
-        """Wait for a generation slot; False (the client told why) when refused or cancelled."""
-        if job.cancelled:
-            await self.error(job.request_id, "cancelled", "cancelled before it started")
-            return False
-        gate = self.manager.gate
-        waiter = asyncio.ensure_future(gate.acquire())
-        self.admission = waiter
-        try:
-            # asyncio.wait: a cancel of the waiter alone (the client's) does not raise here.
-            await asyncio.wait([waiter])
-        except asyncio.CancelledError:  # disconnect or shutdown while waiting
-            waiter.cancel()
-            waiter.add_done_callback(_release_if_acquired(gate))
-            raise
+                self.turns.release()
+        except TurnCancelled:
+            with contextlib.suppress(ClientGone):
+                await self.error(job.request_id, "cancelled", "cancelled before it started")
+        except ClientGone:
+            pass  # the reader sees it too, and ends the socket
+        except Exception:  # one broken turn must not take the socket down with it
+            log.exception("turn %s failed unexpectedly", job.request_id)
+            with contextlib.suppress(ClientGone):
+                await self.error(job.request_id, "internal_error", "internal server error")
         finally:
-            self.admission = None
-        if waiter.cancelled():
-            await self.error(job.request_id, "cancelled", "cancelled before it started")
-            return False
-        exc = waiter.exception()
-        if isinstance(exc, ServiceError):
-            await self.error(job.request_id, exc.code, exc.message)
-            return False
-        if exc is not None:
-            raise exc
-        return True
+            self.jobs.pop(job.request_id, None)
 
     async def run_turn(self, job: _Job) -> None:
         frame, request_id = job.frame, job.request_id
-        try:
-            turn = await self.manager.begin(
-                request_id=request_id, agent_id=frame.agent_id, message=frame.message,
-                conversation_id=frame.conversation_id, options=frame.options)
-        except (ServiceError, OperationalError) as exc:
-            refused = storage_error(exc) if isinstance(exc, OperationalError) else exc
-            await self.error(request_id, refused.code, refused.message)
+        if self.live.draining and not job.control.cancelled:
+            await self.refuse(request_id)
             return
-        log.info("turn %s started: conversation %s", request_id, turn.conversation_id)
-        await self.send(Start(request_id, turn.conversation_id, turn.user_turn_id))
-        started = time.perf_counter()
-        self.drain = asyncio.create_task(self.stream(turn))
-        if job.cancelled:  # cancelled while the user turn was being stored
-            self.drain.cancel()
-        reason: FinishReason
-        failure: EngineError | None = None
-        usage: Usage
+        spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
+                        options=frame.options, conversation_id=frame.conversation_id,
+                        client=self.client)
         try:
-            await self.drain
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                # Disconnect or shutdown: keep what was streamed, then let the cancel through.
-                await store_partial(self.manager, turn, "cancelled")
-                log.info("turn %s cancelled by disconnect", request_id)
-                raise
-        except WebSocketDisconnect:  # gone while tokens were sent: a disconnect, not a failure
-            await store_partial(self.manager, turn, "cancelled")
-            raise
-        except EngineError as exc:
-            failure = exc
-        except Exception as exc:  # an engine bug must not kill the socket
-            log.exception("turn %s failed", request_id)
-            failure = EngineError(f"generation failed: {exc.__class__.__name__}")
-        finally:
-            self.drain = None
+            ending = await self.runner.run(spec, job, job.control)
+        except ServiceError as exc:  # refused before anything was stored
+            await self.error(request_id, exc.code, exc.message)
+            return
+        await self.end(job, ending)
 
-        if failure is not None:
-            reason, usage = "error", turn.partial_usage()
-        elif turn.finished is None:
-            reason, usage = "cancelled", turn.partial_usage()
-        else:
-            reason, usage = turn.finished.reason, turn.finished.usage
-        try:
-            turn_id = await store_partial(self.manager, turn, reason, usage)
-        except (OperationalError, ServiceError) as exc:
-            failed: ServiceError = (storage_error(exc) if isinstance(exc, OperationalError)
-                                    else exc)
-            await self.error(request_id, failed.code,
+    async def end(self, job: _Job, ending: Ending) -> None:
+        conversation_id = ending.conversation_id
+        if ending.turn_id is None and ending.failure is not None:
+            failed = ending.failure
+            await self.error(job.request_id, failed.code,
                              f"the answer could not be stored: {failed.message}",
-                             conversation_id=turn.conversation_id)
-            return
-        elapsed = time.perf_counter() - started
-        log.info("turn %s finished: %s, %d pieces in %.2fs", request_id, reason, len(turn.pieces),
-                 elapsed)
-        if failure is not None:
-            await self.error(request_id, failure.code, failure.message,
-                             conversation_id=turn.conversation_id, turn_id=turn_id)
+                             conversation_id=conversation_id)
+        elif ending.failure is not None:
+            await self.error(job.request_id, ending.failure.code, ending.failure.message,
+                             conversation_id=conversation_id, turn_id=ending.turn_id or "")
         else:
-            await self.send(Done(request_id, turn.conversation_id, turn_id, reason, usage))
+            await self.send(Done(job.request_id, conversation_id, ending.turn_id or "",
+                                 ending.reason, ending.usage))
 
     async def refuse(self, request_id: str) -> None:
         exc = ShuttingDown("the server is shutting down; send the turn again once it is back")
         await self.error(request_id, exc.code, exc.message)
 
-    async def stream(self, turn: Turn) -> None:
-        seq = 0
-        async for piece in self.manager.generate(turn):
-            await self.send(Token(turn.request_id, piece, seq))
-            seq += 1
 
-
-class _RequestId(msgspec.Struct):
-    request_id: str | None = None
-
-
-_peek_decoder = msgspec.json.Decoder(_RequestId)
-
-
-def _peek_request_id(text: str) -> str | None:
-    """Best effort: the request_id of a frame that failed validation, so the error can carry it."""
+def _head(text: str) -> FrameHead | None:
     try:
-        rid = _peek_decoder.decode(text).request_id
-    except (msgspec.MsgspecError, RecursionError):
+        return head_decoder.decode(text)
+    except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
         return None
-    return rid if rid is not None and 0 < len(rid) <= 128 else None
-
-
-def _release_if_acquired(gate: GenerationGate) -> Callable[[asyncio.Future[None]], None]:
-    def done(waiter: asyncio.Future[None]) -> None:
-        if not waiter.cancelled() and waiter.exception() is None:
-            gate.release()
-
-    return done
 
 
 async def chat_endpoint(ws: WebSocket) -> None:
     await ws.accept()
     services = ws.state.services
-    chat = ChatSocket(ws, services.conversations, services.sockets,
-                      Limits.from_settings(services.settings))
+    chat = ChatSocket(ws, services.turns, services.sockets, Limits.from_settings(services.settings),
+                      services.metrics, services.settings.send_timeout_s)
     with services.sockets.track(chat):
         await chat.run()
 

@@ -19,22 +19,27 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 import msgspec
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from ..agents import Agent
-from ..conversations import ConversationManager, Turn, store_partial
-from ..engines.base import ChatMessage, FinishReason, GenerationOptions, Usage
-from ..errors import AgentNotFound, BadRequest, EngineError, InvalidId, NotFound, ServiceError
+from ..conversations import Turn
+from ..engines.base import ChatMessage
+from ..errors import (
+    AgentNotFound,
+    BadRequest,
+    InvalidId,
+    NotFound,
+    ServiceError,
+    ValidationFailed,
+)
 from ..limits import Limits
 from ..openai_types import (
     AssistantMessage,
@@ -54,6 +59,8 @@ from ..openai_types import (
     openai_finish_reason,
 )
 from ..responses import JSONResponse, decode_body
+from ..turns import ClientGone, Ending, TurnRunner, TurnSpec
+from ..wire import Agent, FinishReason, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,6 @@ CONVERSATION_HEADER = "x-conversation-id"
 NEW_CONVERSATION = "new"
 
 _encoder = msgspec.json.Encoder()
-_FIELD = re.compile(r"at `\$\.([^`]+)`")
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
                 409: "invalid_request_error", 429: "rate_limit_error"}
 
@@ -83,8 +89,8 @@ def openai_error_response(exc: ServiceError) -> JSONResponse:
     param = getattr(exc, "param", None)
     if isinstance(exc, AgentNotFound):
         code, param = "model_not_found", "model"
-    elif param is None and (found := _FIELD.search(exc.message)):
-        param = found.group(1)
+    elif param is None and isinstance(exc, ValidationFailed):
+        param = exc.field
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     body = OpenAIError(OpenAIErrorDetail(exc.message, kind, param, code))
     return JSONResponse(body, status_code=status)
@@ -204,156 +210,158 @@ async def chat_completions(request: Request) -> Response:
     messages, options = _messages(body), _options(body)
     conversation_id = _conversation_id(request, body)
     services = request.state.services
-    Limits.from_settings(services.settings).check_chat(messages[-1].content, options.max_new_tokens)
-    manager: ConversationManager = services.conversations
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    await manager.gate.acquire()  # a generation slot, as for the socket (busy: 503)
+    Limits.from_settings(services.settings).check_messages([m.content for m in messages],
+                                                           options.max_new_tokens)
+    stored = conversation_id is not None
+    spec = TurnSpec(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}", agent_id=body.model,
+        message=messages[-1].content, options=options,
+        conversation_id=None if conversation_id in (None, NEW_CONVERSATION) else conversation_id,
+        client=request.client.host if request.client is not None else "",
+        history=None if stored else messages)
+    answer = _Answer(stream=bool(body.stream), send_timeout_s=services.settings.send_timeout_s)
+    work = asyncio.create_task(answer.produce(services.turns, spec), name=spec.request_id)
     try:
-        if conversation_id is None:
-            turn = await manager.begin_unstored(request_id=request_id, agent_id=body.model,
-                                                messages=messages, options=options)
-        else:
-            turn = await manager.begin(
-                request_id=request_id, agent_id=body.model, message=messages[-1].content,
-                conversation_id=None if conversation_id == NEW_CONVERSATION else conversation_id,
-                options=options)
-    except AgentNotFound:
-        manager.gate.release()
-        raise _model_not_found(body.model) from None
+        first = await _unless_disconnected(request, answer.next())
+    except ClientDisconnect:  # nobody reads the answer: 499, nginx's "client closed request"
+        await _stop(work)
+        return Response(status_code=499)
     except BaseException:
-        manager.gate.release()
+        await _stop(work)
         raise
-    return TurnResponse(manager, turn, body)  # gives the slot back when the answer ends
+    if isinstance(first, ServiceError):  # refused before anything was stored
+        raise _model_not_found(body.model) if isinstance(first, AgentNotFound) else first
+    headers = {} if answer.conversation_id is None or not stored else {
+        CONVERSATION_HEADER: answer.conversation_id}
+    reply = _Reply(spec.request_id, body)
+    if isinstance(first, Ending) and first.failure is not None:  # before the first piece
+        failed = openai_error_response(first.failure)
+        failed.headers.update(headers)
+        return failed
+    if not body.stream:
+        assert isinstance(first, Ending)
+        return JSONResponse(reply.completion(answer.text, first), headers=headers)
+    return StreamingResponse(
+        reply.events(first, answer), media_type="text/event-stream; charset=utf-8",
+        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        background=BackgroundTask(_stop, work))
 
 
 # --- chat completions: the answer ---------------------------------------------------------------
-class TurnResponse(Response):
-    """Runs the turn while answering, as one ``chat.completion`` or as server-sent events.
+_Item = str | Ending | ServiceError  # a piece, the ending, or a refusal before the start
 
-    Its own task runs the turn; this one waits for whichever ends first, the turn or the client.
-    An engine failure before the first piece is an HTTP error; after it (streaming), an
-    ``error`` event ends the stream.
-    """
 
-    def __init__(self, manager: ConversationManager, turn: Turn,
-                 body: ChatCompletionRequest) -> None:
-        self.manager, self.turn, self.params = manager, turn, body
-        self.created = int(time.time())
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.extra_headers = [] if not turn.stored else [
-            (CONVERSATION_HEADER.encode(), turn.conversation_id.encode())]
-        self.send: Send | None = None
-        self.streaming = False  # the 200 and the first event went out
+class _Answer:
+    """The turn's writer: hands pieces to the response through a short queue, so a client that
+    stops reading stalls its own turn; past the send timeout the turn ends ``cancelled``."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.send = send
-        work = asyncio.create_task(self.run(), name=f"turn-{self.turn.request_id}")
-        watch = asyncio.create_task(_disconnected(receive))
+    def __init__(self, *, stream: bool, send_timeout_s: float) -> None:
+        self.stream = stream
+        self.send_timeout_s = send_timeout_s
+        self.items: asyncio.Queue[_Item] = asyncio.Queue(maxsize=64)
+        self.conversation_id: str | None = None
+        self.pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    async def produce(self, runner: TurnRunner, spec: TurnSpec) -> None:
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not work.done():
-                log.info("turn %s: client went away, cancelling", self.turn.request_id)
-                work.cancel()
+            ending: _Item = await runner.run(spec, self)
+        except ServiceError as exc:
+            ending = exc
+        except ClientGone:
+            return  # stopped reading: the turn is stored as cancelled, nobody waits for more
+        await self.items.put(ending)
+
+    async def next(self) -> _Item:
+        return await self.items.get()
+
+    async def start(self, turn: Turn) -> None:
+        self.conversation_id = turn.conversation_id
+
+    async def piece(self, turn: Turn, text: str) -> None:
+        self.pieces.append(text)
+        if self.stream:
             try:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-            finally:
-                self.manager.gate.release()  # taken in chat_completions
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.items.put(text)
+            except TimeoutError:
+                log.warning("turn %s: the client did not read for %gs, cancelling",
+                            turn.request_id, self.send_timeout_s)
+                raise ClientGone from None
 
-    async def run(self) -> None:
-        turn, on_piece = self.turn, (self.stream_piece if self.params.stream else _ignore)
-        failure: EngineError | None = None
-        try:
-            async with contextlib.aclosing(self.manager.generate(turn)) as pieces:
-                async for piece in pieces:
-                    await on_piece(piece)
-        except asyncio.CancelledError:
-            await self.end("cancelled", turn.partial_usage())
-            raise
-        except EngineError as exc:
-            failure = exc
-        except Exception as exc:  # an engine bug: answer 502 rather than drop the connection
-            log.exception("turn %s failed", turn.request_id)
-            failure = EngineError(f"generation failed: {exc.__class__.__name__}")
 
-        if failure is not None or turn.finished is None:
-            failure = failure or EngineError("the engine ended the answer without a finish reason")
-            await self.end("error", turn.partial_usage())
-            await self.fail(failure)
+class _Reply:
+    """OpenAI's bodies for one answer: one ``chat.completion``, or server-sent events."""
+
+    def __init__(self, request_id: str, params: ChatCompletionRequest) -> None:
+        self.request_id, self.params = request_id, params
+        self.created = int(time.time())
+        self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
+
+    def completion(self, text: str, ending: Ending) -> ChatCompletion:
+        return ChatCompletion(self.request_id, self.created, self.params.model,
+                              [Choice(0, AssistantMessage(content=text),
+                                      openai_finish_reason(ending.reason))], _usage(ending.usage))
+
+    async def events(self, first: _Item, answer: _Answer) -> AsyncIterator[bytes]:
+        yield self.chunk(Delta(role="assistant", content=""))
+        item = first
+        while isinstance(item, str):
+            yield self.chunk(Delta(content=item))
+            item = await answer.next()
+        failure = item if isinstance(item, ServiceError) else item.failure
+        if failure is not None:  # OpenAI's clients raise on a data event carrying "error"
+            yield _event(bytes(openai_error_response(failure).body))
             return
-        reason, usage = turn.finished.reason, turn.finished.usage
-        await self.end(reason, usage)
-        if self.params.stream:
-            await self.stream_end(reason, usage)
-        else:
-            await self.complete(reason, usage)
-
-    async def end(self, reason: FinishReason, usage: Usage) -> None:
-        if self.turn.stored:
-            await store_partial(self.manager, self.turn, reason, usage)
-        else:
-            await self.manager.discard(self.turn, reason, usage)
-
-    # one chat.completion --------------------------------------------------------------------------
-    async def complete(self, reason: FinishReason, usage: Usage) -> None:
-        message = AssistantMessage(content="".join(self.turn.pieces))
-        body = ChatCompletion(self.turn.request_id, self.created, self.params.model,
-                              [Choice(0, message, openai_finish_reason(reason))], _usage(usage))
-        await self.respond(200, "application/json", _encoder.encode(body), more=False)
-
-    async def fail(self, exc: ServiceError) -> None:
-        body = bytes(openai_error_response(exc).body)
-        if self.streaming:
-            await self.event(body)  # OpenAI's clients raise on a data event carrying "error"
-            await self.body_part(b"", more=False)
-        else:
-            await self.respond(exc.status, "application/json", body, more=False)
-
-    # server-sent events ---------------------------------------------------------------------------
-    async def stream_piece(self, piece: str) -> None:
-        if not self.streaming:
-            await self.respond(200, "text/event-stream; charset=utf-8", b"", more=True)
-            self.streaming = True
-            await self.chunk(Delta(role="assistant", content=""))
-        await self.chunk(Delta(content=piece))
-
-    async def stream_end(self, reason: FinishReason, usage: Usage) -> None:
-        if not self.streaming:  # an empty answer
-            await self.respond(200, "text/event-stream; charset=utf-8", b"", more=True)
-            self.streaming = True
-            await self.chunk(Delta(role="assistant", content=""))
-        await self.chunk(Delta(), openai_finish_reason(reason))
+        assert isinstance(item, Ending)
+        yield self.chunk(Delta(), item.reason)
         if self.include_usage:
-            await self.event(_encoder.encode(ChatCompletionChunk(
-                self.turn.request_id, self.created, self.params.model, [], _usage(usage))))
-        await self.event(b"[DONE]")
-        await self.body_part(b"", more=False)
+            yield _event(_encoder.encode(ChatCompletionChunk(
+                self.request_id, self.created, self.params.model, [], _usage(item.usage))))
+        yield _event(b"[DONE]")
 
-    async def chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> None:
+    def chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> bytes:
         reason = None if finish_reason is None else openai_finish_reason(finish_reason)
-        chunk = ChatCompletionChunk(self.turn.request_id, self.created, self.params.model,
-                                    [ChunkChoice(0, delta, reason)])
-        await self.event(_encoder.encode(chunk))
+        return _event(_encoder.encode(ChatCompletionChunk(
+            self.request_id, self.created, self.params.model, [ChunkChoice(0, delta, reason)])))
 
-    async def event(self, data: bytes) -> None:
-        await self.body_part(b"data: " + data + b"\n\n", more=True)
 
-    # ASGI -------------------------------------------------------------------------------------------
-    async def respond(self, status: int, content_type: str, body: bytes, *, more: bool) -> None:
-        assert self.send is not None
-        headers = [(b"content-type", content_type.encode()), *self.extra_headers]
-        if more:
-            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        else:
-            headers.append((b"content-length", str(len(body)).encode()))
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-        await self.body_part(body, more=more)
+def _event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
 
-    async def body_part(self, body: bytes, *, more: bool) -> None:
-        assert self.send is not None
-        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+
+async def _unless_disconnected(request: Request, waiting: Awaitable[_Item]) -> _Item:
+    """What ``waiting`` gives, unless the client goes away first (:class:`ClientDisconnect`).
+
+    Only until the response starts: from then on :class:`StreamingResponse` watches for it.
+    """
+    result = asyncio.ensure_future(waiting)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not result.done():
+        result.cancel()
+        raise ClientDisconnect
+    return result.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stop(work: asyncio.Task[None]) -> None:
+    """End the turn's task (a no-op once it ended): a cancel stores the partial answer."""
+    if not work.done():
+        log.info("turn %s: client went away, cancelling", work.get_name())
+        work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
 
 
 def _usage(usage: Usage) -> CompletionUsage:
@@ -364,15 +372,6 @@ def _usage(usage: Usage) -> CompletionUsage:
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
         prompt_tokens_details=details, time_to_first_token_ms=usage.time_to_first_token_ms,
         decode_tokens_per_s=usage.decode_tokens_per_s)
-
-
-async def _ignore(piece: str) -> None:
-    return None
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 routes = [
