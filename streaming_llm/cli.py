@@ -14,7 +14,7 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load", "quality", "concurrency", "speed")
+BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ from .turn import Turn
 
 log = logging.getLogger("streaming_llm.engines.local")
 
-DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TEMPERATURE = 0.2  # SmolLM2-135M answers "What is the capital of France?" wrong at 0.7 (README)
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 0
 DEFAULT_MIN_P = 0.05  # llama.cpp's default
