@@ -455,3 +455,15 @@ async def test_demo_model_is_selected_by_name(make_engine: MakeEngine, tmp_path:
     assert finished.usage.completion_tokens > 0
     # The demo model writes printable ASCII nonsense, not control bytes or broken UTF-8.
     assert text and all(c == "\n" or (c.isascii() and c.isprintable()) for c in text)
+
+
+async def test_count_tokens_is_the_prompt_a_turn_reads(make_engine: MakeEngine,
+                                                       llama_path: Path) -> None:
+    """``/v1``'s prompt-token limit counts what the turn's usage will report."""
+    engine = await make_engine(llama_path, start=False)
+    messages = [SYSTEM, ChatMessage("user", "count these few words, please")]
+    assert engine.count_tokens(messages) is None  # not loaded yet: nothing to count with
+    await engine.start()
+    counted = engine.count_tokens(messages)
+    _, finished = await chat(engine, messages, max_new_tokens=2)
+    assert counted == len(encode(messages)) == finished.usage.prompt_tokens

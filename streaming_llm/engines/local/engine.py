@@ -75,7 +75,15 @@ from ...errors import (
 )
 from ...settings import Settings
 from .. import demo_model
-from ..base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk
+from ..base import (
+    ChatMessage,
+    Chunk,
+    EngineHealth,
+    EngineRequest,
+    Finished,
+    PromptTokens,
+    TextChunk,
+)
 from ..decoding import Sampler
 from ..scheduler import Request, Scheduler
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
@@ -249,6 +257,18 @@ class LocalEngine:
         if self._closed:
             return EngineUnavailable("the local engine has shut down")
         return EngineNotReady(f"the model {self._model_name} is still loading")
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int | None:
+        """The rendered prompt's tokens (``/v1``'s prompt limit); None while the model loads.
+
+        Runs on the caller's thread, beside the scheduler's: encoding with a fast tokenizer that
+        is never reconfigured (no truncation or padding set) is safe to share, as refusal() does.
+        """
+        if not self._ready or self._prompts is None:
+            return None
+        text = self._prompts.render([{"role": m.role, "content": m.content} for m in messages],
+                                    generation_prompt=True)
+        return len(self._prompts.encode_text(text))
 
     def _agent_refusal(self, system: str) -> EngineError | None:
         """AgentContextTooLong when this system message, pinned, leaves too small a window."""
