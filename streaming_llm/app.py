@@ -21,23 +21,23 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .admission import ConversationLocks, GenerationGate
-from .agent_files import AgentFiles
-from .agents import AgentService
-from .conversations import ConversationManager
+from .chat.admission import ConversationLocks, GenerationGate
+from .chat.agent_files import AgentFiles
+from .chat.agents import AgentService
+from .chat.conversations import ConversationManager
+from .chat.export import Exporter, TranscriptsDir
+from .chat.resume import ResumableTurns
+from .chat.turns import TurnRunner
 from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
-from .export import Exporter, TranscriptsDir
-from .guards import middleware
+from .http.guards import middleware
+from .http.responses import JSONResponse, error_response
+from .http.routes import agents, chat, conversations, docs, export, health, metrics, openai, web
+from .http.shutdown import LiveSockets
 from .metrics import Metrics, MetricsMiddleware
-from .responses import JSONResponse, error_response
-from .resume import ResumableTurns
-from .routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .settings import Settings
-from .shutdown import LiveSockets
 from .storage.database import Database
-from .turns import TurnRunner
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load", "quality")
+BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="bring the database to the latest migration and exit")
 
-    from . import chat_cli
+    from .client import chat_cli
 
     chat_cli.add_arguments(sub.add_parser("chat", help="chat with an agent in the terminal"))
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "env-example":  # documents the settings: must not depend on them
         return env_example(args.output)
-    from .auth import load_api_keys
+    from .http.auth import load_api_keys
 
     try:
         settings = Settings.from_env(
@@ -84,12 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("database at head: %s", settings.resolved_database_url)
         return 0
     if args.command == "chat":
-        from . import chat_cli
+        from .client import chat_cli
 
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
         return chat_cli.run(args, default_url=f"http://{host}:{settings.port}")
     if args.command == "export":
-        from .export import run_export
+        from .chat.export import run_export
 
         return run_export(settings, conversation_id=args.conversation, fmt=args.format,
                           out=args.out)
@@ -100,9 +100,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
-    from .connections import uvicorn_options
-    from .limits import ws_max_size
-    from .shutdown import GRACEFUL_SHUTDOWN_S, Server
+    from .chat.limits import ws_max_size
+    from .http.connections import uvicorn_options
+    from .http.shutdown import GRACEFUL_SHUTDOWN_S, Server
 
     log.info("streaming-llm %s listening on http://%s:%d (engine %s)", __version__,
              settings.host, settings.port, settings.engine)
@@ -114,7 +114,7 @@ def serve(settings: Settings) -> int:
         ws_max_size=ws_max_size(settings), timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # Token frames are tens of bytes: deflating each costs ~80 us of CPU and saves nothing.
         ws_per_message_deflate=False,
-        # Connection caps, header deadline, idle timeout, bounded pongs (connections.py).
+        # Connection caps, header deadline, idle timeout, bounded pongs (http/connections.py).
         **uvicorn_options(settings, app.state.connection_refused),
     )
     # shutdown.Server drains the chat sockets first (STREAMING_LLM_SHUTDOWN_GRACE_S); uvicorn's

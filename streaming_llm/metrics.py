@@ -93,7 +93,7 @@ class Metrics:
 
     # turns (called by the conversation manager) -------------------------------------------------
     def connection_refused(self, reason: str) -> None:
-        """Called by the server's connection caps (:mod:`streaming_llm.connections`)."""
+        """Called by the server's connection caps (:mod:`streaming_llm.http.connections`)."""
         self.connections_refused.labels(reason).inc()
 
     def turn_started(self) -> None:

@@ -66,6 +66,7 @@ class Settings:
     max_message_chars: int = _f(200_000, "Longest chat message in characters; longer ones get message_too_large.", ge=1, le=100_000_000)
     max_request_chars: int = _f(200_000, "Characters in all the messages of one /v1/chat/completions request together (the caller's history); more get request_too_large.", ge=1, le=100_000_000)
     max_messages: int = _f(1000, "Messages in one /v1/chat/completions request; more get too_many_messages.", ge=1, le=1_000_000)
+    max_prompt_tokens: int = _f(32_768, "Prompt tokens in the messages of one /v1/chat/completions request without a conversation (the caller's history), counted with the engine's tokenizer where it has one (local, echo); more get prompt_too_large.", ge=1, le=100_000_000)
     max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)
     max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)
     max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot.", ge=1, le=100_000)
@@ -88,6 +89,7 @@ class Settings:
     window_tokens: int = _f(2000, "Recent tokens kept in the KV cache (clamped below the model's trained context).", ge=16, le=1_048_576)
     pin_agent_prefix: bool = _f(True, "Pin the whole rendered agent prefix (system prompt + Markdown context) as the cache's sinks, never evicted; off = only sink_tokens sinks, as in the StreamingLLM paper.")
     shared_prefixes: int = _f(4, "Agent prefixes whose KV cache is kept and copied into each new conversation (0 = prefill every time).", ge=0, le=1000)
+    max_batch: int = _f(0, "Conversations the local engine decodes together in one batch; more wait their turn in arrival order (0 = 8 on CPU, 32 on CUDA).", ge=0, le=4096)
     cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
     max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
 

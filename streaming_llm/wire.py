@@ -46,6 +46,7 @@ class Usage(msgspec.Struct, omit_defaults=True):
     dropped_turns: int | None = None  # dense mode: oldest turns left out to fit the context
     time_to_first_token_ms: float | None = None
     decode_tokens_per_s: float | None = None
+    batch_size: int | None = None  # local engine: the most conversations decoded with this turn
 
 
 class Agent(msgspec.Struct, kw_only=True):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from streaming_llm.agent_files import parse, render
 from streaming_llm.app import create_app
+from streaming_llm.chat.agent_files import parse, render
 from streaming_llm.settings import Settings
 
 from .conftest import BOTH_DATABASES, put_agent
@@ -131,7 +131,7 @@ def test_older_file_does_not_overwrite_newer_row(make_settings, scripted) -> Non
 
 
 def test_parse_rejects_unclosed_front_matter() -> None:
-    from streaming_llm.agent_files import MalformedAgentFile
+    from streaming_llm.chat.agent_files import MalformedAgentFile
 
     with pytest.raises(MalformedAgentFile, match="not closed"):
         parse("---\nname: x\n")

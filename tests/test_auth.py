@@ -17,8 +17,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from streaming_llm.app import create_app
-from streaming_llm.auth import load_api_keys
 from streaming_llm.client import ApiError, ChatError, list_agents, stream_chat
+from streaming_llm.http.auth import load_api_keys
 from streaming_llm.logs import Redact
 from streaming_llm.settings import Settings, SettingsError
 

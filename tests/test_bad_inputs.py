@@ -29,7 +29,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from streaming_llm.agent_files import AgentFiles
+from streaming_llm.chat.agent_files import AgentFiles
 
 from .server import ServerProcess, start_server
 

@@ -367,3 +367,20 @@ def test_v1_limits_cover_every_message(tmp_path: Path) -> None:
         status, body = complete([{"role": "user", "content": "u" * 900}] * 3 + [user])
         assert status == 200, body
 
+
+def test_v1_prompt_tokens_are_counted(tmp_path: Path) -> None:
+    # The echo engine counts one token per word; the limit is on the caller's history.
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
+           "STREAMING_LLM_MAX_PROMPT_TOKENS": "50"}
+    with start_server(tmp_path, env) as server:
+        put_echoer(server)
+        url = server.base_url + "/v1/chat/completions"
+        twenty = {"role": "user", "content": "word " * 20}
+        status, body = http("POST", url, {"model": "echoer", "messages": [twenty] * 3})
+        assert (status, body["error"]["code"], body["error"]["param"]) == (
+            400, "prompt_too_large", "messages"), body
+        assert "60 prompt tokens" in body["error"]["message"]
+        assert "STREAMING_LLM_MAX_PROMPT_TOKENS" in body["error"]["message"]
+        status, body = http("POST", url, {"model": "echoer", "messages": [twenty] * 2})
+        assert status == 200, body
+        assert body["usage"]["prompt_tokens"] == 40

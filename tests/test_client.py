@@ -15,6 +15,7 @@ from streaming_llm.client import (
     ChatError,
     ChatEvent,
     Resumed,
+    conversation_url,
     delete_agent,
     get_agent,
     list_agents,
@@ -88,6 +89,8 @@ async def test_turns_continue_one_conversation_with_timings(server: ServerProces
     # A new stream can continue the same conversation.
     async with stream_chat(server.ws_url, "echoer",
                            conversation_id=first.conversation_id) as chat:
+        # ... opened with the id in its URL, which a sticky proxy routes by (deploy/nginx).
+        assert chat.url == f"{server.ws_url}?conversation_id={first.conversation_id}"
         fourth = await chat.send_message("four")
     assert fourth.conversation_id == first.conversation_id
 
@@ -205,3 +208,9 @@ async def test_a_dropped_socket_reconnects_and_resumes_the_answer(server: Server
                                        for i in range(len(tokens))]
     assert again.text == "and on the new socket"
     assert again.conversation_id == result.conversation_id
+
+
+def test_conversation_url_keeps_the_query() -> None:
+    assert conversation_url("ws://h/ws/chat", "c_1") == "ws://h/ws/chat?conversation_id=c_1"
+    assert (conversation_url("ws://h/ws/chat?token=k&conversation_id=old", "c 2")
+            == "ws://h/ws/chat?token=k&conversation_id=c+2")

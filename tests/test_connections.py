@@ -1,4 +1,4 @@
-"""Connection caps, read deadlines and bounded pongs (:mod:`streaming_llm.connections`), each
+"""Connection caps, read deadlines and bounded pongs (:mod:`streaming_llm.http.connections`), each
 against a real ``streaming-llm serve`` over raw TCP sockets: what a hostile client does."""
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from starlette.testclient import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from streaming_llm.agent_files import AgentFiles, parse, render
 from streaming_llm.app import create_app
+from streaming_llm.chat.agent_files import AgentFiles, parse, render
 from streaming_llm.settings import Settings
 
 from .conftest import BOTH_DATABASES, database_env

@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
-from streaming_llm.limits import Limits
+from streaming_llm.chat.limits import Limits
+from streaming_llm.http.routes.chat import ChatSocket
+from streaming_llm.http.shutdown import LiveSockets
 from streaming_llm.metrics import Metrics
 from streaming_llm.protocol import Chat
-from streaming_llm.routes.chat import ChatSocket
 from streaming_llm.settings import Settings
-from streaming_llm.shutdown import LiveSockets
 
 # Per test, not a global profile: other hypothesis tests (schemathesis) keep their own budget.
 # In make test the examples are the same every run (no flaky CI); FUZZ_EXAMPLES=N explores anew.

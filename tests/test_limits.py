@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from streaming_llm.admission import Busy, GenerationGate
 from streaming_llm.app import create_app
-from streaming_llm.limits import LimitExceeded, Limits
+from streaming_llm.chat.admission import Busy, GenerationGate
+from streaming_llm.chat.limits import LimitExceeded, Limits
 from streaming_llm.settings import Settings, SettingsError
 
 from .conftest import put_agent

@@ -13,8 +13,8 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from starlette.routing import Route
 
-from streaming_llm import openapi
 from streaming_llm.app import create_app
+from streaming_llm.http import openapi
 from streaming_llm.settings import Settings
 
 from .server import start_server

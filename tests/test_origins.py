@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from streaming_llm.app import create_app
-from streaming_llm.origins import normalize_origin, parse_allowed_origins
+from streaming_llm.http.origins import normalize_origin, parse_allowed_origins
 from streaming_llm.settings import Settings, SettingsError
 
 from .fakes import ScriptedEngine

@@ -21,8 +21,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from streaming_llm.http.shutdown import LiveSockets
 from streaming_llm.logs import LOG_FILE
-from streaming_llm.shutdown import LiveSockets
 
 from .server import ServerProcess, start_server
 
@@ -208,7 +208,7 @@ async def test_drain_does_not_hang_on_a_socket_that_will_not_close() -> None:
 def test_stop_is_bounded_with_clients_that_stopped_reading(tmp_path: Path) -> None:
     """SIGTERM with 4 sockets and 2 ``/v1`` streams whose clients never read: the stop fits
     the unit's budget (uvicorn alone waits its graceful timeout out for the streams)."""
-    from streaming_llm.shutdown import stop_budget_s
+    from streaming_llm.http.shutdown import stop_budget_s
 
     from .test_connections import handshake, open_socket, ws_frame
 

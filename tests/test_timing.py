@@ -11,7 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
-from streaming_llm.conversations import Turn
+from streaming_llm.chat.conversations import Turn
 from streaming_llm.engines.base import (
     Chunk,
     EngineRequest,

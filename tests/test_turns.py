@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from streaming_llm.conversations import Turn
+from streaming_llm.chat.conversations import Turn
+from streaming_llm.chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnSpec
 from streaming_llm.settings import Settings
-from streaming_llm.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnSpec
 from streaming_llm.wire import GenerationOptions
 
 from .conftest import put_agent

@@ -3,8 +3,10 @@
 One run, one model: a random-weight Llama (8 layers x 512 hidden by default, large enough that
 attention cost shows on a CPU) with the demo model's byte-level tokenizer, saved to a temporary
 directory and loaded from there by the local engine and the server like any local model. Its
-end-of-sequence logit is pushed down so that answers run to ``max_new_tokens``. Figures, each
-with the goal of issue 3:
+end-of-sequence logit is pushed down so that answers run to ``max_new_tokens``. ``--model``
+takes a real model instead (``default``: the default model, SmolLM2-135M-Instruct Q4_1 GGUF),
+loaded by the engine's own loader (:mod:`.models`) for every part; its answers stop where the
+model ends them. Figures, each with the goal of issue 3:
 
 ``decode``
     Decode latency per token early in a stream (``--early`` tokens seen) and late (``--late``),
@@ -46,16 +48,23 @@ from pathlib import Path
 from typing import Any
 
 from ..testing.server import start_server
+from .models import load
 
 # torch and transformers are imported inside the functions: the CLI imports this module to build
 # its parser, and `streaming-llm serve` must not pay for that.
 
 Log = Callable[[str], None]
 PARTS = ("decode", "recompute", "turns", "socket", "prefix")
+RANDOM = "random"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model (random weights)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=RANDOM,
+                       help=f"{RANDOM!r} (default): a random-weight Llama of the sizes below; "
+                            "'default': the default model (SmolLM2-135M-Instruct Q4_1 GGUF); "
+                            "or what STREAMING_LLM_MODEL takes (a .gguf file, a model folder), "
+                            "loaded by the engine's loader for every part")
     model.add_argument("--layers", type=int, default=8)
     model.add_argument("--hidden", type=int, default=512)
     model.add_argument("--heads", type=int, default=8)
@@ -81,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prefix.add_argument("--prefix-model", default="",
                         help="STREAMING_LLM_MODEL for this part (default: the bundled SmolLM2)")
     prefix.add_argument("--models-dir", type=Path, default=None,
-                        help="where converted GGUF models are kept (default: a temporary dir)")
+                        help="where converted GGUF models are kept (default: the server's, "
+                             "<STREAMING_LLM_DATA_DIR>/models)")
     run = parser.add_argument_group("run")
     run.add_argument("--repeats", type=int, default=3, help="timed blocks; the best one counts")
     run.add_argument("--threads", type=int, default=1,
@@ -460,7 +470,7 @@ async def _prefix(data_dir: Path, args: argparse.Namespace, log: Log) -> dict[st
     from ..engines.local import LocalEngine
     from ..settings import Settings
 
-    models = args.models_dir or data_dir / "models"
+    models = args.models_dir or Settings.from_env().models_path
     engine = LocalEngine(Settings(engine="local", model=args.prefix_model, data_dir=data_dir,
                                   models_dir=models, device="cpu", dtype="float32",
                                   window_tokens=args.window_tokens, max_new_tokens=2))
@@ -539,7 +549,7 @@ def _table(figures: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     m = figures["model"]
-    lines = [f"model: {m['layers']} layers x {m['hidden']} hidden, {m['parameters'] / 1e6:.1f}M "
+    lines = [f"model: {m.get('name', 'random-weight Llama')}, {m['layers']} layers x {m['hidden']} hidden, {m['parameters'] / 1e6:.1f}M "
              f"parameters, {m['dtype']} on {m['device']}, {m['threads']} thread(s); sink cache "
              f"{figures['sink_tokens']} + {figures['window_tokens']} tokens",
              f"{'figure':<{width}}  {'measured':<{vwidth}}  goal",
@@ -567,19 +577,27 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="streaming-llm-bench-") as tmp:
         work = Path(tmp)
-        model_dir = work / "model"
-        model = write_bench_model(model_dir, args)
+        if args.model == RANDOM:
+            model_dir = work / "model"
+            model = write_bench_model(model_dir, args)
+            name = "random-weight Llama"
+        else:
+            loaded, name, source = load(args.model, args.models_dir, log)
+            model, model_dir = loaded.model, Path(source)
+            del loaded
+        config = model.config
         params = sum(p.numel() for p in model.parameters())
         figures: dict[str, Any] = {
-            "model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
-                      "parameters": params, "vocab": model.config.vocab_size,
+            "model": {"name": name, "layers": config.num_hidden_layers,
+                      "hidden": config.hidden_size, "heads": config.num_attention_heads,
+                      "parameters": params, "vocab": config.vocab_size,
                       "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads()},
             "sink_tokens": args.sink_tokens, "window_tokens": args.window_tokens,
             "early_tokens": args.early, "late_tokens": args.late, "steps": args.steps,
             "repeats": args.repeats,
         }
-        log(f"model: {args.layers} layers x {args.hidden} hidden, {params / 1e6:.1f}M "
-            f"parameters, {torch.get_num_threads()} thread(s), saved in {model_dir}")
+        log(f"model: {name}, {config.num_hidden_layers} layers x {config.hidden_size} hidden, "
+            f"{params / 1e6:.1f}M parameters, {torch.get_num_threads()} thread(s), in {model_dir}")
         if "decode" in parts:
             figures["decode"] = decode_late_vs_early(model, args, log)
         if "recompute" in parts:

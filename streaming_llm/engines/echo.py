@@ -11,10 +11,19 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from ..errors import EngineError
-from .base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
+from .base import (
+    ChatMessage,
+    Chunk,
+    EngineHealth,
+    EngineRequest,
+    Finished,
+    PromptTokens,
+    TextChunk,
+    Usage,
+)
 
 _WORDS = re.compile(r"\S+\s*|\s+")
 
@@ -40,9 +49,12 @@ class EchoEngine:
     def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # always ready
 
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return sum(len(_WORDS.findall(m.content)) for m in messages)  # one word, one token
+
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         message = request.messages[-1].content
-        prompt_tokens = sum(len(_WORDS.findall(m.content)) for m in request.messages)
+        prompt_tokens = self.count_tokens(request.messages)
         yield PromptTokens(prompt_tokens)
         stops = request.options.stop or []
         started = time.perf_counter()

@@ -13,10 +13,12 @@ and is itself an engine. Its rules, in the order a turn meets them:
    ``backend_retry_s``, then after twice that, up to ``backend_retry_max_s``; the first probe
    that finds it ready marks it up again. A health report (``/health``, ``/metrics``) that finds
    an up backend not ready marks it down too.
-4. **Failover**: a turn whose backend fails that way *before it streamed anything* moves to the
-   next backend (sticky, then least busy, then the down ones as a last resort, soonest retry
-   first, so a fleet that is all down still gets tried); after the first piece an error ends the
-   turn as on one backend, since the client has seen the start of an answer.
+4. **Failover**: a turn whose backend fails that way *before a text piece reached the client*
+   moves to the next backend (sticky, then least busy, then the down ones as a last resort,
+   soonest retry first, so a fleet that is all down still gets tried); a
+   :class:`~streaming_llm.engines.base.PromptTokens` alone does not count (the first backend's is
+   passed on, once; it neither sticks nor marks a backend up). After the first piece an error
+   ends the turn as on one backend, since the client has seen the start of an answer.
 
 Other errors (``model_not_found``, ``engine_timeout``, an error line) end the turn on the backend
 that sent them: they say something about the turn, not about the backend's reachability.
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from ..errors import EngineError, EngineUnavailable
-from .base import Chunk, EngineHealth, EngineRequest
+from .base import Chunk, EngineHealth, EngineRequest, PromptTokens
 from .upstream import ConnectionLost, UpstreamEngine
 
 log = logging.getLogger(__name__)
@@ -141,16 +143,21 @@ class BackendPool:
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         failure: EngineError | None = None
+        prompt_sent = False
         for backend in self.candidates(request.conversation_id):
             backend.active += 1
             backend.turns += 1
             backend.picked_at = time.monotonic()
-            streamed = False
+            streamed = False  # a piece of the answer (or its end) was passed on
             try:
                 chunks = cast(AsyncGenerator[Chunk, None], backend.engine.stream(request))
                 async with contextlib.aclosing(chunks):
                     async for chunk in chunks:
-                        if not streamed:
+                        if isinstance(chunk, PromptTokens):
+                            if prompt_sent:
+                                continue  # the Protocol's one PromptTokens, before any text
+                            prompt_sent = True
+                        elif not streamed:
                             streamed = True
                             self._stick(request.conversation_id, backend)
                             if not backend.up:

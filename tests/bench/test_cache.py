@@ -66,3 +66,22 @@ def test_prefix_part_times_first_and_next_conversation(capsys: pytest.CaptureFix
                                                       "device": "cpu"},
                                             "sink_tokens": 4, "window_tokens": 256,
                                             "prefix": prefix})
+
+
+def test_model_option_loads_a_real_model_through_the_engine_loader(
+        capsys: pytest.CaptureFixture[str], tmp_path: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMING_LLM_DATA_DIR", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "demo", "--window-tokens", "60", "--early", "40",
+                              "--late", "200", "--steps", "2", "--repeats", "1",
+                              "--recompute-sizes", "32", "--threads", "0", "--turns", "2",
+                              "--answer-tokens", "2", "--only", "decode,turns", "--json"])
+    assert bench.run(args) == 0
+    figures = json.loads(capsys.readouterr().out)
+    model = figures["model"]
+    assert model["name"] == "streaming-llm/demo" and model["layers"] == 2  # not the --layers 8
+    assert figures["decode"]["sink_evict_3"]["late_stored_tokens"] <= 4 + 60
+    assert figures["turns"]["turns"] == 2 and figures["turns"]["reuse_first_ms"] > 0
+    assert "streaming-llm/demo" in bench._table(figures)

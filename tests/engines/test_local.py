@@ -263,13 +263,12 @@ async def test_sampling_is_reproducible_with_a_seed(make_engine: MakeEngine,
 
 # --- cancellation and the worker thread ---------------------------------------------------------
 def count_steps_after_cancel(engine: LocalEngine) -> list[int]:
-    """Count forward passes that start after the active request's cancel flag was set."""
+    """Count forward passes that start after a live request's cancel flag was set."""
     counts = [0, 0]  # [all forward passes, those started after cancel]
 
     def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         counts[0] += 1
-        job = engine._active
-        if job is not None and job.cancel.is_set():
+        if any(turn.job.cancel.is_set() for turn in list(engine._live)):
             counts[1] += 1
 
     engine._model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -303,8 +302,9 @@ async def test_cancel_stops_within_one_step(make_engine: MakeEngine, llama_path:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    # Closing waited for the worker, which has stopped: at most the step under way finished.
-    assert engine._active is None
+    # Closing waited for the scheduler, which has let the turn go: at most the step under way
+    # finished.
+    assert not engine._live
     assert counts[1] <= 1
     total = counts[0]
     await asyncio.sleep(0.05)
@@ -319,7 +319,7 @@ async def test_cancel_stops_within_one_step(make_engine: MakeEngine, llama_path:
 
 async def test_request_cancelled_while_queued_never_runs(make_engine: MakeEngine,
                                                          llama_path: Path) -> None:
-    engine = await make_engine(llama_path)
+    engine = await make_engine(llama_path, max_batch=1)  # one at a time: the second one waits
     counts = count_steps_after_cancel(engine)
     first = engine.stream(request([ChatMessage("user", "first")], cid="a", max_new_tokens=40))
     second = engine.stream(request([ChatMessage("user", "second")], cid="b"))
@@ -455,3 +455,15 @@ async def test_demo_model_is_selected_by_name(make_engine: MakeEngine, tmp_path:
     assert finished.usage.completion_tokens > 0
     # The demo model writes printable ASCII nonsense, not control bytes or broken UTF-8.
     assert text and all(c == "\n" or (c.isascii() and c.isprintable()) for c in text)
+
+
+async def test_count_tokens_is_the_prompt_a_turn_reads(make_engine: MakeEngine,
+                                                       llama_path: Path) -> None:
+    """``/v1``'s prompt-token limit counts what the turn's usage will report."""
+    engine = await make_engine(llama_path, start=False)
+    messages = [SYSTEM, ChatMessage("user", "count these few words, please")]
+    assert engine.count_tokens(messages) is None  # not loaded yet: nothing to count with
+    await engine.start()
+    counted = engine.count_tokens(messages)
+    _, finished = await chat(engine, messages, max_new_tokens=2)
+    assert counted == len(encode(messages)) == finished.usage.prompt_tokens

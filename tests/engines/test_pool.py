@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from streaming_llm.engines.base import TextChunk
+from streaming_llm.engines.base import EngineRequest, PromptTokens, TextChunk
 from streaming_llm.engines.ollama import OllamaEngine
 from streaming_llm.engines.pool import BackendPool
 from streaming_llm.engines.registry import create_engine
@@ -169,6 +169,35 @@ async def test_a_turn_that_already_streamed_fails_where_it_is(pool, fakes):
     assert error.code == "engine_error" and "lost" in error.message
     assert served_by(fakes).count(1) == 1  # not moved: the client saw the start of an answer
     assert states(pool)[home] == "down"
+
+
+class PromptFirst(OllamaEngine):
+    """An upstream that knows the prompt's size before its first piece, as the local engine."""
+
+    async def stream(self, request: EngineRequest):
+        yield PromptTokens(sum(len(m.content.split()) for m in request.messages))
+        async for chunk in super().stream(request):
+            yield chunk
+
+
+async def test_a_turn_that_sent_only_its_prompt_tokens_still_moves(fakes, http):
+    urls = [f"http://127.0.0.1:{free_port()}", fakes[0].url]  # the first refuses connections
+    engine = BackendPool([PromptFirst(settings(urls), http, url=u) for u in urls],
+                         retry_s=0.05, retry_max_s=0.2)  # not started: both are up, in order
+    try:
+        chunks = [chunk async for chunk in engine.stream(turn("c1"))]
+        assert sum(isinstance(c, PromptTokens) for c in chunks) == 1
+        pieces, finished = await drain(_replay(chunks))
+        assert "".join(pieces) == "Hello, world!" and finished.reason == "stop"
+        assert states(engine) == ["down", "up"] and served_by(fakes) == [1, 0, 0]
+        assert engine.backend_of("c1") == fakes[0].url
+    finally:
+        await engine.close()
+
+
+async def _replay(chunks):
+    for chunk in chunks:
+        yield chunk
 
 
 async def test_when_every_backend_is_down_the_turn_is_engine_unavailable(pool, fakes):

@@ -5,7 +5,6 @@ prefix; new conversations start from a shared copy of the prefix cache, equal to
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +19,16 @@ from streaming_llm.engines.local import LocalEngine
 from streaming_llm.errors import AgentContextTooLong
 from streaming_llm.settings import Settings
 
-from . import model_dirs as models
+from .conftest import MakeEngine
 from .test_local import PREFIX_TOKENS, SYSTEM, chat, encode, reference
 from .tiny_models import dense_forward
 
 LONG = ChatMessage("system", "You are a test agent with a long context.\n\n" + "- a fact\n" * 40)
 
 
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return models.write_llama(tmp_path_factory.mktemp("llama"))
-
-
 @pytest.fixture
-async def make(tmp_path: Path) -> AsyncIterator[Any]:
-    made: list[LocalEngine] = []
-
-    async def make_engine(model: Path, **overrides: Any) -> LocalEngine:
-        engine = LocalEngine(Settings(data_dir=tmp_path / "data", model=str(model), **overrides))
-        made.append(engine)
-        await engine.start()
-        return engine
-
-    yield make_engine
-    for engine in made:
-        await engine.close()
+def make(local_engines: MakeEngine) -> MakeEngine:
+    return local_engines  # (conftest.py)
 
 
 async def talk(engine: LocalEngine, system: ChatMessage | None, turns: int, *, cid: str = "c",

@@ -9,8 +9,10 @@ One module per concept:
 ``store``
     The LRU of per-conversation caches kept between turns.
 ``engine``
-    :class:`LocalEngine`: the worker thread, the bridge to the event loop, and a turn (prompt,
-    cache bookkeeping, the decode loop).
+    :class:`LocalEngine`: loading, the bridge to the event loop, cache bookkeeping; every turn
+    runs on the batched scheduler (:mod:`..scheduler`).
+``turn``
+    A chat turn as the scheduler runs it (prompt, streaming text, usage, closing the turn).
 """
 
 from .engine import LocalEngine

@@ -1,21 +1,26 @@
-"""The local engine: one worker thread owns the model; the event loop streams its tokens.
+"""The local engine: one scheduler thread owns the model; the event loop streams its tokens.
 
-Threading
-    The model is not re-entrant, so everything that touches it runs in one worker thread (a
-    single-thread executor); requests queue there in arrival order. Each request's tokens reach
-    the event loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``, so the
-    server keeps answering while a turn is generated. Closing the stream (``aclose()`` or task
-    cancellation) sets the request's cancel flag, which the worker checks before every decode step
-    and between prompt chunks.
+Threading and batching
+    The model is not re-entrant, so everything that touches it runs on the thread of one
+    :class:`~streaming_llm.engines.scheduler.Scheduler` (the model is loaded before, on a
+    single-thread executor). Every turn is a request of that scheduler, which steps all decoding
+    conversations together, one forward pass per token for up to ``max_batch`` of them
+    (``STREAMING_LLM_MAX_BATCH``; more wait in arrival order), and prefills a joining prompt in
+    chunks of :data:`PREFILL_CHUNK` tokens between decode steps. Each request's tokens reach the
+    event loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``, so neither
+    the server nor the other conversations wait for a slow client. Closing the stream
+    (``aclose()`` or task cancellation) sets the request's cancel flag, which the scheduler
+    checks before every step: the turn stops within one step, the others go on.
 
-A turn (:meth:`LocalEngine._turn`)
+A turn (:class:`~.turn.Turn`, on the scheduler's thread)
     1. Render and tokenize the conversation (:mod:`.prompts`), reusing the kept tokenization.
-    2. Bring the conversation's cache to exactly those ids (:meth:`LocalEngine._advance`): keep
-       the longest common prefix of the kept ids, roll back (``cache.crop(-n)``) what differs,
-       feed the rest; when the cache cannot roll back that far, replay through a fresh cache.
-    3. The decode loop (:meth:`LocalEngine._decode`): sample, stream text, one
-       :func:`~streaming_llm.engines.decoding.decode_step` per token, until EOS, a stop string,
-       ``max_new_tokens`` or cancel.
+    2. Plan how the conversation's cache reaches exactly those ids (:meth:`LocalEngine._plan`):
+       keep the longest common prefix of the kept ids, roll back (``cache.crop(-n)``) what
+       differs, feed the rest; when the cache cannot roll back that far, replay through a fresh
+       cache. The scheduler feeds the rest in chunks.
+    3. Decode in the batch: sample, stream text, until EOS, a stop string, ``max_new_tokens``
+       or cancel. ``usage`` is the turn's own, plus ``batch_size``, the most conversations that
+       were decoded together with it.
     4. After :class:`Finished`, close the assistant turn the way the chat template writes it, so
        the kept ids are *canonical* (the tokenization of the rendered conversation) and the next
        turn's prompt normally extends them (``cached_tokens`` in the usage).
@@ -52,17 +57,17 @@ Sampling defaults (when a request leaves them unset)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ...errors import (
     AgentContextTooLong,
-    ContextTooLong,
     EngineError,
     EngineNotReady,
     EngineUnavailable,
@@ -70,22 +75,35 @@ from ...errors import (
 )
 from ...settings import Settings
 from .. import demo_model
-from ..base import Chunk, EngineHealth, EngineRequest, Finished, PromptTokens, TextChunk, Usage
-from ..detokenize import IncrementalDecoder, StopMatcher
+from ..base import (
+    ChatMessage,
+    Chunk,
+    EngineHealth,
+    EngineRequest,
+    Finished,
+    PromptTokens,
+    TextChunk,
+)
+from ..decoding import Sampler
+from ..scheduler import Request, Scheduler
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
 from .prompts import Message, Prompts
 from .store import Conversation, ConversationStore, PrefixStore
+from .turn import Turn
 
 log = logging.getLogger("streaming_llm.engines.local")
 
-DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TEMPERATURE = 0.2  # SmolLM2-135M answers "What is the capital of France?" wrong at 0.7 (README)
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 0
 DEFAULT_MIN_P = 0.05  # llama.cpp's default
 DEFAULT_REPETITION_PENALTY = 1.1  # Ollama's default; keeps SmolLM2-135M out of loops (README)
-PREFILL_CHUNK = 512  # prompt tokens per forward call; the cancel flag is checked between chunks
+# Prompt tokens per forward call: the stall a joining prompt adds to the rows that decode (one
+# such chunk per step), and where a cancel is seen during a prompt.
+PREFILL_CHUNK = 256
+MAX_BATCH_CPU, MAX_BATCH_CUDA = 8, 32  # STREAMING_LLM_MAX_BATCH=0: conversations decoded together
 
-_END = object()  # the worker finished with a request (sent after its last chunk)
+_END = object()  # the scheduler released the turn (sent after its last chunk)
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,6 @@ class _Job:
     emit: Callable[[object], None]
     submitted: float
     cancel: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
     forgotten: bool = False  # forget() was called while this job held the conversation
 
 
@@ -114,12 +131,12 @@ class LocalEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-engine")
-        self._lock = threading.Lock()  # guards _active and _active_state
+        self._lock = threading.Lock()  # guards _live
         self._conversations = ConversationStore(settings.cached_conversations)
         self._prefixes = PrefixStore(settings.shared_prefixes)  # worker thread only
         self._refusals: dict[str, EngineError | None] = {}  # by system message (event loop)
-        self._active: _Job | None = None
-        self._active_state: Conversation | None = None
+        self._scheduler: Scheduler | None = None
+        self._live: dict[Turn, Conversation | None] = {}  # turns the scheduler holds now
         self._loaded: LoadedModel | None = None
         self._prompts: Prompts | None = None
         self._ready = False
@@ -152,6 +169,11 @@ class LocalEngine:
         self._progress = None
         self._loaded = load_model(self.settings, source, self._model_name)
         self._prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
+        rows = self.settings.max_batch or (
+            MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
+        self._scheduler = Scheduler(self._loaded.model, max_batch=rows,
+                                    prefill_chunk=PREFILL_CHUNK, name="local-engine-scheduler")
+        log.info("local engine: decoding up to %d conversations in one batch", rows)
 
     def _report(self, step: str) -> None:
         self._progress = step
@@ -160,9 +182,8 @@ class LocalEngine:
     async def close(self) -> None:
         self._closed = True
         self._ready = False
-        with self._lock:
-            if self._active is not None:
-                self._active.cancel.set()
+        if self._scheduler is not None:  # cancels every turn; each stops within one step
+            await asyncio.to_thread(self._scheduler.close)
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._conversations.clear()
         self._prefixes.clear()
@@ -185,9 +206,9 @@ class LocalEngine:
                                 extra={"state": "loading"})
         states = self._conversations.states() + self._prefixes.states()
         with self._lock:
-            if self._active_state is not None:
-                states.append(self._active_state)
-        loaded = self._loaded
+            states.extend(s for s in self._live.values() if s is not None)
+        loaded, scheduler = self._loaded, self._scheduler
+        assert scheduler is not None
         extra: dict[str, object] = {
             "state": "ready",
             "device": loaded.device,
@@ -197,6 +218,9 @@ class LocalEngine:
             "cached_conversations": len(self._conversations),
             "cached_conversations_limit": self.settings.cached_conversations,
             "kv_bytes": sum(_cache_nbytes(s.cache) for s in states),
+            "max_batch": scheduler.max_batch,
+            "decoding": scheduler.decoding,
+            "batch_kv_bytes": scheduler.batch_nbytes(),
         }
         if self.settings.streaming:
             extra["sink_tokens"] = self.settings.sink_tokens
@@ -206,19 +230,20 @@ class LocalEngine:
         return EngineHealth(ready=True, model=self._model_name, detail=self._detail, extra=extra)
 
     async def idle(self) -> None:
-        """Wait until the worker has done everything submitted so far (tests, benchmarks).
+        """Wait until the scheduler has done everything submitted so far (tests, benchmarks).
 
-        After a turn's :class:`Finished` the worker still closes the assistant turn in the
+        After a turn's :class:`Finished` the scheduler still closes the assistant turn in the
         conversation's cache; this waits for that too.
         """
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.wait_idle)
 
     def forget(self, conversation_id: str) -> None:
         self._conversations.forget(conversation_id)
         with self._lock:
-            job = self._active
-            if job is not None and job.request.conversation_id == conversation_id:
-                job.forgotten = True
+            for turn in self._live:
+                if turn.job.request.conversation_id == conversation_id:
+                    turn.job.forgotten = True
 
     # --- the thread bridge (event loop) ---------------------------------------------------------
     def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
@@ -232,6 +257,18 @@ class LocalEngine:
         if self._closed:
             return EngineUnavailable("the local engine has shut down")
         return EngineNotReady(f"the model {self._model_name} is still loading")
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int | None:
+        """The rendered prompt's tokens (``/v1``'s prompt limit); None while the model loads.
+
+        Runs on the caller's thread, beside the scheduler's: encoding with a fast tokenizer that
+        is never reconfigured (no truncation or padding set) is safe to share, as refusal() does.
+        """
+        if not self._ready or self._prompts is None:
+            return None
+        text = self._prompts.render([{"role": m.role, "content": m.content} for m in messages],
+                                    generation_prompt=True)
+        return len(self._prompts.encode_text(text))
 
     def _agent_refusal(self, system: str) -> EngineError | None:
         """AgentContextTooLong when this system message, pinned, leaves too small a window."""
@@ -253,8 +290,11 @@ class LocalEngine:
     async def _stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         if (refused := self.refusal()) is not None:
             raise refused
+        scheduler = self._scheduler
+        assert scheduler is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
+        released = loop.create_future()
 
         def emit(item: object) -> None:
             try:
@@ -262,9 +302,23 @@ class LocalEngine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 job.cancel.set()
 
+        def on_released() -> None:
+            def settle() -> None:
+                if not released.done():
+                    released.set_result(None)
+                queue.put_nowait(_END)
+
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(settle)
+
         job = _Job(request=request, emit=emit, submitted=time.perf_counter())
-        future = loop.run_in_executor(self._executor, self._run, job)
-        future.add_done_callback(lambda _: queue.put_nowait(_END))
+        turn = Turn(self, job, self._sampler(request), on_released)
+        try:
+            scheduler.submit(Request(key=request.conversation_id, handler=turn,
+                                     sampler=turn.sample, max_new_tokens=request.max_new_tokens,
+                                     cancel=job.cancel))
+        except RuntimeError as exc:  # closed meanwhile
+            raise EngineUnavailable("the local engine has shut down") from exc
         finished = False
         try:
             while True:
@@ -282,76 +336,14 @@ class LocalEngine:
         finally:
             if not finished:
                 job.cancel.set()
-                if not job.started:
-                    future.cancel()  # still queued behind another request: never runs
-                else:
-                    # Stops within one decode step; waiting keeps the conversation's cache
-                    # consistent for whatever the caller does next.
-                    await asyncio.gather(future, return_exceptions=True)
+                scheduler.wake()
+                # Stops within one decode step (a queued turn never starts); waiting keeps the
+                # conversation's cache consistent for whatever the caller does next.
+                await released
 
-    # --- a turn (worker thread) -----------------------------------------------------------------
-    def _run(self, job: _Job) -> None:
-        job.started = True
-        if job.cancel.is_set() or self._closed:
-            return
-        import torch
-
-        with self._lock:
-            self._active = job
-        state = self._conversations.take(job.request.conversation_id)
-        try:
-            with torch.inference_mode():
-                self._turn(job, state)
-        except (ContextTooLong, AgentContextTooLong) as exc:
-            job.emit(exc)
-        except Exception as exc:
-            log.exception("local engine: generation failed")
-            job.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            with self._lock:
-                self._active = None
-                self._active_state = None
-
-    def _turn(self, job: _Job, state: Conversation | None) -> None:
-        assert self._prompts is not None and self._loaded is not None
-        prompts, request = self._prompts, job.request
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        known_text, known_ids = (state.text, state.ids) if state is not None else (None, [])
-        max_new, dropped = request.max_new_tokens, None
-        layout: _Layout | None = None
-        if self.settings.streaming:
-            prompt_text = prompts.render(messages, generation_prompt=True)
-            prompt_ids = prompts.encode_prompt(known_text, known_ids, prompt_text)
-            layout = self._layout(*self._pinned(messages, prompt_text, prompt_ids))
-            if state is not None and state.cache.sink_tokens != layout.sinks:
-                state = None  # the agent's prefix changed length: rebuild from the new one
-        else:
-            prompt_text, prompt_ids, max_new, dropped = prompts.fit_dense(
-                known_text, known_ids, messages, max_new, self._loaded.context)
-        job.emit(PromptTokens(len(prompt_ids)))
-
-        def fresh() -> Conversation:
-            return self._new_conversation(layout, job.cancel)
-
-        state, reused, logits = self._advance(state, prompt_ids, prompt_text, fresh=fresh,
-                                              reserve=max_new, cancel=job.cancel)
-        self._active_state = state
-        if logits is not None:  # else cancelled during the prompt
-            state.text = None  # from here on the cache holds generated ids
-            answer = self._decode(job, state, logits, max_new, len(prompt_ids), reused, dropped)
-            if answer is not None:
-                self._close_turn(job, state, messages, prompt_text, prompt_ids, answer, fresh)
-        self._keep(job, state)
-
-    def _decode(self, job: _Job, state: Conversation, logits: Any, max_new: int,
-                prompt_tokens: int, reused: int, dropped: int | None) -> str | None:
-        """The decode loop: stream the answer, emit :class:`Finished`; return the answer's text,
-        or None when cancelled."""
-        from ..decoding import PENALTY_WINDOW, Sampler, decode_step
-
-        assert self._loaded is not None
-        opts, cancel, model = job.request.options, job.cancel, self._loaded.model
-        sampler = Sampler(
+    def _sampler(self, request: EngineRequest) -> Sampler:
+        opts = request.options
+        return Sampler(
             temperature=DEFAULT_TEMPERATURE if opts.temperature is None else opts.temperature,
             top_p=DEFAULT_TOP_P if opts.top_p is None else opts.top_p,
             top_k=DEFAULT_TOP_K if opts.top_k is None else opts.top_k,
@@ -362,67 +354,6 @@ class LocalEngine:
             presence_penalty=opts.presence_penalty or 0.0,
             frequency_penalty=opts.frequency_penalty or 0.0,
         )
-        decoder = IncrementalDecoder(self._loaded.tokenizer)
-        stops = StopMatcher(opts.stop)
-        answer: list[str] = []
-        generated: list[int] = []
-        reason: Literal["stop", "length"] = "length"
-        first_at = last_at = 0.0
-
-        def show(text: str) -> None:
-            if text:
-                answer.append(text)
-                job.emit(TextChunk(text))
-
-        while not cancel.is_set():
-            token = sampler(logits, generated[-PENALTY_WINDOW:])
-            last_at = time.perf_counter()
-            if not generated and not first_at:
-                first_at = last_at
-            if token in self._loaded.eos_ids:
-                reason = "stop"
-                break
-            generated.append(token)
-            show(stops.push(decoder.push(token)))
-            if stops.stopped:
-                reason = "stop"
-                break
-            if len(generated) >= max_new:
-                break
-            logits = decode_step(model, state.cache, token)
-            state.ids.append(token)
-        if cancel.is_set():
-            return None
-        show(stops.push(decoder.flush()))
-        if stops.stopped:
-            reason = "stop"
-        else:
-            show(stops.flush())
-
-        n = len(generated)
-        job.emit(Finished(reason, Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=n,
-            cached_tokens=reused,
-            evicted_tokens=getattr(state.cache, "evicted_tokens", None),
-            dropped_turns=dropped,
-            time_to_first_token_ms=round((first_at - job.submitted) * 1000, 2),
-            decode_tokens_per_s=(round((n - 1) / (last_at - first_at), 2)
-                                 if n > 1 and last_at > first_at else None),
-        )))
-        return "".join(answer)
-
-    def _close_turn(self, job: _Job, state: Conversation, messages: list[Message],
-                    prompt_text: str, prompt_ids: list[int], answer: str,
-                    fresh: Callable[[], Conversation]) -> None:
-        """Close the assistant turn the way the chat template writes it, so the next turn's
-        prompt extends the kept ids. Done after Finished: it costs the caller nothing now."""
-        assert self._prompts is not None
-        closed_text = self._prompts.render(
-            [*messages, {"role": "assistant", "content": answer}], generation_prompt=False)
-        closed_ids = self._prompts.encode_after(prompt_text, prompt_ids, closed_text)
-        self._advance(state, closed_ids, closed_text, fresh=fresh, reserve=0, cancel=job.cancel,
-                      need_logits=False)
 
     # --- the pinned agent prefix ----------------------------------------------------------------
     def _pinned(self, messages: list[Message], prompt_text: str, prompt_ids: list[int],
@@ -454,34 +385,36 @@ class LocalEngine:
         return _Layout(prefix, prefix_ids, sinks, window)
 
     # --- cache bookkeeping (worker thread) ------------------------------------------------------
-    def _new_conversation(self, layout: _Layout | None, cancel: threading.Event) -> Conversation:
-        """A fresh cache; for a pinned prefix, a copy of the agent's kept prefix cache (built and
-        kept on first use), so the prefix is prefilled once per agent version."""
+    def _fresh(self, layout: _Layout | None) -> tuple[Conversation, int]:
+        """A fresh cache, and how many ids in it the agent's pinned prefix is (0: nothing to keep).
+
+        With a pinned prefix kept for this agent, a copy of it (so the prefix is prefilled once
+        per agent version); else an empty cache laid out for the agent, whose prefix, once fed,
+        is kept (:meth:`Turn.consumed`).
+        """
         assert self._loaded is not None
         if layout is None or not self.settings.streaming:
             from transformers import DynamicCache
 
-            return Conversation(cache=DynamicCache(), ids=[])
+            return Conversation(cache=DynamicCache(), ids=[]), 0
         if layout.prefix_ids and (shared := self._prefixes.get(layout.prefix)) is not None:
-            return shared
+            return shared, 0
         from ..sink_cache import SinkCache
 
-        state = Conversation(cache=SinkCache.from_model(self._loaded.model, layout.sinks,
-                                                        layout.window), ids=[])
-        if layout.prefix_ids:
-            self._feed(state, layout.prefix_ids, reserve=0, cancel=cancel)
-            if len(state.ids) == len(layout.prefix_ids):  # not cancelled half-way
-                self._prefixes.put(layout.prefix, state)
-        return state
+        cache = SinkCache.from_model(self._loaded.model, layout.sinks, layout.window)
+        keep_prefix = len(layout.prefix_ids) if self.settings.shared_prefixes else 0
+        return Conversation(cache=cache, ids=[]), keep_prefix
 
-    def _advance(self, state: Conversation | None, target: Sequence[int], text: str, *,
-                 fresh: Callable[[], Conversation], reserve: int, cancel: threading.Event,
-                 need_logits: bool = True) -> tuple[Conversation, int, Any]:
-        """Bring ``state`` to have consumed exactly ``target`` (the tokenization of ``text``);
-        return it, the ids reused from a kept cache and the next-token logits (None when cancelled or not needed).
+    def _plan(self, state: Conversation | None, target: Sequence[int],
+              fresh: Callable[[], Conversation], *, need_logits: bool,
+              ) -> tuple[Conversation, int, int]:
+        """How ``state`` comes to have consumed exactly ``target``: return the conversation to
+        feed, how many of ``target`` it holds already (feed the rest) and how many of those came
+        from a kept cache (``cached_tokens``).
 
-        Reuses the longest common prefix of the kept ids and ``target`` when the cache can be
-        rolled back to it, else starts a fresh cache and replays ``target``.
+        Keeps the longest common prefix of the kept ids and ``target`` when the cache can be
+        rolled back to it, else starts a fresh cache (holding nothing or the agent's pinned
+        prefix, a prefix of every target).
         """
         copied: int | None = None  # for a fresh cache: the tokens it got from a kept one
         if state is None:
@@ -493,32 +426,26 @@ class LocalEngine:
         state.text = None
         if keep < len(state.ids) and not _rollback(state, keep):
             state = fresh()
-            # A fresh conversation holds nothing or the pinned prefix, a prefix of every target.
             keep, copied = len(state.ids), state.copied
             assert list(target[:keep]) == state.ids and keep < len(target)
-        logits = self._feed(state, target[keep:], reserve=reserve, cancel=cancel)
-        if not cancel.is_set():
-            state.text = text
-        return state, keep if copied is None else min(keep, copied), logits
+        return state, keep, keep if copied is None else min(keep, copied)
 
-    def _feed(self, state: Conversation, ids: Sequence[int], *, reserve: int,
-              cancel: threading.Event) -> Any:
-        from ..decoding import forward_tokens
+    def _live_state(self, turn: Turn, state: Conversation | None) -> None:
+        """What a live turn holds (health's kv_bytes); None: it left the scheduler."""
+        with self._lock:
+            if state is None:
+                self._live.pop(turn, None)
+            else:
+                self._live[turn] = state
 
-        if not ids:
-            return None
-        cache = state.cache
-        if hasattr(cache, "make_room"):
-            # Make room for the prompt and the answer now, so that a normal answer needs no
-            # eviction while it streams; at most half the window is set aside for the answer,
-            # so a large max_new_tokens does not throw the conversation's recent past away.
-            window = cache.window_tokens
-            cache.make_room(min(len(ids) + min(reserve, window // 2), window))
-        before = _seen(cache)
-        logits = forward_tokens(self._model, cache, ids, chunk_size=PREFILL_CHUNK,
-                                should_stop=cancel.is_set)
-        state.ids.extend(ids[:_seen(cache) - before])  # all of them unless cancelled
-        return logits
+    @property
+    def _eos_ids(self) -> frozenset[int]:
+        assert self._loaded is not None
+        return self._loaded.eos_ids
+
+    @staticmethod
+    def _log_failure(error: Exception) -> None:
+        log.error("local engine: generation failed", exc_info=error)
 
     def _keep(self, job: _Job, state: Conversation) -> None:
         if job.forgotten or self._closed:

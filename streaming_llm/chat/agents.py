@@ -1,0 +1,166 @@
+"""Agents: stored in the database, mirrored to ``{agents_dir}/{id}.md``, imported back at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+from sqlalchemy.orm import Session
+
+from ..errors import AgentNotFound, BadRequest, StorageUnavailable
+from ..ids import check_agent_id
+from ..storage import queries
+from ..storage.database import Database
+from ..storage.models import AgentRow
+from ..wire import Agent
+from .agent_files import AgentFiles
+
+log = logging.getLogger(__name__)
+
+
+class AgentIn(msgspec.Struct):
+    """Body of ``PUT /agents/{id}``. ``id`` may be repeated in the body but must match the path."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    system_prompt: Annotated[str, Meta(max_length=100_000)] = ""
+    markdown_context: Annotated[str, Meta(max_length=1_000_000)] = ""
+    id: str | None = None
+
+
+def agent_of(row: AgentRow) -> Agent:
+    return Agent(id=row.id, name=row.name, system_prompt=row.system_prompt,
+                 markdown_context=row.markdown_context, created_at=row.created_at,
+                 updated_at=row.updated_at)
+
+
+class AgentService:
+    """Agents in the database, each mirrored to a file.
+
+    A write runs on the database's writer queue (:meth:`Database.write`) with its file: the file
+    is written after the row and before the commit, so if the file cannot be written nothing is
+    stored, and if the commit fails (disk full) the file is put back as it was. On PostgreSQL the
+    row lock that :func:`~.storage.queries.upsert_agent` takes keeps two writers of one agent
+    in step.
+    """
+
+    def __init__(self, db: Database, files: AgentFiles) -> None:
+        self.db = db
+        self.files = files
+
+    async def list(self) -> list[Agent]:
+        return [agent_of(r) for r in await self.db.read(queries.list_agents)]
+
+    async def get(self, agent_id: str) -> Agent:
+        check_agent_id(agent_id)
+        row = await self.db.read(lambda session: queries.get_agent(session, agent_id))
+        if row is None:
+            raise AgentNotFound(f"agent {agent_id!r} not found")
+        return agent_of(row)
+
+    async def upsert(self, agent_id: str, body: AgentIn) -> tuple[Agent, bool]:
+        check_agent_id(agent_id)
+        if body.id is not None and body.id != agent_id:
+            raise BadRequest(f"body id {body.id!r} does not match the path id {agent_id!r}",
+                             code="id_mismatch")
+        if not body.name.strip():
+            raise BadRequest("name must not be blank", code="validation_error")
+        previous: list[bytes | None] = []  # the file before this write, once it was replaced
+
+        def store(session: Session) -> tuple[AgentRow, bool]:  # on the writer queue
+            row, created = queries.upsert_agent(
+                session, agent_id, name=body.name, system_prompt=body.system_prompt,
+                markdown_context=body.markdown_context)
+            before = self.files.read_bytes(agent_id)
+            try:
+                self.files.write(agent_id, body.name, body.system_prompt, body.markdown_context)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"the agents directory cannot be written: {exc.strerror or exc}") from None
+            previous.append(before)
+            return row, created
+
+        try:
+            row, created = await self.db.write(store)
+        except Exception:
+            if previous:  # the file was written, the commit failed
+                try:
+                    await asyncio.to_thread(self.files.restore, agent_id, previous[0])
+                except OSError as exc:
+                    log.error("agent %s: could not restore its file after a failed commit: %s",
+                              agent_id, exc)
+            raise
+        log.info("agent %s %s", agent_id, "created" if created else "updated")
+        return agent_of(row), created
+
+    async def delete(self, agent_id: str) -> None:
+        check_agent_id(agent_id)
+        previous: list[bytes | None] = []  # the file before this delete, once it was removed
+
+        def remove(session: Session) -> bool:  # on the writer queue
+            if not queries.delete_agent(session, agent_id):
+                return False
+            # File before the commit, as in upsert: a file that cannot be removed leaves the row
+            # alone (else the agent would come back from its file at the next start).
+            before = self.files.read_bytes(agent_id)
+            try:
+                self.files.remove(agent_id)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"the agent's file cannot be removed: {exc.strerror or exc}") from None
+            previous.append(before)
+            return True
+
+        try:
+            found = await self.db.write(remove)
+        except Exception:
+            if previous and previous[0] is not None:  # the file went, the commit failed
+                try:
+                    await asyncio.to_thread(self.files.restore, agent_id, previous[0])
+                except OSError as exc:
+                    log.error("agent %s: could not restore its file after a failed commit: %s",
+                              agent_id, exc)
+            raise
+        if not found:
+            raise AgentNotFound(f"agent {agent_id!r} not found")
+        log.info("agent %s deleted", agent_id)
+
+    async def import_files(self) -> int:
+        """Import ``.md`` files that are new, or newer than their row and different from it.
+
+        A file is held to the same field limits as ``PUT /agents/{id}`` (:class:`AgentIn`); one
+        that breaks them is skipped with a warning naming the file and the field.
+        """
+
+        def store(session: Session) -> list[str]:  # one transaction, on the writer queue
+            self.files.remove_leftovers()
+            imported = []
+            for f in self.files.scan():
+                try:
+                    msgspec.convert({"name": f.name, "system_prompt": f.system_prompt,
+                                     "markdown_context": f.markdown_context}, AgentIn)
+                except msgspec.ValidationError as exc:
+                    log.warning("skipping agent file %s: %s", self.files.path(f.id), exc)
+                    continue
+                row = queries.get_agent(session, f.id)
+                if row is not None:
+                    same = (row.name, row.system_prompt, row.markdown_context) == (
+                        f.name, f.system_prompt, f.markdown_context)
+                    if same or _parse_ts(row.updated_at) >= f.mtime:
+                        continue
+                queries.upsert_agent(session, f.id, name=f.name, system_prompt=f.system_prompt,
+                                     markdown_context=f.markdown_context)
+                imported.append(f.id)
+            return imported
+
+        imported = await self.db.write(store)
+        for agent_id in imported:
+            log.info("imported agent %s from %s", agent_id, self.files.path(agent_id))
+        return len(imported)
+
+
+def _parse_ts(value: str) -> float:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()

@@ -1,0 +1,33 @@
+"""The Python client (:mod:`streaming_llm.client.api`) and the terminal chat
+(:mod:`streaming_llm.client.chat_cli`, ``streaming-llm chat``).
+
+``from streaming_llm.client import stream_chat, list_agents, ...`` is the public import path; the
+names below are those of :mod:`streaming_llm.client.api`. Only msgspec and aiohttp are imported.
+"""
+
+from ..protocol import Done, Error, Start, Token
+from ..wire import Agent, FinishReason, GenerationOptions, Usage
+from .api import (
+    DEFAULT_BASE_URL,
+    ApiError,
+    ChatError,
+    ChatEvent,
+    ChatResult,
+    ChatStream,
+    Options,
+    Resumed,
+    conversation_url,
+    delete_agent,
+    get_agent,
+    list_agents,
+    socket_url,
+    stream_chat,
+    update_agent,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL", "Agent", "ApiError", "ChatError", "ChatEvent", "ChatResult", "ChatStream",
+    "Done", "Error", "FinishReason", "GenerationOptions", "Options", "Resumed", "Start", "Token", "Usage",
+    "conversation_url", "delete_agent", "get_agent", "list_agents", "socket_url", "stream_chat",
+    "update_agent",
+]

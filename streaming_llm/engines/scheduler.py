@@ -1,0 +1,451 @@
+"""One loop that owns the model and advances every live request: continuous batching.
+
+No HTTP, database or event loop here: the local engine submits :class:`Request` objects from the
+event loop and the scheduler's own thread runs them, calling back the request's
+:class:`Handler` (on that thread) for everything that happens.
+
+The loop
+--------
+Each request is a small state machine that the loop moves::
+
+    WAITING ──admit──▶ PREFILLING ──first token──▶ DECODING ──stop / length──▶ CLOSING ──▶ FINISHED
+       │                   │                          │
+       └──── cancel ───────┴──────── cancel ──────────┴──────▶ CANCELLED
+
+One iteration of the loop:
+
+1. *cancel*: requests whose cancel flag is set leave now (a decoding row is copied back into its
+   conversation's cache first), so a cancel takes effect within one step;
+2. *admit*: waiting requests, oldest first, while fewer than ``max_batch`` are prefilling or
+   decoding; a request waits while another request with the same ``key`` (its conversation) is
+   live, so one conversation's turns never touch its cache at the same time.
+   :meth:`Handler.prepare` runs now and says which cache to feed with which ids;
+3. *prefill*: one chunk (at most ``prefill_chunk`` tokens) of the oldest prefilling or closing
+   request, through the conversation's own cache (batch 1, the path a lone turn takes). A
+   finished prompt gives the first token at once and the request joins the batch;
+4. *decode*: one forward pass over every decoding row (:mod:`.batch_cache`), one token each.
+
+So rows that are decoding wait at most one prompt chunk per step for a joining prompt (the
+*stall bound*: one forward call of ``prefill_chunk`` tokens), and a joining prompt advances one
+chunk per step. The chunk size is the same whatever else runs, so a prompt's logits do not depend
+on the load. No request starves: admission is first come, first served, a prefilling request is
+served oldest first, and every decoding row advances every step.
+
+Rows of a dense cache (a ``DynamicCache``, streaming off) cannot share preallocated buffers; they
+are stepped one by one in the same iteration, interleaved fairly but not batched.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from .batch_cache import BatchSinkCache
+from .decoding import decode_step, eviction_chunk, forward_tokens
+from .sink_cache import SinkCache
+
+__all__ = ["Handler", "Outcome", "Prefill", "Request", "Scheduler", "State"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    CLOSING = "closing"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Ids to feed into a conversation's cache: a prompt, or what closes a turn.
+
+    ``reserve``: answer tokens to make room for before the prompt (sink cache; at most half the
+    window is set aside, so a large ``max_new_tokens`` does not throw the recent past away).
+    ``breaks``: offsets into ``ids`` where a chunk must end, so that :meth:`Handler.consumed`
+    sees the cache holding exactly ``ids[:offset]`` (e.g. an agent's prefix, to keep a copy).
+    """
+
+    cache: Any  # SinkCache (streaming) or DynamicCache (dense)
+    ids: Sequence[int]
+    reserve: int = 0
+    breaks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request's answer ended.
+
+    ``reason``: ``stop`` (the handler stopped it), ``length`` (``max_new_tokens``) or
+    ``cancelled``; ``tokens``: every sampled token, the last one included; ``batch_size``: the
+    most rows its decode steps ran with (0 if it never decoded); ``evicted_tokens``: its cache's
+    count after the answer; ``prepared``: whether :meth:`Handler.prepare` ran.
+    """
+
+    reason: Literal["stop", "length", "cancelled"]
+    tokens: list[int]
+    batch_size: int
+    evicted_tokens: int | None
+    prepared: bool
+
+
+class Handler(Protocol):
+    """What a request's owner does at each step; every method runs on the scheduler's thread."""
+
+    def prepare(self) -> Prefill:
+        """At admission: the cache to use and the prompt ids to feed (at least one)."""
+
+    def consumed(self, ids: Sequence[int]) -> None:
+        """``ids`` went into the cache (a prompt chunk, a decoded token, a closing chunk)."""
+
+    def token(self, token: int) -> bool:
+        """A sampled token; return False to stop here (end of sequence, a stop string)."""
+
+    def finished(self, outcome: Outcome) -> Prefill | None:
+        """The answer ended and the cache is the conversation's own again; return ids that close
+        the turn (fed before :meth:`released`), or None."""
+
+    def released(self) -> None:
+        """The request left the scheduler (after its closing ids, if any)."""
+
+    def failed(self, error: Exception) -> None:
+        """The model failed for this request; its cache is in an unknown state."""
+
+
+@dataclass(eq=False)
+class Request:
+    key: str  # requests with the same key (a conversation) run one after another
+    handler: Handler
+    sampler: Callable[[torch.Tensor], int]  # (vocab,) logits -> a token (a decoding.Sampler)
+    max_new_tokens: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    state: State = State.WAITING
+    # -- the loop's own bookkeeping ------------------------------------------------------------
+    cache: Any = None
+    pending: list[int] = field(default_factory=list)  # ids still to feed (prompt or closing)
+    fed: int = 0  # ids of the current Prefill fed so far
+    breaks: tuple[int, ...] = ()
+    tokens: list[int] = field(default_factory=list)
+    next_token: int = -1  # the sampled token the next decode step feeds
+    ending: Literal["stop", "length", "cancelled"] = "length"
+    batch_size: int = 0
+    failed: bool = False  # the handler was told (failed()); nothing more is called
+
+
+class Scheduler:
+    """Owns ``model`` on one thread; :meth:`submit` requests from any thread."""
+
+    def __init__(self, model: Any, *, max_batch: int,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = "scheduler") -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self._dtype = next(model.parameters()).dtype
+        self._batch = BatchSinkCache(max_batch)
+        self._rows: list[Request] = []  # decoding in the batch; self._rows[b] is batch row b
+        self._solo: list[Request] = []  # decoding with a dense cache, stepped one by one
+        self._feeding: list[Request] = []  # prefilling or closing, oldest first
+        self._waiting: deque[Request] = deque()
+        self._held: set[Request] = set()  # admitted and not yet released (any live state)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._steps = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- any thread ------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Make the loop look at the requests now (after a cancel flag was set)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is waiting or live (tests, benchmarks); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._busy(), timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel everything, stop the loop and wait for it."""
+        with self._cond:
+            self._closed = True
+            for r in [*self._waiting, *self._feeding, *self._rows, *self._solo]:
+                r.cancel.set()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def live(self) -> int:
+        """Requests prefilling, decoding or closing now."""
+        return len(self._feeding) + len(self._rows) + len(self._solo)
+
+    @property
+    def decoding(self) -> int:
+        return len(self._rows) + len(self._solo)
+
+    def batch_nbytes(self) -> int:
+        """Bytes of the batch buffers (on top of the conversations' own caches)."""
+        return self._batch.nbytes()
+
+    # -- the loop (scheduler thread) -----------------------------------------------------------
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._held)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    self._cond.notify_all()  # wait_idle() callers look again
+                    self._cond.wait_for(lambda: self._closed or self._busy())
+                    if self._closed and not self._busy():
+                        return
+                try:
+                    self._cancel()
+                    self._admit()
+                    self._prefill()
+                    self._decode()
+                except Exception as exc:  # a bug in the loop itself: fail everyone, keep serving
+                    log.exception("scheduler: the loop failed")
+                    self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        rows = [*self._feeding, *self._rows, *self._solo]
+        self._feeding, self._rows, self._solo = [], [], []
+        self._batch.clear()
+        for r in rows:
+            self._fail(r, exc)
+
+    def _cancel(self) -> None:
+        with self._cond:
+            never_started = [r for r in self._waiting if r.cancel.is_set()]
+            for r in never_started:
+                self._waiting.remove(r)
+        for r in never_started:
+            self._end(r, "cancelled")
+        for r in [r for r in self._feeding if r.cancel.is_set() and r.state is State.PREFILLING]:
+            self._feeding.remove(r)
+            self._end(r, "cancelled")
+        for b in reversed(range(len(self._rows))):
+            if self._rows[b].cancel.is_set():
+                self._leave_row(b, "cancelled")
+        for r in [r for r in self._solo if r.cancel.is_set()]:
+            self._solo.remove(r)
+            self._end(r, "cancelled")
+
+    def _admit(self) -> None:
+        with self._cond:
+            live_keys = {r.key for r in self._held}
+            admitted: list[Request] = []
+            for r in list(self._waiting):
+                if len(self._feeding) + len(admitted) + self.decoding >= self.max_batch:
+                    break
+                if r.key in live_keys:
+                    continue  # its conversation's previous turn is still live
+                self._waiting.remove(r)
+                live_keys.add(r.key)
+                admitted.append(r)
+                self._held.add(r)
+        for r in admitted:
+            try:
+                work = r.handler.prepare()
+            except Exception as exc:  # noqa: BLE001 - reported to its handler
+                self._fail(r, exc)
+                continue
+            self._start_feeding(r, work, State.PREFILLING)
+
+    def _start_feeding(self, r: Request, work: Prefill, state: State) -> None:
+        r.cache, r.pending, r.state = work.cache, list(work.ids), state
+        r.fed, r.breaks = 0, work.breaks
+        if state is State.PREFILLING and not r.pending:
+            self._fail(r, ValueError("a prompt needs at least one token"))
+            return
+        if isinstance(r.cache, SinkCache) and r.pending:
+            window = r.cache.window_tokens
+            try:
+                r.cache.make_room(min(len(r.pending) + min(work.reserve, window // 2), window))
+            except Exception as exc:  # noqa: BLE001 - reported to its handler
+                self._fail(r, exc)
+                return
+        self._feeding.append(r)
+
+    def _prefill(self) -> None:
+        """Feed one chunk of the oldest prefilling or closing request."""
+        if not self._feeding:
+            return
+        r = self._feeding[0]
+        size = self.prefill_chunk
+        if isinstance(r.cache, SinkCache):
+            size = min(size, r.cache.window_tokens)
+        size = min([size, *(b - r.fed for b in r.breaks if b > r.fed)])
+        chunk, rest = r.pending[:size], r.pending[size:]
+        try:
+            logits = forward_tokens(self.model, r.cache, chunk) if chunk else None
+        except Exception as exc:  # noqa: BLE001 - reported to its handler
+            self._feeding.remove(r)
+            self._fail(r, exc)
+            return
+        r.pending, r.fed = rest, r.fed + len(chunk)
+        self._call(r, lambda: r.handler.consumed(chunk))
+        if rest and not r.failed:
+            return
+        self._feeding.remove(r)
+        if r.failed:
+            return
+        if r.state is State.CLOSING:
+            self._release(r, State.FINISHED)
+            return
+        assert logits is not None
+        if self._sample(r, logits, batch_size=0):
+            self._join(r)
+
+    def _join(self, r: Request) -> None:
+        r.state = State.DECODING
+        if isinstance(r.cache, SinkCache):
+            self._batch.join(r.cache)
+            self._rows.append(r)
+        else:
+            self._solo.append(r)
+
+    def _decode(self) -> None:
+        """One step: every batch row through one forward pass, then the dense rows one by one."""
+        if self._rows:
+            self._step_batch()
+        for r in list(self._solo):
+            try:
+                logits = decode_step(self.model, r.cache, r.next_token)
+            except Exception as exc:  # noqa: BLE001 - reported to its handler
+                self._solo.remove(r)
+                self._fail(r, exc)
+                continue
+            self._call(r, lambda r=r: r.handler.consumed([r.next_token]))
+            if not self._sample(r, logits, batch_size=1):
+                self._solo.remove(r)
+                self._end(r, r.ending)
+
+    def _step_batch(self) -> None:
+        batch, n = self._batch, len(self._rows)
+        for b, r in enumerate(self._rows):
+            if batch.full(b):  # this row evicts; the others are untouched
+                batch.make_room(b, eviction_chunk(r.cache.window_tokens))
+        try:
+            inputs = batch.step_inputs([r.next_token for r in self._rows], self._dtype)
+            out = self.model(**inputs, past_key_values=batch, use_cache=True, logits_to_keep=1)
+        except Exception as exc:
+            log.exception("scheduler: a batched decode step failed")
+            rows, self._rows = self._rows, []
+            batch.clear()
+            for r in rows:
+                self._fail(r, exc)
+            return
+        batch.advance()
+        self._steps += 1
+        logits = out.logits[:n, -1].float()  # (rows, vocab)
+        ended: list[int] = []
+        for b, r in enumerate(self._rows):
+            self._call(r, lambda r=r: r.handler.consumed([r.next_token]))
+            if not self._sample(r, logits[b], batch_size=n):
+                ended.append(b)
+        for b in reversed(ended):  # from the end: a leaving row's place is taken by the last
+            self._leave_row(b, self._rows[b].ending)
+
+    def _sample(self, r: Request, logits: torch.Tensor, *, batch_size: int) -> bool:
+        """Sample ``r``'s next token; True when it goes on decoding."""
+        if r.failed:
+            return False
+        r.batch_size = max(r.batch_size, batch_size)
+        token = r.sampler(logits)
+        r.tokens.append(token)
+        go = self._call(r, lambda: r.handler.token(token))
+        if r.failed:
+            return False
+        if not go:
+            r.ending = "stop"
+        elif len(r.tokens) >= r.max_new_tokens:
+            r.ending = "length"
+        else:
+            r.next_token = token
+            return True
+        if r.state is State.PREFILLING:
+            self._end(r, r.ending)
+        return False
+
+    # -- leaving --------------------------------------------------------------------------------
+    def _leave_row(self, b: int, reason: Literal["stop", "length", "cancelled"]) -> None:
+        r = self._rows[b]
+        moved = self._batch.leave(b, r.cache)
+        if moved is None:
+            self._rows.pop()
+        else:
+            self._rows[b] = self._rows.pop()
+        self._end(r, reason)
+
+    def _end(self, r: Request, reason: Literal["stop", "length", "cancelled"]) -> None:
+        """The answer ended; the cache is the conversation's own. Close the turn, or release."""
+        if r.failed:
+            return
+        r.state = State.CANCELLED if reason == "cancelled" else State.CLOSING
+        closing = self._call(r, lambda: r.handler.finished(self._outcome(r, reason)))
+        if r.failed:
+            return
+        if r.state is State.CLOSING and closing is not None and closing.ids \
+                and not self._closed:
+            self._start_feeding(r, closing, State.CLOSING)
+            return
+        self._release(r, State.FINISHED if r.state is State.CLOSING else r.state)
+
+    def _release(self, r: Request, state: State) -> None:
+        r.state = state
+        self._call(r, r.handler.released)
+        self._let_go(r)
+
+    def _let_go(self, r: Request) -> None:
+        """``r`` has left: its key is free, and wait_idle() may look again."""
+        with self._cond:
+            self._held.discard(r)
+            self._cond.notify_all()
+
+    def _fail(self, r: Request, exc: Exception) -> None:
+        if r.failed:
+            return
+        r.failed = True
+        r.state = State.CANCELLED
+        try:
+            r.handler.failed(exc)
+        except Exception:
+            log.exception("scheduler: a request's failure handler raised")
+        self._let_go(r)
+
+    def _call(self, r: Request, fn: Any) -> Any:
+        """Call a handler method; a handler that raises fails its own request, nobody else's."""
+        try:
+            return fn()
+        except Exception as exc:
+            log.exception("scheduler: a request's handler raised")
+            self._fail(r, exc)
+            return None
+
+    def _outcome(self, r: Request, reason: Literal["stop", "length", "cancelled"]) -> Outcome:
+        evicted = getattr(r.cache, "evicted_tokens", None) if r.cache is not None else None
+        return Outcome(reason=reason, tokens=list(r.tokens), batch_size=r.batch_size,
+                       evicted_tokens=evicted, prepared=r.cache is not None)

@@ -1,0 +1,386 @@
+"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``: agents served as models.
+
+``model`` names an agent, whose system prompt and Markdown context become the system message.
+Without a conversation id the caller's ``messages`` are the whole history and nothing is stored
+(the engine gets a throwaway conversation id and forgets it afterwards). With one, from the
+``X-Conversation-Id`` header or ``metadata.conversation_id`` (``new`` starts a conversation),
+the stored history replaces ``messages`` except the last (user) message, the turn is stored like
+a socket turn, and the engine's per-conversation cache serves the call; the response names the
+conversation in its ``X-Conversation-Id`` header.
+
+The turn runs in its own task while a second one waits for the client to go away; a disconnect
+cancels the turn, which stops the engine at its next step (the socket's rule). Errors use
+OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+
+import msgspec
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from ...chat.conversations import Turn
+from ...chat.limits import Limits
+from ...chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
+from ...engines.base import ChatMessage, count_tokens
+from ...errors import (
+    AgentNotFound,
+    BadRequest,
+    InvalidId,
+    NotFound,
+    ServiceError,
+    ValidationFailed,
+)
+from ...openai_types import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    CompletionUsage,
+    Delta,
+    Model,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorDetail,
+    PromptTokensDetails,
+    RequestMessage,
+    openai_finish_reason,
+)
+from ...wire import Agent, FinishReason, GenerationOptions, Usage
+from ..responses import JSONResponse, decode_body
+
+log = logging.getLogger(__name__)
+
+CONVERSATION_HEADER = "x-conversation-id"
+NEW_CONVERSATION = "new"
+
+_encoder = msgspec.json.Encoder()
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                409: "invalid_request_error", 429: "rate_limit_error"}
+
+
+# --- errors -------------------------------------------------------------------------------------
+class InvalidRequest(BadRequest):
+    """A request this endpoint cannot serve; ``param`` names the field, as OpenAI's errors do."""
+
+    def __init__(self, message: str, *, param: str | None, code: str = "invalid_request") -> None:
+        super().__init__(message, code=code)
+        self.param = param
+
+
+def openai_error_response(exc: ServiceError) -> JSONResponse:
+    """Any service error in OpenAI's shape. Validation errors (422 elsewhere) are 400s here, as
+    OpenAI clients expect; an unknown agent is OpenAI's ``model_not_found``."""
+    status = 400 if exc.status == 422 else exc.status
+    code: str | None = exc.code
+    param = getattr(exc, "param", None)
+    if isinstance(exc, AgentNotFound):
+        code, param = "model_not_found", "model"
+    elif param is None and isinstance(exc, ValidationFailed):
+        param = exc.field
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = OpenAIError(OpenAIErrorDetail(exc.message, kind, param, code))
+    return JSONResponse(body, status_code=status)
+
+
+def _openai_errors(endpoint: Callable[[Request], Awaitable[Response]]
+                   ) -> Callable[[Request], Awaitable[Response]]:
+    @functools.wraps(endpoint)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ServiceError as exc:
+            return openai_error_response(exc)
+
+    return wrapper
+
+
+def _model_not_found(model: str) -> AgentNotFound:
+    return AgentNotFound(f"The model {model!r} does not exist: models are agent ids "
+                         "(GET /v1/models lists them)")
+
+
+# --- models -------------------------------------------------------------------------------------
+def _model(agent: Agent, served: str) -> Model:
+    created = int(datetime.fromisoformat(agent.created_at).timestamp())
+    return Model(id=agent.id, created=created, name=agent.name, served_model=served)
+
+
+async def _served(request: Request) -> str:
+    """The name of the model the engine actually serves (as /health reports it)."""
+    return (await request.state.services.engine.health()).model
+
+
+@_openai_errors
+async def list_models(request: Request) -> Response:
+    agents = await request.state.services.agents.list()
+    served = await _served(request)
+    return JSONResponse(ModelList([_model(a, served) for a in agents]))
+
+
+@_openai_errors
+async def get_model(request: Request) -> Response:
+    model = request.path_params["model"]
+    try:
+        agent = await request.state.services.agents.get(model)
+    except (AgentNotFound, InvalidId):
+        raise _model_not_found(model) from None
+    return JSONResponse(_model(agent, await _served(request)))
+
+
+@_openai_errors
+async def unknown_route(request: Request) -> Response:
+    raise NotFound(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
+
+
+# --- chat completions: the request --------------------------------------------------------------
+def _text(message: RequestMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise InvalidRequest(f"content parts of type {part.type!r} are not supported; "
+                                 "send text", param=f"messages[{index}].content[{j}]")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    messages = []
+    for i, m in enumerate(body.messages):
+        if m.role == "tool":
+            raise InvalidRequest("tool messages are not supported", param=f"messages[{i}].role")
+        role = "system" if m.role == "developer" else m.role
+        messages.append(ChatMessage(role, _text(m, i)))
+    last = messages[-1]
+    if last.role != "user" or not last.content:
+        raise InvalidRequest("the last message must be a non-empty user message",
+                             param=f"messages[{len(messages) - 1}]")
+    return messages
+
+
+def _options(body: ChatCompletionRequest) -> GenerationOptions:
+    if body.n not in (None, 1):
+        raise InvalidRequest("only n=1 is supported", param="n")
+    if body.tools:
+        raise InvalidRequest("tools are not supported", param="tools")
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported", param="logprobs")
+    if body.response_format not in (None, {"type": "text"}):
+        raise InvalidRequest("only response_format {'type': 'text'} is supported",
+                             param="response_format")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return GenerationOptions(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=stop or None,
+        seed=body.seed, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, min_p=body.min_p)
+
+
+def _conversation_id(request: Request, body: ChatCompletionRequest) -> str | None:
+    header = request.headers.get(CONVERSATION_HEADER) or None
+    field = (body.metadata or {}).get("conversation_id") or None
+    if header and field and header != field:
+        raise InvalidRequest(f"the {CONVERSATION_HEADER} header ({header!r}) and "
+                             f"metadata.conversation_id ({field!r}) disagree",
+                             param="metadata.conversation_id")
+    return header or field
+
+
+@_openai_errors
+async def chat_completions(request: Request) -> Response:
+    body = await decode_body(request, ChatCompletionRequest)
+    messages, options = _messages(body), _options(body)
+    conversation_id = _conversation_id(request, body)
+    services = request.state.services
+    limits = Limits.from_settings(services.settings)
+    limits.check_messages([m.content for m in messages], options.max_new_tokens)
+    stored = conversation_id is not None
+    if not stored:  # the caller's history is the prompt (a stored one is the socket's)
+        limits.check_prompt_tokens(
+            await asyncio.to_thread(count_tokens, services.engine, messages))
+    spec = TurnSpec(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}", agent_id=body.model,
+        message=messages[-1].content, options=options,
+        conversation_id=None if conversation_id in (None, NEW_CONVERSATION) else conversation_id,
+        client=request.client.host if request.client is not None else "",
+        history=None if stored else messages)
+    answer = _Answer(stream=bool(body.stream), send_timeout_s=services.settings.send_timeout_s)
+    work = asyncio.create_task(answer.produce(services.turns, spec), name=spec.request_id)
+    try:
+        first = await _unless_disconnected(request, answer.next())
+    except ClientDisconnect:  # nobody reads the answer: 499, nginx's "client closed request"
+        await _stop(work)
+        return Response(status_code=499)
+    except BaseException:
+        await _stop(work)
+        raise
+    if isinstance(first, ServiceError):  # refused before anything was stored
+        raise _model_not_found(body.model) if isinstance(first, AgentNotFound) else first
+    headers = {} if answer.conversation_id is None or not stored else {
+        CONVERSATION_HEADER: answer.conversation_id}
+    reply = _Reply(spec.request_id, body)
+    if isinstance(first, Ending) and first.failure is not None:  # before the first piece
+        failed = openai_error_response(first.failure)
+        failed.headers.update(headers)
+        return failed
+    if not body.stream:
+        assert isinstance(first, Ending)
+        return JSONResponse(reply.completion(answer.text, first), headers=headers)
+    return StreamingResponse(
+        reply.events(first, answer), media_type="text/event-stream; charset=utf-8",
+        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        background=BackgroundTask(_stop, work))
+
+
+# --- chat completions: the answer ---------------------------------------------------------------
+_Item = str | Ending | ServiceError  # a piece, the ending, or a refusal before the start
+
+
+class _Answer:
+    """The turn's writer: hands pieces to the response through a short queue, so a client that
+    stops reading stalls its own turn; past the send timeout the turn ends ``cancelled``."""
+
+    def __init__(self, *, stream: bool, send_timeout_s: float) -> None:
+        self.stream = stream
+        self.send_timeout_s = send_timeout_s
+        self.items: asyncio.Queue[_Item] = asyncio.Queue(maxsize=64)
+        self.conversation_id: str | None = None
+        self.pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    async def produce(self, runner: TurnRunner, spec: TurnSpec) -> None:
+        try:
+            ending: _Item = await runner.run(spec, self)
+        except ServiceError as exc:
+            ending = exc
+        except ClientGone:
+            return  # stopped reading: the turn is stored as cancelled, nobody waits for more
+        await self.items.put(ending)
+
+    async def next(self) -> _Item:
+        return await self.items.get()
+
+    async def start(self, turn: Turn) -> None:
+        self.conversation_id = turn.conversation_id
+
+    async def piece(self, turn: Turn, text: str) -> None:
+        self.pieces.append(text)
+        if self.stream:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.items.put(text)
+            except TimeoutError:
+                log.warning("turn %s: the client did not read for %gs, cancelling",
+                            turn.request_id, self.send_timeout_s)
+                raise ClientGone from None
+
+
+class _Reply:
+    """OpenAI's bodies for one answer: one ``chat.completion``, or server-sent events."""
+
+    def __init__(self, request_id: str, params: ChatCompletionRequest) -> None:
+        self.request_id, self.params = request_id, params
+        self.created = int(time.time())
+        self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
+
+    def completion(self, text: str, ending: Ending) -> ChatCompletion:
+        return ChatCompletion(self.request_id, self.created, self.params.model,
+                              [Choice(0, AssistantMessage(content=text),
+                                      openai_finish_reason(ending.reason))], _usage(ending.usage))
+
+    async def events(self, first: _Item, answer: _Answer) -> AsyncIterator[bytes]:
+        yield self.chunk(Delta(role="assistant", content=""))
+        item = first
+        while isinstance(item, str):
+            yield self.chunk(Delta(content=item))
+            item = await answer.next()
+        failure = item if isinstance(item, ServiceError) else item.failure
+        if failure is not None:  # OpenAI's clients raise on a data event carrying "error"
+            yield _event(bytes(openai_error_response(failure).body))
+            return
+        assert isinstance(item, Ending)
+        yield self.chunk(Delta(), item.reason)
+        if self.include_usage:
+            yield _event(_encoder.encode(ChatCompletionChunk(
+                self.request_id, self.created, self.params.model, [], _usage(item.usage))))
+        yield _event(b"[DONE]")
+
+    def chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> bytes:
+        reason = None if finish_reason is None else openai_finish_reason(finish_reason)
+        return _event(_encoder.encode(ChatCompletionChunk(
+            self.request_id, self.created, self.params.model, [ChunkChoice(0, delta, reason)])))
+
+
+def _event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+async def _unless_disconnected(request: Request, waiting: Awaitable[_Item]) -> _Item:
+    """What ``waiting`` gives, unless the client goes away first (:class:`ClientDisconnect`).
+
+    Only until the response starts: from then on :class:`StreamingResponse` watches for it.
+    """
+    result = asyncio.ensure_future(waiting)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not result.done():
+        result.cancel()
+        raise ClientDisconnect
+    return result.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stop(work: asyncio.Task[None]) -> None:
+    """End the turn's task (a no-op once it ended): a cancel stores the partial answer."""
+    if not work.done():
+        log.info("turn %s: client went away, cancelling", work.get_name())
+        work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+
+
+def _usage(usage: Usage) -> CompletionUsage:
+    details = (None if usage.cached_tokens is None
+               else PromptTokensDetails(cached_tokens=usage.cached_tokens))
+    return CompletionUsage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=details, time_to_first_token_ms=usage.time_to_first_token_ms,
+        decode_tokens_per_s=usage.decode_tokens_per_s)
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:str}", get_model, methods=["GET"]),
+    Route("/v1/{rest:path}", unknown_route,
+          methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
+]

@@ -1,0 +1,93 @@
+"""``streaming-llm bench speed`` on a tiny model (eager and int8), and llama-bench's JSON read
+into the same figures. Timings are not asserted; the figures' presence and shape are."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from streaming_llm.bench import cache as bench_cache
+from streaming_llm.bench import speed as bench
+from streaming_llm.cli import build_parser
+
+# What llama-bench -o json prints for -p 512 -n 32 -d 16,1000 (fields we read, values made up).
+LLAMA_BENCH_JSON = json.dumps([
+    {"n_prompt": 512, "n_gen": 0, "n_depth": 16, "avg_ts": 419.5},
+    {"n_prompt": 0, "n_gen": 32, "n_depth": 16, "avg_ts": 56.2},
+    {"n_prompt": 512, "n_gen": 0, "n_depth": 1000, "avg_ts": 380.1},
+    {"n_prompt": 0, "n_gen": 32, "n_depth": 1000, "avg_ts": 41.4},
+])
+
+
+def test_cli_dispatches_bench_speed() -> None:
+    args = build_parser().parse_args(["bench", "speed", "--modes", "eager"])
+    assert args.bench_module is bench and args.modes == "eager"
+
+
+def test_llama_bench_json_becomes_our_figures_and_ratios() -> None:
+    peer = bench.parse_llama_bench(LLAMA_BENCH_JSON)
+    assert peer == {"prefill_tokens_per_s": 419.5, "decode_16_tokens_per_s": 56.2,
+                    "decode_1000_tokens_per_s": 41.4}
+    ours = {"eager": {"decode_16_tokens_per_s": 28.1, "decode_1000_tokens_per_s": 20.7,
+                      "prefill_tokens_per_s": 839.0}}
+    assert bench.ratios(ours, {"F32": peer}) == {"eager/F32 decode_16": 0.5,
+                                                 "eager/F32 decode_1000": 0.5,
+                                                 "eager/F32 prefill": 2.0}
+
+
+def test_bad_modes_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--modes", "eager,warp"])) == 2
+    assert "warp" in capsys.readouterr().err
+
+
+def test_tiny_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_args = argparse.Namespace(hidden=32, intermediate=64, layers=1, heads=2, late=0,
+                                    repeats=0, steps=0, prefill_chunk=0, seed=0)
+    bench_cache.write_bench_model(tmp_path / "model", model_args)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--modes", "eager,int8",
+                              "--steps", "2", "--repeats", "1", "--threads", "1", "--json"])
+    assert bench.run(args) == 0
+    figures = json.loads(capsys.readouterr().out)
+    for mode in ("eager", "int8"):
+        assert set(figures["modes"][mode]) == {"decode_16_tokens_per_s",
+                                               "decode_1000_tokens_per_s", "prefill_tokens_per_s"}
+        assert all(v > 0 for v in figures["modes"][mode].values())
+    assert "| ours, int8 |" in bench._table(figures)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
+def test_compiled_step_gives_the_eager_greedy_tokens() -> None:
+    import torch
+
+    from streaming_llm.engines.batch_cache import BatchSinkCache
+    from streaming_llm.engines.decoding import forward_tokens
+    from streaming_llm.engines.sink_cache import SinkCache
+    from tests.engines.tiny_models import random_ids, tiny_model
+
+    model = tiny_model("llama", layers=1)
+    compiled, seconds = bench._compiled(model, lambda message: None)
+    assert compiled is not None and isinstance(seconds, float)
+
+    def greedy(step: object) -> list[int]:
+        cache = SinkCache.from_model(model, 4, 60)
+        logits = forward_tokens(model, cache, random_ids(9))
+        assert logits is not None
+        batch = BatchSinkCache(1)
+        batch.join(cache)
+        tokens = [int(logits.argmax())]
+        with torch.inference_mode():
+            for _ in range(12):
+                out = step(**batch.step_inputs(tokens[-1:], torch.float32),  # type: ignore[operator]
+                           past_key_values=batch, use_cache=True, logits_to_keep=1)
+                batch.advance()
+                tokens.append(int(out.logits[0, -1].argmax()))
+        return tokens
+
+    assert greedy(compiled) == greedy(model)
