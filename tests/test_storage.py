@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -169,8 +168,9 @@ def test_many_sockets_append_to_one_conversation(tmp_path: Path, database_url: s
 def test_two_instances_on_one_postgresql_serve_one_conversation(
         tmp_path: Path, database_url: str) -> None:
     """Two instances of the service on one PostgreSQL database, started at once (the migration
-    is taken by one of them, the other waits), serve one conversation alternately, then both at
-    once: nothing lost, nothing doubled, and both read the same history."""
+    is taken by one of them, the other waits), serve one conversation alternately: nothing lost,
+    nothing doubled, and both read the same history. (Both at once is not promised: one turn at a
+    time per conversation holds within one instance; README, "Many instances".)"""
     env = ECHO | database_env(database_url)
     with start_server(tmp_path / "a", env, wait=False) as a, \
             start_server(tmp_path / "b", env, wait=False) as b:
@@ -184,17 +184,10 @@ def test_two_instances_on_one_postgresql_serve_one_conversation(
             message = f"turn {n} on {'ab'[n % 2]}"
             done.append(chat_turn(server, message, conversation) | {"message": message})
             conversation = done[-1]["start"]["conversation_id"]
-        together = [threading.Thread(target=lambda s=s, m=m: done.append(
-            chat_turn(s, m, conversation) | {"message": m}))
-            for s, m in ((a, "together on a"), (b, "together on b"))]
-        for thread in together:
-            thread.start()
-        for thread in together:
-            thread.join(timeout=60)
-        assert len(done) == 8
+        assert len(done) == 6
         check_stored(database_url, conversation, done)  # type: ignore[arg-type]
         views = [http("GET", f"{s.base_url}/conversations/{conversation}")[1] for s in (a, b)]
-        assert views[0] == views[1] and len(views[0]["turns"]) == 16
+        assert views[0] == views[1] and len(views[0]["turns"]) == 12
     assert "Traceback" not in a.log() + b.log()
 
 
