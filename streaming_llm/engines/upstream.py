@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -84,7 +85,7 @@ async def lines(content: aiohttp.StreamReader, label: str, *,
         yield pending.rstrip(b"\r")
 
 
-class UpstreamEngine:
+class UpstreamEngine(ABC):
     """The shared half of an engine that proxies one HTTP server; see the module docstring."""
 
     name = "upstream"
@@ -156,8 +157,9 @@ class UpstreamEngine:
         return EngineHealth(ready=False, model=self._model, detail=detail,
                             extra={"url": self._base, **extra})
 
+    @abstractmethod
     async def _probe(self) -> EngineHealth:
-        raise NotImplementedError
+        """This wire format's health check (each engine asks its own endpoint)."""
 
     async def get(self, path: str) -> bytes:
         """``GET base + path`` for a probe; a non-2xx answer raises ``ClientResponseError``."""
@@ -167,18 +169,19 @@ class UpstreamEngine:
             return await resp.read()
 
     # --- chat -----------------------------------------------------------------------------------
+    @abstractmethod
     def chat_body(self, request: EngineRequest) -> dict[str, Any]:
-        raise NotImplementedError
+        """The JSON body of this wire format's chat request."""
 
     async def prepare(self) -> None:
         """Called before each request; learn what the request needs (e.g. the model's name)."""
         return None
 
+    @abstractmethod
     def read_answer(self, resp: aiohttp.ClientResponse,
                     started: float) -> AsyncGenerator[Chunk, None]:
         """The answer's text pieces, then one :class:`Finished` once the protocol says it ended.
         Raise :class:`EngineProtocolError` for what breaks the protocol."""
-        raise NotImplementedError
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         started = time.perf_counter()

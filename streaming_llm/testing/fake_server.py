@@ -15,6 +15,7 @@ import asyncio
 import collections
 import dataclasses
 import threading
+from abc import ABC, abstractmethod
 from typing import Any, Self
 
 from aiohttp import web
@@ -35,7 +36,7 @@ class ChatRecord:
         return self.disconnected.wait(timeout)
 
 
-class FakeServer:
+class FakeServer(ABC):
     """Base of the fakes: ``with Fake() as fake: ... fake.url ...``; subclasses add routes."""
 
     thread_name = "fake-server"
@@ -50,8 +51,9 @@ class FakeServer:
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
 
+    @abstractmethod
     def add_routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """The fake's routes (each fake speaks its own upstream's API)."""
 
     # --- life cycle ---------------------------------------------------------------------------
     @property
