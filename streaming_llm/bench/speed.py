@@ -1,22 +1,24 @@
-"""Speed: decode and prefill tokens/s of the engine's step, eager / int8 / compiled, and llama.cpp.
+"""Speed: decode and prefill tokens/s of the engine's decode step, per mode, and llama.cpp.
 
 One model (the default model, or ``--model``: a folder, hub id or ``.gguf`` file, converted as the
-server converts it), loaded in float32 on the CPU. For each mode in ``--modes``:
+server converts it), loaded in float32 on the CPU. Each mode is a decode step of
+:mod:`streaming_llm.engines.step` over one conversation (bucket 1 of the scheduler's batch):
 
+``model``
+    :class:`~streaming_llm.engines.step.ModelStep`, the model's own transformers forward (the
+    step before the written-out one; any architecture).
 ``eager``
-    The step the local engine runs: one conversation in the batch of the scheduler
-    (:class:`~streaming_llm.engines.batch_cache.BatchSinkCache`, bucket 1), HF forward.
-``int8``
-    The same with every linear layer int8 (:mod:`streaming_llm.engines.int8`).
+    :class:`~streaming_llm.engines.step.LlamaStep`, what the server runs by default on CPU.
 ``compiled``
-    The same decode step with the model's forward under ``torch.compile`` (inductor, static
-    shapes: one graph per attention span the steps meet, compiled in a warm-up block left out of
-    the rates; the first compile's time is reported; a model or device where it fails is
-    reported as such). Prefill stays eager.
+    The same under ``torch.compile`` (``STREAMING_LLM_COMPILE=on``); the compile time of every
+    shape is reported and left out of the rates.
+``int8``
+    The same with int8 weights (``STREAMING_LLM_QUANTIZE=int8``); prefill runs int8 too.
 
 Figures per mode: decode tokens/s after 16 and after 1,000 tokens of context (``--steps`` steps,
 the best of ``--repeats`` blocks) and prefill tokens/s of a 512-token prompt (one forward call
-through the conversation's sink cache, best of ``--repeats``).
+through the conversation's sink cache, best of ``--repeats``). ``--profile`` adds, per mode, the
+operators that take a decode step's time (``torch.profiler``, after 16 tokens).
 
 With ``--llama-bench PATH`` the same run also runs llama.cpp's own ``llama-bench`` (``-p 512 -n
 STEPS -d 16,1000``, ``--threads`` threads) on the same weights: the GGUF file the model came
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MODES = ("eager", "int8", "compiled")
+MODES = ("model", "eager", "compiled", "int8")
 CONTEXTS = (16, 1000)
 PREFILL = 512
 
@@ -48,12 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "model)")
     parser.add_argument("--models-dir", default="data/models",
                         help="where a GGUF model is converted once (data/models)")
-    parser.add_argument("--modes", default="eager,int8", help=f"comma-separated of {MODES} "
-                                                                "(eager,int8)")
+    parser.add_argument("--modes", default="model,eager,compiled,int8",
+                        help=f"comma-separated of {MODES} (all)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed block (64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the best counts (3)")
     parser.add_argument("--threads", type=int, default=2, help="torch (and llama.cpp) threads (2)")
     parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operators that take a decode step's time, per mode")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -77,12 +81,11 @@ def _best(repeats: int, block: Callable[[], float]) -> float:
     return min(block() for _ in range(max(1, repeats)))
 
 
-def measure_mode(model: Any, args: argparse.Namespace, step: Any = None) -> dict[str, Any]:
-    """Decode tokens/s at each context and prefill tokens/s for ``model`` (one mode).
+def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Decode tokens/s of ``step`` at each context, and prefill tokens/s of ``model``.
 
-    ``step``: what runs the decode steps (a compiled forward), default ``model``; prefill is
-    measured only for the model itself. Every timed block starts from the same prefilled cache,
-    so each block takes the same shapes.
+    Every timed block starts from the same prefilled cache, so each block takes the same shapes;
+    a warm-up block first (where a compiled step compiles its shapes, left out of the rates).
     """
     import torch
 
@@ -100,20 +103,19 @@ def measure_mode(model: Any, args: argparse.Namespace, step: Any = None) -> dict
             cache = SinkCache.from_model(model, 4, window)
             forward_tokens(model, cache, prompt[:context], chunk_size=512)
 
-            def block(cache: SinkCache = cache) -> float:
+            def block(cache: SinkCache = cache, steps: int = args.steps) -> float:
                 batch = BatchSinkCache(1)
                 batch.join(cache)  # a copy: the cache itself stays at ``context`` tokens
-                run = step if step is not None else model
                 started = time.perf_counter()
-                for _ in range(args.steps):
-                    inputs = batch.step_inputs([5], torch.float32)
-                    run(**inputs, past_key_values=batch, use_cache=True, logits_to_keep=1)
-                    batch.advance()
+                for _ in range(steps):
+                    step(batch, [5])
                 return time.perf_counter() - started
 
             block()  # warm-up (and, compiled, the shapes of this context)
             figures[f"decode_{context}_tokens_per_s"] = round(args.steps / _best(args.repeats,
                                                                                  block), 2)
+            if args.profile and context == min(CONTEXTS):
+                figures["profile"] = _profile(lambda: block(steps=min(args.steps, 16)))
 
         def prefill() -> float:
             cache = SinkCache.from_model(model, 4, window)
@@ -121,36 +123,36 @@ def measure_mode(model: Any, args: argparse.Namespace, step: Any = None) -> dict
             forward_tokens(model, cache, prompt[:PREFILL], chunk_size=PREFILL)
             return time.perf_counter() - started
 
-        if step is None:
-            prefill()
-            figures["prefill_tokens_per_s"] = round(PREFILL / _best(args.repeats, prefill), 1)
+        prefill()
+        figures["prefill_tokens_per_s"] = round(PREFILL / _best(args.repeats, prefill), 1)
+    if getattr(step, "compile_seconds", 0):
+        figures["compile_s"] = round(step.compile_seconds, 1)
     return figures
 
 
-def _compiled(model: Any, log: Callable[[str], None]) -> tuple[Any, float | str]:
-    """``model``'s forward compiled, and the compile time of a first step (or why not)."""
-    import torch
+def _profile(block: Callable[[], float]) -> list[dict[str, Any]]:
+    """The operators that take ``block``'s time: self CPU share, calls, ms per call (top 8)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    compiled = torch.compile(model.forward, dynamic=False)
-    started = time.perf_counter()
-    try:
-        from ..engines.batch_cache import BatchSinkCache
-        from ..engines.decoding import forward_tokens
-        from ..engines.sink_cache import SinkCache
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count,
+             "ms_per_call": round(e.self_cpu_time_total / max(e.count, 1) / 1000, 3)}
+            for e in events[:8]]
 
-        with torch.inference_mode():
-            cache = SinkCache.from_model(model, 4, 64)
-            forward_tokens(model, cache, [5, 6, 7])
-            batch = BatchSinkCache(1)
-            batch.join(cache)
-            compiled(**batch.step_inputs([5], torch.float32), past_key_values=batch,
-                     use_cache=True, logits_to_keep=1)
-    except Exception as exc:  # noqa: BLE001 - a model torch.compile cannot take is a figure
-        log(f"compiled: torch.compile failed ({type(exc).__name__}: {exc}); eager only")
-        return None, f"failed: {type(exc).__name__}"
-    seconds = time.perf_counter() - started
-    log(f"compiled: first step compiled in {seconds:.1f} s (left out of the rates)")
-    return compiled, round(seconds, 1)
+
+def build_mode(model: Any, mode: str) -> tuple[Any, Any]:
+    """(model, step) for ``mode``; int8 converts a copy of the model."""
+    from ..engines.step import LlamaStep, ModelStep
+
+    if mode == "model":
+        return model, ModelStep(model)
+    if mode == "int8":
+        subject = copy.deepcopy(model)
+        return subject, LlamaStep(subject, quantize="int8")
+    return model, LlamaStep(model, compile=mode == "compiled")
 
 
 def llama_bench(binary: Path, gguf: Path, args: argparse.Namespace,
@@ -195,7 +197,7 @@ def ratios(ours: dict[str, dict[str, Any]], peer: dict[str, dict[str, float]],
     for mode, figures in ours.items():
         for kind, theirs in peer.items():
             for key, value in figures.items():
-                if isinstance(value, (int, float)) and theirs.get(key):
+                if isinstance(value, (int, float)) and key in theirs and theirs[key]:
                     out[f"{mode}/{kind} {key.removesuffix('_tokens_per_s')}"] = round(
                         value / theirs[key], 2)
     return out
@@ -210,8 +212,14 @@ def _table(figures: dict[str, Any]) -> str:
     rows.update({f"llama.cpp, {k}": f for k, f in figures.get("llama_cpp", {}).items()})
     for name, f in rows.items():
         lines.append(f"| {name} | " + " | ".join(str(f.get(k, "-")) for k in keys) + " |")
-    if figures.get("compile_s") is not None:
-        lines.append(f"\ncompile: {figures['compile_s']}")
+    for mode, f in figures["modes"].items():
+        if f.get("compile_s") is not None:
+            lines.append(f"\n{mode}: compiling took {f['compile_s']} s (left out of the rates)")
+        if f.get("failed"):
+            lines.append(f"\n{mode}: {f['failed']}")
+        for row in f.get("profile", []):
+            lines.append(f"{mode} profile: {row['share']:.1%} {row['op']} ({row['calls']} calls, "
+                         f"{row['ms_per_call']} ms each)")
     for key, value in figures.get("ratios", {}).items():
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
@@ -237,20 +245,11 @@ def run(args: argparse.Namespace) -> int:
     model, gguf = _load(args, log)
     figures: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "modes": {}}
     for mode in modes:
-        subject = model
-        if mode == "int8":
-            from ..engines.int8 import quantize_int8
-
-            subject = quantize_int8(copy.deepcopy(model))
-        elif mode == "compiled":
-            subject, figures["compile_s"] = _compiled(model, log)
-            if subject is None:
-                continue
         log(f"{mode}: measuring")
-        if mode == "compiled":
-            figures["modes"][mode] = measure_mode(model, args, step=subject)
-        else:
-            figures["modes"][mode] = measure_mode(subject, args)
+        subject, step = build_mode(model, mode)
+        figures["modes"][mode] = measure_mode(subject, step, args)
+        if mode == "compiled" and not step.name.endswith("compiled"):
+            figures["modes"][mode]["failed"] = "torch.compile failed; eager (see the log)"
     if args.llama_bench is not None:
         if gguf is None or not gguf.is_file():
             log("llama-bench needs the model as a GGUF file (the default model is one)")

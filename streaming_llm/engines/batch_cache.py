@@ -27,7 +27,7 @@ B.2 Rows of different lengths
 -----------------------------
 A step feeds one token per row, ``input_ids (batch, 1)``, at the row's own cache-relative
 position ``position_ids = lengths (batch, 1)``. :meth:`BatchSinkCache.update` writes each row's new
-key and value at slot ``lengths[b]`` (a scatter, in place) and returns the buffers' first
+key and value at slot ``lengths[b]`` (``index_put_``, in place) and returns the buffers' first
 ``span`` slots, ``(batch, kv_heads, span, head_dim)``. The attention mask
 ``(batch, 1, 1, span)`` lets row ``b`` see slots ``0 .. lengths[b]`` only (its stored tokens and
 the new one); the slots beyond are masked to the dtype's minimum, so they get exactly zero
@@ -116,7 +116,8 @@ class BatchSinkCache(Cache):
         self._lengths = torch.zeros(0, dtype=torch.long)  # (rows,) on the device
         self._batch = 0  # rows in the current step (a bucket)
         self._span = 0  # slots the current step attends to
-        self._write_at: torch.Tensor | None = None  # (batch, 1, 1, 1): the slot each row writes
+        # (rows (batch, 1), heads (1, kv_heads), slots (batch, 1)): where each row writes
+        self._write_at: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- rows in and out ---------------------------------------------------------------------------
     @property
@@ -259,7 +260,10 @@ class BatchSinkCache(Cache):
         self._lengths[:batch] = torch.tensor(lengths, dtype=torch.long)
         span = span_size(max(lengths) + 1, self.slots)
         self._batch, self._span = batch, span
-        self._write_at = self._lengths[:batch].view(batch, 1, 1, 1)
+        heads = self._k[0].shape[1]
+        self._write_at = (torch.arange(batch, device=device)[:, None],
+                          torch.arange(heads, device=device)[None, :],
+                          self._lengths[:batch, None])
         input_ids = torch.zeros((batch, 1), dtype=torch.long)
         input_ids[:n, 0] = torch.tensor(list(tokens), dtype=torch.long)
         # (batch, 1, 1, span): row b sees its stored slots and the one it writes now.
@@ -283,11 +287,12 @@ class BatchSinkCache(Cache):
         assert self._write_at is not None
         batch = self._batch
         k, arrived, v = self._k[layer_idx], self._arrived[layer_idx], self._v[layer_idx]
-        at_k = self._write_at.expand(batch, k.shape[1], 1, k.shape[-1])
-        at_v = self._write_at.expand(batch, v.shape[1], 1, v.shape[-1])
-        k[:batch].scatter_(2, at_k, key_states.to(k.dtype))
-        arrived[:batch].scatter_(2, at_k, key_states.to(k.dtype))
-        v[:batch].scatter_(2, at_v, value_states.to(v.dtype))
+        # index_put_ at (row, head, slot): in place, also under torch.compile (a scatter_ into a
+        # slice of the buffers made inductor copy them whole every step).
+        at = self._write_at
+        k.index_put_(at, key_states[:, :, 0].to(k.dtype))
+        arrived.index_put_(at, key_states[:, :, 0].to(k.dtype))
+        v.index_put_(at, value_states[:, :, 0].to(v.dtype))
         return k[:batch, :, :self._span], v[:batch, :, :self._span]
 
     def advance(self) -> None:

@@ -50,6 +50,7 @@ import torch
 from .batch_cache import BatchSinkCache
 from .decoding import decode_step, eviction_chunk, forward_tokens
 from .sink_cache import SinkCache
+from .step import ModelStep, Step
 
 __all__ = ["Handler", "Outcome", "Prefill", "Request", "Scheduler", "State"]
 
@@ -98,6 +99,7 @@ class Outcome:
     batch_size: int
     evicted_tokens: int | None
     prepared: bool
+    compile_seconds: float = 0.0  # spent compiling the step while it decoded (not decode time)
 
 
 class Handler(Protocol):
@@ -140,22 +142,23 @@ class Request:
     next_token: int = -1  # the sampled token the next decode step feeds
     ending: Literal["stop", "length", "cancelled"] = "length"
     batch_size: int = 0
+    compile_seconds: float = 0.0
     failed: bool = False  # the handler was told (failed()); nothing more is called
 
 
 class Scheduler:
     """Owns ``model`` on one thread; :meth:`submit` requests from any thread."""
 
-    def __init__(self, model: Any, *, max_batch: int,
+    def __init__(self, model: Any, *, max_batch: int, step: Step | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = "scheduler") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
+        self.step = step if step is not None else ModelStep(model)  # the batched decode step
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self._dtype = next(model.parameters()).dtype
         self._batch = BatchSinkCache(max_batch)
         self._rows: list[Request] = []  # decoding in the batch; self._rows[b] is batch row b
         self._solo: list[Request] = []  # decoding with a dense cache, stepped one by one
@@ -348,9 +351,9 @@ class Scheduler:
         for b, r in enumerate(self._rows):
             if batch.full(b):  # this row evicts; the others are untouched
                 batch.make_room(b, eviction_chunk(r.cache.window_tokens))
+        compiling = self.step.compile_seconds
         try:
-            inputs = batch.step_inputs([r.next_token for r in self._rows], self._dtype)
-            out = self.model(**inputs, past_key_values=batch, use_cache=True, logits_to_keep=1)
+            logits = self.step(batch, [r.next_token for r in self._rows])  # (rows, vocab)
         except Exception as exc:
             log.exception("scheduler: a batched decode step failed")
             rows, self._rows = self._rows, []
@@ -358,9 +361,11 @@ class Scheduler:
             for r in rows:
                 self._fail(r, exc)
             return
-        batch.advance()
         self._steps += 1
-        logits = out.logits[:n, -1].float()  # (rows, vocab)
+        compiled = self.step.compile_seconds - compiling  # a new shape compiled in this step
+        if compiled:
+            for r in self._rows:
+                r.compile_seconds += compiled
         ended: list[int] = []
         for b, r in enumerate(self._rows):
             self._call(r, lambda r=r: r.handler.consumed([r.next_token]))
@@ -448,4 +453,5 @@ class Scheduler:
     def _outcome(self, r: Request, reason: Literal["stop", "length", "cancelled"]) -> Outcome:
         evicted = getattr(r.cache, "evicted_tokens", None) if r.cache is not None else None
         return Outcome(reason=reason, tokens=list(r.tokens), batch_size=r.batch_size,
-                       evicted_tokens=evicted, prepared=r.cache is not None)
+                       evicted_tokens=evicted, prepared=r.cache is not None,
+                       compile_seconds=r.compile_seconds)

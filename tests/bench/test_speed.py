@@ -1,5 +1,6 @@
-"""``streaming-llm bench speed`` on a tiny model (eager and int8), and llama-bench's JSON read
-into the same figures. Timings are not asserted; the figures' presence and shape are."""
+"""``streaming-llm bench speed`` on a tiny model (model, eager and int8 steps, a profile), and
+llama-bench's JSON read into the same figures. Timings are not asserted; the figures' presence
+and shape are. (Compiled == eager greedy is tests/engines/test_step.py.)"""
 
 from __future__ import annotations
 
@@ -51,43 +52,17 @@ def test_tiny_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
     bench_cache.write_bench_model(tmp_path / "model", model_args)
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tmp_path / "model"), "--modes", "eager,int8",
-                              "--steps", "2", "--repeats", "1", "--threads", "1", "--json"])
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--modes", "model,eager,int8",
+                              "--steps", "2", "--repeats", "1", "--threads", "1", "--profile",
+                              "--json"])
     assert bench.run(args) == 0
     figures = json.loads(capsys.readouterr().out)
-    for mode in ("eager", "int8"):
-        assert set(figures["modes"][mode]) == {"decode_16_tokens_per_s",
-                                               "decode_1000_tokens_per_s", "prefill_tokens_per_s"}
-        assert all(v > 0 for v in figures["modes"][mode].values())
+    for mode in ("model", "eager", "int8"):
+        rates = {k: v for k, v in figures["modes"][mode].items() if k != "profile"}
+        assert set(rates) == {"decode_16_tokens_per_s", "decode_1000_tokens_per_s",
+                              "prefill_tokens_per_s"}
+        assert all(v > 0 for v in rates.values())
+        ops = [row["op"] for row in figures["modes"][mode]["profile"]]
+        assert ops and ("aten::mm" in ops or "aten::addmm" in ops
+                        or "quantized::linear_dynamic" in ops)
     assert "| ours, int8 |" in bench._table(figures)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
-def test_compiled_step_gives_the_eager_greedy_tokens() -> None:
-    import torch
-
-    from streaming_llm.engines.batch_cache import BatchSinkCache
-    from streaming_llm.engines.decoding import forward_tokens
-    from streaming_llm.engines.sink_cache import SinkCache
-    from tests.engines.tiny_models import random_ids, tiny_model
-
-    model = tiny_model("llama", layers=1)
-    compiled, seconds = bench._compiled(model, lambda message: None)
-    assert compiled is not None and isinstance(seconds, float)
-
-    def greedy(step: object) -> list[int]:
-        cache = SinkCache.from_model(model, 4, 60)
-        logits = forward_tokens(model, cache, random_ids(9))
-        assert logits is not None
-        batch = BatchSinkCache(1)
-        batch.join(cache)
-        tokens = [int(logits.argmax())]
-        with torch.inference_mode():
-            for _ in range(12):
-                out = step(**batch.step_inputs(tokens[-1:], torch.float32),  # type: ignore[operator]
-                           past_key_values=batch, use_cache=True, logits_to_keep=1)
-                batch.advance()
-                tokens.append(int(out.logits[0, -1].argmax()))
-        return tokens
-
-    assert greedy(compiled) == greedy(model)

@@ -4,6 +4,7 @@ stopping, cancellation, dense mode, loading errors and health."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -467,3 +468,16 @@ async def test_count_tokens_is_the_prompt_a_turn_reads(make_engine: MakeEngine,
     counted = engine.count_tokens(messages)
     _, finished = await chat(engine, messages, max_new_tokens=2)
     assert counted == len(encode(messages)) == finished.usage.prompt_tokens
+
+
+async def test_only_the_schedulers_thread_runs_the_model_once_started(
+        make_engine: MakeEngine, llama_path: Path) -> None:
+    """The loading thread is gone after start: a second thread with an OpenMP team makes libgomp
+    oversubscribe the CPUs and sleep between parallel regions (every step 1.5x slower)."""
+    engine = await make_engine(llama_path)
+    names = [t.name for t in threading.enumerate()]
+    assert not [n for n in names if n.startswith("local-engine_")], names  # the loader's pool
+    assert "local-engine-scheduler" in names
+    text, finished = await drain(engine.stream(request([ChatMessage("user", "hi")])))
+    assert finished is not None and finished.usage.completion_tokens > 0
+    assert engine._scheduler is not None and engine._scheduler.step.name == "llama"

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from streaming_llm.engines.decoding import Sampler, decode_step, forward_tokens
 from streaming_llm.engines.scheduler import Outcome, Prefill, Request, Scheduler, State
 from streaming_llm.engines.sink_cache import SinkCache
+from streaming_llm.engines.step import LlamaStep, ModelStep
 
 from .tiny_models import random_ids, tiny_model, torch_threads
 
@@ -35,6 +36,13 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def model() -> Any:
     return tiny_model("llama", layers=2)
+
+
+@pytest.fixture(params=["model", "llama"])
+def new_scheduler(request: pytest.FixtureRequest, model: Any) -> Callable[..., Scheduler]:
+    """Schedulers stepping with the model's own forward, and with the written-out Llama step."""
+    step = ModelStep(model) if request.param == "model" else LlamaStep(model)
+    return lambda **kwargs: Scheduler(model, step=step, **kwargs)
 
 
 class Recorder:
@@ -108,8 +116,9 @@ def wait(handlers: Sequence[Recorder]) -> None:
         assert h.done.wait(TIMEOUT), "a request never finished"
 
 
-def one_at_a_time(model: Any, prompts: list[list[int]], answers: list[int]) -> list[list[int]]:
-    scheduler = Scheduler(model, max_batch=8, prefill_chunk=CHUNK)
+def one_at_a_time(new_scheduler: Callable[..., Scheduler], model: Any, prompts: list[list[int]],
+                  answers: list[int]) -> list[list[int]]:
+    scheduler = new_scheduler(max_batch=8, prefill_chunk=CHUNK)
     try:
         out = []
         for prompt, n in zip(prompts, answers, strict=True):
@@ -127,9 +136,9 @@ def prompts() -> list[list[int]]:
     return [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
 
 
-def test_greedy_answers_batched_equal_one_at_a_time(model: Any) -> None:
-    alone = one_at_a_time(model, prompts(), ANSWERS)
-    scheduler = Scheduler(model, max_batch=8, prefill_chunk=CHUNK)
+def test_greedy_answers_batched_equal_one_at_a_time(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
+    alone = one_at_a_time(new_scheduler, model, prompts(), ANSWERS)
+    scheduler = new_scheduler(max_batch=8, prefill_chunk=CHUNK)
     handlers = [Recorder(model, p) for p in prompts()]
     # Rows 0-4 start together; rows 5-7 join mid-way, when row 0 has produced 5 tokens.
     handlers[0].on_token[5] = lambda: [scheduler.submit(request(handlers[i], ANSWERS[i]))
@@ -154,18 +163,18 @@ def test_greedy_answers_batched_equal_one_at_a_time(model: Any) -> None:
     assert len({t for tokens in together for t in tokens}) > 10
 
 
-def test_answers_equal_the_lone_decode_loop(model: Any) -> None:
+def test_answers_equal_the_lone_decode_loop(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
     """One at a time, the scheduler gives what the lone decode loop gives (same prompt chunks)."""
     for prompt, n in zip(prompts()[:4], ANSWERS[:4], strict=True):
-        [mine] = one_at_a_time(model, [prompt], [n])
+        [mine] = one_at_a_time(new_scheduler, model, [prompt], [n])
         cache = SinkCache.from_model(model, S, W)
         cache.make_room(min(len(prompt) + min(8, W // 2), W))  # the scheduler reserves room too
         assert mine == lone_greedy(model, cache, prompt, n)
 
 
-def test_cancel_of_one_row_leaves_the_others_intact(model: Any) -> None:
-    alone = one_at_a_time(model, prompts()[:4], ANSWERS[:4])
-    scheduler = Scheduler(model, max_batch=8, prefill_chunk=CHUNK)
+def test_cancel_of_one_row_leaves_the_others_intact(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
+    alone = one_at_a_time(new_scheduler, model, prompts()[:4], ANSWERS[:4])
+    scheduler = new_scheduler(max_batch=8, prefill_chunk=CHUNK)
     handlers = [Recorder(model, p) for p in prompts()[:4]]
     requests = [request(h, n) for h, n in zip(handlers, ANSWERS[:4], strict=True)]
     handlers[2].on_token[4] = requests[2].cancel.set
@@ -186,9 +195,9 @@ def test_cancel_of_one_row_leaves_the_others_intact(model: Any) -> None:
         assert handlers[i].tokens == alone[i]
 
 
-def test_max_batch_limits_the_live_requests_first_come_first_served(model: Any) -> None:
+def test_max_batch_limits_the_live_requests_first_come_first_served(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
     log: list[tuple[str, int]] = []
-    scheduler = Scheduler(model, max_batch=2, prefill_chunk=CHUNK)
+    scheduler = new_scheduler(max_batch=2, prefill_chunk=CHUNK)
     handlers = [Recorder(model, p, log=log, name=i) for i, p in enumerate(prompts()[:5])]
     try:
         for h in handlers:
@@ -210,9 +219,9 @@ def test_max_batch_limits_the_live_requests_first_come_first_served(model: Any) 
     assert first_tokens == [0, 1, 2, 3, 4]
 
 
-def test_a_joining_prompt_stalls_decoding_rows_one_chunk_per_step(model: Any) -> None:
+def test_a_joining_prompt_stalls_decoding_rows_one_chunk_per_step(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
     log: list[tuple[str, int]] = []
-    scheduler = Scheduler(model, max_batch=4, prefill_chunk=4)
+    scheduler = new_scheduler(max_batch=4, prefill_chunk=4)
     decoding = Recorder(model, random_ids(3, seed=1), log=log, name=0)
     joining = Recorder(model, random_ids(30, seed=2), log=log, name=1)
     decoding.on_token[2] = lambda: scheduler.submit(request(joining, 3))
@@ -232,9 +241,9 @@ def test_a_joining_prompt_stalls_decoding_rows_one_chunk_per_step(model: Any) ->
     assert joining.fed[:30] == joining.prompt and len(decoding.tokens) == 20
 
 
-def test_turns_of_one_conversation_run_one_after_another_and_close_first(model: Any) -> None:
+def test_turns_of_one_conversation_run_one_after_another_and_close_first(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
     log: list[tuple[str, int]] = []
-    scheduler = Scheduler(model, max_batch=4, prefill_chunk=CHUNK)
+    scheduler = new_scheduler(max_batch=4, prefill_chunk=CHUNK)
     first = Recorder(model, random_ids(5, seed=1), closing=[7, 8, 9], log=log, name=0)
     second = Recorder(model, random_ids(5, seed=2), log=log, name=1)
     try:
@@ -249,8 +258,8 @@ def test_turns_of_one_conversation_run_one_after_another_and_close_first(model: 
     assert first.cache.seen_tokens == len(first.fed)
 
 
-def test_dense_caches_decode_one_by_one_beside_the_batch(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch=4, prefill_chunk=CHUNK)
+def test_dense_caches_decode_one_by_one_beside_the_batch(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
+    scheduler = new_scheduler(max_batch=4, prefill_chunk=CHUNK)
     dense = Recorder(model, random_ids(9, seed=5), dense=True)
     sink = Recorder(model, random_ids(9, seed=6))
     try:
@@ -263,8 +272,8 @@ def test_dense_caches_decode_one_by_one_beside_the_batch(model: Any) -> None:
     assert dense.outcome is not None and dense.outcome.evicted_tokens is None
 
 
-def test_a_request_cancelled_while_waiting_never_prepares(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch=1, prefill_chunk=CHUNK)
+def test_a_request_cancelled_while_waiting_never_prepares(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
+    scheduler = new_scheduler(max_batch=1, prefill_chunk=CHUNK)
     running = Recorder(model, random_ids(4, seed=1))
     queued = Recorder(model, random_ids(4, seed=2))
     queued_request = request(queued, 5)
@@ -281,8 +290,8 @@ def test_a_request_cancelled_while_waiting_never_prepares(model: Any) -> None:
     assert len(running.tokens) == 8
 
 
-def test_a_failing_handler_fails_only_its_own_request(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch=4, prefill_chunk=CHUNK)
+def test_a_failing_handler_fails_only_its_own_request(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
+    scheduler = new_scheduler(max_batch=4, prefill_chunk=CHUNK)
     good, bad = Recorder(model, random_ids(6, seed=1)), Recorder(model, random_ids(6, seed=2))
 
     def boom() -> None:
@@ -300,8 +309,8 @@ def test_a_failing_handler_fails_only_its_own_request(model: Any) -> None:
     assert good.error is None and len(good.tokens) == 10
 
 
-def test_stop_from_the_handler_and_bad_settings(model: Any) -> None:
-    scheduler = Scheduler(model, max_batch=2, prefill_chunk=CHUNK)
+def test_stop_from_the_handler_and_bad_settings(new_scheduler: Callable[..., Scheduler], model: Any) -> None:
+    scheduler = new_scheduler(max_batch=2, prefill_chunk=CHUNK)
     h = Recorder(model, random_ids(6, seed=1))
     h.token = lambda token: (h.tokens.append(token), len(h.tokens) < 3)[1]  # type: ignore[method-assign]
     try:
@@ -313,5 +322,5 @@ def test_stop_from_the_handler_and_bad_settings(model: Any) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit(request(h, 1))
     with pytest.raises(ValueError, match="max_batch"):
-        Scheduler(model, max_batch=0)
+        new_scheduler(max_batch=0)
     assert torch.get_num_threads() == 1

@@ -135,8 +135,8 @@ class Turn:
             evicted_tokens=getattr(state.cache, "evicted_tokens", None),
             dropped_turns=self.dropped,
             time_to_first_token_ms=round((self._first_at - self.job.submitted) * 1000, 2),
-            decode_tokens_per_s=(round((n - 1) / (self._last_at - self._first_at), 2)
-                                 if n > 1 and self._last_at > self._first_at else None),
+            decode_tokens_per_s=_rate(n - 1, self._last_at - self._first_at
+                                      - outcome.compile_seconds),
             batch_size=max(outcome.batch_size, 1),
         )))
         # Close the assistant turn the way the chat template writes it.
@@ -186,3 +186,8 @@ class Turn:
 
     def __repr__(self) -> str:
         return f"Turn({self.job.request.conversation_id!r})"
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    """Decode tokens/s, or None when there is nothing to divide (one token, no time)."""
+    return round(tokens / seconds, 2) if tokens > 0 and seconds > 0 else None
