@@ -26,7 +26,7 @@ ENGINES = ("local", "ollama", "openai", "echo")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "fp16", "int8")
 COMPILE = ("auto", "on", "off")
 
 

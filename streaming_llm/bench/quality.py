@@ -66,7 +66,7 @@ from .models import add_model_arguments, load
 # torch and transformers are imported inside the functions: the CLI imports this module to build
 # its parser, and `streaming-llm serve` must not pay for that.
 
-PARTS = ("ppl", "recall")
+PARTS = ("ppl", "recall", "steps")
 CONFIGS = ("dense", "window", "sinks", "pinned", "recompute")
 TEXT = "alice_in_wonderland.txt"
 
@@ -109,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine more threads wait on each "
                              "other; 0 = torch's default)")
+    parser.add_argument("--step-tokens", type=int, default=1500,
+                        help="tokens of text scored through the decode step per weight kind, "
+                             "for `steps` (1500)")
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -380,6 +383,10 @@ def run(args: argparse.Namespace) -> int:
             figures["recall"] = measure_recall(
                 model, tokenizer, text_ids, evicted, sink_tokens=args.sink_tokens,
                 window_tokens=args.window_tokens, answer_tokens=args.answer_tokens, log=log)
+        if "steps" in parts:
+            figures["steps"] = measure_steps(
+                model, text_ids[:args.step_tokens], sink_tokens=args.sink_tokens,
+                window_tokens=args.window_tokens, log=log)
     except ValueError as exc:
         print(f"streaming-llm bench quality: {exc}", file=sys.stderr)
         return 2
@@ -418,7 +425,55 @@ def _table(figures: dict[str, Any]) -> str:
         for row in recall["rows"]:
             lines.append(f"{row['config']:<10} {row['filler_tokens']:>14} "
                          f"{row['evicted_tokens']:>8} {row['correct']:>4}/{row['total']}")
+    steps = figures.get("steps")
+    if steps:
+        lines += ["", f"perplexity of {steps['tokens']} tokens fed one by one through the decode "
+                      f"step (sinks {steps['sink_tokens']} + window {steps['window_tokens']}), "
+                      "by weights (STREAMING_LLM_QUANTIZE)",
+                  f"{'weights':<10} {'step':>14} {'ppl':>9} {'vs none':>8}"]
+        for kind, row in steps["kinds"].items():
+            lines.append(f"{kind:<10} {row['step']:>14} {row['ppl']:>9.3f} "
+                         f"{row['vs_none']:>+7.2%}")
     return "\n".join(lines)
+
+
+def measure_steps(model: Any, ids: list[int], *, sink_tokens: int, window_tokens: int,
+                  log: Any) -> dict[str, Any]:
+    """Perplexity of ``ids`` scored through the engine's decode step, one token at a time, for
+    each weight kind of :mod:`~streaming_llm.engines.weights` (the path every answer token
+    takes; prefill keeps the model's weights, so this is what the lighter weights cost)."""
+    import torch
+
+    from ..engines.batch_cache import BatchSinkCache
+    from ..engines.decoding import eviction_chunk, forward_tokens
+    from ..engines.sink_cache import SinkCache
+    from ..engines.step import build_step
+    from ..engines.weights import QUANTIZE
+
+    if len(ids) < 2:
+        raise ValueError("--step-tokens must be at least 2")
+    kinds: dict[str, Any] = {}
+    for kind in QUANTIZE:
+        step = build_step(model, quantize=kind)
+        started = time.perf_counter()
+        cache = SinkCache.from_model(model, sink_tokens, window_tokens)
+        logits = forward_tokens(model, cache, ids[:1])
+        assert logits is not None
+        batch = BatchSinkCache(1)
+        batch.join(cache)
+        nll = []
+        with torch.inference_mode():
+            for token in ids[1:]:
+                nll.append(-float(torch.log_softmax(logits.float(), -1)[token]))
+                if batch.full(0):
+                    batch.make_room(0, eviction_chunk(window_tokens))
+                logits = step(batch, [token])[0]
+        kinds[kind] = {"step": step.name, "ppl": _ppl(nll)}
+        log(f"  steps {kind}: {time.perf_counter() - started:.0f} s")
+    for row in kinds.values():
+        row["vs_none"] = round(row["ppl"] / kinds["none"]["ppl"] - 1, 4)
+    return {"tokens": len(ids), "sink_tokens": sink_tokens, "window_tokens": window_tokens,
+            "kinds": kinds}
 
 
 def _greedy(model: Any, cache: Any, prompt: list[int], max_new: int,

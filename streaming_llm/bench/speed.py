@@ -12,8 +12,9 @@ server converts it), loaded in float32 on the CPU. Each mode is a decode step of
 ``compiled``
     The same under ``torch.compile`` (``STREAMING_LLM_COMPILE=on``); the compile time of every
     shape is reported and left out of the rates.
-``int8``
-    The same with int8 weights (``STREAMING_LLM_QUANTIZE=int8``); prefill runs int8 too.
+``fp16``, ``int8``
+    The same over fp16 or int8 weights (``STREAMING_LLM_QUANTIZE``, :mod:`~streaming_llm.engines.weights`);
+    prefill keeps the model's float32 weights, as in the server.
 
 Figures per mode: decode tokens/s after 16 and after 1,000 tokens of context (``--steps`` steps,
 the best of ``--repeats`` blocks) and prefill tokens/s of a 512-token prompt (one forward call
@@ -30,7 +31,6 @@ dependency of the project: build it yourself. Run ``streaming-llm bench speed --
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MODES = ("model", "eager", "compiled", "int8")
+MODES = ("model", "eager", "compiled", "fp16", "int8")
 CONTEXTS = (16, 1000)
 PREFILL = 512
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "model)")
     parser.add_argument("--models-dir", default="data/models",
                         help="where a GGUF model is converted once (data/models)")
-    parser.add_argument("--modes", default="model,eager,compiled,int8",
+    parser.add_argument("--modes", default="model,eager,compiled,fp16,int8",
                         help=f"comma-separated of {MODES} (all)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed block (64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the best counts (3)")
@@ -144,14 +144,13 @@ def _profile(block: Callable[[], float]) -> list[dict[str, Any]]:
 
 
 def build_mode(model: Any, mode: str) -> tuple[Any, Any]:
-    """(model, step) for ``mode``; int8 converts a copy of the model."""
+    """(model, step) for ``mode``."""
     from ..engines.step import LlamaStep, ModelStep
 
     if mode == "model":
         return model, ModelStep(model)
-    if mode == "int8":
-        subject = copy.deepcopy(model)
-        return subject, LlamaStep(subject, quantize="int8")
+    if mode in ("fp16", "int8"):
+        return model, LlamaStep(model, quantize=mode)
     return model, LlamaStep(model, compile=mode == "compiled")
 
 

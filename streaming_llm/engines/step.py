@@ -47,21 +47,20 @@ compilation fails the step logs one line and runs eager from then on. Measured o
 2-core CPU (``streaming-llm bench speed``), compiling saves little, as the products dominate;
 so compile is off by default on CPU and on by default on CUDA (``STREAMING_LLM_COMPILE``).
 
-C.3 Int8 weights
-----------------
-``quantize="int8"`` (CPU) holds every product's weight as int8 with one float32 scale per output
-row (fbgemm's prepacked format, ``torch.ao`` dynamic quantization): a quarter of float32's bytes.
-Each product quantizes its input row to 8 bits on the fly and accumulates in int32, so it is
-*dynamic* int8, not weight-only: torch's weight-only CPU kernel (``_weight_int8pack_mm``)
-measured 2.5x slower than float32 here. The quality cost is measured by ``streaming-llm bench
-quality --quantize int8``. The embedding table stays float32 (a lookup reads one row per token).
+C.3 Lighter weights
+-------------------
+``quantize="fp16"`` or ``"int8"`` (CPU) gives the step its own products over fp16 or int8
+copies of the fused weights (:mod:`.weights`): half or a quarter of float32's bytes per token.
+Prefill keeps the model's own weights (it is bound by arithmetic, and a whole chunk through
+int8 products costs more quality than one row), so memory grows by the lighter copy. Rows stay
+independent in both modes; the quality cost is measured by ``streaming-llm bench quality
+--only steps``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -69,13 +68,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import weights
 from .batch_cache import BatchSinkCache
 
 __all__ = ["LlamaStep", "ModelStep", "Step", "build_step", "llama_step_support"]
 
 log = logging.getLogger(__name__)
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = weights.QUANTIZE
+Product = Callable[[torch.Tensor], torch.Tensor]
 _LLAMA_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 
 
@@ -126,8 +127,8 @@ def llama_step_support(model: Any) -> str | None:
 def build_step(model: Any, *, quantize: str = "none", compile: bool = False) -> Step:
     """The best step for ``model``: :class:`LlamaStep` when it can run it, else :class:`ModelStep`.
 
-    ``quantize="int8"`` converts the model's linear layers too (prefill then runs int8 as well);
-    it needs the written-out step, so another architecture with int8 raises ``ValueError``.
+    ``quantize`` (``fp16``/``int8``, C.3) needs the written-out step, so another architecture
+    with it raises ``ValueError``.
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
@@ -162,23 +163,26 @@ class LlamaStep:
         self.norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
                       for layer in inner.layers]
         out = model.get_output_embeddings()
-        if quantize == "int8":
-            self.name = "llama-int8"
-            self.layers = [tuple(_int8(w, b) for w, b in layer) for layer in products]
-            self.output = _int8(out.weight, getattr(out, "bias", None))
-            from .int8 import quantize_int8
-            quantize_int8(model)  # prefill runs int8 too; the fused float32 copies are dropped
-        else:
+        float_products: list[tuple[Product, ...]] = [tuple(_Linear(w, b) for w, b in layer)
+                                                      for layer in products]
+        self.layers: list[tuple[Product, ...]]
+        if quantize == "none":
             self.name = "llama"
-            self.layers = [tuple(_Linear(w, b) for w, b in layer) for layer in products]
-            self.output = _Linear(out.weight, getattr(out, "bias", None))
+            self.layers = float_products
+            self.output: Product = _Linear(out.weight, getattr(out, "bias", None))
+        else:  # C.3: the step's own lighter copies; the model (prefill) keeps its weights
+            self.name = f"llama-{quantize}"
+            self.layers = [tuple(weights.product(quantize, w, b) for w, b in layer)
+                           for layer in products]
+            self.output = weights.product(quantize, out.weight, getattr(out, "bias", None))
         self.intermediate = products[0][2][0].shape[0] // 2
         self.compile_seconds = 0.0
         self._forward: Callable[..., torch.Tensor] = self.forward
         self._compiled = compile
         self._shapes: set[tuple[int, int]] = set()
-        if compile and quantize == "int8":
-            log.info("decode step: int8 products run eager (torch.compile does not trace them)")
+        if compile and quantize != "none":
+            log.info("decode step: %s products run eager (torch.compile does not trace them)",
+                     quantize)
             compile = self._compiled = False
         if compile:
             # One graph per (batch bucket, span): up to log2(rows) * log2(slots) of them, more
@@ -194,6 +198,11 @@ class LlamaStep:
                 batch)
         shape = (inputs["input_ids"].shape[0], inputs["attention_mask"].shape[-1])
         if self._compiled and shape not in self._shapes:
+            if self.embed.device.type == "cuda":
+                # CUDA graphs replay fixed addresses: the batch buffers, written in place by
+                # every step, must be static inputs (not run here: no GPU on the build box).
+                for t in (*batch._k, *batch._arrived, *batch._v):
+                    torch._dynamo.mark_static_address(t)
             logits = self._compile_call(shape, args)
         else:
             logits = self._forward(*args)
@@ -294,21 +303,3 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-def _int8(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor],
-                                                                       torch.Tensor]:
-    """An fbgemm int8 product (per-row scales, dynamic input quantization) for ``weight``."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight.float())
-        if bias is not None:
-            linear.bias.copy_(bias.float())
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
-    linear.qconfig = per_channel_dynamic_qconfig  # type: ignore[assignment]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao announces its move to torchao
-        return DynamicLinear.from_float(linear)  # type: ignore[no-any-return]

@@ -20,7 +20,7 @@ from streaming_llm.engines.demo_model import ensure_demo_model
 
 # The demo tokenizer spends 172 tokens on the agent prefix, so the window must be larger.
 TINY = ["--tokens", "260", "--window-tokens", "200", "--recompute-stride", "8",
-        "--recall-evicted", "300", "--answer-tokens", "3", "--json"]
+        "--recall-evicted", "300", "--answer-tokens", "3", "--step-tokens", "240", "--json"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,17 @@ def test_tiny_run_reports_every_configuration(demo_model: Path,
         assert row["total"] == len(bench.FACTS) == len(row["answers"])
         assert row["correct"] == sum(a["correct"] for a in row["answers"])
 
+    steps = figures["steps"]  # 240 tokens through a 4 + 200 cache: the step evicts too
+    assert steps["tokens"] == 240 and list(steps["kinds"]) == ["none", "fp16", "int8"]
+    assert [row["step"] for row in steps["kinds"].values()] == ["llama", "llama-fp16",
+                                                                "llama-int8"]
+    assert steps["kinds"]["none"]["vs_none"] == 0
+    for row in steps["kinds"].values():
+        assert math.isfinite(row["ppl"]) and row["ppl"] > 1
+    assert steps["kinds"]["int8"]["ppl"] != steps["kinds"]["none"]["ppl"]
+
     table = bench._table(figures)
+    assert "through the decode step" in table and "llama-int8" in table
     for name in bench.CONFIGS:
         assert f"\n{name} " in table
     assert "ms/token" in table and "recall of 4 facts" in table

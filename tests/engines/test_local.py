@@ -478,6 +478,6 @@ async def test_only_the_schedulers_thread_runs_the_model_once_started(
     names = [t.name for t in threading.enumerate()]
     assert not [n for n in names if n.startswith("local-engine_")], names  # the loader's pool
     assert "local-engine-scheduler" in names
-    text, finished = await drain(engine.stream(request([ChatMessage("user", "hi")])))
+    _, finished = await drain(engine.stream(request([ChatMessage("user", "hi")])))
     assert finished is not None and finished.usage.completion_tokens > 0
     assert engine._scheduler is not None and engine._scheduler.step.name == "llama"
