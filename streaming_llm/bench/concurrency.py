@@ -43,12 +43,12 @@ from ..testing.server import start_server
 from .load import _percentile as percentile
 
 SYSTEM = "You are a patient assistant who answers at length."
-MESSAGES = (
-    "Count slowly from one to two hundred in words, one number per line.",
-    "List the letters of the alphabet, each with a long sentence about an animal.",
-    "Write a long story about a lighthouse keeper and a storm.",
-    "Explain in detail how bread is made, step by step.",
-)
+# Tasks whose greedy answers (penalties off) run to --max-new-tokens on the default model; each
+# answer's length is reported (answer_tokens). An answer that ends early leaves the batch and the
+# figures then measure fewer conversations than they say: with stories and explanations, half
+# of the 8 answers ended after 13-19 tokens, and "Continue this list" after the warm-up
+# turn answered with a greeting.
+MESSAGES = ("Write the numbers from {n} to {m}, one per line.",)
 WARM_UP = "Hello, say hi."
 
 
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads in the spawned server (0: torch's default)")
     parser.add_argument("--window-tokens", type=int, default=0,
                         help="STREAMING_LLM_WINDOW_TOKENS for the spawned server (0: default)")
-    parser.add_argument("--quantize", default="", choices=["", "none", "int8"],
+    parser.add_argument("--quantize", default="", choices=["", "none", "fp16", "int8"],
                         help="STREAMING_LLM_QUANTIZE for the spawned server (default: none)")
     parser.add_argument("--compile", default="", choices=["", "auto", "on", "off"],
                         help="STREAMING_LLM_COMPILE for the spawned server (default: auto)")
@@ -113,7 +113,8 @@ class Conversation:
         import msgspec
 
         frame: dict[str, Any] = {"type": "chat", "agent_id": self.agent_id, "message": message,
-                                 "options": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+                                 "options": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                             "repetition_penalty": 1.0, "min_p": 0.0}}
         if self.conversation_id:
             frame["conversation_id"] = self.conversation_id
         self.streaming.clear()
@@ -136,7 +137,8 @@ class Conversation:
                 return result
 
     def message(self) -> str:
-        return f"{MESSAGES[self.n % len(MESSAGES)]} (request {self.n})"
+        start = 1 + 37 * self.n  # every conversation its own numbers
+        return MESSAGES[self.n % len(MESSAGES)].format(n=start, m=start + 300)
 
 
 def _summary(n: int, turns: list[Turn]) -> dict[str, Any]:
@@ -155,6 +157,7 @@ def _summary(n: int, turns: list[Turn]) -> dict[str, Any]:
     return {
         "conversations": n,
         "tokens": sum(t.tokens for t in good),
+        "answer_tokens": sorted(t.tokens for t in good),
         "aggregate_tokens_per_s": round(after_first / span, 2) if span > 0 else None,
         "steady_tokens_per_s": steady,
         "per_conversation_min_tokens_per_s": round(min(rates), 2) if rates else None,
@@ -264,6 +267,9 @@ def _table(figures: dict[str, Any]) -> str:
                      f"{r['per_conversation_min_tokens_per_s']} / "
                      f"{r['per_conversation_median_tokens_per_s']} | {r['first_token_p50_ms']} / "
                      f"{r['first_token_p99_ms']} | {r['batch_size']} |")
+    lines.append("\nanswer lengths (tokens; shorter than --max-new-tokens = ended early and left "
+                 "the batch): " + "; ".join(f"{r['conversations']}: {r.get('answer_tokens')}"
+                                             for r in figures["rows"]))
     j = figures["joiner"]
     if j:
         lines.append(f"\njoiner: first token alone {j['alone_first_token_ms']} ms, arriving while "
