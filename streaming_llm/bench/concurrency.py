@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STREAMING_LLM_WINDOW_TOKENS for the spawned server (0: default)")
     parser.add_argument("--quantize", default="", choices=["", "none", "fp16", "int8"],
                         help="STREAMING_LLM_QUANTIZE for the spawned server (default: none)")
-    parser.add_argument("--compile", default="", choices=["", "auto", "on", "off"],
-                        help="STREAMING_LLM_COMPILE for the spawned server (default: auto)")
+    parser.add_argument("--compile", action="store_true",
+                        help="STREAMING_LLM_COMPILE=true for the spawned server")
     parser.add_argument("--url", help="use this running server (http://host:port) instead")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -294,7 +294,7 @@ def _server_env(args: argparse.Namespace) -> dict[str, str]:
     if args.quantize:
         env["STREAMING_LLM_QUANTIZE"] = args.quantize
     if args.compile:
-        env["STREAMING_LLM_COMPILE"] = args.compile
+        env["STREAMING_LLM_COMPILE"] = "true"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     return env

@@ -45,7 +45,8 @@ launches rather than bytes. Shapes are static per batch bucket and span (B.2 of
 (``compile_seconds``), and the time is excluded from the turn's timings by the scheduler. If
 compilation fails the step logs one line and runs eager from then on. Measured on this project's
 2-core CPU (``streaming-llm bench speed``), compiling saves little, as the products dominate;
-so compile is off by default on CPU and on by default on CUDA (``STREAMING_LLM_COMPILE``).
+so compile is opt-in (``STREAMING_LLM_COMPILE=true``): on CPU it gains 15-20 % for a stall of
+~25 s per new shape, and on CUDA, where it should gain most, it has not been run yet.
 
 C.3 Lighter weights
 -------------------

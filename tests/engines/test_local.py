@@ -480,4 +480,6 @@ async def test_only_the_schedulers_thread_runs_the_model_once_started(
     assert "local-engine-scheduler" in names
     _, finished = await drain(engine.stream(request([ChatMessage("user", "hi")])))
     assert finished is not None and finished.usage.completion_tokens > 0
-    assert engine._scheduler is not None and engine._scheduler.step.name == "llama"
+    health = await engine.health()
+    assert health.extra is not None
+    assert health.extra["decode_step"] == "llama" and health.extra["compile_seconds"] == 0

@@ -179,11 +179,11 @@ class LocalEngine:
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
         cuda = self._loaded.device.startswith("cuda")
-        compile = self.settings.compile == "on" or (self.settings.compile == "auto" and cuda)
         if self.settings.quantize != "none" and cuda:
             raise ValueError(f"STREAMING_LLM_QUANTIZE={self.settings.quantize} runs on the CPU; "
                              "on CUDA the weights are bfloat16 (STREAMING_LLM_DTYPE)")
-        step = build_step(self._loaded.model, quantize=self.settings.quantize, compile=compile)
+        step = build_step(self._loaded.model, quantize=self.settings.quantize,
+                          compile=self.settings.compile)
         self._scheduler = Scheduler(self._loaded.model, max_batch=rows, step=step,
                                     prefill_chunk=PREFILL_CHUNK, name="local-engine-scheduler")
         log.info("local engine: decoding up to %d conversations in one batch (step %s)", rows,
