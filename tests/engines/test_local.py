@@ -483,3 +483,15 @@ async def test_only_the_schedulers_thread_runs_the_model_once_started(
     health = await engine.health()
     assert health.extra is not None
     assert health.extra["decode_step"] == "llama" and health.extra["compile_seconds"] == 0
+
+
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+async def test_lighter_weights_are_a_setting(make_engine: MakeEngine, llama_path: Path,
+                                             kind: str) -> None:
+    engine = await make_engine(llama_path, quantize=kind)
+    _, finished = await drain(engine.stream(request([ChatMessage("user", "hi")])))
+    assert finished.usage.completion_tokens > 0
+    health = await engine.health()
+    assert health.extra is not None and health.extra["decode_step"] == f"llama-{kind}"
+    # prefill keeps the model's own float32 layers
+    assert isinstance(engine._model.model.layers[0].mlp.down_proj, torch.nn.Linear)
