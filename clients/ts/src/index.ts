@@ -698,9 +698,11 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
   const prefix = randomPrefix()
   const factory = params.socketFactory ?? globalSocketFactory()
   const reconnectAttempts = params.reconnectAttempts ?? RECONNECT_DELAYS_MS.length
-  let socket = await openSocket(backendUrl, protocols, factory, signal)
-
   let conversationId = params.conversationId
+  // A stream that continues a conversation names it in the socket URL, so that a proxy routing
+  // by it (deploy/nginx) sends every socket of the conversation to the same instance.
+  let socket = await openSocket(conversationUrl(backendUrl, conversationId), protocols, factory, signal)
+
   let ended: ChatError | null = null
   let queue: PendingTurn[] = []
   let counter = 0
@@ -853,7 +855,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
       if (ended) return false
       let fresh: WebSocketLike
       try {
-        fresh = await openSocket(backendUrl, protocols, factory, signal)
+        fresh = await openSocket(conversationUrl(backendUrl, conversationId), protocols, factory, signal)
       } catch {
         continue
       }
@@ -986,6 +988,14 @@ function globalSocketFactory(): SocketFactory {
     )
   }
   return (url, protocols) => (protocols ? new Ctor(url, protocols) : new Ctor(url))
+}
+
+/** `url` with `?conversation_id=` set (other query parameters kept); `url` itself without one. */
+export function conversationUrl(url: string, conversationId: string | undefined): string {
+  if (conversationId === undefined) return url
+  const parsed = new URL(url)
+  parsed.searchParams.set('conversation_id', conversationId)
+  return parsed.toString()
 }
 
 function openSocket(

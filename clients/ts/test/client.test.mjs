@@ -135,6 +135,22 @@ describe('REST', () => {
 })
 
 describe('streamChat', () => {
+  test('a stream that continues a conversation names it in the socket URL (sticky routing)', async () => {
+    const { stream: first } = await open()
+    const started = await first.sendMessage({ message: 'hello' })
+    first.stop()
+    const urls = []
+    const { stream } = await open({
+      conversationId: started.conversationId,
+      socketFactory: (url, protocols) => (urls.push(url), wsFactory(url, protocols)),
+    })
+    const again = await stream.sendMessage({ message: 'again' })
+    stream.stop()
+    assert.equal(again.conversationId, started.conversationId)
+    assert.equal(new URL(urls[0]).searchParams.get('conversation_id'), started.conversationId)
+    assert.equal(new URL(urls[0]).pathname, '/ws/chat')
+  })
+
   test('several turns on one socket continue one conversation, with events in order', async () => {
     const { stream, events } = await open({ options: { temperature: 0.2, maxNewTokens: 400 } })
     assert.equal(stream.conversationId, undefined)

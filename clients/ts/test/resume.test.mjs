@@ -53,10 +53,11 @@ test('a socket reset mid-answer is reopened and the answer resumed, every token 
   const proxy = await cuttingProxy(server.port, 900)
   try {
     const events = []
+    const urls = []
     const stream = await streamChat({
       backendUrl: `ws://127.0.0.1:${proxy.address().port}/ws/chat`,
       agentId: 'tester',
-      socketFactory: (url) => new WebSocket(url),
+      socketFactory: (url) => (urls.push(url), new WebSocket(url)),
       onEvent: (event) => events.push(event),
     })
     const message = words(300)
@@ -75,6 +76,9 @@ test('a socket reset mid-answer is reopened and the answer resumed, every token 
     const again = await stream.sendMessage({ message: 'and on the new socket' })
     assert.equal(again.text, 'and on the new socket')
     assert.equal(again.conversationId, result.conversationId)
+    // the first socket knew no conversation; the reopened one names it, for sticky routing
+    assert.equal(new URL(urls[0]).searchParams.get('conversation_id'), null)
+    assert.equal(new URL(urls.at(-1)).searchParams.get('conversation_id'), result.conversationId)
     stream.stop()
   } finally {
     proxy.close()

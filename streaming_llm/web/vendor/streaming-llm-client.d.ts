@@ -295,3 +295,5 @@ export declare function getHealth(baseUrl?: string | ClientOptions): Promise<Hea
  * server error can be matched to exactly one turn.
  */
 export declare function streamChat(params: StreamChatParams): Promise<ChatStream>;
+/** `url` with `?conversation_id=` set (other query parameters kept); `url` itself without one. */
+export declare function conversationUrl(url: string, conversationId: string | undefined): string;

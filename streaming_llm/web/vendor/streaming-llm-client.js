@@ -410,8 +410,10 @@ export async function streamChat(params) {
     const prefix = randomPrefix();
     const factory = params.socketFactory ?? globalSocketFactory();
     const reconnectAttempts = params.reconnectAttempts ?? RECONNECT_DELAYS_MS.length;
-    let socket = await openSocket(backendUrl, protocols, factory, signal);
     let conversationId = params.conversationId;
+    // A stream that continues a conversation names it in the socket URL, so that a proxy routing
+    // by it (deploy/nginx) sends every socket of the conversation to the same instance.
+    let socket = await openSocket(conversationUrl(backendUrl, conversationId), protocols, factory, signal);
     let ended = null;
     let queue = [];
     let counter = 0;
@@ -579,7 +581,7 @@ export async function streamChat(params) {
                 return false;
             let fresh;
             try {
-                fresh = await openSocket(backendUrl, protocols, factory, signal);
+                fresh = await openSocket(conversationUrl(backendUrl, conversationId), protocols, factory, signal);
             }
             catch {
                 continue;
@@ -709,6 +711,14 @@ function globalSocketFactory() {
             "e.g. (url, protocols) => new WebSocket(url, protocols) with WebSocket from the 'ws' package");
     }
     return (url, protocols) => (protocols ? new Ctor(url, protocols) : new Ctor(url));
+}
+/** `url` with `?conversation_id=` set (other query parameters kept); `url` itself without one. */
+export function conversationUrl(url, conversationId) {
+    if (conversationId === undefined)
+        return url;
+    const parsed = new URL(url);
+    parsed.searchParams.set('conversation_id', conversationId);
+    return parsed.toString();
 }
 function openSocket(url, protocols, factory, signal) {
     return new Promise((resolve, reject) => {
