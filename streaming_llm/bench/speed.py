@@ -12,8 +12,8 @@ server converts it), loaded in float32 on the CPU. Each mode is a decode step of
 ``compiled``
     The same under ``torch.compile`` (``STREAMING_LLM_COMPILE=on``); the compile time of every
     shape is reported and left out of the rates.
-``fp16``, ``int8``
-    The same over fp16 or int8 weights (``STREAMING_LLM_QUANTIZE``, :mod:`~streaming_llm.engines.weights`);
+``fp16``, ``int8``, ``compiled-fp16``, ``compiled-int8``
+    The same (eager or compiled) over fp16 or int8 weights (``STREAMING_LLM_QUANTIZE``, :mod:`~streaming_llm.engines.weights`);
     prefill keeps the model's float32 weights, as in the server.
 
 Figures per mode: decode tokens/s after 16 and after 1,000 tokens of context (``--steps`` steps,
@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MODES = ("model", "eager", "compiled", "fp16", "int8")
+MODES = ("model", "eager", "compiled", "fp16", "int8", "compiled-fp16", "compiled-int8")
 CONTEXTS = (16, 1000)
 PREFILL = 512
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "model)")
     parser.add_argument("--models-dir", default="data/models",
                         help="where a GGUF model is converted once (data/models)")
-    parser.add_argument("--modes", default="model,eager,compiled,fp16,int8",
+    parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated of {MODES} (all)")
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed block (64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the best counts (3)")
@@ -149,9 +149,9 @@ def build_mode(model: Any, mode: str) -> tuple[Any, Any]:
 
     if mode == "model":
         return model, ModelStep(model)
-    if mode in ("fp16", "int8"):
-        return model, LlamaStep(model, quantize=mode)
-    return model, LlamaStep(model, compile=mode == "compiled")
+    kind = mode.removeprefix("compiled-")
+    return model, LlamaStep(model, quantize=kind if kind in ("fp16", "int8") else "none",
+                            compile=mode.startswith("compiled"))
 
 
 def llama_bench(binary: Path, gguf: Path, args: argparse.Namespace,
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"{mode}: measuring")
         subject, step = build_mode(model, mode)
         figures["modes"][mode] = measure_mode(subject, step, args)
-        if mode == "compiled" and not step.name.endswith("compiled"):
+        if mode.startswith("compiled") and not step.name.endswith("compiled"):
             figures["modes"][mode]["failed"] = "torch.compile failed; eager (see the log)"
     if args.llama_bench is not None:
         if gguf is None or not gguf.is_file():

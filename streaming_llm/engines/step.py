@@ -45,8 +45,11 @@ launches rather than bytes. Shapes are static per batch bucket and span (B.2 of
 (``compile_seconds``), and the time is excluded from the turn's timings by the scheduler. If
 compilation fails the step logs one line and runs eager from then on. Measured on this project's
 2-core CPU (``streaming-llm bench speed``), compiling saves little, as the products dominate;
-so compile is opt-in (``STREAMING_LLM_COMPILE=true``): on CPU it gains 15-20 % for a stall of
-~25 s per new shape, and on CUDA, where it should gain most, it has not been run yet.
+so compile is opt-in (``STREAMING_LLM_COMPILE=true``): each new shape stalls the batch while it
+compiles (~25-40 s here), and on CUDA, where it should gain most, it has not been run yet. On
+CPU it gains most with lighter weights (C.3), whose many small operations around fbgemm's
+products it fuses: fbgemm's products run inside the compiled step as custom ops
+(:mod:`.weights`).
 
 C.3 Lighter weights
 -------------------
@@ -181,10 +184,6 @@ class LlamaStep:
         self._forward: Callable[..., torch.Tensor] = self.forward
         self._compiled = compile
         self._shapes: set[tuple[int, int]] = set()
-        if compile and quantize != "none":
-            log.info("decode step: %s products run eager (torch.compile does not trace them)",
-                     quantize)
-            compile = self._compiled = False
         if compile:
             # One graph per (batch bucket, span): up to log2(rows) * log2(slots) of them, more
             # than dynamo's default limit of 8 recompilations per function.

@@ -29,6 +29,7 @@ mode costs in quality is measured by ``streaming-llm bench quality --only steps`
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -37,15 +38,49 @@ __all__ = ["QUANTIZE", "Fp16Product", "Int8Product", "product"]
 QUANTIZE = ("none", "fp16", "int8")
 
 
+# fbgemm's packed weights, by index: torch.compile cannot trace fbgemm's products, so under it
+# they run as two custom ops (opaque to the compiler, shapes known), which take tensors and
+# numbers only; the packed weights stay here. Registered on first use (no import-time effects).
+_PACKED: list[Any] = []
+_OPS: dict[str, Any] = {}
+
+
+def _register(weights: Any) -> int:
+    _PACKED.append(weights)
+    return len(_PACKED) - 1
+
+
+def _ops() -> dict[str, Any]:
+    if not _OPS:
+        @torch.library.custom_op("streaming_llm::int8_product", mutates_args=())
+        def int8_product(u: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic(u, _PACKED[index], True)
+
+        @torch.library.custom_op("streaming_llm::fp16_product", mutates_args=())
+        def fp16_product(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[index])
+
+        for op in (int8_product, fp16_product):
+            op.register_fake(lambda x, index, out_features: x.new_empty((x.shape[0],
+                                                                         out_features)))
+        _OPS.update(int8=int8_product, fp16=fp16_product)
+    return _OPS
+
+
 class Fp16Product:
     """``x @ weight.T + bias`` over float16 weights (fbgemm), float32 in and out."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.packed = torch.ops.quantized.linear_prepack_fp16(
             weight.detach().float().contiguous(), None if bias is None else bias.detach().float())
+        self.index, self.out_features, self._op = _register(self.packed), weight.shape[0], _ops()["fp16"]
         self.nbytes = weight.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            rows = x.reshape(-1, x.shape[-1])
+            y = self._op(rows, self.index, self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
@@ -71,6 +106,7 @@ class Int8Product:
         # [-1, 1] whatever the rows' rounding, so fbgemm's scale never depends on the batch.
         self.pin = torch.zeros((1, w.shape[1]))
         self.pin[0, 0], self.pin[0, -1] = -1.0, 1.0
+        self.index, self.out_features, self._op = _register(self.packed), w.shape[0], _ops()["int8"]
         self.nbytes = weight.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +115,10 @@ class Int8Product:
         centre, half = (top + bottom) / 2, ((top - bottom) / 2).clamp_min(1e-12)
         u = ((rows - centre) / half).clamp_(-1.0, 1.0)  # every row spans [-1, 1]
         u = torch.cat((u, self.pin))
-        y = torch.ops.quantized.linear_dynamic(u, self.packed, True)[:-1]  # reduce_range: fbgemm's x86 setting
+        if torch.compiler.is_compiling():
+            y = self._op(u, self.index, self.out_features)[:-1]
+        else:  # reduce_range: fbgemm's setting on x86
+            y = torch.ops.quantized.linear_dynamic(u, self.packed, True)[:-1]
         y = torch.addcmul(half * y, centre, self.row_sums)
         if self.bias is not None:
             y = y + self.bias
