@@ -85,7 +85,7 @@ class Settings:
     models_dir: Path | None = _f(None, "Directory for GGUF files converted to safetensors (one folder per file content); empty = <data_dir>/models.")
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
     dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
-    quantize: str = _f("none", "Weights of the local engine's linear layers: none (the dtype above) or int8 (CPU: int8 weights with per-row scales, inputs quantized per product; about 4x fewer bytes per token, see bench speed and bench quality).", choices=QUANTIZE)
+    quantize: str = _f("none", "Lighter weights for the local engine's decode step on CPU: none (the dtype above), fp16 (half the bytes per token, perplexity unchanged) or int8 (a quarter, each input row quantized on its own, +6 % perplexity); prefill keeps the model's weights. See bench speed and bench quality --only steps.", choices=QUANTIZE)
     compile: bool = _f(False, "Run the decode step under torch.compile (CUDA graphs on CUDA). Each new batch shape (batch bucket x attention span) compiles once on first use, ~25 s on a 2-core CPU, stalling the batch meanwhile; logged, left out of the turn's decode rate; a failure falls back to eager. Off by default: on CPU +15 % decode with float32 weights and +80 % with int8 (STREAMING_LLM_QUANTIZE), after the compile stalls; not yet run on a GPU.")
     streaming: bool = _f(True, "Use the StreamingLLM attention-sink KV cache (off = dense cache, oldest turns dropped).")
     sink_tokens: int = _f(4, "Attention-sink tokens kept at the start of the KV cache.", ge=0, le=1024)

@@ -167,18 +167,13 @@ class LlamaStep:
         self.norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
                       for layer in inner.layers]
         out = model.get_output_embeddings()
-        float_products: list[tuple[Product, ...]] = [tuple(_Linear(w, b) for w, b in layer)
-                                                      for layer in products]
-        self.layers: list[tuple[Product, ...]]
-        if quantize == "none":
-            self.name = "llama"
-            self.layers = float_products
-            self.output: Product = _Linear(out.weight, getattr(out, "bias", None))
-        else:  # C.3: the step's own lighter copies; the model (prefill) keeps its weights
-            self.name = f"llama-{quantize}"
-            self.layers = [tuple(weights.product(quantize, w, b) for w, b in layer)
-                           for layer in products]
-            self.output = weights.product(quantize, out.weight, getattr(out, "bias", None))
+        # C.3: with lighter weights the step has its own copies; the model (prefill) keeps its own.
+        make: Callable[[torch.Tensor, torch.Tensor | None], Product] = (
+            _Linear if quantize == "none" else lambda w, b: weights.product(quantize, w, b))
+        self.name = "llama" if quantize == "none" else f"llama-{quantize}"
+        self.layers: list[tuple[Product, ...]] = [tuple(make(w, b) for w, b in layer)
+                                                  for layer in products]
+        self.output = make(out.weight, getattr(out, "bias", None))
         self.intermediate = products[0][2][0].shape[0] // 2
         self.compile_seconds = 0.0
         self._forward: Callable[..., torch.Tensor] = self.forward

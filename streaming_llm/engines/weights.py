@@ -28,7 +28,9 @@ mode costs in quality is measured by ``streaming-llm bench quality --only steps`
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -38,16 +40,21 @@ __all__ = ["QUANTIZE", "Fp16Product", "Int8Product", "product"]
 QUANTIZE = ("none", "fp16", "int8")
 
 
-# fbgemm's packed weights, by index: torch.compile cannot trace fbgemm's products, so under it
+# fbgemm's packed weights, by key: torch.compile cannot trace fbgemm's products, so under it
 # they run as two custom ops (opaque to the compiler, shapes known), which take tensors and
-# numbers only; the packed weights stay here. Registered on first use (no import-time effects).
-_PACKED: list[Any] = []
+# numbers only; the packed weights of live products stay here. Registered on first use (no
+# import-time effects).
+_PACKED: dict[int, Any] = {}
+_KEYS = itertools.count()
 _OPS: dict[str, Any] = {}
 
 
-def _register(weights: Any) -> int:
-    _PACKED.append(weights)
-    return len(_PACKED) - 1
+def _register(owner: object, packed: Any) -> int:
+    """Keep ``packed`` under a new key while ``owner`` (its product) lives."""
+    key = next(_KEYS)
+    _PACKED[key] = packed
+    weakref.finalize(owner, _PACKED.pop, key, None)
+    return key
 
 
 def _ops() -> dict[str, Any]:
@@ -73,8 +80,8 @@ class Fp16Product:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.packed = torch.ops.quantized.linear_prepack_fp16(
             weight.detach().float().contiguous(), None if bias is None else bias.detach().float())
-        self.index, self.out_features, self._op = _register(self.packed), weight.shape[0], _ops()["fp16"]
-        self.nbytes = weight.numel() * 2
+        self.index, self.out_features = _register(self, self.packed), weight.shape[0]
+        self._op = _ops()["fp16"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -106,8 +113,8 @@ class Int8Product:
         # [-1, 1] whatever the rows' rounding, so fbgemm's scale never depends on the batch.
         self.pin = torch.zeros((1, w.shape[1]))
         self.pin[0, 0], self.pin[0, -1] = -1.0, 1.0
-        self.index, self.out_features, self._op = _register(self.packed), w.shape[0], _ops()["int8"]
-        self.nbytes = weight.numel()
+        self.index, self.out_features = _register(self, self.packed), w.shape[0]
+        self._op = _ops()["int8"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -128,7 +135,8 @@ class Int8Product:
 def product(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp16Product | Int8Product:
     """The ``kind`` ("fp16" or "int8") product for ``weight`` ``(out, in)`` and ``bias``."""
     if weight.device.type != "cpu":
-        raise ValueError(f"{kind} weights run on the CPU; the model is on {weight.device}")
+        raise ValueError(f"{kind} weights (quantize={kind}) run on the CPU; the model is on "
+                         f"{weight.device}, where it keeps its own (bfloat16) weights")
     if kind == "fp16":
         return Fp16Product(weight, bias)
     if kind == "int8":

@@ -178,10 +178,6 @@ class LocalEngine:
         self._prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
-        cuda = self._loaded.device.startswith("cuda")
-        if self.settings.quantize != "none" and cuda:
-            raise ValueError(f"STREAMING_LLM_QUANTIZE={self.settings.quantize} runs on the CPU; "
-                             "on CUDA the weights are bfloat16 (STREAMING_LLM_DTYPE)")
         step = build_step(self._loaded.model, quantize=self.settings.quantize,
                           compile=self.settings.compile)
         self._scheduler = Scheduler(self._loaded.model, max_batch=rows, step=step,
