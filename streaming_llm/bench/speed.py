@@ -31,6 +31,7 @@ dependency of the project: build it yourself. Run ``streaming-llm bench speed --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -103,19 +104,22 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
             cache = SinkCache.from_model(model, 4, window)
             forward_tokens(model, cache, prompt[:context], chunk_size=512)
 
-            def block(cache: SinkCache = cache, steps: int = args.steps) -> float:
+            def block(cache: SinkCache = cache, steps: int = args.steps,
+                      around: Any = None) -> float:
                 batch = BatchSinkCache(1)
                 batch.join(cache)  # a copy: the cache itself stays at ``context`` tokens
-                started = time.perf_counter()
-                for _ in range(steps):
-                    step(batch, [5])
-                return time.perf_counter() - started
+                with around or contextlib.nullcontext():
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        step(batch, [5])
+                    return time.perf_counter() - started
 
             block()  # warm-up (and, compiled, the shapes of this context)
             figures[f"decode_{context}_tokens_per_s"] = round(args.steps / _best(args.repeats,
                                                                                  block), 2)
             if args.profile and context == min(CONTEXTS):
-                figures["profile"] = _profile(lambda: block(steps=min(args.steps, 16)))
+                figures["profile"] = _profile(lambda prof: block(steps=min(args.steps, 16),
+                                                                 around=prof))
 
         def prefill() -> float:
             cache = SinkCache.from_model(model, 4, window)
@@ -130,12 +134,16 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
     return figures
 
 
-def _profile(block: Callable[[], float]) -> list[dict[str, Any]]:
-    """The operators that take ``block``'s time: self CPU share, calls, ms per call (top 8)."""
+def _profile(block: Callable[[Any], float]) -> list[dict[str, Any]]:
+    """The operators that take ``block``'s steps' time: self CPU share, calls, ms per call (top 8).
+
+    A compiled step shows its generated kernels and the products it calls by name
+    (``--profile`` compiles with inductor's kernel profiling on).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        block()
+    prof = profile(activities=[ProfilerActivity.CPU])
+    block(prof)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls": e.count,
@@ -241,6 +249,11 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     torch.set_num_threads(args.threads)
+    if args.profile:
+        # Without it a compiled step is one opaque call in the profile (the C++ wrapper).
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
     model, gguf = _load(args, log)
     figures: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "modes": {}}
     for mode in modes:

@@ -281,11 +281,20 @@ class BatchSinkCache(Cache):
         Returns the layer's buffers for the bucket and span, ``(batch, kv_heads, span,
         head_dim)``; the mask from :meth:`step_inputs` hides each row's unused slots.
         """
+        k, v = self.write(key_states, value_states, layer_idx)
+        return k[:self._batch, :, :self._span], v[:self._batch, :, :self._span]
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor,
+              layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`update` without the slicing: the layer's whole key and value buffers.
+
+        A compiled step slices them itself, to a span it takes from the mask's shape, so that
+        one graph serves every span (:mod:`.step`, C.2).
+        """
         if key_states.shape[-2] != 1 or key_states.shape[0] != self._batch:
             raise RuntimeError(f"a batched step takes one token per row for {self._batch} rows, "
                                f"got {tuple(key_states.shape)}")
         assert self._write_at is not None
-        batch = self._batch
         k, arrived, v = self._k[layer_idx], self._arrived[layer_idx], self._v[layer_idx]
         # index_put_ at (row, head, slot): in place, also under torch.compile (a scatter_ into a
         # slice of the buffers made inductor copy them whole every step).
@@ -293,7 +302,7 @@ class BatchSinkCache(Cache):
         k.index_put_(at, key_states[:, :, 0].to(k.dtype))
         arrived.index_put_(at, key_states[:, :, 0].to(k.dtype))
         v.index_put_(at, value_states[:, :, 0].to(v.dtype))
-        return k[:batch, :, :self._span], v[:batch, :, :self._span]
+        return k, v
 
     def advance(self) -> None:
         """After the forward call: every decoding row now stores one more token."""

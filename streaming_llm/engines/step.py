@@ -40,16 +40,22 @@ C.2 Compiled
 ------------
 ``compile=True`` runs the written-out step under ``torch.compile``: inductor on CPU, and with
 ``mode="reduce-overhead"`` (CUDA graphs) on CUDA, where a small model's step is bound by kernel
-launches rather than bytes. Shapes are static per batch bucket and span (B.2 of
-:mod:`.batch_cache`), a handful per bucket; each new shape compiles on first use, timed and logged
-(``compile_seconds``), and the time is excluded from the turn's timings by the scheduler. If
-compilation fails the step logs one line and runs eager from then on. Measured on this project's
-2-core CPU (``streaming-llm bench speed``), compiling saves little, as the products dominate;
-so compile is opt-in (``STREAMING_LLM_COMPILE=true``): each new shape stalls the batch while it
-compiles (~25-40 s here), and on CUDA, where it should gain most, it has not been run yet. On
-CPU it gains most with lighter weights (C.3), whose many small operations around fbgemm's
-products it fuses: fbgemm's products run inside the compiled step as custom ops
-(:mod:`.weights`).
+launches rather than bytes (not run yet: no GPU on the build box). On CPU:
+
+- the graph has a C++ wrapper (``cpp_wrapper``): its ~330 kernels and products per step are
+  called from C++, not from generated Python, which cost 2-3 ms of a 20 ms float32 step;
+- attention is written out as two products and a softmax, which inductor fuses with the scaling
+  and the mask (SDPA's kernel costs more per call at one query per row; eager keeps it);
+- the span (B.2 of :mod:`.batch_cache`) is a dynamic dimension: there is one graph per batch
+  bucket, and one more per bucket where the span is the whole buffer (that slice is contiguous,
+  which the generated code specializes on), instead of one per (bucket, span).
+
+Each graph compiles on first use, timed and logged (``compile_seconds``), and the scheduler keeps
+the time out of the turn's timings. If compilation fails the step logs one line and runs eager
+from then on. Compile is opt-in (``STREAMING_LLM_COMPILE=true``): a new graph stalls the batch
+while it compiles (about a minute for float32 and two for int8 on this project's 2-core CPU, less
+with inductor's cache warm). fbgemm's products (C.3) run inside the compiled step as custom ops
+(:mod:`.weights`), so lighter weights gain most from it.
 
 C.3 Lighter weights
 -------------------
@@ -178,21 +184,32 @@ class LlamaStep:
         self.compile_seconds = 0.0
         self._forward: Callable[..., torch.Tensor] = self.forward
         self._compiled = compile
-        self._shapes: set[tuple[int, int]] = set()
+        # Eager, SDPA's fused kernel per layer; compiled, attention written out as products (C.2).
+        self._attend = self._attention_products if compile else self._fused_attention
+        self._shapes: set[tuple[int, int, bool]] = set()
         if compile:
-            # One graph per (batch bucket, span): up to log2(rows) * log2(slots) of them, more
-            # than dynamo's default limit of 8 recompilations per function.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-            mode = "reduce-overhead" if self.embed.device.type == "cuda" else None
-            self._forward = torch.compile(self.forward, dynamic=False, mode=mode)
+            # Two graphs per batch bucket, 2 * (log2(rows) + 1): from 8 rows on, more than
+            # dynamo's default limit of 8 per function.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            if self.embed.device.type == "cuda":
+                self._forward = torch.compile(self.forward, dynamic=None, mode="reduce-overhead")
+            else:
+                # A C++ wrapper: the generated graph calls its ~330 kernels and products per
+                # step from C++ rather than Python (2-3 ms of a 20 ms float32 step here).
+                self._forward = torch.compile(self.forward, dynamic=None,
+                                              options={"cpp_wrapper": True})
             self.name += "-compiled"
 
     def __call__(self, batch: BatchSinkCache, tokens: Sequence[int]) -> torch.Tensor:
         inputs = batch.step_inputs(tokens, self.dtype)
         args = (inputs["input_ids"][:, 0], inputs["position_ids"][:, 0], inputs["attention_mask"],
                 batch)
-        shape = (inputs["input_ids"].shape[0], inputs["attention_mask"].shape[-1])
+        # One graph per batch bucket (and buffer size) with the span a dynamic dimension, and
+        # one more where the span is the whole buffer: that slice is contiguous (C.2).
+        span = inputs["attention_mask"].shape[-1]
+        shape = (inputs["input_ids"].shape[0], batch.slots, span == batch.slots)
         if self._compiled and shape not in self._shapes:
+            torch._dynamo.maybe_mark_dynamic(inputs["attention_mask"], 3)
             if self.embed.device.type == "cuda":
                 # CUDA graphs replay fixed addresses: the batch buffers, written in place by
                 # every step, must be static inputs (not run here: no GPU on the build box).
@@ -204,8 +221,8 @@ class LlamaStep:
         batch.advance()
         return logits[:len(tokens)].float()
 
-    def _compile_call(self, shape: tuple[int, int], args: tuple[Any, ...]) -> torch.Tensor:
-        """The first call of a new (bucket, span) shape compiles; time it, fall back if it fails."""
+    def _compile_call(self, shape: tuple[int, int, bool], args: tuple[Any, ...]) -> torch.Tensor:
+        """The first call of a new bucket compiles; time it, fall back if it fails."""
         started = time.perf_counter()
         try:
             logits = self._forward(*args)
@@ -218,13 +235,24 @@ class LlamaStep:
         seconds = time.perf_counter() - started
         self.compile_seconds += seconds
         self._shapes.add(shape)
-        log.info("decode step: compiled batch %d, span %d in %.1f s", *shape, seconds)
+        log.info("decode step: compiled batch %d (%d slots%s) in %.1f s", shape[0], shape[1],
+                 ", whole span" if shape[2] else "", seconds)
         return logits
+
+    def _fused_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+
+    def _attention_products(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+        """What SDPA computes, as products: ``q`` ``(B, g, h/g, d)`` against ``(B, g, S, d)``."""
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scaling + mask
+        return torch.matmul(scores.float().softmax(-1).to(values.dtype), values)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 batch: BatchSinkCache) -> torch.Tensor:
         """Logits ``(B, vocab)`` for one token per row; ``ids``/``positions`` ``(B,)``."""
-        rows = ids.shape[0]
+        rows, span = ids.shape[0], mask.shape[-1]
         h, g, d = self.heads, self.kv_heads, self.head_dim
         x = self.embed[ids]  # (B, H)
         angle = positions.float()[:, None] * self.inv_freq[None, :]  # (B, d/2)
@@ -239,10 +267,10 @@ class LlamaStep:
             qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
             k = qk[:, h:, None, :]  # (B, g, 1, d)
             v = qkv[:, h + g:, None, :]
-            keys, values = batch.update(k, v, i)  # (B, g, S, d)
+            keys, values = batch.write(k, v, i)  # the whole buffers: slots (B, g, S, d) used
+            keys, values = keys[:rows, :, :span], values[:rows, :, :span]
             q = qk[:, :h].reshape(rows, g, h // g, d)  # query heads grouped by their kv head
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                               scale=self.scaling)
+            o = self._attend(q, keys, values, mask)
             x = x + o_w(o.reshape(rows, h * d))
             gate, up = gate_up_w(_rms_norm(x, norm_post, self.eps)).split(self.intermediate, -1)
             x = x + down_w(F.silu(gate) * up)

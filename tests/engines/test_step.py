@@ -146,10 +146,13 @@ def test_the_compiled_step_gives_the_eager_greedy_tokens(kind: str,
                                   else f"llama-{kind}-compiled")
     assert "torch.compile failed" not in caplog.text  # the fbgemm products ran compiled too
     assert compiled_step.compile_seconds > 0
-    assert "decode step: compiled batch 2, span" in caplog.text
+    assert "decode step: compiled batch 2" in caplog.text
     assert [x.argmax(-1).tolist() for x in compiled] == [x.argmax(-1).tolist() for x in eager]
+    # Compiled attention is written out as products (eager: SDPA), so floats differ by rounding;
+    # int8 rounds every input row to 255 levels, where a rounding difference can move a level.
+    tolerance = 0.2 if kind == "int8" else 1e-4
     for a, b in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
 def test_a_step_torch_compile_cannot_take_runs_eager_after_one_line(
