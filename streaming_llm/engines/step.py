@@ -191,12 +191,15 @@ class LlamaStep:
             # Two graphs per batch bucket, 2 * (log2(rows) + 1): from 8 rows on, more than
             # dynamo's default limit of 8 per function.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # dynamic=False: only the span, marked in __call__, is dynamic. Left to dynamo's
+            # automatic dynamic shapes, the batch size became dynamic too, one graph for every
+            # size from 2 on: 8 conversations measured 157 against 216 tokens/s (int8, compiled).
             if self.embed.device.type == "cuda":
-                self._forward = torch.compile(self.forward, dynamic=None, mode="reduce-overhead")
+                self._forward = torch.compile(self.forward, dynamic=False, mode="reduce-overhead")
             else:
                 # A C++ wrapper: the generated graph calls its ~330 kernels and products per
                 # step from C++ rather than Python (2-3 ms of a 20 ms float32 step here).
-                self._forward = torch.compile(self.forward, dynamic=None,
+                self._forward = torch.compile(self.forward, dynamic=False,
                                               options={"cpp_wrapper": True})
             self.name += "-compiled"
 
