@@ -46,11 +46,14 @@ set of batch shapes is what a compiled step or a CUDA graph needs.
 
 B.3 Eviction per row
 --------------------
-A row evicts on its own when it is full, between steps: :meth:`BatchSinkCache.make_room` is
-:meth:`SinkCache.make_room` for one row (the same three cases, the same re-rotation of the window
-from the arrived keys, computed in float32 and rounded once, the same arithmetic), so a row
-evicts exactly as its conversation's cache would have. The shift is in place and changes no
-shape; the other rows are untouched.
+A row evicts on its own when it is full, between steps: :meth:`BatchSinkCache.make_room` calls
+the one eviction of the sink cache (:func:`~streaming_llm.engines.sink_cache.evict_window`, A.3
+and A.4: the three cases, the window re-rotated from the arrived keys in float32 and rounded once)
+on the row's views, so a row evicts exactly as its conversation's cache would: a
+:class:`~streaming_llm.engines.sink_cache.SinkCache` is a batch of one. The shift is in place and
+changes no shape; the other rows are untouched. Joining and leaving copy a
+:class:`~streaming_llm.engines.sink_cache.SinkRow` (:meth:`SinkCache.snapshot`,
+:meth:`SinkCache.restore`), never the cache's private fields.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from .sink_cache import SinkCache, _rotate
+from .sink_cache import SinkCache, SinkRow, evict_window
 
 __all__ = ["MIN_SPAN", "BatchSinkCache", "bucket_size", "span_size"]
 
@@ -129,22 +132,22 @@ class BatchSinkCache(Cache):
         """Copy a prefilled ``cache`` into the next free row; return the row index."""
         if self.active == self.rows:
             raise RuntimeError(f"all {self.rows} rows are in use")
-        stored = cache.get_seq_length()
+        row = cache.snapshot()
+        stored = row.stored
         if stored == 0:
             raise ValueError("join a cache that holds at least one token (prefill first)")
-        layers = [_storage(layer) for layer in cache.layers]
-        if not self._k or cache.capacity > self.slots or len(layers) != len(self._k):
-            self._allocate(layers, max(cache.capacity, self.slots))
+        if not self._k or cache.capacity > self.slots or len(row.layers) != len(self._k):
+            self._allocate(row.layers, max(cache.capacity, self.slots))
         if self._inv_freq is None:
-            self._inv_freq = cache._inv_freq
+            self._inv_freq = cache.inv_freq
         b = self.active
-        for i, (k, arrived, v) in enumerate(layers):
-            self._k[i][b, :, :stored] = k[0, :, :stored]
-            self._arrived[i][b, :, :stored] = arrived[0, :, :stored]
-            self._v[i][b, :, :stored] = v[0, :, :stored]
-        self._origin[b, :stored] = cache._origin[:stored]
+        for i, (k, arrived, v) in enumerate(row.layers):
+            self._k[i][b, :, :stored] = k[0]
+            self._arrived[i][b, :, :stored] = arrived[0]
+            self._v[i][b, :, :stored] = v[0]
+        self._origin[b, :stored] = row.origin
         self._rows.append(_Row(cache.sink_tokens, cache.window_tokens, cache.capacity, stored,
-                               cache.seen_tokens, cache.evicted_tokens))
+                               row.seen_tokens, row.evicted_tokens))
         return b
 
     def leave(self, b: int, cache: SinkCache) -> int | None:
@@ -153,16 +156,7 @@ class BatchSinkCache(Cache):
         The last row moves into the freed place, so the decoding rows stay ``0 .. active - 1``;
         returns the index it moved from (None when ``b`` was the last row).
         """
-        row = self._rows[b]
-        stored = row.length
-        for i, (k, arrived, v) in enumerate(_storage(layer) for layer in cache.layers):
-            k[0, :, :stored] = self._k[i][b, :, :stored]
-            arrived[0, :, :stored] = self._arrived[i][b, :, :stored]
-            v[0, :, :stored] = self._v[i][b, :, :stored]
-            cache.layers[i].length = stored
-            cache.layers[i]._refresh_views()
-        cache._origin[:stored] = self._origin[b, :stored]
-        cache.seen_tokens, cache.evicted_tokens = row.seen_tokens, row.evicted_tokens
+        cache.restore(self.row(b))
         last = self.active - 1
         if b == last:
             self._rows.pop()
@@ -174,6 +168,19 @@ class BatchSinkCache(Cache):
                 t[b, :, :n] = t[last, :, :n]
         self._origin[b, :n] = self._origin[last, :n]
         return last
+
+    def row(self, b: int) -> SinkRow:
+        """Views of what row ``b`` holds (no copy), in a :class:`SinkCache`'s terms."""
+        row, n = self._rows[b], self._rows[b].length
+        layers = [(k[b:b + 1, :, :n], a[b:b + 1, :, :n], v[b:b + 1, :, :n])
+                  for k, a, v in zip(self._k, self._arrived, self._v, strict=True)]
+        return SinkRow(layers=layers, origin=self._origin[b, :n], seen_tokens=row.seen_tokens,
+                       evicted_tokens=row.evicted_tokens)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every preallocated buffer, written in place by each step (a CUDA graph's static
+        inputs)."""
+        return [*self._k, *self._arrived, *self._v]
 
     def _allocate(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                   slots: int) -> None:
@@ -220,22 +227,14 @@ class BatchSinkCache(Cache):
         excess = stored + incoming - row.capacity
         if excess <= 0:  # growing: the new tokens fit after what is stored
             return 0
-        # evicting: drop window slots S .. S+excess-1; slot p >= S+excess moves to p - excess,
-        # re-rotated from its arrived key by p - origin[p] (A.4 of sink_cache, the same arithmetic).
+        # evicting: the one eviction of sink_cache (A.3, A.4) on row b's views; the other rows
+        # are untouched.
         assert self._inv_freq is not None
-        s, kept_end = row.sink_tokens, stored - excess
-        origin = self._origin[b]
-        origin[s:kept_end] = origin[s + excess:stored].clone()
-        shift = (torch.arange(s, kept_end) - origin[s:kept_end]).to(self._inv_freq.device)
-        angle = shift.float()[:, None] * self._inv_freq[None, :]
-        cos, sin = angle.cos(), angle.sin()
-        src, dst = slice(s + excess, stored), slice(s, kept_end)
-        for k, arrived, v in zip(self._k, self._arrived, self._v, strict=True):
-            # (1, kv_heads, kept, head_dim) views of row b; the ranges overlap, so via a copy.
-            v[b:b + 1, :, dst] = v[b:b + 1, :, src].clone()
-            arrived[b:b + 1, :, dst] = arrived[b:b + 1, :, src].clone()
-            _rotate(arrived[b:b + 1, :, dst], cos.to(k.device), sin.to(k.device),
-                    out=k[b:b + 1, :, dst])
+        evict_window([(k[b:b + 1], a[b:b + 1], v[b:b + 1])
+                      for k, a, v in zip(self._k, self._arrived, self._v, strict=True)],
+                     self._origin[b], self._inv_freq, sinks=row.sink_tokens, stored=stored,
+                     excess=excess)
+        kept_end = stored - excess
         row.length = kept_end
         row.evicted_tokens += excess
         return excess
@@ -338,10 +337,3 @@ class BatchSinkCache(Cache):
         return (f"BatchSinkCache(rows={self.rows}, slots={self.slots}, active={self.active}, "
                 f"lengths={[row.length for row in self._rows]})")
 
-
-def _storage(layer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The preallocated ``(1, kv_heads, capacity, head_dim)`` buffers of one SinkCache layer:
-    current keys, arrived keys, values. The one place that reads a sink layer's storage."""
-    if layer._k is None or layer._arrived is None or layer._v is None:
-        raise ValueError("the sink cache layer holds nothing yet")
-    return layer._k, layer._arrived, layer._v

@@ -87,12 +87,13 @@ Shapes: keys and values are ``(batch, kv_heads, tokens, head_dim)`` as transform
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["SinkCache", "UnsupportedModel", "check_streaming_support"]
+__all__ = ["SinkCache", "SinkRow", "UnsupportedModel", "check_streaming_support", "evict_window"]
 
 DENSE_HINT = "set STREAMING_LLM_STREAMING=false to serve it with a dense cache instead"
 
@@ -158,6 +159,52 @@ def _rotate(src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.
     out[..., half:2 * half] = x2 * cos + x1 * sin
     if 2 * half < src.shape[-1]:
         out[..., 2 * half:] = src[..., 2 * half:]
+
+
+@dataclass
+class SinkRow:
+    """What one cache row holds, as tensors: the unit a batch row and a cache file copy.
+
+    ``layers``: per layer ``(keys, arrived, values)``, each ``(1, kv_heads, stored, head_dim)``;
+    ``origin``: ``(stored,)`` long, the arrival slot of every stored key (A.4); the counters of A.2.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    origin: torch.Tensor
+    seen_tokens: int
+    evicted_tokens: int
+
+    @property
+    def stored(self) -> int:
+        return int(self.origin.shape[0])
+
+
+def evict_window(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 origin: torch.Tensor, inv_freq: torch.Tensor, *, sinks: int, stored: int,
+                 excess: int) -> None:
+    """Drop window slots ``sinks .. sinks+excess-1`` of one cache row and move the rest left (A.3,
+    A.4): the one eviction, used by :class:`SinkCache` and by each row of a batch
+    (:class:`~streaming_llm.engines.batch_cache.BatchSinkCache`), so a row evicts exactly as its
+    conversation's cache would.
+
+    ``layers``: per layer ``(keys, arrived, values)``, each ``(1, kv_heads, slots, head_dim)`` (a
+    row's view); ``origin``: ``(slots,)`` long, the row's arrival slots, updated in place;
+    ``inv_freq``: ``(r/2,)`` float32. The caller sets the row's stored length to ``stored - excess``.
+    """
+    kept_end = stored - excess
+    origin[sinks:kept_end] = origin[sinks + excess:stored].clone()
+    # A.4: the key now at slot p arrived rotated at origin[p]; rotate it by p - origin[p] <= 0.
+    # Positions and frequencies in float32 as the model computes them (integers below 2^24 are
+    # exact); one (n, r/2) table serves every layer and head.
+    shift = (torch.arange(sinks, kept_end) - origin[sinks:kept_end]).to(inv_freq.device)
+    angle = shift.float()[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos(), angle.sin()
+    src, dst = slice(sinks + excess, stored), slice(sinks, kept_end)
+    for keys, arrived, values in layers:
+        # The ranges overlap, so copy through a temporary. Values and arrived keys only move.
+        values[:, :, dst] = values[:, :, src].clone()
+        arrived[:, :, dst] = arrived[:, :, src].clone()
+        _rotate(arrived[:, :, dst], cos.to(keys.device), sin.to(keys.device), out=keys[:, :, dst])
 
 
 class SinkCache(Cache):
@@ -247,16 +294,10 @@ class SinkCache(Cache):
             return 0
         # evicting: drop window slots S .. S+excess-1; slot p >= S+excess moves to p - excess.
         # excess <= stored - S because incoming <= W, so only window tokens ever go.
-        s, kept_end = self.sink_tokens, stored - excess
-        self._origin[s:kept_end] = self._origin[s + excess:stored].clone()
-        # A.4: the key now at slot p arrived rotated at origin[p]; rotate it by p - origin[p] <= 0.
-        # Positions and frequencies in float32 as the model computes them (integers below 2^24
-        # are exact); one (n, r/2) table serves every layer and head.
-        shift = (torch.arange(s, kept_end) - self._origin[s:kept_end]).to(self._inv_freq.device)
-        angle = shift.float()[:, None] * self._inv_freq[None, :]
-        cos, sin = angle.cos(), angle.sin()
+        evict_window([layer.buffers() for layer in self.layers], self._origin, self._inv_freq,
+                     sinks=self.sink_tokens, stored=stored, excess=excess)
         for layer in self.layers:
-            layer.evict(s, excess, cos, sin)
+            layer.truncate(stored - excess)
         self.evicted_tokens += excess
         return excess
 
@@ -311,8 +352,7 @@ class SinkCache(Cache):
         if n == 0:
             return
         for layer in self.layers:
-            layer.length -= n
-            layer._refresh_views()
+            layer.truncate(layer.length - n)
         self.seen_tokens -= n
 
     def clone(self) -> SinkCache:
@@ -329,6 +369,38 @@ class SinkCache(Cache):
             for mine, theirs in zip(self.layers, copy.layers, strict=True):
                 mine.copy_into(theirs)
         return copy
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """``(r/2,)`` float32: the model's RoPE frequencies this cache re-rotates with (A.4)."""
+        return self._inv_freq
+
+    def snapshot(self) -> SinkRow:
+        """Views of what is stored now (no copy): valid until the cache changes."""
+        n = self.get_seq_length()
+        layers = [tuple(t[:, :, :n] for t in layer.buffers()) for layer in self.layers] if n else []
+        return SinkRow(layers=layers, origin=self._origin[:n],  # type: ignore[arg-type]
+                       seen_tokens=self.seen_tokens, evicted_tokens=self.evicted_tokens)
+
+    def restore(self, row: SinkRow) -> None:
+        """Make this cache hold exactly ``row`` (copied), e.g. a batch row leaving or a file read.
+
+        ``row`` must fit: at most ``capacity`` stored, one entry per layer.
+        """
+        n = row.stored
+        if n > self.capacity or (n and len(row.layers) != len(self.layers)):
+            raise ValueError(f"a row of {n} tokens and {len(row.layers)} layers does not fit a "
+                             f"cache of capacity {self.capacity} and {len(self.layers)} layers")
+        for layer, tensors in zip(self.layers, row.layers, strict=False):
+            if not layer.is_initialized:
+                layer.lazy_initialization(tensors[0], tensors[2])
+            for mine, theirs in zip(layer.buffers(), tensors, strict=True):
+                mine[:, :, :n] = theirs[:, :, :n]
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.truncate(n)
+        self._origin[:n] = row.origin[:n]
+        self.seen_tokens, self.evicted_tokens = row.seen_tokens, row.evicted_tokens
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SinkCache does not support beam search")
@@ -403,18 +475,17 @@ class _SinkLayer(CacheLayerMixin):
         self._refresh_views()
         return self._k[:, :, :end], self._v[:, :, :end]
 
-    def evict(self, sink: int, excess: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Drop slots ``sink .. sink+excess-1``; move the rest of the window left, re-rotated."""
-        assert self._k is not None and self._v is not None and self._arrived is not None
-        stored, kept_end = self.length, self.length - excess
-        src = slice(sink + excess, stored)
-        dst = slice(sink, kept_end)
-        # The ranges overlap, so copy through a temporary. Values and arrived keys only move.
-        self._v[:, :, dst] = self._v[:, :, src].clone()
-        self._arrived[:, :, dst] = self._arrived[:, :, src].clone()
-        _rotate(self._arrived[:, :, dst], cos.to(self._k.device), sin.to(self._k.device),
-                out=self._k[:, :, dst])
-        self.length = kept_end
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The preallocated ``(1, kv_heads, capacity, head_dim)`` buffers: current keys, arrived
+        keys, values (slots beyond ``length`` are unspecified)."""
+        if self._k is None or self._arrived is None or self._v is None:
+            raise ValueError("the sink cache layer holds nothing yet")
+        return self._k, self._arrived, self._v
+
+    def truncate(self, length: int) -> None:
+        """Say that the first ``length`` slots are stored (after an eviction, a rollback, or a
+        copy into the buffers)."""
+        self.length = length
         self._refresh_views()
 
     def copy_into(self, other: _SinkLayer) -> None:

@@ -216,7 +216,7 @@ class LlamaStep:
             if self.embed.device.type == "cuda":
                 # CUDA graphs replay fixed addresses: the batch buffers, written in place by
                 # every step, must be static inputs (not run here: no GPU on the build box).
-                for t in (*batch._k, *batch._arrived, *batch._v):
+                for t in batch.buffers():
                     torch._dynamo.mark_static_address(t)
             logits = self._compile_call(shape, args)
         else:
