@@ -476,7 +476,7 @@ async def _prefix(data_dir: Path, args: argparse.Namespace, log: Log) -> dict[st
                                   window_tokens=args.window_tokens, max_new_tokens=2))
     await engine.start()
     try:
-        prompts = engine._prompts
+        prompts = engine.prompts
         assert prompts is not None
         lines: list[str] = []
         while len(prompts.encode_text("# Handbook\n" + "".join(lines))) < args.prefix_tokens:

@@ -159,7 +159,7 @@ async def _measure(args: argparse.Namespace, temperatures: list[float],
                                            cached_conversations=1, log_level="warning"))
     await engine.start()
     name = (await engine.health()).model
-    prompts = engine._prompts
+    prompts = engine.prompts
     assert prompts is not None
     system = agent_system_message()
     rows: list[dict[str, Any]] = []

@@ -1,9 +1,9 @@
 """The model-level steps of decoding: feed tokens through a causal LM with a KV cache, and sample.
 
-No threads, HTTP or database here: the local engine's decode loop
-(:meth:`streaming_llm.engines.local.engine.LocalEngine`) runs these functions in its worker
-thread: :func:`forward_tokens` for a prompt, then :func:`decode_step` per generated token, with a
-:class:`Sampler` picking each token.
+No threads, HTTP or database here: the model runner (:mod:`.runner`) calls
+:func:`forward_tokens` for a prompt chunk and :func:`decode_step` for a dense row, and
+:func:`sample_rows` once per step to pick the next token of every row, each row with its own
+:class:`Sampler` (its settings and its random generator).
 
 ``model.generate()`` is not used with a :class:`~streaming_llm.engines.sink_cache.SinkCache`: it
 derives absolute positions from the number of tokens seen, while the sink cache needs positions
@@ -12,6 +12,7 @@ relative to what it stores (``arange(stored, stored + n)``) and room made before
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,8 @@ import torch
 
 from .sink_cache import SinkCache
 
-__all__ = ["PENALTY_WINDOW", "Sampler", "decode_step", "eviction_chunk", "forward_tokens"]
+__all__ = ["PENALTY_WINDOW", "Sampler", "decode_step", "eviction_chunk", "forward_tokens",
+           "sample_rows"]
 
 
 def forward_tokens(model: Any, cache: Any, token_ids: Sequence[int], *,
@@ -146,38 +148,89 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def uniform(self) -> torch.Tensor:
+        """One draw in [0, 1) from this sampler's own generator (a host tensor)."""
+        return torch.rand((), generator=self._generator)
+
+    @property
+    def penalized(self) -> bool:
+        return not (self.repetition_penalty == 1 and self.presence_penalty == 0
+                    and self.frequency_penalty == 0)
+
     def penalize(self, scores: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        """``scores`` ``(vocab,)`` with the repetition penalties for ``history`` applied."""
-        if not history or (self.repetition_penalty == 1 and self.presence_penalty == 0
-                           and self.frequency_penalty == 0):
+        """``scores`` ``(vocab,)`` with the repetition penalties for ``history`` applied.
+
+        The distinct ids and their counts are found on the host (from the list), so nothing here
+        waits for the device.
+        """
+        if not history or not self.penalized:
             return scores
-        ids, counts = torch.tensor(list(history), dtype=torch.long).unique(return_counts=True)
+        counted = collections.Counter(history)
+        ids = torch.tensor(list(counted), dtype=torch.long, device=scores.device)
+        counts = torch.tensor(list(counted.values()), dtype=scores.dtype, device=scores.device)
         seen = scores[ids]
         if self.repetition_penalty != 1:
             seen = torch.where(seen > 0, seen / self.repetition_penalty,
                                seen * self.repetition_penalty)
-        seen = seen - self.presence_penalty - self.frequency_penalty * counts.float()
+        seen = seen - self.presence_penalty - self.frequency_penalty * counts
         return scores.index_copy(0, ids, seen)
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         """``logits``: ``(vocab,)``; ``history``: recent token ids; returns a token id."""
-        scores = self.penalize(logits.detach().reshape(-1).float().cpu(), history)
-        if self.greedy:
-            return int(torch.argmax(scores))
-        scores = scores / self.temperature
-        if 0 < self.top_k < scores.numel():
-            kth = torch.topk(scores, self.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, -math.inf)
-        if self.min_p > 0:
-            # p < min_p * p_max  <=>  score < max score + log(min_p)
-            scores = scores.masked_fill(scores < scores.max() + math.log(self.min_p), -math.inf)
-        if self.top_p < 1:
-            # Keep the smallest set of most likely tokens whose probability reaches top_p
-            # (always at least the most likely one).
-            sorted_scores, order = torch.sort(scores, descending=True)
-            probs = torch.softmax(sorted_scores, dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-            drop = before >= self.top_p
-            scores = scores.scatter(0, order[drop], -math.inf)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+        return sample_rows(logits.reshape(1, -1), [self], [history])[0]
+
+
+def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
+                histories: Sequence[Sequence[int]]) -> list[int]:
+    """The next token of every row, in one call: ``logits`` ``(rows, vocab)``, row ``b`` sampled
+    by ``samplers[b]`` with the penalties of ``histories[b]``.
+
+    Every operation is row-wise, so a row's token does not depend on the other rows (nor on how
+    many there are); the only device-to-host copy is the final list of tokens. The random draw is
+    one uniform number per sampling row from the row's own generator (host side), turned into a
+    token by inverse transform over the row's probabilities, which never picks a token whose
+    probability is zero.
+    """
+    n = logits.shape[0]
+    if n != len(samplers) or n != len(histories):
+        raise ValueError(f"{n} rows of logits, {len(samplers)} samplers, {len(histories)} histories")
+    device = logits.device
+    scores = logits.detach().float()
+    if any(s.penalized and h for s, h in zip(samplers, histories, strict=True)):
+        scores = torch.stack([s.penalize(scores[b], h) for b, (s, h)
+                              in enumerate(zip(samplers, histories, strict=True))])
+    greedy = scores.argmax(-1)  # (rows,)
+    hot = [b for b, s in enumerate(samplers) if not s.greedy]
+    if not hot:
+        return [int(t) for t in greedy.tolist()]
+    rows = torch.tensor(hot, device=device)
+    hs = [samplers[b] for b in hot]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # (hot, 1)
+
+    x = scores[rows] / column([s.temperature for s in hs])  # (hot, vocab)
+    vocab = x.shape[-1]
+    ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in hs]
+    if any(ks):
+        top = torch.topk(x, max(ks), dim=-1).values  # (hot, max k), descending
+        kth = top.gather(-1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
+        cut = torch.tensor([k > 0 for k in ks], device=device)[:, None]
+        x = x.masked_fill(cut & (x < kth), -math.inf)
+    if any(s.min_p > 0 for s in hs):
+        # p < min_p * p_max  <=>  score < max score + log(min_p); min_p 0 gives -inf: keeps all
+        floor = column([math.log(s.min_p) if s.min_p > 0 else -math.inf for s in hs])
+        x = x.masked_fill(x < x.max(-1, keepdim=True).values + floor, -math.inf)
+    if any(s.top_p < 1 for s in hs):
+        # Keep the smallest set of most likely tokens whose probability reaches top_p (always at
+        # least the most likely one).
+        sorted_x, order = torch.sort(x, descending=True, dim=-1)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        drop = before >= column([s.top_p for s in hs])
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, -math.inf))
+    cdf = torch.softmax(x, dim=-1).cumsum(-1)  # (hot, vocab)
+    u = torch.stack([s.uniform() for s in hs]).to(device)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    tokens = greedy.index_copy(0, rows, picked.clamp_max(vocab - 1))
+    return [int(t) for t in tokens.tolist()]

@@ -41,25 +41,28 @@ import enum
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
 
-from .batch_cache import BatchSinkCache
-from .decoding import decode_step, eviction_chunk, forward_tokens
+from .decoding import Sampler
+from .runner import ModelRunner, StepOutput, StepPlan
 from .sink_cache import SinkCache
 from .step import ModelStep, Step
 
-__all__ = ["Handler", "Outcome", "Prefill", "Request", "Scheduler", "State"]
+__all__ = ["PREFILL_CHUNK", "Handler", "Outcome", "Prefill", "Request", "RequestState",
+           "Scheduler"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_CHUNK = 256
+# Prompt tokens per forward call: the stall a joining prompt adds to the rows that decode (one
+# such chunk per step), and where a cancel is seen during a prompt. The one definition.
+PREFILL_CHUNK = 256
 
 
-class State(enum.Enum):
+class RequestState(enum.Enum):
     WAITING = "waiting"
     PREFILLING = "prefilling"
     DECODING = "decoding"
@@ -129,10 +132,10 @@ class Handler(Protocol):
 class Request:
     key: str  # requests with the same key (a conversation) run one after another
     handler: Handler
-    sampler: Callable[[torch.Tensor], int]  # (vocab,) logits -> a token (a decoding.Sampler)
+    sampler: Sampler  # picks each token; all rows of a step are sampled in one call
     max_new_tokens: int
     cancel: threading.Event = field(default_factory=threading.Event)
-    state: State = State.WAITING
+    state: RequestState = RequestState.WAITING
     # -- the loop's own bookkeeping ------------------------------------------------------------
     cache: Any = None
     pending: list[int] = field(default_factory=list)  # ids still to feed (prompt or closing)
@@ -147,10 +150,15 @@ class Request:
 
 
 class Scheduler:
-    """Owns ``model`` on one thread; :meth:`submit` requests from any thread."""
+    """Owns ``model`` on one thread; :meth:`submit` requests from any thread.
+
+    Each iteration *plans* a step (:meth:`_schedule`: cancel, admit, pick the prompt chunk and
+    the rows), has the :class:`~.runner.ModelRunner` *execute* it, and *applies* the output
+    (:meth:`_apply`: the handlers' callbacks, rows joining and leaving).
+    """
 
     def __init__(self, model: Any, *, max_batch: int, step: Step | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = "scheduler") -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, name: str = "scheduler") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -159,7 +167,7 @@ class Scheduler:
         self.step = step if step is not None else ModelStep(model)  # the batched decode step
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self._batch = BatchSinkCache(max_batch)
+        self._runner = ModelRunner(model, self.step, max_batch)
         self._rows: list[Request] = []  # decoding in the batch; self._rows[b] is batch row b
         self._solo: list[Request] = []  # decoding with a dense cache, stepped one by one
         self._feeding: list[Request] = []  # prefilling or closing, oldest first
@@ -207,9 +215,21 @@ class Scheduler:
     def decoding(self) -> int:
         return len(self._rows) + len(self._solo)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not admitted yet (over ``max_batch``, or their conversation's
+        previous turn is still live)."""
+        with self._cond:
+            return len(self._waiting)
+
+    def admitted(self) -> list[Request]:
+        """Requests admitted and not yet released, in any live state."""
+        with self._cond:
+            return list(self._held)
+
     def batch_nbytes(self) -> int:
         """Bytes of the batch buffers (on top of the conversations' own caches)."""
-        return self._batch.nbytes()
+        return self._runner.nbytes()
 
     # -- the loop (scheduler thread) -----------------------------------------------------------
     def _busy(self) -> bool:
@@ -224,10 +244,9 @@ class Scheduler:
                     if self._closed and not self._busy():
                         return
                 try:
-                    self._cancel()
-                    self._admit()
-                    self._prefill()
-                    self._decode()
+                    plan = self._schedule()
+                    if not plan.empty:
+                        self._apply(plan, self._runner.execute(plan))
                 except Exception as exc:  # a bug in the loop itself: fail everyone, keep serving
                     log.exception("scheduler: the loop failed")
                     self._fail_all(exc)
@@ -235,9 +254,27 @@ class Scheduler:
     def _fail_all(self, exc: Exception) -> None:
         rows = [*self._feeding, *self._rows, *self._solo]
         self._feeding, self._rows, self._solo = [], [], []
-        self._batch.clear()
+        self._runner.clear()
         for r in rows:
             self._fail(r, exc)
+
+    # -- deciding ---------------------------------------------------------------------------------
+    def _schedule(self) -> StepPlan:
+        """Cancel, admit, then plan this step: the oldest feeding request's next chunk (the
+        stall bound) and every decoding row."""
+        self._cancel()
+        self._admit()
+        plan = StepPlan(rows=list(self._rows), solo=list(self._solo))
+        if self._feeding:
+            r = self._feeding[0]
+            size = self.prefill_chunk
+            if isinstance(r.cache, SinkCache):
+                size = min(size, r.cache.window_tokens)
+            size = min([size, *(b - r.fed for b in r.breaks if b > r.fed)])
+            plan.feed, plan.chunk = r, r.pending[:size]
+            plan.sample_feed = (r.state is RequestState.PREFILLING
+                                and len(plan.chunk) == len(r.pending))
+        return plan
 
     def _cancel(self) -> None:
         with self._cond:
@@ -246,7 +283,8 @@ class Scheduler:
                 self._waiting.remove(r)
         for r in never_started:
             self._end(r, "cancelled")
-        for r in [r for r in self._feeding if r.cancel.is_set() and r.state is State.PREFILLING]:
+        for r in [r for r in self._feeding
+                  if r.cancel.is_set() and r.state is RequestState.PREFILLING]:
             self._feeding.remove(r)
             self._end(r, "cancelled")
         for b in reversed(range(len(self._rows))):
@@ -275,111 +313,94 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - reported to its handler
                 self._fail(r, exc)
                 continue
-            self._start_feeding(r, work, State.PREFILLING)
+            self._start_feeding(r, work, RequestState.PREFILLING)
 
-    def _start_feeding(self, r: Request, work: Prefill, state: State) -> None:
+    def _start_feeding(self, r: Request, work: Prefill, state: RequestState) -> None:
         r.cache, r.pending, r.state = work.cache, list(work.ids), state
         r.fed, r.breaks = 0, work.breaks
-        if state is State.PREFILLING and not r.pending:
+        if state is RequestState.PREFILLING and not r.pending:
             self._fail(r, ValueError("a prompt needs at least one token"))
             return
-        if isinstance(r.cache, SinkCache) and r.pending:
-            window = r.cache.window_tokens
-            try:
-                r.cache.make_room(min(len(r.pending) + min(work.reserve, window // 2), window))
-            except Exception as exc:  # noqa: BLE001 - reported to its handler
-                self._fail(r, exc)
-                return
-        self._feeding.append(r)
-
-    def _prefill(self) -> None:
-        """Feed one chunk of the oldest prefilling or closing request."""
-        if not self._feeding:
-            return
-        r = self._feeding[0]
-        size = self.prefill_chunk
-        if isinstance(r.cache, SinkCache):
-            size = min(size, r.cache.window_tokens)
-        size = min([size, *(b - r.fed for b in r.breaks if b > r.fed)])
-        chunk, rest = r.pending[:size], r.pending[size:]
         try:
-            logits = forward_tokens(self.model, r.cache, chunk) if chunk else None
+            self._runner.reserve(r.cache, len(r.pending), work.reserve)
         except Exception as exc:  # noqa: BLE001 - reported to its handler
-            self._feeding.remove(r)
             self._fail(r, exc)
             return
-        r.pending, r.fed = rest, r.fed + len(chunk)
+        self._feeding.append(r)
+
+    # -- applying a step's output -------------------------------------------------------------------
+    def _apply(self, plan: StepPlan, out: StepOutput) -> None:
+        # The batch's rows first: a prompt that ends now joins the batch after them.
+        if plan.rows:
+            self._decoded(plan.rows, out)
+        if plan.feed is not None:
+            self._fed(plan.feed, plan.chunk, out)
+        for r in plan.solo:
+            if r in out.failed:
+                self._solo.remove(r)
+                self._fail(r, out.failed[r])
+                continue
+            self._call(r, lambda r=r: r.handler.consumed([r.next_token]))
+            if not self._sample(r, out.tokens[r], batch_size=1):
+                self._solo.remove(r)
+                self._end(r, r.ending)
+
+    def _fed(self, r: Request, chunk: list[int], out: StepOutput) -> None:
+        """A prompt or closing chunk went in; a finished prompt's first token joins the batch."""
+        if r in out.failed:
+            self._feeding.remove(r)
+            self._fail(r, out.failed[r])
+            return
+        r.pending, r.fed = r.pending[len(chunk):], r.fed + len(chunk)
         self._call(r, lambda: r.handler.consumed(chunk))
-        if rest and not r.failed:
+        if r.pending and not r.failed:
             return
         self._feeding.remove(r)
         if r.failed:
             return
-        if r.state is State.CLOSING:
-            self._release(r, State.FINISHED)
+        if r.state is RequestState.CLOSING:
+            self._release(r, RequestState.FINISHED)
             return
-        assert logits is not None
-        if self._sample(r, logits, batch_size=0):
+        if self._sample(r, out.tokens[r], batch_size=0):
             self._join(r)
 
     def _join(self, r: Request) -> None:
-        r.state = State.DECODING
+        r.state = RequestState.DECODING
         if isinstance(r.cache, SinkCache):
-            self._batch.join(r.cache)
+            self._runner.join(r.cache)
             self._rows.append(r)
         else:
             self._solo.append(r)
 
-    def _decode(self) -> None:
-        """One step: every batch row through one forward pass, then the dense rows one by one."""
-        if self._rows:
-            self._step_batch()
-        for r in list(self._solo):
-            try:
-                logits = decode_step(self.model, r.cache, r.next_token)
-            except Exception as exc:  # noqa: BLE001 - reported to its handler
-                self._solo.remove(r)
-                self._fail(r, exc)
-                continue
-            self._call(r, lambda r=r: r.handler.consumed([r.next_token]))
-            if not self._sample(r, logits, batch_size=1):
-                self._solo.remove(r)
-                self._end(r, r.ending)
-
-    def _step_batch(self) -> None:
-        batch, n = self._batch, len(self._rows)
-        for b, r in enumerate(self._rows):
-            if batch.full(b):  # this row evicts; the others are untouched
-                batch.make_room(b, eviction_chunk(r.cache.window_tokens))
-        compiling = self.step.compile_seconds
-        try:
-            logits = self.step(batch, [r.next_token for r in self._rows])  # (rows, vocab)
-        except Exception as exc:
-            log.exception("scheduler: a batched decode step failed")
-            rows, self._rows = self._rows, []
-            batch.clear()
+    def _decoded(self, rows: list[Request], out: StepOutput) -> None:
+        """The batch advanced one token: hand each row its next token; rows that end leave."""
+        if out.batch_failed is not None:
+            self._rows = [r for r in self._rows if r not in rows]
             for r in rows:
-                self._fail(r, exc)
+                self._fail(r, out.batch_failed)
             return
         self._steps += 1
-        compiled = self.step.compile_seconds - compiling  # a new shape compiled in this step
-        if compiled:
-            for r in self._rows:
-                r.compile_seconds += compiled
-        ended: list[int] = []
-        for b, r in enumerate(self._rows):
+        if out.compile_seconds:  # a new shape compiled in this step: not decode time
+            for r in rows:
+                r.compile_seconds += out.compile_seconds
+        n = len(rows)
+        for r in rows:
             self._call(r, lambda r=r: r.handler.consumed([r.next_token]))
-            if not self._sample(r, logits[b], batch_size=n):
-                ended.append(b)
-        for b in reversed(ended):  # from the end: a leaving row's place is taken by the last
-            self._leave_row(b, self._rows[b].ending)
+            if not self._sample(r, out.tokens[r], batch_size=n) and not r.failed:
+                r.state = RequestState.CLOSING  # marked; it leaves below
+        for b in reversed(range(len(self._rows))):  # from the end: the last row takes the place
+            r = self._rows[b]
+            if r.failed:
+                self._runner.leave(b, r.cache)
+                self._pop_row(b)
+            elif r.state is RequestState.CLOSING:
+                self._leave_row(b, r.ending)
 
-    def _sample(self, r: Request, logits: torch.Tensor, *, batch_size: int) -> bool:
-        """Sample ``r``'s next token; True when it goes on decoding."""
+    def _sample(self, r: Request, token: int, *, batch_size: int) -> bool:
+        """Hand ``r`` its sampled token; True when it goes on decoding."""
         if r.failed:
             return False
         r.batch_size = max(r.batch_size, batch_size)
-        token = r.sampler(logits)
         r.tokens.append(token)
         go = self._call(r, lambda: r.handler.token(token))
         if r.failed:
@@ -391,35 +412,38 @@ class Scheduler:
         else:
             r.next_token = token
             return True
-        if r.state is State.PREFILLING:
+        if r.state is RequestState.PREFILLING:
             self._end(r, r.ending)
         return False
 
     # -- leaving --------------------------------------------------------------------------------
+    def _pop_row(self, b: int) -> None:
+        """Mirror the batch: row ``b``'s place is taken by the last row."""
+        last = self._rows.pop()
+        if b < len(self._rows):
+            self._rows[b] = last
+
     def _leave_row(self, b: int, reason: Literal["stop", "length", "cancelled"]) -> None:
         r = self._rows[b]
-        moved = self._batch.leave(b, r.cache)
-        if moved is None:
-            self._rows.pop()
-        else:
-            self._rows[b] = self._rows.pop()
+        self._runner.leave(b, r.cache)
+        self._pop_row(b)
         self._end(r, reason)
 
     def _end(self, r: Request, reason: Literal["stop", "length", "cancelled"]) -> None:
         """The answer ended; the cache is the conversation's own. Close the turn, or release."""
         if r.failed:
             return
-        r.state = State.CANCELLED if reason == "cancelled" else State.CLOSING
+        r.state = RequestState.CANCELLED if reason == "cancelled" else RequestState.CLOSING
         closing = self._call(r, lambda: r.handler.finished(self._outcome(r, reason)))
         if r.failed:
             return
-        if r.state is State.CLOSING and closing is not None and closing.ids \
+        if r.state is RequestState.CLOSING and closing is not None and closing.ids \
                 and not self._closed:
-            self._start_feeding(r, closing, State.CLOSING)
+            self._start_feeding(r, closing, RequestState.CLOSING)
             return
-        self._release(r, State.FINISHED if r.state is State.CLOSING else r.state)
+        self._release(r, RequestState.FINISHED if r.state is RequestState.CLOSING else r.state)
 
-    def _release(self, r: Request, state: State) -> None:
+    def _release(self, r: Request, state: RequestState) -> None:
         r.state = state
         self._call(r, r.handler.released)
         self._let_go(r)
@@ -434,7 +458,7 @@ class Scheduler:
         if r.failed:
             return
         r.failed = True
-        r.state = State.CANCELLED
+        r.state = RequestState.CANCELLED
         try:
             r.handler.failed(exc)
         except Exception:

@@ -155,7 +155,7 @@ async def test_reuse_continues_after_sink_evictions(make_engine: MakeEngine,
         messages.append(ChatMessage("assistant", "".join(pieces)))
     assert evicted == sorted(evicted) and evicted[-1] > 0
     await engine.idle()
-    state = engine._conversations["c"]
+    state = engine.caches.conversations["c"]
     # The kept ids are the canonical tokenization of the whole conversation, evicted part included,
     # and the cache holds sinks + the most recent tokens of it.
     assert state.ids == encode(messages, generation_prompt=False)
@@ -181,8 +181,8 @@ async def test_prompt_tokenization_reuses_the_kept_text(make_engine: MakeEngine,
     pieces, _ = await chat(engine, messages, temperature=0)
     messages += [ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "second 🎉")]
     await engine.idle()
-    state = engine._conversations["c"]
-    prompts = engine._prompts
+    state = engine.caches.conversations["c"]
+    prompts = engine.prompts
     text = prompts.render([{"role": m.role, "content": m.content} for m in messages],
                           generation_prompt=True)
     full = prompts.encode_text(text)
@@ -269,7 +269,7 @@ def count_steps_after_cancel(engine: LocalEngine) -> list[int]:
 
     def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         counts[0] += 1
-        if any(turn.job.cancel.is_set() for turn in list(engine._live)):
+        if any(r.cancel.is_set() for r in engine._scheduler.admitted()):
             counts[1] += 1
 
     engine._model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -305,14 +305,14 @@ async def test_cancel_stops_within_one_step(make_engine: MakeEngine, llama_path:
             await task
     # Closing waited for the scheduler, which has let the turn go: at most the step under way
     # finished.
-    assert not engine._live
+    assert not engine.caches.live
     assert counts[1] <= 1
     total = counts[0]
     await asyncio.sleep(0.05)
     assert counts[0] == total < 1000
     # The conversation's cache stays consistent and usable.
     await engine.idle()
-    state = engine._conversations["c"]
+    state = engine.caches.conversations["c"]
     assert state.cache.seen_tokens == len(state.ids)
     _, finished = await chat(engine, messages, temperature=0, max_new_tokens=3)
     assert finished.usage.cached_tokens == len(encode(messages)) - 1
@@ -334,7 +334,7 @@ async def test_request_cancelled_while_queued_never_runs(make_engine: MakeEngine
     async for _ in first:
         pass
     await engine.idle()
-    assert "b" not in engine._conversations and "a" in engine._conversations
+    assert "b" not in engine.caches.conversations and "a" in engine.caches.conversations
     assert counts[1] == 0
 
 

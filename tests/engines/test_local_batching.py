@@ -59,7 +59,7 @@ async def test_cancel_of_one_conversation_leaves_the_others(local_engines: MakeE
     results = await asyncio.gather(*others)
     assert all(pieces == alone[0] for pieces, _ in results)
     await engine.idle()
-    state = engine._conversations["victim"]
+    state = engine.caches.conversations["victim"]
     assert state.cache.seen_tokens == len(state.ids)  # consistent, ready for its next turn
 
 
@@ -80,5 +80,5 @@ async def test_health_reports_the_batch_and_flat_bytes_per_conversation(
         extra = (await engine.health()).extra
         assert extra is not None
         sizes.append((extra["kv_bytes"], extra["batch_kv_bytes"]))
-    assert engine._conversations["long"].cache.evicted_tokens > 0
+    assert engine.caches.conversations["long"].cache.evicted_tokens > 0
     assert len(set(sizes)) == 1  # flat, however long the conversation grows

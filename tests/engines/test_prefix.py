@@ -13,7 +13,7 @@ import torch
 from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
-from streaming_llm.engines import decoding
+from streaming_llm.engines import runner
 from streaming_llm.engines.base import ChatMessage
 from streaming_llm.engines.local import LocalEngine
 from streaming_llm.errors import AgentContextTooLong
@@ -52,27 +52,27 @@ async def test_the_agent_prefix_is_the_sink_region_and_never_evicted(make: Any,
     assert len(prefix_ids(SYSTEM)) == PREFIX_TOKENS
     engine = await make(llama_path, sink_tokens=4, window_tokens=24)
     messages = await talk(engine, SYSTEM, 6)
-    cache = engine._conversations["c"].cache
+    cache = engine.caches.conversations["c"].cache
     assert cache.sink_tokens == PREFIX_TOKENS and cache.window_tokens == 24
     assert cache.evicted_tokens > 100
     # The stored sink keys are those of the prefix itself, as a fresh prefill writes them.
     _, dense = dense_forward(engine._model, prefix_ids(SYSTEM))
     for ours, fresh in zip(cache.layers, dense.layers, strict=True):
         torch.testing.assert_close(ours.keys[:, :, :PREFIX_TOKENS], fresh.keys, rtol=1e-5, atol=1e-5)
-    assert engine._conversations["c"].ids == encode(messages, generation_prompt=False)
+    assert engine.caches.conversations["c"].ids == encode(messages, generation_prompt=False)
 
 
 async def test_without_a_system_message_the_sinks_are_the_papers(make: Any,
                                                                  llama_path: Path) -> None:
     engine = await make(llama_path, sink_tokens=4, window_tokens=24)
     await talk(engine, None, 3)
-    assert engine._conversations["c"].cache.sink_tokens == 4
+    assert engine.caches.conversations["c"].cache.sink_tokens == 4
 
 
 async def test_the_pin_can_be_switched_off(make: Any, llama_path: Path) -> None:
     engine = await make(llama_path, sink_tokens=4, window_tokens=24, pin_agent_prefix=False)
     await talk(engine, SYSTEM, 4)
-    cache = engine._conversations["c"].cache
+    cache = engine.caches.conversations["c"].cache
     assert cache.sink_tokens == 4 and cache.evicted_tokens > 0
     assert engine.refusal(LONG.content) is None  # nothing pinned, nothing refused
 
@@ -96,7 +96,7 @@ async def test_an_edited_agent_is_served_with_its_new_prefix(make: Any, llama_pa
     pieces, _ = await chat(engine, messages, temperature=0)
     assert "".join(pieces) == reference(llama_path, messages, 12)
     await engine.idle()
-    state = engine._conversations["c"]
+    state = engine.caches.conversations["c"]
     assert state.cache.sink_tokens == len(prefix_ids(edited))
     assert state.ids[:state.cache.sink_tokens] == prefix_ids(edited)
 
@@ -109,7 +109,7 @@ async def test_an_edited_agent_after_evictions_gets_a_rebuilt_cache(make: Any,
     messages = [edited, *messages[1:], ChatMessage("user", "and now?")]
     _, finished = await chat(engine, messages, temperature=0)
     await engine.idle()
-    state = engine._conversations["c"]
+    state = engine.caches.conversations["c"]
     assert finished.usage.cached_tokens == 0  # nothing of the old prefix was reused
     assert state.ids[:state.cache.sink_tokens] == prefix_ids(edited)
 
@@ -117,13 +117,13 @@ async def test_an_edited_agent_after_evictions_gets_a_rebuilt_cache(make: Any,
 async def test_a_new_conversation_copies_the_shared_prefix_equal_to_a_fresh_prefill(
         make: Any, llama_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[torch.Tensor] = []
-    sample = decoding.Sampler.__call__
+    sample = runner.sample_rows
 
-    def record(self: decoding.Sampler, logits: torch.Tensor, history: Any = ()) -> int:
-        seen.append(logits.clone())
-        return sample(self, logits, history)
+    def record(logits: torch.Tensor, samplers: Any, histories: Any) -> list[int]:
+        seen.extend(row.clone() for row in logits)
+        return sample(logits, samplers, histories)
 
-    monkeypatch.setattr(decoding.Sampler, "__call__", record)
+    monkeypatch.setattr(runner, "sample_rows", record)
     shared = await make(llama_path, window_tokens=24)
     fresh = await make(llama_path, window_tokens=24, shared_prefixes=0)
     first = [SYSTEM, ChatMessage("user", "the first conversation")]

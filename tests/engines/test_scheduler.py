@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from streaming_llm.engines.decoding import Sampler, decode_step, forward_tokens
-from streaming_llm.engines.scheduler import Outcome, Prefill, Request, Scheduler, State
+from streaming_llm.engines.scheduler import Outcome, Prefill, Request, Scheduler, RequestState
 from streaming_llm.engines.sink_cache import SinkCache
 from streaming_llm.engines.step import LlamaStep, ModelStep
 
@@ -186,7 +186,7 @@ def test_cancel_of_one_row_leaves_the_others_intact(new_scheduler: Callable[...,
         scheduler.close()
     cancelled = handlers[2]
     assert cancelled.outcome is not None and cancelled.outcome.reason == "cancelled"
-    assert requests[2].state is State.CANCELLED
+    assert requests[2].state is RequestState.CANCELLED
     # it stopped within one step: at most one token after the cancel
     assert 4 <= len(cancelled.tokens) <= 5 and cancelled.tokens == alone[2][:len(cancelled.tokens)]
     # its cache holds what it was fed: the prompt and every token but the last

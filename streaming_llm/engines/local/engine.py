@@ -6,15 +6,15 @@ Threading and batching
     single-thread executor). Every turn is a request of that scheduler, which steps all decoding
     conversations together, one forward pass per token for up to ``max_batch`` of them
     (``STREAMING_LLM_MAX_BATCH``; more wait in arrival order), and prefills a joining prompt in
-    chunks of :data:`PREFILL_CHUNK` tokens between decode steps. Each request's tokens reach the
-    event loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``, so neither
+    chunks of :data:`~..scheduler.PREFILL_CHUNK` tokens between decode steps. Each request's
+    tokens reach the event loop through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``, so neither
     the server nor the other conversations wait for a slow client. Closing the stream
     (``aclose()`` or task cancellation) sets the request's cancel flag, which the scheduler
     checks before every step: the turn stops within one step, the others go on.
 
 A turn (:class:`~.turn.Turn`, on the scheduler's thread)
     1. Render and tokenize the conversation (:mod:`.prompts`), reusing the kept tokenization.
-    2. Plan how the conversation's cache reaches exactly those ids (:meth:`LocalEngine._plan`):
+    2. Plan how the conversation's cache reaches exactly those ids (:meth:`.caches.Caches.plan`):
        keep the longest common prefix of the kept ids, roll back (``cache.crop(-n)``) what
        differs, feed the rest; when the cache cannot roll back that far, replay through a fresh
        cache. The scheduler feeds the rest in chunks.
@@ -30,7 +30,7 @@ A turn (:class:`~.turn.Turn`, on the scheduler's thread)
     evicted tokens included, and room for the prompt and ``max_new_tokens`` is made before each
     turn. Streaming off: a plain ``DynamicCache``; the oldest turns are left out of the prompt
     until prompt + ``max_new_tokens`` fit the model's context, reported as ``dropped_turns``.
-    At most ``cached_conversations`` caches are kept (:mod:`.store`).
+    At most ``cached_conversations`` caches are kept (:mod:`.caches`, :mod:`.store`).
 
 Pinned agent prefix (streaming, ``pin_agent_prefix``)
     The sink region of a conversation's cache is the whole rendered agent prefix: everything the
@@ -41,7 +41,8 @@ Pinned agent prefix (streaming, ``pin_agent_prefix``)
     (:class:`~streaming_llm.errors.AgentContextTooLong`, also through :meth:`LocalEngine.refusal`
     before a turn is stored). Without a system message the sinks are the first ``sink_tokens``
     tokens, as in the paper. A new conversation starts from a copy of the agent's prefix cache
-    (:class:`~.store.PrefixStore`, ``shared_prefixes``) instead of prefilling it again. An edited
+    (:class:`~.store.PrefixStore`, ``shared_prefixes``) instead of prefilling it again. All of
+    this is :class:`~.caches.Caches`'; the engine keeps the lifecycle, health and the thread bridge. An edited
     agent renders a different prefix: the next turn's prompt departs from the kept ids inside the
     prefix, so the cache is rolled back there or rebuilt from the new prefix.
 
@@ -61,9 +62,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import (
@@ -87,43 +87,21 @@ from ..base import (
 from ..decoding import Sampler
 from ..scheduler import Request, Scheduler
 from ..step import build_step
+from .caches import Caches
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
-from .prompts import Message, Prompts
-from .store import Conversation, ConversationStore, PrefixStore
+from .prompts import Prompts
 from .turn import Turn
 
 log = logging.getLogger("streaming_llm.engines.local")
 
-DEFAULT_TEMPERATURE = 0.2  # SmolLM2-135M answers "What is the capital of France?" wrong at 0.7 (README)
+DEFAULT_TEMPERATURE = 0.2  # SmolLM2-135M answers "What is the capital of France?" wrong at 0.7 (docs/engines.md)
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 0
 DEFAULT_MIN_P = 0.05  # llama.cpp's default
-DEFAULT_REPETITION_PENALTY = 1.1  # Ollama's default; keeps SmolLM2-135M out of loops (README)
-# Prompt tokens per forward call: the stall a joining prompt adds to the rows that decode (one
-# such chunk per step), and where a cancel is seen during a prompt.
-PREFILL_CHUNK = 256
+DEFAULT_REPETITION_PENALTY = 1.1  # Ollama's default; keeps SmolLM2-135M out of loops (docs/engines.md)
 MAX_BATCH_CPU, MAX_BATCH_CUDA = 8, 32  # STREAMING_LLM_MAX_BATCH=0: conversations decoded together
 
 _END = object()  # the scheduler released the turn (sent after its last chunk)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a streaming conversation's cache is laid out for the agent it talks to."""
-
-    prefix: str  # the pinned agent prefix as rendered; "" when none is pinned
-    prefix_ids: list[int]
-    sinks: int  # max(sink_tokens, len(prefix_ids))
-    window: int
-
-
-@dataclass
-class _Job:
-    request: EngineRequest
-    emit: Callable[[object], None]
-    submitted: float
-    cancel: threading.Event = field(default_factory=threading.Event)
-    forgotten: bool = False  # forget() was called while this job held the conversation
 
 
 class LocalEngine:
@@ -132,14 +110,11 @@ class LocalEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-engine")
-        self._lock = threading.Lock()  # guards _live
-        self._conversations = ConversationStore(settings.cached_conversations)
-        self._prefixes = PrefixStore(settings.shared_prefixes)  # worker thread only
         self._refusals: dict[str, EngineError | None] = {}  # by system message (event loop)
         self._scheduler: Scheduler | None = None
-        self._live: dict[Turn, Conversation | None] = {}  # turns the scheduler holds now
         self._loaded: LoadedModel | None = None
-        self._prompts: Prompts | None = None
+        self.prompts: Prompts | None = None  # once loaded
+        self.caches: Caches | None = None  # once loaded
         self._ready = False
         self._closed = False
         self._error: str | None = None
@@ -175,13 +150,15 @@ class LocalEngine:
         source = resolve_source(self.settings, self._report)
         self._progress = None
         self._loaded = load_model(self.settings, source, self._model_name)
-        self._prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
+        self.prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
+        self.caches = Caches(self.settings, self._loaded.model, self.prompts,
+                             context=self._loaded.context, window=self._loaded.window)
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
         step = build_step(self._loaded.model, quantize=self.settings.quantize,
                           compile=self.settings.compile)
         self._scheduler = Scheduler(self._loaded.model, max_batch=rows, step=step,
-                                    prefill_chunk=PREFILL_CHUNK, name="local-engine-scheduler")
+                                    name="local-engine-scheduler")
         log.info("local engine: decoding up to %d conversations in one batch (step %s)", rows,
                  step.name)
 
@@ -195,8 +172,8 @@ class LocalEngine:
         if self._scheduler is not None:  # cancels every turn; each stops within one step
             await asyncio.to_thread(self._scheduler.close)
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        self._conversations.clear()
-        self._prefixes.clear()
+        if self.caches is not None:
+            self.caches.close()
         self._loaded = None
 
     async def health(self) -> EngineHealth:
@@ -214,31 +191,30 @@ class LocalEngine:
                 detail += f"; {self._detail}"
             return EngineHealth(ready=False, model=self._model_name, detail=detail,
                                 extra={"state": "loading"})
-        states = self._conversations.states() + self._prefixes.states()
-        with self._lock:
-            states.extend(s for s in self._live.values() if s is not None)
-        loaded, scheduler = self._loaded, self._scheduler
-        assert scheduler is not None
+        loaded, scheduler, caches = self._loaded, self._scheduler, self.caches
+        assert scheduler is not None and caches is not None
+        held = caches.health()
         extra: dict[str, object] = {
             "state": "ready",
             "device": loaded.device,
             "dtype": loaded.dtype,
             "streaming": self.settings.streaming,
             "context_tokens": loaded.context,
-            "cached_conversations": len(self._conversations),
+            "cached_conversations": held["cached_conversations"],
             "cached_conversations_limit": self.settings.cached_conversations,
-            "kv_bytes": sum(_cache_nbytes(s.cache) for s in states),
+            "kv_bytes": held["kv_bytes"],
             "max_batch": scheduler.max_batch,
             "decode_step": scheduler.step.name,
             "compile_seconds": round(scheduler.step.compile_seconds, 1),
             "decoding": scheduler.decoding,
+            "waiting": scheduler.waiting,
             "batch_kv_bytes": scheduler.batch_nbytes(),
         }
         if self.settings.streaming:
             extra["sink_tokens"] = self.settings.sink_tokens
             extra["window_tokens"] = loaded.window
             extra["pin_agent_prefix"] = self.settings.pin_agent_prefix
-            extra["shared_prefixes"] = len(self._prefixes.states())
+            extra["shared_prefixes"] = held["shared_prefixes"]
         return EngineHealth(ready=True, model=self._model_name, detail=self._detail, extra=extra)
 
     async def idle(self) -> None:
@@ -251,11 +227,8 @@ class LocalEngine:
             await asyncio.to_thread(self._scheduler.wait_idle)
 
     def forget(self, conversation_id: str) -> None:
-        self._conversations.forget(conversation_id)
-        with self._lock:
-            for turn in self._live:
-                if turn.job.request.conversation_id == conversation_id:
-                    turn.job.forgotten = True
+        if self.caches is not None:
+            self.caches.forget(conversation_id)
 
     # --- the thread bridge (event loop) ---------------------------------------------------------
     def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
@@ -276,21 +249,21 @@ class LocalEngine:
         Runs on the caller's thread, beside the scheduler's: encoding with a fast tokenizer that
         is never reconfigured (no truncation or padding set) is safe to share, as refusal() does.
         """
-        if not self._ready or self._prompts is None:
+        if not self._ready or self.prompts is None:
             return None
-        text = self._prompts.render([{"role": m.role, "content": m.content} for m in messages],
+        text = self.prompts.render([{"role": m.role, "content": m.content} for m in messages],
                                     generation_prompt=True)
-        return len(self._prompts.encode_text(text))
+        return len(self.prompts.encode_text(text))
 
     def _agent_refusal(self, system: str) -> EngineError | None:
         """AgentContextTooLong when this system message, pinned, leaves too small a window."""
         if not (self.settings.streaming and self.settings.pin_agent_prefix):
             return None
         if system not in self._refusals:
-            assert self._prompts is not None
-            prefix = self._prompts.agent_prefix([{"role": "system", "content": system}])
+            assert self.prompts is not None and self.caches is not None
+            prefix = self.prompts.agent_prefix([{"role": "system", "content": system}])
             try:
-                self._layout(prefix, self._prompts.encode_text(prefix) if prefix else [])
+                self.caches.layout(prefix, self.prompts.encode_text(prefix) if prefix else [])
                 refused = None
             except AgentContextTooLong as exc:
                 refused = exc
@@ -308,11 +281,13 @@ class LocalEngine:
         queue: asyncio.Queue[object] = asyncio.Queue()
         released = loop.create_future()
 
+        cancel = threading.Event()
+
         def emit(item: object) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is closed: nobody is listening any more
-                job.cancel.set()
+                cancel.set()
 
         def on_released() -> None:
             def settle() -> None:
@@ -323,12 +298,16 @@ class LocalEngine:
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(settle)
 
-        job = _Job(request=request, emit=emit, submitted=time.perf_counter())
-        turn = Turn(self, job, self._sampler(request), on_released)
+        loaded, prompts, caches = self._loaded, self.prompts, self.caches
+        assert loaded is not None and prompts is not None and caches is not None
+        turn = Turn(request, emit, caches=caches, prompts=prompts, tokenizer=loaded.tokenizer,
+                    eos_ids=loaded.eos_ids, streaming=self.settings.streaming,
+                    context=loaded.context, submitted=time.perf_counter(),
+                    on_released=on_released)
         try:
             scheduler.submit(Request(key=request.conversation_id, handler=turn,
-                                     sampler=turn.sample, max_new_tokens=request.max_new_tokens,
-                                     cancel=job.cancel))
+                                     sampler=self._sampler(request),
+                                     max_new_tokens=request.max_new_tokens, cancel=cancel))
         except RuntimeError as exc:  # closed meanwhile
             raise EngineUnavailable("the local engine has shut down") from exc
         finished = False
@@ -347,7 +326,7 @@ class LocalEngine:
                     return
         finally:
             if not finished:
-                job.cancel.set()
+                cancel.set()
                 scheduler.wake()
                 # Stops within one decode step (a queued turn never starts); waiting keeps the
                 # conversation's cache consistent for whatever the caller does next.
@@ -366,145 +345,3 @@ class LocalEngine:
             presence_penalty=opts.presence_penalty or 0.0,
             frequency_penalty=opts.frequency_penalty or 0.0,
         )
-
-    # --- the pinned agent prefix ----------------------------------------------------------------
-    def _pinned(self, messages: list[Message], prompt_text: str, prompt_ids: list[int],
-                ) -> tuple[str, list[int]]:
-        """The agent prefix to pin and its ids (a prefix of ``prompt_ids``), or ("", [])."""
-        assert self._prompts is not None
-        if not self.settings.pin_agent_prefix:
-            return "", []
-        prefix = self._prompts.agent_prefix(messages)
-        if not prefix or not prompt_text.startswith(prefix):
-            return "", []
-        ids = self._prompts.encode_text(prefix)
-        if prompt_ids[:len(ids)] != ids:  # the template tokenizes across the boundary
-            return "", []
-        return prefix, ids
-
-    def _layout(self, prefix: str, prefix_ids: list[int]) -> _Layout:
-        """Sinks = the pinned prefix (at least ``sink_tokens``), then as much window as fits."""
-        assert self._loaded is not None
-        sinks = max(self.settings.sink_tokens, len(prefix_ids))
-        window = min(self._loaded.window, self._loaded.context - sinks)
-        if 3 * window < sinks:  # the window would be less than a quarter of sinks + window
-            raise AgentContextTooLong(
-                f"the agent's system prompt and Markdown context take {len(prefix_ids)} tokens, "
-                f"which leaves {max(window, 0)} tokens of a {sinks + max(window, 0)}-token cache "
-                f"for the conversation (at least a quarter is needed; the model was trained on "
-                f"{self._loaded.context} positions): shorten the agent's context, or raise "
-                "STREAMING_LLM_WINDOW_TOKENS")
-        return _Layout(prefix, prefix_ids, sinks, window)
-
-    # --- cache bookkeeping (worker thread) ------------------------------------------------------
-    def _fresh(self, layout: _Layout | None) -> tuple[Conversation, int]:
-        """A fresh cache, and how many ids in it the agent's pinned prefix is (0: nothing to keep).
-
-        With a pinned prefix kept for this agent, a copy of it (so the prefix is prefilled once
-        per agent version); else an empty cache laid out for the agent, whose prefix, once fed,
-        is kept (:meth:`Turn.consumed`).
-        """
-        assert self._loaded is not None
-        if layout is None or not self.settings.streaming:
-            from transformers import DynamicCache
-
-            return Conversation(cache=DynamicCache(), ids=[]), 0
-        if layout.prefix_ids and (shared := self._prefixes.get(layout.prefix)) is not None:
-            return shared, 0
-        from ..sink_cache import SinkCache
-
-        cache = SinkCache.from_model(self._loaded.model, layout.sinks, layout.window)
-        keep_prefix = len(layout.prefix_ids) if self.settings.shared_prefixes else 0
-        return Conversation(cache=cache, ids=[]), keep_prefix
-
-    def _plan(self, state: Conversation | None, target: Sequence[int],
-              fresh: Callable[[], Conversation], *, need_logits: bool,
-              ) -> tuple[Conversation, int, int]:
-        """How ``state`` comes to have consumed exactly ``target``: return the conversation to
-        feed, how many of ``target`` it holds already (feed the rest) and how many of those came
-        from a kept cache (``cached_tokens``).
-
-        Keeps the longest common prefix of the kept ids and ``target`` when the cache can be
-        rolled back to it, else starts a fresh cache (holding nothing or the agent's pinned
-        prefix, a prefix of every target).
-        """
-        copied: int | None = None  # for a fresh cache: the tokens it got from a kept one
-        if state is None:
-            state = fresh()
-            copied = state.copied
-        keep = _common_prefix(state.ids, target)
-        if need_logits and keep == len(target):
-            keep -= 1  # the last token must go through the model again to give logits
-        state.text = None
-        if keep < len(state.ids) and not _rollback(state, keep):
-            state = fresh()
-            keep, copied = len(state.ids), state.copied
-            assert list(target[:keep]) == state.ids and keep < len(target)
-        return state, keep, keep if copied is None else min(keep, copied)
-
-    def _live_state(self, turn: Turn, state: Conversation | None) -> None:
-        """What a live turn holds (health's kv_bytes); None: it left the scheduler."""
-        with self._lock:
-            if state is None:
-                self._live.pop(turn, None)
-            else:
-                self._live[turn] = state
-
-    @property
-    def _eos_ids(self) -> frozenset[int]:
-        assert self._loaded is not None
-        return self._loaded.eos_ids
-
-    @staticmethod
-    def _log_failure(error: Exception) -> None:
-        log.error("local engine: generation failed", exc_info=error)
-
-    def _keep(self, job: _Job, state: Conversation) -> None:
-        if job.forgotten or self._closed:
-            return
-        self._conversations.keep(job.request.conversation_id, state)
-
-
-# --- helpers ------------------------------------------------------------------------------------
-def _rollback(state: Conversation, keep: int) -> bool:
-    """Drop the cache's newest tokens so that it holds ``state.ids[:keep]``, if it can.
-
-    ``crop(-n)`` removes the newest ``n`` tokens from a ``DynamicCache`` (every transformers 5.x
-    release) and from a :class:`~streaming_llm.engines.sink_cache.SinkCache`, which refuses when
-    some of them were evicted.
-    """
-    try:
-        state.cache.crop(keep - len(state.ids))
-    except ValueError:
-        return False
-    del state.ids[keep:]
-    return True
-
-
-def _seen(cache: Any) -> int:
-    """Tokens a cache has consumed: stored + evicted for a sink cache, stored for a dense one."""
-    from ..sink_cache import SinkCache
-
-    return cache.seen_tokens if isinstance(cache, SinkCache) else int(cache.get_seq_length())
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    if len(a) <= len(b) and list(a) == list(b[:len(a)]):  # the usual case, compared in C
-        return len(a)
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def _cache_nbytes(cache: Any) -> int:
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if tensor is not None and hasattr(tensor, "nbytes"):
-                total += tensor.nbytes
-    return total

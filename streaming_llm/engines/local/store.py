@@ -4,14 +4,16 @@ A :class:`Conversation` is a KV cache plus the ids of every token it has consume
 included), oldest first, and the rendered text whose tokenization those ids are.
 
 :class:`ConversationStore` keeps at most ``limit`` conversations; the least recently used goes
-first. It is shared by the event loop (health, forget) and the worker thread (take, keep), so it
-locks.
+first. It is shared by the event loop (health, forget) and the scheduler's thread (take, keep),
+so it locks.
 
 :class:`PrefixStore` keeps, per rendered agent prefix (the system message as the chat template
 writes it, so per agent and agent version; one engine serves one model), a cache holding exactly
 that prefix. A new conversation starts from a copy instead of prefilling the prefix again. An
-edited agent renders a different prefix, hence a new entry; old ones age out (LRU). Used by the
-worker thread only.
+edited agent renders a different prefix, hence a new entry; old ones age out (LRU). Used on the
+scheduler's thread only.
+
+Both belong to :class:`~.caches.Caches`, which plans with them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ConversationStore:
         self._items: OrderedDict[str, Conversation] = OrderedDict()
 
     def take(self, cid: str) -> Conversation | None:
-        """Remove and return the conversation's cache (the worker owns it during a turn)."""
+        """Remove and return the conversation's cache (a turn owns it until it keeps it again)."""
         with self._lock:
             return self._items.pop(cid, None)
 

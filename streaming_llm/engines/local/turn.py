@@ -3,58 +3,73 @@
 Every method runs on the scheduler's thread, in this order (:mod:`..scheduler` has the states):
 
 ``prepare``
-    Render and tokenize the conversation (reusing the kept tokenization), and plan how the
-    conversation's cache reaches exactly those ids (:meth:`LocalEngine._plan`: keep the longest
-    common prefix, roll back what differs, or start afresh, from a copy of the agent's pinned
-    prefix when one is kept). Returns the ids still to feed; the scheduler feeds them in chunks.
+    Render and tokenize the conversation (reusing the kept tokenization), and have
+    :class:`~.caches.Caches` plan how the conversation's cache reaches exactly those ids (keep
+    the longest common prefix, roll back what differs, or start afresh, from a copy of the
+    agent's pinned prefix when one is kept). Returns the ids still to feed; the scheduler feeds
+    them in chunks.
 ``consumed``
     Ids went into the cache; a fresh conversation whose pinned prefix has just gone in leaves a
     copy of it for the agent's next conversation.
-``sample`` / ``token``
-    Pick the next token (the repetition penalties look at the recent answer); stream the text (UTF-8-safe, stop strings), time it; False at an end-of-sequence id or a stop
-    string.
+``token``
+    A token the scheduler sampled (every row of a step in one call, each with this turn's
+    :class:`~..decoding.Sampler`): stream its text (UTF-8-safe, stop strings), time it; False at
+    an end-of-sequence id or a stop string.
 ``finished``
     Send :class:`~..base.Finished` with this turn's own usage (and the batch size it ran in), then
     return the ids that close the assistant turn the way the chat template writes it, so the next
     turn's prompt extends the kept ids (fed after ``done``: it costs the caller nothing).
 ``released`` / ``failed``
     Keep the conversation for the next turn (LRU), or report the error and drop it.
+
+The turn knows its request, the prompts, the caches and the end-of-sequence ids: nothing of the
+engine that made it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from ...errors import AgentContextTooLong, ContextTooLong, EngineError
-from ..base import Finished, PromptTokens, TextChunk, Usage
-from ..decoding import PENALTY_WINDOW, Sampler
+from ..base import EngineRequest, Finished, PromptTokens, TextChunk, Usage
 from ..detokenize import IncrementalDecoder, StopMatcher
 from ..scheduler import Outcome, Prefill
+from .caches import Caches, Layout
+from .prompts import Prompts
 from .store import Conversation
 
-if TYPE_CHECKING:
-    from .engine import LocalEngine, _Job, _Layout
+log = logging.getLogger("streaming_llm.engines.local")
 
 
 class Turn:
-    """One turn of one conversation; see the module docstring."""
+    """One turn of one conversation; see the module docstring.
 
-    def __init__(self, engine: LocalEngine, job: _Job, sampler: Sampler,
+    ``emit`` hands an event (or an exception) to the event loop; ``submitted`` is when the
+    request arrived (``perf_counter``), the start of its time to first token.
+    """
+
+    def __init__(self, request: EngineRequest, emit: Callable[[object], None], *,
+                 caches: Caches, prompts: Prompts, tokenizer: Any, eos_ids: frozenset[int],
+                 streaming: bool, context: int, submitted: float,
                  on_released: Callable[[], None]) -> None:
-        self.engine, self.job, self._sampler, self._on_released = engine, job, sampler, on_released
+        self.request, self.emit, self.submitted = request, emit, submitted
+        self.caches, self.prompts, self.tokenizer = caches, prompts, tokenizer
+        self.eos_ids, self.streaming, self.context = eos_ids, streaming, context
+        self._on_released = on_released
         self.state: Conversation | None = None
         self.messages: list[dict[str, str]] = []
         self.prompt_text, self.prompt_ids = "", [0]
-        self.max_new = job.request.max_new_tokens
+        self.max_new = request.max_new_tokens
         self.dropped: int | None = None
         self.reused = 0
-        self.layout: _Layout | None = None
+        self.layout: Layout | None = None
         self._prefix_at = 0  # > 0: keep the pinned prefix once this many ids are in the cache
         self._closing_text: str | None = None
-        self._generated: list[int] = []
         self._answer: list[str] = []
+        self._completion = 0  # answer tokens (end-of-sequence ids not counted)
         self._first_at = self._last_at = 0.0
         self._reason: Literal["stop", "length"] = "length"
         self._decoder: IncrementalDecoder | None = None
@@ -62,44 +77,37 @@ class Turn:
 
     # -- the scheduler's calls ---------------------------------------------------------------------
     def prepare(self) -> Prefill:
-        engine, request = self.engine, self.job.request
-        prompts, loaded = engine._prompts, engine._loaded
-        assert prompts is not None and loaded is not None
-        state = engine._conversations.take(request.conversation_id)
+        request, prompts, caches = self.request, self.prompts, self.caches
+        state = caches.take(self, request.conversation_id)
         self.state = state  # kept again on release whatever happens next
         self.messages = [{"role": m.role, "content": m.content} for m in request.messages]
         known_text, known_ids = (state.text, state.ids) if state is not None else (None, [])
-        if engine.settings.streaming:
+        if self.streaming:
             self.prompt_text = prompts.render(self.messages, generation_prompt=True)
             self.prompt_ids = prompts.encode_prompt(known_text, known_ids, self.prompt_text)
-            self.layout = engine._layout(*engine._pinned(self.messages, self.prompt_text,
-                                                          self.prompt_ids))
+            self.layout = caches.layout(*caches.pinned(self.messages, self.prompt_text,
+                                                       self.prompt_ids))
             if state is not None and state.cache.sink_tokens != self.layout.sinks:
                 state = None  # the agent's prefix changed length: rebuild from the new one
         else:
             self.prompt_text, self.prompt_ids, self.max_new, self.dropped = prompts.fit_dense(
-                known_text, known_ids, self.messages, self.max_new, loaded.context)
-        self.job.emit(PromptTokens(len(self.prompt_ids)))
-        self._decoder = IncrementalDecoder(loaded.tokenizer)
+                known_text, known_ids, self.messages, self.max_new, self.context)
+        self.emit(PromptTokens(len(self.prompt_ids)))
+        self._decoder = IncrementalDecoder(self.tokenizer)
         self._stops = StopMatcher(request.options.stop)
-        state, keep, self.reused = engine._plan(state, self.prompt_ids, self._fresh,
-                                                need_logits=True)
-        self.state = state
-        engine._live_state(self, state)
-        return Prefill(state.cache, self.prompt_ids[keep:], reserve=self.max_new,
-                       breaks=self._breaks(keep))
+        plan = caches.plan(state, self.prompt_ids, self._fresh, need_logits=True)
+        self.state, self.reused = plan.state, plan.reused
+        caches.hold(self, plan.state)
+        return Prefill(plan.state.cache, self.prompt_ids[plan.keep:], reserve=self.max_new,
+                       breaks=self._breaks(plan.keep))
 
     def consumed(self, ids: Sequence[int]) -> None:
         assert self.state is not None
         self.state.ids.extend(ids)
         if self._prefix_at and len(self.state.ids) == self._prefix_at:
             assert self.layout is not None
-            self.engine._prefixes.put(self.layout.prefix, self.state)
+            self.caches.share_prefix(self.layout, self.state)
             self._prefix_at = 0
-
-    def sample(self, logits: Any) -> int:
-        """The next token from ``logits`` (vocab,): the penalties look at the recent answer."""
-        return self._sampler(logits, self._generated[-PENALTY_WINDOW:])
 
     def token(self, token: int) -> bool:
         assert self.state is not None and self._decoder is not None and self._stops is not None
@@ -107,10 +115,10 @@ class Turn:
         if not self._first_at:
             self._first_at = self._last_at
             self.state.text = None  # from here on the cache holds generated ids
-        if token in self.engine._eos_ids:
+        if token in self.eos_ids:
             self._reason = "stop"
             return False
-        self._generated.append(token)
+        self._completion += 1
         self._show(self._stops.push(self._decoder.push(token)))
         if self._stops.stopped:
             self._reason = "stop"
@@ -121,54 +129,53 @@ class Turn:
         if outcome.reason == "cancelled" or self.state is None:
             return None
         assert self._decoder is not None and self._stops is not None
-        engine, state = self.engine, self.state
+        state = self.state
         self._show(self._stops.push(self._decoder.flush()))
         if self._stops.stopped:
             self._reason = "stop"
         else:
             self._show(self._stops.flush())
-        n = len(self._generated)
-        self.job.emit(Finished(self._reason, Usage(
+        n = self._completion
+        self.emit(Finished(self._reason, Usage(
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=n,
             cached_tokens=self.reused,
             evicted_tokens=getattr(state.cache, "evicted_tokens", None),
             dropped_turns=self.dropped,
-            time_to_first_token_ms=round((self._first_at - self.job.submitted) * 1000, 2),
+            time_to_first_token_ms=round((self._first_at - self.submitted) * 1000, 2),
             decode_tokens_per_s=_rate(n - 1, self._last_at - self._first_at
                                       - outcome.compile_seconds),
             batch_size=max(outcome.batch_size, 1),
         )))
         # Close the assistant turn the way the chat template writes it.
-        assert engine._prompts is not None
-        closed_text = engine._prompts.render(
+        closed_text = self.prompts.render(
             [*self.messages, {"role": "assistant", "content": "".join(self._answer)}],
             generation_prompt=False)
-        closed_ids = engine._prompts.encode_after(self.prompt_text, self.prompt_ids, closed_text)
-        state, keep, _ = engine._plan(state, closed_ids, self._fresh, need_logits=False)
-        self.state = state
-        engine._live_state(self, state)
+        closed_ids = self.prompts.encode_after(self.prompt_text, self.prompt_ids, closed_text)
+        plan = self.caches.plan(state, closed_ids, self._fresh, need_logits=False)
+        self.state = plan.state
+        self.caches.hold(self, plan.state)
         self._closing_text = closed_text
-        return Prefill(state.cache, closed_ids[keep:], breaks=self._breaks(keep))
+        return Prefill(plan.state.cache, closed_ids[plan.keep:], breaks=self._breaks(plan.keep))
 
     def released(self) -> None:
-        if self.state is not None:
-            if self._closing_text is not None:
-                self.state.text = self._closing_text  # the closing ids all went in
-            self.engine._keep(self.job, self.state)
-        self._done()
+        if self.state is not None and self._closing_text is not None:
+            self.state.text = self._closing_text  # the closing ids all went in
+        self.caches.keep(self, self.state)
+        self._on_released()
 
     def failed(self, error: Exception) -> None:
         if isinstance(error, (ContextTooLong, AgentContextTooLong)):
-            self.job.emit(error)
+            self.emit(error)
         else:
-            self.engine._log_failure(error)
-            self.job.emit(EngineError(f"generation failed: {type(error).__name__}: {error}"))
-        self._done()
+            log.error("local engine: generation failed", exc_info=error)
+            self.emit(EngineError(f"generation failed: {type(error).__name__}: {error}"))
+        self.caches.keep(self, None)  # the cache is in an unknown state: dropped
+        self._on_released()
 
     # -- helpers -----------------------------------------------------------------------------------
     def _fresh(self) -> Conversation:
-        state, self._prefix_at = self.engine._fresh(self.layout)
+        state, self._prefix_at = self.caches.fresh(self.layout)
         return state
 
     def _breaks(self, keep: int) -> tuple[int, ...]:
@@ -178,14 +185,10 @@ class Turn:
     def _show(self, text: str) -> None:
         if text:
             self._answer.append(text)
-            self.job.emit(TextChunk(text))
-
-    def _done(self) -> None:
-        self.engine._live_state(self, None)
-        self._on_released()
+            self.emit(TextChunk(text))
 
     def __repr__(self) -> str:
-        return f"Turn({self.job.request.conversation_id!r})"
+        return f"Turn({self.request.conversation_id!r})"
 
 
 def _rate(tokens: int, seconds: float) -> float | None:

@@ -1,0 +1,129 @@
+"""The model runner: executes the scheduler's plan for one step. The scheduler decides; this runs.
+
+A :class:`StepPlan` names at most one prompt chunk to feed (batch 1, through the conversation's
+own cache), the rows of the batch to decode (one forward pass over a
+:class:`~.batch_cache.BatchSinkCache`) and the dense rows to step one by one. The runner makes
+room in full rows, runs the forwards, and samples the next token of every row that needs one in
+**one call** (:func:`~.decoding.sample_rows`: one device-to-host copy per step, whatever the
+number of rows). It returns a :class:`StepOutput`; it never calls a request's handler, never
+chooses a row and never changes a request's state: :mod:`.scheduler` does all of that.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .batch_cache import BatchSinkCache
+from .decoding import PENALTY_WINDOW, decode_step, eviction_chunk, forward_tokens, sample_rows
+from .sink_cache import SinkCache
+from .step import Step
+
+if TYPE_CHECKING:
+    from .scheduler import Request
+
+__all__ = ["ModelRunner", "StepOutput", "StepPlan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    """What one step runs, as the scheduler decided it."""
+
+    feed: Request | None = None  # the request whose next chunk goes in
+    chunk: list[int] = field(default_factory=list)  # its ids for this step
+    sample_feed: bool = False  # the chunk ends a prompt: sample the first token from its logits
+    rows: list[Request] = field(default_factory=list)  # batch rows: rows[b] is row b
+    solo: list[Request] = field(default_factory=list)  # dense caches, stepped one by one
+
+    @property
+    def empty(self) -> bool:
+        return self.feed is None and not self.rows and not self.solo
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: a token for every request that was sampled, the failures."""
+
+    tokens: dict[Request, int] = field(default_factory=dict)
+    failed: dict[Request, Exception] = field(default_factory=dict)
+    batch_failed: Exception | None = None  # the batched forward failed: every row failed
+    compile_seconds: float = 0.0  # spent compiling a new shape of the step during this one
+
+
+class ModelRunner:
+    """Owns the model's forward passes and the batch buffers (on the scheduler's thread)."""
+
+    def __init__(self, model: Any, step: Step, rows: int) -> None:
+        self.model, self.step = model, step
+        self.batch = BatchSinkCache(rows)
+
+    # -- rows in and out of the batch (copies the scheduler asks for) ---------------------------
+    def join(self, cache: SinkCache) -> None:
+        self.batch.join(cache)
+
+    def leave(self, b: int, cache: SinkCache) -> None:
+        """Row ``b`` back into its cache; the last row takes its place (the scheduler mirrors
+        that in its own list)."""
+        self.batch.leave(b, cache)
+
+    def clear(self) -> None:
+        self.batch.clear()
+
+    @staticmethod
+    def reserve(cache: Any, incoming: int, answer: int) -> None:
+        """Before feeding ``incoming`` ids to a sink cache: evict so that they and up to half the
+        window of answer fit (a large ``max_new_tokens`` does not throw the recent past away)."""
+        if isinstance(cache, SinkCache) and incoming:
+            window = cache.window_tokens
+            cache.make_room(min(incoming + min(answer, window // 2), window))
+
+    # -- one step ---------------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> StepOutput:
+        out = StepOutput()
+        logits: list[torch.Tensor] = []  # (n, vocab) blocks, in the order of ``sampled``
+        sampled: list[Request] = []
+        if plan.feed is not None and plan.chunk:
+            r = plan.feed
+            try:
+                last = forward_tokens(self.model, r.cache, plan.chunk)
+            except Exception as exc:  # noqa: BLE001 - reported to its handler
+                out.failed[r] = exc
+            else:
+                if plan.sample_feed:
+                    assert last is not None
+                    logits.append(last[None])
+                    sampled.append(r)
+        if plan.rows:
+            batch = self.batch
+            for b, r in enumerate(plan.rows):
+                if batch.full(b):  # this row evicts; the others are untouched
+                    batch.make_room(b, eviction_chunk(r.cache.window_tokens))
+            compiling = self.step.compile_seconds
+            try:
+                logits.append(self.step(batch, [r.next_token for r in plan.rows]))  # (rows, vocab)
+                sampled.extend(plan.rows)
+            except Exception as exc:
+                log.exception("scheduler: a batched decode step failed")
+                batch.clear()
+                out.batch_failed = exc
+            out.compile_seconds = self.step.compile_seconds - compiling
+        for r in plan.solo:
+            try:
+                logits.append(decode_step(self.model, r.cache, r.next_token)[None])
+                sampled.append(r)
+            except Exception as exc:  # noqa: BLE001 - reported to its handler
+                out.failed[r] = exc
+        if sampled:
+            tokens = sample_rows(torch.cat(logits), [r.sampler for r in sampled],
+                                 [r.tokens[-PENALTY_WINDOW:] for r in sampled])
+            out.tokens = dict(zip(sampled, tokens, strict=True))
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of the batch buffers (on top of the conversations' own caches)."""
+        return self.batch.nbytes()
