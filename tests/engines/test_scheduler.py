@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from streaming_llm.engines.decoding import Sampler, decode_step, forward_tokens
-from streaming_llm.engines.scheduler import Outcome, Prefill, Request, Scheduler, RequestState
+from streaming_llm.engines.scheduler import Outcome, Prefill, Request, RequestState, Scheduler
 from streaming_llm.engines.sink_cache import SinkCache
 from streaming_llm.engines.step import LlamaStep, ModelStep
 
