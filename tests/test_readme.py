@@ -2,10 +2,11 @@
 
 README comes first (its curl creates the agent ``reviewer`` the other snippets talk to), then the
 pages in name order: a snippet moved to another page stays tested. The only change made to a
-snippet is where things are: the docs say ``127.0.0.1:8000`` / ``localhost:8000`` (where ``make run`` serves) and ``.venv/bin/`` (what ``make run`` creates);
-the test server listens on a free port with its own data directory (``STREAMING_LLM_DATA_DIR``
-for the ``streaming-llm export`` lines, which read the database directly), and the test's own
-environment stands in for ``.venv``. A ``conv_…`` placeholder is filled with a real conversation
+snippet is where things are: the docs say ``127.0.0.1:8000`` / ``localhost:8000`` (where
+``make run`` serves) and ``.venv/bin/`` (what ``make run`` creates); the test server listens on a
+free port with its own data directory (``STREAMING_LLM_DATA_DIR`` for the ``streaming-llm
+export`` lines, which read the database directly), and the test's own environment stands in for
+``.venv``. A ``conv_…`` placeholder is filled with a real conversation
 id.
 """
 
