@@ -86,6 +86,10 @@ def _cell(text: str) -> str:
             .replace("|", "\\|").replace("*", "\\*"))
 
 
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
 def _bounds(ge: float | None, le: float | None, choices: tuple[str, ...] | None,
             default: str) -> str:
     if choices:
@@ -93,9 +97,9 @@ def _bounds(ge: float | None, le: float | None, choices: tuple[str, ...] | None,
     if default in ("true", "false"):
         return "`true`, `false`"
     if ge is not None and le is not None:
-        return f"{ge:g} – {le:g}"
+        return f"{_number(ge)} to {_number(le)}"
     if ge is not None:
-        return f"≥ {ge:g}"
+        return f"≥ {_number(ge)}"
     return ""
 
 

@@ -48,7 +48,7 @@ def test_settings_page_covers_a_new_setting(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr("streaming_llm.settings.Settings", More)
     text = render_markdown()
-    assert ("| `STREAMING_LLM_FUTURE_KNOB` | `3` | 1 – 9 | Rows per &lt;batch&gt; \\| \\*at most\\*. |"
+    assert ("| `STREAMING_LLM_FUTURE_KNOB` | `3` | 1 to 9 | Rows per &lt;batch&gt; \\| \\*at most\\*. |"
             in text)
     assert "STREAMING_LLM_FUTURE_KNOB" not in SETTINGS_PAGE.read_text()  # the first test would fail
 
