@@ -13,7 +13,7 @@ TEST_STAMP := $(VENV)/.stamp-install-test
 NPM ?= npm
 CLIENT := clients/ts
 
-.PHONY: install install-test chat run test test-python test-client migrate client chromium test-servers dev lint clean
+.PHONY: install install-test chat docs run test test-python test-client migrate client chromium test-servers dev lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ dev: migrate client
 	cd $(CLIENT) && $(NPM) run sync-web
 	@echo "page: http://$${STREAMING_LLM_HOST:-127.0.0.1}:$${STREAMING_LLM_PORT:-8000}/"
 	$(PY) -m streaming_llm serve
+
+# The files generated from streaming_llm/settings.py (tests fail while either is stale).
+docs: install
+	$(PY) -m streaming_llm env-example -o .env.sidecar.example
+	$(PY) -m streaming_llm env-example --format markdown -o docs/settings.md
 
 lint: install-test
 	$(PY) -m ruff check streaming_llm tests

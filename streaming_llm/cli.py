@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env-example", help="print .env.sidecar.example (every setting)")
     env.add_argument("-o", "--output", help="write to this file instead of stdout")
+    env.add_argument("--format", choices=("env", "markdown"), default="env",
+                     help="env: .env.sidecar.example; markdown: the table of docs/settings.md")
 
     bench = sub.add_parser("bench", help="run a benchmark")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "env-example":  # documents the settings: must not depend on them
-        return env_example(args.output)
+        return env_example(args.output, args.format)
     from .http.auth import load_api_keys
 
     try:
@@ -143,11 +145,12 @@ def _ensure_descriptors(max_connections: int) -> None:
                     "or lower STREAMING_LLM_MAX_CONNECTIONS", soft, SPARE_DESCRIPTORS, needed)
 
 
-def env_example(output: str | None) -> int:
-    from .env_example import render
+def env_example(output: str | None, fmt: str = "env") -> int:
+    from .env_example import render, render_markdown
 
+    text = render_markdown() if fmt == "markdown" else render()
     if output is None:
-        sys.stdout.write(render())
+        sys.stdout.write(text)
     else:
-        Path(output).write_text(render(), encoding="utf-8")
+        Path(output).write_text(text, encoding="utf-8")
     return 0

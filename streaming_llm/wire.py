@@ -29,7 +29,7 @@ class GenerationOptions(msgspec.Struct, frozen=True, omit_defaults=True, forbid_
     top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    # Against repetition loops (Ollama / llama.cpp names and meanings; README: Sampling).
+    # Against repetition loops (Ollama / llama.cpp names and meanings; docs/engines.md: Sampling).
     repetition_penalty: Annotated[float, Meta(ge=0.5, le=2)] | None = None
     presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None

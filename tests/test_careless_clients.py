@@ -147,7 +147,7 @@ def _non_readers_and_a_good_client(server: ServerProcess) -> None:
             _, text, done = answer(good, timeout=10)
             answered_in = time.monotonic() - began
         assert done["type"] == "done" and text == "are you there"
-        print(f"well-behaved client answered in {answered_in:.3f}s")  # README's figure (-s)
+        print(f"well-behaved client answered in {answered_in:.3f}s")  # docs/security.md's figure (-s)
         assert answered_in < 5, f"a well-behaved client waited {answered_in:.1f}s"
         assert gauges(server)["streaming_llm_turns_active"] == 8
     finally:
@@ -234,7 +234,7 @@ def test_early_disconnects_leave_every_turn_answered_and_every_gauge_at_zero(
             assert not w.is_alive()
         wait_for(lambda: settled(server), 60, "gauges did not come back to 0")
         stored = turns(server.db_path)
-        print(f"{len(stored)} of 300 chats stored, all answered")  # README's figure (-s)
+        print(f"{len(stored)} of 300 chats stored, all answered")  # docs/security.md's figure (-s)
         assert unanswered(server.db_path) == 0, stored
         assert "Traceback" not in server.log()
 

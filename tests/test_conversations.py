@@ -151,7 +151,7 @@ def test_rename_search_and_truncate(client: TestClient, settings: Settings) -> N
 
 
 def test_deleting_an_agent_keeps_its_conversations(client: TestClient) -> None:
-    # The documented choice (README, Storage): no foreign key, nothing cascades.
+    # The documented choice (docs/storage.md): no foreign key, nothing cascades.
     put_agent(client, "gone")
     with client.websocket_connect("/ws/chat") as ws:
         conversation_id = _chat(ws, "gone", "remember me")

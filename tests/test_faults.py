@@ -271,7 +271,7 @@ def test_hostile_agents_folder_neither_hangs_nor_crashes_start_up(tmp_path: Path
         assert status == 200 and [a["id"] for a in listed] == ["good"]
         assert http("GET", server.base_url + "/agents/outside")[0] == 404
         log = server.log()
-    print(f"start-up with a hostile agents folder: {startup_s:.2f}s")  # README figure
+    print(f"start-up with a hostile agents folder: {startup_s:.2f}s")  # docs/security.md figure
     reasons = {"fifo.md": "a FIFO", "zero.md": "a symbolic link", "outside.md": "a symbolic link",
                "folder.md": "a directory", "long.md": "markdown_context",
                "huge.md": "more than the 8388608 an agent file may have"}

@@ -1,10 +1,12 @@
-"""README's Python and curl snippets, run as written against a real server.
+"""The Python and curl snippets of README and ``docs/*.md``, run as written against a real server.
 
-The only change made to a snippet is where things are: README says ``127.0.0.1:8000`` /
-``localhost:8000`` (where ``make run`` serves) and ``.venv/bin/`` (what ``make run`` creates);
-the test server listens on a free port with its own data directory (``STREAMING_LLM_DATA_DIR``
-for the ``streaming-llm export`` lines, which read the database directly), and the test's own
-environment stands in for ``.venv``. A ``conv_…`` placeholder is filled with a real conversation
+README comes first (its curl creates the agent ``reviewer`` the other snippets talk to), then the
+pages in name order: a snippet moved to another page stays tested. The only change made to a
+snippet is where things are: the docs say ``127.0.0.1:8000`` / ``localhost:8000`` (where
+``make run`` serves) and ``.venv/bin/`` (what ``make run`` creates); the test server listens on a
+free port with its own data directory (``STREAMING_LLM_DATA_DIR`` for the ``streaming-llm
+export`` lines, which read the database directly), and the test's own environment stands in for
+``.venv``. A ``conv_…`` placeholder is filled with a real conversation
 id.
 """
 
@@ -20,19 +22,20 @@ import pytest
 
 from .server import ROOT, http, start_server
 
-README = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.M | re.S)
 
 
-def blocks(language: str) -> list[str]:
-    return [body for lang, body in FENCE.findall(README) if lang == language]
+def blocks(language: str, documents: list[Path] = DOCUMENTS) -> list[str]:
+    return [body for document in documents for lang, body in FENCE.findall(document.read_text())
+            if lang == language]
 
 
-def curl_commands() -> list[str]:
+def curl_commands(documents: list[Path] = DOCUMENTS) -> list[str]:
     """Every ``curl`` and ``.venv/bin/streaming-llm export`` command of the sh blocks,
     continuation lines joined, comments dropped."""
     commands = []
-    for block in blocks("sh"):
+    for block in blocks("sh", documents):
         joined = re.sub(r"\\\n\s*", " ", block)
         for raw in joined.splitlines():
             line = raw.strip()
@@ -42,6 +45,11 @@ def curl_commands() -> list[str]:
 
 
 def test_the_readme_has_the_snippets_this_test_runs() -> None:
+    # README's first chat: an agent, a turn with curl and one over the socket.
+    readme = DOCUMENTS[:1]
+    assert any("-X PUT localhost:8000/agents/reviewer" in c for c in curl_commands(readme))
+    assert any("/v1/chat/completions" in c for c in curl_commands(readme))
+    assert any("stream_chat" in b for b in blocks("python", readme))
     assert len(blocks("python")) >= 2
     assert any("stream_chat" in b for b in blocks("python"))
     assert any("OpenAI(" in b for b in blocks("python"))

@@ -170,7 +170,7 @@ def test_two_instances_on_one_postgresql_serve_one_conversation(
     """Two instances of the service on one PostgreSQL database, started at once (the migration
     is taken by one of them, the other waits), serve one conversation alternately: nothing lost,
     nothing doubled, and both read the same history. (Both at once is not promised: one turn at a
-    time per conversation holds within one instance; README, "Many instances".)"""
+    time per conversation holds within one instance; docs/deploy.md, "Many instances".)"""
     env = ECHO | database_env(database_url)
     with start_server(tmp_path / "a", env, wait=False) as a, \
             start_server(tmp_path / "b", env, wait=False) as b:

@@ -4,7 +4,7 @@ Each REST route is one :class:`Operation` in :data:`OPERATIONS`: its method and 
 of its JSON body and of each response. Schemas come from ``msgspec.json.schema_components``, so
 they cannot drift from the types that decode requests and encode responses. The chat socket's
 frames (``ClientFrame``, ``ServerFrame``) are published as components too, for client
-generators; OpenAPI has no way to describe the socket itself (README does).
+generators; OpenAPI has no way to describe the socket itself (docs/protocol.md does).
 
 ``tests/test_openapi.py`` checks that every route of the app is described here, that the
 document is valid OpenAPI 3.1, and that live responses match their schemas.
@@ -240,7 +240,7 @@ def build(operations: tuple[Operation, ...] = OPERATIONS) -> dict[str, Any]:
         "info": {
             "title": "streaming-llm", "version": __version__,
             "description": "Agents over REST, chat over the `/ws/chat` WebSocket (frames: the "
-                           "`ClientFrame` and `ServerFrame` schemas; see README), and an "
+                           "`ClientFrame` and `ServerFrame` schemas; see docs/protocol.md), and an "
                            "OpenAI-compatible `/v1` API.",
         },
         "paths": paths,

@@ -32,7 +32,7 @@ async def put_agent(request: Request) -> Response:
     body = await decode_body(request, AgentIn)
     agent, created = await _agents(request).upsert(agent_id, body)
     status = 201 if created else 200
-    # Stored either way; an agent the engine cannot chat with says so (README: Pinned prefix).
+    # Stored either way; an agent the engine cannot chat with says so (docs/engines.md: the agent's prompt is pinned).
     system = system_message(agent.system_prompt, agent.markdown_context)
     warning = request.state.services.engine.refusal(system) if system else None
     if isinstance(warning, AgentContextTooLong):
