@@ -77,11 +77,14 @@ def test_export_transcripts_and_cli(tmp_path: Path, database_url: str) -> None:
         (conv_row,) = fetch(url, "SELECT * FROM conversations WHERE id = :id", id=conv)
         turn_rows = fetch(url, "SELECT * FROM turns WHERE conversation_id = :id ORDER BY seq",
                           id=conv)
-        # Loss-free: every stored column is in the JSON, with its value.
+        # Loss-free: every stored column is in the JSON, with its value; but the case-folded
+        # copies kept for search, which an import would derive again.
+        assert conv_row.pop("title_casefold") == "hello export world"
         assert {k: exported[k] for k in conv_row} == conv_row
         assert len(exported["turns"]) == len(turn_rows) == 4
         for row, turn in zip(turn_rows, exported["turns"], strict=True):
             row.pop("conversation_id")
+            assert row.pop("content_casefold") == row["content"].casefold()
             usage = row.pop("usage")
             assert turn["usage"] == (json.loads(usage) if usage else None)
             assert {k: turn[k] for k in row} == row

@@ -5,8 +5,9 @@ Used by ``GET /conversations/{id}/export``, by ``streaming-llm export``, and, wh
 ``<dir>/<conversation id>.md`` after every stored answer (atomically: temp file + ``os.replace``,
 so a reader never sees half a transcript).
 
-The JSON form holds every stored column of the conversation and its turns, plus the agent as it
-is at export time (``null`` once deleted), so nothing in the database is lost.
+The JSON form holds every stored column of the conversation and its turns (but the case-folded
+copies kept for search, derived from the title and contents), plus the agent as it is at export
+time (``null`` once deleted), so nothing in the database is lost.
 """
 
 from __future__ import annotations
