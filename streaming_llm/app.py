@@ -32,6 +32,7 @@ from .engines.base import Engine
 from .engines.registry import create_engine
 from .errors import NotFound, ServiceError
 from .http.guards import middleware
+from .http.headers import SecurityHeaders
 from .http.responses import JSONResponse, error_response
 from .http.routes import agents, chat, conversations, docs, export, health, metrics, openai, web
 from .http.shutdown import LiveSockets
@@ -113,8 +114,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         # export before conversations: its catch-all would take /conversations/{id}/export
         routes=[*health.routes, *agents.routes, *export.routes, *conversations.routes, *chat.routes,
                 *openai.routes, *metrics.routes, *docs.routes, *web.routes],
-        # Metrics outermost, so refused requests are counted too; then the guards.
-        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics), *guards],
+        # Metrics outermost, so refused requests are counted too; then the security headers, so
+        # the guards' refusals carry them too; then the guards.
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics), Middleware(SecurityHeaders),
+                    *guards],
         lifespan=lifespan,
         exception_handlers={
             ServiceError: _service_error,

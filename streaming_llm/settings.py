@@ -60,6 +60,8 @@ class Settings:
     api_key_file: Path | None = _f(None, "File of API keys, one per line (# starts a comment); adds to STREAMING_LLM_API_KEY.")
     allowed_origins: str = _f("", "Browser origins allowed to call the API and open the socket, comma-separated (https://app.example.com), or *; empty = same-origin pages and non-browser clients only.")
     allowed_hosts: str = _f("", "Host names clients may use in the Host header, comma-separated (api.example.com, *.example.com), or *; others get 400 host_not_allowed (DNS rebinding); empty = the listen address plus localhost, 127.0.0.1 and ::1 (and this machine's name on 0.0.0.0/::).")
+    trusted_proxies: str = _f("", "Reverse proxies (IP addresses or CIDR networks, comma-separated: 127.0.0.1, 10.0.0.0/8) whose X-Forwarded-For and X-Forwarded-Proto are believed; from any other peer they are ignored and the client address (per-client limits, logs) is the connection's. Empty = none.")
+    page_remote_images: bool = _f(False, "Let the chat page show images from other sites in answers, each only when the reader clicks it (its Content-Security-Policy then allows https: images); off = such images are never loaded, a link stands in.")
 
     # --- limits -------------------------------------------------------------------------------
     max_body_bytes: int = _f(16 * 1024 * 1024, "Largest HTTP request body in bytes (the default fits the largest valid agent, every character JSON-escaped); larger ones get 413 payload_too_large.", ge=1024, le=1 << 30)

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.testclient import TestClient
 from websockets.sync.client import connect
 
-from .conftest import BOTH_DATABASES, database_env
+from .conftest import BOTH_DATABASES, database_env, put_agent
 from .database import fetch
 from .server import ROOT, start_server
+from .test_conversations import _chat
 
 
 def chat(ws: Any, **frame: Any) -> dict[str, Any]:
@@ -75,11 +77,14 @@ def test_export_transcripts_and_cli(tmp_path: Path, database_url: str) -> None:
         (conv_row,) = fetch(url, "SELECT * FROM conversations WHERE id = :id", id=conv)
         turn_rows = fetch(url, "SELECT * FROM turns WHERE conversation_id = :id ORDER BY seq",
                           id=conv)
-        # Loss-free: every stored column is in the JSON, with its value.
+        # Loss-free: every stored column is in the JSON, with its value; but the case-folded
+        # copies kept for search, which an import would derive again.
+        assert conv_row.pop("title_casefold") == "hello export world"
         assert {k: exported[k] for k in conv_row} == conv_row
         assert len(exported["turns"]) == len(turn_rows) == 4
         for row, turn in zip(turn_rows, exported["turns"], strict=True):
             row.pop("conversation_id")
+            assert row.pop("content_casefold") == row["content"].casefold()
             usage = row.pop("usage")
             assert turn["usage"] == (json.loads(usage) if usage else None)
             assert {k: turn[k] for k in row} == row
@@ -114,3 +119,21 @@ def test_export_transcripts_and_cli(tmp_path: Path, database_url: str) -> None:
 
     proc = export_cli(server.data_dir, database_url, "--conversation", "conv_nope")
     assert proc.returncode == 1 and "conversation 'conv_nope' not found" in proc.stderr
+
+
+def test_a_title_or_name_with_newlines_cannot_forge_markdown_lines(client: TestClient) -> None:
+    put_agent(client, "a", name="Agent\n# Forged agent heading")
+    with client.websocket_connect("/ws/chat") as ws:
+        conv = _chat(ws, "a", "hello")
+    title = "Notes\n\n---\n\n### User · 2026-01-01 00:00:00 UTC\r\n\nforged turn\u2028# more"
+    assert client.patch(f"/conversations/{conv}", json={"title": title}).status_code == 200
+    resp = client.get(f"/conversations/{conv}/export")
+    assert resp.status_code == 200
+    lines = resp.text.splitlines()
+    assert lines[0] == "# Notes --- ### User · 2026-01-01 00:00:00 UTC forged turn # more"
+    assert lines[3] == "- Agent: Agent # Forged agent heading (`a`)"
+    headings = [line.split(" · ")[0] for line in lines if line.startswith("#")]
+    assert headings == ["# Notes --- ### User", "### User", "### Agent # Forged agent heading"]
+    assert lines.count("---") == 2  # one rule per turn
+    # The JSON export keeps the title as stored.
+    assert client.get(f"/conversations/{conv}/export?format=json").json()["title"] == title

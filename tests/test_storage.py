@@ -15,13 +15,19 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import insert
+from sqlalchemy import insert, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 from websockets.sync.client import connect
 
 from streaming_llm.errors import StorageConflict, StorageUnavailable
 from streaming_llm.storage import queries
-from streaming_llm.storage.database import Database, alembic_config, upgrade_to_head
+from streaming_llm.storage.database import (
+    Database,
+    alembic_config,
+    ensure_sqlite_dir,
+    upgrade_to_head,
+)
 from streaming_llm.storage.models import AgentRow, Base, utcnow
 from streaming_llm.testing.postgres import PostgresServer
 
@@ -44,7 +50,7 @@ def test_upgrade_creates_schema_and_downgrade_removes_it(tmp_path: Path, databas
     assert tables["turns"][:6] == ["id", "conversation_id", "seq", "role", "content",
                                    "finish_reason"]
     assert {"prompt_tokens", "completion_tokens", "usage", "created_at"} <= set(tables["turns"])
-    assert fetch(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0001"}]
+    assert fetch(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0002"}]
     upgrade_to_head(url)  # idempotent
     with alembic_config(url) as cfg:
         command.downgrade(cfg, "base")
@@ -208,3 +214,67 @@ async def test_a_postgresql_restart_fails_one_request_clearly_then_the_pool_reco
         assert [a.id for a in agents] == ["a"]
     finally:
         await db.close()
+
+
+@BOTH_DATABASES
+async def test_search_folds_case_in_any_script(tmp_path: Path, database_url: str) -> None:
+    """``lower()`` folds ASCII only on SQLite; the stored case-folded copies fold every script,
+    the same on both databases."""
+    db = Database(_url(database_url, tmp_path))
+    await db.migrate()
+    try:
+        def store(session: Session) -> tuple[str, str, str]:
+            ebony = queries.create_conversation(session, "a", "Ébène et ivoire")
+            myth = queries.create_conversation(session, "a", "")
+            queries.touch_conversation(session, myth)
+            queries.append_turn(session, myth, role="user", request_id=None,
+                                content="ΣΊΣΥΦΟΣ rolls it up the STRASSE, 100% of the_way")
+            decomposed = queries.create_conversation(session, "a", "")
+            queries.rename_conversation(session, decomposed, "E\u0301BE\u0300NE")  # É, È as two
+            return ebony, myth, decomposed
+
+        ebony, myth, decomposed = await db.write(store)
+
+        async def found(search: str) -> list[str]:
+            rows = await db.read(lambda s: queries.list_conversations(s, search=search))
+            return sorted(row.id for row in rows)
+
+        assert await found("ébène") == sorted([ebony, decomposed])
+        assert await found("ÉBÈNE") == sorted([ebony, decomposed])
+        assert await found("e\u0301be\u0300ne") == sorted([ebony, decomposed])
+        assert await found("σίσυφος") == [myth]  # final sigma folds like Σ
+        assert await found("Straße") == [myth]  # ß folds to ss
+        assert await found("100%") == [myth] and await found("e_w") == [myth]
+        assert await found("%") == [myth] and await found("_") == [myth]  # wildcards are text
+        assert await found("ebene") == []  # accents are kept
+    finally:
+        await db.close()
+
+
+@BOTH_DATABASES
+def test_upgrade_folds_the_rows_already_stored(tmp_path: Path, database_url: str) -> None:
+    url = _url(database_url, tmp_path)
+    ensure_sqlite_dir(url)
+    with alembic_config(url) as cfg:
+        command.upgrade(cfg, "0001")
+    turns = [{"id": f"turn_{i:04d}", "seq": i, "content": f"ΣΊΣΥΦΟΣ {i}", "at": utcnow()}
+             for i in range(501)]  # more than one backfill batch
+
+    async def insert_rows() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(
+                    "INSERT INTO conversations (id, agent_id, title, created_at, updated_at) "
+                    "VALUES ('conv_old', 'a', 'Ébène', :at, :at)"), {"at": utcnow()})
+                await conn.execute(text(
+                    "INSERT INTO turns (id, conversation_id, seq, role, content, created_at) "
+                    "VALUES (:id, 'conv_old', :seq, 'user', :content, :at)"), turns)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(insert_rows())
+    upgrade_to_head(url)
+    assert fetch(url, "SELECT title_casefold FROM conversations") == [{"title_casefold": "ébène"}]
+    folded = fetch(url, "SELECT content_casefold FROM turns ORDER BY seq")
+    assert [row["content_casefold"] for row in folded] == [f"σίσυφοσ {i}" for i in range(501)]

@@ -7,9 +7,14 @@ tests check what the Python package ships and serves.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.testclient import TestClient
+
+from streaming_llm.app import create_app
+from streaming_llm.http.headers import API_POLICY, DOCS_POLICY, page_policy
+from streaming_llm.settings import Settings
 
 WEB = Path(__file__).resolve().parents[1] / "streaming_llm" / "web"
 
@@ -79,3 +84,48 @@ def test_page_speaks_to_the_server_only_through_the_client_package() -> None:
                               re.MULTILINE))
     imported = {n.strip() for n in names.split(",") if n.strip()}
     assert imported and imported <= exported, imported - exported
+
+
+def test_security_headers_on_the_page_the_docs_the_api_and_refusals(
+        client: TestClient) -> None:
+    page = client.get("/")
+    policy = page.headers["content-security-policy"]
+    assert policy == page_policy(False)
+    for directive in ("default-src 'none'", "script-src 'self';", "style-src 'self';",
+                      "img-src 'self' data:;", "connect-src 'self';", "frame-ancestors 'none'"):
+        assert directive in policy, directive
+    assert "unsafe" not in policy and "https:" not in policy
+    assert '<meta name="streaming-llm-remote-images" content="off">' in page.text
+    assert client.get("/docs").headers["content-security-policy"] == DOCS_POLICY
+    assert "'unsafe-eval'" not in DOCS_POLICY
+    refused = client.get("/agents", headers={"host": "evil.example"})  # the host guard's 400
+    assert refused.status_code == 400
+    for resp in (page, client.get("/docs"), client.get("/static/app.js"), client.get("/agents"),
+                 client.get("/nowhere"), refused):
+        assert resp.headers["x-frame-options"] == "DENY", resp.url
+        assert resp.headers["x-content-type-options"] == "nosniff"
+        assert resp.headers["referrer-policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in resp.headers["content-security-policy"]
+    assert client.get("/agents").headers["content-security-policy"] == API_POLICY
+
+
+def test_remote_images_setting_reaches_the_page_and_its_policy(
+        make_settings: Callable[..., Settings]) -> None:
+    with TestClient(create_app(make_settings(page_remote_images=True), )) as c:
+        page = c.get("/")
+    assert "img-src 'self' data: https:;" in page.headers["content-security-policy"]
+    assert '<meta name="streaming-llm-remote-images" content="click">' in page.text
+
+
+def test_the_pages_need_nothing_their_policy_refuses() -> None:
+    """No inline script, style or handler in the HTML, no eval or style attribute written by
+    the page's own scripts: all of it would be refused by the pages' Content-Security-Policy."""
+    for page in ("index.html", "docs.html"):
+        html = (WEB / page).read_text()
+        assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == [], page  # inline scripts
+        assert "<style" not in html and not re.search(r"\sstyle=", html), page
+        assert not re.search(r"\son[a-z]+=", html), page
+    for script in ("app.js", "docs.js"):
+        code = (WEB / script).read_text()
+        assert not re.search(r"\beval\(|new Function\(|setAttribute\('style'|\.innerHTML = (?!DOMPurify)",
+                             code), script

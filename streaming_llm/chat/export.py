@@ -5,8 +5,9 @@ Used by ``GET /conversations/{id}/export``, by ``streaming-llm export``, and, wh
 ``<dir>/<conversation id>.md`` after every stored answer (atomically: temp file + ``os.replace``,
 so a reader never sees half a transcript).
 
-The JSON form holds every stored column of the conversation and its turns, plus the agent as it
-is at export time (``null`` once deleted), so nothing in the database is lost.
+The JSON form holds every stored column of the conversation and its turns (but the case-folded
+copies kept for search, derived from the title and contents), plus the agent as it is at export
+time (``null`` once deleted), so nothing in the database is lost.
 """
 
 from __future__ import annotations
@@ -122,11 +123,11 @@ def render_json(export: ConversationExport) -> bytes:
 def render_markdown(export: ConversationExport) -> str:
     """A transcript for people: a header naming the agent and the times, then one section per
     turn headed by its speaker and time; answers that did not end normally say how they ended."""
-    agent_name = export.agent.name if export.agent else export.agent_id
-    agent = (f"{export.agent.name} (`{export.agent_id}`)" if export.agent
+    agent_name = _one_line(export.agent.name) if export.agent else export.agent_id
+    agent = (f"{agent_name} (`{export.agent_id}`)" if export.agent
              else f"`{export.agent_id}` (deleted)")
     lines = [
-        f"# {export.title or 'Conversation'}",
+        f"# {_one_line(export.title) or 'Conversation'}",
         "",
         f"- Conversation: `{export.id}`",
         f"- Agent: {agent}",
@@ -140,6 +141,13 @@ def render_markdown(export: ConversationExport) -> str:
         if turn.role == "assistant":
             lines += ["", f"*{_outcome(turn)}*"]
     return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every run of whitespace (line breaks included) as one space: a title or a
+    name set through the API may hold newlines, which in a heading would start lines of their
+    own (a forged ``### User`` turn, a horizontal rule)."""
+    return " ".join(text.split())
 
 
 def _time(iso: str) -> str:

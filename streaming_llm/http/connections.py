@@ -41,6 +41,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 from ..errors import ServiceError
 from ..settings import Settings
+from .proxies import uvicorn_proxy_options
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +230,12 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def uvicorn_options(settings: Settings, on_refused: Callable[[str], None]) -> dict[str, Any]:
-    """``uvicorn.Config`` keyword arguments for the protocols, caps and timeouts above."""
+    """``uvicorn.Config`` keyword arguments for the protocols, caps and timeouts above, and for
+    the proxies whose forwarded headers are believed (:mod:`streaming_llm.http.proxies`)."""
     limits = ConnectionLimits.from_settings(settings, on_refused)
     http = type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"limits": limits})
     return {"http": http, "ws": BoundedWebSocketProtocol,
-            "timeout_keep_alive": settings.idle_timeout_s}
+            "timeout_keep_alive": settings.idle_timeout_s, **uvicorn_proxy_options(settings)}
 
 
 class BodyReadTimeout:

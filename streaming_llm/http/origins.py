@@ -15,9 +15,9 @@ WebSocket is not covered by CORS: without a check, any page a user visits could 
   an empty list none are sent. ``*`` allows every origin (keys then carry all the protection).
 
 "Own origin" compares scheme, host and port with the request's. Behind a reverse proxy, forward
-``Host`` and ``X-Forwarded-Proto`` (nginx: ``proxy_set_header Host $host``; uvicorn trusts proxy
-headers from 127.0.0.1, ``FORWARDED_ALLOW_IPS`` widens that) or list the public origin, or the
-server's own pages look cross-origin.
+``Host`` and ``X-Forwarded-Proto`` (nginx: ``proxy_set_header Host $host``) and list the proxy in
+``STREAMING_LLM_TRUSTED_PROXIES`` (:mod:`streaming_llm.http.proxies`; from other peers the header
+is ignored), or list the public origin, or the server's own pages look cross-origin.
 """
 
 from __future__ import annotations

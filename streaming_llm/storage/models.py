@@ -2,10 +2,18 @@
 
 Plain names a person can read with ``sqlite3``: text ids, ISO-8601 UTC timestamps stored as text
 (``2026-11-24T05:16:23.123456Z``, which also sorts correctly), a per-conversation ``seq``.
+
+Search is case-insensitive for every script, the same on SQLite and PostgreSQL: titles and turn
+contents are also stored case-folded (:func:`casefold`, ``title_casefold`` / ``content_casefold``,
+written with them by :mod:`.queries`), and a search compares the folded query with those by
+``LIKE``. The databases' own ``lower()`` cannot do this: SQLite's folds ASCII only, PostgreSQL's
+depends on the server's locale (ASCII only under ``C``) and leaves a final sigma as it is, so a
+Greek word typed in lower case never matches its capitals.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 
 from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint
@@ -15,6 +23,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 def utcnow() -> str:
     """Now as ISO-8601 UTC with microseconds and a ``Z``."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def casefold(text: str) -> str:
+    """``text`` for caseless comparison: Unicode full case folding (``ß`` → ``ss``, final and capital
+    sigma → sigma, ``É`` → ``é``) of its canonical decomposition, recomposed, so that ``é`` typed as one
+    character or as ``e`` + a combining accent folds alike (Unicode's canonical caseless match).
+    Migration ``0002`` holds a frozen copy for its backfill: change both or neither."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
 class Base(DeclarativeBase):
@@ -40,6 +56,7 @@ class ConversationRow(Base):
     # Not a foreign key: deleting an agent keeps its conversations readable.
     agent_id: Mapped[str] = mapped_column(String(64))
     title: Mapped[str] = mapped_column(Text, default="")
+    title_casefold: Mapped[str] = mapped_column(Text, server_default="")  # casefold(title), for search
     created_at: Mapped[str] = mapped_column(String(32))
     updated_at: Mapped[str] = mapped_column(String(32), index=True)
 
@@ -55,6 +72,7 @@ class TurnRow(Base):
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))  # user | assistant
     content: Mapped[str] = mapped_column(Text)
+    content_casefold: Mapped[str] = mapped_column(Text, server_default="")  # casefold(content), for search
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)  # assistant only
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)

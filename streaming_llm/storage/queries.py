@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from .models import AgentRow, ConversationRow, TurnRow, utcnow
+from .models import AgentRow, ConversationRow, TurnRow, casefold, utcnow
 
 
 def new_id(prefix: str) -> str:
@@ -74,15 +74,17 @@ def list_conversations(session: Session, *, agent_id: str | None = None,
                        limit: int | None = 100, offset: int = 0,
                        search: str | None = None) -> list[ConversationRow]:
     """Most recently active first; ``limit=None``: all of them. ``search``: only those whose
-    title or any turn contains it, case-insensitively (LIKE wildcards in it are plain text)."""
+    title or any turn contains it, case-insensitively in any script (the stored case-folded
+    copies, see :mod:`.models`; LIKE wildcards in it are plain text)."""
     query = select(ConversationRow)
     if agent_id is not None:
         query = query.where(ConversationRow.agent_id == agent_id)
     if search:
+        folded = casefold(search)
         in_turns = select(TurnRow.id).where(
             TurnRow.conversation_id == ConversationRow.id,
-            TurnRow.content.icontains(search, autoescape=True))
-        query = query.where(ConversationRow.title.icontains(search, autoescape=True)
+            TurnRow.content_casefold.contains(folded, autoescape=True))
+        query = query.where(ConversationRow.title_casefold.contains(folded, autoescape=True)
                             | in_turns.exists())
     query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
     return list(session.scalars(query.limit(limit).offset(offset)))
@@ -92,7 +94,8 @@ def create_conversation(session: Session, agent_id: str, title: str = "") -> str
     now = utcnow()
     conversation_id = new_id("conv")
     session.execute(insert(ConversationRow).values(
-        id=conversation_id, agent_id=agent_id, title=title, created_at=now, updated_at=now))
+        id=conversation_id, agent_id=agent_id, title=title, title_casefold=casefold(title),
+        created_at=now, updated_at=now))
     return conversation_id
 
 
@@ -109,7 +112,7 @@ def rename_conversation(session: Session, conversation_id: str,
                         title: str) -> ConversationRow | None:
     row = session.get(ConversationRow, conversation_id, with_for_update=True)
     if row is not None:
-        row.title = title
+        row.title, row.title_casefold = title, casefold(title)
         session.flush()
     return row
 
@@ -143,6 +146,8 @@ def append_turn(session: Session, conversation_id: str, **fields: Any) -> str:
     ``INSERT … SELECT max(seq) + 1``: the next ``seq`` (0, 1, 2, …) in the same statement, one
     round trip."""
     turn_id = new_id("turn")
+    if "content" in fields:
+        fields["content_casefold"] = casefold(fields["content"])
     next_seq = (select(func.coalesce(func.max(TurnRow.seq) + 1, 0))
                 .where(TurnRow.conversation_id == conversation_id).scalar_subquery())
     session.execute(insert(TurnRow).values(id=turn_id, conversation_id=conversation_id,

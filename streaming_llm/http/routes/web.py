@@ -6,7 +6,9 @@ client's ``tsc`` output, and ``web/vendor`` also holds the pinned builds of mark
 highlight.js and swagger-ui (``/docs``) with their licences, all committed and checked against
 their sources by the client's tests (``clients/ts/test/vendor.test.mjs``).
 Responses ask browsers to revalidate (``no-cache``), so a page and a client from different
-versions are never mixed after an upgrade.
+versions are never mixed after an upgrade. The page carries its own Content-Security-Policy
+(:func:`~streaming_llm.http.headers.page_policy`), and tells its script whether remote images in
+answers may be shown on a click (``STREAMING_LLM_PAGE_REMOTE_IMAGES``) through a ``<meta>`` tag.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
+from ..headers import page_policy
+
 _NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -31,9 +35,17 @@ class _StaticFiles(StaticFiles):
         return response
 
 
+#: In ``index.html`` as shipped; the page's script reads it (``off`` or ``click``).
+REMOTE_IMAGES_META = '<meta name="streaming-llm-remote-images" content="off">'
+
+
 async def index(request: Request) -> Response:
     html = files("streaming_llm").joinpath("web", "index.html").read_text(encoding="utf-8")
-    return HTMLResponse(html, headers=_NO_CACHE)
+    remote_images = request.state.services.settings.page_remote_images
+    if remote_images:
+        html = html.replace(REMOTE_IMAGES_META, REMOTE_IMAGES_META.replace('"off"', '"click"'))
+    return HTMLResponse(html, headers={
+        **_NO_CACHE, "Content-Security-Policy": page_policy(remote_images)})
 
 
 routes = [
