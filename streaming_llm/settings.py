@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import socket
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -95,7 +97,10 @@ class Settings:
     pin_agent_prefix: bool = _f(True, "Pin the whole rendered agent prefix (system prompt + Markdown context) as the cache's sinks, never evicted; off = only sink_tokens sinks, as in the StreamingLLM paper.")
     shared_prefixes: int = _f(4, "Agent prefixes whose KV cache is kept and copied into each new conversation (0 = prefill every time).", ge=0, le=1000)
     max_batch: int = _f(0, "Conversations the local engine decodes together in one batch; more wait their turn in arrival order (0 = 8 on CPU, 32 on CUDA).", ge=0, le=4096)
-    cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
+    cached_conversations: int = _f(8, "Conversation KV caches kept in memory at most (least recently used leave first, for the disk tier); see also kv_memory_bytes.", ge=0, le=10_000)
+    kv_memory_bytes: int = _f(0, "Bytes of conversation KV caches kept in memory (least recently used leave first, for the disk tier); 0 = a quarter of the machine's memory.", ge=0, le=2**50)
+    kv_disk_bytes: int = _f(-1, "Bytes of conversation KV cache files under <data_dir>/kv/<instance_id> (least recently used removed first); -1 = a quarter of the free disk there at start, at most 64 GiB; 0 = no disk tier (a conversation that left memory or a restart rebuilds from its last window).", ge=-1, le=2**50)
+    instance_id: str = _f("", "This instance's name for its own files: its KV cache folder is <data_dir>/kv/<instance_id>, locked while it serves; empty = <hostname>-<port>. Give each instance sharing a data dir its own.")
     max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
 
     # --- ollama engine ------------------------------------------------------------------------
@@ -125,6 +130,10 @@ class Settings:
             raise SettingsError(
                 f"STREAMING_LLM_MAX_NEW_TOKENS={self.max_new_tokens} is not valid: must be <= "
                 f"STREAMING_LLM_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})")
+        if self.instance_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.instance_id):
+            raise SettingsError(f"STREAMING_LLM_INSTANCE_ID={self.instance_id!r} is not valid: "
+                                "letters, digits, '.', '_' and '-', at most 64, a letter or "
+                                "digit first (it names a folder)")
         for name in ("ollama_url", "openai_base_url"):
             for url in url_list(getattr(self, name)):
                 if not url.startswith(("http://", "https://")):
@@ -138,6 +147,13 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def kv_path(self) -> Path:
+        """This instance's KV cache folder (the disk tier)."""
+        name = self.instance_id or re.sub(r"[^A-Za-z0-9._-]", "_",
+                                          f"{socket.gethostname()}-{self.port}")[:64]
+        return self.data_dir / "kv" / name
 
     @property
     def resolved_database_url(self) -> str:

@@ -85,6 +85,10 @@ class Prefill:
     ids: Sequence[int]
     reserve: int = 0
     breaks: tuple[int, ...] = ()
+    # A bounded rebuild: once ``skip[0]`` of ``ids`` are fed, the ids ``skip[1]`` (which come
+    # next in the conversation, before the rest of ``ids``) are counted as evicted, not fed
+    # (SinkCache.skip), and handed to Handler.consumed like fed ones.
+    skip: tuple[int, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class Request:
     pending: list[int] = field(default_factory=list)  # ids still to feed (prompt or closing)
     fed: int = 0  # ids of the current Prefill fed so far
     breaks: tuple[int, ...] = ()
+    skip: tuple[int, tuple[int, ...]] | None = None
     tokens: list[int] = field(default_factory=list)
     next_token: int = -1  # the sampled token the next decode step feeds
     ending: Literal["stop", "length", "cancelled"] = "length"
@@ -317,9 +322,13 @@ class Scheduler:
 
     def _start_feeding(self, r: Request, work: Prefill, state: RequestState) -> None:
         r.cache, r.pending, r.state = work.cache, list(work.ids), state
-        r.fed, r.breaks = 0, work.breaks
+        r.fed, r.breaks, r.skip = 0, work.breaks, work.skip
+        if r.skip is not None:
+            r.breaks = (*r.breaks, r.skip[0])
         if state is RequestState.PREFILLING and not r.pending:
             self._fail(r, ValueError("a prompt needs at least one token"))
+            return
+        if not self._skip(r):
             return
         try:
             self._runner.reserve(r.cache, len(r.pending), work.reserve)
@@ -353,6 +362,8 @@ class Scheduler:
             return
         r.pending, r.fed = r.pending[len(chunk):], r.fed + len(chunk)
         self._call(r, lambda: r.handler.consumed(chunk))
+        if not r.failed and not self._skip(r):
+            return
         if r.pending and not r.failed:
             return
         self._feeding.remove(r)
@@ -363,6 +374,21 @@ class Scheduler:
             return
         if self._sample(r, out.tokens[r], batch_size=0):
             self._join(r)
+
+    def _skip(self, r: Request) -> bool:
+        """A bounded rebuild's skip, when its place in the prompt is reached; False: failed."""
+        if r.skip is None or r.skip[0] != r.fed:
+            return True
+        skipped, r.skip = r.skip[1], None
+        try:
+            r.cache.skip(len(skipped))
+        except Exception as exc:  # noqa: BLE001 - reported to its handler
+            if r in self._feeding:
+                self._feeding.remove(r)
+            self._fail(r, exc)
+            return False
+        self._call(r, lambda: r.handler.consumed(list(skipped)))
+        return not r.failed
 
     def _join(self, r: Request) -> None:
         r.state = RequestState.DECODING
