@@ -463,8 +463,9 @@ class Scheduler:
         closing = self._call(r, lambda: r.handler.finished(self._outcome(r, reason)))
         if r.failed:
             return
-        if r.state is RequestState.CLOSING and closing is not None and closing.ids \
-                and not self._closed:
+        # Closing ids are fed even while the scheduler stops: a graceful stop writes the
+        # conversation's cache to disk, which must hold the turn as the chat template closes it.
+        if r.state is RequestState.CLOSING and closing is not None and closing.ids:
             self._start_feeding(r, closing, RequestState.CLOSING)
             return
         self._release(r, RequestState.FINISHED if r.state is RequestState.CLOSING else r.state)

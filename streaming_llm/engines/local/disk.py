@@ -152,6 +152,12 @@ class DiskTier:
         for path in self.folder.iterdir():
             if path.name.endswith(_TMP) and path.name.startswith("."):
                 path.unlink(missing_ok=True)  # our own half-written files of a killed process
+        for path in self.folder.iterdir():
+            if path.name.endswith(_SUFFIX) and (path.is_symlink() or not path.is_file()):
+                log.warning("KV cache folder %s: %s is not a regular file; removed", self.folder,
+                            path.name)
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a link goes, never what it points to
         files = sorted((p for p in self.folder.iterdir() if p.name.endswith(_SUFFIX)
                         and p.is_file() and not p.is_symlink()), key=lambda p: p.stat().st_mtime)
         for path in files:

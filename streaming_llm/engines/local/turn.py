@@ -68,6 +68,7 @@ class Turn:
         self.layout: Layout | None = None
         self._prefix_at = 0  # > 0: keep the pinned prefix once this many ids are in the cache
         self._closing_text: str | None = None
+        self._closing_length = 0
         self._answer: list[str] = []
         self._completion = 0  # answer tokens (end-of-sequence ids not counted)
         self._first_at = self._last_at = 0.0
@@ -164,12 +165,14 @@ class Turn:
         plan = self.caches.plan(state, closed_ids, self._fresh, need_logits=False)
         self.state = plan.state
         self.caches.hold(self, plan.state)
-        self._closing_text = closed_text
+        self._closing_text, self._closing_length = closed_text, len(closed_ids)
         return self._feed(plan, closed_ids)
 
     def released(self) -> None:
-        if self.state is not None and self._closing_text is not None:
-            self.state.text = self._closing_text  # the closing ids all went in
+        if self.state is not None and self._closing_text is not None \
+                and len(self.state.ids) == self._closing_length:
+            # The closing ids all went in (a stopping scheduler releases without feeding them).
+            self.state.text = self._closing_text
         self.caches.keep(self, self.state)
         self._on_released()
 
