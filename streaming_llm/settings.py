@@ -70,7 +70,7 @@ class Settings:
     max_prompt_tokens: int = _f(32_768, "Prompt tokens in the messages of one /v1/chat/completions request without a conversation (the caller's history), counted with the engine's tokenizer where it has one (local, echo); more get prompt_too_large.", ge=1, le=100_000_000)
     max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)
     max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)
-    max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot.", ge=1, le=100_000)
+    max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot. An engine that reports its batch (the local engine's STREAMING_LLM_MAX_BATCH) lowers it to that batch.", ge=1, le=100_000)
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
     max_generations_per_client: int = _f(8, "Generation slots one client address may hold at once; its further turns wait while other addresses' turns go ahead.", ge=1, le=100_000)
     send_timeout_s: float = _f(30.0, "Seconds a chat socket may go without taking a frame (a client that stopped reading); then its turn is cancelled and stored as cancelled, its slot freed and the socket closed with 1008.", ge=0.1, le=3600)

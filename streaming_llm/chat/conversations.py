@@ -91,8 +91,12 @@ def system_message(system_prompt: str, markdown_context: str) -> str:
 
 # --- turns --------------------------------------------------------------------------------------
 @dataclass
-class Turn:
+class TurnInProgress:
     """One chat turn in progress: the user turn is stored, the answer is being generated.
+
+    ``pieces`` is the answer, the one copy of it: the turn runner appends each piece it hands
+    to the route, the chat socket's resume replays from it, and :meth:`ConversationManager.finish`
+    stores it.
 
     An unstored turn (``stored=False``: an OpenAI-style call naming no conversation) has no user
     turn id; its conversation id is a throwaway one that :meth:`ConversationManager.discard`
@@ -203,7 +207,7 @@ class ConversationManager:
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
-                    conversation_id: str | None, options: GenerationOptions) -> Turn:
+                    conversation_id: str | None, options: GenerationOptions) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message)."""
         started = time.perf_counter()
         if conversation_id is not None:
@@ -258,11 +262,10 @@ class ConversationManager:
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
         )
-        self.metrics.turn_started()
-        return Turn(request_id, stored_in, user_turn_id, request, started=started)
+        return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started)
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions) -> Turn:
+                             options: GenerationOptions) -> TurnInProgress:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -283,12 +286,13 @@ class ConversationManager:
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
         )
-        self.metrics.turn_started()
-        return Turn(request_id, request.conversation_id, "", request, stored=False, started=started)
+        return TurnInProgress(request_id, request.conversation_id, "", request, stored=False,
+                              started=started)
 
-    async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
-        """Yield the answer's text pieces; ``turn.pieces`` keeps those the caller took and
-        ``turn.finished`` receives the engine's :class:`Finished`."""
+    async def generate(self, turn: TurnInProgress) -> AsyncGenerator[str, None]:
+        """Yield the answer's text pieces (the caller keeps those it sent in ``turn.pieces``);
+        ``turn.finished`` receives the engine's :class:`Finished`, its usage as the engine
+        reported it (:meth:`TurnInProgress.timed` fills the rest once, when the turn ends)."""
         stream = cast(AsyncGenerator[Chunk, None], self.engine.stream(turn.request))
         try:
             async for chunk in stream:
@@ -302,23 +306,19 @@ class ConversationManager:
                             self.metrics.inter_token.observe(now - turn.last_token_at)
                         turn.last_token_at = now
                         yield chunk.text
-                        # Kept once the caller took it (sent it): a piece whose sending failed
-                        # or was cancelled is not part of the stored answer.
-                        turn.pieces.append(chunk.text)
                 elif isinstance(chunk, PromptTokens):
                     turn.prompt_tokens = chunk.count
                 elif isinstance(chunk, Finished):
-                    turn.finished = Finished(chunk.reason, turn.timed(chunk.usage))
+                    turn.finished = chunk
                     return
             raise EngineError("the engine ended the answer without a finish reason")
         finally:
             await stream.aclose()  # cancels the engine's work when we stop early
 
-    async def finish(self, turn: Turn, reason: FinishReason, usage: Usage) -> str:
-        """Store the assistant turn (whatever was streamed) and return its id."""
+    async def finish(self, turn: TurnInProgress, reason: FinishReason, usage: Usage) -> str:
+        """Store the assistant turn (whatever was streamed) with ``usage`` and return its id."""
         if not turn.stored:
             raise ValueError("an unstored turn ends with discard(), not finish()")
-        usage = turn.timed(usage)
         self.metrics.turn_ended(reason, usage)
         fields = {"role": "assistant", "content": "".join(turn.pieces), "finish_reason": reason,
                   "prompt_tokens": usage.prompt_tokens,
@@ -336,7 +336,7 @@ class ConversationManager:
             await self.transcripts.update(turn.conversation_id)
         return turn_id
 
-    async def discard(self, turn: Turn, reason: FinishReason, usage: Usage) -> None:
+    async def discard(self, turn: TurnInProgress, reason: FinishReason, usage: Usage) -> None:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
         self.metrics.turn_ended(reason, usage)
         self.engine.forget(turn.conversation_id)
