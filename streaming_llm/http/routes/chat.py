@@ -82,7 +82,7 @@ class SocketTurn:
     def ended(self, task: asyncio.Task[None]) -> None:
         # A done callback: it runs even for a task cancelled before it started.
         self.dequeue()
-        self.socket.jobs.pop(self.request_id, None)
+        self.socket.turns.pop(self.request_id, None)
         if self.kept is not None:
             self.kept.stop()
 
@@ -141,9 +141,9 @@ class ChatSocket:
         self.send_timeout_s = send_timeout_s
         self.client = ws.client.host if ws.client is not None else ""
         self.closed = False  # closed by us, or the client is gone: nothing more is sent
-        self.jobs: dict[str, SocketTurn] = {}  # queued or running, by request id
+        self.turns: dict[str, SocketTurn] = {}  # queued or running, by request id
         self.current: SocketTurn | None = None
-        self.turns = asyncio.Lock()  # FIFO: the socket's turns run one at a time, in order
+        self.order = asyncio.Lock()  # FIFO: the socket's turns run one at a time, in order
         self.send_lock = asyncio.Lock()
         self.reader: asyncio.Task[None] | None = None
         self.stalled: str | None = None  # why the client was given up on
@@ -216,11 +216,11 @@ class ChatSocket:
                 replay.cancel()
             for kept in list(self.attached):  # started turns generate on, for a resume
                 kept.detach()
-            jobs = [job.task for job in self.jobs.values()
-                    if job.task is not None and not job.detachable]
-            for task in jobs:
+            tasks = [turn.task for turn in self.turns.values()
+                     if turn.task is not None and not turn.detachable]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*jobs, *self.replays, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.replays, return_exceptions=True)
             if self.stalled is not None:  # a client that reads again gets the reason
                 await self._close(SEND_TIMEOUT_CLOSE, self.stalled, self.send_timeout_s)
 
@@ -259,25 +259,25 @@ class ChatSocket:
         if self.live.draining:
             await self.refuse(request_id)
             return
-        if request_id in self.jobs:
+        if request_id in self.turns:
             await self.error(request_id, "duplicate_request_id",
                              f"request {request_id!r} is already queued or running")
             return
         try:
             self.limits.check_chat(frame.message, frame.options.max_new_tokens)
-            self.limits.check_queue(len(self.jobs) - (self.current is not None))
+            self.limits.check_queue(len(self.turns) - (self.current is not None))
         except ServiceError as exc:
             await self.error(request_id, exc.code, exc.message)
             return
-        job = SocketTurn(self, frame, request_id)
-        self.jobs[request_id] = job
+        turn = SocketTurn(self, frame, request_id)
+        self.turns[request_id] = turn
         self.metrics.turns_queued.inc()
-        job.task = asyncio.create_task(self.work(job), name=f"turn-{request_id}")
-        job.task.add_done_callback(job.ended)
+        turn.task = asyncio.create_task(self.work(turn), name=f"turn-{request_id}")
+        turn.task.add_done_callback(turn.ended)
 
     async def resume(self, frame: Resume) -> None:
         kept = self.resumable.get(self.owner, frame.request_id)
-        if kept is None or frame.request_id in self.jobs:
+        if kept is None or frame.request_id in self.turns:
             await self.error(frame.request_id, "unknown_request",
                              f"no turn {frame.request_id!r} to resume: unknown, or it ended more "
                              "than STREAMING_LLM_RESUME_GRACE_S ago")
@@ -293,56 +293,56 @@ class ChatSocket:
             log.error("resume failed", exc_info=replay.exception())
 
     async def cancel(self, request_id: str | None) -> None:
-        job = self.current if request_id is None else self.jobs.get(request_id)
-        if job is None and request_id is not None:  # a resumed turn
+        turn = self.current if request_id is None else self.turns.get(request_id)
+        if turn is None and request_id is not None:  # a resumed turn
             kept = next((k for k in self.attached if k.request_id == request_id), None)
             if kept is not None:
                 kept.cancel()
                 return
-        if job is None:
+        if turn is None:
             if request_id is not None:
                 await self.error(request_id, "unknown_request",
                                  f"no queued or running request {request_id!r} on this socket")
             return  # nothing running: a bare cancel is a no-op
-        job.control.cancel()
+        turn.control.cancel()
 
-    # one job ------------------------------------------------------------------------------------
-    async def work(self, job: SocketTurn) -> None:
+    # one turn ------------------------------------------------------------------------------------
+    async def work(self, turn: SocketTurn) -> None:
         try:
             try:
-                async with job.control.cancellable():
-                    await self.turns.acquire()
+                async with turn.control.cancellable():
+                    await self.order.acquire()
             finally:
-                job.dequeue()
+                turn.dequeue()
             try:
-                self.current = job
-                await self.run_turn(job)
+                self.current = turn
+                await self.run_turn(turn)
             finally:
                 self.current = None
-                self.turns.release()
+                self.order.release()
         except TurnCancelled:
             with contextlib.suppress(ClientGone):
-                await self.error(job.request_id, "cancelled", "cancelled before it started")
+                await self.error(turn.request_id, "cancelled", "cancelled before it started")
         except ClientGone:
             pass  # the reader sees it too, and ends the socket
         except Exception:  # one broken turn must not take the socket down with it
-            log.exception("turn %s failed unexpectedly", job.request_id)
+            log.exception("turn %s failed unexpectedly", turn.request_id)
             with contextlib.suppress(ClientGone):
-                await job.finish(Error(request_id=job.request_id, code="internal_error",
+                await turn.finish(Error(request_id=turn.request_id, code="internal_error",
                                        message="internal server error"))
         finally:
-            self.jobs.pop(job.request_id, None)
+            self.turns.pop(turn.request_id, None)
 
-    async def run_turn(self, job: SocketTurn) -> None:
-        frame, request_id = job.frame, job.request_id
-        if self.live.draining and not job.control.cancelled:
+    async def run_turn(self, turn: SocketTurn) -> None:
+        frame, request_id = turn.frame, turn.request_id
+        if self.live.draining and not turn.control.cancelled:
             await self.refuse(request_id)
             return
         spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
                         options=frame.options, conversation_id=frame.conversation_id,
                         client=self.client)
         try:
-            await self.runner.run(spec, job, job.control)
+            await self.runner.run(spec, turn, turn.control)
         except ServiceError as exc:  # refused before anything was stored
             await self.error(request_id, exc.code, exc.message)
 
