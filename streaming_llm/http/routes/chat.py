@@ -150,7 +150,7 @@ class ChatSocket:
         self.resumable = resumable if resumable is not None else ResumableTurns(0)
         self.owner = owner  # the API key's id: whose turns this socket may resume
         self.attached: set[ResumableTurn] = set()  # turns writing here (own or resumed)
-        self.replays: set[asyncio.Task[None]] = set()
+        self.replay: asyncio.Task[None] | None = None  # one resume replays at a time
 
     @property
     def busy(self) -> bool:
@@ -212,15 +212,17 @@ class ChatSocket:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
         finally:
             self.closed = True
-            for replay in self.replays:
-                replay.cancel()
+            if self.replay is not None:
+                self.replay.cancel()
             for kept in list(self.attached):  # started turns generate on, for a resume
                 kept.detach()
             tasks = [turn.task for turn in self.turns.values()
                      if turn.task is not None and not turn.detachable]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, *self.replays, return_exceptions=True)
+            if self.replay is not None:
+                tasks.append(self.replay)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.stalled is not None:  # a client that reads again gets the reason
                 await self._close(SEND_TIMEOUT_CLOSE, self.stalled, self.send_timeout_s)
 
@@ -282,13 +284,20 @@ class ChatSocket:
                              f"no turn {frame.request_id!r} to resume: unknown, or it ended more "
                              "than STREAMING_LLM_RESUME_GRACE_S ago")
             return
-        replay = asyncio.create_task(kept.replay(self, frame.after_seq),
-                                     name=f"resume-{frame.request_id}")
-        self.replays.add(replay)
-        replay.add_done_callback(self._replayed)
+        if self.replay is not None:
+            # One replay per socket: a flood of resumes holds one replay's frames, not thousands,
+            # and a client that does not read is held up by these answers (the send timeout).
+            await self.error(frame.request_id, "busy",
+                             "a resume is already replaying on this socket; send this one when "
+                             "its frames have arrived")
+            return
+        self.replay = asyncio.create_task(kept.replay(self, frame.after_seq),
+                                          name=f"resume-{frame.request_id}")
+        self.replay.add_done_callback(self._replayed)
 
     def _replayed(self, replay: asyncio.Task[None]) -> None:
-        self.replays.discard(replay)
+        if self.replay is replay:
+            self.replay = None
         if not replay.cancelled() and not isinstance(replay.exception(), ClientGone | None):
             log.error("resume failed", exc_info=replay.exception())
 
