@@ -95,7 +95,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=manager, gate=gate,
             turns=TurnRunner(manager, gate, ConversationLocks(app_metrics)),
-            sockets=sockets, resumable=ResumableTurns(settings.resume_grace_s),
+            sockets=sockets, resumable=ResumableTurns(settings.resume_grace_s,
+                                                             settings.resume_max_chars),
             metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")

@@ -50,6 +50,7 @@ class Settings:
     log_dir: Path | None = _f(None, "Directory for a log file streaming-llm.log besides stderr; empty = stderr only.")
     shutdown_grace_s: float = _f(10.0, "Seconds running turns may go on after SIGTERM before they are cancelled.", ge=0, le=3600)
     resume_grace_s: float = _f(30.0, "Seconds a turn whose chat socket dropped keeps generating, waiting for the client to reconnect and send resume; then it is cancelled and stored as cancelled. It holds its generation slot meanwhile. 0 = cancel at once.", ge=0, le=3600)
+    resume_max_chars: int = _f(16_000_000, "Characters of ended answers kept for a resume across the server (each is kept STREAMING_LLM_RESUME_GRACE_S after it ended); past it the oldest are forgotten early (still stored, no longer resumable).", ge=0, le=1 << 40)
     engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, openai (any OpenAI-compatible server), or echo (tests only).", choices=ENGINES)
     echo_delay_ms: float = _f(10.0, "Delay between words of the echo test engine, in milliseconds.", ge=0, le=60_000)
     db_busy_timeout_ms: int = _f(5000, "SQLite busy timeout in milliseconds.", ge=0, le=600_000)

@@ -310,3 +310,56 @@ def test_turn_ids_are_named_and_a_cancelled_turn_counts_its_prompt(
         turns = client.get(f"/conversations/{done['conversation_id']}").json()["turns"]
         assert [t["id"] for t in turns] == [start["user_turn_id"], done["answer_turn_id"]]
         assert turns[1]["usage"]["prompt_tokens"] == done["usage"]["prompt_tokens"]
+
+
+# --- resume and turn lifetime (issue 24) --------------------------------------------------------
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def replayed(ws: Any, request_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+    """Send ``resume`` and read its frames up to the ending (or the refusal)."""
+    ws.send_json({"type": "resume", "request_id": request_id, "after_seq": after_seq})
+    out = []
+    while True:
+        frame = ws.receive_json()
+        out.append(frame)
+        if frame["type"] in ("done", "error"):
+            return out
+
+
+def test_a_turn_resumed_after_it_ended_is_forgotten_after_its_grace(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    with TestClient(create_app(make_settings(resume_grace_s=0.3), engine=scripted)) as client:
+        put_agent(client, "helper")
+        resumable = client.app_state["services"].resumable
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "hi",
+                          "request_id": "r1"})
+            recv_turn(ws)
+            assert replayed(ws, "r1")[-1]["type"] == "done"  # lost the done: resumed it
+        wait_until(lambda: len(resumable) == 0)
+        with client.websocket_connect("/ws/chat") as ws:
+            assert replayed(ws, "r1")[-1]["code"] == "unknown_request"
+
+
+def test_ended_answers_kept_for_a_resume_are_bounded_in_all(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    """STREAMING_LLM_RESUME_MAX_CHARS: past it the oldest ended answers are forgotten early."""
+    settings = make_settings(resume_grace_s=60, resume_max_chars=30)
+    with TestClient(create_app(settings, engine=scripted)) as client:
+        put_agent(client, "helper")
+        resumable = client.app_state["services"].resumable
+        with client.websocket_connect("/ws/chat") as ws:
+            for rid in ("r1", "r2", "r3"):  # 13 characters each ("Hello, world!")
+                ws.send_json({"type": "chat", "agent_id": "helper", "message": "hi",
+                              "request_id": rid})
+                recv_turn(ws)
+            assert (len(resumable), resumable.held_chars) == (2, 26)
+            assert replayed(ws, "r1")[-1]["code"] == "unknown_request"
+            assert replayed(ws, "r3")[-1]["type"] == "done"

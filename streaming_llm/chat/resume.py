@@ -196,6 +196,15 @@ class ResumableTurn:
         else:
             self._timer = asyncio.get_running_loop().call_later(
                 self.registry.grace_s, self.registry.forget, self)
+            self.registry.hold(self)
+
+    def abandon(self) -> None:
+        """The turn's task is over without an ending frame (its client went away and it could
+        not wait for a resume, or it was cancelled): nothing to resume."""
+        self.stop()
+        if self.final is None:
+            self._stop_timer()
+            self.registry.forget(self)
 
     # resume -------------------------------------------------------------------------------------
     async def replay(self, listener: Listener, after_seq: int) -> None:
@@ -204,7 +213,8 @@ class ResumableTurn:
         Raises what the listener raises (``turns.ClientGone``) when it goes away meanwhile; the
         turn is then detached again.
         """
-        self._stop_timer()
+        if self.final is None:  # running: it is attached now, no longer cancelled for want of one
+            self._stop_timer()  # (an ended one keeps its forget timer: replays do not extend it)
         if self.listener is not None:  # another socket had it (a resume before its drop was seen)
             self.listener.attached.discard(self)
             self.listener = None
@@ -239,9 +249,14 @@ class ResumableTurns:
     a detached turn counts as running and is cancelled with the rest after the grace.
     """
 
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, max_chars: int = 16_000_000) -> None:
         self.grace_s = grace_s
+        self.max_chars = max_chars
         self._turns: dict[tuple[str, str], ResumableTurn] = {}
+        # Ended turns in the order they ended, with the characters of their answers: running
+        # ones hold a generation slot each, ended ones only this bound.
+        self._ended: dict[ResumableTurn, int] = {}
+        self.held_chars = 0
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -269,6 +284,22 @@ class ResumableTurns:
     def forget(self, turn: ResumableTurn) -> None:
         if self._turns.get((turn.owner, turn.request_id)) is turn:
             del self._turns[turn.owner, turn.request_id]
+        self.held_chars -= self._ended.pop(turn, 0)
+
+    def hold(self, turn: ResumableTurn) -> None:
+        """Keep an ended turn's answer for its grace, within :attr:`max_chars` in all: the
+        oldest ended answers are forgotten first."""
+        if self._turns.get((turn.owner, turn.request_id)) is not turn:
+            return
+        size = sum(map(len, turn.pieces))
+        self._ended[turn] = size
+        self.held_chars += size
+        while self.held_chars > self.max_chars and self._ended:
+            oldest = next(iter(self._ended))
+            log.info("turn %s: forgotten before its grace, %d characters of ended answers are "
+                     "kept for a resume (STREAMING_LLM_RESUME_MAX_CHARS)", oldest.request_id,
+                     self.max_chars)
+            self.forget(oldest)
 
     # Drainable (shutdown) ------------------------------------------------------------------------
     def _drained(self) -> list[ResumableTurn]:

@@ -84,7 +84,7 @@ class SocketTurn:
         self.dequeue()
         self.socket.turns.pop(self.request_id, None)
         if self.kept is not None:
-            self.kept.stop()
+            self.kept.abandon()
 
     @property
     def detachable(self) -> bool:
