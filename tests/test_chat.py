@@ -363,3 +363,35 @@ def test_ended_answers_kept_for_a_resume_are_bounded_in_all(
             assert (len(resumable), resumable.held_chars) == (2, 26)
             assert replayed(ws, "r1")[-1]["code"] == "unknown_request"
             assert replayed(ws, "r3")[-1]["type"] == "done"
+
+
+def test_a_live_turn_cannot_be_taken_by_a_second_socket(
+        client: TestClient, scripted: ScriptedEngine) -> None:
+    """While its socket is connected a turn is refused to a resume from another socket
+    (``turn_attached``), and the conversation's export does not show its request id."""
+    put_agent(client, "helper")
+    scripted.pieces = [f"w{i} " for i in range(40)]
+    scripted.delay = 0.02
+    with client.websocket_connect("/ws/chat") as owner:
+        owner.send_json({"type": "chat", "agent_id": "helper", "message": "hi",
+                         "request_id": "live"})
+        start = owner.receive_json()
+        exported = client.get(f"/conversations/{start['conversation_id']}/export?format=json")
+        assert [t["request_id"] for t in exported.json()["turns"]] == [None]
+        with client.websocket_connect("/ws/chat") as thief:
+            [refused] = replayed(thief, "live")
+            assert refused["code"] == "turn_attached", refused
+            thief.send_json({"type": "cancel", "request_id": "live"})
+            assert thief.receive_json()["code"] == "unknown_request"
+        _, tokens, done = recv_turn_rest(owner)
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    assert "".join(t["token"] for t in tokens) == "".join(scripted.pieces)
+    exported = client.get(f"/conversations/{start['conversation_id']}/export?format=json")
+    assert [t["request_id"] for t in exported.json()["turns"]] == ["live", "live"]
+
+
+def recv_turn_rest(ws: Any) -> tuple[None, list[dict[str, Any]], dict[str, Any]]:
+    tokens = []
+    while (frame := ws.receive_json())["type"] == "token":
+        tokens.append(frame)
+    return None, tokens, frame

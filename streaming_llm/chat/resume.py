@@ -41,6 +41,7 @@ class Listener(Protocol):
     """A chat socket that frames of a resumable turn can be written to."""
 
     attached: set[ResumableTurn]
+    closed: bool  # nothing more can be sent to it
 
     async def send(self, frame: msgspec.Struct) -> None:
         """Send one frame; raise :class:`~.turns.ClientGone` when it cannot go out."""

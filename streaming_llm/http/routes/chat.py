@@ -284,6 +284,13 @@ class ChatSocket:
                              f"no turn {frame.request_id!r} to resume: unknown, or it ended more "
                              "than STREAMING_LLM_RESUME_GRACE_S ago")
             return
+        if kept.final is None and kept.listener not in (None, self) and not kept.listener.closed:
+            # Its client is still there: a resume would take the live turn from it (and could
+            # cancel it). Resume is for a client whose socket is gone.
+            await self.error(frame.request_id, "turn_attached",
+                             f"turn {frame.request_id!r} is still streaming to the socket that "
+                             "has it; resume it once that socket is closed")
+            return
         if self.replay is not None:
             # One replay per socket: a flood of resumes holds one replay's frames, not thousands,
             # and a client that does not read is held up by these answers (the send timeout).
