@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .chat.admission import ConversationLocks, GenerationGate
+from .chat.admission import GenerationGate
 from .chat.agent_files import AgentFiles
 from .chat.agents import AgentService
 from .chat.conversations import ConversationManager
@@ -94,7 +94,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=manager, gate=gate,
-            turns=TurnRunner(manager, gate, ConversationLocks(app_metrics)),
+            turns=TurnRunner(manager, gate),
             sockets=sockets, resumable=ResumableTurns(settings.resume_grace_s,
                                                              settings.resume_max_chars),
             metrics=app_metrics,

@@ -395,3 +395,24 @@ def recv_turn_rest(ws: Any) -> tuple[None, list[dict[str, Any]], dict[str, Any]]
     while (frame := ws.receive_json())["type"] == "token":
         tokens.append(frame)
     return None, tokens, frame
+
+
+def test_truncating_while_a_turn_streams_keeps_roles_alternating(
+        client: TestClient, settings: Settings, scripted: ScriptedEngine) -> None:
+    """``DELETE /conversations/{id}/turns?from_seq=`` waits for the running turn's answer to be
+    stored (the conversation's lock), then truncates: never an answer stored after it."""
+    put_agent(client, "helper")
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
+        start, _, _ = recv_turn(ws)
+        conversation = start["conversation_id"]
+        scripted.pieces = [f"w{i} " for i in range(40)]
+        scripted.delay = 0.02
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "second",
+                      "conversation_id": conversation})
+        assert ws.receive_json()["type"] == "start"
+        assert client.delete(f"/conversations/{conversation}/turns?from_seq=2").status_code == 204
+        _, _, done = recv_turn_rest(ws)
+    assert done["type"] == "done"
+    assert [(seq, role) for seq, role, _, _ in stored_turns(settings, conversation)] == [
+        (0, "user"), (1, "assistant")]

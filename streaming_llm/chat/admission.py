@@ -30,7 +30,9 @@ a waiter whose address is at its cap does not hold up a waiter from another addr
 
 :class:`ConversationLocks` lets one turn at a time run in a conversation, across sockets and
 ``/v1`` calls alike: a second one waits (holding no generation slot) until the first answer is
-stored, so two clients continuing one conversation never interleave its history.
+stored, so two clients continuing one conversation never interleave its history. Truncating a
+conversation (``DELETE /conversations/{id}/turns``) takes the same lock. The conversation
+manager owns the locks; the turn runner and truncation hold them.
 
 Both are used as ``async with``: leaving the block, however it is left (an answer, an error, a
 cancel, a disconnect), gives the slot back.

@@ -34,6 +34,7 @@ from ..storage import queries
 from ..storage.database import Database
 from ..storage.models import ConversationRow, TurnRow
 from ..wire import FinishReason, GenerationOptions, Usage
+from .admission import ConversationLocks
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir
@@ -145,6 +146,9 @@ class ConversationManager:
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
         self.metrics = metrics or Metrics()
+        #: One turn (or truncation) at a time per conversation: held by the turn runner from
+        #: before the history is read until the answer is stored, and by :meth:`truncate`.
+        self.locks = ConversationLocks(self.metrics)
         self.transcripts = transcripts  # kept up to date after each answer, when set
 
     # REST ---------------------------------------------------------------------------------------
@@ -168,7 +172,10 @@ class ConversationManager:
     async def truncate(self, conversation_id: str, from_seq: int) -> None:
         """Delete the turns from the user turn ``from_seq`` on: what "edit and resend" and
         "regenerate" do before sending that message again. The engine's conversation cache
-        needs no telling: it rolls back to the prefix the next prompt shares with it."""
+        needs no telling: it rolls back to the prefix the next prompt shares with it.
+
+        It waits for a turn running in the conversation to be stored (its lock), so the answer
+        is never stored after the truncation: user and assistant turns keep alternating."""
         check_conversation_id(conversation_id)
 
         def store(session: Session) -> None:
@@ -181,7 +188,8 @@ class ConversationManager:
                                  f"seq {from_seq}")
             queries.truncate_conversation(session, conversation_id, from_seq)
 
-        await self.db.write(store)
+        async with self.locks.hold(conversation_id):
+            await self.db.write(store)
 
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)

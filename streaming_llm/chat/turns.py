@@ -51,7 +51,7 @@ from typing import Protocol
 from ..engines.base import ChatMessage
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
-from .admission import ConversationLocks, GenerationGate
+from .admission import GenerationGate
 from .conversations import ConversationManager, TurnInProgress
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,10 @@ class TurnControl:
 
 
 class TurnRunner:
-    def __init__(self, manager: ConversationManager, gate: GenerationGate,
-                 locks: ConversationLocks | None = None) -> None:
+    def __init__(self, manager: ConversationManager, gate: GenerationGate) -> None:
         self.manager = manager
         self.gate = gate
-        self.locks = locks if locks is not None else ConversationLocks()
+        self.locks = manager.locks  # shared with truncation
 
     async def run(self, spec: TurnSpec, writer: TurnWriter,
                   control: TurnControl | None = None) -> Ending:
