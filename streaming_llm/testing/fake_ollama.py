@@ -24,8 +24,8 @@ the connection before the answer was complete.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fake_server import ChatRecord, FakeServer
+from .fake_server import ChatRecord, FakeServer, Item, Script
 
 __all__ = ["ChatRecord", "ChatScript", "FakeOllama", "normalize_model"]
 
@@ -44,21 +44,13 @@ VERSION = "0.6.5"
 
 
 @dataclasses.dataclass
-class ChatScript:
-    """How the fake answers ``/api/chat`` (set ``FakeOllama.script`` before the request)."""
+class ChatScript(Script):
+    """How the fake answers ``/api/chat`` (set ``FakeOllama.script`` before the request); the
+    shared fields are :class:`~streaming_llm.testing.fake_server.Script`'s."""
 
-    tokens: Sequence[str] = ("Hello", ",", " world", "!")
     done_reason: str = "stop"  # when the answer is not cut by options.num_predict
-    delay_s: float = 0.0  # pause before each write
-    lines_per_write: int = 1  # NDJSON lines sent in one write
-    split_lines: bool = False  # send every line in two writes, cut in the middle of the JSON
-    status: int = 200  # non-2xx: answer {"error": error} instead of streaming
-    error: str | None = None  # with status 200: an {"error": ...} line after `error_after` tokens
-    error_after: int = 0
     malformed_after: int | None = None  # a line that is not JSON after this many tokens
     end_without_done: bool = False  # finish the response without the final done line
-    hang_after: int | None = None  # after this many tokens send nothing more, keep the socket open
-    hang_before_headers: bool = False  # never even send the response headers
 
 
 def normalize_model(name: str) -> str:
@@ -142,61 +134,32 @@ class FakeOllama(FakeServer):
             record.complete.set()
             return web.json_response(reply)
 
-        try:
-            return await self._stream(request, record, script, model, tokens, done_reason,
-                                      prompt_tokens)
-        except (ConnectionError, asyncio.CancelledError):
-            if not record.complete.is_set():
-                record.disconnected.set()
-            raise
-
-    async def _stream(self, request: web.Request, record: ChatRecord, script: ChatScript,
-                      model: str, tokens: list[str], done_reason: str,
-                      prompt_tokens: int) -> web.StreamResponse:
-        if script.hang_before_headers:
-            await self.hang()
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
         started = time.perf_counter_ns()
+        return await self.stream(request, record, script, {"Content-Type": "application/x-ndjson"},
+                                 _plan(script, model, tokens, done_reason, prompt_tokens, started))
 
-        # The plan: token lines up to the first scripted interruption, then how the answer ends.
-        stops = [len(tokens)]
-        stops += [n for n in (script.malformed_after, script.hang_after) if n is not None]
-        if script.error is not None:
-            stops.append(script.error_after)
-        cut = max(0, min(stops))
-        # str: a token (encoded when sent, so created_at is real); bytes: a literal line;
-        # None: the final done line (built when sent, so its durations are real).
-        plan: list[str | bytes | None] = list(tokens[:cut])
-        if script.error is not None and script.error_after == cut:
-            plan.append(_line({"error": script.error}))
-        elif script.malformed_after == cut:
-            plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
-        elif script.hang_after is None and not script.end_without_done:
-            plan.append(None)
 
-        per_write = max(1, script.lines_per_write)
-        for start in range(0, len(plan), per_write):
-            payload = b"".join(
-                _line(_chunk(model, item, done=False)) if isinstance(item, str)
-                else item if item is not None
-                else _line(_final(model, done_reason, prompt_tokens, cut, started))
-                for item in plan[start:start + per_write]
-            )
-            if script.delay_s:
-                await asyncio.sleep(script.delay_s)
-            if script.split_lines:
-                half = len(payload) // 2
-                await response.write(payload[:half])
-                await asyncio.sleep(0.002)  # let the halves reach the client as separate reads
-                await response.write(payload[half:])
-            else:
-                await response.write(payload)
-        if script.hang_after is not None:
-            await self.hang()
-        await response.write_eof()
-        record.complete.set()
-        return response
+def _plan(script: ChatScript, model: str, tokens: list[str], done_reason: str,
+          prompt_tokens: int, started: int) -> list[Item]:
+    # The plan: token lines up to the first scripted interruption, then how the answer ends.
+    # Lines are built when sent, so created_at and the final line's durations are real.
+    stops = [len(tokens)]
+    stops += [n for n in (script.malformed_after, script.hang_after) if n is not None]
+    if script.error is not None:
+        stops.append(script.error_after)
+    cut = max(0, min(stops))
+    plan: list[Item] = [functools.partial(_token_line, model, token) for token in tokens[:cut]]
+    if script.error is not None and script.error_after == cut:
+        plan.append(_line({"error": script.error}))
+    elif script.malformed_after == cut:
+        plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
+    elif script.hang_after is None and not script.end_without_done:
+        plan.append(lambda: _line(_final(model, done_reason, prompt_tokens, cut, started)))
+    return plan
+
+
+def _token_line(model: str, token: str) -> bytes:
+    return _line(_chunk(model, token, done=False))
 
 
 def _now() -> str:

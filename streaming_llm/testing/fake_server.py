@@ -6,7 +6,9 @@ subprocess alike, and a test may block its own loop without starving it. ``stop(
 ``start()`` again serves on the same port: a backend that goes away and comes back.
 
 Every chat request is kept as a :class:`ChatRecord`: its body, the TCP connection it came on, and
-whether the client closed the connection before the answer was complete.
+whether the client closed the connection before the answer was complete. :class:`Script` holds
+what both fakes' scripts share (the answer's tokens, pacing, how writes are cut, errors, hangs),
+and :meth:`FakeServer.stream` sends a planned answer the way a script says.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import collections
 import dataclasses
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 from aiohttp import web
@@ -34,6 +37,27 @@ class ChatRecord:
     def wait_disconnected(self, timeout: float = 5.0) -> bool:
         """Block until the client closed the connection mid-answer; False on timeout."""
         return self.disconnected.wait(timeout)
+
+
+@dataclasses.dataclass
+class Script:
+    """How a fake answers its next chats (set ``fake.script`` before the request); each fake's
+    script adds the endings its protocol has."""
+
+    tokens: Sequence[str] = ("Hello", ",", " world", "!")
+    delay_s: float = 0.0  # pause before each write
+    per_write: int = 1  # lines (NDJSON) or events (SSE) sent in one write
+    split: bool = False  # send every write in two halves, cut in the middle
+    status: int = 200  # non-2xx: answer the protocol's error body instead of streaming
+    error: str | None = None  # with status 200: an error line/event after `error_after` tokens
+    error_after: int = 0
+    hang_after: int | None = None  # after this many tokens send nothing more, keep the socket
+    hang_before_headers: bool = False  # never even send the response headers
+
+
+#: One item of a planned answer: bytes as they are, or a function building them when sent (so
+#: timestamps and durations in it are real).
+Item = bytes | Callable[[], bytes]
 
 
 class FakeServer(ABC):
@@ -134,6 +158,39 @@ class FakeServer(ABC):
         record = ChatRecord(body=body, connection=connection, headers=dict(request.headers))
         self.chats.append(record)
         return record
+
+    async def stream(self, request: web.Request, record: ChatRecord, script: Script,
+                     headers: dict[str, str], plan: Sequence[Item]) -> web.StreamResponse:
+        """Send ``plan`` as a streamed answer, paced and cut as ``script`` says, then hang if it
+        says so. The record is marked complete at the end, or disconnected when the client went
+        away first."""
+        try:
+            if script.hang_before_headers:
+                await self.hang()
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            per_write = max(1, script.per_write)
+            for start in range(0, len(plan), per_write):
+                payload = b"".join(item if isinstance(item, bytes) else item()
+                                   for item in plan[start:start + per_write])
+                if script.delay_s:
+                    await asyncio.sleep(script.delay_s)
+                if script.split:
+                    half = len(payload) // 2
+                    await response.write(payload[:half])
+                    await asyncio.sleep(0.002)  # let the halves reach the client as separate reads
+                    await response.write(payload[half:])
+                else:
+                    await response.write(payload)
+            if script.hang_after is not None:
+                await self.hang()
+            await response.write_eof()
+            record.complete.set()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            if not record.complete.is_set():
+                record.disconnected.set()
+            raise
 
     async def hang(self) -> None:
         """Wait until the server stops (or the client goes away and cancels the handler)."""
