@@ -101,15 +101,13 @@ class FakeOllama(FakeServer):
         return web.json_response({"models": models})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        self.hits[request.path] += 1
         script = self.script
         try:
-            body = await request.json()
+            record = await self.begin_chat(request)
         except ValueError as exc:
             return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
-        record = self.record(request, body)
-
-        model = body.get("model") if isinstance(body, dict) else None
+        body = record.body
+        model = body.get("model")
         if not model:
             return web.json_response({"error": "model is required"}, status=400)
         if normalize_model(model) not in {normalize_model(m) for m in self.models}:

@@ -91,16 +91,15 @@ class FakeOpenAI(FakeServer):
             for m in self.models]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        self.hits[request.path] += 1
         script = self.script
         try:
-            body = await request.json()
+            record = await self.begin_chat(request)
         except ValueError as exc:
             return _error(400, f"invalid JSON body: {exc}", None)
-        record = self.record(request, body if isinstance(body, dict) else {})
         if (refused := self._refused(request)) is not None:
             return refused
-        model = body.get("model") if isinstance(body, dict) else None
+        body = record.body
+        model = body.get("model")
         if not model:
             return _error(400, "you must provide a model parameter", None)
         if model not in self.models:

@@ -152,6 +152,13 @@ class FakeServer(ABC):
         self.port = self._runner.addresses[0][1]
 
     # --- for handlers -------------------------------------------------------------------------
+    async def begin_chat(self, request: web.Request) -> ChatRecord:
+        """Count a chat request and keep its record; ``ValueError`` when the body is not JSON
+        (a body that is JSON but not an object is recorded as ``{}``)."""
+        self.hits[request.path] += 1
+        body = await request.json()
+        return self.record(request, body if isinstance(body, dict) else {})
+
     def record(self, request: web.Request, body: dict[str, Any]) -> ChatRecord:
         transport_id = id(request.transport)
         connection = self._connections.setdefault(transport_id, len(self._connections) + 1)

@@ -33,6 +33,13 @@ from .streams import drain, engine_request, until_error
 
 request = engine_request
 KEY = "sk-test-0123456789abcdef"
+#: streams.MESSAGES as both protocols put them on the wire, in order
+SENT_MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "first question"},
+    {"role": "assistant", "content": "first answer"},
+    {"role": "user", "content": "second question"},
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,12 +293,7 @@ async def test_ollama_request_has_messages_in_order_and_options_under_ollamas_na
 
     assert ollama.chats[0].body == {
         "model": "llama3.2",
-        "messages": [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "first question"},
-            {"role": "assistant", "content": "first answer"},
-            {"role": "user", "content": "second question"},
-        ],
+        "messages": SENT_MESSAGES,
         "stream": True,
         "keep_alive": "10m",
         # num_predict comes from the resolved request.max_new_tokens, not the raw option
@@ -371,12 +373,7 @@ async def test_openai_request_has_messages_in_order_and_options_under_openai_nam
     await collect(OPENAI.make_engine(openai, http), request(options, max_new_tokens=64))
     assert openai.chats[0].body == {
         "model": "fake-model",
-        "messages": [
-            {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "first question"},
-            {"role": "assistant", "content": "first answer"},
-            {"role": "user", "content": "second question"},
-        ],
+        "messages": SENT_MESSAGES,
         "stream": True,
         "stream_options": {"include_usage": True},
         # max_tokens comes from the resolved request.max_new_tokens, not the raw option
