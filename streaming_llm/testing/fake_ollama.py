@@ -84,8 +84,10 @@ class FakeOllama(FakeServer):
             return web.json_response({"error": "version unavailable"}, status=self.version_status)
         return web.json_response({"version": self.version})
 
-    async def _tags(self, request: web.Request) -> web.Response:
+    async def _tags(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
+        if self.probe_script is not None:
+            return await self.flooded_probe(request, self.probe_script, b'{"models": [', b"]}")
         models = [
             {
                 "name": name,
@@ -106,6 +108,8 @@ class FakeOllama(FakeServer):
             record = await self.begin_chat(request)
         except ValueError as exc:
             return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
+        if (moved := self.redirect(script)) is not None:
+            return moved
         body = record.body
         model = body.get("model")
         if not model:
@@ -114,6 +118,8 @@ class FakeOllama(FakeServer):
             return web.json_response(
                 {"error": f'model "{model}" not found, try pulling it first'}, status=404)
         if script.status != 200:
+            if script.flood_bytes:
+                return await self.flooded_error(request, record, script, b'{"error": "', b'"}')
             message = script.error or f"fake failure (HTTP {script.status})"
             return web.json_response({"error": message}, status=script.status)
 
@@ -121,20 +127,23 @@ class FakeOllama(FakeServer):
         tokens = list(script.tokens)
         done_reason = script.done_reason
         limit = options.get("num_predict")
-        if isinstance(limit, int) and 0 <= limit < len(tokens):
+        if isinstance(limit, int) and 0 <= limit < len(tokens) and not script.ignore_max_tokens:
             tokens, done_reason = tokens[:limit], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
 
         if body.get("stream", True) is False:
             started = time.perf_counter_ns()
-            reply = _final(model, done_reason, prompt_tokens, len(tokens), started)
+            reply = _final(model, done_reason, prompt_tokens, len(tokens), started, script.counts)
             reply["message"]["content"] = "".join(tokens)
             record.complete.set()
             return web.json_response(reply)
 
         started = time.perf_counter_ns()
+        plan = _plan(script, model, tokens, done_reason, prompt_tokens, started)
+        # a flood goes after the tokens, before how the answer ends
+        cut = sum(isinstance(item, functools.partial) for item in plan)
         return await self.stream(request, record, script, {"Content-Type": "application/x-ndjson"},
-                                 _plan(script, model, tokens, done_reason, prompt_tokens, started))
+                                 plan[:cut], plan[cut:])
 
 
 def _plan(script: ChatScript, model: str, tokens: list[str], done_reason: str,
@@ -152,7 +161,8 @@ def _plan(script: ChatScript, model: str, tokens: list[str], done_reason: str,
     elif script.malformed_after == cut:
         plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
     elif script.hang_after is None and not script.end_without_done:
-        plan.append(lambda: _line(_final(model, done_reason, prompt_tokens, cut, started)))
+        plan.append(lambda: _line(_final(model, done_reason, prompt_tokens, cut, started,
+                                         script.counts)))
     return plan
 
 
@@ -170,12 +180,13 @@ def _chunk(model: str, content: str, *, done: bool) -> dict[str, Any]:
 
 
 def _final(model: str, done_reason: str, prompt_tokens: int, eval_count: int,
-           started_ns: int) -> dict[str, Any]:
+           started_ns: int, counts: dict[str, Any] | None = None) -> dict[str, Any]:
     eval_ns = max(1, time.perf_counter_ns() - started_ns)
     final = _chunk(model, "", done=True)
     final.update(done_reason=done_reason, total_duration=eval_ns + 2_000_000,
                  load_duration=1_000_000, prompt_eval_count=prompt_tokens,
                  prompt_eval_duration=1_000_000, eval_count=eval_count, eval_duration=eval_ns)
+    final.update(counts or {})  # a broken upstream's numbers
     return final
 
 

@@ -80,10 +80,13 @@ class FakeOpenAI(FakeServer):
             return None
         return _error(401, "Incorrect API key provided.", "invalid_api_key")
 
-    async def _models(self, request: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
         if (refused := self._refused(request)) is not None:
             return refused
+        if self.probe_script is not None:
+            return await self.flooded_probe(request, self.probe_script,
+                                            b'{"object": "list", "data": [', b"]}")
         if self.models_status != 200:
             return _error(self.models_status, "models unavailable", None)
         return web.json_response({"object": "list", "data": [
@@ -98,12 +101,18 @@ class FakeOpenAI(FakeServer):
             return _error(400, f"invalid JSON body: {exc}", None)
         if (refused := self._refused(request)) is not None:
             return refused
+        if (moved := self.redirect(script)) is not None:
+            return moved
         body = record.body
         model = body.get("model")
         if not model:
             return _error(400, "you must provide a model parameter", None)
         if model not in self.models:
             return _error(404, f"The model `{model}` does not exist.", "model_not_found")
+        if script.status != 200 and script.flood_bytes:
+            return await self.flooded_error(request, record, script,
+                                            b'{"error": {"type": "server_error", "message": "',
+                                            b'"}}')
         if script.status != 200:
             return _error(script.status, script.error or f"fake failure (HTTP {script.status})",
                           None)
@@ -111,7 +120,7 @@ class FakeOpenAI(FakeServer):
         tokens = list(script.tokens)
         finish = script.finish_reason
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(limit, int) and 0 <= limit < len(tokens):
+        if isinstance(limit, int) and 0 <= limit < len(tokens) and not script.ignore_max_tokens:
             tokens, finish = tokens[:limit], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -119,6 +128,8 @@ class FakeOpenAI(FakeServer):
             wants_usage if script.usage is None else script.usage) else {
             "prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens)}
+        if script.counts is not None:  # a broken upstream's numbers, asked for or not
+            usage = {**(usage or {}), **script.counts}
         if usage is not None and script.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": script.cached_tokens}
 
@@ -129,13 +140,16 @@ class FakeOpenAI(FakeServer):
                 "model": model, "usage": usage, "choices": [{
                     "index": 0, "finish_reason": finish,
                     "message": {"role": "assistant", "content": "".join(tokens)}}]})
-        events = _events(script, model, tokens, finish, usage, wants_usage)
+        events, ending = _events(script, model, tokens, finish, usage, wants_usage)
         return await self.stream(request, record, script, {"Content-Type": "text/event-stream",
-                                                           "Cache-Control": "no-cache"}, events)
+                                                           "Cache-Control": "no-cache"},
+                                 events, ending)
 
 
 def _events(script: CompletionScript, model: str, tokens: list[str], finish: str,
-            usage: dict[str, Any] | None, wants_usage: bool) -> list[bytes]:
+            usage: dict[str, Any] | None,
+            wants_usage: bool) -> tuple[list[bytes], list[bytes]]:
+    """The events up to the last token, and those that end the answer (a flood goes between)."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
@@ -157,6 +171,7 @@ def _events(script: CompletionScript, model: str, tokens: list[str], finish: str
     cut = max(0, min(stops))
     events: list[bytes] = [_data(chunk({"role": "assistant", "content": ""}))]
     events += [_data(chunk({"content": token})) for token in tokens[:cut]]
+    streamed = len(events)
     if script.error is not None and script.error_after == cut:
         events.append(_data({"error": {"message": script.error, "type": "server_error",
                                        "param": None, "code": None}}))
@@ -176,7 +191,7 @@ def _events(script: CompletionScript, model: str, tokens: list[str], finish: str
         events = [b": keep-alive\n\n" + e for e in events]
     if script.crlf:
         events = [e.replace(b"\n", b"\r\n") for e in events]
-    return events
+    return events[:streamed], events[streamed:]
 
 
 def _data(obj: dict[str, Any]) -> bytes:

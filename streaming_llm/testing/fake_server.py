@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import threading
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Self
@@ -31,6 +32,7 @@ class ChatRecord:
     body: dict[str, Any]
     connection: int  # distinct number of the TCP connection it came on
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    sent: int = 0  # bytes of the answer written (before compression), floods included
     complete: threading.Event = dataclasses.field(default_factory=threading.Event)
     disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -53,6 +55,16 @@ class Script:
     error_after: int = 0
     hang_after: int | None = None  # after this many tokens send nothing more, keep the socket
     hang_before_headers: bool = False  # never even send the response headers
+    # --- a hostile or broken upstream --------------------------------------------------------
+    encoding: str | None = None  # "gzip": the body goes gzip-compressed, whatever was asked
+    flood: bytes = b""  # after the tokens (inside the message of an error body): this, repeated
+    flood_bytes: int = 0  # ... to this many bytes before compression, made as it is sent
+    ignore_max_tokens: bool = False  # run on past max_tokens / num_predict
+    counts: dict[str, Any] | None = None  # usage numbers sent in place of the real ones
+    redirect: str | None = None  # answer every chat with a 307 to this URL
+
+
+FLOOD_PIECE = 1024 * 1024  # a flood is made and sent a MiB at a time: the fake's memory stays low
 
 
 #: One item of a planned answer: bytes as they are, or a function building them when sent (so
@@ -74,6 +86,7 @@ class FakeServer(ABC):
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        self.probe_script: Script | None = None  # set: the model-list probe answers with its flood
 
     @abstractmethod
     def add_routes(self, app: web.Application) -> None:
@@ -166,22 +179,27 @@ class FakeServer(ABC):
         self.chats.append(record)
         return record
 
-    async def stream(self, request: web.Request, record: ChatRecord, script: Script,
-                     headers: dict[str, str], plan: Sequence[Item]) -> web.StreamResponse:
-        """Send ``plan`` as a streamed answer, paced and cut as ``script`` says, then hang if it
-        says so. The record is marked complete at the end, or disconnected when the client went
-        away first."""
+    async def stream(self, request: web.Request, record: ChatRecord | None, script: Script,
+                     headers: dict[str, str], plan: Sequence[Item], tail: Sequence[Item] = (),
+                     *, status: int = 200) -> web.StreamResponse:
+        """Send ``plan``, the script's flood, then ``tail`` as a streamed body, paced, cut and
+        encoded as ``script`` says, then hang if it says so. The record (none for a probe) is
+        marked complete at the end, or disconnected when the client went away first."""
         try:
             if script.hang_before_headers:
                 await self.hang()
-            response = web.StreamResponse(headers=headers)
+            squeeze = None
+            if script.encoding == "gzip":
+                squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header
+                headers = {**headers, "Content-Encoding": "gzip"}
+            response = web.StreamResponse(status=status, headers=headers)
             await response.prepare(request)
-            per_write = max(1, script.per_write)
-            for start in range(0, len(plan), per_write):
-                payload = b"".join(item if isinstance(item, bytes) else item()
-                                   for item in plan[start:start + per_write])
-                if script.delay_s:
-                    await asyncio.sleep(script.delay_s)
+
+            async def send(payload: bytes) -> None:
+                if record is not None:
+                    record.sent += len(payload)
+                if squeeze is not None:
+                    payload = squeeze.compress(payload) + squeeze.flush(zlib.Z_SYNC_FLUSH)
                 if script.split:
                     half = len(payload) // 2
                     await response.write(payload[:half])
@@ -189,15 +207,50 @@ class FakeServer(ABC):
                     await response.write(payload[half:])
                 else:
                     await response.write(payload)
+
+            per_write = max(1, script.per_write)
+            for start in range(0, len(plan), per_write):
+                if script.delay_s:
+                    await asyncio.sleep(script.delay_s)
+                await send(b"".join(item if isinstance(item, bytes) else item()
+                                    for item in plan[start:start + per_write]))
+            if script.flood and script.flood_bytes:
+                piece = script.flood * (FLOOD_PIECE // len(script.flood) + 1)
+                for sent in range(0, script.flood_bytes, FLOOD_PIECE):
+                    await send(piece[:min(FLOOD_PIECE, script.flood_bytes - sent)])
+            for item in tail:
+                await send(item if isinstance(item, bytes) else item())
             if script.hang_after is not None:
                 await self.hang()
+            if squeeze is not None:
+                await response.write(squeeze.flush())
             await response.write_eof()
-            record.complete.set()
+            if record is not None:
+                record.complete.set()
             return response
         except (ConnectionError, asyncio.CancelledError):
-            if not record.complete.is_set():
+            if record is not None and not record.complete.is_set():
                 record.disconnected.set()
             raise
+
+    async def flooded_error(self, request: web.Request, record: ChatRecord, script: Script,
+                            prefix: bytes, suffix: bytes) -> web.StreamResponse:
+        """A ``script.status`` error whose JSON body carries the script's flood as its message:
+        ``prefix``, the flood, ``suffix``."""
+        return await self.stream(request, record, script, {"Content-Type": "application/json"},
+                                 [prefix], [suffix], status=script.status)
+
+    async def flooded_probe(self, request: web.Request, script: Script, prefix: bytes,
+                            suffix: bytes) -> web.StreamResponse:
+        """A probe's 200 answer padded with the script's flood (JSON whitespace keeps it valid)."""
+        return await self.stream(request, None, script, {"Content-Type": "application/json"},
+                                 [prefix], [suffix])
+
+    @staticmethod
+    def redirect(script: Script) -> web.Response | None:
+        if script.redirect is None:
+            return None
+        return web.Response(status=307, headers={"Location": script.redirect})
 
     async def hang(self) -> None:
         """Wait until the server stops (or the client goes away and cancels the handler)."""
