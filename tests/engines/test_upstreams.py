@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -475,3 +477,121 @@ async def test_openai_health_reports_a_model_the_server_does_not_serve(openai, h
     assert health.ready is False
     assert health.detail == (f"model gpt-9 is not served by openai at {openai.base_url} "
                              "(it lists: fake-model, other)")
+
+
+# --- a hostile or broken upstream: every read bounded -----------------------------------------
+# The bound these tests hold the engine to: the Python memory allocated while a turn or a probe
+# runs (tracemalloc's peak, the fake's own pieces included) stays under MEMORY_BOUND, against
+# floods of 50 to 200 MB before compression. The engine's own bounds, at their defaults: a line
+# or event 1 MiB, an error or probe body 1 MiB, one answer 16 MiB (docs/security.md).
+MEMORY_BOUND = 16 * 1024 * 1024
+MB = 1024 * 1024
+BLANKS = b" " * 1023 + b"\n"  # a line of blanks: skipped by NDJSON and SSE readers alike
+
+
+class Peak:
+    """``with Peak() as peak: ...``, then ``peak.bytes``: the most Python memory allocated at
+    once inside the block."""
+
+    bytes = 0
+
+    def __enter__(self) -> Peak:
+        tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+async def test_an_endless_line_ends_the_turn_in_bounded_memory(kind, fake, http, encoding):
+    fake.script = kind.script(tokens=["x"], flood=b"a", flood_bytes=50 * MB, encoding=encoding)
+    with Peak() as peak:
+        pieces, error = await collect_until_error(kind.make_engine(fake, http))
+    assert pieces == ["x"]
+    assert error.code == "engine_protocol_error" and "longer than" in error.message
+    assert peak.bytes < MEMORY_BOUND, peak.bytes
+    assert await asyncio.to_thread(fake.chats[0].wait_disconnected, 5)
+
+
+async def test_a_gzip_bomb_in_the_answer_ends_it_at_the_answer_bound(kind, fake, http):
+    # 200 MB of blank lines (about 200 KB on the wire): valid, endless, and no text
+    fake.script = kind.script(tokens=["x"], flood=BLANKS, flood_bytes=200 * MB, encoding="gzip")
+    with Peak() as peak:
+        pieces, finished = await collect(kind.make_engine(fake, http))
+    assert pieces == ["x"] and finished.reason == "length"
+    assert peak.bytes < MEMORY_BOUND, peak.bytes
+    assert fake.chats[0].sent < 100 * MB  # it stopped reading long before the end
+    assert await asyncio.to_thread(fake.chats[0].wait_disconnected, 5)
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+async def test_a_100_mb_error_message_is_cut_in_bounded_memory(kind, fake, http, encoding):
+    fake.script = kind.script(status=500, flood=b"x", flood_bytes=100 * MB, encoding=encoding)
+    with Peak() as peak:
+        _, error = await collect_until_error(kind.make_engine(fake, http))
+    size = len(error.message)  # (not the message itself in the assertion: 100 MB to print)
+    assert size <= 1100, size  # ~1 KiB of it reaches the client
+    assert error.code == "engine_error" and error.message.startswith(f"{kind.name} answered HTTP 500")
+    assert peak.bytes < MEMORY_BOUND, peak.bytes
+
+
+async def test_a_gzip_bomb_in_the_health_probe_fails_the_probe_in_bounded_memory(kind, fake,
+                                                                                 http):
+    fake.probe_script = Script(flood=b" ", flood_bytes=200 * MB, encoding="gzip")
+    with Peak() as peak:
+        health = await kind.make_engine(fake, http).health()
+    assert health.ready is False
+    assert "unexpected answer" in (health.detail or "") and "more than" in (health.detail or "")
+    assert peak.bytes < MEMORY_BOUND, peak.bytes
+
+
+async def test_a_run_on_answer_is_cut_at_max_new_tokens(kind, fake, http):
+    fake.script = kind.script(tokens=[f" w{i}" for i in range(200)], ignore_max_tokens=True,
+                              delay_s=0.02)  # (still sending when we stop)
+    pieces, finished = await collect(kind.make_engine(fake, http), request(max_new_tokens=5))
+    assert pieces == [" w0", " w1", " w2", " w3", " w4"]
+    assert finished.reason == "length" and finished.usage.completion_tokens == 5
+    # we stopped reading: the connection is closed, so the upstream stops generating
+    assert await asyncio.to_thread(fake.chats[0].wait_disconnected, 5)
+
+
+@pytest.mark.parametrize(("prompt", "completion"), [(-5, 3), (7, -1), (2**64 - 1, 3),
+                                                    (7, 2**64 - 1), (-1, 2**31)],
+                         ids=["negative-prompt", "negative-completion", "huge-prompt",
+                              "huge-completion", "both"])
+async def test_bad_usage_numbers_are_dropped_with_one_warning(kind, fake, http, caplog, prompt,
+                                                              completion):
+    names = {"ollama": ("prompt_eval_count", "eval_count"),
+             "openai": ("prompt_tokens", "completion_tokens")}[kind.name]
+    fake.script = kind.script(counts=dict(zip(names, (prompt, completion), strict=True)))
+    with caplog.at_level(logging.WARNING, "streaming_llm"):
+        pieces, finished = await collect(kind.make_engine(fake, http))
+    assert "".join(pieces) == "Hello, world!" and finished.reason == "stop"
+    usage = finished.usage
+    # a bad number is unknown: 0 prompt tokens, the pieces counted as the completion
+    assert usage.prompt_tokens == (prompt if 0 <= prompt < 2**31 else 0)
+    assert usage.completion_tokens == (completion if 0 <= completion < 2**31 else 4)
+    assert usage.decode_tokens_per_s is None or 0 <= usage.decode_tokens_per_s < 2**31
+    warnings = [r for r in caplog.records if "usage" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+async def test_a_redirect_is_not_followed(kind, fake, http):
+    with kind.serve() as elsewhere:
+        fake.script = kind.script(redirect=kind.url(elsewhere) + {
+            "ollama": "/api/chat", "openai": "/chat/completions"}[kind.name])
+        _, error = await collect_until_error(kind.make_engine(fake, http))
+        assert elsewhere.chats == []  # the conversation was not sent on
+    assert error.code == "engine_error" and "HTTP 307" in error.message
+
+
+async def test_openai_an_endless_event_ends_the_turn_in_bounded_memory(openai, http):
+    # data: lines without the blank line that ends an event
+    openai.script = CompletionScript(tokens=["x"], flood=b"data: x\n", flood_bytes=50 * MB)
+    with Peak() as peak:
+        pieces, error = await collect_until_error(OPENAI.make_engine(openai, http))
+    assert pieces == ["x"]
+    assert error.code == "engine_protocol_error" and "longer than" in error.message
+    assert peak.bytes < MEMORY_BOUND, peak.bytes
