@@ -87,6 +87,8 @@ class FakeOllama(FakeServer):
     async def _tags(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
         if self.probe_script is not None:
+            if (moved := self.redirect(self.probe_script)) is not None:
+                return moved
             return await self.flooded_probe(request, self.probe_script, b'{"models": [', b"]}")
         models = [
             {

@@ -85,6 +85,8 @@ class FakeOpenAI(FakeServer):
         if (refused := self._refused(request)) is not None:
             return refused
         if self.probe_script is not None:
+            if (moved := self.redirect(self.probe_script)) is not None:
+                return moved
             return await self.flooded_probe(request, self.probe_script,
                                             b'{"object": "list", "data": [', b"]}")
         if self.models_status != 200:

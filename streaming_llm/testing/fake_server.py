@@ -86,7 +86,8 @@ class FakeServer(ABC):
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
-        self.probe_script: Script | None = None  # set: the model-list probe answers with its flood
+        # set: the model-list probe answers with this script's flood (or redirect)
+        self.probe_script: Script | None = None
 
     @abstractmethod
     def add_routes(self, app: web.Application) -> None:

@@ -587,6 +587,15 @@ async def test_a_redirect_is_not_followed(kind, fake, http):
     assert error.code == "engine_error" and "HTTP 307" in error.message
 
 
+async def test_a_redirect_of_the_health_probe_is_not_followed(kind, fake, http):
+    listing = {"ollama": "/api/tags", "openai": "/models"}[kind.name]
+    with kind.serve() as elsewhere:
+        fake.probe_script = Script(redirect=kind.url(elsewhere) + listing)
+        health = await kind.make_engine(fake, http).health()
+        assert sum(elsewhere.hits.values()) == 0
+    assert health.ready is False and "307" in (health.detail or "")
+
+
 async def test_openai_an_endless_event_ends_the_turn_in_bounded_memory(openai, http):
     # data: lines without the blank line that ends an event
     openai.script = CompletionScript(tokens=["x"], flood=b"data: x\n", flood_bytes=50 * MB)
