@@ -598,7 +598,8 @@ async def test_a_redirect_of_the_health_probe_is_not_followed(kind, fake, http):
 
 async def test_openai_an_endless_event_ends_the_turn_in_bounded_memory(openai, http):
     # data: lines without the blank line that ends an event
-    openai.script = CompletionScript(tokens=["x"], flood=b"data: x\n", flood_bytes=50 * MB)
+    openai.script = CompletionScript(tokens=["x"], flood=b"data: " + b"x" * 1000 + b"\n",
+                                     flood_bytes=50 * MB)
     with Peak() as peak:
         pieces, error = await collect_until_error(OPENAI.make_engine(openai, http))
     assert pieces == ["x"]
