@@ -264,12 +264,12 @@ class Scheduler:
             self._fail(r, exc)
 
     # -- deciding ---------------------------------------------------------------------------------
-    def _schedule(self) -> StepPlan:
+    def _schedule(self) -> StepPlan[Request]:
         """Cancel, admit, then plan this step: the oldest feeding request's next chunk (the
         stall bound) and every decoding row."""
         self._cancel()
         self._admit()
-        plan = StepPlan(rows=list(self._rows), solo=list(self._solo))
+        plan: StepPlan[Request] = StepPlan(rows=list(self._rows), solo=list(self._solo))
         if self._feeding:
             r = self._feeding[0]
             size = self.prefill_chunk
@@ -338,7 +338,7 @@ class Scheduler:
         self._feeding.append(r)
 
     # -- applying a step's output -------------------------------------------------------------------
-    def _apply(self, plan: StepPlan, out: StepOutput) -> None:
+    def _apply(self, plan: StepPlan[Request], out: StepOutput[Request]) -> None:
         # The batch's rows first: a prompt that ends now joins the batch after them.
         if plan.rows:
             self._decoded(plan.rows, out)
@@ -354,7 +354,7 @@ class Scheduler:
                 self._solo.remove(r)
                 self._end(r, r.ending)
 
-    def _fed(self, r: Request, chunk: list[int], out: StepOutput) -> None:
+    def _fed(self, r: Request, chunk: list[int], out: StepOutput[Request]) -> None:
         """A prompt or closing chunk went in; a finished prompt's first token joins the batch."""
         if r in out.failed:
             self._feeding.remove(r)
@@ -398,7 +398,7 @@ class Scheduler:
         else:
             self._solo.append(r)
 
-    def _decoded(self, rows: list[Request], out: StepOutput) -> None:
+    def _decoded(self, rows: Sequence[Request], out: StepOutput[Request]) -> None:
         """The batch advanced one token: hand each row its next token; rows that end leave."""
         if out.batch_failed is not None:
             self._rows = [r for r in self._rows if r not in rows]
