@@ -137,6 +137,8 @@ async def test_cache_dropped_from_lru_comes_back_from_disk_or_rebuilds(
     a += [ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "A again")]
     await chat(engine, b, cid="b", temperature=0)  # pushes A's cache out
     await engine.idle()
+    if disk:
+        engine.caches.disk.flush()  # type: ignore[union-attr]  # written, not only handed over
     assert (await engine.health()).extra["cached_conversations"] == 1
     pieces, finished = await chat(engine, a, cid="a", temperature=0)
     if disk:  # read back whole: everything but the new user message is cached

@@ -195,6 +195,10 @@ class DiskTier:
         """Read the conversation's file on the tier's thread (after any write queued before)."""
         return self._thread.submit(self._load, cid)
 
+    def flush(self) -> None:
+        """Wait until everything handed to the tier so far is done (tests, benchmarks)."""
+        self._thread.submit(lambda: None).result()
+
     def remove(self, cid: str) -> None:
         """The conversation was deleted: its file goes (after any write queued before)."""
         with self._lock:
