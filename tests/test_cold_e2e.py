@@ -42,9 +42,9 @@ def say(ws: Any, conversation: str | None, message: str, max_new_tokens: int = 1
 
 def history(ws: Any) -> str:
     """A conversation of ~3,000 tokens (three windows' worth is more than the cache holds)."""
-    conv, _, usage = say(ws, None, FILLER * 2 + "Reply with one word.")
+    conv, _, usage = say(ws, None, FILLER * 6 + "Reply with one word.")
     for _ in range(2):
-        _, _, usage = say(ws, conv, FILLER * 2 + "Reply with one word.")
+        _, _, usage = say(ws, conv, FILLER * 6 + "Reply with one word.")
     assert usage["prompt_tokens"] > 2 * WINDOW and usage["evicted_tokens"] > 0
     return conv
 
