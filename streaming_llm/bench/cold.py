@@ -114,13 +114,13 @@ async def _measure(model: str, root: Path, tokens: int, args: argparse.Namespace
         for _ in range(args.repeats):
             if case == "evicted":
                 await _ask(engine, "other", [("system", SYSTEM), ("user", "hi")], 1)
-                engine.caches.disk.flush()
+                engine.caches.disk.flush()  # type: ignore[union-attr]
             i += 1
             ms, usage, messages = await _question(engine, "c", messages, i)
             assert usage.cache_source == ("memory" if case == "warm" else "disk"), usage
             best[case] = min(best.get(case, float("inf")), ms)
             row["history_tokens"] = usage.prompt_tokens
-    health = (await engine.health()).extra
+    health: dict[str, Any] = (await engine.health()).extra or {}
     row["file_bytes"] = (engine.settings.kv_path / "c.kv").stat().st_size
     row["write_ms"] = round(1000 * health["kv_disk_write_seconds"] / max(1, health["kv_disk_writes"]), 1)
     row["load_ms"] = round(1000 * health["kv_disk_load_seconds"] / max(1, health["kv_disk_loads"]), 1)
@@ -150,7 +150,7 @@ async def _measure(model: str, root: Path, tokens: int, args: argparse.Namespace
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("| history (tokens) | warm ms | evicted ms (×) | after restart ms (×) | rebuilt ms (×) "
+    head = ("| history (tokens) | warm ms | evicted ms (x warm) | after restart ms (x) | rebuilt ms (x) "
             "| file MB | write ms | load ms |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
