@@ -18,7 +18,10 @@ One iteration of the loop:
    conversation's cache first), so a cancel takes effect within one step;
 2. *admit*: waiting requests, oldest first, while fewer than ``max_batch`` are prefilling or
    decoding; a request waits while another request with the same ``key`` (its conversation) is
-   live, so one conversation's turns never touch its cache at the same time.
+   live, so one conversation's turns never touch its cache at the same time. That is the cache's
+   ownership, not the admission of turns (the chat layer admits, docs/architecture.md): a turn's
+   closing ids are fed after its caller has the ``done``, so the next turn of the conversation,
+   already admitted by the chat layer, may arrive while they go in.
    :meth:`Handler.prepare` runs now and says which cache to feed with which ids;
 3. *prefill*: one chunk (at most ``prefill_chunk`` tokens) of the oldest prefilling or closing
    request, through the conversation's own cache (batch 1, the path a lone turn takes). A
@@ -52,8 +55,15 @@ from .runner import ModelRunner, StepOutput, StepPlan
 from .sink_cache import SinkCache
 from .step import ModelStep, Step
 
-__all__ = ["PREFILL_CHUNK", "Handler", "Outcome", "Prefill", "Request", "RequestState",
-           "Scheduler"]
+__all__ = [
+    "PREFILL_CHUNK",
+    "Feed",
+    "Handler",
+    "Outcome",
+    "Request",
+    "RequestState",
+    "Scheduler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +82,7 @@ class RequestState(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Prefill:
+class Feed:
     """Ids to feed into a conversation's cache: a prompt, or what closes a turn.
 
     ``reserve``: answer tokens to make room for before the prompt (sink cache; at most half the
@@ -112,7 +122,7 @@ class Outcome:
 class Handler(Protocol):
     """What a request's owner does at each step; every method runs on the scheduler's thread."""
 
-    def prepare(self) -> Prefill:
+    def prepare(self) -> Feed:
         """At admission: the cache to use and the prompt ids to feed (at least one)."""
 
     def consumed(self, ids: Sequence[int]) -> None:
@@ -121,7 +131,7 @@ class Handler(Protocol):
     def token(self, token: int) -> bool:
         """A sampled token; return False to stop here (end of sequence, a stop string)."""
 
-    def finished(self, outcome: Outcome) -> Prefill | None:
+    def finished(self, outcome: Outcome) -> Feed | None:
         """The answer ended and the cache is the conversation's own again; return ids that close
         the turn (fed before :meth:`released`), or None."""
 
@@ -143,7 +153,7 @@ class Request:
     # -- the loop's own bookkeeping ------------------------------------------------------------
     cache: Any = None
     pending: list[int] = field(default_factory=list)  # ids still to feed (prompt or closing)
-    fed: int = 0  # ids of the current Prefill fed so far
+    fed: int = 0  # ids of the current Feed fed so far
     breaks: tuple[int, ...] = ()
     skip: tuple[int, tuple[int, ...]] | None = None
     tokens: list[int] = field(default_factory=list)
@@ -320,7 +330,7 @@ class Scheduler:
                 continue
             self._start_feeding(r, work, RequestState.PREFILLING)
 
-    def _start_feeding(self, r: Request, work: Prefill, state: RequestState) -> None:
+    def _start_feeding(self, r: Request, work: Feed, state: RequestState) -> None:
         r.cache, r.pending, r.state = work.cache, list(work.ids), state
         r.fed, r.breaks, r.skip = 0, work.breaks, work.skip
         if r.skip is not None:

@@ -273,7 +273,7 @@ async def test_sampling_is_reproducible_with_a_seed(make_engine: MakeEngine,
     assert texts[0] != texts[2]
 
 
-# --- cancellation and the worker thread ---------------------------------------------------------
+# --- cancellation and the scheduler's thread ------------------------------------------------------
 def count_steps_after_cancel(engine: LocalEngine) -> list[int]:
     """Count forward passes that start after a live request's cancel flag was set."""
     counts = [0, 0]  # [all forward passes, those started after cancel]

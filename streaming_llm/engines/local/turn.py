@@ -36,7 +36,7 @@ from typing import Any, Literal
 from ...errors import AgentContextTooLong, ContextTooLong, EngineError
 from ..base import EngineRequest, Finished, PromptTokens, TextChunk, Usage
 from ..detokenize import IncrementalDecoder, StopMatcher
-from ..scheduler import Outcome, Prefill
+from ..scheduler import Feed, Outcome
 from .caches import Caches, Layout, Plan
 from .prompts import Prompts
 from .store import Conversation
@@ -78,7 +78,7 @@ class Turn:
         self.source = "new"  # where the cache came from: memory, disk, rebuilt, new
 
     # -- the scheduler's calls ---------------------------------------------------------------------
-    def prepare(self) -> Prefill:
+    def prepare(self) -> Feed:
         request, prompts, caches = self.request, self.prompts, self.caches
         state = caches.take(self, request.conversation_id)
         self.state = state  # kept again on release whatever happens next
@@ -134,7 +134,7 @@ class Turn:
             return False
         return True
 
-    def finished(self, outcome: Outcome) -> Prefill | None:
+    def finished(self, outcome: Outcome) -> Feed | None:
         if outcome.reason == "cancelled" or self.state is None:
             return None
         assert self._decoder is not None and self._stops is not None
@@ -190,7 +190,7 @@ class Turn:
         state, self._prefix_at = self.caches.fresh(self.layout)
         return state
 
-    def _feed(self, plan: Plan, target: Sequence[int], reserve: int = 0) -> Prefill:
+    def _feed(self, plan: Plan, target: Sequence[int], reserve: int = 0) -> Feed:
         """What the scheduler feeds: the ids of ``target`` past ``plan.keep``, less a bounded
         rebuild's skip. A chunk must end at the pinned prefix when a copy of it is to be kept.
         """
@@ -200,7 +200,7 @@ class Turn:
             offset, skipped = skip
             ids = ids[:offset] + ids[offset + len(skipped):]
         breaks = (self._prefix_at - plan.keep,) if self._prefix_at > plan.keep else ()
-        return Prefill(plan.state.cache, ids, reserve=reserve, breaks=breaks, skip=skip)
+        return Feed(plan.state.cache, ids, reserve=reserve, breaks=breaks, skip=skip)
 
     def _show(self, text: str) -> None:
         if text:
