@@ -327,7 +327,8 @@ class LocalEngine:
         loaded, prompts, caches = self._loaded, self.prompts, self.caches
         assert loaded is not None and prompts is not None and caches is not None
         submitted = time.perf_counter()
-        if caches.disk is not None:  # the disk tier reads on its own thread, not the scheduler's
+        if caches.disk is not None and request.conversation_id not in caches.conversations:
+            # The disk tier reads on its own thread, not the scheduler's.
             await asyncio.to_thread(caches.preload, request.conversation_id)
         turn = Turn(request, emit, caches=caches, prompts=prompts, tokenizer=loaded.tokenizer,
                     eos_ids=loaded.eos_ids, streaming=self.settings.streaming,
