@@ -59,6 +59,7 @@ class Constraint:
     pattern: str | None = None             # regex, or grammar text (Lark/llguidance syntax)
     tools: tuple[dict[str, Any], ...] = () # tool_calls: OpenAI-shape function tools {"name","description","parameters"}
     lazy_trigger: str | None = None        # tool_calls with tool_choice auto: free text until this string starts a call
+    parallel: bool = True  # tool_calls: several calls one after another (parallel_tool_calls)
 
 
 class EngineRequest(msgspec.Struct, frozen=True):
