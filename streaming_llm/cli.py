@@ -14,7 +14,8 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed")
+BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed",
+              "structured")
 
 
 def build_parser() -> argparse.ArgumentParser:
