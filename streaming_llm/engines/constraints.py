@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -291,23 +290,38 @@ class ToolCall:
     arguments: dict[str, Any]
 
 
-_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE),
-                    re.DOTALL)
+_DECODER = json.JSONDecoder()
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     """Split an answer into the text before its first call and the calls written in the generic
-    format (blocks that do not parse as ``{"name", "arguments"}`` are skipped)."""
+    format (a block that does not parse as ``{"name", "arguments"}`` ends the calls).
+
+    Each call's JSON is decoded as JSON, not cut at the next closing tag: an argument may well
+    contain ``</tool_call>`` inside a string."""
     calls: list[ToolCall] = []
-    first = None
-    for match in _BLOCK.finditer(text):
+    first = at = text.find(TOOL_CALL_OPEN)
+    while at >= 0:
+        start = _skip_space(text, at + len(TOOL_CALL_OPEN))
         try:
-            data = json.loads(match.group(1))
+            data, end = _DECODER.raw_decode(text, start)
         except ValueError:
-            continue
-        if not (isinstance(data, dict) and isinstance(data.get("name"), str)
+            break
+        end = _skip_space(text, end)
+        if not (text.startswith(TOOL_CALL_CLOSE, end) and isinstance(data, dict)
+                and isinstance(data.get("name"), str)
                 and isinstance(data.get("arguments", {}), dict)):
-            continue
+            break
         calls.append(ToolCall(data["name"], data.get("arguments", {})))
-        first = match.start() if first is None else first
-    return (text if first is None else text[:first].rstrip()), calls
+        at = _skip_space(text, end + len(TOOL_CALL_CLOSE))
+        if not text.startswith(TOOL_CALL_OPEN, at):
+            break
+    if not calls:
+        return text, []
+    return text[:first].rstrip(), calls
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at

@@ -226,3 +226,16 @@ def test_engines_that_cannot_check_accept_and_echo_enforces_nothing() -> None:
     check_constraint(object(), Constraint("regex", pattern="(("))  # no check_constraint: passes
     check_constraint(EchoEngine(), Constraint("regex", pattern="(("))
     check_constraint(EchoEngine(), None)
+
+
+def test_parse_tool_calls_reads_json_not_up_to_the_next_tag() -> None:
+    # seen from the default model: a string argument holding the closing tag
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "}}</tool_call>You", '
+            '"unit": "c"}}\n</tool_call>')
+    before, [call] = parse_tool_calls(text)
+    assert before == "" and call.arguments == {"city": "}}</tool_call>You", "unit": "c"}
+    two = ('Hi <tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "b", "arguments": {"x": 1}}\n</tool_call>')
+    assert [c.name for c in parse_tool_calls(two)[1]] == ["a", "b"]
+    assert parse_tool_calls(two)[0] == "Hi"
+    assert parse_tool_calls("no calls <tool_call> {broken") == ("no calls <tool_call> {broken", [])
