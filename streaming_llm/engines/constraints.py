@@ -144,7 +144,8 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, eos_ids: Iterable[int], vocab: int, *,
                  cache_size: int = CACHE_SIZE) -> None:
-        self._hf, self._eos, self.vocab = tokenizer, sorted(eos_ids), vocab
+        # the mask's width: the logits', or the tokenizer's when larger (its extra ids never pass)
+        self._hf, self._eos, self.vocab = tokenizer, sorted(eos_ids), max(vocab, len(tokenizer))
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._tokenizer: Any = None
@@ -162,7 +163,7 @@ class Grammars:
                 import llguidance.hf
 
                 self._tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf, n_vocab=max(self.vocab, len(self._hf)), eos_token=self._eos)
+                    self._hf, n_vocab=self.vocab, eos_token=self._eos)
             return self._tokenizer
 
     def check(self, constraint: Constraint) -> None:
@@ -268,7 +269,9 @@ def fill_masks(states: Sequence[ConstraintState | None], vocab: int,
     None when no row is constrained now (so an unconstrained step pays nothing)."""
     if not any(s is not None and s.active and not s.done for s in states):
         return None
-    words = (vocab + 31) // 32
+    # A mask covers the grammar's vocabulary (the tokenizer's, when it is larger than the logits)
+    width = max([vocab, *(s.grammars.vocab for s in states if s is not None)])
+    words = (width + 31) // 32
     bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # all allowed
     for b, s in enumerate(states):
         if s is not None:

@@ -239,3 +239,16 @@ def test_parse_tool_calls_reads_json_not_up_to_the_next_tag() -> None:
     assert [c.name for c in parse_tool_calls(two)[1]] == ["a", "b"]
     assert parse_tool_calls(two)[0] == "Hi"
     assert parse_tool_calls("no calls <tool_call> {broken") == ("no calls <tool_call> {broken", [])
+
+
+@pytest.mark.parametrize("extra", [45, -40])
+def test_logits_and_tokenizer_of_different_widths(extra: int) -> None:
+    """Wider logits (padded, as Qwen's): the extra ids never pass; narrower ones (a tokenizer
+    with ids the model never outputs): the mask is cut to the logits."""
+    tok = build_tokenizer()
+    vocab = len(tok) + extra
+    grammars = Grammars(tok, [tok.eos_token_id], vocab)
+    state = grammars.state(Constraint("json_object"))
+    masks = fill_masks([state, None], vocab)
+    assert masks is not None and masks.shape == (2, vocab)
+    assert masks[0].any() and not masks[0, len(tok):].any() and masks[1].all()
