@@ -22,7 +22,9 @@ output"). Three pieces:
 Lazy tool calls (``tool_calls`` with ``lazy_trigger``)
     The answer is free text until the decoded output contains the trigger (``<tool_call>``);
     from the trigger's first byte on, the call is constrained (as llama.cpp's lazy grammars: the
-    text from the trigger on is fed to the matcher, then every token is masked).
+    text from the trigger on is fed to the matcher, then every token is masked). Should that
+    text not start a call (the token that completed the trigger carried bytes the format does
+    not allow), the answer ends there, ``broken`` saying why.
 
 The tool-call format (SmolLM2's chat template ignores ``tools=``, so the generic one, as
 Qwen2.5 / Hermes write it): one block per call, blocks one after another for parallel calls::
