@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ..engines.base import (
     ChatMessage,
     Chunk,
+    Constraint,
     Engine,
     EngineRequest,
     Finished,
@@ -215,7 +216,8 @@ class ConversationManager:
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
-                    conversation_id: str | None, options: GenerationOptions) -> TurnInProgress:
+                    conversation_id: str | None, options: GenerationOptions,
+                    constraint: Constraint | None = None) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message)."""
         started = time.perf_counter()
         if conversation_id is not None:
@@ -269,11 +271,13 @@ class ConversationManager:
             request_id=request_id, conversation_id=stored_in, messages=messages,
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+            constraint=constraint,
         )
         return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started)
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions) -> TurnInProgress:
+                             options: GenerationOptions,
+                             constraint: Constraint | None = None) -> TurnInProgress:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -293,6 +297,7 @@ class ConversationManager:
             request_id=request_id, conversation_id=f"tmp_{uuid.uuid4().hex}",
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+            constraint=constraint,
         )
         return TurnInProgress(request_id, request.conversation_id, "", request, stored=False,
                               started=started)

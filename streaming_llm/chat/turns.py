@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, Constraint
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
 from .admission import GenerationGate
@@ -78,6 +78,7 @@ class TurnSpec:
     conversation_id: str | None = None
     client: str = ""  # the client's address, for the per-client slot cap
     history: Sequence[ChatMessage] | None = None
+    constraint: Constraint | None = None  # what the answer must match (structured output)
 
     @property
     def stored(self) -> bool:
@@ -220,10 +221,11 @@ class TurnRunner:
         if spec.history is not None:
             return await self.manager.begin_unstored(
                 request_id=spec.request_id, agent_id=spec.agent_id, messages=spec.history,
-                options=spec.options)
+                options=spec.options, constraint=spec.constraint)
         return await self.manager.begin(
             request_id=spec.request_id, agent_id=spec.agent_id, message=spec.message,
-            conversation_id=spec.conversation_id, options=spec.options)
+            conversation_id=spec.conversation_id, options=spec.options,
+            constraint=spec.constraint)
 
     async def _end(self, turn: TurnInProgress, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""

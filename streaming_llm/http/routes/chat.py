@@ -34,9 +34,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
+from ...chat.response_format import checked_constraint
 from ...chat.resume import ResumableTurn, ResumableTurns
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
-from ...errors import ServiceError, ShuttingDown
+from ...errors import InvalidConstraint, ServiceError, ShuttingDown
 from ...metrics import Metrics
 from ...protocol import (
     Cancel,
@@ -354,9 +355,16 @@ class ChatSocket:
         if self.live.draining and not turn.control.cancelled:
             await self.refuse(request_id)
             return
+        try:
+            constraint = await checked_constraint(
+                frame.response_format, self.runner.manager.engine,
+                max_bytes=self.limits.max_schema_bytes)
+        except InvalidConstraint as exc:  # refused before anything was stored
+            await self.error(request_id, exc.code, exc.message, field=exc.param)
+            return
         spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
                         options=frame.options, conversation_id=frame.conversation_id,
-                        client=self.client)
+                        client=self.client, constraint=constraint)
         try:
             await self.runner.run(spec, turn, turn.control)
         except ServiceError as exc:  # refused before anything was stored
