@@ -6,8 +6,8 @@ table it prints.
     (pyproject.toml) less what the GPU image already has (torch, transformers and the rest of
     :data:`GPU_IMAGE`) and less ``gguf`` (the check builds safetensors folders, never reads a GGUF
     file), plus the test tools that the CUDA tests and the benches import (:data:`TEST_TOOLS`).
-``build DIR SHAPE``
-    A random-weight Llama of one of :data:`SHAPES` in ``DIR``, with the demo model's tokenizer
+``build DIR SHAPE...``
+    A random-weight Llama of each of the :data:`SHAPES` named, in ``DIR/SHAPE``, with the demo model's tokenizer
     (no hub), padded with plain added tokens to the model's vocabulary so that every id the model
     can pick decodes to text (the concurrency bench counts token frames). Speed does not depend
     on the weights.
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     r = commands.add_parser("requirements")
     r.add_argument("--pinned", action="store_true", help="at the versions installed here")
     b = commands.add_parser("build")
-    b.add_argument("target", type=Path)
-    b.add_argument("shape", choices=sorted(SHAPES))
+    b.add_argument("models", type=Path)
+    b.add_argument("shapes", nargs="+", choices=sorted(SHAPES))
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32")
     t = commands.add_parser("table")
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "requirements":
         print("\n".join(requirements(pinned=args.pinned)))
     elif args.command == "build":
-        build(args.target, args.shape, args.device, args.dtype)
+        for shape in args.shapes:
+            build(args.models / shape, shape, args.device, args.dtype)
     else:
         print(table(args.results))
     return 0
