@@ -127,13 +127,16 @@ if [[ $mode == gpu ]]; then
     export PYTHONPATH=$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}
     nvidia-smi || echo "gpu-check: no nvidia-smi" >&2
 fi
-"$PYTHON" - <<'EOF'
+GPU_CHECK_MODE=$mode "$PYTHON" - <<'EOF'
+import os, sys
 import torch, transformers
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name}: {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor}, "
           f"bf16 {torch.cuda.is_bf16_supported()}")
+elif os.environ["GPU_CHECK_MODE"] == "gpu":
+    sys.exit("gpu-check: torch sees no CUDA device (see nvidia-smi above); nothing to check")
 else:
     print("no CUDA device: the CUDA tests skip, the benches run on the CPU")
 EOF

@@ -142,9 +142,12 @@ def table(results: Path) -> str:
             lines.append(f"| {shape} | {mode} | " + " | ".join(rates)
                          + f" | {aggregate} | {compile_s} |")
     tests = status.get("cuda-tests")
+    output = results / "cuda-tests.out"
+    summary = ([line for line in output.read_text().splitlines() if line.strip()] or ["-"])[-1] \
+        if output.is_file() else "-"
     lines.append("")
-    lines.append("CUDA tests (pytest -m cuda): " + ("not run" if tests is None else "passed"
-                                                    if tests == 0 else f"exit {tests}"))
+    lines.append("CUDA tests (pytest -m cuda): " + ("not run" if tests is None else
+                                                    f"exit {tests}, {summary}"))
     return "\n".join(lines)
 
 

@@ -112,10 +112,13 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
         for context in CONTEXTS:
             cache = SinkCache.from_model(model, 4, window)
             forward_tokens(model, cache, prompt[:context], chunk_size=512)
+            # One batch for every block: its buffers keep their addresses, which a CUDA graph
+            # replays on (a new batch per block would be a new graph's inputs each time).
+            batch = BatchSinkCache(1)
 
-            def block(cache: SinkCache = cache, steps: int = args.steps,
-                      around: Any = None) -> float:
-                batch = BatchSinkCache(1)
+            def block(cache: SinkCache = cache, batch: BatchSinkCache = batch,
+                      steps: int = args.steps, around: Any = None) -> float:
+                batch.clear()
                 batch.join(cache)  # a copy: the cache itself stays at ``context`` tokens
                 with around or contextlib.nullcontext():
                     started = time.perf_counter()
