@@ -30,7 +30,7 @@ for arg in "$@"; do
         --fetch) mode=fetch ;;
         --print) print_only=1 ;;
         --dry-run) mode=dry ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu-check: unknown argument $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -102,7 +102,7 @@ stage() {
     echo "$name $code" >>"$results/status"
     echo "gpu-check: $name: exit $code after $(( SECONDS - at )) s" >&2
     if (( code != 0 )); then
-        echo "gpu-check: $name: exit $code; the end of its log:" >&2
+        echo "gpu-check: $name: the end of its log:" >&2
         tail -n 15 "$results/$name.log" >&2
     fi
 }
