@@ -71,6 +71,7 @@ def test_the_wheel_installed_elsewhere_migrates_and_serves(tmp_path: Path) -> No
             "streaming_llm/storage/migrations/script.py.mako",
             "streaming_llm/storage/migrations/versions/0001_agents_conversations_turns.py",
             "streaming_llm/storage/migrations/versions/0002_casefolded_search_columns.py",
+            "streaming_llm/storage/migrations/versions/0003_conversation_agents.py",
             } <= names, sorted(n for n in names if "storage" in n)
 
     elsewhere = tmp_path / "elsewhere"  # outside the checkout: no sources to fall back on
@@ -88,7 +89,7 @@ def test_the_wheel_installed_elsewhere_migrates_and_serves(tmp_path: Path) -> No
     out = _run(cli, "migrate", cwd=elsewhere, env=env)
     assert "database at head" in out, out
     with sqlite3.connect(elsewhere / "data" / "streaming_llm.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
 
     port = free_port()
     log_path = elsewhere / "server.log"

@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ...chat.conversations import Turn
 from ...chat.limits import Limits
 from ...chat.resume import Replayable, ResumableTurns
+from ...chat.rounds import run_answers
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 from ...errors import ServiceError, ShuttingDown
 from ...metrics import Metrics
@@ -76,6 +77,8 @@ class _Job:
     lost: ClientGone | None = None  # the sender could not write and the turn cannot detach
     _wake: asyncio.Event = field(default_factory=asyncio.Event)  # pieces to write
     _drained: asyncio.Event = field(default_factory=asyncio.Event)  # nothing left to write
+    agent_id: str | None = None  # in a room: whose answer the pieces now are (rooms)
+    conversation_id: str | None = None  # once started
 
     def dequeue(self) -> None:
         if self.queued:
@@ -111,9 +114,14 @@ class _Job:
                 kept.detach()
 
     async def start(self, turn: Turn) -> None:
+        self.agent_id = turn.agent_id if turn.room else None
+        self.conversation_id = turn.conversation_id
+        if self.kept is not None:
+            return  # a round's next answer (chat/rounds.py): one start per frame
         sock = self.socket
         self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock)
-        await self.emit(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
+        await self.emit(Start(self.request_id, turn.conversation_id, turn.user_turn_id,
+                              agent_ids=turn.speakers))
 
     async def piece(self, turn: Turn, text: str) -> None:
         """Hand one piece to the sender, which writes what is waiting as one ``token`` frame.
@@ -149,7 +157,8 @@ class _Job:
                 kept.delivered = first + len(batch)
                 text = batch[0] if len(batch) == 1 else "".join(batch)
                 try:
-                    await sink.send(Token(self.request_id, text, first, len(batch)))
+                    await sink.send(Token(self.request_id, text, first, len(batch),
+                                          self.agent_id))
                 except ClientGone as exc:
                     if not self.detachable:
                         self.lost = exc
@@ -167,6 +176,12 @@ class _Job:
             self._drained.clear()
             self._wake.set()
             await self._drained.wait()
+
+    async def answered(self, frame: msgspec.Struct) -> None:
+        """A round's answer ended and another follows: its ``done``, after its pieces. (Not
+        kept for a resume: a resume replays the pieces and the final ending.)"""
+        await self._flush()
+        await self.emit(frame)
 
     async def end(self, frame: msgspec.Struct) -> None:
         """The ending (``done``/``error``), after the pieces: kept for a resume, written if a
@@ -388,17 +403,23 @@ class ChatSocket:
         if self.live.draining and not job.control.cancelled:
             await self.refuse(request_id)
             return
-        spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
-                        options=frame.options, conversation_id=frame.conversation_id,
-                        client=self.client)
+        spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id or "",
+                        message=frame.message, options=frame.options,
+                        conversation_id=frame.conversation_id, client=self.client,
+                        agent_ids=tuple(frame.agent_ids or ()))
         try:
-            ending = await self.runner.run(spec, job, job.control)
-        except ServiceError as exc:  # refused before anything was stored
-            await self.error(request_id, exc.code, exc.message)
+            ending = await run_answers(self.runner, spec, job, job.control,
+                                       lambda done: self.end(job, done, last=False))
+        except ServiceError as exc:  # refused before anything (more) was stored
+            if job.kept is None:
+                await self.error(request_id, exc.code, exc.message)
+            else:  # a round's later speaker could not answer: the round ends here
+                await job.end(Error(request_id=request_id, code=exc.code, message=exc.message,
+                                    conversation_id=job.conversation_id))
             return
         await self.end(job, ending)
 
-    async def end(self, job: _Job, ending: Ending) -> None:
+    async def end(self, job: _Job, ending: Ending, last: bool = True) -> None:
         conversation_id = ending.conversation_id
         frame: Error | Done
         if ending.turn_id is None and ending.failure is not None:
@@ -412,8 +433,10 @@ class ChatSocket:
                           turn_id=ending.turn_id or "")
         else:
             frame = Done(job.request_id, conversation_id, ending.turn_id or "", ending.reason,
-                         ending.usage)
-        await job.end(frame)
+                         ending.usage, agent_id=ending.agent_id)
+        if isinstance(frame, Error) and ending.agent_id:
+            frame.agent_id = ending.agent_id
+        await (job.end(frame) if last else job.answered(frame))
 
     async def refuse(self, request_id: str) -> None:
         exc = ShuttingDown("the server is shutting down; send the turn again once it is back")

@@ -1,0 +1,369 @@
+"""Rooms: several agents in one conversation (chat/rooms.py, chat/rounds.py, the participants'
+storage and REST). Run on the scripted engine, which records each request: who answered, which
+messages it saw, under which cache key."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.testclient import TestClient
+
+from streaming_llm.chat import rooms
+from streaming_llm.engines.base import ChatMessage
+from streaming_llm.settings import Settings
+from streaming_llm.storage.database import alembic_config, ensure_sqlite_dir, upgrade_to_head
+from streaming_llm.storage.models import utcnow
+
+from .conftest import BOTH_DATABASES, put_agent
+from .database import fetch
+from .fakes import ScriptedEngine
+from .test_chat import recv_turn
+
+
+def _agents(client: TestClient) -> None:
+    put_agent(client, "alice", name="Alice", system_prompt="You are Alice.",
+              markdown_context="Alice's secret: KIWI")
+    put_agent(client, "bob", name="Bob", system_prompt="You are Bob.",
+              markdown_context="Bob's secret: MANGO")
+    put_agent(client, "carol", name="Carol", system_prompt="You are Carol.", markdown_context="")
+
+
+def _room(client: TestClient, *agent_ids: str, title: str = "") -> dict[str, Any]:
+    resp = client.post("/conversations", json={"agent_ids": list(agent_ids), "title": title})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def _stored(settings: Settings, conversation_id: str) -> list[tuple[Any, ...]]:
+    rows = fetch(settings.resolved_database_url,
+                 "SELECT role, agent_id, content, finish_reason FROM turns "
+                 "WHERE conversation_id = :c ORDER BY seq", c=conversation_id)
+    return [tuple(row.values()) for row in rows]
+
+
+def _round(ws: Any) -> tuple[dict[str, Any], list[tuple[str, list[dict[str, Any]], dict[str, Any]]]]:
+    """A round's frames: its start, then (agent, tokens, done-or-error) per answer."""
+    start = ws.receive_json()
+    assert start["type"] == "start", start
+    answers: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = []
+    tokens: list[dict[str, Any]] = []
+    while True:
+        frame = ws.receive_json()
+        if frame["type"] == "token":
+            tokens.append(frame)
+            continue
+        answers.append((frame.get("agent_id") or "", tokens, frame))
+        tokens = []
+        if len(answers) == len(start["agent_ids"]) or frame["type"] == "error":
+            return start, answers
+
+
+# --- speaker rules and prompts (no server) ------------------------------------------------------
+def test_mentions_pick_participants_in_order_once() -> None:
+    people = ["alice", "bob", "carol"]
+    assert rooms.mentions("@bob and @alice, then @bob again", people) == ["bob", "alice"]
+    assert rooms.mentions("mail bob@alice.com or @dave", people) == []
+    assert rooms.mentions("(@carol)", people) == ["carol"]
+
+
+def test_each_speaker_sees_its_own_system_and_the_others_by_name() -> None:
+    transcript = [rooms.Said("user", None, "Hi all"), rooms.Said("assistant", "alice", "KIWI"),
+                  rooms.Said("assistant", "bob", ""), rooms.Said("user", None, "Again"),
+                  rooms.Said("assistant", "bob", "MANGO")]
+    names = {"alice": "Alice", "bob": "Bob"}
+    assert rooms.speaker_messages("bob", "You are Bob.", transcript, names) == [
+        ChatMessage("system", "You are Bob."), ChatMessage("user", "Hi all"),
+        ChatMessage("user", "[Alice]: KIWI"), ChatMessage("assistant", ""),
+        ChatMessage("user", "Again"), ChatMessage("assistant", "MANGO")]
+    alice = rooms.speaker_messages("alice", "", transcript, names)
+    assert [m.role for m in alice] == ["user", "assistant", "user", "user"]  # Bob's empty: nothing
+    assert alice[-1] == ChatMessage("user", "[Bob]: MANGO")
+
+
+def test_pick_speakers() -> None:
+    room = ["alice", "bob"]
+    pick = rooms.pick_speakers
+    assert pick(room, conversation_id="c", agent_id="", agent_ids=[], message="@bob hi") == ["bob"]
+    assert pick(room, conversation_id="c", agent_id="alice", agent_ids=[],
+                message="@bob hi") == ["alice"]  # agent_id wins over a mention
+    assert pick(["alice"], conversation_id="c", agent_id="", agent_ids=[], message="x") == ["alice"]
+    with pytest.raises(rooms.NoSpeaker):
+        pick(room, conversation_id="c", agent_id="", agent_ids=[], message="hi all")
+    with pytest.raises(rooms.NotInConversation):
+        pick(room, conversation_id="c", agent_id="carol", agent_ids=[], message="x")
+    with pytest.raises(rooms.NotInConversation):
+        pick(room, conversation_id="c", agent_id="", agent_ids=["alice", "carol"], message="x")
+    with pytest.raises(Exception, match="belongs to agent 'alice'"):  # a plain conversation
+        pick(["alice"], conversation_id="c", agent_id="bob", agent_ids=[], message="x")
+
+
+# --- REST ---------------------------------------------------------------------------------------
+@BOTH_DATABASES
+def test_create_list_patch_and_read_a_room(client: TestClient, settings: Settings,
+                                           scripted: ScriptedEngine) -> None:
+    _agents(client)
+    room = _room(client, "alice", "bob", title="Standup")
+    assert room["agent_ids"] == ["alice", "bob"] and room["agent_id"] == "alice"
+    assert room["title"] == "Standup" and room["id"].startswith("conv_")
+    plain = _room(client, "carol")
+    assert [c["id"] for c in client.get("/conversations?agent_id=bob").json()] == [room["id"]]
+    assert {c["id"] for c in client.get("/conversations?agent_id=carol").json()} == {plain["id"]}
+    listed = {c["id"]: c["agent_ids"] for c in client.get("/conversations").json()}
+    assert listed == {room["id"]: ["alice", "bob"], plain["id"]: ["carol"]}
+
+    for body, status, code in [({"agent_ids": []}, 422, "validation_error"),
+                               ({"agent_ids": ["alice", "alice"]}, 400, "bad_request"),
+                               ({"agent_ids": ["alice", "nobody"]}, 404, "agent_not_found"),
+                               ({"agent_ids": ["Bad!"]}, 422, "validation_error"),
+                               ({"agent_ids": [f"a{i}" for i in range(17)]}, 422,
+                                "validation_error")]:
+        resp = client.post("/conversations", json=body)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), body
+    assert len(client.get("/conversations").json()) == 2  # nothing stored by those
+
+    one = f"/conversations/{room['id']}"
+    resp = client.patch(one, json={"agent_ids": ["bob", "carol", "alice"]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["agent_ids"] == ["bob", "carol", "alice"] and resp.json()["agent_id"] == "bob"
+    # A new list of participants: the engine forgets every cache the room may have had.
+    assert set(scripted.forgotten) == {room["id"], *(f"{room['id']}:{a}"
+                                                     for a in ("alice", "bob", "carol"))}
+    resp = client.patch(one, json={"agent_ids": ["bob", "nobody"]})
+    assert resp.json()["error"]["code"] == "agent_not_found"
+    assert client.get(one).json()["agent_ids"] == ["bob", "carol", "alice"]  # unchanged
+    resp = client.patch(one, json={"title": "Daily", "agent_ids": ["carol", "bob"]})
+    assert resp.json()["title"] == "Daily" and resp.json()["agent_ids"] == ["carol", "bob"]
+    view = client.get(one).json()
+    assert view["agent_ids"] == ["carol", "bob"] and view["turns"] == []
+
+    scripted.forgotten.clear()
+    assert client.delete(one).status_code == 204
+    assert sorted(scripted.forgotten) == sorted([f"{room['id']}:carol", f"{room['id']}:bob"])
+    rows = fetch(settings.resolved_database_url,
+                 "SELECT conversation_id FROM conversation_agents ORDER BY conversation_id")
+    assert rows == [{"conversation_id": plain["id"]}]  # the room's participants went with it
+
+
+# --- the socket ---------------------------------------------------------------------------------
+@BOTH_DATABASES
+def test_each_agent_answers_as_itself_with_its_own_cache(client: TestClient, settings: Settings,
+                                                         scripted: ScriptedEngine) -> None:
+    _agents(client)
+    cid = _room(client, "alice", "bob")["id"]
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "alice", "message": "Your secret?",
+                      "conversation_id": cid})
+        start, tokens, done = recv_turn(ws)
+        assert start["agent_ids"] == ["alice"] and done["agent_id"] == "alice"
+        assert {t["agent_id"] for t in tokens} == {"alice"}  # tokens name the speaker in a room
+        ws.send_json({"type": "chat", "message": "@bob what did Alice say?",
+                      "conversation_id": cid})
+        start, _, done = recv_turn(ws)
+        assert start["agent_ids"] == ["bob"] and done["agent_id"] == "bob", done
+
+    alice, bob = scripted.requests
+    assert alice.conversation_id == f"{cid}:alice" and bob.conversation_id == f"{cid}:bob"
+    assert alice.messages == [ChatMessage("system", "You are Alice.\n\nAlice's secret: KIWI"),
+                              ChatMessage("user", "Your secret?")]
+    assert bob.messages == [ChatMessage("system", "You are Bob.\n\nBob's secret: MANGO"),
+                            ChatMessage("user", "Your secret?"),
+                            ChatMessage("user", "[Alice]: Hello, world!"),
+                            ChatMessage("user", "@bob what did Alice say?")]
+    assert "KIWI" not in str(bob.messages) and "MANGO" not in str(alice.messages)
+    assert _stored(settings, cid) == [
+        ("user", None, "Your secret?", None), ("assistant", "alice", "Hello, world!", "stop"),
+        ("user", None, "@bob what did Alice say?", None),
+        ("assistant", "bob", "Hello, world!", "stop")]
+    view = client.get(f"/conversations/{cid}").json()
+    assert [t["agent_id"] for t in view["turns"]] == [None, "alice", None, "bob"]
+
+
+@BOTH_DATABASES
+def test_a_round_answers_in_turn_each_seeing_the_previous(client: TestClient, settings: Settings,
+                                                          scripted: ScriptedEngine) -> None:
+    _agents(client)
+    with client.websocket_connect("/ws/chat") as ws:
+        # No conversation yet: a round of agent_ids creates the room.
+        ws.send_json({"type": "chat", "agent_ids": ["bob", "alice"], "message": "Both of you",
+                      "request_id": "r1"})
+        start, answers = _round(ws)
+    cid = start["conversation_id"]
+    assert start["agent_ids"] == ["bob", "alice"]
+    assert [(agent, done["type"]) for agent, _, done in answers] == [("bob", "done"),
+                                                                     ("alice", "done")]
+    for agent, tokens, done in answers:
+        assert "".join(t["token"] for t in tokens) == "Hello, world!"
+        assert {t["agent_id"] for t in tokens} == {agent} and done["request_id"] == "r1"
+    seqs = [t["seq"] for _, tokens, _ in answers for t in tokens]
+    assert seqs == sorted(seqs) and seqs[0] == 0  # seq runs on across the round
+    assert client.get(f"/conversations/{cid}").json()["agent_ids"] == ["bob", "alice"]
+    assert _stored(settings, cid) == [
+        ("user", None, "Both of you", None), ("assistant", "bob", "Hello, world!", "stop"),
+        ("assistant", "alice", "Hello, world!", "stop")]
+    _, second = scripted.requests
+    assert second.conversation_id == f"{cid}:alice"
+    assert second.messages[1:] == [ChatMessage("user", "Both of you"),
+                                   ChatMessage("user", "[Bob]: Hello, world!")]
+
+    # Two @mentions in a room: a round in the order mentioned.
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "message": "@alice then @bob", "conversation_id": cid})
+        start, answers = _round(ws)
+    assert start["agent_ids"] == ["alice", "bob"] and [a for a, _, _ in answers] == ["alice", "bob"]
+    # Alice's second request: her own answer is hers, the rest is new to her.
+    alice_again = scripted.requests[2]
+    assert alice_again.messages[1:] == [
+        ChatMessage("user", "Both of you"), ChatMessage("user", "[Bob]: Hello, world!"),
+        ChatMessage("assistant", "Hello, world!"), ChatMessage("user", "@alice then @bob")]
+
+
+def test_who_may_speak(client: TestClient, settings: Settings) -> None:
+    _agents(client)
+    cid = _room(client, "alice", "bob")["id"]
+    with client.websocket_connect("/ws/chat") as ws:
+        first = _chat_error(ws, {"agent_id": "carol", "conversation_id": cid})
+        assert first["code"] == "agent_not_in_conversation" and "alice, bob" in first["message"]
+        assert _chat_error(ws, {"agent_ids": ["alice", "carol"],
+                                "conversation_id": cid})["code"] == "agent_not_in_conversation"
+        assert _chat_error(ws, {"conversation_id": cid})["code"] == "no_speaker"
+        assert _chat_error(ws, {"agent_id": "nobody",
+                                "conversation_id": cid})["code"] == "agent_not_found"
+        assert _chat_error(ws, {"agent_ids": ["alice", "alice"],
+                                "conversation_id": cid})["code"] == "bad_request"
+        assert _chat_error(ws, {})["code"] == "invalid_frame"  # nobody and no conversation
+        # A plain conversation keeps its error for another agent.
+        ws.send_json({"type": "chat", "agent_id": "carol", "message": "hi"})
+        plain = recv_turn(ws)[0]["conversation_id"]
+        assert _chat_error(ws, {"agent_id": "alice", "conversation_id": plain})["code"] == \
+            "conversation_agent_mismatch"
+    assert _stored(settings, cid) == []  # nothing stored by any refusal
+
+
+def _chat_error(ws: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    ws.send_json({"type": "chat", "message": "hello", **fields})
+    frame = ws.receive_json()
+    assert frame["type"] == "error", frame
+    return frame
+
+
+def test_a_participant_removed_mid_round_ends_the_round_there(
+        client: TestClient, settings: Settings, scripted: ScriptedEngine) -> None:
+    _agents(client)
+    cid = _room(client, "alice", "bob", "carol")["id"]
+    scripted.delay = 0.05
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_ids": ["alice", "bob"], "message": "go",
+                      "conversation_id": cid})
+        start = ws.receive_json()
+        assert start["type"] == "start"
+        first = ws.receive_json()  # alice answers; bob is removed meanwhile
+        assert first["type"] == "token" and first["agent_id"] == "alice"
+        resp = client.patch(f"/conversations/{cid}", json={"agent_ids": ["alice", "carol"]})
+        assert resp.status_code == 200
+        frames = [first]
+        while frames[-1]["type"] == "token":
+            frames.append(ws.receive_json())
+        assert frames[-1]["type"] == "done" and frames[-1]["agent_id"] == "alice"
+        error = ws.receive_json()
+    assert error["type"] == "error" and error["code"] == "agent_not_in_conversation", error
+    assert error["conversation_id"] == cid
+    assert _stored(settings, cid) == [("user", None, "go", None),
+                                      ("assistant", "alice", "Hello, world!", "stop")]
+
+
+def test_a_cancelled_answer_ends_the_round(client: TestClient, settings: Settings,
+                                           scripted: ScriptedEngine) -> None:
+    _agents(client)
+    cid = _room(client, "alice", "bob")["id"]
+    scripted.delay = 0.05
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_ids": ["alice", "bob"], "message": "go",
+                      "conversation_id": cid, "request_id": "r1"})
+        assert ws.receive_json()["type"] == "start"
+        assert ws.receive_json()["type"] == "token"
+        ws.send_json({"type": "cancel", "request_id": "r1"})
+        frame = ws.receive_json()
+        while frame["type"] == "token":
+            frame = ws.receive_json()
+        assert frame["type"] == "done" and frame["finish_reason"] == "cancelled"
+        assert frame["agent_id"] == "alice"
+        ws.send_json({"type": "ping", "request_id": "p"})
+        assert ws.receive_json() == {"type": "pong", "request_id": "p"}  # no second answer
+    assert [row[:2] for row in _stored(settings, cid)] == [("user", None), ("assistant", "alice")]
+
+
+def test_exports_name_the_speakers(client: TestClient) -> None:
+    _agents(client)
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_ids": ["alice", "bob"], "message": "hello"})
+        start, _ = _round(ws)
+    cid = start["conversation_id"]
+    client.delete("/agents/bob")
+    markdown = client.get(f"/conversations/{cid}/export").text
+    assert "- Agents: Alice (`alice`), `bob` (deleted)" in markdown
+    assert markdown.index("### Alice ·") < markdown.index("### bob ·")
+    exported = client.get(f"/conversations/{cid}/export?format=json").json()
+    assert exported["agent_ids"] == ["alice", "bob"]
+    assert [t["agent_id"] for t in exported["turns"]] == [None, "alice", "bob"]
+    # The deleted agent stays a participant: addressing it says so.
+    with client.websocket_connect("/ws/chat") as ws:
+        assert _chat_error(ws, {"agent_id": "bob",
+                                "conversation_id": cid})["code"] == "agent_not_found"
+
+
+def test_sqlite3_reads_who_took_part_and_who_spoke(client: TestClient, settings: Settings) -> None:
+    _agents(client)
+    cid = _room(client, "bob", "alice")["id"]
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "alice", "message": "hi",
+                      "conversation_id": cid})
+        recv_turn(ws)
+    with sqlite3.connect(settings.data_dir / "streaming_llm.db") as db:
+        assert db.execute("SELECT agent_id, position FROM conversation_agents "
+                          "WHERE conversation_id = ? ORDER BY position", (cid,)).fetchall() == [
+            ("bob", 0), ("alice", 1)]
+        assert db.execute("SELECT role, agent_id FROM turns WHERE conversation_id = ? "
+                          "ORDER BY seq", (cid,)).fetchall() == [("user", None),
+                                                                 ("assistant", "alice")]
+
+
+# --- the migration ------------------------------------------------------------------------------
+@BOTH_DATABASES
+def test_upgrade_fills_participants_and_speakers_of_old_conversations(
+        tmp_path: Path, database_url: str) -> None:
+    url = database_url or f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    ensure_sqlite_dir(url)
+    with alembic_config(url) as cfg:
+        command.upgrade(cfg, "0002")
+
+    async def insert_rows() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(
+                    "INSERT INTO conversations (id, agent_id, title, created_at, updated_at) "
+                    "VALUES ('conv_old', 'a', 'Old', :at, :at)"), {"at": utcnow()})
+                await conn.execute(text(
+                    "INSERT INTO turns (id, conversation_id, seq, role, content, created_at) "
+                    "VALUES (:id, 'conv_old', :seq, :role, 'x', :at)"),
+                    [{"id": f"t{i}", "seq": i, "role": ("user", "assistant")[i % 2],
+                      "at": utcnow()} for i in range(4)])
+        finally:
+            await engine.dispose()
+
+    asyncio.run(insert_rows())
+    upgrade_to_head(url)
+    assert fetch(url, "SELECT conversation_id, agent_id, position FROM conversation_agents") == [
+        {"conversation_id": "conv_old", "agent_id": "a", "position": 0}]
+    assert [row["agent_id"] for row in fetch(url, "SELECT agent_id FROM turns ORDER BY seq")] == [
+        None, "a", None, "a"]
+    with alembic_config(url) as cfg:
+        command.downgrade(cfg, "0002")
+    assert "agent_id" not in [row for row in fetch(url, "SELECT * FROM turns LIMIT 1")[0]]
