@@ -14,7 +14,7 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed")
+BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed", "rooms")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -367,3 +367,39 @@ def test_upgrade_fills_participants_and_speakers_of_old_conversations(
     with alembic_config(url) as cfg:
         command.downgrade(cfg, "0002")
     assert "agent_id" not in [row for row in fetch(url, "SELECT * FROM turns LIMIT 1")[0]]
+
+
+def test_v1_answers_as_one_participant_per_request(client: TestClient, settings: Settings,
+                                                   scripted: ScriptedEngine) -> None:
+    _agents(client)
+    cid = _room(client, "alice", "bob")["id"]
+    body = {"model": "bob", "messages": [{"role": "user", "content": "hi"}]}
+    resp = client.post("/v1/chat/completions", json=body, headers={"X-Conversation-Id": cid})
+    assert resp.status_code == 200, resp.text
+    assert scripted.requests[-1].conversation_id == f"{cid}:bob"
+    resp = client.post("/v1/chat/completions", json={**body, "model": "carol"},
+                       headers={"X-Conversation-Id": cid})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "agent_not_in_conversation"
+    assert _stored(settings, cid) == [("user", None, "hi", None),
+                                      ("assistant", "bob", "Hello, world!", "stop")]
+
+
+def test_editing_a_turn_in_a_room_resends_to_the_same_speakers(
+        client: TestClient, settings: Settings, scripted: ScriptedEngine) -> None:
+    """Edit-and-resend and regenerate work in a room as anywhere: truncate from the user turn,
+    send the frame again (with its agent_id or agent_ids); each speaker's cache rolls back to
+    what its new prompt shares with it."""
+    _agents(client)
+    cid = _room(client, "alice", "bob")["id"]
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_ids": ["alice", "bob"], "message": "first",
+                      "conversation_id": cid})
+        _round(ws)
+        assert client.delete(f"/conversations/{cid}/turns?from_seq=1").status_code == 400
+        assert client.delete(f"/conversations/{cid}/turns?from_seq=0").status_code == 204
+        ws.send_json({"type": "chat", "agent_ids": ["bob", "alice"], "message": "edited",
+                      "conversation_id": cid})
+        _round(ws)
+    assert [row[:3] for row in _stored(settings, cid)] == [
+        ("user", None, "edited"), ("assistant", "bob", "Hello, world!"),
+        ("assistant", "alice", "Hello, world!")]
