@@ -11,7 +11,8 @@ Figures:
 * first token per speaker, per round: from the chat frame (the round's first speaker) or from the
   previous speaker's ``done`` (the others) to the speaker's first token, client clock; the
   median over the speakers of each round, and ``round_last_over_round_2`` (goal: flat, at most
-  1.5). Each speaker's cache holds the room up to its last answer, so what it prefills per round
+  1.5); on a shared machine one slow answer moves a round's median, so also the median over
+  every answer of the last three rounds against rounds 2-4 (``late_over_early``). Each speaker's cache holds the room up to its last answer, so what it prefills per round
   (the answers since, and the user's message) does not grow with the room;
 * prefill: the tokens each answer prefilled (``prompt_tokens - cached_tokens``), summed, against
   the tokens the same answers would prefill if the transcript were copied into a fresh prompt
@@ -171,6 +172,12 @@ def _figures(answers: list[Answer], args: argparse.Namespace, health: dict[str, 
     last = max(by_round, default=0)
     ratio = (round(by_round[last] / by_round[2], 2)
              if last > 2 and by_round.get(2) and by_round.get(last) else None)
+    def window(first: int, last: int) -> float | None:
+        times = [a.first_token_ms for a in answers
+                 if first <= a.round <= last and a.first_token_ms is not None]
+        return round(statistics.median(times), 1) if times else None
+
+    early, late = window(2, 4), window(last - 2, last)
     prefilled = sum(a.prefilled for a in answers)
     copied = sum(a.prompt_tokens for a in answers)
     extra = health.get("engine_info") or {}
@@ -179,6 +186,8 @@ def _figures(answers: list[Answer], args: argparse.Namespace, health: dict[str, 
         "model": health.get("model"),
         "rounds_table": rounds,
         "round_last_over_round_2": ratio,
+        "early_first_token_ms": early, "late_first_token_ms": late,
+        "late_over_early": round(late / early, 2) if last >= 5 and early and late else None,
         "prefill": {"room_tokens": prefilled, "copied_transcript_tokens": copied,
                     "saved_tokens": copied - prefilled,
                     "saved_fraction": round(1 - prefilled / copied, 3) if copied else None},
@@ -204,7 +213,9 @@ def _table(figures: dict[str, Any]) -> str:
     lines += [
         "",
         f"round {rows[-1]['round'] if rows else '-'} over round 2 (median first token): "
-        f"{figures['round_last_over_round_2']} (goal <= 1.5)",
+        f"{figures['round_last_over_round_2']} (goal <= 1.5); every answer of the last 3 rounds "
+        f"over rounds 2-4 (medians {figures['late_first_token_ms']} / "
+        f"{figures['early_first_token_ms']} ms): {figures['late_over_early']}",
         f"prefill: {p['room_tokens']} tokens in the room against {p['copied_transcript_tokens']} "
         f"copying the transcript into a fresh prompt per answer: {p['saved_tokens']} saved "
         f"({p['saved_fraction']})",
