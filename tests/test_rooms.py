@@ -71,6 +71,8 @@ def test_mentions_pick_participants_in_order_once() -> None:
     assert rooms.mentions("@bob and @alice, then @bob again", people) == ["bob", "alice"]
     assert rooms.mentions("mail bob@alice.com or @dave", people) == []
     assert rooms.mentions("(@carol)", people) == ["carol"]
+    assert rooms.mentions("@Bob, then @ALICE", people) == ["bob", "alice"]
+    assert rooms.mentions("@bobby and @bob-2", people) == []  # a longer id is another agent
 
 
 def test_each_speaker_sees_its_own_system_and_the_others_by_name() -> None:
@@ -403,3 +405,18 @@ def test_editing_a_turn_in_a_room_resends_to_the_same_speakers(
     assert [row[:3] for row in _stored(settings, cid)] == [
         ("user", None, "edited"), ("assistant", "bob", "Hello, world!"),
         ("assistant", "alice", "Hello, world!")]
+
+
+def test_an_edited_participant_answers_with_its_new_prompt(client: TestClient,
+                                                           scripted: ScriptedEngine) -> None:
+    _agents(client)
+    cid = _room(client, "alice", "bob")["id"]
+    put_agent(client, "bob", name="Robert", system_prompt="You are Robert now.",
+              markdown_context="")
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_ids": ["bob", "alice"], "message": "hi",
+                      "conversation_id": cid})
+        _round(ws)
+    bob, alice = scripted.requests
+    assert bob.messages[0] == ChatMessage("system", "You are Robert now.")
+    assert alice.messages[-1] == ChatMessage("user", "[Robert]: Hello, world!")  # his name now

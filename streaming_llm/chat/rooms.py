@@ -35,8 +35,9 @@ from ..errors import BadRequest, Conflict
 
 #: Participants a room may have, and so speakers a round may ask for.
 MAX_PARTICIPANTS = 16
-# "@alice" or "(@alice," but not "bob@alice.com": a mention starts a word.
-MENTION = re.compile(r"(?<![\w@.])@([a-z0-9_-]{1,64})\b")
+# "@alice", "(@alice," or "@Alice" (ids are lower-case; a mention is read case-blind), but not
+# "bob@alice.com": a mention starts a word, and the id runs to the first character no id has.
+MENTION = re.compile(r"(?<![\w@.])@([A-Za-z0-9_-]{1,64})(?![A-Za-z0-9_-])")
 
 
 class NotInConversation(Conflict):
@@ -86,7 +87,7 @@ def mentions(message: str, participants: Sequence[str]) -> list[str]:
     """The participants ``@mentioned`` in ``message``, each once, in the order first mentioned."""
     found: list[str] = []
     for match in MENTION.finditer(message):
-        agent_id = match.group(1)
+        agent_id = match.group(1).lower()
         if agent_id in participants and agent_id not in found:
             found.append(agent_id)
     return found
