@@ -70,10 +70,15 @@ class ConversationSummary(msgspec.Struct):
     agent_ids: list[str] = []  # the participants in order: one, or several in a room
 
 
+#: A room's participants: 1 to 16 distinct agents, in order.
+AgentIds = Annotated[list[AgentId], Meta(min_length=1, max_length=rooms.MAX_PARTICIPANTS,
+                                         extra_json_schema={"uniqueItems": True})]
+
+
 class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``POST /conversations``: a room of ``agent_ids`` (one agent: a plain conversation)."""
 
-    agent_ids: Annotated[list[AgentId], Meta(min_length=1, max_length=rooms.MAX_PARTICIPANTS)]
+    agent_ids: AgentIds
     title: Annotated[str, Meta(max_length=200)] = ""
 
 
@@ -81,9 +86,12 @@ class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``PATCH /conversations/{id}``: what may change about a conversation — its title,
     its participants (the new list, in order: agents added, dropped, reordered)."""
 
-    title: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
-    agent_ids: Annotated[list[AgentId],
-                         Meta(min_length=1, max_length=rooms.MAX_PARTICIPANTS)] | None = None
+    title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    agent_ids: AgentIds | msgspec.UnsetType = msgspec.UNSET
+
+
+#: The body ``PATCH`` takes, as the OpenAPI document describes it: at least one field.
+ConversationPatchBody = Annotated[ConversationPatch, Meta(extra_json_schema={"minProperties": 1})]
 
 
 class ConversationView(msgspec.Struct):
@@ -203,9 +211,11 @@ class ConversationManager:
         forget the conversation's caches (each agent's prompt in a room differs from its prompt
         alone); a participant removed keeps its past turns, shown to the others by its name."""
         check_conversation_id(conversation_id)
-        if patch.title is None and patch.agent_ids is None:
+        title = None if isinstance(patch.title, msgspec.UnsetType) else patch.title
+        asked = None if isinstance(patch.agent_ids, msgspec.UnsetType) else patch.agent_ids
+        if title is None and asked is None:
             raise ValidationFailed("nothing to change: send title and/or agent_ids")
-        agent_ids = None if patch.agent_ids is None else rooms.check_participants(patch.agent_ids)
+        agent_ids = None if asked is None else rooms.check_participants(asked)
 
         def store(session: Session) -> tuple[ConversationSummary, list[str]]:
             if not queries.touch_conversation(session, conversation_id):  # locks its row
@@ -214,8 +224,8 @@ class ConversationManager:
             if agent_ids is not None and agent_ids != before:
                 _check_agents_exist(session, [a for a in agent_ids if a not in before])
                 queries.set_participants(session, conversation_id, agent_ids)
-            if patch.title is not None:
-                queries.rename_conversation(session, conversation_id, patch.title)
+            if title is not None:
+                queries.rename_conversation(session, conversation_id, title)
             row = queries.get_conversation(session, conversation_id)
             assert row is not None
             session.refresh(row)

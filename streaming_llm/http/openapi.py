@@ -22,7 +22,7 @@ from .. import __version__
 from ..chat.agents import AgentIn
 from ..chat.conversations import (
     ConversationCreate,
-    ConversationPatch,
+    ConversationPatchBody,
     ConversationSummary,
     ConversationView,
 )
@@ -166,7 +166,7 @@ OPERATIONS: tuple[Operation, ...] = (
                                 400: _error("Invalid id or body."),
                                 404: _error("No such conversation or agent."),
                                 422: _error("Nothing to change, an empty or too long title, bad agent ids.")},
-              request=ConversationPatch, params=(CONVERSATION_ID,)),
+              request=ConversationPatchBody, params=(CONVERSATION_ID,)),
     Operation("delete", "/conversations/{conversation_id}/turns",
               "Delete the turns from a user turn on (edit-and-resend, regenerate)",
               "conversations", {204: Body("Deleted."),
