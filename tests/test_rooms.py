@@ -5,6 +5,7 @@ messages it saw, under which cache key."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -420,3 +421,42 @@ def test_an_edited_participant_answers_with_its_new_prompt(client: TestClient,
     bob, alice = scripted.requests
     assert bob.messages[0] == ChatMessage("system", "You are Robert now.")
     assert alice.messages[-1] == ChatMessage("user", "[Robert]: Hello, world!")  # his name now
+
+
+@pytest.mark.e2e
+def test_a_round_cut_mid_answer_resumes_on_a_new_socket(tmp_path: Path) -> None:
+    """A real server (echo engine): the socket drops during the first answer of a round; a
+    resume gets the rest of it live, its done, the second answer and the round's last done, every
+    piece once; both answers are stored, in order, by agent."""
+    from .server import http, start_server
+    from .test_resume import MESSAGE, assert_contiguous, cut, open_socket
+
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "30"}
+    with start_server(tmp_path, env) as server:
+        for agent_id in ("coder", "critic"):
+            assert http("PUT", f"{server.base_url}/agents/{agent_id}",
+                        {"name": agent_id.title()})[0] == 201
+        ws, sock = open_socket(server)
+        ws.send(json.dumps({"type": "chat", "agent_ids": ["coder", "critic"],
+                            "message": MESSAGE, "request_id": "r-round"}))
+        before = [json.loads(ws.recv(timeout=20)) for _ in range(4)]
+        assert before[0]["type"] == "start" and before[0]["agent_ids"] == ["coder", "critic"]
+        cid = before[0]["conversation_id"]
+        cut(ws, sock)
+        seen = before[-1]["seq"] + before[-1].get("count", 1) - 1
+        ws, _ = open_socket(server)
+        after: list[dict[str, Any]] = []
+        with ws:
+            ws.send(json.dumps({"type": "resume", "request_id": "r-round", "after_seq": seen}))
+            while not after or after[-1]["type"] == "token" or after[-1].get("agent_id") != "critic":
+                after.append(json.loads(ws.recv(timeout=30)))
+                assert after[-1]["type"] != "error", after[-1]
+        tokens = [f for f in before + after if f["type"] == "token"]
+        assert_contiguous(tokens)
+        dones = [f for f in after if f["type"] == "done"]
+        assert [d["agent_id"] for d in dones] == ["coder", "critic"]
+        with sqlite3.connect(server.db_path) as db:
+            stored = db.execute("SELECT agent_id, content FROM turns WHERE conversation_id = ? "
+                                "AND role = 'assistant' ORDER BY seq", (cid,)).fetchall()
+        assert stored == [("coder", MESSAGE), ("critic", f"[Coder]: {MESSAGE}")]
+        assert "".join(f["token"] for f in tokens) == MESSAGE + f"[Coder]: {MESSAGE}"
