@@ -276,7 +276,7 @@ def test_a_participant_removed_mid_round_ends_the_round_there(
         assert frames[-1]["type"] == "done" and frames[-1]["agent_id"] == "alice"
         error = ws.receive_json()
     assert error["type"] == "error" and error["code"] == "agent_not_in_conversation", error
-    assert error["conversation_id"] == cid
+    assert error["conversation_id"] == cid and error["agent_id"] == "bob"
     assert _stored(settings, cid) == [("user", None, "go", None),
                                       ("assistant", "alice", "Hello, world!", "stop")]
 

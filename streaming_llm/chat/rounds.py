@@ -18,8 +18,18 @@ import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 
+from ..errors import ServiceError
 from .conversations import Turn
 from .turns import Ending, TurnControl, TurnRunner, TurnSpec, TurnWriter
+
+
+class SpeakerRefused(ServiceError):
+    """A round's later speaker could not answer (its ``begin`` refused it): the refusal's code
+    and message, and ``agent_id`` naming that speaker."""
+
+    def __init__(self, cause: ServiceError, agent_id: str) -> None:
+        super().__init__(cause.message, code=cause.code, status=cause.status)
+        self.agent_id = agent_id
 
 
 class _Speakers:
@@ -42,9 +52,8 @@ async def run_answers(runner: TurnRunner, spec: TurnSpec, writer: TurnWriter,
                       answered: Callable[[Ending], Awaitable[None]]) -> Ending:
     """Run every answer the frame asks for and return the last one's ending; each earlier
     ending goes to ``answered`` (the route writes its ``done``) before the next speaker starts.
-    Raises what :meth:`TurnRunner.run` raises for the first answer; for a later one, the
-    :class:`~streaming_llm.errors.ServiceError` of its refusal (the route writes it as the
-    round's ``error``)."""
+    Raises what :meth:`TurnRunner.run` raises for the first answer; for a later one refused
+    before it started, :class:`SpeakerRefused` (the route writes it as the round's ``error``)."""
     if not spec.stored:
         return await runner.run(spec, writer, control)
     noted = _Speakers(writer)
@@ -65,5 +74,8 @@ async def run_answers(runner: TurnRunner, spec: TurnSpec, writer: TurnWriter,
             follow = dataclasses.replace(spec, agent_id=agent_id, agent_ids=(),
                                          conversation_id=ending.conversation_id,
                                          follow_up=True, locked=True)
-            ending = await runner.run(follow, writer, control)
+            try:
+                ending = await runner.run(follow, writer, control)
+            except ServiceError as exc:
+                raise SpeakerRefused(exc, agent_id) from exc
     return ending

@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ...chat.conversations import Turn
 from ...chat.limits import Limits
 from ...chat.resume import Replayable, ResumableTurns
-from ...chat.rounds import run_answers
+from ...chat.rounds import SpeakerRefused, run_answers
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 from ...errors import ServiceError, ShuttingDown
 from ...metrics import Metrics
@@ -415,7 +415,9 @@ class ChatSocket:
                 await self.error(request_id, exc.code, exc.message)
             else:  # a round's later speaker could not answer: the round ends here
                 await job.end(Error(request_id=request_id, code=exc.code, message=exc.message,
-                                    conversation_id=job.conversation_id))
+                                    conversation_id=job.conversation_id,
+                                    agent_id=exc.agent_id if isinstance(exc, SpeakerRefused)
+                                    else None))
             return
         await self.end(job, ending)
 
