@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ...chat.conversations import Turn
+from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
 from ...chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
 from ...engines.base import ChatMessage, count_tokens
@@ -243,7 +243,7 @@ async def chat_completions(request: Request) -> Response:
         return failed
     if not body.stream:
         assert isinstance(first, Ending)
-        return JSONResponse(reply.completion(answer.text, first), headers=headers)
+        return JSONResponse(reply.completion(first.text, first), headers=headers)
     return StreamingResponse(
         reply.events(first, answer), media_type="text/event-stream; charset=utf-8",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
@@ -263,29 +263,23 @@ class _Answer:
         self.send_timeout_s = send_timeout_s
         self.items: asyncio.Queue[_Item] = asyncio.Queue(maxsize=64)
         self.conversation_id: str | None = None
-        self.pieces: list[str] = []
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
     async def produce(self, runner: TurnRunner, spec: TurnSpec) -> None:
         try:
-            ending: _Item = await runner.run(spec, self)
+            await runner.run(spec, self)  # its ending comes through end()
         except ServiceError as exc:
-            ending = exc
+            await self.items.put(exc)
         except ClientGone:
-            return  # stopped reading: the turn is stored as cancelled, nobody waits for more
-        await self.items.put(ending)
+            pass  # stopped reading: the turn is stored as cancelled, nobody waits for more
 
     async def next(self) -> _Item:
         return await self.items.get()
 
-    async def start(self, turn: Turn) -> None:
+    # TurnWriter ---------------------------------------------------------------------------------
+    async def start(self, turn: TurnInProgress) -> None:
         self.conversation_id = turn.conversation_id
 
-    async def piece(self, turn: Turn, text: str) -> None:
-        self.pieces.append(text)
+    async def piece(self, turn: TurnInProgress, text: str) -> None:
         if self.stream:
             try:
                 async with asyncio.timeout(self.send_timeout_s):
@@ -294,6 +288,9 @@ class _Answer:
                 log.warning("turn %s: the client did not read for %gs, cancelling",
                             turn.request_id, self.send_timeout_s)
                 raise ClientGone from None
+
+    async def end(self, turn: TurnInProgress, ending: Ending) -> None:
+        await self.items.put(ending)
 
 
 class _Reply:
