@@ -3,8 +3,9 @@
 Only the subset of OpenAI's Chat Completions API this server can honour is declared. Request
 fields OpenAI clients commonly send but that change nothing here (``user``, ``store``, ...) are
 accepted and ignored, as unknown fields are;
-fields that would change the answer in a way we cannot (``n`` > 1, ``tools``, ``logprobs``, a
-``response_format`` other than text) are refused by the route with a 400 naming the field.
+fields that would change the answer in a way we cannot (``n`` > 1, ``tools``, ``logprobs``) are
+refused by the route with a 400 naming the field. ``response_format`` (text, ``json_object``,
+``json_schema``) is read by :mod:`streaming_llm.chat.response_format`.
 Bounds live in the types, so a bad value fails with the path of the field (``$.temperature``).
 """
 
@@ -63,6 +64,7 @@ class ChatCompletionRequest(msgspec.Struct):
     n: int | None = None
     tools: list[dict[str, object]] | None = None
     logprobs: bool | None = None
+    # Structured output (streaming_llm.chat.response_format): checked there, to name the field
     response_format: dict[str, object] | None = None
 
 

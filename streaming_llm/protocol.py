@@ -8,7 +8,7 @@ working (msgspec schema evolution).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -32,6 +32,9 @@ class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True, kw_only=True)
     request_id: Id | None = None
     options: GenerationOptions = GenerationOptions()
     agent_ids: Annotated[list[AgentId], Meta(min_length=1, max_length=16)] | None = None
+    # OpenAI's shape, {"type": "json_object"} / {"type": "json_schema", "json_schema": {...}}:
+    # checked by streaming_llm.chat.response_format (an error frame names the field)
+    response_format: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # msgspec reports this as a ValidationError: the socket's invalid_frame.
@@ -112,6 +115,7 @@ class Error(msgspec.Struct, tag="error", omit_defaults=True):
     turn_id: str | None = None
     answer_turn_id: str | None = None
     agent_id: str | None = None  # set for a failed answer: whose it was
+    field: str | None = None  # the frame's field at fault, e.g. "response_format"
 
     def __post_init__(self) -> None:
         if self.answer_turn_id is None:

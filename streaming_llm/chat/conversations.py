@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ..engines.base import (
     ChatMessage,
     Chunk,
+    Constraint,
     Engine,
     EngineRequest,
     Finished,
@@ -301,7 +302,8 @@ class ConversationManager:
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions,
-                    agent_ids: Sequence[str] = (), follow_up: bool = False) -> TurnInProgress:
+                    agent_ids: Sequence[str] = (), follow_up: bool = False,
+                    constraint: Constraint | None = None) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message).
 
         ``agent_id`` ("" for none) or ``agent_ids`` (a round) name who answers; in a room an
@@ -384,13 +386,15 @@ class ConversationManager:
             conversation_id=rooms.cache_key(stored_in, speaker, plan.participants),
             messages=messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+            constraint=constraint,
         )
         return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started,
                               agent_id=speaker, speakers=plan.speakers,
                               room=rooms.is_room(plan.participants))
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions) -> TurnInProgress:
+                             options: GenerationOptions,
+                             constraint: Constraint | None = None) -> TurnInProgress:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -410,6 +414,7 @@ class ConversationManager:
             request_id=request_id, conversation_id=f"tmp_{uuid.uuid4().hex}",
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+            constraint=constraint,
         )
         return TurnInProgress(request_id, request.conversation_id, "", request, stored=False,
                               started=started)

@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, Constraint
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
 from .admission import GenerationGate
@@ -84,6 +84,7 @@ class TurnSpec:
     agent_ids: tuple[str, ...] = ()
     follow_up: bool = False
     locked: bool = False
+    constraint: Constraint | None = None  # what the answer must match (structured output)
 
     @property
     def stored(self) -> bool:
@@ -228,11 +229,11 @@ class TurnRunner:
         if spec.history is not None:
             return await self.manager.begin_unstored(
                 request_id=spec.request_id, agent_id=spec.agent_id, messages=spec.history,
-                options=spec.options)
+                options=spec.options, constraint=spec.constraint)
         return await self.manager.begin(
             request_id=spec.request_id, agent_id=spec.agent_id, message=spec.message,
             conversation_id=spec.conversation_id, options=spec.options,
-            agent_ids=spec.agent_ids, follow_up=spec.follow_up)
+            agent_ids=spec.agent_ids, follow_up=spec.follow_up, constraint=spec.constraint)
 
     async def _end(self, turn: TurnInProgress, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""

@@ -122,13 +122,17 @@ class OllamaEngine(UpstreamEngine):
                 options[name] = value
         if self._num_ctx > 0:
             options["num_ctx"] = self._num_ctx
-        return {
+        body: dict[str, Any] = {
             "model": self._model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
         }
+        if (constraint := request.constraint) is not None:  # Ollama's structured outputs
+            self.check_constraint(constraint)
+            body["format"] = constraint.schema if constraint.kind == "json_schema" else "json"
+        return body
 
     async def read_answer(self, resp: aiohttp.ClientResponse,
                           started: float) -> AsyncGenerator[Chunk, None]:

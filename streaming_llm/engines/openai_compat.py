@@ -159,6 +159,11 @@ class OpenAIEngine(UpstreamEngine):
                             ("top_k", opts.top_k), ("stop", opts.stop), ("seed", opts.seed)):
             if value is not None:
                 body[name] = value
+        if (constraint := request.constraint) is not None:
+            self.check_constraint(constraint)
+            body["response_format"] = {"type": "json_object"} if constraint.kind == "json_object" \
+                else {"type": "json_schema", "json_schema": {
+                    "name": "response", "schema": constraint.schema, "strict": True}}
         return body
 
     async def prepare(self) -> None:

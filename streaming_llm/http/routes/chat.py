@@ -34,10 +34,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
+from ...chat.response_format import checked_constraint
 from ...chat.resume import ResumableTurn, ResumableTurns
 from ...chat.rounds import SpeakerRefused, run_answers
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
-from ...errors import ServiceError, ShuttingDown
+from ...errors import InvalidConstraint, ServiceError, ShuttingDown
 from ...metrics import Metrics
 from ...protocol import (
     Cancel,
@@ -365,10 +366,17 @@ class ChatSocket:
         if self.live.draining and not turn.control.cancelled:
             await self.refuse(request_id)
             return
+        try:
+            constraint = await checked_constraint(
+                frame.response_format, self.runner.manager.engine,
+                max_bytes=self.limits.max_schema_bytes)
+        except InvalidConstraint as exc:  # refused before anything was stored
+            await self.error(request_id, exc.code, exc.message, field=exc.param)
+            return
         spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id or "",
                         message=frame.message, options=frame.options,
                         conversation_id=frame.conversation_id, client=self.client,
-                        agent_ids=tuple(frame.agent_ids or ()))
+                        agent_ids=tuple(frame.agent_ids or ()), constraint=constraint)
         try:
             await run_answers(self.runner, spec, turn, turn.control)
         except SpeakerRefused as exc:  # a round's later speaker could not answer: it ends here

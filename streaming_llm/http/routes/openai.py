@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
+from ...chat.response_format import checked_constraint
 from ...chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
 from ...engines.base import ChatMessage, count_tokens
 from ...errors import (
@@ -183,9 +184,6 @@ def _options(body: ChatCompletionRequest) -> GenerationOptions:
         raise InvalidRequest("tools are not supported", param="tools")
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported", param="logprobs")
-    if body.response_format not in (None, {"type": "text"}):
-        raise InvalidRequest("only response_format {'type': 'text'} is supported",
-                             param="response_format")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationOptions(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=stop or None,
@@ -211,6 +209,9 @@ async def chat_completions(request: Request) -> Response:
     conversation_id = _conversation_id(request, body)
     services = request.state.services
     limits = Limits.from_settings(services.settings)
+    # a schema that cannot compile is refused before anything is stored
+    constraint = await checked_constraint(body.response_format, services.engine,
+                                          max_bytes=limits.max_schema_bytes)
     limits.check_messages([m.content for m in messages], options.max_new_tokens)
     stored = conversation_id is not None
     if not stored:  # the caller's history is the prompt (a stored one is the socket's)
@@ -221,7 +222,7 @@ async def chat_completions(request: Request) -> Response:
         message=messages[-1].content, options=options,
         conversation_id=None if conversation_id in (None, NEW_CONVERSATION) else conversation_id,
         client=request.client.host if request.client is not None else "",
-        history=None if stored else messages)
+        history=None if stored else messages, constraint=constraint)
     answer = _Answer(stream=bool(body.stream), send_timeout_s=services.settings.send_timeout_s)
     work = asyncio.create_task(answer.produce(services.turns, spec), name=spec.request_id)
     try:
