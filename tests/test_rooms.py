@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.testclient import TestClient
 
+from streaming_llm.app import create_app
 from streaming_llm.chat import rooms
+from streaming_llm.chat.resume import RoundPieces
 from streaming_llm.engines.base import ChatMessage
 from streaming_llm.settings import Settings
 from streaming_llm.storage.database import alembic_config, ensure_sqlite_dir, upgrade_to_head
@@ -26,6 +29,7 @@ from .conftest import BOTH_DATABASES, put_agent
 from .database import fetch
 from .fakes import ScriptedEngine
 from .test_chat import recv_turn
+from .test_limits import _wait_for
 
 
 def _agents(client: TestClient) -> None:
@@ -300,6 +304,50 @@ def test_a_cancelled_answer_ends_the_round(client: TestClient, settings: Setting
         ws.send_json({"type": "ping", "request_id": "p"})
         assert ws.receive_json() == {"type": "pong", "request_id": "p"}  # no second answer
     assert [row[:2] for row in _stored(settings, cid)] == [("user", None), ("assistant", "alice")]
+
+
+def test_a_round_cancelled_while_its_next_speaker_waits_ends_with_that_speakers_error(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    """Bob's answer waits for the one generation slot, which another socket's turn took when
+    Alice's answer gave it back; a cancel then ends the round: its last frame is Bob's
+    ``cancelled`` error, and nothing of his answer is stored."""
+    scripted.pieces = [f"w{i} " for i in range(20)]
+    scripted.delay = 0.01
+    with TestClient(create_app(make_settings(max_concurrent_generations=1),
+                               engine=scripted)) as client:
+        _agents(client)
+        cid = _room(client, "alice", "bob")["id"]
+        gate = client.app_state["services"].gate
+        with client.websocket_connect("/ws/chat") as a, client.websocket_connect("/ws/chat") as b:
+            a.send_json({"type": "chat", "agent_ids": ["alice", "bob"], "message": "go",
+                         "conversation_id": cid, "request_id": "r1"})
+            assert a.receive_json()["type"] == "start"
+            b.send_json({"type": "chat", "agent_id": "carol", "message": "meanwhile"})
+            _wait_for(lambda: gate.waiting == 1)  # carol waits for alice's slot
+            frame = a.receive_json()
+            while frame["type"] == "token":
+                frame = a.receive_json()
+            assert (frame["type"], frame["agent_id"]) == ("done", "alice"), frame
+            _wait_for(lambda: gate.waiting == 1)  # carol has the slot now; bob waits for it
+            a.send_json({"type": "cancel", "request_id": "r1"})
+            error = a.receive_json()
+            assert (error["type"], error["code"], error["agent_id"]) == ("error", "cancelled",
+                                                                         "bob"), error
+            assert error["conversation_id"] == cid
+            _, _, done = recv_turn(b)
+            assert done["type"] == "done"
+    assert [row[:2] for row in _stored(make_settings(), cid)] == [("user", None),
+                                                                  ("assistant", "alice")]
+
+
+def test_round_pieces_read_the_answers_as_one_run() -> None:
+    first, second = ["a", "b", "c"], ["d"]
+    pieces = RoundPieces([first, second])
+    assert (len(pieces), pieces[1:5], pieces[3], pieces[-1]) == (4, ["b", "c", "d"], "d", "d")
+    second.append("e")  # the live answer grows: the view sees it, no copy
+    assert (len(pieces), pieces[2:]) == (5, ["c", "d", "e"])
+    with pytest.raises(IndexError):
+        pieces[5]
 
 
 def test_exports_name_the_speakers(client: TestClient) -> None:

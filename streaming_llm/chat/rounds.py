@@ -53,7 +53,7 @@ class RoundWriter(TurnWriter, Protocol):
         not the last call for the frame."""
 
 
-class _Answer:
+class _RoundAnswer:
     """One answer of a round, as the runner's writer: routes its start and ending to the
     :class:`RoundWriter` call that this place in the round needs."""
 
@@ -95,7 +95,7 @@ async def run_answers(runner: TurnRunner, spec: TurnSpec, writer: RoundWriter,
             async with control.cancellable():  # a cancel while waiting: nothing was stored
                 await held.enter_async_context(runner.locks.hold(spec.conversation_id))
             spec = dataclasses.replace(spec, locked=True)
-        answer = _Answer(writer, control, first=True)
+        answer = _RoundAnswer(writer, control, first=True)
         ending = await runner.run(spec, answer, control)
         later = answer.later or []
         if later and spec.conversation_id is None:  # a room the first answer created
@@ -106,7 +106,7 @@ async def run_answers(runner: TurnRunner, spec: TurnSpec, writer: RoundWriter,
             follow = dataclasses.replace(spec, agent_id=agent_id, agent_ids=(),
                                          conversation_id=ending.conversation_id,
                                          follow_up=True, locked=True)
-            answer = _Answer(writer, control, first=False, later=later[i + 1:])
+            answer = _RoundAnswer(writer, control, first=False, later=later[i + 1:])
             try:
                 ending = await runner.run(follow, answer, control)
             except ServiceError as exc:
