@@ -28,13 +28,21 @@ from ..engines.base import (
     PromptTokens,
     TextChunk,
 )
-from ..errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
+from ..errors import (
+    AgentNotFound,
+    BadRequest,
+    ConversationNotFound,
+    EngineError,
+    ValidationFailed,
+)
 from ..ids import check_conversation_id
 from ..metrics import Metrics
+from ..protocol import AgentId
 from ..storage import queries
 from ..storage.database import Database
 from ..storage.models import ConversationRow, TurnRow
 from ..wire import FinishReason, GenerationOptions, Usage
+from . import rooms
 from .admission import ConversationLocks
 
 if TYPE_CHECKING:
@@ -52,20 +60,40 @@ class TurnView(msgspec.Struct):
     finish_reason: str | None
     usage: dict[str, object] | None
     created_at: str
+    agent_id: str | None = None  # who spoke an assistant turn; None for the user's
 
 
 class ConversationSummary(msgspec.Struct):
     id: str
-    agent_id: str
+    agent_id: str  # the first participant
     title: str
     created_at: str
     updated_at: str
+    agent_ids: list[str] = []  # the participants in order: one, or several in a room
+
+
+#: A room's participants: 1 to 16 distinct agents, in order.
+AgentIds = Annotated[list[AgentId], Meta(min_length=1, max_length=rooms.MAX_PARTICIPANTS,
+                                         extra_json_schema={"uniqueItems": True})]
+
+
+class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /conversations``: a room of ``agent_ids`` (one agent: a plain conversation)."""
+
+    agent_ids: AgentIds
+    title: Annotated[str, Meta(max_length=200)] = ""
 
 
 class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of ``PATCH /conversations/{id}``: what may change about a conversation."""
+    """Body of ``PATCH /conversations/{id}``: what may change about a conversation — its title,
+    its participants (the new list, in order: agents added, dropped, reordered)."""
 
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    agent_ids: AgentIds | msgspec.UnsetType = msgspec.UNSET
+
+
+#: The body ``PATCH`` takes, as the OpenAPI document describes it: at least one field.
+ConversationPatchBody = Annotated[ConversationPatch, Meta(extra_json_schema={"minProperties": 1})]
 
 
 class ConversationView(msgspec.Struct):
@@ -75,15 +103,18 @@ class ConversationView(msgspec.Struct):
     created_at: str
     updated_at: str
     turns: list[TurnView]
+    agent_ids: list[str] = []
 
 
 def _turn_view(row: TurnRow) -> TurnView:
     usage = msgspec.json.decode(row.usage) if row.usage else None
-    return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at)
+    return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at,
+                    row.agent_id)
 
 
-def _summary(row: ConversationRow) -> ConversationSummary:
-    return ConversationSummary(row.id, row.agent_id, row.title, row.created_at, row.updated_at)
+def _summary(row: ConversationRow, agent_ids: list[str]) -> ConversationSummary:
+    return ConversationSummary(row.id, row.agent_id, row.title, row.created_at, row.updated_at,
+                               agent_ids or [row.agent_id])
 
 
 def system_message(system_prompt: str, markdown_context: str) -> str:
@@ -117,6 +148,9 @@ class TurnInProgress:
     first_token_at: float | None = None
     last_token_at: float | None = None
     prompt_tokens: int = 0  # from the engine's PromptTokens, for an answer cut short
+    agent_id: str = ""  # who answers (stored with the answer)
+    speakers: list[str] = field(default_factory=list)  # the chat frame's, in order (rooms)
+    room: bool = False  # the conversation has several agents
 
     def timed(self, usage: Usage) -> Usage:
         """``usage`` with the timings the engine left empty filled in from this turn's clock:
@@ -155,20 +189,62 @@ class ConversationManager:
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int,
                    search: str | None = None) -> list[ConversationSummary]:
-        rows = await self.db.read(lambda session: queries.list_conversations(
-            session, agent_id=agent_id, limit=limit, offset=offset, search=search))
-        return [_summary(r) for r in rows]
+        def load(session: Session) -> list[ConversationSummary]:
+            rows = queries.list_conversations(session, agent_id=agent_id, limit=limit,
+                                              offset=offset, search=search)
+            agents = queries.participants_of(session, [r.id for r in rows])
+            return [_summary(r, agents[r.id]) for r in rows]
+
+        return await self.db.read(load)
 
     async def rename(self, conversation_id: str, title: str) -> ConversationSummary:
-        check_conversation_id(conversation_id)
+        return await self.update(conversation_id, ConversationPatch(title=title))
+
+    # rooms --------------------------------------------------------------------------------------
+    async def create(self, body: ConversationCreate) -> ConversationSummary:
+        """A new conversation of ``body.agent_ids``: a room when several (see :mod:`.rooms`)."""
+        agent_ids = rooms.check_participants(body.agent_ids)
 
         def store(session: Session) -> ConversationSummary:
-            row = queries.rename_conversation(session, conversation_id, title)
-            if row is None:
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return _summary(row)
+            _check_agents_exist(session, agent_ids)
+            conversation_id = queries.create_conversation(session, agent_ids[0], body.title,
+                                                          agent_ids=agent_ids)
+            row = queries.get_conversation(session, conversation_id)
+            assert row is not None
+            return _summary(row, agent_ids)
 
         return await self.db.write(store)
+
+    async def update(self, conversation_id: str, patch: ConversationPatch) -> ConversationSummary:
+        """Rename and/or set the participants. A new list of participants makes the engine
+        forget the conversation's caches (each agent's prompt in a room differs from its prompt
+        alone); a participant removed keeps its past turns, shown to the others by its name."""
+        check_conversation_id(conversation_id)
+        title = None if isinstance(patch.title, msgspec.UnsetType) else patch.title
+        asked = None if isinstance(patch.agent_ids, msgspec.UnsetType) else patch.agent_ids
+        if title is None and asked is None:
+            raise ValidationFailed("nothing to change: send title and/or agent_ids")
+        agent_ids = None if asked is None else rooms.check_participants(asked)
+
+        def store(session: Session) -> tuple[ConversationSummary, list[str]]:
+            if not queries.touch_conversation(session, conversation_id):  # locks its row
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            before = queries.list_participants(session, conversation_id)
+            if agent_ids is not None and agent_ids != before:
+                _check_agents_exist(session, [a for a in agent_ids if a not in before])
+                queries.set_participants(session, conversation_id, agent_ids)
+            if title is not None:
+                queries.rename_conversation(session, conversation_id, title)
+            row = queries.get_conversation(session, conversation_id)
+            assert row is not None
+            session.refresh(row)
+            return _summary(row, agent_ids or before), before
+
+        summary, before = await self.db.write(store)
+        if agent_ids is not None and agent_ids != before:
+            for key in rooms.cache_keys(conversation_id, {*before, *agent_ids}):
+                self.engine.forget(key)
+        return summary
 
     async def truncate(self, conversation_id: str, from_seq: int) -> None:
         """Delete the turns from the user turn ``from_seq`` on: what "edit and resend" and
@@ -195,59 +271,100 @@ class ConversationManager:
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)
 
-        def load(session: Session) -> tuple[ConversationRow, list[TurnRow]]:
+        def load(session: Session) -> tuple[ConversationRow, list[TurnRow], list[str]]:
             row = queries.get_conversation(session, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return row, queries.list_turns(session, conversation_id)
+            return (row, queries.list_turns(session, conversation_id),
+                    queries.list_participants(session, conversation_id))
 
-        row, turns = await self.db.read(load)
+        row, turns, agent_ids = await self.db.read(load)
         return ConversationView(row.id, row.agent_id, row.title, row.created_at, row.updated_at,
-                                [_turn_view(t) for t in turns])
+                                [_turn_view(t) for t in turns], agent_ids or [row.agent_id])
 
     async def delete(self, conversation_id: str) -> None:
         check_conversation_id(conversation_id)
-        if not await self.db.write(lambda session: queries.delete_conversation(session,
-                                                                                conversation_id)):
+
+        def store(session: Session) -> list[str] | None:
+            participants = queries.list_participants(session, conversation_id)
+            return participants if queries.delete_conversation(session, conversation_id) else None
+
+        participants = await self.db.write(store)
+        if participants is None:
             raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-        self.engine.forget(conversation_id)
+        # Every participant's cache in a room; the conversation's own key otherwise.
+        for key in ([conversation_id] if not rooms.is_room(participants)
+                    else rooms.cache_keys(conversation_id, participants)[1:]):
+            self.engine.forget(key)
         if self.transcripts is not None:
             await self.transcripts.remove(conversation_id)
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions,
+                    agent_ids: Sequence[str] = (), follow_up: bool = False,
                     constraint: Constraint | None = None) -> TurnInProgress:
-        """Validate, store the user turn, and build the engine request (history + new message)."""
+        """Validate, store the user turn, and build the engine request (history + new message).
+
+        ``agent_id`` ("" for none) or ``agent_ids`` (a round) name who answers; in a room an
+        ``@mention`` may (see :mod:`.rooms`), and the turn answers as the first of them.
+        ``follow_up``: the answer of ``agent_id``, the next speaker of a round whose user turn
+        is stored already; nothing is stored before its answer.
+        """
         started = time.perf_counter()
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
-        def load(session: Session) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+        def load(session: Session) -> _Plan:
             # A read: on SQLite the history may be long, and the writer must not wait for it.
-            agent = queries.get_agent(session, agent_id)
-            if agent is None:
-                raise AgentNotFound(f"agent {agent_id!r} not found")
-            prompt = (agent.system_prompt, agent.markdown_context)
+            named = list(agent_ids) if agent_ids else [agent_id] if agent_id else []
+            for named_id in named:  # an unknown agent is that, whatever the conversation
+                if queries.get_agent(session, named_id) is None:
+                    raise AgentNotFound(f"agent {named_id!r} not found")
+            transcript: list[rooms.Said] = []
             if conversation_id is None:
-                return prompt, []
-            conversation = queries.get_conversation(session, conversation_id)
-            if conversation is None:
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            if conversation.agent_id != agent_id:
-                raise Conflict(
-                    f"conversation {conversation_id!r} belongs to agent {conversation.agent_id!r}, "
-                    f"not {agent_id!r}", code="conversation_agent_mismatch")
-            return prompt, [(t.role, t.content) for t in queries.list_turns(session, conversation_id)]
+                if not named:
+                    raise rooms.NoSpeaker("name agent_id or agent_ids to start a conversation")
+                participants = speakers = rooms.check_participants(named)
+            else:
+                conversation = queries.get_conversation(session, conversation_id)
+                if conversation is None:
+                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+                participants = (queries.list_participants(session, conversation_id)
+                                or [conversation.agent_id])
+                speakers = rooms.pick_speakers(participants, conversation_id=conversation_id,
+                                               agent_id=agent_id, agent_ids=agent_ids,
+                                               message=message)
+                transcript = [rooms.Said(t.role, t.agent_id, t.content)
+                              for t in queries.list_turns(session, conversation_id)]
+            speaker = queries.get_agent(session, speakers[0])
+            if speaker is None:  # an @mentioned participant deleted since
+                raise AgentNotFound(f"agent {speakers[0]!r} not found")
+            names = {speaker.id: speaker.name}
+            for other in {s.agent_id for s in transcript if s.agent_id} - names.keys():
+                if (row := queries.get_agent(session, other)) is not None:
+                    names[other] = row.name
+            return _Plan(participants, speakers, system_message(speaker.system_prompt,
+                                                                speaker.markdown_context),
+                         names, transcript)
 
         def store(session: Session) -> tuple[str, str]:  # the writer queue, one transaction
             if conversation_id is None:
-                conversation = queries.create_conversation(session, agent_id, _title(message))
+                conversation = queries.create_conversation(
+                    session, plan.speakers[0], _title(message), agent_ids=plan.participants)
             elif queries.touch_conversation(session, conversation_id):
                 conversation = conversation_id
+                # The participants may have changed since the read (a PATCH): check again, in
+                # the transaction that stores, so a speaker removed meanwhile stores nothing.
+                now = queries.list_participants(session, conversation) or plan.participants
+                for speaker in plan.speakers:
+                    rooms.check_speaker(now, conversation, speaker)
             else:  # deleted since it was read
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            if history and history[-1][0] == "user":
+            if follow_up:
+                return conversation, ""
+            history = plan.transcript
+            if history and history[-1].role == "user":
                 # The last answer was never stored (the disk filled, the process died): mark it
                 # failed, so user and assistant turns keep alternating.
                 queries.append_turn(session, conversation, role="assistant", content="",
@@ -255,25 +372,25 @@ class ConversationManager:
             return conversation, queries.append_turn(session, conversation, role="user",
                                                      content=message, request_id=request_id)
 
-        (system_prompt, context), history = await self.db.read(load)
-        if (refused := self.engine.refusal(system_message(system_prompt, context))) is not None:
+        plan = await self.db.read(load)
+        if (refused := self.engine.refusal(plan.system)) is not None:
             raise refused  # e.g. the model failed to load: store no turn that cannot run
         stored_in, user_turn_id = await self.db.write(store)
 
-        messages = []
-        system = system_message(system_prompt, context)
-        if system:
-            messages.append(ChatMessage("system", system))
-        messages.extend(ChatMessage(role, content) for role, content in history  # type: ignore[arg-type]
-                        if role in ("user", "assistant"))
-        messages.append(ChatMessage("user", message))
+        speaker = plan.speakers[0]
+        said = plan.transcript if follow_up else [*plan.transcript,
+                                                  rooms.Said("user", None, message)]
+        messages = rooms.speaker_messages(speaker, plan.system, said, plan.names)
         request = EngineRequest(
-            request_id=request_id, conversation_id=stored_in, messages=messages,
-            options=options,
+            request_id=request_id,
+            conversation_id=rooms.cache_key(stored_in, speaker, plan.participants),
+            messages=messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
             constraint=constraint,
         )
-        return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started)
+        return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started,
+                              agent_id=speaker, speakers=plan.speakers,
+                              room=rooms.is_room(plan.participants))
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
                              options: GenerationOptions,
@@ -334,6 +451,7 @@ class ConversationManager:
             raise ValueError("an unstored turn ends with discard(), not finish()")
         self.metrics.turn_ended(reason, usage)
         fields = {"role": "assistant", "content": "".join(turn.pieces), "finish_reason": reason,
+                  "agent_id": turn.agent_id or None,
                   "prompt_tokens": usage.prompt_tokens,
                   "completion_tokens": usage.completion_tokens,
                   "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
@@ -353,6 +471,24 @@ class ConversationManager:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
         self.metrics.turn_ended(reason, usage)
         self.engine.forget(turn.conversation_id)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :meth:`ConversationManager.begin` read: who takes part, who answers (the first of
+    ``speakers``) with its system message, the names of the transcript's speakers."""
+
+    participants: list[str]
+    speakers: list[str]
+    system: str
+    names: dict[str, str]
+    transcript: list[rooms.Said]
+
+
+def _check_agents_exist(session: Session, agent_ids: Sequence[str]) -> None:
+    for agent_id in agent_ids:
+        if queries.get_agent(session, agent_id) is None:
+            raise AgentNotFound(f"agent {agent_id!r} not found")
 
 
 def _title(message: str) -> str:

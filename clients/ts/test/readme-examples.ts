@@ -2,6 +2,7 @@
 // package, so a change to the public API that breaks them fails the build.
 import { listAgents, getAgent, updateAgent, deleteAgent, streamChat, type Agent, type ChatEvent } from 'streaming-llm-client'
 import { ApiError, ChatError, type ChatResult, type ClientOptions, type SocketFactory } from 'streaming-llm-client'
+import { createRoom } from 'streaming-llm-client'
 import WebSocket from 'ws'
 
 export async function issueExample(): Promise<void> {
@@ -68,4 +69,11 @@ export async function eventsExample(): Promise<void> {
   await chat.sendMessage({ message: 'Summarize the latest run.', options: { topP: 0.9, repetitionPenalty: 1.1 } })
   controller.abort() // closes the stream, as chat.stop() does; the loop above ends
   await reading
+}
+
+export async function roomExample(): Promise<void> {
+  const room = await createRoom(['coder', 'reviewer'], { title: 'Parser fix' })
+  const chat = await streamChat({ backendUrl: 'ws://localhost:8000/ws/chat', agentId: '', conversationId: room.id })
+  const [fix, review] = await chat.sendRound({ message: 'Fix the lexer bug.', agentIds: ['coder', 'reviewer'] })
+  console.log(fix.agentId, fix.text, review.agentId, review.text)
 }
