@@ -164,6 +164,7 @@ class CuttingProxy:
         self.port, self.cut_after = port, cut_after
         self.connections = 0
         self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []  # closed on exit, inside the loop
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -172,11 +173,17 @@ class CuttingProxy:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        # Close every stream while the loop runs: one left to the garbage collector after the
+        # loop closed warns (ResourceWarning), which fails whichever test is running then.
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for w in self.writers), return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         limit = self.cut_after if self.connections == 1 else None
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        budget: int | None) -> None:
