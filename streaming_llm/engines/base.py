@@ -15,7 +15,8 @@ as :class:`streaming_llm.errors.EngineError` subclasses, with a stable ``code``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -25,6 +26,7 @@ from ..wire import FinishReason, GenerationOptions, Usage
 __all__ = [
     "ChatMessage",
     "Chunk",
+    "Constraint",
     "Engine",
     "EngineHealth",
     "EngineRequest",
@@ -35,16 +37,40 @@ __all__ = [
     "Role",
     "TextChunk",
     "TokenCounter",
+    "ToolCall",
     "Usage",
     "count_tokens",
 ]
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class ToolCall(msgspec.Struct, frozen=True):
+    """A function call the model made: ``arguments`` is its JSON text, as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a prompt. An assistant message may carry the ``tool_calls`` it made; a
+    ``tool`` message is the result of the call ``tool_call_id``."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must match, enforced token by token (local engine) or passed upstream."""
+    kind: Literal["json_schema", "json_object", "regex", "grammar", "tool_calls"]
+    schema: dict[str, Any] | None = None   # json_schema
+    pattern: str | None = None             # regex, or grammar text (Lark/llguidance syntax)
+    tools: tuple[dict[str, Any], ...] = () # tool_calls: OpenAI-shape function tools {"name","description","parameters"}
+    lazy_trigger: str | None = None        # tool_calls with tool_choice auto: free text until this string starts a call
 
 
 class EngineRequest(msgspec.Struct, frozen=True):
@@ -53,6 +79,7 @@ class EngineRequest(msgspec.Struct, frozen=True):
     messages: list[ChatMessage]  # system (if any), the stored history, then the new user message
     options: GenerationOptions
     max_new_tokens: int  # options.max_new_tokens resolved against the server default
+    constraint: Constraint | None = None
 
 
 class TextChunk(msgspec.Struct, frozen=True):
