@@ -107,10 +107,10 @@ def test_tools_over_the_limits_are_refused() -> None:
 def test_results_must_answer_an_open_call() -> None:
     call = ToolCall("call_a", "f", "{}")
     history = [ChatMessage("user", "hi"), ChatMessage("assistant", "", (call,))]
-    check_results(history, [ChatMessage("tool", "1", tool_call_id="call_a")], param="m[{}]")
+    check_results(history, [ChatMessage("tool", "1", tool_call_id="call_a")], params=["m[0]"])
     with pytest.raises(InvalidTools) as info:
-        check_results(history, [ChatMessage("tool", "1", tool_call_id="call_b")], param="m[{}]")
+        check_results(history, [ChatMessage("tool", "1", tool_call_id="call_b")], params=["m[0]"])
     assert info.value.param == "m[0]"
     answered = [*history, ChatMessage("tool", "1", tool_call_id="call_a")]
     with pytest.raises(InvalidTools):
-        check_results(answered, [ChatMessage("tool", "2", tool_call_id="call_a")], param="m[{}]")
+        check_results(answered, [ChatMessage("tool", "2", tool_call_id="call_a")], params=["m[0]"])

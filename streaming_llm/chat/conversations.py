@@ -26,6 +26,7 @@ from ..engines.base import (
     Finished,
     PromptTokens,
     TextChunk,
+    ToolCall,
 )
 from ..errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
 from ..ids import check_conversation_id
@@ -34,6 +35,7 @@ from ..storage import queries
 from ..storage.database import Database
 from ..storage.models import ConversationRow, TurnRow
 from ..wire import FinishReason, GenerationOptions, Usage
+from .tool_calls import ToolUse, calls_from_json, calls_json, check_results, parse
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir
@@ -42,14 +44,16 @@ log = logging.getLogger(__name__)
 
 
 # --- REST views ---------------------------------------------------------------------------------
-class TurnView(msgspec.Struct):
+class TurnView(msgspec.Struct, omit_defaults=True):
     id: str
     seq: int
-    role: str
+    role: str  # user | assistant | tool
     content: str
     finish_reason: str | None
     usage: dict[str, object] | None
     created_at: str
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ConversationSummary(msgspec.Struct):
@@ -77,7 +81,14 @@ class ConversationView(msgspec.Struct):
 
 def _turn_view(row: TurnRow) -> TurnView:
     usage = msgspec.json.decode(row.usage) if row.usage else None
-    return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at)
+    return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at,
+                    list(calls_from_json(row.tool_calls)) or None, row.tool_call_id)
+
+
+def _message(row: TurnRow) -> ChatMessage:
+    """A stored turn as the engine reads it again."""
+    return ChatMessage(row.role, row.content, calls_from_json(row.tool_calls),  # type: ignore[arg-type]
+                       row.tool_call_id)
 
 
 def _summary(row: ConversationRow) -> ConversationSummary:
@@ -111,6 +122,17 @@ class Turn:
     first_token_at: float | None = None
     last_token_at: float | None = None
     prompt_tokens: int = 0  # from the engine's PromptTokens, for an answer cut short
+    tools: ToolUse | None = None  # tools offered: the answer's calls are read out of its text
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made, once it ended
+
+    def answer(self) -> str:
+        """The answer's text, its calls read out into :attr:`tool_calls`."""
+        text = "".join(self.pieces)
+        if self.tools is None:
+            return text
+        text, self.tool_calls = parse(text, self.request_id,
+                                      max_calls=None if self.tools.parallel else 1)
+        return text
 
     def timed(self, usage: Usage) -> Usage:
         """``usage`` with the timings the engine left empty filled in from this turn's clock:
@@ -203,13 +225,18 @@ class ConversationManager:
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
-                    conversation_id: str | None, options: GenerationOptions) -> Turn:
-        """Validate, store the user turn, and build the engine request (history + new message)."""
+                    conversation_id: str | None, options: GenerationOptions,
+                    tools: ToolUse | None = None, tool_results: Sequence[ChatMessage] = (),
+                    result_params: Sequence[str] = ()) -> Turn:
+        """Validate, store the user turn, and build the engine request (history + new message).
+
+        ``tool_results`` (role ``tool``) are stored before the user turn and must answer calls
+        of the last stored answer; ``message`` may then be "" (no user turn)."""
         started = time.perf_counter()
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
-        def load(session: Session) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+        def load(session: Session) -> tuple[tuple[str, str], list[ChatMessage]]:
             # A read: on SQLite the history may be long, and the writer must not wait for it.
             agent = queries.get_agent(session, agent_id)
             if agent is None:
@@ -224,7 +251,7 @@ class ConversationManager:
                 raise Conflict(
                     f"conversation {conversation_id!r} belongs to agent {conversation.agent_id!r}, "
                     f"not {agent_id!r}", code="conversation_agent_mismatch")
-            return prompt, [(t.role, t.content) for t in queries.list_turns(session, conversation_id)]
+            return prompt, [_message(t) for t in queries.list_turns(session, conversation_id)]
 
         def store(session: Session) -> tuple[str, str]:  # the writer queue, one transaction
             if conversation_id is None:
@@ -233,15 +260,23 @@ class ConversationManager:
                 conversation = conversation_id
             else:  # deleted since it was read
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            if history and history[-1][0] == "user":
+            if history and history[-1].role in ("user", "tool"):
                 # The last answer was never stored (the disk filled, the process died): mark it
                 # failed, so user and assistant turns keep alternating.
                 queries.append_turn(session, conversation, role="assistant", content="",
                                     finish_reason="error", request_id=None)
-            return conversation, queries.append_turn(session, conversation, role="user",
-                                                     content=message, request_id=request_id)
+            turn_id = ""
+            for result in tool_results:
+                turn_id = queries.append_turn(session, conversation, role="tool",
+                                              content=result.content, request_id=request_id,
+                                              tool_call_id=result.tool_call_id)
+            if message or not tool_results:
+                turn_id = queries.append_turn(session, conversation, role="user",
+                                              content=message, request_id=request_id)
+            return conversation, turn_id
 
         (system_prompt, context), history = await self.db.read(load)
+        check_results(history, tool_results, params=result_params)
         if (refused := self.engine.refusal(system_message(system_prompt, context))) is not None:
             raise refused  # e.g. the model failed to load: store no turn that cannot run
         stored_in, user_turn_id = await self.db.write(store)
@@ -250,19 +285,21 @@ class ConversationManager:
         system = system_message(system_prompt, context)
         if system:
             messages.append(ChatMessage("system", system))
-        messages.extend(ChatMessage(role, content) for role, content in history  # type: ignore[arg-type]
-                        if role in ("user", "assistant"))
-        messages.append(ChatMessage("user", message))
+        messages.extend(m for m in history if m.role in ("user", "assistant", "tool"))
+        messages.extend(tool_results)
+        if message or not tool_results:
+            messages.append(ChatMessage("user", message))
         request = EngineRequest(
             request_id=request_id, conversation_id=stored_in, messages=messages,
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+            constraint=tools.constraint if tools is not None else None,
         )
         self.metrics.turn_started()
-        return Turn(request_id, stored_in, user_turn_id, request, started=started)
+        return Turn(request_id, stored_in, user_turn_id, request, started=started, tools=tools)
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions) -> Turn:
+                             options: GenerationOptions, tools: ToolUse | None = None) -> Turn:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -282,9 +319,11 @@ class ConversationManager:
             request_id=request_id, conversation_id=f"tmp_{uuid.uuid4().hex}",
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
+            constraint=tools.constraint if tools is not None else None,
         )
         self.metrics.turn_started()
-        return Turn(request_id, request.conversation_id, "", request, stored=False, started=started)
+        return Turn(request_id, request.conversation_id, "", request, stored=False, started=started,
+                    tools=tools)
 
     async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
         """Yield the answer's text pieces; ``turn.pieces`` keeps those the caller took and
@@ -320,7 +359,9 @@ class ConversationManager:
             raise ValueError("an unstored turn ends with discard(), not finish()")
         usage = turn.timed(usage)
         self.metrics.turn_ended(reason, usage)
-        fields = {"role": "assistant", "content": "".join(turn.pieces), "finish_reason": reason,
+        content = turn.answer()
+        fields = {"role": "assistant", "content": content, "finish_reason": reason,
+                  "tool_calls": calls_json(turn.tool_calls),
                   "prompt_tokens": usage.prompt_tokens,
                   "completion_tokens": usage.completion_tokens,
                   "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
@@ -339,6 +380,7 @@ class ConversationManager:
     async def discard(self, turn: Turn, reason: FinishReason, usage: Usage) -> None:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
         self.metrics.turn_ended(reason, usage)
+        turn.answer()  # its calls, for the route
         self.engine.forget(turn.conversation_id)
 
 

@@ -118,17 +118,19 @@ def tool_use(tools: tuple[dict[str, Any], ...], choice: ToolChoiceMode | str | N
 
 
 def check_results(history: Sequence[ChatMessage], results: Sequence[ChatMessage], *,
-                  param: str) -> None:
+                  params: Sequence[str]) -> None:
     """Each tool result answers a call of the last assistant message of ``history`` that no
-    earlier result answered; else a 400 naming ``param`` (formatted with the result's index)."""
-    last = next((m for m in reversed(history) if m.role == "assistant"), None)
-    answered = {m.tool_call_id for m in history[history.index(last) + 1:]} if last else set()
-    open_ids = {c.id for c in last.tool_calls} - answered if last else set()
-    for i, result in enumerate(results):
+    earlier result answered; else a 400 naming the result's field (``params[i]``)."""
+    last = max((i for i, m in enumerate(history) if m.role == "assistant"), default=None)
+    open_ids: set[str | None] = set()
+    if last is not None:
+        open_ids = {c.id for c in history[last].tool_calls}
+        open_ids -= {m.tool_call_id for m in history[last + 1:]}
+    for result, param in zip(results, params, strict=True):
         if result.tool_call_id not in open_ids:
             raise InvalidTools(f"tool result for {result.tool_call_id!r}, which is no call of "
                                "the last assistant message waiting for a result",
-                               param=param.format(i), code="unknown_tool_call")
+                               param=param, code="unknown_tool_call")
         open_ids.discard(result.tool_call_id)
 
 

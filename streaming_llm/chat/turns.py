@@ -44,11 +44,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, ToolCall
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
 from .admission import ConversationLocks, GenerationGate
 from .conversations import ConversationManager, Turn
+from .tool_calls import ToolUse
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class TurnSpec:
     conversation_id: str | None = None
     client: str = ""  # the client's address, for the per-client slot cap
     history: Sequence[ChatMessage] | None = None
+    # tools: what the model may call; tool_results: role "tool" messages stored before
+    # ``message`` ("" then means results only), each checked against the last answer's calls,
+    # a refusal naming its field in result_params.
+    tools: ToolUse | None = None
+    tool_results: tuple[ChatMessage, ...] = ()
+    result_params: tuple[str, ...] = ()
 
     @property
     def stored(self) -> bool:
@@ -90,6 +97,7 @@ class Ending:
     usage: Usage
     turn_id: str | None
     failure: ServiceError | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made
 
 
 class TurnWriter(Protocol):
@@ -196,10 +204,11 @@ class TurnRunner:
         if spec.history is not None:
             return await self.manager.begin_unstored(
                 request_id=spec.request_id, agent_id=spec.agent_id, messages=spec.history,
-                options=spec.options)
+                options=spec.options, tools=spec.tools)
         return await self.manager.begin(
             request_id=spec.request_id, agent_id=spec.agent_id, message=spec.message,
-            conversation_id=spec.conversation_id, options=spec.options)
+            conversation_id=spec.conversation_id, options=spec.options, tools=spec.tools,
+            tool_results=spec.tool_results, result_params=spec.result_params)
 
     async def _end(self, turn: Turn, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""
@@ -215,10 +224,11 @@ class TurnRunner:
         try:
             turn_id = await asyncio.shield(work)
         except ServiceError as exc:  # storage_unavailable, storage_conflict, deleted meanwhile
-            return Ending(turn.conversation_id, reason, usage, None, exc)
+            return Ending(turn.conversation_id, reason, usage, None, exc, turn.tool_calls)
         log.info("turn %s finished: %s, %d pieces in %.2fs", turn.request_id, reason,
                  len(turn.pieces), time.perf_counter() - turn.started)
-        return Ending(turn.conversation_id, reason, turn.timed(usage), turn_id or None, failure)
+        return Ending(turn.conversation_id, reason, turn.timed(usage), turn_id or None, failure,
+                      turn.tool_calls)
 
 
 async def _landed(begin: asyncio.Future[Turn] | None) -> Turn | None:
