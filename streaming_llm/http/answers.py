@@ -14,14 +14,15 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import ClientDisconnect, Request
 
 from ..chat.conversations import Turn
+from ..chat.limits import Limits
 from ..chat.tool_calls import ToolUse, check_results
 from ..chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, count_tokens
 from ..errors import ServiceError
 from ..wire import GenerationOptions
 
@@ -43,16 +44,29 @@ def new_input(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], str]:
     return list(messages[start:end]), messages[-1].content if end < len(messages) else ""
 
 
+async def check_limits(request: Request, messages: Sequence[ChatMessage],
+                       options: GenerationOptions, *, stored: bool) -> None:
+    """The request's messages obey the ``/v1`` limits; unstored, they are the whole prompt and
+    its tokens are counted too (a stored conversation's prompt is the socket's)."""
+    services = request.state.services
+    limits = Limits.from_settings(services.settings)
+    limits.check_messages([m.content for m in messages], options.max_new_tokens)
+    if not stored:
+        limits.check_prompt_tokens(
+            await asyncio.to_thread(count_tokens, services.engine, messages))
+
+
 def turn_spec(request: Request, *, request_id: str, agent_id: str,
               messages: Sequence[ChatMessage], options: GenerationOptions,
-              conversation_id: str | None, tools: ToolUse | None, param: str) -> TurnSpec:
+              conversation_id: str | None, tools: ToolUse | None,
+              result_param: Callable[[int], str]) -> TurnSpec:
     """The turn a request asks for. ``messages`` is the caller's history (system messages
-    included); ``param`` names a message in errors (``messages[{}]``). Tool results must answer
-    calls of the assistant message before them: checked here against the caller's history, or
-    by the conversation manager against the stored one."""
+    included); ``result_param(i)`` names the call id field of the tool result ``messages[i]``
+    in errors. Tool results must answer calls of the assistant message before them: checked
+    here against the caller's history, or by the conversation manager against the stored one."""
     results, message = new_input(messages)
     first = len(messages) - len(results) - (1 if message else 0)
-    params = tuple(param.format(first + i) + ".tool_call_id" for i in range(len(results)))
+    params = tuple(result_param(first + i) for i in range(len(results)))
     stored = conversation_id is not None
     if not stored:
         check_results(messages[:first], results, params=params)
@@ -77,6 +91,7 @@ class Answer:
         self.send_timeout_s = send_timeout_s
         self.items: asyncio.Queue[Item] = asyncio.Queue(maxsize=64)
         self.conversation_id: str | None = None
+        self.turn: Turn | None = None
         self.pieces: list[str] = []
 
     @property
@@ -97,6 +112,7 @@ class Answer:
 
     async def start(self, turn: Turn) -> None:
         self.conversation_id = turn.conversation_id
+        self.turn = turn
 
     async def piece(self, turn: Turn, text: str) -> None:
         self.pieces.append(text)

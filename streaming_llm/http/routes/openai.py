@@ -21,7 +21,6 @@ conversation.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -34,7 +33,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ...chat.limits import Limits
 from ...chat.tool_calls import (
     ArgumentsDelta,
     CallStart,
@@ -46,7 +44,7 @@ from ...chat.tool_calls import (
     tool_use,
 )
 from ...chat.turns import Ending
-from ...engines.base import ChatMessage, ToolCall, count_tokens
+from ...engines.base import ChatMessage, ToolCall
 from ...errors import (
     AgentNotFound,
     BadRequest,
@@ -77,7 +75,16 @@ from ...openai_types import (
     openai_finish_reason,
 )
 from ...wire import Agent, FinishReason, GenerationOptions, Usage
-from ..answers import CONVERSATION_HEADER, Answer, Item, new_request_id, start, stop, turn_spec
+from ..answers import (
+    CONVERSATION_HEADER,
+    Answer,
+    Item,
+    check_limits,
+    new_request_id,
+    start,
+    stop,
+    turn_spec,
+)
 from ..responses import JSONResponse, decode_body
 
 log = logging.getLogger(__name__)
@@ -241,16 +248,11 @@ async def chat_completions(request: Request) -> Response:
     messages, options = _messages(body), _options(body)
     tools = _tool_use(request, body)
     conversation_id = _conversation_id(request, body)
-    services = request.state.services
-    limits = Limits.from_settings(services.settings)
-    limits.check_messages([m.content for m in messages], options.max_new_tokens)
     stored = conversation_id is not None
-    if not stored:  # the caller's history is the prompt (a stored one is the socket's)
-        limits.check_prompt_tokens(
-            await asyncio.to_thread(count_tokens, services.engine, messages))
+    await check_limits(request, messages, options, stored=stored)
     spec = turn_spec(request, request_id=new_request_id("chatcmpl-"), agent_id=body.model,
                      messages=messages, options=options, conversation_id=conversation_id,
-                     tools=tools, param="messages[{}]")
+                     tools=tools, result_param="messages[{}].tool_call_id".format)
     try:
         answer, work, first = await start(request, spec, stream=bool(body.stream))
     except ClientDisconnect:  # nobody reads the answer: 499, nginx's "client closed request"
