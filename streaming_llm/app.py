@@ -89,7 +89,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
         await db.migrate()
-        agent_service = AgentService(db, AgentFiles(settings.resolved_agents_dir))
+        agent_service = AgentService(db, AgentFiles(settings.resolved_agents_dir),
+                                     max_tools=settings.max_tools,
+                                     max_tool_bytes=settings.max_tool_schema_bytes)
         imported = await agent_service.import_files()
         if imported:
             log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)

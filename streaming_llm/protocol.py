@@ -8,11 +8,13 @@ working (msgspec schema evolution).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
+from .engines.base import ToolCall
+from .openai_types import FunctionTool, NamedToolChoice
 from .wire import FinishReason, GenerationOptions, Usage
 
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
@@ -20,12 +22,27 @@ AgentId = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
 
 
 # --- client → server ----------------------------------------------------------------------------
+class ToolResult(msgspec.Struct, forbid_unknown_fields=True):
+    """The result of a call the last answer made (``done.tool_calls``)."""
+
+    tool_call_id: Id
+    content: str
+
+
 class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True):
+    """A turn. ``message`` may be "" only when ``tool_results`` carries results (they are stored
+    before it, and the agent continues). ``tools`` / ``tool_choice`` have OpenAI's shapes; without
+    ``tools`` the agent's own tools are offered, if it declares any."""
+
     agent_id: AgentId
-    message: Annotated[str, Meta(min_length=1)]
+    message: str
     conversation_id: Id | None = None
     request_id: Id | None = None
     options: GenerationOptions = GenerationOptions()
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    tool_results: list[ToolResult] = []
 
 
 class Cancel(msgspec.Struct, tag="cancel", forbid_unknown_fields=True):
@@ -72,9 +89,11 @@ class Token(msgspec.Struct, tag="token", omit_defaults=True):
     count: int = 1  # pieces in this frame: the next frame's seq is seq + count
 
 
-class Done(msgspec.Struct, tag="done"):
+class Done(msgspec.Struct, tag="done", omit_defaults=True):
     """The answer is stored. ``answer_turn_id`` names it; ``turn_id`` is the same id, kept for
-    clients written before ``answer_turn_id`` existed."""
+    clients written before ``answer_turn_id`` existed. ``tool_calls`` (left out when none) are
+    the calls the answer made: send their results back in the next ``chat`` frame's
+    ``tool_results``."""
 
     request_id: str
     conversation_id: str
@@ -82,6 +101,7 @@ class Done(msgspec.Struct, tag="done"):
     finish_reason: FinishReason
     usage: Usage
     answer_turn_id: str = ""  # filled from turn_id when not given
+    tool_calls: list[ToolCall] = []
 
     def __post_init__(self) -> None:
         if not self.answer_turn_id:

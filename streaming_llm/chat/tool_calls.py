@@ -67,7 +67,9 @@ def check_tools(tools: Sequence[dict[str, Any]], *, max_tools: int, max_bytes: i
         if name in seen:
             raise InvalidTools(f"two tools are named {name!r}", param=f"{param}[{i}].name")
         seen.add(name)
-        schema = tool.get(schema_key, {"type": "object", "properties": {}})
+        schema = tool.get(schema_key)
+        if schema is None:  # a function without arguments
+            schema = {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
             raise InvalidTools("a tool's schema is a JSON Schema object",
                                param=f"{param}[{i}].{schema_key}")

@@ -46,6 +46,7 @@ class AgentRow(Base):
     markdown_context: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[str] = mapped_column(String(32))
     updated_at: Mapped[str] = mapped_column(String(32))
+    tools: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list of wire.Tool
 
 
 class ConversationRow(Base):

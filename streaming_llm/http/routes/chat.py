@@ -32,7 +32,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ...chat.conversations import Turn
 from ...chat.limits import Limits
 from ...chat.resume import Replayable, ResumableTurns
+from ...chat.tool_calls import ToolUse, check_tools, tool_use
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
+from ...engines.base import ChatMessage
 from ...errors import ServiceError, ShuttingDown
 from ...metrics import Metrics
 from ...protocol import (
@@ -313,6 +315,10 @@ class ChatSocket:
             await self.error(request_id, "duplicate_request_id",
                              f"request {request_id!r} is already queued or running")
             return
+        if not frame.message and not frame.tool_results:
+            await self.error(request_id, "invalid_frame", "invalid frame: a chat frame needs a "
+                             "non-empty message, or tool_results - at `$.message`")
+            return
         try:
             self.limits.check_chat(frame.message, frame.options.max_new_tokens)
             self.limits.check_queue(len(self.jobs) - (self.current is not None))
@@ -388,13 +394,21 @@ class ChatSocket:
         if self.live.draining and not job.control.cancelled:
             await self.refuse(request_id)
             return
-        spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
-                        options=frame.options, conversation_id=frame.conversation_id,
-                        client=self.client)
         try:
+            tools = await _tool_use(self.ws, frame)  # tools (h/tools)
+            spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
+                            options=frame.options, conversation_id=frame.conversation_id,
+                            client=self.client, tools=tools,
+                            tool_results=tuple(ChatMessage("tool", r.content,
+                                                           tool_call_id=r.tool_call_id)
+                                               for r in frame.tool_results),
+                            result_params=tuple(f"tool_results[{i}].tool_call_id"
+                                                for i in range(len(frame.tool_results))))
             ending = await self.runner.run(spec, job, job.control)
         except ServiceError as exc:  # refused before anything was stored
-            await self.error(request_id, exc.code, exc.message)
+            param = getattr(exc, "param", None)  # the field at fault (tools)
+            await self.error(request_id, exc.code,
+                             f"{param}: {exc.message}" if param else exc.message)
             return
         await self.end(job, ending)
 
@@ -412,7 +426,7 @@ class ChatSocket:
                           turn_id=ending.turn_id or "")
         else:
             frame = Done(job.request_id, conversation_id, ending.turn_id or "", ending.reason,
-                         ending.usage)
+                         ending.usage, tool_calls=list(ending.tool_calls))
         await job.end(frame)
 
     async def refuse(self, request_id: str) -> None:
@@ -425,6 +439,26 @@ def _head(text: str) -> FrameHead | None:
         return head_decoder.decode(text)
     except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
         return None
+
+
+# --- tools (h/tools) -----------------------------------------------------------------------------
+async def _tool_use(ws: WebSocket, frame: Chat) -> ToolUse | None:
+    """The tools a chat frame offers: its own, else its agent's (if it declares any)."""
+    settings = ws.state.services.settings
+    if frame.tools is not None:
+        given = [msgspec.structs.asdict(t.function) for t in frame.tools]
+    elif frame.tool_choice == "none":
+        return None
+    else:
+        given = list(await ws.state.services.agents.tools(frame.agent_id))
+    tools = check_tools(given, max_tools=settings.max_tools,
+                        max_bytes=settings.max_tool_schema_bytes)
+    choice = frame.tool_choice
+    if choice is None or isinstance(choice, str):
+        return tool_use(tools, choice, parallel=frame.parallel_tool_calls)
+    return tool_use(tools, choice.function.name, parallel=frame.parallel_tool_calls,
+                    param="tool_choice.function.name")
+# --- end tools ------------------------------------------------------------------------------------
 
 
 async def chat_endpoint(ws: WebSocket) -> None:
