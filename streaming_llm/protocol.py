@@ -13,9 +13,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from .engines.base import ToolCall
 from .openai_types import FunctionTool, NamedToolChoice
-from .wire import FinishReason, GenerationOptions, Usage
+from .wire import FinishReason, GenerationOptions, ToolCall, Usage
 
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 AgentId = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]

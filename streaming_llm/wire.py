@@ -49,6 +49,15 @@ class Usage(msgspec.Struct, omit_defaults=True):
     batch_size: int | None = None  # local engine: the most conversations decoded with this turn
 
 
+class ToolCall(msgspec.Struct, frozen=True):
+    """A function call the model made: ``arguments`` is its JSON text, as the model wrote it
+    (``done.tool_calls``, a stored turn's ``tool_calls``)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class Tool(msgspec.Struct, forbid_unknown_fields=True):
     """A function an agent may call: its name, what it does, and its arguments' JSON Schema."""
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import msgspec
 
 from ..errors import EngineError
-from ..wire import FinishReason, GenerationOptions, Usage
+from ..wire import FinishReason, GenerationOptions, ToolCall, Usage
 
 __all__ = [
     "ChatMessage",
@@ -43,14 +43,6 @@ __all__ = [
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
-
-
-class ToolCall(msgspec.Struct, frozen=True):
-    """A function call the model made: ``arguments`` is its JSON text, as the model wrote it."""
-
-    id: str
-    name: str
-    arguments: str
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
