@@ -60,6 +60,8 @@ export async function updateAgent(agent, baseUrl) {
         system_prompt: agent.systemPrompt ?? agent.system_prompt ?? '',
         markdown_context: agent.markdownContext ?? agent.markdown_context ?? '',
     };
+    if (agent.tools !== undefined)
+        body.tools = agent.tools;
     return readAgent(await request('PUT', `/agents/${segment(agent.id)}`, baseUrl, body));
 }
 export async function deleteAgent(id, baseUrl) {
@@ -153,7 +155,29 @@ function readAgent(raw) {
         agent.createdAt = createdAt;
     if (updatedAt !== undefined)
         agent.updatedAt = updatedAt;
+    const tools = isObject(raw) ? raw.tools : undefined;
+    if (Array.isArray(tools))
+        agent.tools = tools.map(readTool);
     return agent;
+}
+function readTool(raw) {
+    const tool = { name: field(raw, 'name', isString) };
+    const description = optionalString(raw, 'description');
+    const parameters = isObject(raw) ? raw.parameters : undefined;
+    if (description !== undefined)
+        tool.description = description;
+    if (isObject(parameters))
+        tool.parameters = parameters;
+    return tool;
+}
+function readToolCalls(raw) {
+    if (!Array.isArray(raw))
+        return [];
+    return raw.map((call) => ({
+        id: field(call, 'id', isString),
+        name: field(call, 'name', isString),
+        arguments: field(call, 'arguments', isString),
+    }));
 }
 function readConversation(raw) {
     return {
@@ -164,14 +188,14 @@ function readConversation(raw) {
         updatedAt: field(raw, 'updated_at', isString),
     };
 }
-const ROLES = new Set(['user', 'assistant', 'system']);
+const ROLES = new Set(['user', 'assistant', 'system', 'tool']);
 const FINISH_REASONS = new Set(['stop', 'length', 'cancelled', 'error']);
 const isRole = (v) => typeof v === 'string' && ROLES.has(v);
 const isFinishReason = (v) => typeof v === 'string' && FINISH_REASONS.has(v);
 function readTurn(raw) {
     const reason = isObject(raw) ? raw.finish_reason : undefined;
     const usage = isObject(raw) ? raw.usage : undefined;
-    return {
+    const turn = {
         id: field(raw, 'id', isString),
         seq: field(raw, 'seq', isNumber),
         role: field(raw, 'role', isRole),
@@ -180,6 +204,13 @@ function readTurn(raw) {
         usage: isObject(usage) ? readUsage(usage) : null,
         createdAt: field(raw, 'created_at', isString),
     };
+    const toolCalls = readToolCalls(isObject(raw) ? raw.tool_calls : undefined);
+    const toolCallId = optionalString(raw, 'tool_call_id');
+    if (toolCalls.length > 0)
+        turn.toolCalls = toolCalls;
+    if (toolCallId !== undefined)
+        turn.toolCallId = toolCallId;
+    return turn;
 }
 /** The wire's usage fields and their names here: only these are read (`Usage` is closed). */
 const USAGE_FIELDS = {
@@ -312,6 +343,7 @@ function readEvent(frame) {
                 turnId,
                 finishReason: field(frame, 'finish_reason', isFinishReason),
                 usage: readUsage(frame.usage),
+                toolCalls: readToolCalls(frame.tool_calls),
             };
         }
         case 'error': {
@@ -524,6 +556,7 @@ export async function streamChat(params) {
                         requestId: turn.requestId,
                         answerTurnId: event.answerTurnId,
                         turnId: event.answerTurnId,
+                        toolCalls: event.toolCalls,
                     });
                     next();
                 }
@@ -652,6 +685,13 @@ export async function streamChat(params) {
         const frame = { type: 'chat', agent_id: agentId, message: req.message, request_id: requestId };
         if (Object.keys(options).length > 0)
             frame.options = options;
+        if (req.tools !== undefined)
+            frame.tools = req.tools;
+        if (req.toolChoice !== undefined)
+            frame.tool_choice = req.toolChoice;
+        if (req.toolResults !== undefined) {
+            frame.tool_results = req.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }));
+        }
         const abort = () => cancelTurn(requestId);
         req.signal?.addEventListener('abort', abort, { once: true });
         const settle = () => req.signal?.removeEventListener('abort', abort);
