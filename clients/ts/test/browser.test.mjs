@@ -333,8 +333,10 @@ test('a tool call and its result show as one compact block', async () => {
   await page.waitForSelector('.tool-call:not(.pending)')
   assert.equal(await page.locator('.tool-call .tool-result').textContent(), '→ <b>snow</b>') // text, not markup
   assert.equal(await page.locator('.tool-call b').count(), 0)
-  assert.deepEqual(problems, [])
-  assert.deepEqual(failed, [])
+  // The page may first open the Markdown test's conversation, whose inert onerror handler the
+  // policy reports on the console (see that test); nothing else.
+  assert.deepEqual(problems.filter((p) => !/^console: Executing inline event handler violates .* Content Security Policy directive 'script-src 'self''/.test(p)), [])
+  assert.deepEqual(failed.filter((f) => f !== 'GET /x 404'), [])
 })
 
 test('conversations: switching agent opens its latest, search, rename, regenerate, edit and resend, delete; options per agent', async () => {
