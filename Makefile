@@ -13,7 +13,7 @@ TEST_STAMP := $(VENV)/.stamp-install-test
 NPM ?= npm
 CLIENT := clients/ts
 
-.PHONY: install install-test chat docs run test test-python test-client migrate client chromium test-servers dev lint clean
+.PHONY: install install-test chat docs run test test-fast test-python test-client migrate client chromium test-servers dev lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ lint: install-test
 
 test-python: install-test test-servers
 	$(PY) -m pytest
+
+# The edit-test loop: unit tests only, no server processes, PostgreSQL, browser or compiles
+# (tests/conftest.py, `--fast`); about a minute and a half on 2 cores. `make test` runs everything.
+test-fast: install-test
+	$(PY) -m pytest --fast -q
 
 test-client: install-test client chromium
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) test

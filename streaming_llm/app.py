@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .chat.admission import ConversationLocks, GenerationGate
+from .chat.admission import GenerationGate
 from .chat.agent_files import AgentFiles
 from .chat.agents import AgentService
 from .chat.conversations import ConversationManager
@@ -70,7 +70,7 @@ class Services:
     engine_failure: str | None = None  # why the engine could not start, for /health
 
 
-class State(TypedDict):
+class LifespanState(TypedDict):
     services: Services
 
 
@@ -86,7 +86,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app_metrics = Metrics()  # before the lifespan: the middleware needs it
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+    async def lifespan(app: Starlette) -> AsyncIterator[LifespanState]:
         db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
         await db.migrate()
         agent_service = AgentService(db, AgentFiles(settings.resolved_agents_dir),
@@ -103,12 +103,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
                                       metrics=app_metrics, transcripts=transcripts)
         gate = GenerationGate(settings.max_concurrent_generations,
                               settings.max_waiting_generations,
-                              per_client=settings.max_generations_per_client)
+                              per_client=settings.max_generations_per_client,
+                              metrics=app_metrics)
         services = Services(
             settings=settings, db=db, http=http, engine=engine, agents=agent_service,
             conversations=manager, gate=gate,
-            turns=TurnRunner(manager, gate, ConversationLocks()),
-            sockets=sockets, resumable=ResumableTurns(settings.resume_grace_s),
+            turns=TurnRunner(manager, gate),
+            sockets=sockets, resumable=ResumableTurns(settings.resume_grace_s,
+                                                             settings.resume_max_chars),
             metrics=app_metrics,
         )
         loader = asyncio.create_task(_start_engine(services), name="engine-start")
@@ -154,6 +156,14 @@ async def _start_engine(services: Services) -> None:
     except Exception as exc:  # noqa: BLE001 - any load failure is reported on /health
         services.engine_failure = f"engine {engine.name!r} failed to start: {exc}"
         log.error("%s", services.engine_failure)
+        return
+    # The gate is where turns wait (chat.admission): bound it by the engine's own batch, so a
+    # turn holding a slot is one the engine runs and none waits unseen in the engine's queue.
+    batch = ((await engine.health()).extra or {}).get("max_batch")
+    if isinstance(batch, int) and 0 < batch < services.gate.slots:
+        services.gate.resize(batch)
+        log.info("generation slots: %d, the engine's batch (STREAMING_LLM_MAX_CONCURRENT_"
+                 "GENERATIONS=%d)", batch, services.settings.max_concurrent_generations)
         return
     report = await engine.health()
     log.info("engine %s ready: model %s", engine.name, report.model)

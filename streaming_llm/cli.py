@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,10 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streaming_llm")
 
-BENCHMARKS = ("cache", "ollama", "load", "quality", "sampling", "concurrency", "speed")
+BENCHMARKS = ("cache", "cold", "ollama", "load", "quality", "sampling", "concurrency", "speed")
+BENCH_FROM_SOURCES = ("streaming-llm: the benchmarks run from a source checkout, not an installed "
+                      "wheel: git clone the project, `make install`, then "
+                      "`.venv/bin/streaming-llm bench <name>`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--format", choices=("env", "markdown"), default="env",
                      help="env: .env.sidecar.example; markdown: the table of docs/settings.md")
 
-    bench = sub.add_parser("bench", help="run a benchmark")
+    bench = sub.add_parser("bench", help="run a benchmark (from a source checkout)")
+    if importlib.util.find_spec("streaming_llm.bench") is None:
+        # An installed wheel: the benchmarks start servers and score bundled text, so they ship
+        # with the sources, not the wheel (pyproject.toml). Say where they are.
+        bench.add_argument("bench", nargs=argparse.REMAINDER, help="a benchmark and its options")
+        bench.set_defaults(bench_module=None)
+        return parser
     benches = bench.add_subparsers(dest="bench", required=True)
     for name in BENCHMARKS:
         try:
@@ -95,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_export(settings, conversation_id=args.conversation, fmt=args.format,
                           out=args.out)
+    if args.bench_module is None:
+        print(BENCH_FROM_SOURCES, file=sys.stderr)
+        return 2
     return int(args.bench_module.run(args))
 
 

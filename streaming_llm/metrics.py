@@ -5,8 +5,9 @@ import-time state and lets tests build many apps in one process. Three feeds:
 
 - :class:`MetricsMiddleware` counts HTTP requests by method, route template and status, times
   them, and counts open WebSockets;
-- the conversation manager reports turns: started, first token, every later token (the gap
-  since the previous one), ended with an outcome and usage; the chat socket reports its queue;
+- the conversation manager reports turns: first token, every later token (the gap since the
+  previous one), ended with an outcome and usage; admission (:mod:`streaming_llm.chat.admission`)
+  reports what generates and what waits, the chat socket its queue;
 - ``GET /metrics`` takes a fresh engine health report, which :class:`_EngineCollector` turns into
   readiness, the engine/model info, and the engine's own numbers (``EngineHealth.extra``): keys
   ``cached_conversations`` and ``kv_tokens`` get metrics of their own, every other numeric key
@@ -65,8 +66,19 @@ class Metrics:
         self.turns_queued = Gauge(
             "streaming_llm_turns_queued", "Chat turns waiting on their socket for the one before.",
             registry=r)
-        self.turns_active = Gauge("streaming_llm_turns_active", "Turns being generated now.",
-                                  registry=r)
+        self.turns_active = Gauge(
+            "streaming_llm_turns_active",
+            "Turns generating now: holding a generation slot, so running in the engine.",
+            registry=r)
+        self.turns_waiting = Gauge(
+            "streaming_llm_turns_waiting",
+            "Turns waiting to generate, by what they wait for: a generation slot (slot) or "
+            "their conversation's previous turn (conversation).", ["on"], registry=r)
+        self.generation_slots = Gauge(
+            "streaming_llm_generation_slots",
+            "Turns that may generate at once: the engine's batch, or "
+            "STREAMING_LLM_MAX_CONCURRENT_GENERATIONS if lower or the engine reports none.",
+            registry=r)
         self.turns = Counter("streaming_llm_turns", "Turns ended, by outcome (finish reason).",
                              ["outcome"], registry=r)
         self.prompt_tokens = Counter("streaming_llm_prompt_tokens",
@@ -96,11 +108,7 @@ class Metrics:
         """Called by the server's connection caps (:mod:`streaming_llm.http.connections`)."""
         self.connections_refused.labels(reason).inc()
 
-    def turn_started(self) -> None:
-        self.turns_active.inc()
-
     def turn_ended(self, outcome: str, usage: Usage) -> None:
-        self.turns_active.dec()
         self.turns.labels(outcome).inc()
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.generated_tokens.inc(usage.completion_tokens)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import socket
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ class Settings:
     log_dir: Path | None = _f(None, "Directory for a log file streaming-llm.log besides stderr; empty = stderr only.")
     shutdown_grace_s: float = _f(10.0, "Seconds running turns may go on after SIGTERM before they are cancelled.", ge=0, le=3600)
     resume_grace_s: float = _f(30.0, "Seconds a turn whose chat socket dropped keeps generating, waiting for the client to reconnect and send resume; then it is cancelled and stored as cancelled. It holds its generation slot meanwhile. 0 = cancel at once.", ge=0, le=3600)
+    resume_max_chars: int = _f(16_000_000, "Characters of ended answers kept for a resume across the server (each is kept STREAMING_LLM_RESUME_GRACE_S after it ended); past it the oldest are forgotten early (still stored, no longer resumable).", ge=0, le=1 << 40)
     engine: str = _f("local", "Generation engine: local (Hugging Face model), ollama, openai (any OpenAI-compatible server), or echo (tests only).", choices=ENGINES)
     echo_delay_ms: float = _f(10.0, "Delay between words of the echo test engine, in milliseconds.", ge=0, le=60_000)
     db_busy_timeout_ms: int = _f(5000, "SQLite busy timeout in milliseconds.", ge=0, le=600_000)
@@ -74,7 +77,7 @@ class Settings:
     max_tool_schema_bytes: int = _f(65_536, "Bytes of all tool definitions of one request together (names, descriptions, JSON Schemas, as JSON); more get 400 tools_too_large.", ge=256, le=1 << 26)
     max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)
     max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)
-    max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot.", ge=1, le=100_000)
+    max_concurrent_generations: int = _f(64, "Answers generated at once across the server; further turns wait for a slot. An engine that reports its batch (the local engine's STREAMING_LLM_MAX_BATCH) lowers it to that batch.", ge=1, le=100_000)
     max_waiting_generations: int = _f(256, "Turns waiting for a generation slot across the server; more get busy.", ge=0, le=1_000_000)
     max_generations_per_client: int = _f(8, "Generation slots one client address may hold at once; its further turns wait while other addresses' turns go ahead.", ge=1, le=100_000)
     send_timeout_s: float = _f(30.0, "Seconds a chat socket may go without taking a frame (a client that stopped reading); then its turn is cancelled and stored as cancelled, its slot freed and the socket closed with 1008.", ge=0.1, le=3600)
@@ -97,7 +100,10 @@ class Settings:
     pin_agent_prefix: bool = _f(True, "Pin the whole rendered agent prefix (system prompt + Markdown context) as the cache's sinks, never evicted; off = only sink_tokens sinks, as in the StreamingLLM paper.")
     shared_prefixes: int = _f(4, "Agent prefixes whose KV cache is kept and copied into each new conversation (0 = prefill every time).", ge=0, le=1000)
     max_batch: int = _f(0, "Conversations the local engine decodes together in one batch; more wait their turn in arrival order (0 = 8 on CPU, 32 on CUDA).", ge=0, le=4096)
-    cached_conversations: int = _f(8, "Conversation KV caches kept in memory (least recently used evicted first).", ge=0, le=10_000)
+    cached_conversations: int = _f(8, "Conversation KV caches kept in memory at most (least recently used leave first, for the disk tier); see also kv_memory_bytes.", ge=0, le=10_000)
+    kv_memory_bytes: int = _f(0, "Bytes of conversation KV caches kept in memory (least recently used leave first, for the disk tier); 0 = a quarter of the machine's memory.", ge=0, le=2**50)
+    kv_disk_bytes: int = _f(-1, "Bytes of conversation KV cache files under <data_dir>/kv/<instance_id> (least recently used removed first); -1 = a quarter of the free disk there at start, at most 64 GiB; 0 = no disk tier (a conversation that left memory or a restart rebuilds from its last window).", ge=-1, le=2**50)
+    instance_id: str = _f("", "This instance's name for its own files: its KV cache folder is <data_dir>/kv/<instance_id>, locked while it serves; empty = <hostname>-<port>. Give each instance sharing a data dir its own.")
     max_new_tokens: int = _f(512, "Default max_new_tokens when a chat frame does not set it.", ge=1, le=1_000_000)
 
     # --- ollama engine ------------------------------------------------------------------------
@@ -115,6 +121,11 @@ class Settings:
     openai_connect_timeout_s: float = _f(5.0, "Timeout to connect to the OpenAI-compatible server, in seconds.", ge=0.1, le=600)
     openai_read_timeout_s: float = _f(120.0, "Longest wait for the next event from the OpenAI-compatible server, in seconds.", ge=0.1, le=3600)
 
+    # --- what is read from an upstream (ollama, openai), after decompression -------------------
+    upstream_max_line_bytes: int = _f(1_048_576, "Longest line (Ollama) or event (server-sent events) an upstream may send; a longer one ends the turn with engine_protocol_error.", ge=1024, le=1_073_741_824)
+    upstream_max_body_bytes: int = _f(1_048_576, "Most bytes read of an upstream's error answer (the rest is dropped) or health-probe answer (a longer one fails the probe).", ge=1024, le=1_073_741_824)
+    upstream_max_answer_bytes: int = _f(16_777_216, "Most bytes read from an upstream for one answer; past them the answer ends with finish_reason length and the connection is closed.", ge=1024, le=1_073_741_824)
+
     # --- several backends (a list in OLLAMA_URL or OPENAI_BASE_URL) ---------------------------
     backend_retry_s: float = _f(1.0, "First wait before a backend that refused connections is probed again; doubles each failed probe.", ge=0.01, le=3600)
     backend_retry_max_s: float = _f(30.0, "Longest wait between probes of a backend that is down.", ge=0.01, le=3600)
@@ -127,6 +138,10 @@ class Settings:
             raise SettingsError(
                 f"STREAMING_LLM_MAX_NEW_TOKENS={self.max_new_tokens} is not valid: must be <= "
                 f"STREAMING_LLM_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})")
+        if self.instance_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.instance_id):
+            raise SettingsError(f"STREAMING_LLM_INSTANCE_ID={self.instance_id!r} is not valid: "
+                                "letters, digits, '.', '_' and '-', at most 64, a letter or "
+                                "digit first (it names a folder)")
         for name in ("ollama_url", "openai_base_url"):
             for url in url_list(getattr(self, name)):
                 if not url.startswith(("http://", "https://")):
@@ -140,6 +155,13 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    @property
+    def kv_path(self) -> Path:
+        """This instance's KV cache folder (the disk tier)."""
+        name = self.instance_id or re.sub(r"[^A-Za-z0-9._-]", "_",
+                                          f"{socket.gethostname()}-{self.port}")[:64]
+        return self.data_dir / "kv" / name
 
     @property
     def resolved_database_url(self) -> str:

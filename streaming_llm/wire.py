@@ -47,6 +47,9 @@ class Usage(msgspec.Struct, omit_defaults=True):
     time_to_first_token_ms: float | None = None
     decode_tokens_per_s: float | None = None
     batch_size: int | None = None  # local engine: the most conversations decoded with this turn
+    # local engine: where the turn's cache came from: "memory", "disk", "rebuilt" (no usable
+    # cache: rebuilt from the agent prefix and the last window of the history) or "new"
+    cache_source: str | None = None
 
 
 class ToolCall(msgspec.Struct, frozen=True):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,51 @@ from streaming_llm.settings import Settings
 from streaming_llm.testing.postgres import PostgresServer, postgres_server
 
 from .fakes import ScriptedEngine
+
+# --- the fast loop: `make test-fast` = `pytest --fast` ----------------------------------------
+#: The marks that keep a test out of the fast loop (pyproject.toml describes each).
+NOT_FAST = ("e2e", "postgres", "slow", "process")
+#: Fixtures that start something: a test using one gets the mark without writing it.
+MARK_BY_FIXTURE = {"server": "e2e", "postgres": "postgres", "default_models_dir": "slow"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true",
+                     help="unit tests only: leave out the tests marked " + ", ".join(NOT_FAST)
+                          + ", and fail any other test that starts a process")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--fast"):
+        _refuse_processes()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database_url") == "postgresql":
+            item.add_marker("postgres")  # BOTH_DATABASES asks for the server indirectly
+    if not config.getoption("--fast"):
+        return
+    slow = [item for item in items if any(item.get_closest_marker(m) for m in NOT_FAST)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in set(slow)]
+
+
+def _refuse_processes() -> None:
+    """In the fast loop no test starts a process (a server, PostgreSQL, a CLI run, a compiler):
+    one that does fails here, naming the command and the marks that move it out of the loop, so
+    a new server-starting test cannot land in the fast set unnoticed."""
+    def refused(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        command = args if isinstance(args, str) else " ".join(map(str, args))
+        pytest.fail(f"--fast: this test starts a process ({command[:200]}); mark it "
+                    "e2e (a server), postgres, slow or process", pytrace=False)
+
+    subprocess.Popen.__init__ = refused  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

@@ -310,3 +310,109 @@ def test_turn_ids_are_named_and_a_cancelled_turn_counts_its_prompt(
         turns = client.get(f"/conversations/{done['conversation_id']}").json()["turns"]
         assert [t["id"] for t in turns] == [start["user_turn_id"], done["answer_turn_id"]]
         assert turns[1]["usage"]["prompt_tokens"] == done["usage"]["prompt_tokens"]
+
+
+# --- resume and turn lifetime (issue 24) --------------------------------------------------------
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def replayed(ws: Any, request_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+    """Send ``resume`` and read its frames up to the ending (or the refusal)."""
+    ws.send_json({"type": "resume", "request_id": request_id, "after_seq": after_seq})
+    out = []
+    while True:
+        frame = ws.receive_json()
+        out.append(frame)
+        if frame["type"] in ("done", "error"):
+            return out
+
+
+def test_a_turn_resumed_after_it_ended_is_forgotten_after_its_grace(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    with TestClient(create_app(make_settings(resume_grace_s=0.3), engine=scripted)) as client:
+        put_agent(client, "helper")
+        resumable = client.app_state["services"].resumable
+        with client.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "chat", "agent_id": "helper", "message": "hi",
+                          "request_id": "r1"})
+            recv_turn(ws)
+            assert replayed(ws, "r1")[-1]["type"] == "done"  # lost the done: resumed it
+        wait_until(lambda: len(resumable) == 0)
+        with client.websocket_connect("/ws/chat") as ws:
+            assert replayed(ws, "r1")[-1]["code"] == "unknown_request"
+
+
+def test_ended_answers_kept_for_a_resume_are_bounded_in_all(
+        make_settings: Callable[..., Settings], scripted: ScriptedEngine) -> None:
+    """STREAMING_LLM_RESUME_MAX_CHARS: past it the oldest ended answers are forgotten early."""
+    settings = make_settings(resume_grace_s=60, resume_max_chars=30)
+    with TestClient(create_app(settings, engine=scripted)) as client:
+        put_agent(client, "helper")
+        resumable = client.app_state["services"].resumable
+        with client.websocket_connect("/ws/chat") as ws:
+            for rid in ("r1", "r2", "r3"):  # 13 characters each ("Hello, world!")
+                ws.send_json({"type": "chat", "agent_id": "helper", "message": "hi",
+                              "request_id": rid})
+                recv_turn(ws)
+            assert (len(resumable), resumable.held_chars) == (2, 26)
+            assert replayed(ws, "r1")[-1]["code"] == "unknown_request"
+            assert replayed(ws, "r3")[-1]["type"] == "done"
+
+
+def test_a_live_turn_cannot_be_taken_by_a_second_socket(
+        client: TestClient, scripted: ScriptedEngine) -> None:
+    """While its socket is connected a turn is refused to a resume from another socket
+    (``turn_attached``), and the conversation's export does not show its request id."""
+    put_agent(client, "helper")
+    scripted.pieces = [f"w{i} " for i in range(40)]
+    scripted.delay = 0.02
+    with client.websocket_connect("/ws/chat") as owner:
+        owner.send_json({"type": "chat", "agent_id": "helper", "message": "hi",
+                         "request_id": "live"})
+        start = owner.receive_json()
+        exported = client.get(f"/conversations/{start['conversation_id']}/export?format=json")
+        assert [t["request_id"] for t in exported.json()["turns"]] == [None]
+        with client.websocket_connect("/ws/chat") as thief:
+            [refused] = replayed(thief, "live")
+            assert refused["code"] == "turn_attached", refused
+            thief.send_json({"type": "cancel", "request_id": "live"})
+            assert thief.receive_json()["code"] == "unknown_request"
+        _, tokens, done = recv_turn_rest(owner)
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    assert "".join(t["token"] for t in tokens) == "".join(scripted.pieces)
+    exported = client.get(f"/conversations/{start['conversation_id']}/export?format=json")
+    assert [t["request_id"] for t in exported.json()["turns"]] == ["live", "live"]
+
+
+def recv_turn_rest(ws: Any) -> tuple[None, list[dict[str, Any]], dict[str, Any]]:
+    tokens = []
+    while (frame := ws.receive_json())["type"] == "token":
+        tokens.append(frame)
+    return None, tokens, frame
+
+
+def test_truncating_while_a_turn_streams_keeps_roles_alternating(
+        client: TestClient, settings: Settings, scripted: ScriptedEngine) -> None:
+    """``DELETE /conversations/{id}/turns?from_seq=`` waits for the running turn's answer to be
+    stored (the conversation's lock), then truncates: never an answer stored after it."""
+    put_agent(client, "helper")
+    with client.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "first"})
+        start, _, _ = recv_turn(ws)
+        conversation = start["conversation_id"]
+        scripted.pieces = [f"w{i} " for i in range(40)]
+        scripted.delay = 0.02
+        ws.send_json({"type": "chat", "agent_id": "helper", "message": "second",
+                      "conversation_id": conversation})
+        assert ws.receive_json()["type"] == "start"
+        assert client.delete(f"/conversations/{conversation}/turns?from_seq=2").status_code == 204
+        _, _, done = recv_turn_rest(ws)
+    assert done["type"] == "done"
+    assert [(seq, role) for seq, role, _, _ in stored_turns(settings, conversation)] == [
+        (0, "user"), (1, "assistant")]

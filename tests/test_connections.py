@@ -50,6 +50,17 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
+def closed_by_server(sock: socket.socket) -> bool:
+    """True when the server closed the connection without a byte (end of stream or a reset);
+    False when the socket's timeout passed first or an answer came."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def get(sock: socket.socket, path: str = "/health") -> bytes:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     return read_all(sock)
@@ -133,7 +144,8 @@ def test_connections_over_the_caps_get_503_and_are_counted(server: ServerProcess
 
 # --- deadlines --------------------------------------------------------------------------------
 def test_slow_headers_are_cut_off(server: ServerProcess) -> None:
-    started = time.monotonic()
+    # The deadline is 1 s; uvicorn alone never closes such a connection, so a close seen before
+    # the sockets' own 10 s timeout is the server's doing.
     with open_socket(server) as silent, open_socket(server) as trickle:
         trickle.sendall(b"GET /health HTTP/1.1\r\n")
         for _ in range(20):  # a header byte every 0.25 s: never done, never quiet
@@ -142,9 +154,8 @@ def test_slow_headers_are_cut_off(server: ServerProcess) -> None:
             except (BrokenPipeError, ConnectionResetError):
                 break
             time.sleep(0.25)
-        assert read_all(trickle) == b""  # closed without an answer
-        assert read_all(silent) == b""  # connected and never said a word: closed too
-    assert time.monotonic() - started < 10  # the deadline is 1 s; uvicorn alone never closes
+        assert closed_by_server(trickle)  # closed without an answer
+        assert closed_by_server(silent)  # connected and never said a word: closed too
     assert refused_metric(server, "header_timeout") >= 2
     assert http("GET", server.base_url + "/health")[0] == 200
 

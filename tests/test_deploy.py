@@ -21,6 +21,9 @@ import yaml
 
 from .server import ROOT, free_port, wait_healthy
 
+# Every test here runs the deploy scripts or tools (bash, systemd-analyze, docker compose).
+pytestmark = pytest.mark.process
+
 SIDECAR = ROOT / "deploy" / "run-sidecar.sh"
 COMPOSE = ROOT / "deploy" / "compose" / "streaming-llm.compose.yml"
 UNIT = ROOT / "deploy" / "systemd" / "streaming-llm.service"

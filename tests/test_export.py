@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from starlette.testclient import TestClient
 from websockets.sync.client import connect
 
@@ -40,6 +41,7 @@ def without_export_time(export: dict[str, Any]) -> dict[str, Any]:
 
 
 @BOTH_DATABASES
+@pytest.mark.e2e
 def test_export_transcripts_and_cli(tmp_path: Path, database_url: str) -> None:
     transcripts = tmp_path / "transcripts"
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "1",

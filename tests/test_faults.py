@@ -157,6 +157,7 @@ def test_failed_commit_puts_the_agent_file_back(client: TestClient, settings: Se
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "storage_unavailable"
         resp = client.put("/agents/fresh", json={"name": "Fresh"})
         assert resp.status_code == 503
+        assert client.delete("/agents/kept").status_code == 503  # the file went, then came back
     assert path.read_bytes() == before
     assert sorted(p.name for p in settings.resolved_agents_dir.iterdir()) == ["kept.md"]
     assert [(a["id"], a["name"]) for a in client.get("/agents").json()] == [("kept", "Old")]

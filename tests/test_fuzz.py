@@ -74,7 +74,7 @@ def handle_all(texts: list[str], queued_before: int = 0) -> tuple[list[Any], lis
                                           "request_id": f"earlier-{i}"}))
         for text in texts:
             await sock.handle(text)
-        accepted = list(sock.jobs.values())
+        accepted = list(sock.turns.values())
         tasks = [job.task for job in accepted if job.task is not None]
         for task in tasks:
             task.cancel()

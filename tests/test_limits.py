@@ -12,8 +12,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
-from streaming_llm.chat.admission import Busy, GenerationGate
+from streaming_llm.chat.admission import Busy, ConversationLocks, GenerationGate
 from streaming_llm.chat.limits import LimitExceeded, Limits
+from streaming_llm.engines.base import EngineHealth
+from streaming_llm.metrics import Metrics
 from streaming_llm.settings import Settings, SettingsError
 
 from .conftest import put_agent
@@ -254,3 +256,60 @@ def test_openai_endpoint_shares_the_limits_and_the_gate(
         resp = complete("x")
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
         assert gate.running == 0  # given back when the answer ended
+
+
+# --- admission: one owner per rule ------------------------------------------------------------
+async def test_resizing_the_gate_admits_waiters_and_the_gauges_follow() -> None:
+    metrics = Metrics()
+    gate = GenerationGate(slots=1, max_waiting=5, metrics=metrics)
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    async with contextlib.AsyncExitStack() as held:
+        await held.enter_async_context(gate.slot())
+        second = asyncio.ensure_future(held.enter_async_context(gate.slot()))
+        await asyncio.sleep(0)
+        assert (gauge("streaming_llm_turns_active"), gauge("streaming_llm_turns_waiting",
+                                                           on="slot")) == (1, 1)
+        gate.resize(2)
+        await second
+        assert (gauge("streaming_llm_turns_active"), gauge("streaming_llm_turns_waiting",
+                                                           on="slot")) == (2, 0)
+        assert gauge("streaming_llm_generation_slots") == 2
+    assert gauge("streaming_llm_turns_active") == 0
+
+
+async def test_a_turn_waiting_for_its_conversation_is_counted_as_waiting() -> None:
+    metrics = Metrics()
+    locks = ConversationLocks(metrics)
+    async with locks.hold("c1"):
+        second = asyncio.ensure_future(locks.hold("c1").__aenter__())
+        await asyncio.sleep(0)
+        assert locks.waiting == 1
+        assert metrics.registry.get_sample_value("streaming_llm_turns_waiting",
+                                                 {"on": "conversation"}) == 1
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+    assert locks.waiting == 0 and len(locks) == 0
+
+
+class BatchedEngine(ScriptedEngine):
+    """An engine that reports its batch, as the local engine's health does."""
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(ready=self.ready, model="scripted-model", extra={"max_batch": 3})
+
+
+def test_the_engines_batch_bounds_the_gate(make_settings: Callable[..., Settings]) -> None:
+    """A turn holding a slot is one the engine runs: the gate takes the engine's batch when it
+    is below STREAMING_LLM_MAX_CONCURRENT_GENERATIONS, and turns beyond it wait in the gate."""
+    with TestClient(create_app(make_settings(), engine=BatchedEngine())) as client:
+        gate = client.app_state["services"].gate
+        _wait_for(lambda: gate.slots == 3)
+        assert "streaming_llm_generation_slots 3.0" in client.get("/metrics").text
+    with TestClient(create_app(make_settings(max_concurrent_generations=2),
+                               engine=BatchedEngine())) as client:
+        time.sleep(0.2)
+        assert client.app_state["services"].gate.slots == 2  # the setting, when lower

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from websockets.sync.client import connect
@@ -49,6 +50,7 @@ def recv(ws: Any, kind: str) -> dict[str, Any]:
         assert frame["type"] in ("start", "token"), frame
 
 
+@pytest.mark.e2e
 def test_metrics_follow_requests_sockets_and_turns(tmp_path: Any) -> None:
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "10",
            "STREAMING_LLM_RESUME_GRACE_S": "0"}  # a closed socket's turn ends at once

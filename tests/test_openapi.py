@@ -74,6 +74,7 @@ class Checker:
         OAS31Validator(root).validate(instance)
 
 
+@pytest.mark.e2e
 def test_live_responses_match_the_document(tmp_path: Path) -> None:
     env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0"}
     with start_server(tmp_path, env) as server, httpx.Client(base_url=server.base_url) as http:

@@ -72,6 +72,10 @@ def test_the_wheel_installed_elsewhere_migrates_and_serves(tmp_path: Path) -> No
             "streaming_llm/storage/migrations/versions/0001_agents_conversations_turns.py",
             "streaming_llm/storage/migrations/versions/0002_casefolded_search_columns.py",
             } <= names, sorted(n for n in names if "storage" in n)
+    # Deliberately left to the source tree (pyproject.toml): the benchmarks with the text they
+    # score, and the test kit (fake upstreams, server and PostgreSQL launchers). Serving needs
+    # neither; both import from a checkout.
+    assert not [n for n in names if n.startswith(("streaming_llm/bench/", "streaming_llm/testing/"))]
 
     elsewhere = tmp_path / "elsewhere"  # outside the checkout: no sources to fall back on
     elsewhere.mkdir()
@@ -85,6 +89,9 @@ def test_the_wheel_installed_elsewhere_migrates_and_serves(tmp_path: Path) -> No
     assert Path(where.strip()).is_relative_to(elsewhere / "venv"), where
 
     cli = elsewhere / "venv" / "bin" / "streaming-llm"
+    bench = subprocess.run([cli, "bench", "quality", "--only", "steps"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert bench.returncode == 2 and "run from a source checkout" in bench.stderr, bench
     out = _run(cli, "migrate", cwd=elsewhere, env=env)
     assert "database at head" in out, out
     with sqlite3.connect(elsewhere / "data" / "streaming_llm.db") as db:

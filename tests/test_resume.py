@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from .server import ServerProcess, http, start_server
@@ -180,3 +181,47 @@ def test_cancel_on_the_resuming_socket_cancels_the_turn(tmp_path: Path) -> None:
         assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "cancelled"
         content, reason = stored_answer(server.db_path, rest[-1]["turn_id"])
         assert reason == "cancelled" and content == "".join(f["token"] for f in tokens)
+
+
+# --- attacks on resume (issue 24) ----------------------------------------------------------------
+def peak_rss_mb(server: ServerProcess) -> float:
+    """The server process's peak resident memory (VmHWM), in MiB."""
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    (line,) = [ln for ln in status.splitlines() if ln.startswith("VmHWM:")]
+    return int(line.split()[1]) / 1024
+
+
+def test_a_resume_flood_from_a_socket_that_never_reads_stays_bounded(tmp_path: Path) -> None:
+    """A thousand ``resume`` frames for an ended 100 KB answer, from a socket that never reads:
+    one replay runs at a time per socket and the rest are refused, so the server's peak memory
+    grows by far less than the ~100 MB that a thousand waiting replays of the answer hold."""
+    answer = " ".join("z" * 999 for _ in range(100))  # 100 pieces, 100 KB
+    env = {"STREAMING_LLM_ENGINE": "echo", "STREAMING_LLM_ECHO_DELAY_MS": "0",
+           "STREAMING_LLM_RESUME_GRACE_S": "60", "STREAMING_LLM_SEND_TIMEOUT_S": "3",
+           "STREAMING_LLM_MAX_MESSAGE_CHARS": "200000"}
+    with start_server(tmp_path, env) as server:
+        put_echoer(server)
+        ws, sock = open_socket(server)
+        ws.send(json.dumps({"type": "chat", "agent_id": "echoer", "message": answer,
+                            "request_id": "flooded"}))
+        assert frames(ws)[-1]["type"] == "done"
+        before = peak_rss_mb(server)
+        resume_frame = json.dumps({"type": "resume", "request_id": "flooded", "after_seq": -1})
+        sent, replayed, refused = 0, 0, 0
+        try:
+            for _ in range(1000):  # not reading meanwhile: the server's writes back up
+                ws.send(resume_frame)
+                sent += 1
+            ws.send(json.dumps({"type": "ping", "request_id": "last"}))
+            while (frame := json.loads(ws.recv(timeout=30)))["type"] != "pong":
+                replayed += frame["type"] == "done"
+                refused += frame.get("code") == "busy"
+        except (ConnectionClosed, OSError):
+            pass  # the server gave up on the non-reader (the send timeout): fine too
+        finally:
+            cut(ws, sock)
+        grown = peak_rss_mb(server) - before
+        print(f"{sent} resumes: {replayed} replayed, {refused} refused; peak RSS grew "
+              f"{grown:.1f} MiB")
+        assert grown < 30, f"peak RSS grew {grown:.1f} MiB under {sent} resume frames"
+        assert resume(server, "flooded", 98)[-1]["type"] == "done"  # and it still answers

@@ -11,7 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from streaming_llm.app import create_app
-from streaming_llm.chat.conversations import Turn
+from streaming_llm.chat.conversations import TurnInProgress
 from streaming_llm.engines.base import (
     Chunk,
     EngineRequest,
@@ -27,9 +27,11 @@ from .fakes import ScriptedEngine
 from .test_chat import recv_turn
 
 
-def make_turn(started: float, first: float | None, last: float | None, pieces: int) -> Turn:
+def make_turn(started: float, first: float | None, last: float | None,
+              pieces: int) -> TurnInProgress:
     request = EngineRequest("r", "c", [], GenerationOptions(), 10)
-    turn = Turn("r", "c", "t", request, started=started, first_token_at=first, last_token_at=last)
+    turn = TurnInProgress("r", "c", "t", request, started=started, first_token_at=first,
+                          last_token_at=last)
     turn.pieces = ["x"] * pieces
     return turn
 

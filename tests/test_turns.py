@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from streaming_llm.chat.conversations import Turn
+from streaming_llm.chat.conversations import TurnInProgress
 from streaming_llm.chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnSpec
 from streaming_llm.settings import Settings
 from streaming_llm.wire import GenerationOptions
@@ -26,17 +26,21 @@ class Recorder:
                  cancel_after: int | None = None) -> None:
         self.started: list[str] = []
         self.pieces: list[str] = []
+        self.ended: list[Ending] = []
         self.gone_after, self.control, self.cancel_after = gone_after, control, cancel_after
 
-    async def start(self, turn: Turn) -> None:
+    async def start(self, turn: TurnInProgress) -> None:
         self.started.append(turn.user_turn_id)
 
-    async def piece(self, turn: Turn, text: str) -> None:
+    async def piece(self, turn: TurnInProgress, text: str) -> None:
         if self.gone_after is not None and len(self.pieces) == self.gone_after:
             raise ClientGone
         self.pieces.append(text)
         if self.control is not None and len(self.pieces) == self.cancel_after:
             self.control.cancel()
+
+    async def end(self, turn: TurnInProgress, ending: Ending) -> None:
+        self.ended.append(ending)
 
 
 def run(client: TestClient, writer: Any, control: TurnControl | None = None,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -19,6 +20,8 @@ from ..storage.models import AgentRow
 from ..wire import Agent, Tool
 from .agent_files import AgentFiles
 from .tool_calls import check_tools
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -94,67 +97,60 @@ class AgentService:
                              code="id_mismatch")
         if not body.name.strip():
             raise BadRequest("name must not be blank", code="validation_error")
-        previous: list[bytes | None] = []  # the file before this write, once it was replaced
         tools = self._tools_json(body.tools)
-
-        def store(session: Session) -> tuple[AgentRow, bool]:  # on the writer queue
-            row, created = queries.upsert_agent(
+        row, created = await self._commit_with_file(
+            agent_id,
+            lambda session: queries.upsert_agent(
                 session, agent_id, name=body.name, system_prompt=body.system_prompt,
-                markdown_context=body.markdown_context, tools=tools)
-            before = self.files.read_bytes(agent_id)
-            try:
-                self.files.write(agent_id, body.name, body.system_prompt, body.markdown_context,
-                                 tools)
-            except OSError as exc:
-                raise StorageUnavailable(
-                    f"the agents directory cannot be written: {exc.strerror or exc}") from None
-            previous.append(before)
-            return row, created
-
-        try:
-            row, created = await self.db.write(store)
-        except Exception:
-            if previous:  # the file was written, the commit failed
-                try:
-                    await asyncio.to_thread(self.files.restore, agent_id, previous[0])
-                except OSError as exc:
-                    log.error("agent %s: could not restore its file after a failed commit: %s",
-                              agent_id, exc)
-            raise
+                markdown_context=body.markdown_context, tools=tools),
+            lambda: self.files.write(agent_id, body.name, body.system_prompt,
+                                     body.markdown_context, tools),
+            "the agents directory cannot be written")
         log.info("agent %s %s", agent_id, "created" if created else "updated")
         return agent_of(row), created
 
     async def delete(self, agent_id: str) -> None:
         check_agent_id(agent_id)
-        previous: list[bytes | None] = []  # the file before this delete, once it was removed
+        # A file that cannot be removed leaves the row alone (else the agent would come back
+        # from its file at the next start).
+        found = await self._commit_with_file(
+            agent_id, lambda session: queries.delete_agent(session, agent_id),
+            lambda: self.files.remove(agent_id), "the agent's file cannot be removed")
+        if not found:
+            raise AgentNotFound(f"agent {agent_id!r} not found")
+        log.info("agent %s deleted", agent_id)
 
-        def remove(session: Session) -> bool:  # on the writer queue
-            if not queries.delete_agent(session, agent_id):
-                return False
-            # File before the commit, as in upsert: a file that cannot be removed leaves the row
-            # alone (else the agent would come back from its file at the next start).
+    async def _commit_with_file(self, agent_id: str, change_row: Callable[[Session], T],
+                                change_file: Callable[[], None], cannot: str) -> T:
+        """One write to an agent's row and its file, kept in step: ``change_row`` in a
+        transaction on the writer queue, then ``change_file`` before the commit. A file that
+        cannot change fails the write (``StorageUnavailable``, the row stays as it was); a commit
+        that fails after the file changed puts the file back. A falsy ``change_row`` result
+        (nothing to change, e.g. no such row) leaves the file alone."""
+        previous: list[bytes | None] = []  # the file before the change, once it was changed
+
+        def work(session: Session) -> T:  # on the writer queue
+            result = change_row(session)
+            if not result:
+                return result
             before = self.files.read_bytes(agent_id)
             try:
-                self.files.remove(agent_id)
+                change_file()
             except OSError as exc:
-                raise StorageUnavailable(
-                    f"the agent's file cannot be removed: {exc.strerror or exc}") from None
+                raise StorageUnavailable(f"{cannot}: {exc.strerror or exc}") from None
             previous.append(before)
-            return True
+            return result
 
         try:
-            found = await self.db.write(remove)
+            return await self.db.write(work)
         except Exception:
-            if previous and previous[0] is not None:  # the file went, the commit failed
+            if previous:  # the file changed, the commit failed
                 try:
                     await asyncio.to_thread(self.files.restore, agent_id, previous[0])
                 except OSError as exc:
                     log.error("agent %s: could not restore its file after a failed commit: %s",
                               agent_id, exc)
             raise
-        if not found:
-            raise AgentNotFound(f"agent {agent_id!r} not found")
-        log.info("agent %s deleted", agent_id)
 
     async def import_files(self) -> int:
         """Import ``.md`` files that are new, or newer than their row and different from it.

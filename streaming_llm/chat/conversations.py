@@ -35,6 +35,7 @@ from ..storage import queries
 from ..storage.database import Database
 from ..storage.models import ConversationRow, TurnRow
 from ..wire import FinishReason, GenerationOptions, Usage
+from .admission import ConversationLocks
 from .tool_calls import ToolUse, calls_from_json, calls_json, check_results, parse
 
 if TYPE_CHECKING:
@@ -102,8 +103,12 @@ def system_message(system_prompt: str, markdown_context: str) -> str:
 
 # --- turns --------------------------------------------------------------------------------------
 @dataclass
-class Turn:
+class TurnInProgress:
     """One chat turn in progress: the user turn is stored, the answer is being generated.
+
+    ``pieces`` is the answer, the one copy of it: the turn runner appends each piece it hands
+    to the route, the chat socket's resume replays from it, and :meth:`ConversationManager.finish`
+    stores it.
 
     An unstored turn (``stored=False``: an OpenAI-style call naming no conversation) has no user
     turn id; its conversation id is a throwaway one that :meth:`ConversationManager.discard`
@@ -163,6 +168,9 @@ class ConversationManager:
         self.engine = engine
         self.default_max_new_tokens = default_max_new_tokens
         self.metrics = metrics or Metrics()
+        #: One turn (or truncation) at a time per conversation: held by the turn runner from
+        #: before the history is read until the answer is stored, and by :meth:`truncate`.
+        self.locks = ConversationLocks(self.metrics)
         self.transcripts = transcripts  # kept up to date after each answer, when set
 
     # REST ---------------------------------------------------------------------------------------
@@ -186,7 +194,10 @@ class ConversationManager:
     async def truncate(self, conversation_id: str, from_seq: int) -> None:
         """Delete the turns from the user turn ``from_seq`` on: what "edit and resend" and
         "regenerate" do before sending that message again. The engine's conversation cache
-        needs no telling: it rolls back to the prefix the next prompt shares with it."""
+        needs no telling: it rolls back to the prefix the next prompt shares with it.
+
+        It waits for a turn running in the conversation to be stored (its lock), so the answer
+        is never stored after the truncation: user and assistant turns keep alternating."""
         check_conversation_id(conversation_id)
 
         def store(session: Session) -> None:
@@ -199,7 +210,8 @@ class ConversationManager:
                                  f"seq {from_seq}")
             queries.truncate_conversation(session, conversation_id, from_seq)
 
-        await self.db.write(store)
+        async with self.locks.hold(conversation_id):
+            await self.db.write(store)
 
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)
@@ -227,7 +239,7 @@ class ConversationManager:
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions,
                     tools: ToolUse | None = None, tool_results: Sequence[ChatMessage] = (),
-                    result_params: Sequence[str] = ()) -> Turn:
+                    result_params: Sequence[str] = ()) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message).
 
         ``tool_results`` (role ``tool``) are stored before the user turn and must answer calls
@@ -295,11 +307,12 @@ class ConversationManager:
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
             constraint=tools.constraint if tools is not None else None,
         )
-        self.metrics.turn_started()
-        return Turn(request_id, stored_in, user_turn_id, request, started=started, tools=tools)
+        return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started,
+                              tools=tools)
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions, tools: ToolUse | None = None) -> Turn:
+                             options: GenerationOptions, tools: ToolUse | None = None
+                             ) -> TurnInProgress:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -321,13 +334,13 @@ class ConversationManager:
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
             constraint=tools.constraint if tools is not None else None,
         )
-        self.metrics.turn_started()
-        return Turn(request_id, request.conversation_id, "", request, stored=False, started=started,
-                    tools=tools)
+        return TurnInProgress(request_id, request.conversation_id, "", request, stored=False,
+                              started=started, tools=tools)
 
-    async def generate(self, turn: Turn) -> AsyncGenerator[str, None]:
-        """Yield the answer's text pieces; ``turn.pieces`` keeps those the caller took and
-        ``turn.finished`` receives the engine's :class:`Finished`."""
+    async def generate(self, turn: TurnInProgress) -> AsyncGenerator[str, None]:
+        """Yield the answer's text pieces (the caller keeps those it sent in ``turn.pieces``);
+        ``turn.finished`` receives the engine's :class:`Finished`, its usage as the engine
+        reported it (:meth:`TurnInProgress.timed` fills the rest once, when the turn ends)."""
         stream = cast(AsyncGenerator[Chunk, None], self.engine.stream(turn.request))
         try:
             async for chunk in stream:
@@ -341,23 +354,19 @@ class ConversationManager:
                             self.metrics.inter_token.observe(now - turn.last_token_at)
                         turn.last_token_at = now
                         yield chunk.text
-                        # Kept once the caller took it (sent it): a piece whose sending failed
-                        # or was cancelled is not part of the stored answer.
-                        turn.pieces.append(chunk.text)
                 elif isinstance(chunk, PromptTokens):
                     turn.prompt_tokens = chunk.count
                 elif isinstance(chunk, Finished):
-                    turn.finished = Finished(chunk.reason, turn.timed(chunk.usage))
+                    turn.finished = chunk
                     return
             raise EngineError("the engine ended the answer without a finish reason")
         finally:
             await stream.aclose()  # cancels the engine's work when we stop early
 
-    async def finish(self, turn: Turn, reason: FinishReason, usage: Usage) -> str:
-        """Store the assistant turn (whatever was streamed) and return its id."""
+    async def finish(self, turn: TurnInProgress, reason: FinishReason, usage: Usage) -> str:
+        """Store the assistant turn (whatever was streamed) with ``usage`` and return its id."""
         if not turn.stored:
             raise ValueError("an unstored turn ends with discard(), not finish()")
-        usage = turn.timed(usage)
         self.metrics.turn_ended(reason, usage)
         content = turn.answer()
         fields = {"role": "assistant", "content": content, "finish_reason": reason,
@@ -377,7 +386,7 @@ class ConversationManager:
             await self.transcripts.update(turn.conversation_id)
         return turn_id
 
-    async def discard(self, turn: Turn, reason: FinishReason, usage: Usage) -> None:
+    async def discard(self, turn: TurnInProgress, reason: FinishReason, usage: Usage) -> None:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
         self.metrics.turn_ended(reason, usage)
         turn.answer()  # its calls, for the route

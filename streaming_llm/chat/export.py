@@ -94,10 +94,15 @@ class Exporter:
                     queries.list_turns(session, conversation_id))
 
         row, agent, turns = await self.db.read(load)
+        exported = [_turn(t) for t in turns]
+        if exported and exported[-1].role == "user":
+            # Its answer is still streaming: the request id would let a reader resume the live
+            # turn (a resume needs only the id without API keys). Shown once the answer is stored.
+            exported[-1].request_id = None
         return ConversationExport(
             id=row.id, agent_id=row.agent_id, title=row.title, created_at=row.created_at,
             updated_at=row.updated_at, agent=None if agent is None else agent_of(agent),
-            turns=[_turn(t) for t in turns], exported_at=utcnow())
+            turns=exported, exported_at=utcnow())
 
     async def conversation_ids(self) -> list[str]:
         """Every conversation, most recently active first."""

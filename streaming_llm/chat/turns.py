@@ -1,27 +1,30 @@
 """The turn runner: one chat turn from the request to the stored answer, for every route.
 
 A route (the chat socket, ``/v1/chat/completions``) describes the turn (:class:`TurnSpec`) and
-writes its own frames through a :class:`TurnWriter`; :meth:`TurnRunner.run` does the rest, the
-same way for both:
+hands a :class:`TurnWriter` that formats what the runner gives it in the route's wire format.
+:meth:`TurnRunner.run` owns the rest, the same way for both, the order of what a client sees
+included: ``start``, then every piece, then exactly one ending (``done`` or ``error``):
 
 1. one turn at a time per conversation (:class:`~streaming_llm.chat.admission.ConversationLocks`):
    a second one waits for the first to be stored (cancellable), then reads the history;
 2. a generation slot (:class:`~streaming_llm.chat.admission.GenerationGate`), waited for, held for the
    generation and given back however it ends;
 3. the user turn stored and the engine request built (:class:`ConversationManager.begin`);
-   :meth:`TurnWriter.start` tells the client;
-4. the engine's pieces handed to :meth:`TurnWriter.piece` one at a time: a client that stops
+   :meth:`TurnWriter.start`;
+4. the engine's pieces handed to :meth:`TurnWriter.piece` one at a time, each kept in the turn's
+   answer (``TurnInProgress.pieces``, the one copy) unless handing it failed: a client that stops
    reading stalls its own turn, never the server's memory;
-5. the ending classified and stored, whatever it was:
+5. the ending classified, timed (:meth:`TurnInProgress.timed`, once) and stored, whatever it was,
+   then :meth:`TurnWriter.end`:
 
    ===========================================  ===================  ============================
-   how the turn ended                           stored reason        the route then
+   how the turn ended                           stored reason        the writer gets
    ===========================================  ===================  ============================
-   the engine's own finish                      ``stop``/``length``  writes the ending
-   :meth:`TurnControl.cancel` (client, shutdown)  ``cancelled``      writes the ending
-   the writer raised :class:`ClientGone`        ``cancelled``        gets ClientGone: stops
-   the task was cancelled (disconnect)          ``cancelled``        gets CancelledError
-   an engine failure, or any bug in between     ``error``            writes the failure
+   the engine's own finish                      ``stop``/``length``  ``end`` (done)
+   :meth:`TurnControl.cancel` (client, shutdown)  ``cancelled``      ``end`` (done)
+   the writer raised :class:`ClientGone`        ``cancelled``        nothing; run raises it
+   the task was cancelled (disconnect)          ``cancelled``        nothing; CancelledError
+   an engine failure, or any bug in between     ``error``            ``end`` (error)
    ===========================================  ===================  ============================
 
    The user turn is never left without its answer row: storing the user turn finishes even when
@@ -31,7 +34,8 @@ same way for both:
 
 Errors before the user turn is stored (unknown agent, limits, ``busy``, the engine refusing, the
 database refusing the write) are raised as :class:`~streaming_llm.errors.ServiceError` and leave
-nothing behind; :class:`TurnCancelled` says the turn was cancelled before it started.
+nothing behind (the route refuses the request in its own way); :class:`TurnCancelled` says the
+turn was cancelled before it started.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from typing import Protocol
 from ..engines.base import ChatMessage, ToolCall
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
-from .admission import ConversationLocks, GenerationGate
-from .conversations import ConversationManager, Turn
+from .admission import GenerationGate
+from .conversations import ConversationManager, TurnInProgress
 from .tool_calls import ToolUse
 
 log = logging.getLogger(__name__)
@@ -90,24 +94,34 @@ class TurnSpec:
 @dataclass(frozen=True)
 class Ending:
     """How a started turn ended. ``failure`` is the engine's error (reason ``error``) or why the
-    answer could not be stored (then ``turn_id`` is None)."""
+    answer could not be stored (then ``turn_id`` is None). ``pieces`` is the answer."""
 
     conversation_id: str
     reason: FinishReason
     usage: Usage
     turn_id: str | None
     failure: ServiceError | None = None
+    pieces: Sequence[str] = ()
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class TurnWriter(Protocol):
     """A route's side of a turn: it writes what the runner hands it in its own wire format."""
 
-    async def start(self, turn: Turn) -> None:
+    async def start(self, turn: TurnInProgress) -> None:
         """The user turn is stored (``turn.conversation_id``, ``turn.user_turn_id``)."""
 
-    async def piece(self, turn: Turn, text: str) -> None:
-        """One piece of the answer; raise :class:`ClientGone` when the client is gone."""
+    async def piece(self, turn: TurnInProgress, text: str) -> None:
+        """One piece of the answer, already the last of ``turn.pieces`` (it is dropped from there
+        if this raises); raise :class:`ClientGone` when the client is gone."""
+
+    async def end(self, turn: TurnInProgress, ending: Ending) -> None:
+        """The ending, stored; the last call for the turn. Raise :class:`ClientGone` when the
+        client is gone (:meth:`TurnRunner.run` then raises it)."""
 
 
 class TurnControl:
@@ -141,19 +155,18 @@ class TurnControl:
 
 
 class TurnRunner:
-    def __init__(self, manager: ConversationManager, gate: GenerationGate,
-                 locks: ConversationLocks | None = None) -> None:
+    def __init__(self, manager: ConversationManager, gate: GenerationGate) -> None:
         self.manager = manager
         self.gate = gate
-        self.locks = locks if locks is not None else ConversationLocks()
+        self.locks = manager.locks  # shared with truncation
 
     async def run(self, spec: TurnSpec, writer: TurnWriter,
                   control: TurnControl | None = None) -> Ending:
         """Run the turn (see the module docstring); the ending is stored when this returns."""
         control = control or TurnControl()
         async with contextlib.AsyncExitStack() as held:
-            begin: asyncio.Future[Turn] | None = None
-            turn: Turn | None = None
+            begin: asyncio.Future[TurnInProgress] | None = None
+            turn: TurnInProgress | None = None
             started = False
             failure: ServiceError | None = None
             try:
@@ -169,8 +182,17 @@ class TurnRunner:
                                  turn.conversation_id)
                         started = True
                         await writer.start(turn)
-                        async for piece in self.manager.generate(turn):
-                            await writer.piece(turn, piece)
+                        async with contextlib.aclosing(self.manager.generate(turn)) as pieces:
+                            async for piece in pieces:
+                                # Part of the answer once handed over: a piece whose sending
+                                # failed or was cancelled is not (it is neither stored nor
+                                # replayed to a resuming client).
+                                turn.pieces.append(piece)
+                                try:
+                                    await writer.piece(turn, piece)
+                                except BaseException:
+                                    del turn.pieces[-1]
+                                    raise
             except TurnCancelled:
                 turn = turn or await _landed(begin)
                 if turn is None:
@@ -198,9 +220,11 @@ class TurnRunner:
                     raise
                 log.exception("turn %s failed", spec.request_id)
                 failure = EngineError(f"generation failed: {exc.__class__.__name__}")
-            return await self._end(turn, failure)
+            ending = await self._end(turn, failure)
+        await writer.end(turn, ending)
+        return ending
 
-    async def _begin(self, spec: TurnSpec) -> Turn:
+    async def _begin(self, spec: TurnSpec) -> TurnInProgress:
         if spec.history is not None:
             return await self.manager.begin_unstored(
                 request_id=spec.request_id, agent_id=spec.agent_id, messages=spec.history,
@@ -210,7 +234,7 @@ class TurnRunner:
             conversation_id=spec.conversation_id, options=spec.options, tools=spec.tools,
             tool_results=spec.tool_results, result_params=spec.result_params)
 
-    async def _end(self, turn: Turn, failure: ServiceError | None) -> Ending:
+    async def _end(self, turn: TurnInProgress, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""
         reason: FinishReason
         if failure is not None:
@@ -218,20 +242,21 @@ class TurnRunner:
         elif turn.finished is None:
             reason, usage = "cancelled", turn.partial_usage()
         else:
-            reason, usage = turn.finished.reason, turn.finished.usage
+            reason, usage = turn.finished.reason, turn.timed(turn.finished.usage)
         work = (self.manager.finish(turn, reason, usage) if turn.stored
                 else self.manager.discard(turn, reason, usage))
         try:
             turn_id = await asyncio.shield(work)
         except ServiceError as exc:  # storage_unavailable, storage_conflict, deleted meanwhile
-            return Ending(turn.conversation_id, reason, usage, None, exc, turn.tool_calls)
+            return Ending(turn.conversation_id, reason, usage, None, exc, turn.pieces,
+                          turn.tool_calls)
         log.info("turn %s finished: %s, %d pieces in %.2fs", turn.request_id, reason,
                  len(turn.pieces), time.perf_counter() - turn.started)
-        return Ending(turn.conversation_id, reason, turn.timed(usage), turn_id or None, failure,
+        return Ending(turn.conversation_id, reason, usage, turn_id or None, failure, turn.pieces,
                       turn.tool_calls)
 
 
-async def _landed(begin: asyncio.Future[Turn] | None) -> Turn | None:
+async def _landed(begin: asyncio.Future[TurnInProgress] | None) -> TurnInProgress | None:
     """The turn ``begin`` stored, waiting for it to finish even while being cancelled (its
     write is already on the writer thread); None when it stored nothing."""
     if begin is None:

@@ -7,8 +7,8 @@ prompt's size before the first piece yields one :class:`PromptTokens` first (so 
 short still reports its ``prompt_tokens``).
 
 Cancellation is the caller closing the stream (``await stream.aclose()``) or cancelling the task
-that iterates it; an engine stops its underlying work promptly when that happens (a worker thread
-checks a flag every decode step; an HTTP proxy closes its upstream response). Failures are raised
+that iterates it; an engine stops its underlying work promptly when that happens (the local engine's
+scheduler checks a flag every step; an HTTP proxy closes its upstream response). Failures are raised
 as :class:`streaming_llm.errors.EngineError` subclasses, with a stable ``code``.
 """
 

@@ -81,7 +81,7 @@ keeps the first tokens as attention sinks and a window of the most recent tokens
 talk for as long as it likes without running out of memory. This is a demo model with random
 weights; what it says has no meaning at all, but every token it writes travels through the
 same code as the words of a real model would: the chat template, the key and value cache, the
-sampler, the worker thread, the queue, the socket and the database. To serve a real model, set
+sampler, the scheduler, the queue, the socket and the database. To serve a real model, set
 the model setting to the name of a model on the hub or to a directory with its files, then
 start the server again. Agents have a name, a system prompt and some context written in
 Markdown. You can ask them questions, give them tasks, and read their answers as they stream.

@@ -30,7 +30,7 @@ import msgspec
 from ..errors import EngineError, EngineProtocolError
 from ..settings import Settings, url_list
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
-from .upstream import HEALTH_TTL_S, UpstreamEngine, lines
+from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, clip
 
 
 # --- wire types (only the fields we read; unknown ones such as "thinking" are ignored) ----------
@@ -90,7 +90,8 @@ class OllamaEngine(UpstreamEngine):
                  url: str | None = None, health_ttl_s: float = HEALTH_TTL_S) -> None:
         super().__init__(http, url or url_list(settings.ollama_url)[0], settings.ollama_model,
                          connect_timeout_s=settings.ollama_connect_timeout_s,
-                         read_timeout_s=settings.ollama_read_timeout_s, health_ttl_s=health_ttl_s)
+                         read_timeout_s=settings.ollama_read_timeout_s, health_ttl_s=health_ttl_s,
+                         bounds=Bounds.from_settings(settings))
         self._keep_alive = keep_alive_value(settings.ollama_keep_alive)
         self._num_ctx = settings.ollama_num_ctx
 
@@ -133,7 +134,7 @@ class OllamaEngine(UpstreamEngine):
                           started: float) -> AsyncGenerator[Chunk, None]:
         first_at: float | None = None
         decode = _chunk_decoder.decode
-        async for line in lines(resp.content, self.label):
+        async for line in self.body_lines(resp):
             try:
                 chunk = decode(line)
             except msgspec.DecodeError as exc:
@@ -143,7 +144,7 @@ class OllamaEngine(UpstreamEngine):
                     f"ollama sent a line that is not a chat chunk ({exc}): {line[:200]!r}"
                 ) from None
             if chunk.error is not None:
-                raise EngineError(chunk.error)
+                raise EngineError(clip(chunk.error))
             message = chunk.message
             if message is not None and message.content:
                 if first_at is None:

@@ -39,7 +39,7 @@ import msgspec
 from ..errors import EngineError, EngineProtocolError, EngineUnavailable
 from ..settings import Settings, url_list
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
-from .upstream import HEALTH_TTL_S, UpstreamEngine, error_message, lines
+from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, error_message
 
 DONE = b"[DONE]"
 
@@ -85,17 +85,22 @@ _chunk_decoder = msgspec.json.Decoder(_ChatChunk)
 _models_decoder = msgspec.json.Decoder(_Models)
 
 
-async def sse_data(content: aiohttp.StreamReader, label: str) -> AsyncIterator[bytes]:
-    """The ``data`` of each server-sent event (its ``data:`` lines joined by ``\\n``)."""
+async def sse_data(lines: AsyncIterator[bytes], label: str, max_bytes: int) -> AsyncIterator[bytes]:
+    """The ``data`` of each server-sent event (its ``data:`` lines joined by ``\\n``) read from
+    ``lines`` (blank ones kept); an event longer than ``max_bytes`` is a protocol error."""
     data: list[bytes] = []
-    async for line in lines(content, label, keep_empty=True):
+    size = 0
+    async for line in lines:
         if not line:  # a blank line dispatches the event
             if data:
                 yield b"\n".join(data)
-                data = []
+                data, size = [], 0
         elif line.startswith(b"data:"):
             value = line[5:]
             data.append(value[1:] if value.startswith(b" ") else value)
+            size += len(data[-1]) + 1
+            if size > max_bytes:
+                raise EngineProtocolError(f"{label} sent an event longer than {max_bytes} bytes")
         # ":" comments (keep-alives), event:, id: and retry: change nothing here
     if data:  # the body ended without the blank line: take the event anyway
         yield b"\n".join(data)
@@ -112,6 +117,7 @@ class OpenAIEngine(UpstreamEngine):
         super().__init__(http, url or url_list(settings.openai_base_url)[0], settings.openai_model,
                          connect_timeout_s=settings.openai_connect_timeout_s,
                          read_timeout_s=settings.openai_read_timeout_s, health_ttl_s=health_ttl_s,
+                         bounds=Bounds.from_settings(settings),
                          headers={"Authorization": f"Bearer {key}"} if key else None)
         self._served: str | None = settings.openai_model or None  # empty: learned from /models
 
@@ -167,7 +173,8 @@ class OpenAIEngine(UpstreamEngine):
         pieces = 0
         reason: str | None = None
         usage: _Usage | None = None
-        async for data in sse_data(resp.content, self.label):
+        async for data in sse_data(self.body_lines(resp, keep_empty=True), self.label,
+                                   self.bounds.line_bytes):
             if data == DONE:
                 break
             try:

@@ -12,33 +12,51 @@ chooses a row and never changes a request's state: :mod:`.scheduler` does all of
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
 from .batch_cache import BatchSinkCache
-from .decoding import PENALTY_WINDOW, decode_step, eviction_chunk, forward_tokens, sample_rows
+from .decoding import (
+    PENALTY_WINDOW,
+    Sampler,
+    decode_step,
+    eviction_chunk,
+    forward_tokens,
+    sample_rows,
+)
 from .sink_cache import SinkCache
 from .step import Step
 
-if TYPE_CHECKING:
-    from .scheduler import Request
+__all__ = ["ModelRunner", "Row", "StepOutput", "StepPlan"]
 
-__all__ = ["ModelRunner", "StepOutput", "StepPlan"]
+
+class Row(Protocol):
+    """What the runner reads of a request (the scheduler's ``Request``): its cache, the token it
+    feeds next, its sampler and the tokens sampled so far (the penalties' history)."""
+
+    cache: Any
+    next_token: int
+    sampler: Sampler
+    tokens: list[int]
+
+
+R = TypeVar("R", bound=Row)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class StepPlan:
+class StepPlan(Generic[R]):
     """What one step runs, as the scheduler decided it."""
 
-    feed: Request | None = None  # the request whose next chunk goes in
+    feed: R | None = None  # the request whose next chunk goes in
     chunk: list[int] = field(default_factory=list)  # its ids for this step
     sample_feed: bool = False  # the chunk ends a prompt: sample the first token from its logits
-    rows: list[Request] = field(default_factory=list)  # batch rows: rows[b] is row b
-    solo: list[Request] = field(default_factory=list)  # dense caches, stepped one by one
+    rows: Sequence[R] = field(default_factory=list)  # batch rows: rows[b] is row b
+    solo: Sequence[R] = field(default_factory=list)  # dense caches, stepped one by one
 
     @property
     def empty(self) -> bool:
@@ -46,11 +64,11 @@ class StepPlan:
 
 
 @dataclass
-class StepOutput:
+class StepOutput(Generic[R]):
     """What one step produced: a token for every request that was sampled, the failures."""
 
-    tokens: dict[Request, int] = field(default_factory=dict)
-    failed: dict[Request, Exception] = field(default_factory=dict)
+    tokens: dict[R, int] = field(default_factory=dict)
+    failed: dict[R, Exception] = field(default_factory=dict)
     batch_failed: Exception | None = None  # the batched forward failed: every row failed
     compile_seconds: float = 0.0  # spent compiling a new shape of the step during this one
 
@@ -83,10 +101,10 @@ class ModelRunner:
             cache.make_room(min(incoming + min(answer, window // 2), window))
 
     # -- one step ---------------------------------------------------------------------------------
-    def execute(self, plan: StepPlan) -> StepOutput:
-        out = StepOutput()
+    def execute(self, plan: StepPlan[R]) -> StepOutput[R]:
+        out: StepOutput[R] = StepOutput()
         logits: list[torch.Tensor] = []  # (n, vocab) blocks, in the order of ``sampled``
-        sampled: list[Request] = []
+        sampled: list[R] = []
         if plan.feed is not None and plan.chunk:
             r = plan.feed
             try:

@@ -18,7 +18,10 @@ One iteration of the loop:
    conversation's cache first), so a cancel takes effect within one step;
 2. *admit*: waiting requests, oldest first, while fewer than ``max_batch`` are prefilling or
    decoding; a request waits while another request with the same ``key`` (its conversation) is
-   live, so one conversation's turns never touch its cache at the same time.
+   live, so one conversation's turns never touch its cache at the same time. That is the cache's
+   ownership, not the admission of turns (the chat layer admits, docs/architecture.md): a turn's
+   closing ids are fed after its caller has the ``done``, so the next turn of the conversation,
+   already admitted by the chat layer, may arrive while they go in.
    :meth:`Handler.prepare` runs now and says which cache to feed with which ids;
 3. *prefill*: one chunk (at most ``prefill_chunk`` tokens) of the oldest prefilling or closing
    request, through the conversation's own cache (batch 1, the path a lone turn takes). A
@@ -52,8 +55,15 @@ from .runner import ModelRunner, StepOutput, StepPlan
 from .sink_cache import SinkCache
 from .step import ModelStep, Step
 
-__all__ = ["PREFILL_CHUNK", "Handler", "Outcome", "Prefill", "Request", "RequestState",
-           "Scheduler"]
+__all__ = [
+    "PREFILL_CHUNK",
+    "Feed",
+    "Handler",
+    "Outcome",
+    "Request",
+    "RequestState",
+    "Scheduler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +82,7 @@ class RequestState(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Prefill:
+class Feed:
     """Ids to feed into a conversation's cache: a prompt, or what closes a turn.
 
     ``reserve``: answer tokens to make room for before the prompt (sink cache; at most half the
@@ -85,6 +95,10 @@ class Prefill:
     ids: Sequence[int]
     reserve: int = 0
     breaks: tuple[int, ...] = ()
+    # A bounded rebuild: once ``skip[0]`` of ``ids`` are fed, the ids ``skip[1]`` (which come
+    # next in the conversation, before the rest of ``ids``) are counted as evicted, not fed
+    # (SinkCache.skip), and handed to Handler.consumed like fed ones.
+    skip: tuple[int, tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,7 @@ class Outcome:
 class Handler(Protocol):
     """What a request's owner does at each step; every method runs on the scheduler's thread."""
 
-    def prepare(self) -> Prefill:
+    def prepare(self) -> Feed:
         """At admission: the cache to use and the prompt ids to feed (at least one)."""
 
     def consumed(self, ids: Sequence[int]) -> None:
@@ -117,7 +131,7 @@ class Handler(Protocol):
     def token(self, token: int) -> bool:
         """A sampled token; return False to stop here (end of sequence, a stop string)."""
 
-    def finished(self, outcome: Outcome) -> Prefill | None:
+    def finished(self, outcome: Outcome) -> Feed | None:
         """The answer ended and the cache is the conversation's own again; return ids that close
         the turn (fed before :meth:`released`), or None."""
 
@@ -139,8 +153,9 @@ class Request:
     # -- the loop's own bookkeeping ------------------------------------------------------------
     cache: Any = None
     pending: list[int] = field(default_factory=list)  # ids still to feed (prompt or closing)
-    fed: int = 0  # ids of the current Prefill fed so far
+    fed: int = 0  # ids of the current Feed fed so far
     breaks: tuple[int, ...] = ()
+    skip: tuple[int, tuple[int, ...]] | None = None
     tokens: list[int] = field(default_factory=list)
     next_token: int = -1  # the sampled token the next decode step feeds
     ending: Literal["stop", "length", "cancelled"] = "length"
@@ -259,12 +274,12 @@ class Scheduler:
             self._fail(r, exc)
 
     # -- deciding ---------------------------------------------------------------------------------
-    def _schedule(self) -> StepPlan:
+    def _schedule(self) -> StepPlan[Request]:
         """Cancel, admit, then plan this step: the oldest feeding request's next chunk (the
         stall bound) and every decoding row."""
         self._cancel()
         self._admit()
-        plan = StepPlan(rows=list(self._rows), solo=list(self._solo))
+        plan: StepPlan[Request] = StepPlan(rows=list(self._rows), solo=list(self._solo))
         if self._feeding:
             r = self._feeding[0]
             size = self.prefill_chunk
@@ -315,11 +330,15 @@ class Scheduler:
                 continue
             self._start_feeding(r, work, RequestState.PREFILLING)
 
-    def _start_feeding(self, r: Request, work: Prefill, state: RequestState) -> None:
+    def _start_feeding(self, r: Request, work: Feed, state: RequestState) -> None:
         r.cache, r.pending, r.state = work.cache, list(work.ids), state
-        r.fed, r.breaks = 0, work.breaks
+        r.fed, r.breaks, r.skip = 0, work.breaks, work.skip
+        if r.skip is not None:
+            r.breaks = (*r.breaks, r.skip[0])
         if state is RequestState.PREFILLING and not r.pending:
             self._fail(r, ValueError("a prompt needs at least one token"))
+            return
+        if not self._skip(r):
             return
         try:
             self._runner.reserve(r.cache, len(r.pending), work.reserve)
@@ -329,7 +348,7 @@ class Scheduler:
         self._feeding.append(r)
 
     # -- applying a step's output -------------------------------------------------------------------
-    def _apply(self, plan: StepPlan, out: StepOutput) -> None:
+    def _apply(self, plan: StepPlan[Request], out: StepOutput[Request]) -> None:
         # The batch's rows first: a prompt that ends now joins the batch after them.
         if plan.rows:
             self._decoded(plan.rows, out)
@@ -345,7 +364,7 @@ class Scheduler:
                 self._solo.remove(r)
                 self._end(r, r.ending)
 
-    def _fed(self, r: Request, chunk: list[int], out: StepOutput) -> None:
+    def _fed(self, r: Request, chunk: list[int], out: StepOutput[Request]) -> None:
         """A prompt or closing chunk went in; a finished prompt's first token joins the batch."""
         if r in out.failed:
             self._feeding.remove(r)
@@ -353,6 +372,8 @@ class Scheduler:
             return
         r.pending, r.fed = r.pending[len(chunk):], r.fed + len(chunk)
         self._call(r, lambda: r.handler.consumed(chunk))
+        if not r.failed and not self._skip(r):
+            return
         if r.pending and not r.failed:
             return
         self._feeding.remove(r)
@@ -364,6 +385,21 @@ class Scheduler:
         if self._sample(r, out.tokens[r], batch_size=0):
             self._join(r)
 
+    def _skip(self, r: Request) -> bool:
+        """A bounded rebuild's skip, when its place in the prompt is reached; False: failed."""
+        if r.skip is None or r.skip[0] != r.fed:
+            return True
+        skipped, r.skip = r.skip[1], None
+        try:
+            r.cache.skip(len(skipped))
+        except Exception as exc:  # noqa: BLE001 - reported to its handler
+            if r in self._feeding:
+                self._feeding.remove(r)
+            self._fail(r, exc)
+            return False
+        self._call(r, lambda: r.handler.consumed(list(skipped)))
+        return not r.failed
+
     def _join(self, r: Request) -> None:
         r.state = RequestState.DECODING
         if isinstance(r.cache, SinkCache):
@@ -372,7 +408,7 @@ class Scheduler:
         else:
             self._solo.append(r)
 
-    def _decoded(self, rows: list[Request], out: StepOutput) -> None:
+    def _decoded(self, rows: Sequence[Request], out: StepOutput[Request]) -> None:
         """The batch advanced one token: hand each row its next token; rows that end leave."""
         if out.batch_failed is not None:
             self._rows = [r for r in self._rows if r not in rows]
@@ -437,8 +473,9 @@ class Scheduler:
         closing = self._call(r, lambda: r.handler.finished(self._outcome(r, reason)))
         if r.failed:
             return
-        if r.state is RequestState.CLOSING and closing is not None and closing.ids \
-                and not self._closed:
+        # Closing ids are fed even while the scheduler stops: a graceful stop writes the
+        # conversation's cache to disk, which must hold the turn as the chat template closes it.
+        if r.state is RequestState.CLOSING and closing is not None and closing.ids:
             self._start_feeding(r, closing, RequestState.CLOSING)
             return
         self._release(r, RequestState.FINISHED if r.state is RequestState.CLOSING else r.state)

@@ -301,6 +301,19 @@ class SinkCache(Cache):
         self.evicted_tokens += excess
         return excess
 
+    def skip(self, n: int) -> None:
+        """Count ``n`` tokens as seen and evicted without feeding them: a cache rebuilt from the
+        sinks and only the most recent window of a long history (the engine's bounded rebuild)
+        holds what an evicting cache would, with the middle never computed. The sinks must be in
+        place (A.3: only window tokens are ever evicted)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n and self.get_seq_length() < self.sink_tokens:
+            raise ValueError(f"skip needs the {self.sink_tokens} sinks stored first, "
+                             f"{self.get_seq_length()} are")
+        self.seen_tokens += n
+        self.evicted_tokens += n
+
     # -- bookkeeping -------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored now in layer ``layer_idx`` (not the tokens seen: see ``seen_tokens``)."""
@@ -402,6 +415,23 @@ class SinkCache(Cache):
         self._origin[:n] = row.origin[:n]
         self.seen_tokens, self.evicted_tokens = row.seen_tokens, row.evicted_tokens
 
+    def adopt(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              origin: torch.Tensor, *, stored: int, seen_tokens: int,
+              evicted_tokens: int) -> None:
+        """Take ``layers`` as this cache's buffers, without copying: per layer ``(keys, arrived,
+        values)``, each ``(1, kv_heads, capacity, head_dim)`` with the first ``stored`` slots
+        filled; ``origin`` ``(capacity,)``. The disk tier builds them from a file with no torch
+        kernel (so no second OpenMP team), and hands them over here."""
+        if len(layers) != len(self.layers) or origin.shape != (self.capacity,) \
+                or not 0 <= stored <= self.capacity:
+            raise ValueError("buffers do not fit this cache")
+        for layer, (k, arrived, v) in zip(self.layers, layers, strict=True):
+            if k.shape[2] != self.capacity or arrived.shape != k.shape or v.shape[2] != self.capacity:
+                raise ValueError("buffers do not fit this cache")
+            layer.adopt(k, arrived, v, stored)
+        self._origin = origin
+        self.seen_tokens, self.evicted_tokens = seen_tokens, evicted_tokens
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("SinkCache does not support beam search")
 
@@ -481,6 +511,12 @@ class _SinkLayer(CacheLayerMixin):
         if self._k is None or self._arrived is None or self._v is None:
             raise ValueError("the sink cache layer holds nothing yet")
         return self._k, self._arrived, self._v
+
+    def adopt(self, k: torch.Tensor, arrived: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        """Use these preallocated buffers, the first ``length`` slots stored (no copy)."""
+        self._k, self._arrived, self._v = k, arrived, v
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self.truncate(length)
 
     def truncate(self, length: int) -> None:
         """Say that the first ``length`` slots are stored (after an eviction, a rollback, or a

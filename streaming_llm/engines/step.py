@@ -40,7 +40,7 @@ C.2 Compiled
 ------------
 ``compile=True`` runs the written-out step under ``torch.compile``: inductor on CPU, and with
 ``mode="reduce-overhead"`` (CUDA graphs) on CUDA, where a small model's step is bound by kernel
-launches rather than bytes (not run yet: no GPU on the build box). On CPU:
+launches rather than bytes (see docs/performance.md for where it has run). On CPU:
 
 - the graph has a C++ wrapper (``cpp_wrapper``): its ~330 kernels and products per step are
   called from C++, not from generated Python, which cost 2-3 ms of a 20 ms float32 step;
@@ -61,7 +61,7 @@ C.3 Lighter weights
 -------------------
 ``quantize="fp16"`` or ``"int8"`` (CPU) gives the step its own products over fp16 or int8
 copies of the fused weights (:mod:`.weights`): half or a quarter of float32's bytes per token.
-Prefill keeps the model's own weights (it is bound by arithmetic, and a whole chunk through
+Feed keeps the model's own weights (it is bound by arithmetic, and a whole chunk through
 int8 products costs more quality than one row), so memory grows by the lighter copy. Rows stay
 independent in both modes; the quality cost is measured by ``streaming-llm bench quality
 --only steps``.
@@ -215,7 +215,7 @@ class LlamaStep:
             torch._dynamo.maybe_mark_dynamic(inputs["attention_mask"], 3)
             if self.embed.device.type == "cuda":
                 # CUDA graphs replay fixed addresses: the batch buffers, written in place by
-                # every step, must be static inputs (not run here: no GPU on the build box).
+                # every step, must be static inputs.
                 for t in batch.buffers():
                     torch._dynamo.mark_static_address(t)
             logits = self._compile_call(shape, args)

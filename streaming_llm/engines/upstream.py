@@ -21,7 +21,17 @@ that do not depend on the wire format:
   hammer the upstream; :meth:`UpstreamEngine.probe` skips the cache (the backend pool uses it to
   see whether a backend that was down came back);
 - **lines**: :func:`lines` cuts a body into lines whatever the network reads look like (a line
-  split across reads, many lines in one read), for NDJSON and server-sent events alike.
+  split across reads, many lines in one read), for NDJSON and server-sent events alike;
+- **bounds** (:class:`Bounds`, from the ``STREAMING_LLM_UPSTREAM_MAX_*`` settings): an upstream
+  is read as untrusted input. We ask for ``Accept-Encoding: identity`` and decode the body
+  ourselves (aiohttp's own decompression is off), so a gzip or deflate body an upstream sends
+  anyway is inflated a bounded piece at a time; a line or event is at most ``line_bytes``; an
+  error body or a probe answer at most ``body_bytes`` (an error message reaching a client at most
+  :data:`MAX_ERROR_CHARS`); one answer at most ``answer_bytes`` and ``max_new_tokens`` text
+  pieces, past which it ends with ``length`` and the connection is closed; usage numbers outside
+  ``0 ≤ n < 2**31`` are dropped with a warning (0 prompt tokens, the pieces counted), so a broken
+  counter never reaches metrics or storage; redirects are not followed (a 3xx is an error: the
+  conversation is not re-sent to wherever it points).
 
 A subclass sets ``name``, ``label`` (how messages call the upstream), ``chat_path``, and writes
 ``chat_body``, ``read_answer`` (the body → text pieces and one :class:`Finished`) and ``_probe``;
@@ -32,9 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
+import math
 import time
+import zlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -47,31 +61,106 @@ from ..errors import (
     EngineUnavailable,
     ModelNotFound,
 )
-from .base import Chunk, EngineHealth, EngineRequest, Finished
+from ..settings import Settings
+from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+
+log = logging.getLogger(__name__)
 
 HEALTH_TTL_S = 5.0
-MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer "line" means we are not talking to what we think
 END_OF_BODY_WAIT_S = 0.5  # after the end of an answer: longest wait for the body's end
+READ_CHUNK = 64 * 1024  # bytes read, or inflated, at a time
+MAX_ERROR_CHARS = 1024  # of an upstream's error message, in the error a client gets
+MAX_COUNT = 2**31 - 1  # a usage number above this is no count of tokens
 
 _encoder = msgspec.json.Encoder()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """How much is read from an upstream (bytes after decompression); see the module docstring."""
+
+    line_bytes: int = 1024 * 1024
+    body_bytes: int = 1024 * 1024
+    answer_bytes: int = 16 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Bounds:
+        return cls(line_bytes=settings.upstream_max_line_bytes,
+                   body_bytes=settings.upstream_max_body_bytes,
+                   answer_bytes=settings.upstream_max_answer_bytes)
 
 
 class ConnectionLost(EngineError):
     """The upstream connection dropped (or the server closed it) in the middle of an answer."""
 
 
-async def lines(content: aiohttp.StreamReader, label: str, *,
+class AnswerTooLong(Exception):
+    """The answer's body passed ``Bounds.answer_bytes``: the answer ends there, with ``length``."""
+
+
+async def decoded(resp: aiohttp.ClientResponse, label: str) -> AsyncIterator[bytes]:
+    """The body after its ``Content-Encoding``, in pieces of at most :data:`READ_CHUNK` bytes
+    whatever the compression ratio: a gzip bomb is inflated one piece at a time, as it is read.
+    Needs the request's ``auto_decompress=False``."""
+    encoding = resp.headers.get(aiohttp.hdrs.CONTENT_ENCODING, "").strip().lower()
+    if encoding in ("", "identity"):
+        async for raw in resp.content.iter_chunked(READ_CHUNK):
+            yield raw
+        return
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise EngineProtocolError(
+            f"{label} sent a body in an encoding we do not read ({encoding[:40]!r})")
+    inflate = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or a zlib header, told apart
+    try:
+        async for raw in resp.content.iter_chunked(READ_CHUNK):
+            data = raw
+            while data and not inflate.eof:
+                piece = inflate.decompress(data, READ_CHUNK)
+                data = inflate.unconsumed_tail
+                if piece:
+                    yield piece
+    except zlib.error as exc:
+        raise EngineProtocolError(f"{label} sent a body that does not inflate ({exc})") from None
+
+
+async def read_body(resp: aiohttp.ClientResponse, label: str, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the (decoded) body, and whether there was more."""
+    parts: list[bytes] = []
+    size = 0
+    async for piece in decoded(resp, label):
+        if size + len(piece) > limit:
+            parts.append(piece[:limit - size])
+            return b"".join(parts), True
+        parts.append(piece)
+        size += len(piece)
+    return b"".join(parts), False
+
+
+async def capped(pieces: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:
+    """``pieces`` until ``limit`` bytes passed; then :class:`AnswerTooLong`."""
+    size = 0
+    async for piece in pieces:
+        size += len(piece)
+        if size > limit:
+            raise AnswerTooLong(limit)
+        yield piece
+
+
+async def lines(pieces: AsyncIterable[bytes], label: str, *, max_bytes: int,
                 keep_empty: bool = False) -> AsyncIterator[bytes]:
     """Yield the lines of a body without their ``\\n`` (and ``\\r``), whatever the reads look like.
 
     Empty lines are skipped unless ``keep_empty`` (server-sent events end an event with one).
-    A last line without a final newline is yielded too.
+    A last line without a final newline is yielded too. A line longer than ``max_bytes`` is
+    :class:`EngineProtocolError` (a longer "line" means we are not talking to what we think).
     """
     pending = b""
-    async for received in content.iter_any():
+    async for received in pieces:
         data = pending + received if pending else received
         start = 0
         while (end := data.find(b"\n", start)) >= 0:
+            if end - start > max_bytes:
+                break
             line = data[start:end]
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -79,10 +168,50 @@ async def lines(content: aiohttp.StreamReader, label: str, *,
                 yield line
             start = end + 1
         pending = data[start:]
-        if len(pending) > MAX_LINE_BYTES:
-            raise EngineProtocolError(f"{label} sent a line longer than {MAX_LINE_BYTES} bytes")
+        if len(pending) > max_bytes:
+            raise EngineProtocolError(f"{label} sent a line longer than {max_bytes} bytes")
     if pending.rstrip(b"\r"):
         yield pending.rstrip(b"\r")
+
+
+def clip(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An upstream's message as a client may see it: at most ``limit`` characters."""
+    return message if len(message) <= limit else message[:limit] + "…"
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
+        return value
+    return None
+
+
+def checked_usage(usage: Usage, pieces: int, label: str) -> Usage:
+    """``usage`` with every number an upstream could break made plausible: a count outside
+    ``0 ≤ n ≤ 2**31 - 1`` is dropped (prompt tokens 0, completion tokens the ``pieces`` read,
+    cached tokens unknown), a rate that is not a finite non-negative number too; one warning
+    names what was dropped. Metrics counters and the database never see the bad number."""
+    dropped: list[str] = []
+    prompt, completion = _count(usage.prompt_tokens), _count(usage.completion_tokens)
+    cached = usage.cached_tokens
+    rate = usage.decode_tokens_per_s
+    if prompt is None:
+        dropped.append(f"prompt_tokens={usage.prompt_tokens!r}")
+    if completion is None:
+        dropped.append(f"completion_tokens={usage.completion_tokens!r}")
+    if cached is not None and _count(cached) is None:
+        dropped.append(f"cached_tokens={cached!r}")
+        cached = None
+    if rate is not None and (completion is None or not math.isfinite(rate) or not 0 <= rate <= MAX_COUNT):
+        rate = None  # (computed from a dropped count, or itself absurd)
+    if not dropped and rate == usage.decode_tokens_per_s:
+        return usage
+    if dropped:
+        log.warning("%s reported usage numbers that cannot be token counts; dropped: %s",
+                    label, ", ".join(s[:60] for s in dropped))
+    return msgspec.structs.replace(
+        usage, prompt_tokens=0 if prompt is None else prompt,
+        completion_tokens=pieces if completion is None else completion, cached_tokens=cached,
+        decode_tokens_per_s=rate)
 
 
 class UpstreamEngine(ABC):
@@ -94,12 +223,16 @@ class UpstreamEngine(ABC):
 
     def __init__(self, http: aiohttp.ClientSession, base_url: str, model: str, *,
                  connect_timeout_s: float, read_timeout_s: float,
-                 health_ttl_s: float = HEALTH_TTL_S,
+                 health_ttl_s: float = HEALTH_TTL_S, bounds: Bounds | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._model = model
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self.bounds = bounds or Bounds()
+        # identity: compressed bodies are no use on a local network and a bomb away elsewhere
+        # (one that comes anyway is inflated with bounds, see decoded()).
+        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                         **(headers or {})}
         # sock_read bounds the wait for each read (the headers included: a model load counts).
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
@@ -148,7 +281,7 @@ class UpstreamEngine(ABC):
             report = await self._probe()
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             report = self.unhealthy(f"{self.where} is not reachable ({describe(exc)})")
-        except (aiohttp.ClientError, msgspec.DecodeError) as exc:
+        except (aiohttp.ClientError, msgspec.DecodeError, EngineProtocolError) as exc:
             report = self.unhealthy(f"{self.where} gave an unexpected answer ({describe(exc)})")
         self._health = (time.monotonic(), report)
         return report
@@ -162,11 +295,29 @@ class UpstreamEngine(ABC):
         """This wire format's health check (each engine asks its own endpoint)."""
 
     async def get(self, path: str) -> bytes:
-        """``GET base + path`` for a probe; a non-2xx answer raises ``ClientResponseError``."""
+        """``GET base + path`` for a probe; a non-2xx answer (a redirect too: not followed)
+        raises ``ClientResponseError``, an answer over ``bounds.body_bytes`` (decoded)
+        :class:`EngineProtocolError`."""
         async with self._http.get(self._base + path, timeout=self._probe_timeout,
-                                  headers=self._headers) as resp:
-            resp.raise_for_status()
-            return await resp.read()
+                                  headers=self._headers, allow_redirects=False,
+                                  auto_decompress=False) as resp:
+            if resp.status >= 300:
+                raise aiohttp.ClientResponseError(resp.request_info, resp.history,
+                                                  status=resp.status, message=resp.reason or "",
+                                                  headers=resp.headers)
+            body, more = await read_body(resp, self.label, self.bounds.body_bytes)
+            if more:
+                resp.close()  # the rest is not read: the connection cannot be reused
+                raise EngineProtocolError(
+                    f"{path} sent more than {self.bounds.body_bytes} bytes")
+            return body
+
+    def body_lines(self, resp: aiohttp.ClientResponse, *,
+                   keep_empty: bool = False) -> AsyncIterator[bytes]:
+        """The answer's lines, decoded and bounded (``bounds.line_bytes`` a line,
+        ``bounds.answer_bytes`` in all); for :meth:`read_answer`."""
+        return lines(capped(decoded(resp, self.label), self.bounds.answer_bytes), self.label,
+                     max_bytes=self.bounds.line_bytes, keep_empty=keep_empty)
 
     # --- chat -----------------------------------------------------------------------------------
     @abstractmethod
@@ -188,19 +339,35 @@ class UpstreamEngine(ABC):
         await self.prepare()
         resp = await self._post(self.chat_path, _encoder.encode(self.chat_body(request)))
         clean = False  # True once the stream ended as the protocol says: keep the connection
+        pieces = 0
+        first_at: float | None = None
         try:
             if resp.status >= 300:
                 raise await self._status_error(resp)
             finished: Finished | None = None
-            async with contextlib.aclosing(self.read_answer(resp, started)) as chunks:
-                async for chunk in chunks:
-                    if isinstance(chunk, Finished):
-                        finished = chunk
-                        break
-                    yield chunk
-            if finished is None:
-                raise EngineProtocolError(f"{self.label} ended the stream without finishing the answer")
-            clean = await _read_to_end(resp)
+            try:
+                async with contextlib.aclosing(self.read_answer(resp, started)) as chunks:
+                    async for chunk in chunks:
+                        if isinstance(chunk, Finished):
+                            finished = chunk
+                            break
+                        if isinstance(chunk, TextChunk):
+                            if pieces == request.max_new_tokens:
+                                # it ignores max_tokens / num_predict: stop reading, and
+                                # closing the connection stops the generation upstream
+                                raise AnswerTooLong(pieces)
+                            pieces += 1
+                            first_at = first_at or time.perf_counter()
+                        yield chunk
+            except AnswerTooLong:
+                finished = self._cut_short(pieces, started, first_at)
+            else:
+                if finished is None:
+                    raise EngineProtocolError(
+                        f"{self.label} ended the stream without finishing the answer")
+                finished = msgspec.structs.replace(
+                    finished, usage=checked_usage(finished.usage, pieces, self.where))
+                clean = await _read_to_end(resp, self.bounds.body_bytes)
             yield finished
         except TimeoutError as exc:  # aiohttp's timeouts subclass it
             raise EngineTimeout(
@@ -214,16 +381,26 @@ class UpstreamEngine(ABC):
             else:
                 resp.close()  # closes the TCP connection: the upstream sees it and stops generating
 
+    def _cut_short(self, pieces: int, started: float, first_at: float | None) -> Finished:
+        """The end of an answer we stopped reading (max_new_tokens or the byte bound reached):
+        ``length``, with the pieces read as its completion tokens."""
+        ttft = round((first_at - started) * 1000, 3) if first_at is not None else None
+        return Finished("length", Usage(prompt_tokens=0, completion_tokens=pieces,
+                                        time_to_first_token_ms=ttft))
+
     async def _post(self, path: str, body: bytes) -> aiohttp.ClientResponse:
+        # No redirects: one would re-send the conversation wherever it points (a 3xx is an
+        # error, see _status_error). Bodies are decoded by decoded(), with bounds.
+        options: dict[str, Any] = {"data": body, "timeout": self._timeout,
+                                   "headers": self._headers, "allow_redirects": False,
+                                   "auto_decompress": False}
         try:
             try:
-                return await self._http.post(self._base + path, data=body, timeout=self._timeout,
-                                             headers=self._headers)
+                return await self._http.post(self._base + path, **options)
             except aiohttp.ServerDisconnectedError:
                 # A kept-alive connection the server had just closed (uvicorn, so vLLM, drops
                 # idle ones after 5 s; a restart drops them all): once more, on a new one.
-                return await self._http.post(self._base + path, data=body, timeout=self._timeout,
-                                             headers=self._headers)
+                return await self._http.post(self._base + path, **options)
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailable(f"{self.where} is not reachable ({describe(exc)})") from exc
         except aiohttp.ConnectionTimeoutError as exc:
@@ -239,13 +416,14 @@ class UpstreamEngine(ABC):
             raise EngineError(f"request to {self.where} failed ({describe(exc)})") from exc
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> EngineError:
-        """The error for a non-2xx answer, with the upstream's own message when it sent one."""
+        """The error for a non-2xx answer, with the upstream's own message when it sent one
+        (read up to ``bounds.body_bytes``, cut to :data:`MAX_ERROR_CHARS`)."""
         try:
-            raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
+            raw, _ = await read_body(resp, self.label, self.bounds.body_bytes)
+        except (TimeoutError, aiohttp.ClientError, EngineProtocolError):
             raw = b""
         message = error_message(raw)
-        text = message or raw.decode("utf-8", "replace").strip()[:200] or resp.reason or ""
+        text = message or clip(raw.decode("utf-8", "replace").strip(), 200) or resp.reason or ""
         if resp.status == 404 and message is not None:
             return ModelNotFound(message)
         if resp.status == 503:  # overloaded or still loading: another backend may take the turn
@@ -264,20 +442,25 @@ def error_message(raw: bytes) -> str | None:
         return None
     error = decoded.get("error")
     if isinstance(error, str):
-        return error
+        return clip(error)
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
+        return clip(str(error["message"]))
     if isinstance(decoded.get("message"), str):
-        return str(decoded["message"])
+        return clip(str(decoded["message"]))
     return None
 
 
-async def _read_to_end(resp: aiohttp.ClientResponse) -> bool:
+async def _read_to_end(resp: aiohttp.ClientResponse, limit: int) -> bool:
     """After the answer's end only the end of the chunked body should follow. Reading it lets
-    the connection go back to the pool; True if the body ended in time."""
+    the connection go back to the pool; True if the body ended in time and within ``limit``
+    bytes (more, and the connection is closed instead)."""
+    size = 0
     try:
         async with asyncio.timeout(END_OF_BODY_WAIT_S):
-            await resp.content.read()
+            async for piece in resp.content.iter_chunked(READ_CHUNK):
+                size += len(piece)
+                if size > limit:
+                    return False
     except (TimeoutError, aiohttp.ClientError):
         return False
     return True

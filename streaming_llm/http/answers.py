@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import ClientDisconnect, Request
 
-from ..chat.conversations import Turn
+from ..chat.conversations import TurnInProgress
 from ..chat.limits import Limits
 from ..chat.tool_calls import ToolUse, check_results
 from ..chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
@@ -91,31 +91,25 @@ class Answer:
         self.send_timeout_s = send_timeout_s
         self.items: asyncio.Queue[Item] = asyncio.Queue(maxsize=64)
         self.conversation_id: str | None = None
-        self.turn: Turn | None = None
-        self.pieces: list[str] = []
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
+        self.turn: TurnInProgress | None = None
 
     async def produce(self, runner: TurnRunner, spec: TurnSpec) -> None:
         try:
-            ending: Item = await runner.run(spec, self)
+            await runner.run(spec, self)  # its ending comes through end()
         except ServiceError as exc:
-            ending = exc
+            await self.items.put(exc)
         except ClientGone:
-            return  # stopped reading: the turn is stored as cancelled, nobody waits for more
-        await self.items.put(ending)
+            pass  # stopped reading: the turn is stored as cancelled, nobody waits for more
 
     async def next(self) -> Item:
         return await self.items.get()
 
-    async def start(self, turn: Turn) -> None:
+    # TurnWriter ---------------------------------------------------------------------------------
+    async def start(self, turn: TurnInProgress) -> None:
         self.conversation_id = turn.conversation_id
         self.turn = turn
 
-    async def piece(self, turn: Turn, text: str) -> None:
-        self.pieces.append(text)
+    async def piece(self, turn: TurnInProgress, text: str) -> None:
         if self.stream:
             try:
                 async with asyncio.timeout(self.send_timeout_s):
@@ -124,6 +118,9 @@ class Answer:
                 log.warning("turn %s: the client did not read for %gs, cancelling",
                             turn.request_id, self.send_timeout_s)
                 raise ClientGone from None
+
+    async def end(self, turn: TurnInProgress, ending: Ending) -> None:
+        await self.items.put(ending)
 
 
 async def start(request: Request, spec: TurnSpec, *, stream: bool

@@ -24,8 +24,8 @@ the connection before the answer was complete.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fake_server import ChatRecord, FakeServer
+from .fake_server import ChatRecord, FakeServer, Item, Script
 
 __all__ = ["ChatRecord", "ChatScript", "FakeOllama", "normalize_model"]
 
@@ -44,21 +44,13 @@ VERSION = "0.6.5"
 
 
 @dataclasses.dataclass
-class ChatScript:
-    """How the fake answers ``/api/chat`` (set ``FakeOllama.script`` before the request)."""
+class ChatScript(Script):
+    """How the fake answers ``/api/chat`` (set ``FakeOllama.script`` before the request); the
+    shared fields are :class:`~streaming_llm.testing.fake_server.Script`'s."""
 
-    tokens: Sequence[str] = ("Hello", ",", " world", "!")
     done_reason: str = "stop"  # when the answer is not cut by options.num_predict
-    delay_s: float = 0.0  # pause before each write
-    lines_per_write: int = 1  # NDJSON lines sent in one write
-    split_lines: bool = False  # send every line in two writes, cut in the middle of the JSON
-    status: int = 200  # non-2xx: answer {"error": error} instead of streaming
-    error: str | None = None  # with status 200: an {"error": ...} line after `error_after` tokens
-    error_after: int = 0
     malformed_after: int | None = None  # a line that is not JSON after this many tokens
     end_without_done: bool = False  # finish the response without the final done line
-    hang_after: int | None = None  # after this many tokens send nothing more, keep the socket open
-    hang_before_headers: bool = False  # never even send the response headers
 
 
 def normalize_model(name: str) -> str:
@@ -92,8 +84,12 @@ class FakeOllama(FakeServer):
             return web.json_response({"error": "version unavailable"}, status=self.version_status)
         return web.json_response({"version": self.version})
 
-    async def _tags(self, request: web.Request) -> web.Response:
+    async def _tags(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
+        if self.probe_script is not None:
+            if (moved := self.redirect(self.probe_script)) is not None:
+                return moved
+            return await self.flooded_probe(request, self.probe_script, b'{"models": [', b"]}")
         models = [
             {
                 "name": name,
@@ -109,21 +105,23 @@ class FakeOllama(FakeServer):
         return web.json_response({"models": models})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        self.hits[request.path] += 1
         script = self.script
         try:
-            body = await request.json()
+            record = await self.begin_chat(request)
         except ValueError as exc:
             return web.json_response({"error": f"invalid JSON body: {exc}"}, status=400)
-        record = self.record(request, body)
-
-        model = body.get("model") if isinstance(body, dict) else None
+        if (moved := self.redirect(script)) is not None:
+            return moved
+        body = record.body
+        model = body.get("model")
         if not model:
             return web.json_response({"error": "model is required"}, status=400)
         if normalize_model(model) not in {normalize_model(m) for m in self.models}:
             return web.json_response(
                 {"error": f'model "{model}" not found, try pulling it first'}, status=404)
         if script.status != 200:
+            if script.flood_bytes:
+                return await self.flooded_error(request, record, script, b'{"error": "', b'"}')
             message = script.error or f"fake failure (HTTP {script.status})"
             return web.json_response({"error": message}, status=script.status)
 
@@ -131,72 +129,47 @@ class FakeOllama(FakeServer):
         tokens = list(script.tokens)
         done_reason = script.done_reason
         limit = options.get("num_predict")
-        if isinstance(limit, int) and 0 <= limit < len(tokens):
+        if isinstance(limit, int) and 0 <= limit < len(tokens) and not script.ignore_max_tokens:
             tokens, done_reason = tokens[:limit], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
 
         if body.get("stream", True) is False:
             started = time.perf_counter_ns()
-            reply = _final(model, done_reason, prompt_tokens, len(tokens), started)
+            reply = _final(model, done_reason, prompt_tokens, len(tokens), started, script.counts)
             reply["message"]["content"] = "".join(tokens)
             record.complete.set()
             return web.json_response(reply)
 
-        try:
-            return await self._stream(request, record, script, model, tokens, done_reason,
-                                      prompt_tokens)
-        except (ConnectionError, asyncio.CancelledError):
-            if not record.complete.is_set():
-                record.disconnected.set()
-            raise
-
-    async def _stream(self, request: web.Request, record: ChatRecord, script: ChatScript,
-                      model: str, tokens: list[str], done_reason: str,
-                      prompt_tokens: int) -> web.StreamResponse:
-        if script.hang_before_headers:
-            await self.hang()
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
         started = time.perf_counter_ns()
+        plan = _plan(script, model, tokens, done_reason, prompt_tokens, started)
+        # a flood goes after the tokens, before how the answer ends
+        cut = sum(isinstance(item, functools.partial) for item in plan)
+        return await self.stream(request, record, script, {"Content-Type": "application/x-ndjson"},
+                                 plan[:cut], plan[cut:])
 
-        # The plan: token lines up to the first scripted interruption, then how the answer ends.
-        stops = [len(tokens)]
-        stops += [n for n in (script.malformed_after, script.hang_after) if n is not None]
-        if script.error is not None:
-            stops.append(script.error_after)
-        cut = max(0, min(stops))
-        # str: a token (encoded when sent, so created_at is real); bytes: a literal line;
-        # None: the final done line (built when sent, so its durations are real).
-        plan: list[str | bytes | None] = list(tokens[:cut])
-        if script.error is not None and script.error_after == cut:
-            plan.append(_line({"error": script.error}))
-        elif script.malformed_after == cut:
-            plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
-        elif script.hang_after is None and not script.end_without_done:
-            plan.append(None)
 
-        per_write = max(1, script.lines_per_write)
-        for start in range(0, len(plan), per_write):
-            payload = b"".join(
-                _line(_chunk(model, item, done=False)) if isinstance(item, str)
-                else item if item is not None
-                else _line(_final(model, done_reason, prompt_tokens, cut, started))
-                for item in plan[start:start + per_write]
-            )
-            if script.delay_s:
-                await asyncio.sleep(script.delay_s)
-            if script.split_lines:
-                half = len(payload) // 2
-                await response.write(payload[:half])
-                await asyncio.sleep(0.002)  # let the halves reach the client as separate reads
-                await response.write(payload[half:])
-            else:
-                await response.write(payload)
-        if script.hang_after is not None:
-            await self.hang()
-        await response.write_eof()
-        record.complete.set()
-        return response
+def _plan(script: ChatScript, model: str, tokens: list[str], done_reason: str,
+          prompt_tokens: int, started: int) -> list[Item]:
+    # The plan: token lines up to the first scripted interruption, then how the answer ends.
+    # Lines are built when sent, so created_at and the final line's durations are real.
+    stops = [len(tokens)]
+    stops += [n for n in (script.malformed_after, script.hang_after) if n is not None]
+    if script.error is not None:
+        stops.append(script.error_after)
+    cut = max(0, min(stops))
+    plan: list[Item] = [functools.partial(_token_line, model, token) for token in tokens[:cut]]
+    if script.error is not None and script.error_after == cut:
+        plan.append(_line({"error": script.error}))
+    elif script.malformed_after == cut:
+        plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
+    elif script.hang_after is None and not script.end_without_done:
+        plan.append(lambda: _line(_final(model, done_reason, prompt_tokens, cut, started,
+                                         script.counts)))
+    return plan
+
+
+def _token_line(model: str, token: str) -> bytes:
+    return _line(_chunk(model, token, done=False))
 
 
 def _now() -> str:
@@ -209,12 +182,13 @@ def _chunk(model: str, content: str, *, done: bool) -> dict[str, Any]:
 
 
 def _final(model: str, done_reason: str, prompt_tokens: int, eval_count: int,
-           started_ns: int) -> dict[str, Any]:
+           started_ns: int, counts: dict[str, Any] | None = None) -> dict[str, Any]:
     eval_ns = max(1, time.perf_counter_ns() - started_ns)
     final = _chunk(model, "", done=True)
     final.update(done_reason=done_reason, total_duration=eval_ns + 2_000_000,
                  load_duration=1_000_000, prompt_eval_count=prompt_tokens,
                  prompt_eval_duration=1_000_000, eval_count=eval_count, eval_duration=eval_ns)
+    final.update(counts or {})  # a broken upstream's numbers
     return final
 
 

@@ -21,7 +21,6 @@ stream cut before its finish reason, no ``[DONE]``, a hang, usage or none.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fake_server import ChatRecord, FakeServer
+from .fake_server import ChatRecord, FakeServer, Script
 
 __all__ = ["ChatRecord", "CompletionScript", "FakeOpenAI"]
 
@@ -38,27 +37,19 @@ DEFAULT_MODELS = ("fake-model",)
 
 
 @dataclasses.dataclass
-class CompletionScript:
-    """How the fake answers ``/v1/chat/completions`` (set ``FakeOpenAI.script`` before)."""
+class CompletionScript(Script):
+    """How the fake answers ``/v1/chat/completions`` (set ``FakeOpenAI.script`` before); the
+    shared fields are :class:`~streaming_llm.testing.fake_server.Script`'s."""
 
-    tokens: Sequence[str] = ("Hello", ",", " world", "!")
     finish_reason: str = "stop"  # when the answer is not cut by max_tokens
-    delay_s: float = 0.0  # pause before each write
-    events_per_write: int = 1  # events sent in one write
-    split_events: bool = False  # send every write in two halves, cut in the middle
     crlf: bool = False  # end lines with \r\n
     comments: bool = False  # a ": keep-alive" comment before every event
     usage: bool | None = None  # None: as the request's stream_options.include_usage says
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when set
-    status: int = 200  # non-2xx: answer an OpenAI error body instead of streaming
-    error: str | None = None  # with status 200: an error event after `error_after` tokens
-    error_after: int = 0
     garbage: bytes | None = None  # a data line with these bytes after `garbage_after` tokens
     garbage_after: int = 0
     cut_after: int | None = None  # end the body after this many tokens: no finish, no [DONE]
     no_done: bool = False  # finish (and usage) but end the body without data: [DONE]
-    hang_after: int | None = None  # after this many tokens send nothing more, keep the socket
-    hang_before_headers: bool = False  # never even send the response headers
 
 
 class FakeOpenAI(FakeServer):
@@ -89,10 +80,15 @@ class FakeOpenAI(FakeServer):
             return None
         return _error(401, "Incorrect API key provided.", "invalid_api_key")
 
-    async def _models(self, request: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
         if (refused := self._refused(request)) is not None:
             return refused
+        if self.probe_script is not None:
+            if (moved := self.redirect(self.probe_script)) is not None:
+                return moved
+            return await self.flooded_probe(request, self.probe_script,
+                                            b'{"object": "list", "data": [', b"]}")
         if self.models_status != 200:
             return _error(self.models_status, "models unavailable", None)
         return web.json_response({"object": "list", "data": [
@@ -100,20 +96,25 @@ class FakeOpenAI(FakeServer):
             for m in self.models]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        self.hits[request.path] += 1
         script = self.script
         try:
-            body = await request.json()
+            record = await self.begin_chat(request)
         except ValueError as exc:
             return _error(400, f"invalid JSON body: {exc}", None)
-        record = self.record(request, body if isinstance(body, dict) else {})
         if (refused := self._refused(request)) is not None:
             return refused
-        model = body.get("model") if isinstance(body, dict) else None
+        if (moved := self.redirect(script)) is not None:
+            return moved
+        body = record.body
+        model = body.get("model")
         if not model:
             return _error(400, "you must provide a model parameter", None)
         if model not in self.models:
             return _error(404, f"The model `{model}` does not exist.", "model_not_found")
+        if script.status != 200 and script.flood_bytes:
+            return await self.flooded_error(request, record, script,
+                                            b'{"error": {"type": "server_error", "message": "',
+                                            b'"}}')
         if script.status != 200:
             return _error(script.status, script.error or f"fake failure (HTTP {script.status})",
                           None)
@@ -121,7 +122,7 @@ class FakeOpenAI(FakeServer):
         tokens = list(script.tokens)
         finish = script.finish_reason
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(limit, int) and 0 <= limit < len(tokens):
+        if isinstance(limit, int) and 0 <= limit < len(tokens) and not script.ignore_max_tokens:
             tokens, finish = tokens[:limit], "length"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -129,6 +130,8 @@ class FakeOpenAI(FakeServer):
             wants_usage if script.usage is None else script.usage) else {
             "prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens)}
+        if script.counts is not None:  # a broken upstream's numbers, asked for or not
+            usage = {**(usage or {}), **script.counts}
         if usage is not None and script.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": script.cached_tokens}
 
@@ -139,80 +142,58 @@ class FakeOpenAI(FakeServer):
                 "model": model, "usage": usage, "choices": [{
                     "index": 0, "finish_reason": finish,
                     "message": {"role": "assistant", "content": "".join(tokens)}}]})
-        try:
-            return await self._stream(request, record, script, model, tokens, finish, usage,
-                                      wants_usage)
-        except (ConnectionError, asyncio.CancelledError):
-            if not record.complete.is_set():
-                record.disconnected.set()
-            raise
+        events, ending = _events(script, model, tokens, finish, usage, wants_usage)
+        return await self.stream(request, record, script, {"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache"},
+                                 events, ending)
 
-    async def _stream(self, request: web.Request, record: ChatRecord, script: CompletionScript,
-                      model: str, tokens: list[str], finish: str, usage: dict[str, Any] | None,
-                      wants_usage: bool) -> web.StreamResponse:
-        if script.hang_before_headers:
-            await self.hang()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        created = int(time.time())
 
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-            event: dict[str, Any] = {
-                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [{"index": 0, "delta": delta,
-                                             "finish_reason": reason}]}
-            if wants_usage:
-                event["usage"] = None
-            return event
+def _events(script: CompletionScript, model: str, tokens: list[str], finish: str,
+            usage: dict[str, Any] | None,
+            wants_usage: bool) -> tuple[list[bytes], list[bytes]]:
+    """The events up to the last token, and those that end the answer (a flood goes between)."""
+    created = int(time.time())
 
-        # The plan: token events up to the first scripted interruption, then how the answer ends.
-        stops = [len(tokens)]
-        stops += [n for n in (script.cut_after, script.hang_after) if n is not None]
-        if script.error is not None:
-            stops.append(script.error_after)
-        if script.garbage is not None:
-            stops.append(script.garbage_after)
-        cut = max(0, min(stops))
-        events: list[bytes] = [_data(chunk({"role": "assistant", "content": ""}))]
-        events += [_data(chunk({"content": token})) for token in tokens[:cut]]
-        if script.error is not None and script.error_after == cut:
-            events.append(_data({"error": {"message": script.error, "type": "server_error",
-                                           "param": None, "code": None}}))
-        elif script.garbage is not None and script.garbage_after == cut:
-            events.append(b"data: " + script.garbage + b"\n\n")
-        elif script.cut_after == cut or script.hang_after == cut:
-            pass
-        else:
-            events.append(_data(chunk({}, finish)))
-            if usage is not None:
-                events.append(_data({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                                     "created": created, "model": model, "choices": [],
-                                     "usage": usage}))
-            if not script.no_done:
-                events.append(b"data: [DONE]\n\n")
-        if script.comments:
-            events = [b": keep-alive\n\n" + e for e in events]
-        if script.crlf:
-            events = [e.replace(b"\n", b"\r\n") for e in events]
+    def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta,
+                                         "finish_reason": reason}]}
+        if wants_usage:
+            event["usage"] = None
+        return event
 
-        per_write = max(1, script.events_per_write)
-        for start in range(0, len(events), per_write):
-            payload = b"".join(events[start:start + per_write])
-            if script.delay_s:
-                await asyncio.sleep(script.delay_s)
-            if script.split_events:
-                half = len(payload) // 2
-                await response.write(payload[:half])
-                await asyncio.sleep(0.002)  # let the halves reach the client as separate reads
-                await response.write(payload[half:])
-            else:
-                await response.write(payload)
-        if script.hang_after is not None:
-            await self.hang()
-        await response.write_eof()
-        record.complete.set()
-        return response
+    # The plan: token events up to the first scripted interruption, then how the answer ends.
+    stops = [len(tokens)]
+    stops += [n for n in (script.cut_after, script.hang_after) if n is not None]
+    if script.error is not None:
+        stops.append(script.error_after)
+    if script.garbage is not None:
+        stops.append(script.garbage_after)
+    cut = max(0, min(stops))
+    events: list[bytes] = [_data(chunk({"role": "assistant", "content": ""}))]
+    events += [_data(chunk({"content": token})) for token in tokens[:cut]]
+    streamed = len(events)
+    if script.error is not None and script.error_after == cut:
+        events.append(_data({"error": {"message": script.error, "type": "server_error",
+                                       "param": None, "code": None}}))
+    elif script.garbage is not None and script.garbage_after == cut:
+        events.append(b"data: " + script.garbage + b"\n\n")
+    elif script.cut_after == cut or script.hang_after == cut:
+        pass
+    else:
+        events.append(_data(chunk({}, finish)))
+        if usage is not None:
+            events.append(_data({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                 "created": created, "model": model, "choices": [],
+                                 "usage": usage}))
+        if not script.no_done:
+            events.append(b"data: [DONE]\n\n")
+    if script.comments:
+        events = [b": keep-alive\n\n" + e for e in events]
+    if script.crlf:
+        events = [e.replace(b"\n", b"\r\n") for e in events]
+    return events[:streamed], events[streamed:]
 
 
 def _data(obj: dict[str, Any]) -> bytes:

@@ -6,7 +6,9 @@ subprocess alike, and a test may block its own loop without starving it. ``stop(
 ``start()`` again serves on the same port: a backend that goes away and comes back.
 
 Every chat request is kept as a :class:`ChatRecord`: its body, the TCP connection it came on, and
-whether the client closed the connection before the answer was complete.
+whether the client closed the connection before the answer was complete. :class:`Script` holds
+what both fakes' scripts share (the answer's tokens, pacing, how writes are cut, errors, hangs),
+and :meth:`FakeServer.stream` sends a planned answer the way a script says.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import asyncio
 import collections
 import dataclasses
 import threading
+import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 from aiohttp import web
@@ -28,12 +32,44 @@ class ChatRecord:
     body: dict[str, Any]
     connection: int  # distinct number of the TCP connection it came on
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    sent: int = 0  # bytes of the answer written (before compression), floods included
     complete: threading.Event = dataclasses.field(default_factory=threading.Event)
     disconnected: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def wait_disconnected(self, timeout: float = 5.0) -> bool:
         """Block until the client closed the connection mid-answer; False on timeout."""
         return self.disconnected.wait(timeout)
+
+
+@dataclasses.dataclass
+class Script:
+    """How a fake answers its next chats (set ``fake.script`` before the request); each fake's
+    script adds the endings its protocol has."""
+
+    tokens: Sequence[str] = ("Hello", ",", " world", "!")
+    delay_s: float = 0.0  # pause before each write
+    per_write: int = 1  # lines (NDJSON) or events (SSE) sent in one write
+    split: bool = False  # send every write in two halves, cut in the middle
+    status: int = 200  # non-2xx: answer the protocol's error body instead of streaming
+    error: str | None = None  # with status 200: an error line/event after `error_after` tokens
+    error_after: int = 0
+    hang_after: int | None = None  # after this many tokens send nothing more, keep the socket
+    hang_before_headers: bool = False  # never even send the response headers
+    # --- a hostile or broken upstream --------------------------------------------------------
+    encoding: str | None = None  # "gzip": the body goes gzip-compressed, whatever was asked
+    flood: bytes = b""  # after the tokens (inside the message of an error body): this, repeated
+    flood_bytes: int = 0  # ... to this many bytes before compression, made as it is sent
+    ignore_max_tokens: bool = False  # run on past max_tokens / num_predict
+    counts: dict[str, Any] | None = None  # usage numbers sent in place of the real ones
+    redirect: str | None = None  # answer every chat with a 307 to this URL
+
+
+FLOOD_PIECE = 1024 * 1024  # a flood is made and sent a MiB at a time: the fake's memory stays low
+
+
+#: One item of a planned answer: bytes as they are, or a function building them when sent (so
+#: timestamps and durations in it are real).
+Item = bytes | Callable[[], bytes]
 
 
 class FakeServer(ABC):
@@ -50,6 +86,8 @@ class FakeServer(ABC):
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        # set: the model-list probe answers with this script's flood (or redirect)
+        self.probe_script: Script | None = None
 
     @abstractmethod
     def add_routes(self, app: web.Application) -> None:
@@ -128,12 +166,92 @@ class FakeServer(ABC):
         self.port = self._runner.addresses[0][1]
 
     # --- for handlers -------------------------------------------------------------------------
+    async def begin_chat(self, request: web.Request) -> ChatRecord:
+        """Count a chat request and keep its record; ``ValueError`` when the body is not JSON
+        (a body that is JSON but not an object is recorded as ``{}``)."""
+        self.hits[request.path] += 1
+        body = await request.json()
+        return self.record(request, body if isinstance(body, dict) else {})
+
     def record(self, request: web.Request, body: dict[str, Any]) -> ChatRecord:
         transport_id = id(request.transport)
         connection = self._connections.setdefault(transport_id, len(self._connections) + 1)
         record = ChatRecord(body=body, connection=connection, headers=dict(request.headers))
         self.chats.append(record)
         return record
+
+    async def stream(self, request: web.Request, record: ChatRecord | None, script: Script,
+                     headers: dict[str, str], plan: Sequence[Item], tail: Sequence[Item] = (),
+                     *, status: int = 200) -> web.StreamResponse:
+        """Send ``plan``, the script's flood, then ``tail`` as a streamed body, paced, cut and
+        encoded as ``script`` says, then hang if it says so. The record (none for a probe) is
+        marked complete at the end, or disconnected when the client went away first."""
+        try:
+            if script.hang_before_headers:
+                await self.hang()
+            squeeze = None
+            if script.encoding == "gzip":
+                squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header
+                headers = {**headers, "Content-Encoding": "gzip"}
+            response = web.StreamResponse(status=status, headers=headers)
+            await response.prepare(request)
+
+            async def send(payload: bytes) -> None:
+                if record is not None:
+                    record.sent += len(payload)
+                if squeeze is not None:
+                    payload = squeeze.compress(payload) + squeeze.flush(zlib.Z_SYNC_FLUSH)
+                if script.split:
+                    half = len(payload) // 2
+                    await response.write(payload[:half])
+                    await asyncio.sleep(0.002)  # let the halves reach the client as separate reads
+                    await response.write(payload[half:])
+                else:
+                    await response.write(payload)
+
+            per_write = max(1, script.per_write)
+            for start in range(0, len(plan), per_write):
+                if script.delay_s:
+                    await asyncio.sleep(script.delay_s)
+                await send(b"".join(item if isinstance(item, bytes) else item()
+                                    for item in plan[start:start + per_write]))
+            if script.flood and script.flood_bytes:
+                piece = script.flood * (FLOOD_PIECE // len(script.flood) + 1)
+                for sent in range(0, script.flood_bytes, FLOOD_PIECE):
+                    await send(piece[:min(FLOOD_PIECE, script.flood_bytes - sent)])
+            for item in tail:
+                await send(item if isinstance(item, bytes) else item())
+            if script.hang_after is not None:
+                await self.hang()
+            if squeeze is not None:
+                await response.write(squeeze.flush())
+            await response.write_eof()
+            if record is not None:
+                record.complete.set()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            if record is not None and not record.complete.is_set():
+                record.disconnected.set()
+            raise
+
+    async def flooded_error(self, request: web.Request, record: ChatRecord, script: Script,
+                            prefix: bytes, suffix: bytes) -> web.StreamResponse:
+        """A ``script.status`` error whose JSON body carries the script's flood as its message:
+        ``prefix``, the flood, ``suffix``."""
+        return await self.stream(request, record, script, {"Content-Type": "application/json"},
+                                 [prefix], [suffix], status=script.status)
+
+    async def flooded_probe(self, request: web.Request, script: Script, prefix: bytes,
+                            suffix: bytes) -> web.StreamResponse:
+        """A probe's 200 answer padded with the script's flood (JSON whitespace keeps it valid)."""
+        return await self.stream(request, None, script, {"Content-Type": "application/json"},
+                                 [prefix], [suffix])
+
+    @staticmethod
+    def redirect(script: Script) -> web.Response | None:
+        if script.redirect is None:
+            return None
+        return web.Response(status=307, headers={"Location": script.redirect})
 
     async def hang(self) -> None:
         """Wait until the server stops (or the client goes away and cancels the handler)."""

@@ -28,6 +28,7 @@ def test_bad_conversation_list_is_refused(capsys: pytest.CaptureFixture[str]) ->
     assert "--conversations" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_smoke_run_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_args = argparse.Namespace(hidden=32, intermediate=64, layers=1, heads=2, late=0,
                                     repeats=0, steps=0, prefill_chunk=0, seed=0)

@@ -129,18 +129,29 @@ async def test_turn_three_from_kept_cache_equals_replay(
     assert "".join(pieces) == answer
 
 
-async def test_cache_dropped_from_lru_is_replayed(make_engine: MakeEngine,
-                                                  llama_path: Path) -> None:
-    engine = await make_engine(llama_path, cached_conversations=1)
+@pytest.mark.parametrize("disk", [True, False])
+async def test_cache_dropped_from_lru_comes_back_from_disk_or_rebuilds(
+        make_engine: MakeEngine, llama_path: Path, disk: bool) -> None:
+    engine = await make_engine(llama_path, cached_conversations=1,
+                               kv_disk_bytes=-1 if disk else 0)
     a = [SYSTEM, ChatMessage("user", "conversation A")]
     b = [SYSTEM, ChatMessage("user", "conversation B")]
-    pieces, _ = await chat(engine, a, cid="a", temperature=0)
+    pieces, first = await chat(engine, a, cid="a", temperature=0)
+    assert first.usage.cache_source == "new"
     a += [ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "A again")]
     await chat(engine, b, cid="b", temperature=0)  # pushes A's cache out
     await engine.idle()
+    if disk:
+        engine.caches.disk.flush()  # type: ignore[union-attr]  # written, not only handed over
     assert (await engine.health()).extra["cached_conversations"] == 1
     pieces, finished = await chat(engine, a, cid="a", temperature=0)
-    assert finished.usage.cached_tokens == PREFIX_TOKENS  # the shared agent prefix only
+    if disk:  # read back whole: everything but the new user message is cached
+        assert finished.usage.cache_source == "disk"
+        assert finished.usage.cached_tokens > PREFIX_TOKENS
+        assert (await engine.health()).extra["kv_disk_loads"] == 1
+    else:
+        assert finished.usage.cache_source == "rebuilt"
+        assert finished.usage.cached_tokens == PREFIX_TOKENS  # the shared agent prefix only
     assert "".join(pieces) == reference(llama_path, a, 12)
 
 
@@ -266,7 +277,7 @@ async def test_sampling_is_reproducible_with_a_seed(make_engine: MakeEngine,
     assert texts[0] != texts[2]
 
 
-# --- cancellation and the worker thread ---------------------------------------------------------
+# --- cancellation and the scheduler's thread ------------------------------------------------------
 def count_steps_after_cancel(engine: LocalEngine) -> list[int]:
     """Count forward passes that start after a live request's cancel flag was set."""
     counts = [0, 0]  # [all forward passes, those started after cancel]

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from streaming_llm.engines.decoding import Sampler, decode_step, forward_tokens
-from streaming_llm.engines.scheduler import Outcome, Prefill, Request, RequestState, Scheduler
+from streaming_llm.engines.scheduler import Feed, Outcome, Request, RequestState, Scheduler
 from streaming_llm.engines.sink_cache import SinkCache
 from streaming_llm.engines.step import LlamaStep, ModelStep
 
@@ -64,10 +64,10 @@ class Recorder:
         self.name = name
         self.prepared = False
 
-    def prepare(self) -> Prefill:
+    def prepare(self) -> Feed:
         self.prepared = True
         self.cache = DynamicCache() if self.dense else SinkCache.from_model(self.model, S, W)
-        return Prefill(self.cache, self.prompt, reserve=8)
+        return Feed(self.cache, self.prompt, reserve=8)
 
     def consumed(self, ids: Sequence[int]) -> None:
         self.fed.extend(ids)
@@ -82,9 +82,9 @@ class Recorder:
             action()
         return True
 
-    def finished(self, outcome: Outcome) -> Prefill | None:
+    def finished(self, outcome: Outcome) -> Feed | None:
         self.outcome = outcome
-        return Prefill(self.cache, self.closing) if self.closing else None
+        return Feed(self.cache, self.closing) if self.closing else None
 
     def released(self) -> None:
         self.log.append(("released", self.name))

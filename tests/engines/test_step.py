@@ -133,6 +133,7 @@ def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(kind: str) -> None:
                 torch.testing.assert_close(mine[0], theirs[b], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile: about 20 s per kind
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
 @pytest.mark.parametrize("kind", ["none", "fp16", "int8"])
 def test_the_compiled_step_gives_the_eager_greedy_tokens(kind: str,

@@ -21,6 +21,24 @@ scheduler's thread:
 ``keep`` / ``forget``
     hand the cache back for the next turn, unless the conversation was deleted meanwhile.
 
+Tiers
+    Memory holds at most ``STREAMING_LLM_CACHED_CONVERSATIONS`` caches and
+    ``STREAMING_LLM_KV_MEMORY_BYTES`` bytes; the least recently used leaves for the disk tier
+    (:mod:`.disk`), written off the scheduler's thread, and on a graceful stop every cached
+    conversation is written too. Before a turn is submitted, :meth:`Caches.preload` (on the disk
+    tier's thread, awaited by the event loop) brings its conversation back into memory, so the
+    scheduler never waits for the disk. A turn's ``usage.cache_source`` says where its cache came
+    from: ``memory``, ``disk``, ``rebuilt`` (no usable cache: a bounded rebuild) or ``new``.
+
+Bounded rebuild
+    When a conversation with history has no usable cache (never written, killed before the
+    write, a file refused, another instance's conversation), :meth:`Caches.plan` rebuilds it from
+    the pinned prefix (or the first ``sink_tokens``) plus only the most recent window of the
+    history; the middle is counted as evicted without being computed
+    (:meth:`~..sink_cache.SinkCache.skip`). The cost is one window's prefill, whatever the
+    history's length. It is an approximation: the window's keys are computed without the evicted
+    text in view, where the kept cache had seen it (docs/engines.md).
+
 The event loop reads it too (health, ``forget``), so the shared parts lock.
 """
 
@@ -33,6 +51,7 @@ from typing import Any
 
 from ...errors import AgentContextTooLong
 from ...settings import Settings
+from .disk import DiskTier
 from .prompts import Message, Prompts
 from .store import Conversation, ConversationStore, PrefixStore
 
@@ -52,11 +71,27 @@ class Layout:
 @dataclass(frozen=True)
 class Plan:
     """The conversation to feed, how many target ids it holds already (feed the rest) and how
-    many of those came from a kept cache (``cached_tokens``)."""
+    many of those came from a kept cache (``cached_tokens``).
+
+    ``skip`` (a bounded rebuild): after ``skip[0]`` of the ids to feed, the ids ``skip[1]`` are
+    counted as evicted without being fed. ``fresh``: the plan had to start a new cache.
+    """
 
     state: Conversation
     keep: int
     reused: int
+    skip: tuple[int, tuple[int, ...]] | None = None
+    fresh: bool = False
+
+
+@dataclass
+class TierCounts:
+    """Where turns found their caches (``/health``, ``/metrics``)."""
+
+    memory: int = 0
+    disk: int = 0
+    rebuilt: int = 0
+    new: int = 0
 
 
 @dataclass
@@ -70,12 +105,15 @@ class Caches:
     """The local engine's caches; see the module docstring."""
 
     def __init__(self, settings: Settings, model: Any, prompts: Prompts, *, context: int,
-                 window: int) -> None:
+                 window: int, memory_bytes: int | None = None, disk: DiskTier | None = None,
+                 ) -> None:
         self.settings, self.model, self.prompts = settings, model, prompts
         self.context, self.window = context, window
-        self.conversations = ConversationStore(settings.cached_conversations)
-        self.prefixes = PrefixStore(settings.shared_prefixes)  # the scheduler's thread only
-        self._lock = threading.Lock()  # guards _live and _closed
+        self.conversations = ConversationStore(settings.cached_conversations, memory_bytes)
+        self.prefixes = PrefixStore(settings.shared_prefixes)
+        self.disk = disk if disk is not None and disk.enabled else None
+        self.counts = TierCounts()
+        self._lock = threading.Lock()  # guards _live, _closed and counts
         self._live: dict[object, _Live] = {}  # by turn: what the turns the scheduler holds hold
         self._closed = False
 
@@ -101,15 +139,46 @@ class Caches:
             dropped = live is None or live.forgotten or self._closed
         if state is not None and not dropped:
             assert live is not None
-            self.conversations.keep(live.conversation_id, state)
+            state.source = "memory"
+            self._spill(self.conversations.keep(live.conversation_id, state))
 
     def forget(self, conversation_id: str) -> None:
-        """The conversation was deleted or edited: drop its cache, also the one a turn holds."""
+        """The conversation was deleted: drop its cache, in memory, on disk and the one a turn
+        holds."""
         self.conversations.forget(conversation_id)
+        if self.disk is not None:
+            self.disk.remove(conversation_id)
         with self._lock:
             for live in self._live.values():
                 if live.conversation_id == conversation_id:
                     live.forgotten = True
+
+    def preload(self, conversation_id: str) -> None:
+        """Bring the conversation's cache into memory from the disk tier, if it is there (on the
+        caller's thread, which waits for the read: the event loop awaits this in a thread, the
+        scheduler never calls it)."""
+        if self.disk is None or conversation_id in self.conversations:
+            return
+        with self._lock:
+            if any(live.conversation_id == conversation_id for live in self._live.values()):
+                return  # a turn holds it; it comes back to memory when that turn ends
+        state = self.disk.reclaim(conversation_id)  # handed over, not written yet
+        if state is None:
+            state = self.disk.load(conversation_id).result()
+        if state is not None:
+            self._spill(self.conversations.keep(conversation_id, state))
+
+    def counted(self, source: str) -> None:
+        with self._lock:
+            setattr(self.counts, source, getattr(self.counts, source) + 1)
+
+    def _spill(self, evicted: list[tuple[str, Conversation]]) -> None:
+        """Conversations that left memory go to the disk tier (written on its thread)."""
+        if self.disk is None:
+            return
+        for cid, state in evicted:
+            self.disk.save_later(cid, state, self.prefixes.peek(state.prefix)
+                                 if state.prefix else None)
 
     @property
     def live(self) -> int:
@@ -168,14 +237,15 @@ class Caches:
         keep_prefix = len(layout.prefix_ids) if self.settings.shared_prefixes else 0
         return Conversation(cache=cache, ids=[]), keep_prefix
 
-    @staticmethod
-    def plan(state: Conversation | None, target: Sequence[int],
-             fresh: Callable[[], Conversation], *, need_logits: bool) -> Plan:
+    def plan(self, state: Conversation | None, target: Sequence[int],
+             fresh: Callable[[], Conversation], *, need_logits: bool, reserve: int = 0) -> Plan:
         """How ``state`` comes to have consumed exactly ``target``.
 
         Keeps the longest common prefix of the kept ids and ``target`` when the cache can be
         rolled back to it, else starts a fresh cache (holding nothing or the agent's pinned
-        prefix, a prefix of every target).
+        prefix, a prefix of every target) and rebuilds it bounded: the sinks, then only the most
+        recent window of ``target`` (less ``reserve`` answer tokens, at most half the window),
+        the middle counted as evicted.
         """
         copied: int | None = None  # for a fresh cache: the tokens it got from a kept one
         if state is None:
@@ -189,23 +259,66 @@ class Caches:
             state = fresh()
             keep, copied = len(state.ids), state.copied
             assert list(target[:keep]) == state.ids and keep < len(target)
-        return Plan(state, keep, keep if copied is None else min(keep, copied))
+        reused = keep if copied is None else min(keep, copied)
+        if copied is None:
+            return Plan(state, keep, reused)
+        return Plan(state, keep, reused, skip=self._bounded(state, target, keep, reserve),
+                    fresh=True)
+
+    @staticmethod
+    def _bounded(state: Conversation, target: Sequence[int], keep: int, reserve: int,
+                 ) -> tuple[int, tuple[int, ...]] | None:
+        """For a fresh sink cache: the ids to count as evicted instead of feeding them."""
+        from ..sink_cache import SinkCache
+
+        cache = state.cache
+        if not isinstance(cache, SinkCache):
+            return None  # dense: the prompt already fits the context (oldest turns dropped)
+        head = max(keep, cache.sink_tokens)  # fed first: the sinks
+        window = cache.window_tokens
+        tail = len(target) - (window - min(reserve, window // 2))  # fed last: the recent window
+        if tail <= head:
+            return None
+        return head - keep, tuple(target[head:tail])
 
     # -- the engine's ----------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop keeping caches; with a disk tier, write every cached conversation first (a
+        graceful stop: the next start finds them)."""
         with self._lock:
             self._closed = True
-        self.conversations.clear()
+        kept = self.conversations.clear()
+        if self.disk is not None:
+            self.disk.close([(cid, state, self.prefixes.peek(state.prefix)
+                              if state.prefix else None) for cid, state in kept])
         self.prefixes.clear()
 
     def health(self) -> dict[str, object]:
-        """Counts and bytes for ``/health``."""
+        """Counts, bytes and timings per tier for ``/health`` (and ``/metrics``)."""
         states = self.conversations.states() + self.prefixes.states()
         with self._lock:
             states.extend(live.state for live in self._live.values() if live.state is not None)
-        return {"cached_conversations": len(self.conversations),
-                "kv_bytes": sum(cache_nbytes(s.cache) for s in states),
-                "shared_prefixes": len(self.prefixes.states())}
+            counts = TierCounts(**vars(self.counts))
+        report: dict[str, object] = {
+            "cached_conversations": len(self.conversations),
+            "kv_bytes": sum(s.nbytes() for s in states),
+            "kv_memory_bytes": self.conversations.nbytes(),
+            "kv_memory_bytes_limit": self.conversations.max_bytes or 0,
+            "shared_prefixes": len(self.prefixes.states()),
+            "cache_hits_memory": counts.memory, "cache_hits_disk": counts.disk,
+            "cache_rebuilt": counts.rebuilt, "cache_new": counts.new,
+        }
+        if self.disk is not None:
+            disk = self.disk.snapshot()
+            report.update({
+                "kv_disk_files": disk.files, "kv_disk_bytes": disk.bytes,
+                "kv_disk_bytes_limit": self.disk.budget,
+                "kv_disk_writes": disk.writes, "kv_disk_loads": disk.loads,
+                "kv_disk_write_seconds": round(disk.write_seconds, 3),
+                "kv_disk_load_seconds": round(disk.load_seconds, 3),
+                "kv_disk_refused_files": disk.refused, "kv_disk_failed_writes": disk.failed_writes,
+            })
+        return report
 
 
 def _rollback(state: Conversation, keep: int) -> bool:
@@ -232,14 +345,3 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             return i
     return n
 
-
-def cache_nbytes(cache: Any) -> int:
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if tensor is not None and hasattr(tensor, "nbytes"):
-                total += tensor.nbytes
-    return total

@@ -60,6 +60,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -86,8 +88,10 @@ from ..base import (
 )
 from ..decoding import Sampler
 from ..scheduler import Request, Scheduler
+from ..sink_cache import SinkCache
 from ..step import build_step
 from .caches import Caches
+from .disk import DiskTier, model_fingerprint
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
 from .prompts import Prompts, template_messages
 from .turn import Turn
@@ -152,7 +156,9 @@ class LocalEngine:
         self._loaded = load_model(self.settings, source, self._model_name)
         self.prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
         self.caches = Caches(self.settings, self._loaded.model, self.prompts,
-                             context=self._loaded.context, window=self._loaded.window)
+                             context=self._loaded.context, window=self._loaded.window,
+                             memory_bytes=_memory_budget(self.settings),
+                             disk=self._disk_tier(self._loaded))
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
         step = build_step(self._loaded.model, quantize=self.settings.quantize,
@@ -161,6 +167,25 @@ class LocalEngine:
                                     name="local-engine-scheduler")
         log.info("local engine: decoding up to %d conversations in one batch (step %s)", rows,
                  step.name)
+
+    def _disk_tier(self, loaded: LoadedModel) -> DiskTier | None:
+        """The disk tier of the caches (streaming only: a dense prompt is already bounded by the
+        model's context, which is what a rebuild costs)."""
+        budget = _disk_budget(self.settings)
+        if not self.settings.streaming or budget == 0:
+            return None
+        model = loaded.model
+
+        def new_cache(sinks: int, window: int) -> SinkCache:
+            return SinkCache.from_model(model, sinks, window)
+
+        tier = DiskTier(self.settings.kv_path, budget,
+                        model_fingerprint(model, self._model_name), new_cache)
+        tier.start()
+        if tier.enabled:
+            log.info("local engine: KV cache files in %s (at most %.1f GiB)", tier.folder,
+                     budget / 2**30)
+        return tier
 
     def _report(self, step: str) -> None:
         self._progress = step
@@ -172,8 +197,8 @@ class LocalEngine:
         if self._scheduler is not None:  # cancels every turn; each stops within one step
             await asyncio.to_thread(self._scheduler.close)
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        if self.caches is not None:
-            self.caches.close()
+        if self.caches is not None:  # a graceful stop writes the cached conversations to disk
+            await asyncio.to_thread(self.caches.close)
         self._loaded = None
 
     async def health(self) -> EngineHealth:
@@ -210,6 +235,7 @@ class LocalEngine:
             "waiting": scheduler.waiting,
             "batch_kv_bytes": scheduler.batch_nbytes(),
         }
+        extra.update((k, v) for k, v in held.items() if k not in extra and k != "shared_prefixes")
         if self.settings.streaming:
             extra["sink_tokens"] = self.settings.sink_tokens
             extra["window_tokens"] = loaded.window
@@ -299,9 +325,13 @@ class LocalEngine:
 
         loaded, prompts, caches = self._loaded, self.prompts, self.caches
         assert loaded is not None and prompts is not None and caches is not None
+        submitted = time.perf_counter()
+        if caches.disk is not None and request.conversation_id not in caches.conversations:
+            # The disk tier reads on its own thread, not the scheduler's.
+            await asyncio.to_thread(caches.preload, request.conversation_id)
         turn = Turn(request, emit, caches=caches, prompts=prompts, tokenizer=loaded.tokenizer,
                     eos_ids=loaded.eos_ids, streaming=self.settings.streaming,
-                    context=loaded.context, submitted=time.perf_counter(),
+                    context=loaded.context, submitted=submitted,
                     on_released=on_released)
         try:
             scheduler.submit(Request(key=request.conversation_id, handler=turn,
@@ -344,3 +374,26 @@ class LocalEngine:
             presence_penalty=opts.presence_penalty or 0.0,
             frequency_penalty=opts.frequency_penalty or 0.0,
         )
+
+
+def _memory_budget(settings: Settings) -> int:
+    """``STREAMING_LLM_KV_MEMORY_BYTES``, or a quarter of the machine's memory."""
+    if settings.kv_memory_bytes:
+        return settings.kv_memory_bytes
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 * 2**30
+
+
+def _disk_budget(settings: Settings) -> int:
+    """``STREAMING_LLM_KV_DISK_BYTES``, or a quarter of the free disk under the data dir (at
+    most 64 GiB); 0 = no disk tier."""
+    if settings.kv_disk_bytes >= 0:
+        return settings.kv_disk_bytes
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(settings.data_dir).free
+    except OSError:
+        return 0
+    return min(free // 4, 64 * 2**30)

@@ -1,4 +1,5 @@
-"""Loading the tokenizer and model of the local engine (worker thread, once, at start-up).
+"""Loading the tokenizer and model of the local engine: once, at start-up, on a thread that ends
+once the model is loaded.
 
 What is served (:func:`resolve_source`)
     ``STREAMING_LLM_MODEL`` empty: the default model, SmolLM2-135M-Instruct quantized to Q4_1,

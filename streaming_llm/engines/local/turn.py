@@ -36,8 +36,8 @@ from typing import Any, Literal
 from ...errors import AgentContextTooLong, ContextTooLong, EngineError
 from ..base import EngineRequest, Finished, PromptTokens, TextChunk, Usage
 from ..detokenize import IncrementalDecoder, StopMatcher
-from ..scheduler import Outcome, Prefill
-from .caches import Caches, Layout
+from ..scheduler import Feed, Outcome
+from .caches import Caches, Layout, Plan
 from .prompts import Prompts, template_messages
 from .store import Conversation
 
@@ -68,15 +68,17 @@ class Turn:
         self.layout: Layout | None = None
         self._prefix_at = 0  # > 0: keep the pinned prefix once this many ids are in the cache
         self._closing_text: str | None = None
+        self._closing_length = 0
         self._answer: list[str] = []
         self._completion = 0  # answer tokens (end-of-sequence ids not counted)
         self._first_at = self._last_at = 0.0
         self._reason: Literal["stop", "length"] = "length"
         self._decoder: IncrementalDecoder | None = None
         self._stops: StopMatcher | None = None
+        self.source = "new"  # where the cache came from: memory, disk, rebuilt, new
 
     # -- the scheduler's calls ---------------------------------------------------------------------
-    def prepare(self) -> Prefill:
+    def prepare(self) -> Feed:
         request, prompts, caches = self.request, self.prompts, self.caches
         state = caches.take(self, request.conversation_id)
         self.state = state  # kept again on release whatever happens next
@@ -87,7 +89,8 @@ class Turn:
             self.prompt_ids = prompts.encode_prompt(known_text, known_ids, self.prompt_text)
             self.layout = caches.layout(*caches.pinned(self.messages, self.prompt_text,
                                                        self.prompt_ids))
-            if state is not None and state.cache.sink_tokens != self.layout.sinks:
+            if state is not None and (state.cache.sink_tokens != self.layout.sinks
+                                      or state.cache.window_tokens != self.layout.window):
                 state = None  # the agent's prefix changed length: rebuild from the new one
         else:
             self.prompt_text, self.prompt_ids, self.max_new, self.dropped = prompts.fit_dense(
@@ -95,11 +98,17 @@ class Turn:
         self.emit(PromptTokens(len(self.prompt_ids)))
         self._decoder = IncrementalDecoder(self.tokenizer)
         self._stops = StopMatcher(request.options.stop)
-        plan = caches.plan(state, self.prompt_ids, self._fresh, need_logits=True)
+        found = state.source if state is not None else None
+        plan = caches.plan(state, self.prompt_ids, self._fresh, need_logits=True,
+                           reserve=self.max_new)
         self.state, self.reused = plan.state, plan.reused
+        if self.layout is not None:
+            plan.state.prefix = self.layout.prefix
+        history = any(m.role == "assistant" for m in request.messages)
+        self.source = ("rebuilt" if history else "new") if plan.fresh or found is None else found
+        caches.counted(self.source)
         caches.hold(self, plan.state)
-        return Prefill(plan.state.cache, self.prompt_ids[plan.keep:], reserve=self.max_new,
-                       breaks=self._breaks(plan.keep))
+        return self._feed(plan, self.prompt_ids, reserve=self.max_new)
 
     def consumed(self, ids: Sequence[int]) -> None:
         assert self.state is not None
@@ -125,7 +134,7 @@ class Turn:
             return False
         return True
 
-    def finished(self, outcome: Outcome) -> Prefill | None:
+    def finished(self, outcome: Outcome) -> Feed | None:
         if outcome.reason == "cancelled" or self.state is None:
             return None
         assert self._decoder is not None and self._stops is not None
@@ -146,6 +155,7 @@ class Turn:
             decode_tokens_per_s=_rate(n - 1, self._last_at - self._first_at
                                       - outcome.compile_seconds),
             batch_size=max(outcome.batch_size, 1),
+            cache_source=self.source,
         )))
         # Close the assistant turn the way the chat template writes it.
         closed_text = self.prompts.render(
@@ -155,12 +165,14 @@ class Turn:
         plan = self.caches.plan(state, closed_ids, self._fresh, need_logits=False)
         self.state = plan.state
         self.caches.hold(self, plan.state)
-        self._closing_text = closed_text
-        return Prefill(plan.state.cache, closed_ids[plan.keep:], breaks=self._breaks(plan.keep))
+        self._closing_text, self._closing_length = closed_text, len(closed_ids)
+        return self._feed(plan, closed_ids)
 
     def released(self) -> None:
-        if self.state is not None and self._closing_text is not None:
-            self.state.text = self._closing_text  # the closing ids all went in
+        if self.state is not None and self._closing_text is not None \
+                and len(self.state.ids) == self._closing_length:
+            # The closing ids all went in (a stopping scheduler releases without feeding them).
+            self.state.text = self._closing_text
         self.caches.keep(self, self.state)
         self._on_released()
 
@@ -178,9 +190,17 @@ class Turn:
         state, self._prefix_at = self.caches.fresh(self.layout)
         return state
 
-    def _breaks(self, keep: int) -> tuple[int, ...]:
-        """Where a chunk must end: at the pinned prefix, when a copy of it is to be kept."""
-        return (self._prefix_at - keep,) if self._prefix_at > keep else ()
+    def _feed(self, plan: Plan, target: Sequence[int], reserve: int = 0) -> Feed:
+        """What the scheduler feeds: the ids of ``target`` past ``plan.keep``, less a bounded
+        rebuild's skip. A chunk must end at the pinned prefix when a copy of it is to be kept.
+        """
+        ids = list(target[plan.keep:])
+        skip = plan.skip
+        if skip is not None:
+            offset, skipped = skip
+            ids = ids[:offset] + ids[offset + len(skipped):]
+        breaks = (self._prefix_at - plan.keep,) if self._prefix_at > plan.keep else ()
+        return Feed(plan.state.cache, ids, reserve=reserve, breaks=breaks, skip=skip)
 
     def _show(self, text: str) -> None:
         if text:

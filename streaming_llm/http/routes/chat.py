@@ -1,12 +1,15 @@
 """``/ws/chat``: many turns over one socket, tokens streamed as they are generated.
 
 The reader (the endpoint's own task) decodes frames as they arrive, so ``cancel`` and ``ping``
-are answered while a turn generates. Each chat frame becomes one job, one task: it waits for the
-turns queued before it on this socket (they run one at a time, in order), then hands the turn to
-the :class:`~streaming_llm.chat.turns.TurnRunner` with this socket as the writer of its frames
-(``start``, ``token``) and writes the ending (``done`` or ``error``). ``cancel`` cancels the job's
-:class:`~streaming_llm.chat.turns.TurnControl`: waiting, it ends ``cancelled`` before it started;
-running, its partial answer is stored as ``cancelled`` and ``done`` says so.
+are answered while a turn generates. Each chat frame becomes one :class:`SocketTurn`, one task:
+it waits for the turns queued before it on this socket (they run one at a time, in order: the
+socket's own admission rule, see :mod:`streaming_llm.chat.admission`), then hands the turn to the
+:class:`~streaming_llm.chat.turns.TurnRunner`, which calls it for ``start``, every ``token`` and
+the ending (``done`` or ``error``), in that order; the frames go out through the turn's
+:class:`~streaming_llm.chat.resume.ResumableTurn`, to whichever socket listens. ``cancel``
+cancels the turn's :class:`~streaming_llm.chat.turns.TurnControl`: waiting, it ends
+``cancelled`` before it started; running, its partial answer is stored as ``cancelled`` and
+``done`` says so.
 
 Every frame goes out with a deadline (``STREAMING_LLM_SEND_TIMEOUT_S``): uvicorn sends a frame
 only once the connection's write buffer is below its high-water mark (64 KiB), so a client that
@@ -29,9 +32,9 @@ import msgspec
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ...chat.conversations import Turn
+from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
-from ...chat.resume import Replayable, ResumableTurns
+from ...chat.resume import ResumableTurn, ResumableTurns
 from ...chat.tool_calls import ToolUse, check_tools, tool_use
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 from ...engines.base import ChatMessage
@@ -47,7 +50,6 @@ from ...protocol import (
     Pong,
     Resume,
     Start,
-    Token,
     client_decoder,
     encoder,
     head_decoder,
@@ -58,14 +60,13 @@ from ..shutdown import LiveSockets
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_CLOSE = 1008  # policy violation: the client did not read its frames
-#: Pieces that may wait for the socket (and go out in one ``token`` frame) before the turn waits.
-MAX_PENDING = 256
 
 
 @dataclass(eq=False)
-class _Job:
-    """One chat frame's turn on this socket; it writes its own frames. Once started it is
-    :class:`~streaming_llm.chat.resume.Replayable`: its frames go to whichever socket resumed it."""
+class SocketTurn:
+    """One chat frame's turn on this socket, and the :class:`~streaming_llm.chat.turns.TurnWriter`
+    that turns what the runner hands it into frames. Once started its frames go through a
+    :class:`~streaming_llm.chat.resume.ResumableTurn`, to whichever socket listens."""
 
     socket: ChatSocket
     frame: Chat
@@ -73,11 +74,7 @@ class _Job:
     control: TurnControl = field(default_factory=TurnControl)
     task: asyncio.Task[None] | None = None
     queued: bool = True  # counted in streaming_llm_turns_queued
-    kept: Replayable | None = None  # once started
-    sender: asyncio.Task[None] | None = None  # writes the pieces (see piece)
-    lost: ClientGone | None = None  # the sender could not write and the turn cannot detach
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)  # pieces to write
-    _drained: asyncio.Event = field(default_factory=asyncio.Event)  # nothing left to write
+    kept: ResumableTurn | None = None  # once started
 
     def dequeue(self) -> None:
         if self.queued:
@@ -87,9 +84,9 @@ class _Job:
     def ended(self, task: asyncio.Task[None]) -> None:
         # A done callback: it runs even for a task cancelled before it started.
         self.dequeue()
-        self.socket.jobs.pop(self.request_id, None)
-        if self.sender is not None:
-            self.sender.cancel()
+        self.socket.turns.pop(self.request_id, None)
+        if self.kept is not None:
+            self.kept.abandon()
 
     @property
     def detachable(self) -> bool:
@@ -98,87 +95,40 @@ class _Job:
                 and self.socket.resumable.enabled
                 and not self.socket.live.draining and not self.control.cancelled)
 
-    async def emit(self, frame: msgspec.Struct) -> None:
-        """Write a frame to the socket the turn is attached to; a gone client detaches it."""
-        kept = self.kept
-        sink = self.socket if kept is None else kept.sink
-        if sink is None:
-            return  # detached: the frame is kept for a resume
-        try:
-            await sink.send(frame)
-        except ClientGone:
-            if kept is None or not self.detachable:
-                raise
-            if kept.sink is sink:
-                kept.detach()
-
-    async def start(self, turn: Turn) -> None:
+    # TurnWriter ---------------------------------------------------------------------------------
+    async def start(self, turn: TurnInProgress) -> None:
         sock = self.socket
-        self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock)
-        await self.emit(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
+        self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock,
+                                        turn.pieces, lambda: self.detachable)
+        await self.kept.send(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
 
-    async def piece(self, turn: Turn, text: str) -> None:
-        """Hand one piece to the sender, which writes what is waiting as one ``token`` frame.
+    async def piece(self, turn: TurnInProgress, text: str) -> None:
+        assert self.kept is not None
+        await self.kept.wrote()
 
-        A client that keeps up gets every piece in a frame of its own as soon as the engine
-        waits for its next one; only pieces that came while the previous frame was being
-        written share a frame (``count`` > 1). At most :data:`MAX_PENDING` pieces wait: then
-        the turn waits for the client, as before, and the send timeout still ends it.
-        """
-        kept = self.kept
-        assert kept is not None
-        if self.lost is not None:
-            raise self.lost
-        kept.pieces.append(text)
-        self._wake.set()
-        if self.sender is None:
-            self.sender = asyncio.create_task(self._send_pieces(), name=f"send-{self.request_id}")
-        if len(kept.pieces) - kept.delivered >= MAX_PENDING:
-            await self._flush()
-            if self.lost is not None:
-                del kept.pieces[len(turn.pieces):]  # what it will store: not replayed either
-                raise self.lost
+    async def end(self, turn: TurnInProgress, ending: Ending) -> None:
+        conversation_id = ending.conversation_id
+        frame: Error | Done
+        if ending.turn_id is None and ending.failure is not None:
+            failed = ending.failure
+            frame = Error(request_id=self.request_id, code=failed.code,
+                          message=f"the answer could not be stored: {failed.message}",
+                          conversation_id=conversation_id)
+        elif ending.failure is not None:
+            frame = Error(request_id=self.request_id, code=ending.failure.code,
+                          message=ending.failure.message, conversation_id=conversation_id,
+                          turn_id=ending.turn_id or "")
+        else:
+            frame = Done(self.request_id, conversation_id, ending.turn_id or "", ending.reason,
+                         ending.usage, tool_calls=list(ending.tool_calls))
+        await self.finish(frame)
 
-    async def _send_pieces(self) -> None:
-        kept = self.kept
-        assert kept is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while (sink := kept.sink) is not None and kept.delivered < len(kept.pieces):
-                first = kept.delivered
-                batch = kept.pieces[first:first + MAX_PENDING]
-                kept.delivered = first + len(batch)
-                text = batch[0] if len(batch) == 1 else "".join(batch)
-                try:
-                    await sink.send(Token(self.request_id, text, first, len(batch)))
-                except ClientGone as exc:
-                    if not self.detachable:
-                        self.lost = exc
-                        self._drained.set()
-                        return
-                    if kept.sink is sink:
-                        kept.detach()
-            self._drained.set()
-
-    async def _flush(self) -> None:
-        """Wait until the waiting pieces are written (or the client is gone)."""
-        kept = self.kept
-        while (kept is not None and self.sender is not None and not self.sender.done()
-               and kept.sink is not None and kept.delivered < len(kept.pieces)):
-            self._drained.clear()
-            self._wake.set()
-            await self._drained.wait()
-
-    async def end(self, frame: msgspec.Struct) -> None:
-        """The ending (``done``/``error``), after the pieces: kept for a resume, written if a
-        client is there."""
-        await self._flush()
-        if self.sender is not None:
-            self.sender.cancel()
-        if self.kept is not None:
-            self.kept.ended(frame)
-        await self.emit(frame)
+    async def finish(self, frame: Error | Done) -> None:
+        """Write the ending frame: through the resumable turn once started."""
+        if self.kept is None:
+            await self.socket.send(frame)
+        else:
+            await self.kept.end(frame)
 
 
 class ChatSocket:
@@ -193,16 +143,16 @@ class ChatSocket:
         self.send_timeout_s = send_timeout_s
         self.client = ws.client.host if ws.client is not None else ""
         self.closed = False  # closed by us, or the client is gone: nothing more is sent
-        self.jobs: dict[str, _Job] = {}  # queued or running, by request id
-        self.current: _Job | None = None
-        self.turns = asyncio.Lock()  # FIFO: the socket's turns run one at a time, in order
+        self.turns: dict[str, SocketTurn] = {}  # queued or running, by request id
+        self.current: SocketTurn | None = None
+        self.order = asyncio.Lock()  # FIFO: the socket's turns run one at a time, in order
         self.send_lock = asyncio.Lock()
         self.reader: asyncio.Task[None] | None = None
         self.stalled: str | None = None  # why the client was given up on
         self.resumable = resumable if resumable is not None else ResumableTurns(0)
         self.owner = owner  # the API key's id: whose turns this socket may resume
-        self.attached: set[Replayable] = set()  # turns writing here (own or resumed)
-        self.replays: set[asyncio.Task[None]] = set()
+        self.attached: set[ResumableTurn] = set()  # turns writing here (own or resumed)
+        self.replay: asyncio.Task[None] | None = None  # one resume replays at a time
 
     @property
     def busy(self) -> bool:
@@ -264,15 +214,17 @@ class ChatSocket:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
         finally:
             self.closed = True
-            for replay in self.replays:
-                replay.cancel()
+            if self.replay is not None:
+                self.replay.cancel()
             for kept in list(self.attached):  # started turns generate on, for a resume
                 kept.detach()
-            jobs = [job.task for job in self.jobs.values()
-                    if job.task is not None and not job.detachable]
-            for task in jobs:
+            tasks = [turn.task for turn in self.turns.values()
+                     if turn.task is not None and not turn.detachable]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*jobs, *self.replays, return_exceptions=True)
+            if self.replay is not None:
+                tasks.append(self.replay)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.stalled is not None:  # a client that reads again gets the reason
                 await self._close(SEND_TIMEOUT_CLOSE, self.stalled, self.send_timeout_s)
 
@@ -311,7 +263,7 @@ class ChatSocket:
         if self.live.draining:
             await self.refuse(request_id)
             return
-        if request_id in self.jobs:
+        if request_id in self.turns:
             await self.error(request_id, "duplicate_request_id",
                              f"request {request_id!r} is already queued or running")
             return
@@ -321,77 +273,91 @@ class ChatSocket:
             return
         try:
             self.limits.check_chat(frame.message, frame.options.max_new_tokens)
-            self.limits.check_queue(len(self.jobs) - (self.current is not None))
+            self.limits.check_queue(len(self.turns) - (self.current is not None))
         except ServiceError as exc:
             await self.error(request_id, exc.code, exc.message)
             return
-        job = _Job(self, frame, request_id)
-        self.jobs[request_id] = job
+        turn = SocketTurn(self, frame, request_id)
+        self.turns[request_id] = turn
         self.metrics.turns_queued.inc()
-        job.task = asyncio.create_task(self.work(job), name=f"turn-{request_id}")
-        job.task.add_done_callback(job.ended)
+        turn.task = asyncio.create_task(self.work(turn), name=f"turn-{request_id}")
+        turn.task.add_done_callback(turn.ended)
 
     async def resume(self, frame: Resume) -> None:
         kept = self.resumable.get(self.owner, frame.request_id)
-        if kept is None or frame.request_id in self.jobs:
+        if kept is None or frame.request_id in self.turns:
             await self.error(frame.request_id, "unknown_request",
                              f"no turn {frame.request_id!r} to resume: unknown, or it ended more "
                              "than STREAMING_LLM_RESUME_GRACE_S ago")
             return
-        replay = asyncio.create_task(kept.replay(self, frame.after_seq),
-                                     name=f"resume-{frame.request_id}")
-        self.replays.add(replay)
-        replay.add_done_callback(self._replayed)
+        if kept.final is None and kept.listener not in (None, self) and not kept.listener.closed:
+            # Its client is still there: a resume would take the live turn from it (and could
+            # cancel it). Resume is for a client whose socket is gone.
+            await self.error(frame.request_id, "turn_attached",
+                             f"turn {frame.request_id!r} is still streaming to the socket that "
+                             "has it; resume it once that socket is closed")
+            return
+        if self.replay is not None:
+            # One replay per socket: a flood of resumes holds one replay's frames, not thousands,
+            # and a client that does not read is held up by these answers (the send timeout).
+            await self.error(frame.request_id, "busy",
+                             "a resume is already replaying on this socket; send this one when "
+                             "its frames have arrived")
+            return
+        self.replay = asyncio.create_task(kept.replay(self, frame.after_seq),
+                                          name=f"resume-{frame.request_id}")
+        self.replay.add_done_callback(self._replayed)
 
     def _replayed(self, replay: asyncio.Task[None]) -> None:
-        self.replays.discard(replay)
+        if self.replay is replay:
+            self.replay = None
         if not replay.cancelled() and not isinstance(replay.exception(), ClientGone | None):
             log.error("resume failed", exc_info=replay.exception())
 
     async def cancel(self, request_id: str | None) -> None:
-        job = self.current if request_id is None else self.jobs.get(request_id)
-        if job is None and request_id is not None:  # a resumed turn
+        turn = self.current if request_id is None else self.turns.get(request_id)
+        if turn is None and request_id is not None:  # a resumed turn
             kept = next((k for k in self.attached if k.request_id == request_id), None)
             if kept is not None:
                 kept.cancel()
                 return
-        if job is None:
+        if turn is None:
             if request_id is not None:
                 await self.error(request_id, "unknown_request",
                                  f"no queued or running request {request_id!r} on this socket")
             return  # nothing running: a bare cancel is a no-op
-        job.control.cancel()
+        turn.control.cancel()
 
-    # one job ------------------------------------------------------------------------------------
-    async def work(self, job: _Job) -> None:
+    # one turn ------------------------------------------------------------------------------------
+    async def work(self, turn: SocketTurn) -> None:
         try:
             try:
-                async with job.control.cancellable():
-                    await self.turns.acquire()
+                async with turn.control.cancellable():
+                    await self.order.acquire()
             finally:
-                job.dequeue()
+                turn.dequeue()
             try:
-                self.current = job
-                await self.run_turn(job)
+                self.current = turn
+                await self.run_turn(turn)
             finally:
                 self.current = None
-                self.turns.release()
+                self.order.release()
         except TurnCancelled:
             with contextlib.suppress(ClientGone):
-                await self.error(job.request_id, "cancelled", "cancelled before it started")
+                await self.error(turn.request_id, "cancelled", "cancelled before it started")
         except ClientGone:
             pass  # the reader sees it too, and ends the socket
         except Exception:  # one broken turn must not take the socket down with it
-            log.exception("turn %s failed unexpectedly", job.request_id)
+            log.exception("turn %s failed unexpectedly", turn.request_id)
             with contextlib.suppress(ClientGone):
-                await job.end(Error(request_id=job.request_id, code="internal_error",
-                                    message="internal server error"))
+                await turn.finish(Error(request_id=turn.request_id, code="internal_error",
+                                       message="internal server error"))
         finally:
-            self.jobs.pop(job.request_id, None)
+            self.turns.pop(turn.request_id, None)
 
-    async def run_turn(self, job: _Job) -> None:
-        frame, request_id = job.frame, job.request_id
-        if self.live.draining and not job.control.cancelled:
+    async def run_turn(self, turn: SocketTurn) -> None:
+        frame, request_id = turn.frame, turn.request_id
+        if self.live.draining and not turn.control.cancelled:
             await self.refuse(request_id)
             return
         try:
@@ -404,30 +370,11 @@ class ChatSocket:
                                                for r in frame.tool_results),
                             result_params=tuple(f"tool_results[{i}].tool_call_id"
                                                 for i in range(len(frame.tool_results))))
-            ending = await self.runner.run(spec, job, job.control)
+            await self.runner.run(spec, turn, turn.control)
         except ServiceError as exc:  # refused before anything was stored
             param = getattr(exc, "param", None)  # the field at fault (tools)
             await self.error(request_id, exc.code,
                              f"{param}: {exc.message}" if param else exc.message)
-            return
-        await self.end(job, ending)
-
-    async def end(self, job: _Job, ending: Ending) -> None:
-        conversation_id = ending.conversation_id
-        frame: Error | Done
-        if ending.turn_id is None and ending.failure is not None:
-            failed = ending.failure
-            frame = Error(request_id=job.request_id, code=failed.code,
-                          message=f"the answer could not be stored: {failed.message}",
-                          conversation_id=conversation_id)
-        elif ending.failure is not None:
-            frame = Error(request_id=job.request_id, code=ending.failure.code,
-                          message=ending.failure.message, conversation_id=conversation_id,
-                          turn_id=ending.turn_id or "")
-        else:
-            frame = Done(job.request_id, conversation_id, ending.turn_id or "", ending.reason,
-                         ending.usage, tool_calls=list(ending.tool_calls))
-        await job.end(frame)
 
     async def refuse(self, request_id: str) -> None:
         exc = ShuttingDown("the server is shutting down; send the turn again once it is back")

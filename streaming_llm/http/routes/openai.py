@@ -268,7 +268,7 @@ async def chat_completions(request: Request) -> Response:
         return failed
     if not body.stream:
         assert isinstance(first, Ending)
-        return JSONResponse(reply.completion(answer.text, first), headers=headers)
+        return JSONResponse(reply.completion(first.text, first), headers=headers)
     return StreamingResponse(
         reply.events(first, answer), media_type="text/event-stream; charset=utf-8",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
