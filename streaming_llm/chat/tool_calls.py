@@ -205,11 +205,14 @@ class ToolCallParser:
     max_calls: int | None = None
     calls: list[ToolCall] = field(default_factory=list)
     content: str = ""
-    _buffer: str = ""  # text not yet given out, or the current block's body
-    _in_block: bool = False
-    _call: _Call | None = None
-    _count: int = 0  # blocks that became calls, dropped ones included
-    _gap: str = ""  # the whitespace before the current block: text again if it is no call
+    # text not yet given out, or the current block's body
+    _buffer: str = field(default="", init=False, repr=False)
+    _in_block: bool = field(default=False, init=False, repr=False)
+    _call: _Call | None = field(default=None, init=False, repr=False)
+    # blocks that became calls, dropped ones included
+    _count: int = field(default=0, init=False, repr=False)
+    # the whitespace before the current block: text again if it is no call
+    _gap: str = field(default="", init=False, repr=False)
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text
