@@ -30,6 +30,7 @@ import msgspec
 from ..errors import EngineError, EngineProtocolError
 from ..settings import Settings, url_list
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .tool_text import template_messages
 from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, clip
 
 
@@ -124,7 +125,7 @@ class OllamaEngine(UpstreamEngine):
             options["num_ctx"] = self._num_ctx
         return {
             "model": self._model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": template_messages(request.messages, request.constraint),
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
