@@ -34,6 +34,19 @@ class InvalidId(BadRequest):
     code = "invalid_id"
 
 
+class InvalidConstraint(BadRequest):
+    """A constraint on the answer (``response_format``, ``tools``, a grammar) that the engine
+    cannot enforce: a schema that does not compile, a kind it does not support. ``param`` names
+    the request field (OpenAI's ``error.param``), e.g. ``response_format``."""
+
+    code = "invalid_response_format"
+
+    def __init__(self, message: str, *, param: str = "response_format",
+                 code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.param = param
+
+
 class ValidationFailed(ServiceError):
     """A body that breaks its type; ``field`` is the path of the bad value (``messages[0].role``)
     when there is one."""
@@ -124,17 +137,6 @@ class StorageConflict(Conflict):
     """A constraint of the database refused the write (for example, a row made concurrently)."""
 
     code = "storage_conflict"
-
-
-class InvalidConstraint(BadRequest):
-    """A ``response_format`` (schema, pattern, grammar) that cannot be enforced; ``param`` names
-    the field."""
-
-    code = "invalid_response_format"
-
-    def __init__(self, message: str, *, param: str | None = "response_format") -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class InvalidTools(BadRequest):

@@ -3,9 +3,10 @@
 Only the subset of OpenAI's Chat Completions API this server can honour is declared. Request
 fields OpenAI clients commonly send but that change nothing here (``user``, ``store``, ...) are
 accepted and ignored, as unknown fields are;
-fields that would change the answer in a way we cannot (``n`` > 1, ``logprobs``, a
-``response_format`` other than text) are refused by the route with a 400 naming the field.
-Tools are OpenAI's function tools; calls come back in ``message.tool_calls`` and, streamed, in
+fields that would change the answer in a way we cannot (``n`` > 1, ``logprobs``) are refused
+by the route with a 400 naming the field. ``response_format`` (text, ``json_object``,
+``json_schema``) is read by :mod:`streaming_llm.chat.response_format`. Tools are OpenAI's
+function tools; calls come back in ``message.tool_calls`` and, streamed, in
 ``delta.tool_calls`` (see :mod:`streaming_llm.chat.tool_calls`).
 Bounds live in the types, so a bad value fails with the path of the field (``$.temperature``).
 """
@@ -105,6 +106,7 @@ class ChatCompletionRequest(msgspec.Struct):
     # Declared only to be refused when set to something this server cannot do:
     n: int | None = None
     logprobs: bool | None = None
+    # Structured output (streaming_llm.chat.response_format): checked there, to name the field
     response_format: dict[str, object] | None = None
 
 

@@ -8,7 +8,7 @@ working (msgspec schema evolution).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -38,6 +38,9 @@ class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True):
     conversation_id: Id | None = None
     request_id: Id | None = None
     options: GenerationOptions = GenerationOptions()
+    # OpenAI's shape, {"type": "json_object"} / {"type": "json_schema", "json_schema": {...}}:
+    # checked by streaming_llm.chat.response_format (an error frame names the field)
+    response_format: dict[str, Any] | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -116,6 +119,7 @@ class Error(msgspec.Struct, tag="error", omit_defaults=True):
     conversation_id: str | None = None
     turn_id: str | None = None
     answer_turn_id: str | None = None
+    field: str | None = None  # the frame's field at fault, e.g. "response_format"
 
     def __post_init__(self) -> None:
         if self.answer_turn_id is None:

@@ -73,12 +73,12 @@ def test_a_result_for_an_unknown_call_is_refused_and_stores_nothing(
                       "tool_results": [{"tool_call_id": "call_nope", "content": "x"}]})
         error = ws.receive_json()
         assert error["type"] == "error" and error["code"] == "unknown_tool_call"
-        assert "tool_results[0].tool_call_id" in error["message"]
+        assert error["field"] == "tool_results[0].tool_call_id"
         ws.send_json({"type": "chat", "agent_id": "helper", "message": "x",
                       "tool_choice": {"type": "function", "function": {"name": "nope"}},
                       "tools": [FUNCTION]})
         error = ws.receive_json()
-        assert error["code"] == "unknown_tool" and "tool_choice.function.name" in error["message"]
+        assert error["code"] == "unknown_tool" and error["field"] == "tool_choice.function.name"
     turns = client.get(f"/conversations/{conversation_id}").json()["turns"]
     assert [t["role"] for t in turns] == ["user", "assistant"]
 

@@ -57,6 +57,16 @@ def test_any_cut_streams_the_same_result(seed: int) -> None:
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Let me look."
 
 
+@pytest.mark.parametrize("cut", range(1, 60, 7))
+def test_a_close_tag_inside_the_arguments_does_not_end_the_call(cut: int) -> None:
+    text = ('<tool_call>\n{"name": "save", "arguments": {"text": "a </tool_call> b"}}\n'
+            "</tool_call> after")
+    parser = ToolCallParser("r")
+    feed_all(parser, [text[:cut], text[cut:]])
+    assert parser.content == " after"
+    assert parser.calls == [ToolCall(call_id("r", 0), "save", '{"text": "a </tool_call> b"}')]
+
+
 def test_text_without_calls_passes_through_whole() -> None:
     for text in ("hello <tools> are < here ", "  spaced  ", "a <tool_call> that is no call"):
         assert parse(text, "r") == (text, ())

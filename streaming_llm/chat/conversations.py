@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ..engines.base import (
     ChatMessage,
     Chunk,
+    Constraint,
     Engine,
     EngineRequest,
     Finished,
@@ -238,12 +239,14 @@ class ConversationManager:
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions,
-                    tools: ToolUse | None = None, tool_results: Sequence[ChatMessage] = (),
+                    constraint: Constraint | None = None, tools: ToolUse | None = None,
+                    tool_results: Sequence[ChatMessage] = (),
                     result_params: Sequence[str] = ()) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message).
 
         ``tool_results`` (role ``tool``) are stored before the user turn and must answer calls
-        of the last stored answer; ``message`` may then be "" (no user turn)."""
+        of the last stored answer; ``message`` may then be "" (no user turn). ``tools``' own
+        constraint replaces ``constraint``."""
         started = time.perf_counter()
         if conversation_id is not None:
             check_conversation_id(conversation_id)
@@ -305,14 +308,14 @@ class ConversationManager:
             request_id=request_id, conversation_id=stored_in, messages=messages,
             options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
-            constraint=tools.constraint if tools is not None else None,
+            constraint=tools.constraint if tools is not None else constraint,
         )
         return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started,
                               tools=tools)
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions, tools: ToolUse | None = None
-                             ) -> TurnInProgress:
+                             options: GenerationOptions, constraint: Constraint | None = None,
+                             tools: ToolUse | None = None) -> TurnInProgress:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -332,7 +335,7 @@ class ConversationManager:
             request_id=request_id, conversation_id=f"tmp_{uuid.uuid4().hex}",
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
-            constraint=tools.constraint if tools is not None else None,
+            constraint=tools.constraint if tools is not None else constraint,
         )
         return TurnInProgress(request_id, request.conversation_id, "", request, stored=False,
                               started=started, tools=tools)

@@ -59,6 +59,7 @@ class Limits:
     max_request_chars: int = 200_000
     max_messages: int = 1000
     max_prompt_tokens: int = 32_768
+    max_schema_bytes: int = 65_536  # a response_format's schema, regex or grammar
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -68,7 +69,8 @@ class Limits:
                    max_queued_turns=settings.max_queued_turns,
                    max_request_chars=settings.max_request_chars,
                    max_messages=settings.max_messages,
-                   max_prompt_tokens=settings.max_prompt_tokens)
+                   max_prompt_tokens=settings.max_prompt_tokens,
+                   max_schema_bytes=settings.max_schema_bytes)
 
     def check_frame(self, text: str) -> None:
         # Characters are a lower bound of UTF-8 bytes: encode only when it could matter.

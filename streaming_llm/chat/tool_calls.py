@@ -16,11 +16,13 @@ from the request id and the call's index, not drawn at random.
 
 Whitespace right before a call, and at the end of an answer that made calls, is not text (a
 model writes newlines between blocks); a block that never becomes a call (no ``"name"`` string
-followed by an ``"arguments"`` object) stays text.
+followed by an ``"arguments"`` object) stays text. A ``</tool_call>`` inside the arguments (in a
+string) does not end the block: the arguments object is scanned to its closing brace first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -30,7 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ..engines.base import ChatMessage, Constraint, ToolCall
+from ..engines.base import ChatMessage, Constraint, ToolCall, check_constraint
 from ..errors import InvalidTools
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -108,15 +110,30 @@ def tool_use(tools: tuple[dict[str, Any], ...], choice: ToolChoiceMode | str | N
             raise InvalidTools("tool_choice needs tools to choose from", param=param)
         return None
     if choice in (None, "auto"):
-        return ToolUse(Constraint("tool_calls", tools=tools, lazy_trigger=OPEN), parallel)
+        return ToolUse(Constraint("tool_calls", tools=tools, lazy_trigger=OPEN,
+                                  parallel=parallel), parallel)
     if choice == "required":
-        return ToolUse(Constraint("tool_calls", tools=tools), parallel)
+        return ToolUse(Constraint("tool_calls", tools=tools, parallel=parallel), parallel)
     named = [t for t in tools if t["name"] == choice]
     if not named:
         raise InvalidTools(f"tool_choice names {choice!r}, which is not one of the tools "
                            f"({', '.join(t['name'] for t in tools)})", param=param,
                            code="unknown_tool")
-    return ToolUse(Constraint("tool_calls", tools=tuple(named)), parallel)
+    return ToolUse(Constraint("tool_calls", tools=tuple(named), parallel=parallel), parallel)
+
+
+async def checked_tool_use(use: ToolUse | None, engine: object, *,
+                           response_format: Constraint | None = None) -> ToolUse | None:
+    """``use``, once the engine can enforce it (each tool's schema compiles: else a 400 naming
+    ``tools``), and refused beside a ``response_format``: an answer is one or the other."""
+    if use is None:
+        return None
+    if response_format is not None:
+        raise InvalidTools("tools and a response_format cannot be combined: an answer is either "
+                           "calls or the structured text (send tool_choice: none to keep the "
+                           "response_format)", param="response_format")
+    await asyncio.to_thread(check_constraint, engine, use.constraint)  # off the loop: a compile
+    return use
 
 
 def check_results(history: Sequence[ChatMessage], results: Sequence[ChatMessage], *,
@@ -227,11 +244,14 @@ class ToolCallParser:
                 self._buffer = self._buffer[len(OPEN):]
                 self._in_block = True
                 continue
-            end = self._buffer.find(CLOSE)
-            body = self._buffer if end < 0 else self._buffer[:end]
-            self._advance(events, body)
+            self._advance(events, self._buffer)
+            call = self._call
+            if call is not None and not call.done:
+                return events  # inside the arguments: a close tag there is an argument's text
+            end = self._buffer.find(CLOSE, 0 if call is None else call.start + call.sent)
             if end < 0:
                 return events
+            body = self._buffer[:end]
             self._end_block(events, body)
             self._buffer = self._buffer[end + len(CLOSE):]
             self._in_block = False

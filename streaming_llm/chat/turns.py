@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engines.base import ChatMessage, ToolCall
+from ..engines.base import ChatMessage, Constraint, ToolCall
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
 from .admission import GenerationGate
@@ -79,9 +79,11 @@ class TurnSpec:
     conversation_id: str | None = None
     client: str = ""  # the client's address, for the per-client slot cap
     history: Sequence[ChatMessage] | None = None
-    # tools: what the model may call; tool_results: role "tool" messages stored before
-    # ``message`` ("" then means results only), each checked against the last answer's calls,
-    # a refusal naming its field in result_params.
+    constraint: Constraint | None = None  # what the answer must match (structured output)
+    # tools: what the model may call (its constraint replaces ``constraint``; routes refuse
+    # both at once); tool_results: role "tool" messages stored before ``message`` ("" then
+    # means results only), each checked against the last answer's calls, a refusal naming its
+    # field in result_params.
     tools: ToolUse | None = None
     tool_results: tuple[ChatMessage, ...] = ()
     result_params: tuple[str, ...] = ()
@@ -228,11 +230,12 @@ class TurnRunner:
         if spec.history is not None:
             return await self.manager.begin_unstored(
                 request_id=spec.request_id, agent_id=spec.agent_id, messages=spec.history,
-                options=spec.options, tools=spec.tools)
+                options=spec.options, constraint=spec.constraint, tools=spec.tools)
         return await self.manager.begin(
             request_id=spec.request_id, agent_id=spec.agent_id, message=spec.message,
-            conversation_id=spec.conversation_id, options=spec.options, tools=spec.tools,
-            tool_results=spec.tool_results, result_params=spec.result_params)
+            conversation_id=spec.conversation_id, options=spec.options,
+            constraint=spec.constraint, tools=spec.tools, tool_results=spec.tool_results,
+            result_params=spec.result_params)
 
     async def _end(self, turn: TurnInProgress, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""

@@ -27,6 +27,7 @@ __all__ = [
     "ChatMessage",
     "Chunk",
     "Constraint",
+    "ConstraintChecker",
     "Engine",
     "EngineHealth",
     "EngineRequest",
@@ -39,6 +40,7 @@ __all__ = [
     "TokenCounter",
     "ToolCall",
     "Usage",
+    "check_constraint",
     "count_tokens",
 ]
 
@@ -63,6 +65,7 @@ class Constraint:
     pattern: str | None = None             # regex, or grammar text (Lark/llguidance syntax)
     tools: tuple[dict[str, Any], ...] = () # tool_calls: OpenAI-shape function tools {"name","description","parameters"}
     lazy_trigger: str | None = None        # tool_calls with tool_choice auto: free text until this string starts a call
+    parallel: bool = True  # tool_calls: several calls one after another (parallel_tool_calls)
 
 
 class EngineRequest(msgspec.Struct, frozen=True):
@@ -71,7 +74,7 @@ class EngineRequest(msgspec.Struct, frozen=True):
     messages: list[ChatMessage]  # system (if any), the stored history, then the new user message
     options: GenerationOptions
     max_new_tokens: int  # options.max_new_tokens resolved against the server default
-    constraint: Constraint | None = None
+    constraint: Constraint | None = None  # the answer must match it (structured output, tools)
 
 
 class TextChunk(msgspec.Struct, frozen=True):
@@ -126,6 +129,25 @@ class Engine(Protocol):
         loading, or failed to load; with ``system``, the agent's system message, also an agent
         the engine cannot serve, e.g. ``agent_context_too_long``); None means "try". Checked
         before a user turn is stored, so a turn that cannot run leaves nothing behind."""
+
+
+@runtime_checkable
+class ConstraintChecker(Protocol):
+    """An engine that can tell, before a turn is stored, whether it can enforce a constraint.
+
+    Optional: an engine without ``check_constraint`` is taken to accept every constraint (and to
+    fail, if at all, while streaming)."""
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Raise :class:`~streaming_llm.errors.InvalidConstraint` (naming the request field in
+        its ``param``) when ``constraint`` cannot be enforced: a schema or grammar that does not
+        compile, a kind the engine does not support. Cheap after the first call (cached)."""
+
+
+def check_constraint(engine: object, constraint: Constraint | None) -> None:
+    """``engine.check_constraint(constraint)`` where the engine has it; nothing for None."""
+    if constraint is not None and isinstance(engine, ConstraintChecker):
+        engine.check_constraint(constraint)
 
 
 @runtime_checkable

@@ -181,9 +181,15 @@ class Sampler:
 
 
 def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
-                histories: Sequence[Sequence[int]]) -> list[int]:
+                histories: Sequence[Sequence[int]],
+                masks: torch.Tensor | None = None) -> list[int]:
     """The next token of every row, in one call: ``logits`` ``(rows, vocab)``, row ``b`` sampled
     by ``samplers[b]`` with the penalties of ``histories[b]``.
+
+    ``masks``: ``(rows, vocab)`` booleans, the tokens each row may take (constrained decoding,
+    :mod:`.constraints`; an unconstrained row is all True). The others are set to ``-inf``
+    before anything else (penalties, temperature, top-k/p, min-p), so a sampled token, not only
+    the greedy one, is always allowed.
 
     Every operation is row-wise, so a row's token does not depend on the other rows (nor on how
     many there are); the only device-to-host copy is the final list of tokens. The random draw is
@@ -196,6 +202,8 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
         raise ValueError(f"{n} rows of logits, {len(samplers)} samplers, {len(histories)} histories")
     device = logits.device
     scores = logits.detach().float()
+    if masks is not None:
+        scores = scores.masked_fill(~masks, -math.inf)
     if any(s.penalized and h for s, h in zip(samplers, histories, strict=True)):
         scores = torch.stack([s.penalize(scores[b], h) for b, (s, h)
                               in enumerate(zip(samplers, histories, strict=True))])

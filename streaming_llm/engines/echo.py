@@ -17,6 +17,7 @@ from ..errors import EngineError
 from .base import (
     ChatMessage,
     Chunk,
+    Constraint,
     EngineHealth,
     EngineRequest,
     Finished,
@@ -48,6 +49,9 @@ class EchoEngine:
 
     def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # always ready
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        return None  # the echo engine repeats the user's words; it enforces nothing
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return sum(len(_WORDS.findall(m.content)) for m in messages)  # one word, one token

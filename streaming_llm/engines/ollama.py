@@ -123,13 +123,18 @@ class OllamaEngine(UpstreamEngine):
                 options[name] = value
         if self._num_ctx > 0:
             options["num_ctx"] = self._num_ctx
-        return {
+        body: dict[str, Any] = {
             "model": self._model,
             "messages": template_messages(request.messages, request.constraint),
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
         }
+        constraint = request.constraint
+        if constraint is not None and constraint.kind != "tool_calls":  # tools go as text
+            self.check_constraint(constraint)  # Ollama's structured outputs
+            body["format"] = constraint.schema if constraint.kind == "json_schema" else "json"
+        return body
 
     async def read_answer(self, resp: aiohttp.ClientResponse,
                           started: float) -> AsyncGenerator[Chunk, None]:

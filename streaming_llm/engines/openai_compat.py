@@ -160,6 +160,12 @@ class OpenAIEngine(UpstreamEngine):
                             ("top_k", opts.top_k), ("stop", opts.stop), ("seed", opts.seed)):
             if value is not None:
                 body[name] = value
+        constraint = request.constraint
+        if constraint is not None and constraint.kind != "tool_calls":  # tools: as text
+            self.check_constraint(constraint)
+            body["response_format"] = {"type": "json_object"} if constraint.kind == "json_object" \
+                else {"type": "json_schema", "json_schema": {
+                    "name": "response", "schema": constraint.schema, "strict": True}}
         return body
 
     async def prepare(self) -> None:

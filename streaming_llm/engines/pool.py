@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from ..errors import EngineError, EngineUnavailable
-from .base import Chunk, EngineHealth, EngineRequest, PromptTokens
+from .base import Chunk, Constraint, EngineHealth, EngineRequest, PromptTokens
 from .upstream import ConnectionLost, UpstreamEngine
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ class BackendPool:
 
     def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # even a pool that is all down gets tried: a backend may be back already
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        self.backends[0].engine.check_constraint(constraint)  # the backends share one wire format
 
     def backend_of(self, conversation_id: str) -> str | None:
         """The URL a conversation sticks to, if any."""

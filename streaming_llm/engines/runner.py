@@ -5,7 +5,9 @@ own cache), the rows of the batch to decode (one forward pass over a
 :class:`~.batch_cache.BatchSinkCache`) and the dense rows to step one by one. The runner makes
 room in full rows, runs the forwards, and samples the next token of every row that needs one in
 **one call** (:func:`~.decoding.sample_rows`: one device-to-host copy per step, whatever the
-number of rows). It returns a :class:`StepOutput`; it never calls a request's handler, never
+number of rows), a constrained row through its token mask
+(:func:`~.constraints.fill_masks`: one ``(rows, vocab)`` mask for the step, none at all when no
+row is constrained), whose matcher then takes the sampled token. It returns a :class:`StepOutput`; it never calls a request's handler, never
 chooses a row and never changes a request's state: :mod:`.scheduler` does all of that.
 """
 
@@ -18,7 +20,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from . import constraints
 from .batch_cache import BatchSinkCache
+from .constraints import ConstraintState
 from .decoding import (
     PENALTY_WINDOW,
     Sampler,
@@ -41,6 +45,7 @@ class Row(Protocol):
     next_token: int
     sampler: Sampler
     tokens: list[int]
+    constraint: ConstraintState | None  # its token mask and matcher (constrained decoding)
 
 
 R = TypeVar("R", bound=Row)
@@ -137,8 +142,13 @@ class ModelRunner:
             except Exception as exc:  # noqa: BLE001 - reported to its handler
                 out.failed[r] = exc
         if sampled:
-            tokens = sample_rows(torch.cat(logits), [r.sampler for r in sampled],
-                                 [r.tokens[-PENALTY_WINDOW:] for r in sampled])
+            scores = torch.cat(logits)  # (rows, vocab)
+            states = [r.constraint for r in sampled]  # None for an unconstrained row
+            masks = constraints.fill_masks(states, scores.shape[-1], scores.device)
+            tokens = sample_rows(scores, [r.sampler for r in sampled],
+                                 [r.tokens[-PENALTY_WINDOW:] for r in sampled], masks)
+            if masks is not None:
+                constraints.advance(states, tokens)
             out.tokens = dict(zip(sampled, tokens, strict=True))
         return out
 

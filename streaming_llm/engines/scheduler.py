@@ -50,6 +50,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from .constraints import ConstraintState
 from .decoding import Sampler
 from .runner import ModelRunner, StepOutput, StepPlan
 from .sink_cache import SinkCache
@@ -148,6 +149,7 @@ class Request:
     handler: Handler
     sampler: Sampler  # picks each token; all rows of a step are sampled in one call
     max_new_tokens: int
+    constraint: ConstraintState | None = None  # its token mask and matcher (constrained decoding)
     cancel: threading.Event = field(default_factory=threading.Event)
     state: RequestState = RequestState.WAITING
     # -- the loop's own bookkeeping ------------------------------------------------------------

@@ -59,10 +59,11 @@ from ..errors import (
     EngineProtocolError,
     EngineTimeout,
     EngineUnavailable,
+    InvalidConstraint,
     ModelNotFound,
 )
 from ..settings import Settings
-from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import Chunk, Constraint, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,15 @@ class UpstreamEngine(ABC):
 
     def refusal(self, system: str | None = None) -> EngineError | None:
         return None  # the upstream's state is learned per request (its errors are stable codes)
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Upstreams take a JSON schema or "any JSON object" (Ollama's ``format``, OpenAI's
+        ``response_format``); the schema itself is checked by the upstream. Tools go upstream
+        as text (:mod:`streaming_llm.engines.tool_text`), not enforced."""
+        if constraint.kind not in ("json_schema", "json_object", "tool_calls"):
+            raise InvalidConstraint(
+                f"the {self.name} engine passes only JSON schemas and JSON objects upstream, "
+                f"not {constraint.kind!r}")
 
     # --- health ---------------------------------------------------------------------------------
     async def health(self) -> EngineHealth:

@@ -22,7 +22,7 @@ from ..chat.conversations import TurnInProgress
 from ..chat.limits import Limits
 from ..chat.tool_calls import ToolUse, check_results
 from ..chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
-from ..engines.base import ChatMessage, count_tokens
+from ..engines.base import ChatMessage, Constraint, count_tokens
 from ..errors import ServiceError
 from ..wire import GenerationOptions
 
@@ -59,7 +59,8 @@ async def check_limits(request: Request, messages: Sequence[ChatMessage],
 def turn_spec(request: Request, *, request_id: str, agent_id: str,
               messages: Sequence[ChatMessage], options: GenerationOptions,
               conversation_id: str | None, tools: ToolUse | None,
-              result_param: Callable[[int], str]) -> TurnSpec:
+              result_param: Callable[[int], str],
+              constraint: Constraint | None = None) -> TurnSpec:
     """The turn a request asks for. ``messages`` is the caller's history (system messages
     included); ``result_param(i)`` names the call id field of the tool result ``messages[i]``
     in errors. Tool results must answer calls of the assistant message before them: checked
@@ -74,7 +75,8 @@ def turn_spec(request: Request, *, request_id: str, agent_id: str,
         request_id=request_id, agent_id=agent_id, message=message, options=options,
         conversation_id=None if conversation_id in (None, NEW_CONVERSATION) else conversation_id,
         client=request.client.host if request.client is not None else "",
-        history=None if stored else messages, tools=tools, tool_results=tuple(results),
+        history=None if stored else messages, constraint=constraint, tools=tools,
+        tool_results=tuple(results),
         result_params=params)
 
 

@@ -312,3 +312,23 @@ async def test_two_processes_never_share_a_folder(make: Make, llama_path: Path,
     assert first.caches.disk is not None  # type: ignore[union-attr]
     assert second.caches.disk is None  # type: ignore[union-attr]
     assert any("in use by another process" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stale_file_serves_only_what_still_agrees_with_the_history(
+        make: Make, llama_path: Path) -> None:
+    """Edit and resend after a restart: the file holds turns the conversation no longer has; the
+    turn uses it only up to where the ids agree, exactly as a cache kept in memory would."""
+    stayed = await make("stayed", llama_path)
+    first = await make("restarted", llama_path)
+    history = await talk(stayed, "c", 4)
+    assert await talk(first, "c", 4) == history
+    await first.close()
+    second = await make("restarted", llama_path)
+    edited = ask(history[:-3], "a different last question")  # the last turn edited and resent
+    warm, warm_done = await chat(stayed, edited, cid="c", temperature=0, max_new_tokens=12)
+    cold, cold_done = await chat(second, edited, cid="c", temperature=0, max_new_tokens=12)
+    assert cold == warm
+    # The same decision as the kept cache's: here the edit reaches into what both had evicted,
+    # so neither can roll back and both rebuild (bounded) from the agent prefix.
+    # (The restarted engine has no copy of the agent prefix in memory yet: it prefills it again.)
+    assert cold_done.usage.cache_source == warm_done.usage.cache_source == "rebuilt"

@@ -119,9 +119,10 @@ async def test_a_new_conversation_copies_the_shared_prefix_equal_to_a_fresh_pref
     seen: list[torch.Tensor] = []
     sample = runner.sample_rows
 
-    def record(logits: torch.Tensor, samplers: Any, histories: Any) -> list[int]:
+    def record(logits: torch.Tensor, samplers: Any, histories: Any, masks: Any = None,
+               ) -> list[int]:
         seen.extend(row.clone() for row in logits)
-        return sample(logits, samplers, histories)
+        return sample(logits, samplers, histories, masks)
 
     monkeypatch.setattr(runner, "sample_rows", record)
     shared = await make(llama_path, window_tokens=24)

@@ -80,12 +80,14 @@ from .. import demo_model
 from ..base import (
     ChatMessage,
     Chunk,
+    Constraint,
     EngineHealth,
     EngineRequest,
     Finished,
     PromptTokens,
     TextChunk,
 )
+from ..constraints import ConstraintState, Grammars
 from ..decoding import Sampler
 from ..scheduler import Request, Scheduler
 from ..sink_cache import SinkCache
@@ -119,6 +121,7 @@ class LocalEngine:
         self._loaded: LoadedModel | None = None
         self.prompts: Prompts | None = None  # once loaded
         self.caches: Caches | None = None  # once loaded
+        self.grammars: Grammars | None = None  # once loaded: constrained decoding
         self._ready = False
         self._closed = False
         self._error: str | None = None
@@ -159,6 +162,9 @@ class LocalEngine:
                              context=self._loaded.context, window=self._loaded.window,
                              memory_bytes=_memory_budget(self.settings),
                              disk=self._disk_tier(self._loaded))
+        vocab = getattr(self._loaded.model.config, "vocab_size", None) or len(
+            self._loaded.tokenizer)
+        self.grammars = Grammars(self._loaded.tokenizer, self._loaded.eos_ids, int(vocab))
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
         step = build_step(self._loaded.model, quantize=self.settings.quantize,
@@ -269,6 +275,14 @@ class LocalEngine:
             return EngineUnavailable("the local engine has shut down")
         return EngineNotReady(f"the model {self._model_name} is still loading")
 
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` (cached) or raise InvalidConstraint. Before the model has
+        loaded nothing can be checked (and :meth:`refusal` refuses the turn anyway). The first
+        call builds the grammar library's view of the vocabulary (about 1.5 s for 49k tokens):
+        call it off the event loop."""
+        if self.grammars is not None:
+            self.grammars.check(constraint)
+
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int | None:
         """The rendered prompt's tokens (``/v1``'s prompt limit); None while the model loads.
 
@@ -329,14 +343,19 @@ class LocalEngine:
         if caches.disk is not None and request.conversation_id not in caches.conversations:
             # The disk tier reads on its own thread, not the scheduler's.
             await asyncio.to_thread(caches.preload, request.conversation_id)
+        constraint: ConstraintState | None = None
+        if request.constraint is not None:
+            assert self.grammars is not None
+            constraint = await asyncio.to_thread(self.grammars.state, request.constraint)
         turn = Turn(request, emit, caches=caches, prompts=prompts, tokenizer=loaded.tokenizer,
                     eos_ids=loaded.eos_ids, streaming=self.settings.streaming,
                     context=loaded.context, submitted=submitted,
-                    on_released=on_released)
+                    on_released=on_released, constraint=constraint)
         try:
             scheduler.submit(Request(key=request.conversation_id, handler=turn,
                                      sampler=self._sampler(request),
-                                     max_new_tokens=request.max_new_tokens, cancel=cancel))
+                                     max_new_tokens=request.max_new_tokens, cancel=cancel,
+                                     constraint=constraint))
         except RuntimeError as exc:  # closed meanwhile
             raise EngineUnavailable("the local engine has shut down") from exc
         finished = False

@@ -14,7 +14,8 @@ Every method runs on the scheduler's thread, in this order (:mod:`..scheduler` h
 ``token``
     A token the scheduler sampled (every row of a step in one call, each with this turn's
     :class:`~..decoding.Sampler`): stream its text (UTF-8-safe, stop strings), time it; False at
-    an end-of-sequence id or a stop string.
+    an end-of-sequence id, a stop string, or once the turn's constraint is complete (its
+    :class:`~..constraints.ConstraintState`, which the runner advanced with this token).
 ``finished``
     Send :class:`~..base.Finished` with this turn's own usage (and the batch size it ran in), then
     return the ids that close the assistant turn the way the chat template writes it, so the next
@@ -35,6 +36,7 @@ from typing import Any, Literal
 
 from ...errors import AgentContextTooLong, ContextTooLong, EngineError
 from ..base import EngineRequest, Finished, PromptTokens, TextChunk, Usage
+from ..constraints import ConstraintState
 from ..detokenize import IncrementalDecoder, StopMatcher
 from ..scheduler import Feed, Outcome
 from .caches import Caches, Layout, Plan
@@ -54,11 +56,13 @@ class Turn:
     def __init__(self, request: EngineRequest, emit: Callable[[object], None], *,
                  caches: Caches, prompts: Prompts, tokenizer: Any, eos_ids: frozenset[int],
                  streaming: bool, context: int, submitted: float,
-                 on_released: Callable[[], None]) -> None:
+                 on_released: Callable[[], None],
+                 constraint: ConstraintState | None = None) -> None:
         self.request, self.emit, self.submitted = request, emit, submitted
         self.caches, self.prompts, self.tokenizer = caches, prompts, tokenizer
         self.eos_ids, self.streaming, self.context = eos_ids, streaming, context
         self._on_released = on_released
+        self.constraint = constraint
         self.state: Conversation | None = None
         self.messages: list[dict[str, str]] = []
         self.prompt_text, self.prompt_ids = "", [0]
@@ -129,8 +133,8 @@ class Turn:
             return False
         self._completion += 1
         self._show(self._stops.push(self._decoder.push(token)))
-        if self._stops.stopped:
-            self._reason = "stop"
+        if self._stops.stopped or (self.constraint is not None and self.constraint.done):
+            self._reason = "stop"  # a complete grammar allows nothing more: no run-on
             return False
         return True
 

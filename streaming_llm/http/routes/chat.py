@@ -34,11 +34,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
+from ...chat.response_format import checked_constraint
 from ...chat.resume import ResumableTurn, ResumableTurns
-from ...chat.tool_calls import ToolUse, check_tools, tool_use
+from ...chat.tool_calls import ToolUse, check_tools, checked_tool_use, tool_use
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
-from ...engines.base import ChatMessage
-from ...errors import ServiceError, ShuttingDown
+from ...engines.base import ChatMessage, Constraint
+from ...errors import InvalidConstraint, InvalidTools, ServiceError, ShuttingDown
 from ...metrics import Metrics
 from ...protocol import (
     Cancel,
@@ -361,10 +362,17 @@ class ChatSocket:
             await self.refuse(request_id)
             return
         try:
-            tools = await _tool_use(self.ws, frame)  # tools (h/tools)
+            constraint = await checked_constraint(
+                frame.response_format, self.runner.manager.engine,
+                max_bytes=self.limits.max_schema_bytes)
+            tools = await _tool_use(self.ws, frame, constraint)  # tools (h/tools)
+        except (InvalidConstraint, InvalidTools) as exc:  # refused before anything was stored
+            await self.error(request_id, exc.code, exc.message, **_field(exc.param))
+            return
+        try:
             spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
                             options=frame.options, conversation_id=frame.conversation_id,
-                            client=self.client, tools=tools,
+                            client=self.client, constraint=constraint, tools=tools,
                             tool_results=tuple(ChatMessage("tool", r.content,
                                                            tool_call_id=r.tool_call_id)
                                                for r in frame.tool_results),
@@ -372,9 +380,9 @@ class ChatSocket:
                                                 for i in range(len(frame.tool_results))))
             await self.runner.run(spec, turn, turn.control)
         except ServiceError as exc:  # refused before anything was stored
-            param = getattr(exc, "param", None)  # the field at fault (tools)
-            await self.error(request_id, exc.code,
-                             f"{param}: {exc.message}" if param else exc.message)
+            # the field at fault: a tool result for an unknown call
+            await self.error(request_id, exc.code, exc.message,
+                             **_field(getattr(exc, "param", None)))
 
     async def refuse(self, request_id: str) -> None:
         exc = ShuttingDown("the server is shutting down; send the turn again once it is back")
@@ -389,12 +397,19 @@ def _head(text: str) -> FrameHead | None:
 
 
 # --- tools (h/tools) -----------------------------------------------------------------------------
-async def _tool_use(ws: WebSocket, frame: Chat) -> ToolUse | None:
-    """The tools a chat frame offers: its own, else its agent's (if it declares any)."""
+def _field(param: str | None) -> dict[str, str]:
+    return {} if param is None else {"field": param}
+
+
+async def _tool_use(ws: WebSocket, frame: Chat, response_format: Constraint | None
+                    ) -> ToolUse | None:
+    """The tools a chat frame offers: its own, else its agent's (if it declares any, and the
+    frame asks for no ``response_format``), checked by the engine."""
     settings = ws.state.services.settings
+    engine = ws.state.services.engine
     if frame.tools is not None:
         given = [msgspec.structs.asdict(t.function) for t in frame.tools]
-    elif frame.tool_choice == "none":
+    elif frame.tool_choice == "none" or response_format is not None:
         return None
     else:
         given = list(await ws.state.services.agents.tools(frame.agent_id))
@@ -402,9 +417,11 @@ async def _tool_use(ws: WebSocket, frame: Chat) -> ToolUse | None:
                         max_bytes=settings.max_tool_schema_bytes)
     choice = frame.tool_choice
     if choice is None or isinstance(choice, str):
-        return tool_use(tools, choice, parallel=frame.parallel_tool_calls)
-    return tool_use(tools, choice.function.name, parallel=frame.parallel_tool_calls,
-                    param="tool_choice.function.name")
+        use = tool_use(tools, choice, parallel=frame.parallel_tool_calls)
+    else:
+        use = tool_use(tools, choice.function.name, parallel=frame.parallel_tool_calls,
+                       param="tool_choice.function.name")
+    return await checked_tool_use(use, engine, response_format=response_format)
 # --- end tools ------------------------------------------------------------------------------------
 
 

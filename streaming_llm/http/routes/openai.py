@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from ...chat.response_format import checked_constraint
 from ...chat.tool_calls import (
     ArgumentsDelta,
     CallStart,
@@ -40,6 +41,7 @@ from ...chat.tool_calls import (
     TextDelta,
     ToolUse,
     check_tools,
+    checked_tool_use,
     parse,
     tool_use,
 )
@@ -221,9 +223,6 @@ def _options(body: ChatCompletionRequest) -> GenerationOptions:
         raise InvalidRequest("only n=1 is supported", param="n")
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported", param="logprobs")
-    if body.response_format not in (None, {"type": "text"}):
-        raise InvalidRequest("only response_format {'type': 'text'} is supported",
-                             param="response_format")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return GenerationOptions(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=stop or None,
@@ -248,11 +247,17 @@ async def chat_completions(request: Request) -> Response:
     messages, options = _messages(body), _options(body)
     tools = _tool_use(request, body)
     conversation_id = _conversation_id(request, body)
+    services = request.state.services
+    # a schema that cannot compile is refused before anything is stored
+    constraint = await checked_constraint(body.response_format, services.engine,
+                                          max_bytes=services.settings.max_schema_bytes)
+    tools = await checked_tool_use(tools, services.engine, response_format=constraint)
     stored = conversation_id is not None
     await check_limits(request, messages, options, stored=stored)
     spec = turn_spec(request, request_id=new_request_id("chatcmpl-"), agent_id=body.model,
                      messages=messages, options=options, conversation_id=conversation_id,
-                     tools=tools, result_param="messages[{}].tool_call_id".format)
+                     constraint=constraint, tools=tools,
+                     result_param="messages[{}].tool_call_id".format)
     try:
         answer, work, first = await start(request, spec, stream=bool(body.stream))
     except ClientDisconnect:  # nobody reads the answer: 499, nginx's "client closed request"
