@@ -192,3 +192,15 @@ def test_tool_errors_name_the_field(oai: openai.OpenAI, kwargs: dict[str, Any], 
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(**request)
     assert info.value.body["param"] == param and info.value.code == code  # type: ignore[index]
+
+
+def test_tools_and_a_response_format_are_refused_together(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(
+            model="echoer", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
+            response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format"  # type: ignore[index]
+    completion = oai.chat.completions.create(  # tool_choice none: the response_format stays
+        model="echoer", messages=[{"role": "user", "content": '{"a": 1}'}], tools=[WEATHER],
+        tool_choice="none", response_format={"type": "json_object"})
+    assert completion.choices[0].message.content == '{"a": 1}'
