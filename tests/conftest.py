@@ -40,12 +40,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("database_url") == "postgresql":
             item.add_marker("postgres")  # BOTH_DATABASES asks for the server indirectly
+    _skip_cuda_tests_without_cuda(items)
     if not config.getoption("--fast"):
         return
     slow = [item for item in items if any(item.get_closest_marker(m) for m in NOT_FAST)]
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item not in set(slow)]
+
+
+def _skip_cuda_tests_without_cuda(items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where torch sees no CUDA device, and only there
+    (scripts/gpu-check.sh runs them on a GPU machine)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch sees no CUDA device "
+                                   f"(torch {torch.__version__}); scripts/gpu-check.sh runs it")
+    for item in marked:
+        item.add_marker(skip)
 
 
 def _refuse_processes() -> None:

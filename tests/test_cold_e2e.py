@@ -6,6 +6,7 @@ rebuilds from its last window and still answers."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ def test_an_evicted_or_restarted_conversation_answers_as_its_twin(
         with connect(server.ws_url) as ws:
             evicted, twin = history(ws), history(ws)
             say(ws, None, "Hello.")  # a third conversation: `evicted` leaves memory
+            written = data / "kv" / "cold-test" / f"{evicted}.kv"
+            deadline = time.monotonic() + 120
+            while not written.is_file() and time.monotonic() < deadline:
+                time.sleep(0.1)  # written off the scheduler's thread; read back once it is there
             _, warm_1, warm_usage = say(ws, twin, QUESTION_1, 24)
             _, cold_1, cold_usage = say(ws, evicted, QUESTION_1, 24)
             assert warm_usage["cache_source"] == "memory" and cold_usage["cache_source"] == "disk"

@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STREAMING_LLM_WINDOW_TOKENS for the spawned server (0: default)")
     parser.add_argument("--quantize", default="", choices=["", "none", "fp16", "int8"],
                         help="STREAMING_LLM_QUANTIZE for the spawned server (default: none)")
+    parser.add_argument("--device", default="", choices=["", "auto", "cpu", "cuda"],
+                        help="STREAMING_LLM_DEVICE for the spawned server (default: auto)")
+    parser.add_argument("--dtype", default="", choices=["", "auto", "float32", "bfloat16",
+                                                        "float16"],
+                        help="STREAMING_LLM_DTYPE for the spawned server (default: auto)")
     parser.add_argument("--compile", action="store_true",
                         help="STREAMING_LLM_COMPILE=true for the spawned server")
     parser.add_argument("--url", help="use this running server (http://host:port) instead")
@@ -293,6 +298,10 @@ def _server_env(args: argparse.Namespace) -> dict[str, str]:
         env["STREAMING_LLM_WINDOW_TOKENS"] = str(args.window_tokens)
     if args.quantize:
         env["STREAMING_LLM_QUANTIZE"] = args.quantize
+    if args.device:
+        env["STREAMING_LLM_DEVICE"] = args.device
+    if args.dtype:
+        env["STREAMING_LLM_DTYPE"] = args.dtype
     if args.compile:
         env["STREAMING_LLM_COMPILE"] = "true"
     if args.threads:

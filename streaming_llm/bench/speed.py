@@ -1,7 +1,9 @@
 """Speed: decode and prefill tokens/s of the engine's decode step, per mode, and llama.cpp.
 
 One model (the default model, or ``--model``: a folder, hub id or ``.gguf`` file, converted as the
-server converts it), loaded in float32 on the CPU. Each mode is a decode step of
+server converts it), loaded in float32 on the CPU (``--device`` and ``--dtype`` choose others:
+``--device cuda --dtype bfloat16`` is what the server runs on a GPU, and
+``scripts/gpu-check.sh`` runs it so). Each mode is a decode step of
 :mod:`streaming_llm.engines.step` over one conversation (bucket 1 of the scheduler's batch):
 
 ``model``
@@ -56,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps per timed block (64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the best counts (3)")
     parser.add_argument("--threads", type=int, default=2, help="torch (and llama.cpp) threads (2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model runs (cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's weights (float32)")
     parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary")
     parser.add_argument("--profile", action="store_true",
                         help="print the operators that take a decode step's time, per mode")
@@ -63,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Any, Path | None]:
-    """The float32 model, and the GGUF file it came from (None for a folder or hub id)."""
+    """The model (``--dtype`` on ``--device``), and the GGUF file it came from (None for a folder
+    or hub id)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,8 +81,8 @@ def _load(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Any, Pa
     source = resolve_source(settings, log)
     gguf = (default_model_file() if not args.model
             else Path(args.model) if args.model.endswith(".gguf") else None)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    return model, gguf
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
+    return model.to(args.device).eval(), gguf
 
 
 def _best(repeats: int, block: Callable[[], float]) -> float:
@@ -95,6 +102,8 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
     from ..engines.sink_cache import SinkCache
 
     vocab = model.config.vocab_size
+    # On CUDA a step returns once its kernels are queued: wait for them before reading the clock.
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     prompt = torch.randint(10, vocab, (max(*CONTEXTS, PREFILL),),
                            generator=torch.Generator().manual_seed(0)).tolist()
     window = max(*CONTEXTS) + (args.repeats + 1) * args.steps + 8
@@ -103,15 +112,19 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
         for context in CONTEXTS:
             cache = SinkCache.from_model(model, 4, window)
             forward_tokens(model, cache, prompt[:context], chunk_size=512)
+            # One batch for every block: its buffers keep their addresses, which a CUDA graph
+            # replays on (a new batch per block would be a new graph's inputs each time).
+            batch = BatchSinkCache(1)
 
-            def block(cache: SinkCache = cache, steps: int = args.steps,
-                      around: Any = None) -> float:
-                batch = BatchSinkCache(1)
+            def block(cache: SinkCache = cache, batch: BatchSinkCache = batch,
+                      steps: int = args.steps, around: Any = None) -> float:
+                batch.clear()
                 batch.join(cache)  # a copy: the cache itself stays at ``context`` tokens
                 with around or contextlib.nullcontext():
                     started = time.perf_counter()
                     for _ in range(steps):
                         step(batch, [5])
+                    sync()
                     return time.perf_counter() - started
 
             block()  # warm-up (and, compiled, the shapes of this context)
@@ -123,8 +136,10 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
 
         def prefill() -> float:
             cache = SinkCache.from_model(model, 4, window)
+            sync()
             started = time.perf_counter()
             forward_tokens(model, cache, prompt[:PREFILL], chunk_size=PREFILL)
+            sync()
             return time.perf_counter() - started
 
         prefill()
@@ -255,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch._inductor.config.cpp.enable_kernel_profile = True
     model, gguf = _load(args, log)
-    figures: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "modes": {}}
+    figures: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "modes": {},
+                               "device": args.device, "dtype": args.dtype}
     for mode in modes:
         log(f"{mode}: measuring")
         subject, step = build_mode(model, mode)

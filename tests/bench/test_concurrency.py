@@ -51,3 +51,13 @@ def test_smoke_run_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture
                                       "joiner_first_token_over_alone"}
     table = bench._table(figures)
     assert "| 3 |" in table and "joiner" in table
+
+
+def test_device_and_dtype_reach_the_spawned_server() -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    env = bench._server_env(parser.parse_args(["--device", "cuda", "--dtype", "bfloat16",
+                                               "--compile"]))
+    assert env["STREAMING_LLM_DEVICE"] == "cuda" and env["STREAMING_LLM_DTYPE"] == "bfloat16"
+    assert env["STREAMING_LLM_COMPILE"] == "true"
+    assert "STREAMING_LLM_DEVICE" not in bench._server_env(parser.parse_args([]))

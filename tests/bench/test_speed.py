@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from streaming_llm.bench import cache as bench_cache
 from streaming_llm.bench import speed as bench
@@ -66,3 +67,28 @@ def test_tiny_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
         assert ops and ("aten::mm" in ops or "aten::addmm" in ops
                         or "quantized::linear_dynamic" in ops)
     assert "| ours, int8 |" in bench._table(figures)
+
+
+def test_dtype_reaches_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dtype`` (and ``--device``, cuda in scripts/gpu-check.sh) choose the measured model."""
+    model_args = argparse.Namespace(hidden=32, intermediate=64, layers=1, heads=2, late=0,
+                                    repeats=0, steps=0, prefill_chunk=0, seed=0)
+    bench_cache.write_bench_model(tmp_path / "model", model_args)
+    seen = []
+    build = bench.build_mode
+
+    def recording(model, mode):  # type: ignore[no-untyped-def]
+        seen.append((next(model.parameters()).dtype, model.device.type))
+        return build(model, mode)
+
+    monkeypatch.setattr(bench, "build_mode", recording)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--modes", "eager",
+                              "--steps", "2", "--repeats", "1", "--threads", "1",
+                              "--dtype", "bfloat16", "--device", "cpu", "--json"])
+    assert bench.run(args) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert seen == [(torch.bfloat16, "cpu")]
+    assert figures["dtype"] == "bfloat16" and figures["modes"]["eager"]["prefill_tokens_per_s"] > 0

@@ -44,10 +44,17 @@ def _llama_config(**overrides: object) -> LlamaConfig:
     return LlamaConfig(**values)
 
 
-def write_llama(path: Path, *, seed: int = 0, **overrides: object) -> Path:
-    """A random Llama whose greedy output depends on the context (no EOS bias)."""
+def write_llama(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str = "cpu", **overrides: object) -> Path:
+    """A random Llama whose greedy output depends on the context (no EOS bias).
+
+    ``device`` is where the weights are drawn (a 1B model draws in seconds on a GPU, not on a
+    CPU); ``dtype`` is the one they are saved in (scripts/gpu_check.py builds model-sized ones).
+    """
     torch.manual_seed(seed)
-    return _save(LlamaForCausalLM(_llama_config(**overrides)).eval(), path)
+    with torch.device(device):
+        model = LlamaForCausalLM(_llama_config(**overrides))
+    return _save(model.to(dtype).eval(), path)
 
 
 def write_chain_model(path: Path, answer: str) -> Path:
