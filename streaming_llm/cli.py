@@ -16,7 +16,7 @@ from .settings import Settings, SettingsError
 log = logging.getLogger("streaming_llm")
 
 BENCHMARKS = ("cache", "cold", "ollama", "load", "quality", "sampling", "concurrency", "speed",
-              "structured")
+              "rooms", "structured")
 BENCH_FROM_SOURCES = ("streaming-llm: the benchmarks run from a source checkout, not an installed "
                       "wheel: git clone the project, `make install`, then "
                       "`.venv/bin/streaming-llm bench <name>`")

@@ -28,16 +28,21 @@ class ToolResult(msgspec.Struct, forbid_unknown_fields=True):
     content: str
 
 
-class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True):
-    """A turn. ``message`` may be "" only when ``tool_results`` carries results (they are stored
-    before it, and the agent continues). ``tools`` / ``tool_choice`` have OpenAI's shapes; without
-    ``tools`` the agent's own tools are offered, if it declares any."""
+class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True, kw_only=True):
+    """A message, and who answers it: ``agent_id``; or in a room (a conversation of several
+    agents) ``agent_ids`` — each answers in turn, seeing the answers before its own — or, with
+    neither, the participants the message ``@mentions``. A frame without ``conversation_id``
+    starts a conversation of ``agent_id``, or a room of ``agent_ids``. ``message`` may be "" only
+    when ``tool_results`` carries results (they are stored before it, and the agent continues).
+    ``tools`` / ``tool_choice`` have OpenAI's shapes; without ``tools`` a single speaker's own
+    tools are offered, if it declares any."""
 
-    agent_id: AgentId
+    agent_id: AgentId | None = None
     message: str
     conversation_id: Id | None = None
     request_id: Id | None = None
     options: GenerationOptions = GenerationOptions()
+    agent_ids: Annotated[list[AgentId], Meta(min_length=1, max_length=16)] | None = None
     # OpenAI's shape, {"type": "json_object"} / {"type": "json_schema", "json_schema": {...}}:
     # checked by streaming_llm.chat.response_format (an error frame names the field)
     response_format: dict[str, Any] | None = None
@@ -45,6 +50,11 @@ class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     tool_results: list[ToolResult] = []
+
+    def __post_init__(self) -> None:
+        # msgspec reports this as a ValidationError: the socket's invalid_frame.
+        if self.conversation_id is None and self.agent_id is None and not self.agent_ids:
+            raise ValueError("a chat frame without conversation_id needs agent_id (or agent_ids)")
 
 
 class Cancel(msgspec.Struct, tag="cancel", forbid_unknown_fields=True):
@@ -75,6 +85,7 @@ class Start(msgspec.Struct, tag="start"):
     conversation_id: str
     turn_id: str  # the stored user turn (same as user_turn_id)
     user_turn_id: str = ""  # filled from turn_id when not given
+    agent_ids: list[str] = []  # who will answer, in order (several: a round in a room)
 
     def __post_init__(self) -> None:
         if not self.user_turn_id:
@@ -89,6 +100,7 @@ class Token(msgspec.Struct, tag="token", omit_defaults=True):
     token: str
     seq: int  # 0, 1, 2, ... within the turn: the first piece's
     count: int = 1  # pieces in this frame: the next frame's seq is seq + count
+    agent_id: str | None = None  # in a room: whose answer this is (left out otherwise)
 
 
 class Done(msgspec.Struct, tag="done", omit_defaults=True):
@@ -104,6 +116,7 @@ class Done(msgspec.Struct, tag="done", omit_defaults=True):
     usage: Usage
     answer_turn_id: str = ""  # filled from turn_id when not given
     tool_calls: list[ToolCall] = []
+    agent_id: str = ""  # who answered; a round sends one done per answer
 
     def __post_init__(self) -> None:
         if not self.answer_turn_id:
@@ -119,6 +132,7 @@ class Error(msgspec.Struct, tag="error", omit_defaults=True):
     conversation_id: str | None = None
     turn_id: str | None = None
     answer_turn_id: str | None = None
+    agent_id: str | None = None  # set for a failed answer: whose it was
     field: str | None = None  # the frame's field at fault, e.g. "response_format"
 
     def __post_init__(self) -> None:

@@ -18,12 +18,14 @@ from streaming_llm.client import (
     Tool,
     ToolCall,
     conversation_url,
+    create_room,
     delete_agent,
     get_agent,
     list_agents,
     socket_url,
     stream_chat,
     update_agent,
+    update_room,
 )
 from streaming_llm.protocol import Done, Start, Token
 
@@ -241,3 +243,33 @@ def test_conversation_url_keeps_the_query() -> None:
     assert conversation_url("ws://h/ws/chat", "c_1") == "ws://h/ws/chat?conversation_id=c_1"
     assert (conversation_url("ws://h/ws/chat?token=k&conversation_id=old", "c 2")
             == "ws://h/ws/chat?token=k&conversation_id=c+2")
+
+
+async def test_a_room_answers_one_agent_or_a_round(server: ServerProcess) -> None:
+    url = server.base_url
+    for agent_id in ("coder", "reviewer"):
+        await update_agent(Agent(id=agent_id, name=agent_id.title()), url)
+    room = await create_room(["coder", "reviewer"], url, title="Fix")
+    assert room.agent_ids == ["coder", "reviewer"] and room.title == "Fix"
+    events: list[ChatEvent] = []
+    async with stream_chat(url, "", conversation_id=room.id, on_event=events.append) as chat:
+        one = await chat.send_message("hello coder", agent_id="coder")
+        assert (one.agent_id, one.text) == ("coder", "hello coder")
+        # The echo engine repeats the last message it sees: the reviewer sees the coder's answer.
+        first, second = await chat.send_round("check it", ["coder", "reviewer"])
+        assert (first.agent_id, first.text) == ("coder", "check it")
+        assert (second.agent_id, second.text) == ("reviewer", "[Coder]: check it")
+        mentioned = await chat.send_message("@reviewer again?")
+        assert mentioned.agent_id == "reviewer"
+        with pytest.raises(ChatError) as info:
+            await chat.send_message("hi", agent_id="echoer")
+        assert info.value.code == "agent_not_in_conversation"
+    round_tokens = [e for e in events if isinstance(e, Token) and e.request_id == first.request_id]
+    assert {e.agent_id for e in round_tokens} == {"coder", "reviewer"}
+    assert [e.agent_id for e in events if isinstance(e, Done)] == [
+        "coder", "coder", "reviewer", "reviewer"]
+    changed = await update_room(room.id, url, agent_ids=["reviewer"])
+    assert changed.agent_ids == ["reviewer"]
+    with pytest.raises(ApiError) as failed:
+        await create_room(["coder", "nobody"], url)
+    assert (failed.value.status, failed.value.code) == (404, "agent_not_found")

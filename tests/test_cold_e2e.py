@@ -14,7 +14,7 @@ import pytest
 from websockets.sync.client import connect
 
 from .server import http, start_server
-from .test_local_e2e import FACTS, FILLER, read_turn
+from .test_local_e2e import FACTS, FILLER, ask
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,13 +32,7 @@ def env(models_dir: Path) -> dict[str, str]:
 
 def say(ws: Any, conversation: str | None, message: str, max_new_tokens: int = 1,
         ) -> tuple[str, str, dict[str, Any]]:
-    frame: dict[str, Any] = {"agent_id": "bluefin", "message": message,
-                             "options": {"temperature": 0, "max_new_tokens": max_new_tokens}}
-    if conversation:
-        frame["conversation_id"] = conversation
-    conv, tokens, done = read_turn(ws, timeout=600, **frame)
-    assert done["type"] == "done", done
-    return conv, "".join(tokens), done["usage"]
+    return ask(ws, conversation, message, max_new_tokens)
 
 
 def history(ws: Any) -> str:

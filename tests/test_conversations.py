@@ -36,11 +36,14 @@ def test_list_filter_get_delete(client: TestClient, scripted: ScriptedEngine) ->
     assert [c["id"] for c in client.get("/conversations?limit=1&offset=1").json()] == [c3]
 
     conv = client.get(f"/conversations/{c1}").json()
-    assert set(conv) == {"id", "agent_id", "title", "created_at", "updated_at", "turns"}
+    assert set(conv) == {"id", "agent_id", "agent_ids", "title", "created_at", "updated_at",
+                         "turns"}
+    assert conv["agent_ids"] == ["a"]
     assert [(t["seq"], t["role"]) for t in conv["turns"]] == [
         (0, "user"), (1, "assistant"), (2, "user"), (3, "assistant")]
     assert set(conv["turns"][1]) == {"id", "seq", "role", "content", "finish_reason", "usage",
-                                     "created_at"}
+                                     "created_at", "agent_id"}
+    assert [t["agent_id"] for t in conv["turns"]] == [None, "a", None, "a"]
     assert conv["turns"][0]["usage"] is None and conv["turns"][1]["finish_reason"] == "stop"
 
     assert client.delete(f"/conversations/{c1}").status_code == 204

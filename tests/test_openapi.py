@@ -133,6 +133,15 @@ def test_live_responses_match_the_document(tmp_path: Path) -> None:
         c.check("PATCH", "/conversations/{conversation_id}",
                 http.patch("/conversations/conv_none", json={"title": "x"}))
         c.check("GET", "/conversations", http.get("/conversations?q=renamed"))
+        room = c.check("POST", "/conversations",
+                       http.post("/conversations", json={"agent_ids": ["echoer"], "title": "R"}))
+        assert room["agent_ids"] == ["echoer"]
+        c.check("POST", "/conversations", http.post("/conversations", json={"agent_ids": []}))
+        c.check("POST", "/conversations",
+                http.post("/conversations", json={"agent_ids": ["echoer", "echoer"]}))
+        c.check("POST", "/conversations", http.post("/conversations", json={"agent_ids": ["no"]}))
+        c.check("PATCH", "/conversations/{conversation_id}",
+                http.patch(f"/conversations/{room['id']}", json={"agent_ids": ["nobody"]}))
         c.check("DELETE", "/conversations/{conversation_id}/turns",
                 http.delete(one + "/turns?from_seq=1"))
         c.check("DELETE", "/conversations/{conversation_id}/turns",

@@ -51,7 +51,7 @@ def test_upgrade_creates_schema_and_downgrade_removes_it(tmp_path: Path, databas
                                    "finish_reason"]
     assert {"prompt_tokens", "completion_tokens", "usage", "created_at", "tool_calls",
             "tool_call_id"} <= set(tables["turns"])
-    assert fetch(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0003"}]
+    assert fetch(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0004"}]
     upgrade_to_head(url)  # idempotent
     with alembic_config(url) as cfg:
         command.downgrade(cfg, "base")

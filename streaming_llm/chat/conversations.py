@@ -29,13 +29,21 @@ from ..engines.base import (
     TextChunk,
     ToolCall,
 )
-from ..errors import AgentNotFound, BadRequest, Conflict, ConversationNotFound, EngineError
+from ..errors import (
+    AgentNotFound,
+    BadRequest,
+    ConversationNotFound,
+    EngineError,
+    ValidationFailed,
+)
 from ..ids import check_conversation_id
 from ..metrics import Metrics
+from ..protocol import AgentId
 from ..storage import queries
 from ..storage.database import Database
 from ..storage.models import ConversationRow, TurnRow
 from ..wire import FinishReason, GenerationOptions, Usage
+from . import rooms
 from .admission import ConversationLocks
 from .tool_calls import ToolUse, calls_from_json, calls_json, check_results, parse
 
@@ -56,20 +64,40 @@ class TurnView(msgspec.Struct, omit_defaults=True):
     created_at: str
     tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn: the call it answers
+    agent_id: str | None = None  # who spoke an assistant turn; None for the user's
 
 
 class ConversationSummary(msgspec.Struct):
     id: str
-    agent_id: str
+    agent_id: str  # the first participant
     title: str
     created_at: str
     updated_at: str
+    agent_ids: list[str] = []  # the participants in order: one, or several in a room
+
+
+#: A room's participants: 1 to 16 distinct agents, in order.
+AgentIds = Annotated[list[AgentId], Meta(min_length=1, max_length=rooms.MAX_PARTICIPANTS,
+                                         extra_json_schema={"uniqueItems": True})]
+
+
+class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /conversations``: a room of ``agent_ids`` (one agent: a plain conversation)."""
+
+    agent_ids: AgentIds
+    title: Annotated[str, Meta(max_length=200)] = ""
 
 
 class ConversationPatch(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of ``PATCH /conversations/{id}``: what may change about a conversation."""
+    """Body of ``PATCH /conversations/{id}``: what may change about a conversation — its title,
+    its participants (the new list, in order: agents added, dropped, reordered)."""
 
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    agent_ids: AgentIds | msgspec.UnsetType = msgspec.UNSET
+
+
+#: The body ``PATCH`` takes, as the OpenAPI document describes it: at least one field.
+ConversationPatchBody = Annotated[ConversationPatch, Meta(extra_json_schema={"minProperties": 1})]
 
 
 class ConversationView(msgspec.Struct):
@@ -79,22 +107,24 @@ class ConversationView(msgspec.Struct):
     created_at: str
     updated_at: str
     turns: list[TurnView]
+    agent_ids: list[str] = []
 
 
 def _turn_view(row: TurnRow) -> TurnView:
     usage = msgspec.json.decode(row.usage) if row.usage else None
     return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at,
-                    list(calls_from_json(row.tool_calls)) or None, row.tool_call_id)
+                    list(calls_from_json(row.tool_calls)) or None, row.tool_call_id, row.agent_id)
 
 
-def _message(row: TurnRow) -> ChatMessage:
-    """A stored turn as the engine reads it again."""
-    return ChatMessage(row.role, row.content, calls_from_json(row.tool_calls),  # type: ignore[arg-type]
-                       row.tool_call_id)
+def _said(row: TurnRow) -> rooms.Said:
+    """A stored turn as the transcript shows it, with its tool calls or call id."""
+    return rooms.Said(row.role, row.agent_id, row.content, calls_from_json(row.tool_calls),
+                      row.tool_call_id)
 
 
-def _summary(row: ConversationRow) -> ConversationSummary:
-    return ConversationSummary(row.id, row.agent_id, row.title, row.created_at, row.updated_at)
+def _summary(row: ConversationRow, agent_ids: list[str]) -> ConversationSummary:
+    return ConversationSummary(row.id, row.agent_id, row.title, row.created_at, row.updated_at,
+                               agent_ids or [row.agent_id])
 
 
 def system_message(system_prompt: str, markdown_context: str) -> str:
@@ -130,6 +160,9 @@ class TurnInProgress:
     prompt_tokens: int = 0  # from the engine's PromptTokens, for an answer cut short
     tools: ToolUse | None = None  # tools offered: the answer's calls are read out of its text
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made, once it ended
+    agent_id: str = ""  # who answers (stored with the answer)
+    speakers: list[str] = field(default_factory=list)  # the chat frame's, in order (rooms)
+    room: bool = False  # the conversation has several agents
 
     def answer(self) -> str:
         """The answer's text, its calls read out into :attr:`tool_calls`."""
@@ -177,20 +210,62 @@ class ConversationManager:
     # REST ---------------------------------------------------------------------------------------
     async def list(self, *, agent_id: str | None, limit: int, offset: int,
                    search: str | None = None) -> list[ConversationSummary]:
-        rows = await self.db.read(lambda session: queries.list_conversations(
-            session, agent_id=agent_id, limit=limit, offset=offset, search=search))
-        return [_summary(r) for r in rows]
+        def load(session: Session) -> list[ConversationSummary]:
+            rows = queries.list_conversations(session, agent_id=agent_id, limit=limit,
+                                              offset=offset, search=search)
+            agents = queries.participants_of(session, [r.id for r in rows])
+            return [_summary(r, agents[r.id]) for r in rows]
+
+        return await self.db.read(load)
 
     async def rename(self, conversation_id: str, title: str) -> ConversationSummary:
-        check_conversation_id(conversation_id)
+        return await self.update(conversation_id, ConversationPatch(title=title))
+
+    # rooms --------------------------------------------------------------------------------------
+    async def create(self, body: ConversationCreate) -> ConversationSummary:
+        """A new conversation of ``body.agent_ids``: a room when several (see :mod:`.rooms`)."""
+        agent_ids = rooms.check_participants(body.agent_ids)
 
         def store(session: Session) -> ConversationSummary:
-            row = queries.rename_conversation(session, conversation_id, title)
-            if row is None:
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return _summary(row)
+            _check_agents_exist(session, agent_ids)
+            conversation_id = queries.create_conversation(session, agent_ids[0], body.title,
+                                                          agent_ids=agent_ids)
+            row = queries.get_conversation(session, conversation_id)
+            assert row is not None
+            return _summary(row, agent_ids)
 
         return await self.db.write(store)
+
+    async def update(self, conversation_id: str, patch: ConversationPatch) -> ConversationSummary:
+        """Rename and/or set the participants. A new list of participants makes the engine
+        forget the conversation's caches (each agent's prompt in a room differs from its prompt
+        alone); a participant removed keeps its past turns, shown to the others by its name."""
+        check_conversation_id(conversation_id)
+        title = None if isinstance(patch.title, msgspec.UnsetType) else patch.title
+        asked = None if isinstance(patch.agent_ids, msgspec.UnsetType) else patch.agent_ids
+        if title is None and asked is None:
+            raise ValidationFailed("nothing to change: send title and/or agent_ids")
+        agent_ids = None if asked is None else rooms.check_participants(asked)
+
+        def store(session: Session) -> tuple[ConversationSummary, list[str]]:
+            if not queries.touch_conversation(session, conversation_id):  # locks its row
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            before = queries.list_participants(session, conversation_id)
+            if agent_ids is not None and agent_ids != before:
+                _check_agents_exist(session, [a for a in agent_ids if a not in before])
+                queries.set_participants(session, conversation_id, agent_ids)
+            if title is not None:
+                queries.rename_conversation(session, conversation_id, title)
+            row = queries.get_conversation(session, conversation_id)
+            assert row is not None
+            session.refresh(row)
+            return _summary(row, agent_ids or before), before
+
+        summary, before = await self.db.write(store)
+        if agent_ids is not None and agent_ids != before:
+            for key in rooms.cache_keys(conversation_id, {*before, *agent_ids}):
+                self.engine.forget(key)
+        return summary
 
     async def truncate(self, conversation_id: str, from_seq: int) -> None:
         """Delete the turns from the user turn ``from_seq`` on: what "edit and resend" and
@@ -217,64 +292,104 @@ class ConversationManager:
     async def get(self, conversation_id: str) -> ConversationView:
         check_conversation_id(conversation_id)
 
-        def load(session: Session) -> tuple[ConversationRow, list[TurnRow]]:
+        def load(session: Session) -> tuple[ConversationRow, list[TurnRow], list[str]]:
             row = queries.get_conversation(session, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return row, queries.list_turns(session, conversation_id)
+            return (row, queries.list_turns(session, conversation_id),
+                    queries.list_participants(session, conversation_id))
 
-        row, turns = await self.db.read(load)
+        row, turns, agent_ids = await self.db.read(load)
         return ConversationView(row.id, row.agent_id, row.title, row.created_at, row.updated_at,
-                                [_turn_view(t) for t in turns])
+                                [_turn_view(t) for t in turns], agent_ids or [row.agent_id])
 
     async def delete(self, conversation_id: str) -> None:
         check_conversation_id(conversation_id)
-        if not await self.db.write(lambda session: queries.delete_conversation(session,
-                                                                                conversation_id)):
+
+        def store(session: Session) -> list[str] | None:
+            participants = queries.list_participants(session, conversation_id)
+            return participants if queries.delete_conversation(session, conversation_id) else None
+
+        participants = await self.db.write(store)
+        if participants is None:
             raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-        self.engine.forget(conversation_id)
+        # Every participant's cache in a room; the conversation's own key otherwise.
+        for key in ([conversation_id] if not rooms.is_room(participants)
+                    else rooms.cache_keys(conversation_id, participants)[1:]):
+            self.engine.forget(key)
         if self.transcripts is not None:
             await self.transcripts.remove(conversation_id)
 
     # chat ---------------------------------------------------------------------------------------
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions,
+                    agent_ids: Sequence[str] = (), follow_up: bool = False,
                     constraint: Constraint | None = None, tools: ToolUse | None = None,
                     tool_results: Sequence[ChatMessage] = (),
                     result_params: Sequence[str] = ()) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message).
 
+        ``agent_id`` ("" for none) or ``agent_ids`` (a round) name who answers; in a room an
+        ``@mention`` may (see :mod:`.rooms`), and the turn answers as the first of them.
+        ``follow_up``: the answer of ``agent_id``, the next speaker of a round whose user turn
+        is stored already; nothing is stored before its answer.
+
         ``tool_results`` (role ``tool``) are stored before the user turn and must answer calls
         of the last stored answer; ``message`` may then be "" (no user turn). ``tools``' own
-        constraint replaces ``constraint``."""
+        constraint replaces ``constraint``.
+        """
         started = time.perf_counter()
         if conversation_id is not None:
             check_conversation_id(conversation_id)
 
-        def load(session: Session) -> tuple[tuple[str, str], list[ChatMessage]]:
+        def load(session: Session) -> _Plan:
             # A read: on SQLite the history may be long, and the writer must not wait for it.
-            agent = queries.get_agent(session, agent_id)
-            if agent is None:
-                raise AgentNotFound(f"agent {agent_id!r} not found")
-            prompt = (agent.system_prompt, agent.markdown_context)
+            named = list(agent_ids) if agent_ids else [agent_id] if agent_id else []
+            for named_id in named:  # an unknown agent is that, whatever the conversation
+                if queries.get_agent(session, named_id) is None:
+                    raise AgentNotFound(f"agent {named_id!r} not found")
+            transcript: list[rooms.Said] = []
             if conversation_id is None:
-                return prompt, []
-            conversation = queries.get_conversation(session, conversation_id)
-            if conversation is None:
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            if conversation.agent_id != agent_id:
-                raise Conflict(
-                    f"conversation {conversation_id!r} belongs to agent {conversation.agent_id!r}, "
-                    f"not {agent_id!r}", code="conversation_agent_mismatch")
-            return prompt, [_message(t) for t in queries.list_turns(session, conversation_id)]
+                if not named:
+                    raise rooms.NoSpeaker("name agent_id or agent_ids to start a conversation")
+                participants = speakers = rooms.check_participants(named)
+            else:
+                conversation = queries.get_conversation(session, conversation_id)
+                if conversation is None:
+                    raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+                participants = (queries.list_participants(session, conversation_id)
+                                or [conversation.agent_id])
+                speakers = rooms.pick_speakers(participants, conversation_id=conversation_id,
+                                               agent_id=agent_id, agent_ids=agent_ids,
+                                               message=message)
+                transcript = [_said(t) for t in queries.list_turns(session, conversation_id)]
+            speaker = queries.get_agent(session, speakers[0])
+            if speaker is None:  # an @mentioned participant deleted since
+                raise AgentNotFound(f"agent {speakers[0]!r} not found")
+            names = {speaker.id: speaker.name}
+            for other in {s.agent_id for s in transcript if s.agent_id} - names.keys():
+                if (row := queries.get_agent(session, other)) is not None:
+                    names[other] = row.name
+            return _Plan(participants, speakers, system_message(speaker.system_prompt,
+                                                                speaker.markdown_context),
+                         names, transcript)
 
         def store(session: Session) -> tuple[str, str]:  # the writer queue, one transaction
             if conversation_id is None:
-                conversation = queries.create_conversation(session, agent_id, _title(message))
+                conversation = queries.create_conversation(
+                    session, plan.speakers[0], _title(message), agent_ids=plan.participants)
             elif queries.touch_conversation(session, conversation_id):
                 conversation = conversation_id
+                # The participants may have changed since the read (a PATCH): check again, in
+                # the transaction that stores, so a speaker removed meanwhile stores nothing.
+                now = queries.list_participants(session, conversation) or plan.participants
+                for speaker in plan.speakers:
+                    rooms.check_speaker(now, conversation, speaker)
             else:  # deleted since it was read
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+            if follow_up:
+                return conversation, ""
+            history = plan.transcript
             if history and history[-1].role in ("user", "tool"):
                 # The last answer was never stored (the disk filled, the process died): mark it
                 # failed, so user and assistant turns keep alternating.
@@ -290,28 +405,30 @@ class ConversationManager:
                                               content=message, request_id=request_id)
             return conversation, turn_id
 
-        (system_prompt, context), history = await self.db.read(load)
-        check_results(history, tool_results, params=result_params)
-        if (refused := self.engine.refusal(system_message(system_prompt, context))) is not None:
+        plan = await self.db.read(load)
+        check_results([ChatMessage(s.role, s.content, s.tool_calls, s.tool_call_id)  # type: ignore[arg-type]
+                       for s in plan.transcript], tool_results, params=result_params)
+        if (refused := self.engine.refusal(plan.system)) is not None:
             raise refused  # e.g. the model failed to load: store no turn that cannot run
         stored_in, user_turn_id = await self.db.write(store)
 
-        messages = []
-        system = system_message(system_prompt, context)
-        if system:
-            messages.append(ChatMessage("system", system))
-        messages.extend(m for m in history if m.role in ("user", "assistant", "tool"))
-        messages.extend(tool_results)
-        if message or not tool_results:
-            messages.append(ChatMessage("user", message))
+        speaker = plan.speakers[0]
+        said = list(plan.transcript)
+        if not follow_up:
+            said += [rooms.Said("tool", None, r.content, (), r.tool_call_id) for r in tool_results]
+            if message or not tool_results:
+                said.append(rooms.Said("user", None, message))
+        messages = rooms.speaker_messages(speaker, plan.system, said, plan.names)
         request = EngineRequest(
-            request_id=request_id, conversation_id=stored_in, messages=messages,
-            options=options,
+            request_id=request_id,
+            conversation_id=rooms.cache_key(stored_in, speaker, plan.participants),
+            messages=messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
             constraint=tools.constraint if tools is not None else constraint,
         )
         return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started,
-                              tools=tools)
+                              tools=tools, agent_id=speaker, speakers=plan.speakers,
+                              room=rooms.is_room(plan.participants))
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
                              options: GenerationOptions, constraint: Constraint | None = None,
@@ -373,7 +490,7 @@ class ConversationManager:
         self.metrics.turn_ended(reason, usage)
         content = turn.answer()
         fields = {"role": "assistant", "content": content, "finish_reason": reason,
-                  "tool_calls": calls_json(turn.tool_calls),
+                  "tool_calls": calls_json(turn.tool_calls), "agent_id": turn.agent_id or None,
                   "prompt_tokens": usage.prompt_tokens,
                   "completion_tokens": usage.completion_tokens,
                   "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
@@ -394,6 +511,24 @@ class ConversationManager:
         self.metrics.turn_ended(reason, usage)
         turn.answer()  # its calls, for the route
         self.engine.forget(turn.conversation_id)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :meth:`ConversationManager.begin` read: who takes part, who answers (the first of
+    ``speakers``) with its system message, the names of the transcript's speakers."""
+
+    participants: list[str]
+    speakers: list[str]
+    system: str
+    names: dict[str, str]
+    transcript: list[rooms.Said]
+
+
+def _check_agents_exist(session: Session, agent_ids: Sequence[str]) -> None:
+    for agent_id in agent_ids:
+        if queries.get_agent(session, agent_id) is None:
+            raise AgentNotFound(f"agent {agent_id!r} not found")
 
 
 def _title(message: str) -> str:

@@ -56,6 +56,7 @@ class ExportedTurn(msgspec.Struct):
     created_at: str
     tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn: the call it answers
+    agent_id: str | None = None  # who spoke an answer (rooms); None for the user's turns
 
 
 class ConversationExport(msgspec.Struct):
@@ -70,6 +71,8 @@ class ConversationExport(msgspec.Struct):
     turns: list[ExportedTurn]
     exported_at: str
     format_version: int = 1
+    agent_ids: list[str] = []  # the participants: one, or several in a room
+    agent_names: dict[str, str] = {}  # participants' and speakers' names now (deleted: absent)
 
 
 def check_format(value: str) -> Format:
@@ -86,14 +89,21 @@ class Exporter:
     async def load(self, conversation_id: str) -> ConversationExport:
         check_conversation_id(conversation_id)
 
-        def load(session: Session) -> tuple[ConversationRow, AgentRow | None, list[TurnRow]]:
+        def load(session: Session) -> tuple[ConversationRow, AgentRow | None, list[TurnRow],
+                                            list[str], dict[str, str]]:
             row = queries.get_conversation(session, conversation_id)
             if row is None:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            return (row, queries.get_agent(session, row.agent_id),
-                    queries.list_turns(session, conversation_id))
+            turns = queries.list_turns(session, conversation_id)
+            participants = queries.list_participants(session, conversation_id) or [row.agent_id]
+            names = {}
+            for agent_id in dict.fromkeys([*participants, *(t.agent_id for t in turns
+                                                             if t.agent_id)]):
+                if (found := queries.get_agent(session, agent_id)) is not None:
+                    names[agent_id] = found.name
+            return (row, queries.get_agent(session, row.agent_id), turns, participants, names)
 
-        row, agent, turns = await self.db.read(load)
+        row, agent, turns, participants, names = await self.db.read(load)
         exported = [_turn(t) for t in turns]
         if exported and exported[-1].role == "user":
             # Its answer is still streaming: the request id would let a reader resume the live
@@ -102,7 +112,7 @@ class Exporter:
         return ConversationExport(
             id=row.id, agent_id=row.agent_id, title=row.title, created_at=row.created_at,
             updated_at=row.updated_at, agent=None if agent is None else agent_of(agent),
-            turns=exported, exported_at=utcnow())
+            turns=exported, exported_at=utcnow(), agent_ids=participants, agent_names=names)
 
     async def conversation_ids(self) -> list[str]:
         """Every conversation, most recently active first."""
@@ -122,7 +132,7 @@ def _turn(row: TurnRow) -> ExportedTurn:
     return ExportedTurn(row.id, row.seq, row.role, row.content, row.finish_reason,
                         row.prompt_tokens, row.completion_tokens, usage, row.request_id,
                         row.created_at, list(calls_from_json(row.tool_calls)) or None,
-                        row.tool_call_id)
+                        row.tool_call_id, row.agent_id)
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -136,17 +146,30 @@ def render_markdown(export: ConversationExport) -> str:
     agent_name = _one_line(export.agent.name) if export.agent else export.agent_id
     agent = (f"{agent_name} (`{export.agent_id}`)" if export.agent
              else f"`{export.agent_id}` (deleted)")
+    room = len(export.agent_ids) > 1
+
+    def named(agent_id: str) -> str:
+        name = export.agent_names.get(agent_id)
+        return _one_line(name) if name is not None else agent_id
+
+    def listed(agent_id: str) -> str:
+        return (f"{named(agent_id)} (`{agent_id}`)" if agent_id in export.agent_names
+                else f"`{agent_id}` (deleted)")
+
     lines = [
         f"# {_one_line(export.title) or 'Conversation'}",
         "",
         f"- Conversation: `{export.id}`",
-        f"- Agent: {agent}",
+        f"- Agents: {', '.join(listed(a) for a in export.agent_ids)}" if room
+        else f"- Agent: {agent}",
         f"- Started: {_time(export.created_at)}",
         f"- Last activity: {_time(export.updated_at)}",
         f"- Turns: {len(export.turns)}",
     ]
     for turn in export.turns:
-        speaker = {"user": "User", "tool": "Tool result"}.get(turn.role, agent_name)
+        speaker = ("User" if turn.role == "user" else "Tool result" if turn.role == "tool"
+                   else named(turn.agent_id) if turn.agent_id not in (None, export.agent_id)
+                   else agent_name)
         lines += ["", "---", "", f"### {speaker} · {_time(turn.created_at)}", ""]
         if turn.tool_call_id is not None:
             lines += [f"For call `{turn.tool_call_id}`:", ""]

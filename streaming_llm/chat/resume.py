@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, overload
 
 import msgspec
 
@@ -47,6 +47,38 @@ class Listener(Protocol):
         """Send one frame; raise :class:`~.turns.ClientGone` when it cannot go out."""
 
 
+class RoundPieces(Sequence[str]):
+    """A round's answers as one run of pieces, so that ``seq`` runs on across the round (see
+    :mod:`.rounds`). Each answer's list is the runner's own, not a copy: the last one grows as
+    it is generated."""
+
+    def __init__(self, answers: list[Sequence[str]]) -> None:
+        self.answers = answers
+
+    def __len__(self) -> int:
+        return sum(map(len, self.answers))
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, int):
+            found = self[index:index + 1] if index >= 0 else self[len(self) + index:][:1]
+            if not found:
+                raise IndexError(index)
+            return found[0]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("a round's pieces are read in runs")
+        out: list[str] = []
+        for answer in self.answers:
+            if start < len(answer) and stop > 0:
+                out.extend(answer[max(start, 0):stop])
+            start, stop = start - len(answer), stop - len(answer)
+        return out
+
+
 @dataclass(eq=False)
 class ResumableTurn:
     """One started turn of the chat socket: what was streamed, how it ended, where it goes now,
@@ -57,13 +89,15 @@ class ResumableTurn:
     cancel: Callable[[], None]  # the turn's soft cancel (TurnControl.cancel)
     registry: ResumableTurns
     origin: Listener | None = None  # the socket it was started on
-    pieces: list[str] = field(default_factory=list)  # the runner's answer (shared, not copied)
+    # The runner's answer (shared, not copied); a round's answers, one after the other.
+    pieces: Sequence[str] = field(default_factory=list)
     may_detach: Callable[[], bool] = lambda: False  # may a gone listener leave it generating?
     delivered: int = 0  # pieces handed to the listener (the live writer's cursor)
     final: msgspec.Struct | None = None  # done / error, once the turn ended
     listener: Listener | None = None
     expired: bool = False  # cancelled because nobody resumed it in time
     lost: ClientGone | None = None  # the live writer could not write and may not detach
+    agent_id: str | None = None  # in a room: whose answer the live pieces are (on each token)
     _timer: asyncio.TimerHandle | None = None
     _attach: int = 0  # bumped by every resume: an older replay stops
     _sender: asyncio.Task[None] | None = None  # writes the pieces (see :meth:`wake`)
@@ -157,7 +191,8 @@ class ResumableTurn:
                 self.delivered = first + len(batch)
                 text = batch[0] if len(batch) == 1 else "".join(batch)
                 try:
-                    await listener.send(Token(self.request_id, text, first, len(batch)))
+                    await listener.send(Token(self.request_id, text, first, len(batch),
+                                              self.agent_id))
                 except ClientGone as exc:
                     if not self.may_detach():
                         self.lost = exc
@@ -174,6 +209,18 @@ class ResumableTurn:
             self._drained.clear()
             self._wake.set()
             await self._drained.wait()
+
+    async def answered(self, frame: msgspec.Struct) -> None:
+        """A round's answer ended and another follows: its ``done``, after its pieces. (Not kept
+        for a resume: a resume replays the pieces and the round's final ending.)"""
+        await self._flush()
+        await self.send(frame)
+
+    def next_answer(self, pieces: Sequence[str], agent_id: str | None) -> None:
+        """A round's next answer: its pieces (the runner's) follow the earlier answers'."""
+        earlier = self.pieces.answers if isinstance(self.pieces, RoundPieces) else [self.pieces]
+        self.pieces = RoundPieces([*earlier, pieces])
+        self.agent_id = agent_id
 
     def stop(self) -> None:
         """The turn's task is over: no more pieces to write."""
@@ -270,10 +317,13 @@ class ResumableTurns:
         return self.grace_s > 0
 
     def keep(self, request_id: str, owner: str, cancel: Callable[[], None], origin: Listener,
-             pieces: list[str], may_detach: Callable[[], bool]) -> ResumableTurn:
+             pieces: list[str], may_detach: Callable[[], bool],
+             agent_id: str | None = None) -> ResumableTurn:
         """Keep a turn started on ``origin`` (a later one with the same owner and id replaces
-        it), attached to it; ``pieces`` is the runner's answer, appended to as it grows."""
-        turn = ResumableTurn(request_id, owner, cancel, self, origin, pieces, may_detach)
+        it), attached to it; ``pieces`` is the runner's answer, appended to as it grows;
+        ``agent_id`` (in a room) names the speaker on its tokens."""
+        turn = ResumableTurn(request_id, owner, cancel, self, origin, pieces, may_detach,
+                             agent_id=agent_id)
         if self.enabled:
             self._turns[owner, request_id] = turn
         turn.attach(origin)

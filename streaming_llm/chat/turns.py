@@ -79,6 +79,12 @@ class TurnSpec:
     conversation_id: str | None = None
     client: str = ""  # the client's address, for the per-client slot cap
     history: Sequence[ChatMessage] | None = None
+    # Rooms (chat/rooms.py, chat/rounds.py): agent_id "" lets the room pick the speaker;
+    # agent_ids asks several in turn; follow_up is a round's next answer (no user turn to store);
+    # locked: the caller holds the conversation's lock already.
+    agent_ids: tuple[str, ...] = ()
+    follow_up: bool = False
+    locked: bool = False
     constraint: Constraint | None = None  # what the answer must match (structured output)
     # tools: what the model may call (its constraint replaces ``constraint``; routes refuse
     # both at once); tool_results: role "tool" messages stored before ``message`` ("" then
@@ -105,6 +111,7 @@ class Ending:
     failure: ServiceError | None = None
     pieces: Sequence[str] = ()
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made
+    agent_id: str = ""  # who answered (rooms)
 
     @property
     def text(self) -> str:
@@ -173,7 +180,8 @@ class TurnRunner:
             failure: ServiceError | None = None
             try:
                 async with control.cancellable():
-                    if spec.stored and spec.conversation_id is not None:  # its turn, then a slot
+                    # Its turn, then a slot.
+                    if spec.stored and spec.conversation_id is not None and not spec.locked:
                         await held.enter_async_context(self.locks.hold(spec.conversation_id))
                     async with self.gate.slot(spec.client):
                         begin = asyncio.ensure_future(self._begin(spec))
@@ -234,8 +242,8 @@ class TurnRunner:
         return await self.manager.begin(
             request_id=spec.request_id, agent_id=spec.agent_id, message=spec.message,
             conversation_id=spec.conversation_id, options=spec.options,
-            constraint=spec.constraint, tools=spec.tools, tool_results=spec.tool_results,
-            result_params=spec.result_params)
+            agent_ids=spec.agent_ids, follow_up=spec.follow_up, constraint=spec.constraint,
+            tools=spec.tools, tool_results=spec.tool_results, result_params=spec.result_params)
 
     async def _end(self, turn: TurnInProgress, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""
@@ -252,11 +260,11 @@ class TurnRunner:
             turn_id = await asyncio.shield(work)
         except ServiceError as exc:  # storage_unavailable, storage_conflict, deleted meanwhile
             return Ending(turn.conversation_id, reason, usage, None, exc, turn.pieces,
-                          turn.tool_calls)
+                          turn.tool_calls, turn.agent_id)
         log.info("turn %s finished: %s, %d pieces in %.2fs", turn.request_id, reason,
                  len(turn.pieces), time.perf_counter() - turn.started)
         return Ending(turn.conversation_id, reason, usage, turn_id or None, failure, turn.pieces,
-                      turn.tool_calls)
+                      turn.tool_calls, turn.agent_id)
 
 
 async def _landed(begin: asyncio.Future[TurnInProgress] | None) -> TurnInProgress | None:

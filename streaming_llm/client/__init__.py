@@ -16,19 +16,22 @@ from .api import (
     ChatStream,
     Options,
     Resumed,
+    Room,
     conversation_url,
+    create_room,
     delete_agent,
     get_agent,
     list_agents,
     socket_url,
     stream_chat,
     update_agent,
+    update_room,
 )
 
 __all__ = [
     "DEFAULT_BASE_URL", "Agent", "ApiError", "ChatError", "ChatEvent", "ChatResult", "ChatStream",
-    "Done", "Error", "FinishReason", "GenerationOptions", "Options", "Resumed", "Start", "Token", "Tool",
-    "ToolCall", "Usage",
-    "conversation_url", "delete_agent", "get_agent", "list_agents", "socket_url", "stream_chat",
-    "update_agent",
+    "Done", "Error", "FinishReason", "GenerationOptions", "Options", "Resumed", "Room", "Start",
+    "Token", "Tool", "ToolCall", "Usage",
+    "conversation_url", "create_room", "delete_agent", "get_agent", "list_agents", "socket_url",
+    "stream_chat", "update_agent", "update_room",
 ]

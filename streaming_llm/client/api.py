@@ -27,6 +27,11 @@ results go back with the next turn, which may carry no message::
             result = await chat.send_message("", tool_results=[
                 {"tool_call_id": call.id, "content": get_weather(**json.loads(call.arguments))}])
 
+Rooms (several agents in one conversation): ``create_room(["coder", "reviewer"])`` makes one;
+a stream on it (``stream_chat(url, "", conversation_id=room.id)``) sends to one agent
+(``send_message(text, agent_id="reviewer")``, or an ``@mention``) or to several in turn
+(``send_round(text, ["coder", "reviewer"])``: one :class:`ChatResult` per answer, each naming
+its ``agent_id``); the ``token`` and ``done`` events name the agent too.
 A stream that continues a conversation (``conversation_id=``) puts the id in the socket URL as
 ``?conversation_id=``, so a proxy that routes by it (``deploy/nginx``) sends it to the instance
 that holds the conversation's cache.
@@ -40,7 +45,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -87,9 +92,11 @@ class ChatError(Exception):
     """A turn or the stream failed: ``code`` is the server's (``agent_not_found``, ...) or the
     client's own (``socket_open_failed``, ``socket_closed``, ``stopped``)."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None,
+                 results: Sequence[ChatResult] = ()) -> None:
         super().__init__(message)
         self.code, self.message, self.request_id = code, message, request_id
+        self.results = list(results)  # a round's answers that ended before the error
 
 
 # --- REST -----------------------------------------------------------------------------------------
@@ -159,6 +166,41 @@ async def delete_agent(agent_id: str, base_url: str = DEFAULT_BASE_URL, *,
                    session=session)
 
 
+class Room(msgspec.Struct):
+    """A conversation and its agents: several in a room, one in a plain conversation."""
+
+    id: str
+    agent_id: str  # the first participant
+    title: str
+    created_at: str
+    updated_at: str
+    agent_ids: list[str] = []
+
+
+async def create_room(agent_ids: Sequence[str], base_url: str = DEFAULT_BASE_URL, *,
+                      title: str = "", api_key: str | None = None,
+                      session: aiohttp.ClientSession | None = None) -> Room:
+    """A new conversation of ``agent_ids`` (several: a room), empty until the first chat."""
+    data = await _request("POST", "/conversations", base_url, api_key=api_key, session=session,
+                          body={"agent_ids": list(agent_ids), "title": title})
+    return msgspec.convert(data, Room)
+
+
+async def update_room(conversation_id: str, base_url: str = DEFAULT_BASE_URL, *,
+                      agent_ids: Sequence[str] | None = None, title: str | None = None,
+                      api_key: str | None = None,
+                      session: aiohttp.ClientSession | None = None) -> Room:
+    """Set the participants (the new list, in order) and/or the title."""
+    body: dict[str, Any] = {}
+    if agent_ids is not None:
+        body["agent_ids"] = list(agent_ids)
+    if title is not None:
+        body["title"] = title
+    data = await _request("PATCH", f"/conversations/{_segment(conversation_id)}", base_url,
+                          api_key=api_key, session=session, body=body)
+    return msgspec.convert(data, Room)
+
+
 def _segment(value: str) -> str:
     if not value:
         raise ValueError("id must be a non-empty string")
@@ -174,14 +216,17 @@ class ChatResult(msgspec.Struct):
     request_id: str
     turn_id: str
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)  # the calls it made
+    agent_id: str = ""  # who answered
 
 
 @dataclass
 class _Turn:
     request_id: str
     frame: dict[str, Any]
-    future: asyncio.Future[ChatResult]
-    pieces: list[str] = field(default_factory=list)
+    future: asyncio.Future[list[ChatResult]]
+    pieces: list[str] = field(default_factory=list)  # of the answer in progress
+    results: list[ChatResult] = field(default_factory=list)  # answers ended (a round: several)
+    expected: int = 1  # answers to wait for: start.agent_ids
     received: int = 0  # answer pieces received: the next token frame's seq
     sent: bool = False
     started: bool = False  # its start came
@@ -227,8 +272,9 @@ class ChatStream:
                  api_key: str | None = None,
                  session: aiohttp.ClientSession | None = None,
                  reconnect_attempts: int = len(RECONNECT_DELAYS_S)) -> None:
-        if not agent_id:
-            raise ValueError("agent_id must be a non-empty string")
+        if not agent_id and not conversation_id:
+            raise ValueError("agent_id must be a non-empty string (or continue a room: "
+                             "conversation_id)")
         self.url = socket_url(backend_url)
         if conversation_id:
             self.url = conversation_url(self.url, conversation_id)
@@ -298,18 +344,44 @@ class ChatStream:
 
     # turns ----------------------------------------------------------------------------------------
     async def send_message(self, message: str, *, options: Options | None = None,
+                           agent_id: str | None = None,
                            tools: list[dict[str, Any]] | None = None,
                            tool_choice: str | dict[str, Any] | None = None,
                            tool_results: list[dict[str, str]] | None = None) -> ChatResult:
         """Queue a turn; returns on its ``done``, raises :class:`ChatError` on its ``error``.
+        ``agent_id`` names who answers in a room (default: the stream's agent; none: the room
+        goes by the message's ``@mentions``; several mentioned: the last answer returns).
 
         ``tools`` / ``tool_choice`` have OpenAI's shapes; ``tool_results`` (``{"tool_call_id",
         "content"}``) answer the calls of the previous answer (``message`` may then be "")."""
+        results = await self._queue_turn(message, options, agent_id=agent_id or self.agent_id,
+                                         tools=tools, tool_choice=tool_choice,
+                                         tool_results=tool_results)
+        return results[-1]
+
+    async def send_round(self, message: str, agent_ids: Sequence[str], *,
+                         options: Options | None = None) -> list[ChatResult]:
+        """Ask several agents of a room to answer in turn, each seeing the answers before its
+        own; returns their answers in order. An error ends the round: the :class:`ChatError`
+        holds the answers before it (``results``)."""
+        if not agent_ids:
+            raise ValueError("agent_ids must name at least one agent")
+        return await self._queue_turn(message, options, agent_ids=list(agent_ids))
+
+    async def _queue_turn(self, message: str, options: Options | None, *, agent_id: str = "",
+                          agent_ids: list[str] | None = None,
+                          tools: list[dict[str, Any]] | None = None,
+                          tool_choice: str | dict[str, Any] | None = None,
+                          tool_results: list[dict[str, str]] | None = None) -> list[ChatResult]:
         if self._ended is not None:
             raise ChatError(self._ended.code, self._ended.message)
         if self._ws is None:
             raise ChatError("not_open", "open the stream first (async with / await open())")
-        frame: dict[str, Any] = {"type": "chat", "agent_id": self.agent_id, "message": message}
+        frame: dict[str, Any] = {"type": "chat", "message": message}
+        if agent_ids:
+            frame["agent_ids"] = agent_ids
+        elif agent_id:
+            frame["agent_id"] = agent_id
         merged = {**self.defaults, **_wire_options(options)}
         if merged:
             frame["options"] = merged
@@ -447,6 +519,7 @@ class ChatStream:
                     self._conversation_id = event.conversation_id
                 if mine and current is not None:
                     current.started = True
+                    current.expected = max(len(event.agent_ids), 1)
                 self._emit(event)
             case Token():
                 if mine and current is not None:
@@ -461,11 +534,18 @@ class ChatStream:
                     self._conversation_id = event.conversation_id
                 self._emit(event)
                 if mine and current is not None:
+                    current.results.append(ChatResult(
+                        "".join(current.pieces), event.conversation_id, event.finish_reason,
+                        event.usage, current.request_id, event.turn_id, list(event.tool_calls),
+                        event.agent_id))
+                    current.pieces = []
+                    # A round's answers before the last; a round ends early when one did not
+                    # end normally (the server starts no further speaker then).
+                    if (len(current.results) < current.expected
+                            and event.finish_reason in ("stop", "length")):
+                        return
                     if not current.future.done():  # the caller may have stopped waiting
-                        current.future.set_result(ChatResult(
-                            "".join(current.pieces), event.conversation_id,
-                            event.finish_reason, event.usage, current.request_id, event.turn_id,
-                            list(event.tool_calls)))
+                        current.future.set_result(current.results)
                     await self._next()
             case Error():
                 if (mine and current is not None and current.resuming and not current.started
@@ -479,8 +559,8 @@ class ChatStream:
                 if current is not None and current.sent and event.request_id in (
                         None, current.request_id):
                     if not current.future.done():
-                        current.future.set_exception(
-                            ChatError(event.code, event.message, current.request_id))
+                        current.future.set_exception(ChatError(
+                            event.code, event.message, current.request_id, current.results))
                     await self._next()
 
 

@@ -21,7 +21,12 @@ import msgspec
 from .. import __version__
 from ..anthropic_types import AnthropicError, Message, MessagesRequest
 from ..chat.agents import AgentIn
-from ..chat.conversations import ConversationPatch, ConversationSummary, ConversationView
+from ..chat.conversations import (
+    ConversationCreate,
+    ConversationPatchBody,
+    ConversationSummary,
+    ConversationView,
+)
 from ..chat.export import ConversationExport
 from ..openai_types import (
     ChatCompletion,
@@ -129,13 +134,23 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/conversations", "List conversations, most recently active first",
               "conversations", {200: Body("Conversations.", list[ConversationSummary]),
                                 400: _error("A bad query parameter.")}, params=(
-        Param("agent_id", "query", "Only this agent's conversations.", AGENT_ID.schema),
+        Param("agent_id", "query", "Only the conversations this agent takes part in (its own "
+              "and the rooms it is in).", AGENT_ID.schema),
         Param("limit", "query", "At most this many (default 100).",
               {"type": "integer", "minimum": 1, "maximum": 1000}),
         Param("offset", "query", "Skip this many.",
               {"type": "integer", "minimum": 0, "maximum": 1_000_000_000}),
         Param("q", "query", "Only conversations whose title or any turn contains this text "
               "(case-insensitive).", {"type": "string", "maxLength": 200}))),
+    Operation("post", "/conversations", "Create a room (several agents) or a conversation",
+              "conversations", {201: Body("The conversation as stored.", ConversationSummary),
+                                400: _error("An agent named twice, or an invalid body."),
+                                404: _error("No such agent."),
+                                422: _error("No agent, more than 16, or a bad id or title.")},
+              request=ConversationCreate,
+              description="A room: several agents in one conversation, each answering as "
+                          "itself and seeing the others' answers (docs/api.md, Rooms). Chat in "
+                          "it on the socket with its id."),
     Operation("get", "/conversations/{conversation_id}", "Read a conversation and its turns",
               "conversations", {200: Body("The conversation.", ConversationView),
                                 400: _error("Invalid id."), 404: _error("No such conversation.")},
@@ -150,12 +165,13 @@ OPERATIONS: tuple[Operation, ...] = (
               params=(CONVERSATION_ID, Param(
                   "format", "query", "markdown (default) or json.",
                   {"type": "string", "enum": ["markdown", "json"], "default": "markdown"}))),
-    Operation("patch", "/conversations/{conversation_id}", "Rename a conversation",
-              "conversations", {200: Body("The conversation as stored.", ConversationSummary),
+    Operation("patch", "/conversations/{conversation_id}",
+              "Rename a conversation, or change its agents", "conversations", {
+                  200: Body("The conversation as stored.", ConversationSummary),
                                 400: _error("Invalid id or body."),
-                                404: _error("No such conversation."),
-                                422: _error("The title is empty or longer than 200 characters.")},
-              request=ConversationPatch, params=(CONVERSATION_ID,)),
+                                404: _error("No such conversation or agent."),
+                                422: _error("Nothing to change, an empty or too long title, bad agent ids.")},
+              request=ConversationPatchBody, params=(CONVERSATION_ID,)),
     Operation("delete", "/conversations/{conversation_id}/turns",
               "Delete the turns from a user turn on (edit-and-resend, regenerate)",
               "conversations", {204: Body("Deleted."),

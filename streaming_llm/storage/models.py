@@ -54,12 +54,27 @@ class ConversationRow(Base):
     __table_args__ = (Index("ix_conversations_agent_updated", "agent_id", "updated_at"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    # Not a foreign key: deleting an agent keeps its conversations readable.
+    # Not a foreign key: deleting an agent keeps its conversations readable. In a room, the first
+    # participant (``conversation_agents`` lists them all).
     agent_id: Mapped[str] = mapped_column(String(64))
     title: Mapped[str] = mapped_column(Text, default="")
     title_casefold: Mapped[str] = mapped_column(Text, server_default="")  # casefold(title), for search
     created_at: Mapped[str] = mapped_column(String(32))
     updated_at: Mapped[str] = mapped_column(String(32), index=True)
+
+
+class ConversationAgentRow(Base):
+    """A participant of a conversation: one row for a plain conversation, several for a room.
+    ``position`` orders them (0, 1, 2, …) as the room lists them."""
+
+    __tablename__ = "conversation_agents"
+    __table_args__ = (Index("ix_conversation_agents_agent", "agent_id"),)
+
+    conversation_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True)
+    # Not a foreign key either: a deleted agent stays listed until the room drops it.
+    agent_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
 
 
 class TurnRow(Base):
@@ -84,3 +99,5 @@ class TurnRow(Base):
     # call id (the call it answers).
     tool_calls: Mapped[str | None] = mapped_column(Text, nullable=True)
     tool_call_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Who spoke an assistant turn (NULL for the user's): in a room, which participant answered.
+    agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

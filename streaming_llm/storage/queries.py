@@ -23,12 +23,13 @@ refused (:class:`~streaming_llm.errors.StorageConflict`), never stored twice.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from .models import AgentRow, ConversationRow, TurnRow, casefold, utcnow
+from .models import AgentRow, ConversationAgentRow, ConversationRow, TurnRow, casefold, utcnow
 
 
 def new_id(prefix: str) -> str:
@@ -78,8 +79,10 @@ def list_conversations(session: Session, *, agent_id: str | None = None,
     title or any turn contains it, case-insensitively in any script (the stored case-folded
     copies, see :mod:`.models`; LIKE wildcards in it are plain text)."""
     query = select(ConversationRow)
-    if agent_id is not None:
-        query = query.where(ConversationRow.agent_id == agent_id)
+    if agent_id is not None:  # a participant: the agent of a plain conversation, or in a room
+        query = query.where(ConversationRow.id.in_(
+            select(ConversationAgentRow.conversation_id)
+            .where(ConversationAgentRow.agent_id == agent_id)))
     if search:
         folded = casefold(search)
         in_turns = select(TurnRow.id).where(
@@ -91,12 +94,17 @@ def list_conversations(session: Session, *, agent_id: str | None = None,
     return list(session.scalars(query.limit(limit).offset(offset)))
 
 
-def create_conversation(session: Session, agent_id: str, title: str = "") -> str:
+def create_conversation(session: Session, agent_id: str, title: str = "",
+                        agent_ids: Sequence[str] = ()) -> str:
+    """A new conversation of ``agent_id``, or a room of ``agent_ids`` (then ``agent_id`` is the
+    first of them)."""
     now = utcnow()
     conversation_id = new_id("conv")
+    participants = list(agent_ids) or [agent_id]
     session.execute(insert(ConversationRow).values(
-        id=conversation_id, agent_id=agent_id, title=title, title_casefold=casefold(title),
+        id=conversation_id, agent_id=participants[0], title=title, title_casefold=casefold(title),
         created_at=now, updated_at=now))
+    _insert_participants(session, conversation_id, participants)
     return conversation_id
 
 
@@ -128,6 +136,8 @@ def truncate_conversation(session: Session, conversation_id: str, from_seq: int)
 
 def delete_conversation(session: Session, conversation_id: str) -> bool:
     session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
+    session.execute(delete(ConversationAgentRow)
+                    .where(ConversationAgentRow.conversation_id == conversation_id))
     result = session.execute(
         delete(ConversationRow).where(ConversationRow.id == conversation_id))
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -154,3 +164,42 @@ def append_turn(session: Session, conversation_id: str, **fields: Any) -> str:
     session.execute(insert(TurnRow).values(id=turn_id, conversation_id=conversation_id,
                                            created_at=utcnow(), seq=next_seq, **fields))
     return turn_id
+
+
+# --- participants (rooms) -----------------------------------------------------------------------
+def _insert_participants(session: Session, conversation_id: str, agent_ids: Sequence[str]) -> None:
+    session.execute(insert(ConversationAgentRow), [
+        {"conversation_id": conversation_id, "agent_id": agent_id, "position": position}
+        for position, agent_id in enumerate(agent_ids)])
+
+
+def list_participants(session: Session, conversation_id: str) -> list[str]:
+    """The conversation's agents in their order: one for a plain conversation, several in a room."""
+    return list(session.scalars(
+        select(ConversationAgentRow.agent_id)
+        .where(ConversationAgentRow.conversation_id == conversation_id)
+        .order_by(ConversationAgentRow.position)))
+
+
+def participants_of(session: Session, conversation_ids: Sequence[str]) -> dict[str, list[str]]:
+    """:func:`list_participants` for many conversations in one query."""
+    found: dict[str, list[str]] = {cid: [] for cid in conversation_ids}
+    if not conversation_ids:
+        return found
+    rows = session.execute(
+        select(ConversationAgentRow.conversation_id, ConversationAgentRow.agent_id)
+        .where(ConversationAgentRow.conversation_id.in_(list(conversation_ids)))
+        .order_by(ConversationAgentRow.conversation_id, ConversationAgentRow.position))
+    for conversation_id, agent_id in rows:
+        found[conversation_id].append(agent_id)
+    return found
+
+
+def set_participants(session: Session, conversation_id: str, agent_ids: Sequence[str]) -> None:
+    """Replace the participants (at least one) by ``agent_ids`` in that order; the first becomes
+    ``conversations.agent_id``. Call it after :func:`touch_conversation` in the same transaction."""
+    session.execute(delete(ConversationAgentRow)
+                    .where(ConversationAgentRow.conversation_id == conversation_id))
+    _insert_participants(session, conversation_id, agent_ids)
+    session.execute(update(ConversationRow).where(ConversationRow.id == conversation_id)
+                    .values(agent_id=agent_ids[0]).execution_options(synchronize_session=False))

@@ -6,6 +6,7 @@
 import {
   ApiError,
   ChatError,
+  createRoom,
   deleteAgent,
   deleteConversation,
   getAgent,
@@ -63,6 +64,15 @@ const ui = {
   editAgent: button('edit-agent'),
   deleteAgent: button('delete-agent'),
   newConversation: button('new-conversation'),
+  newRoom: button('new-room'),
+  roomTo: $('room-to'),
+  roomAgentsTo: $('room-agents-to'),
+  roomDialog: /** @type {HTMLDialogElement} */ ($('room-dialog')),
+  roomForm: /** @type {HTMLFormElement} */ ($('room-form')),
+  roomTitle: input('room-title'),
+  roomAgents: $('room-agents'),
+  roomError: $('room-error'),
+  roomCancel: button('room-cancel'),
   search: input('conversation-search'),
   conversationList: $('conversation-list'),
   empty: $('empty'),
@@ -117,6 +127,8 @@ const state = {
   modelBlocked: null,
   /** @type {Bubble | null} the assistant message waiting for its turn's tokens */
   pending: null,
+  /** @type {string[]} the open conversation's agents: several in a room */
+  room: [],
 }
 
 // --- small helpers ------------------------------------------------------------------------------
@@ -388,6 +400,7 @@ function refreshControls() {
   ui.send.title = blocked ?? ''
   ui.agentSelect.disabled = state.busy || state.agents.length === 0
   ui.newConversation.disabled = state.busy || !state.agentId
+  ui.newRoom.disabled = state.busy || state.agents.length < 2
   ui.search.disabled = !state.agentId
   for (const b of ui.transcript.querySelectorAll('button.turn-action')) {
     /** @type {HTMLButtonElement} */ (b).disabled = !idle || blocked !== null
@@ -510,13 +523,19 @@ function scheduleReconnect(err) {
 }
 
 // --- transcript -----------------------------------------------------------------------------
-/** @param {'user' | 'assistant'} role @param {string} text @param {string} meta @returns {Bubble} */
-function addMessage(role, text, meta = '') {
+/** @param {'user' | 'assistant'} role @param {string} text @param {string} meta
+ * @param {string | null} speaker in a room: the agent whose answer this is
+ * @returns {Bubble} */
+function addMessage(role, text, meta = '', speaker = null) {
   const body = el('div', { className: 'text' })
   const info = el('div', { className: 'meta' })
   info.append(el('span', { className: 'usage' }, meta))
-  const item = el('li', { className: `message ${role}` },
-    el('div', { className: 'role' }, role === 'user' ? 'You' : 'Assistant'), body, info)
+  const label = role === 'user' ? 'You' : speaker ? agentName(speaker) : 'Assistant'
+  const item = el('li', { className: `message ${role}` }, el('div', { className: 'role' }, label), body, info)
+  if (role === 'assistant' && speaker) {
+    item.classList.add(speakerClass(speaker))
+    item.dataset.agent = speaker
+  }
   /** @type {Bubble} */
   const bubble = { item, body, info, raw: text }
   if (role === 'assistant') renderMarkdown(body, text)
@@ -547,7 +566,7 @@ function renderTurns(turns) {
   for (const turn of shown) {
     const role = /** @type {'user' | 'assistant'} */ (turn.role)
     const meta = role === 'assistant' && turn.finishReason ? formatUsage(turn.finishReason, turn.usage) : ''
-    const bubble = addMessage(role, turn.content, meta)
+    const bubble = addMessage(role, turn.content, meta, isRoom() ? turn.agentId : null)
     bubble.item.dataset.seq = String(turn.seq)
     if (turn.finishReason) bubble.item.dataset.finishReason = turn.finishReason
     if (turn.finishReason === 'error') bubble.item.classList.add('failed')
@@ -781,6 +800,9 @@ function conversationItem(c) {
   const when = new Date(c.updatedAt).toLocaleString()
   const open = el('button', { type: 'button', className: 'conversation' },
     el('span', { className: 'title' }, c.title || 'Untitled'), el('small', {}, when))
+  if (c.agentIds.length > 1) {
+    open.append(el('small', { className: 'participants' }, `Room: ${c.agentIds.map(agentName).join(', ')}`))
+  }
   open.dataset.id = c.id
   open.addEventListener('click', () => {
     if (!state.busy) openConversation(c.id).catch(fail)
@@ -831,14 +853,102 @@ async function openConversation(conversationId) {
   writeHash()
   markCurrentConversation()
   if (conversationId) await showConversation(conversationId)
-  else ui.transcript.replaceChildren()
+  else {
+    ui.transcript.replaceChildren()
+    showRoom([])
+  }
   await connect()
 }
 
 /** @param {string} conversationId */
 async function showConversation(conversationId) {
   const conversation = await getConversation(conversationId, conn())
-  if (conversationId === state.conversationId) renderTurns(conversation.turns)
+  if (conversationId !== state.conversationId) return
+  showRoom(conversation.agentIds)
+  renderTurns(conversation.turns)
+}
+
+// --- rooms: several agents in one conversation -------------------------------------------------
+function isRoom() {
+  return state.room.length > 1
+}
+
+/** @param {string} agentId */
+function agentName(agentId) {
+  return state.agents.find((a) => a.id === agentId)?.name ?? agentId
+}
+
+/** One of eight colours per agent id (style.css `.speaker-N`), the same on every page load.
+ * @param {string} agentId */
+function speakerClass(agentId) {
+  let hash = 0
+  for (const ch of agentId) hash = (hash * 31 + ch.charCodeAt(0)) >>> 0
+  return `speaker-${hash % 8}`
+}
+
+/** The "To" boxes of a room: who answers the next message (several: in turn, each seeing the
+ * answers before its own; none: the message's @mentions decide). @param {string[]} agentIds */
+function showRoom(agentIds) {
+  const before = new Set(addressed())
+  state.room = agentIds
+  ui.roomTo.hidden = !isRoom()
+  if (!isRoom()) {
+    ui.roomAgentsTo.replaceChildren()
+    return
+  }
+  const keep = agentIds.some((a) => before.has(a))
+  ui.roomAgentsTo.replaceChildren(...agentIds.map((agentId, i) => {
+    const box = el('input', { type: 'checkbox', value: agentId })
+    box.checked = keep ? before.has(agentId) : agentId === state.agentId || (!agentIds.includes(state.agentId ?? '') && i === 0)
+    const label = el('label', { className: speakerClass(agentId) }, box, agentName(agentId))
+    label.title = `@${agentId}`
+    return label
+  }))
+}
+
+/** The room's agents ticked in "To", in the room's order. */
+function addressed() {
+  return [...ui.roomAgentsTo.querySelectorAll('input[type="checkbox"]')]
+    .map((b) => /** @type {HTMLInputElement} */ (b))
+    .filter((b) => b.checked)
+    .map((b) => b.value)
+}
+
+function openRoomDialog() {
+  ui.roomError.textContent = ''
+  ui.roomTitle.value = ''
+  ui.roomAgents.replaceChildren(...state.agents.map((a) => {
+    const box = el('input', { type: 'checkbox', value: a.id })
+    box.checked = a.id === state.agentId
+    return el('label', {}, box, `${a.name} (${a.id})`)
+  }))
+  ui.roomDialog.showModal()
+}
+
+/** @param {SubmitEvent} event */
+async function saveRoom(event) {
+  event.preventDefault()
+  const agentIds = [...ui.roomAgents.querySelectorAll('input[type="checkbox"]')]
+    .map((b) => /** @type {HTMLInputElement} */ (b))
+    .filter((b) => b.checked)
+    .map((b) => b.value)
+  if (agentIds.length < 2) {
+    ui.roomError.textContent = 'Pick at least two agents.'
+    return
+  }
+  try {
+    const room = await createRoom(agentIds, { title: ui.roomTitle.value.trim() }, conn())
+    ui.roomDialog.close()
+    say(`Room with ${agentIds.map(agentName).join(', ')}: address one or several with "To" or @mentions.`)
+    // The list shows the selected agent's conversations: be one of the room's agents.
+    if (!state.agentId || !agentIds.includes(state.agentId)) await selectAgent(agentIds[0] ?? null, room.id)
+    else {
+      await loadConversations()
+      await openConversation(room.id)
+    }
+  } catch (err) {
+    ui.roomError.textContent = describeError(err)
+  }
 }
 
 // --- chat -----------------------------------------------------------------------------------
@@ -848,15 +958,47 @@ const bubbles = new Map()
 /** @param {import('./vendor/streaming-llm-client.js').ChatEvent} event */
 function onEvent(event) {
   if (event.requestId === null) return
-  if (event.type === 'start' && state.pending) bubbles.set(event.requestId, state.pending)
+  if (event.type === 'start' && state.pending) {
+    bubbles.set(event.requestId, state.pending)
+    // A room: the answers come one agent after another; label each bubble with its agent.
+    if (isRoom() && event.agentIds.length > 0) {
+      speakers.set(event.requestId, event.agentIds.slice(1))
+      label(state.pending, event.agentIds[0] ?? '')
+    }
+  }
   const target = bubbles.get(event.requestId)
   if (!target) return
   if (event.type === 'token') {
     target.raw += event.token
     frames.mark(target)
+  } else if (event.type === 'done' && (speakers.get(event.requestId)?.length ?? 0) > 0
+             && (event.finishReason === 'stop' || event.finishReason === 'length')) {
+    const [next, ...rest] = speakers.get(event.requestId) ?? []
+    speakers.set(event.requestId, rest)
+    setMeta(target, formatUsage(event.finishReason, event.usage))
+    target.item.classList.remove('streaming')
+    target.item.removeAttribute('aria-busy')
+    const bubble = addMessage('assistant', '', '', next ?? null)
+    bubble.item.classList.add('streaming')
+    bubble.item.setAttribute('aria-busy', 'true')
+    bubbles.set(event.requestId, bubble)
+    if (state.pending === target) state.pending = bubble
   } else if (event.type === 'done' || event.type === 'error') {
     bubbles.delete(event.requestId)
+    speakers.delete(event.requestId)
   }
+}
+
+/** @type {Map<string, string[]>} request id -> the round's agents still to answer */
+const speakers = new Map()
+
+/** @param {Bubble} bubble @param {string} agentId */
+function label(bubble, agentId) {
+  if (!agentId) return
+  const role = bubble.item.querySelector('.role')
+  if (role) role.textContent = agentName(agentId)
+  bubble.item.classList.add(speakerClass(agentId))
+  bubble.item.dataset.agent = agentId
 }
 
 /** @param {string} message */
@@ -873,9 +1015,12 @@ async function send(message) {
   say('Generating… (Esc or Stop to stop)')
   let conversationId = state.conversationId
   try {
-    const result = await stream.sendMessage({ message, options: chatOptions() })
-    conversationId = result.conversationId
-    say(result.finishReason === 'cancelled' ? 'Stopped.' : '')
+    const to = isRoom() ? addressed() : [state.agentId]
+    const result = to.length > 1
+      ? (await stream.sendRound({ message, agentIds: to, options: chatOptions() })).at(-1)
+      : await stream.sendMessage({ message, agentId: to[0] ?? '', options: chatOptions() })
+    conversationId = result?.conversationId ?? conversationId
+    say(result?.finishReason === 'cancelled' ? 'Stopped.' : '')
   } catch (err) {
     bubble.item.classList.add('failed')
     bubble.item.dataset.finishReason = 'error'
@@ -963,6 +1108,9 @@ ui.deleteAgent.addEventListener('click', () => removeAgent())
 ui.agentForm.addEventListener('submit', (event) => saveAgent(event))
 ui.agentCancel.addEventListener('click', () => ui.dialog.close())
 ui.newConversation.addEventListener('click', () => openConversation(null).catch(fail))
+ui.newRoom.addEventListener('click', () => openRoomDialog())
+ui.roomForm.addEventListener('submit', (event) => saveRoom(event))
+ui.roomCancel.addEventListener('click', () => ui.roomDialog.close())
 ui.composer.addEventListener('submit', (event) => {
   event.preventDefault()
   send(ui.message.value)

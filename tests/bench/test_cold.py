@@ -27,5 +27,6 @@ def test_bench_cold_measures_every_case_on_the_demo_model(tmp_path: Path,
     assert [r["history_tokens"] > h for r, h in zip(rows, (150, 400), strict=True)] == [True, True]
     for row in rows:
         assert row["file_bytes"] > 0 and row["warm_x"] == 1.0
-        assert {"evicted_ms", "restart_ms", "rebuilt_ms", "load_ms", "write_ms"} <= set(row)
+        assert {"evicted_ms", "restart_ms", "rebuilt_ms", "load_ms", "write_ms",
+                "window_prefill_ms", "rebuilt_vs_window"} <= set(row)
     assert "| history (tokens) |" in capsys.readouterr().out

@@ -12,6 +12,11 @@
  * Naming: everything this package hands you or takes is camelCase (`Agent.systemPrompt`,
  * `Turn.finishReason`, `ChatDoneEvent.usage.completionTokens`, options); the client translates to
  * and from the wire's snake_case. REST resources and socket events share the same `Usage` type.
+ *
+ * Rooms (several agents in one conversation): `createRoom(['coder', 'reviewer'])` makes one; a
+ * stream on it (`streamChat({ backendUrl, agentId: '', conversationId: room.id })`) sends to one
+ * agent (`sendMessage({ message, agentId: 'reviewer' })`, or an `@mention`) or to several in turn
+ * (`sendRound({ message, agentIds: [...] })`: one result per answer); events name the agent.
  */
 
 export const DEFAULT_BASE_URL = 'http://localhost:8000'
@@ -113,6 +118,8 @@ export interface ChatStartEvent {
   userTurnId: string
   /** @deprecated the same id as `userTurnId` */
   turnId: string
+  /** Who will answer, in order (several: a round in a room); empty from servers before rooms. */
+  agentIds: string[]
 }
 
 export interface ChatTokenEvent {
@@ -123,6 +130,8 @@ export interface ChatTokenEvent {
   seq: number
   /** Pieces in this event: 1, or more when they came faster than the socket took them. */
   count: number
+  /** In a room: whose answer this is. */
+  agentId?: string
 }
 
 export interface ChatDoneEvent {
@@ -137,6 +146,8 @@ export interface ChatDoneEvent {
   usage: Usage
   /** The calls the answer made (empty when none): send their results with the next turn. */
   toolCalls: ToolCall[]
+  /** Who answered ('' from servers before rooms); a round sends one `done` per answer. */
+  agentId: string
 }
 
 export interface ChatErrorEvent {
@@ -149,6 +160,8 @@ export interface ChatErrorEvent {
   answerTurnId?: string
   /** @deprecated the same id as `answerTurnId` */
   turnId?: string
+  /** Whose answer failed, when one did. */
+  agentId?: string
 }
 
 /**
@@ -182,12 +195,17 @@ export interface ChatResult {
   turnId: string
   /** The calls the answer made (empty when none). */
   toolCalls: ToolCall[]
+  /** Who answered. */
+  agentId: string
 }
 
 /** A conversation as listed by `GET /conversations`. */
 export interface Conversation {
   id: string
+  /** The first participant. */
   agentId: string
+  /** The participants in order: one, or several in a room. */
+  agentIds: string[]
   title: string
   createdAt: string
   updatedAt: string
@@ -208,6 +226,8 @@ export interface Turn {
   createdAt: string
   toolCalls?: ToolCall[]
   toolCallId?: string
+  /** Who spoke an answer (rooms); null for the user's turns. */
+  agentId: string | null
 }
 
 /** A conversation with its turns in order, from `GET /conversations/{id}`. */
@@ -254,6 +274,8 @@ export interface ClientOptions {
 export interface SendMessageRequest {
   /** May be '' when `toolResults` carries results. */
   message: string
+  /** Who answers in a room (default: the stream's agent; '' : the message's `@mentions`). */
+  agentId?: string
   options?: ChatOptions
   /** Tools for this turn (else the agent's own, if it declares any). */
   tools?: FunctionTool[]
@@ -278,9 +300,19 @@ export interface WebSocketLike {
  */
 export type SocketFactory = (url: string, protocols?: string[]) => WebSocketLike
 
+/** A round: several agents of a room answer in turn, each seeing the answers before its own. */
+export interface SendRoundRequest {
+  message: string
+  agentIds: string[]
+  options?: ChatOptions
+  /** Aborting it cancels the round (sent or still queued); the stream stays open. */
+  signal?: AbortSignal
+}
+
 export interface StreamChatParams {
   /** The socket URL, e.g. `ws://localhost:8000/ws/chat`. */
   backendUrl: string
+  /** The agent that answers; '' in a room (with `conversationId`) to name one per message. */
   agentId: string
   /** Defaults for every turn of this stream; per-call options override them field by field. */
   options?: ChatOptions
@@ -306,6 +338,11 @@ export const RECONNECT_DELAYS_MS = [100, 250, 500, 1000, 2000]
 export interface ChatStream {
   /** Queue a turn; resolves on its `done`, rejects with a {@link ChatError} on its `error`. */
   sendMessage(request: SendMessageRequest): Promise<ChatResult>
+  /**
+   * Ask several agents of a room to answer in turn; resolves with their answers in order. An
+   * error ends the round: the {@link ChatError} holds the answers before it (`results`).
+   */
+  sendRound(request: SendRoundRequest): Promise<ChatResult[]>
   /** Close the socket; turns still pending reject with code `stopped`. */
   stop(): void
   /** Stop the current answer (it finishes with reason `cancelled`); the socket stays open. */
@@ -343,6 +380,8 @@ export class ApiError extends Error {
 export class ChatError extends Error {
   readonly code: string
   readonly requestId: string | null
+  /** A round's answers that ended before the error. */
+  results: ChatResult[] = []
 
   constructor(code: string, message: string, requestId: string | null = null, options?: { cause?: unknown }) {
     super(message, options)
@@ -399,6 +438,25 @@ export async function listConversations(
 export async function getConversation(id: string, baseUrl?: string | ClientOptions): Promise<ConversationDetail> {
   const raw = await request('GET', `/conversations/${segment(id)}`, baseUrl)
   return { ...readConversation(raw), turns: list(field(raw, 'turns', isArray), readTurn) }
+}
+
+/**
+ * A new conversation of `agentIds` (several: a room, where each agent answers as itself and sees
+ * the others), empty until the first message; resolves with it as stored.
+ */
+export async function createRoom(
+  agentIds: string[],
+  init?: { title?: string },
+  baseUrl?: string | ClientOptions,
+): Promise<Conversation> {
+  if (!Array.isArray(agentIds) || agentIds.length === 0) throw new TypeError('agentIds must name at least one agent')
+  const body = { agent_ids: agentIds, title: init?.title ?? '' }
+  return readConversation(await request('POST', '/conversations', baseUrl, body))
+}
+
+/** Set a room's participants (the new list, in order); resolves with the conversation as stored. */
+export async function setRoomAgents(id: string, agentIds: string[], baseUrl?: string | ClientOptions): Promise<Conversation> {
+  return readConversation(await request('PATCH', `/conversations/${segment(id)}`, baseUrl, { agent_ids: agentIds }))
 }
 
 /** Set a conversation's title (1-200 characters); resolves with the conversation as stored. */
@@ -495,9 +553,12 @@ function readToolCalls(raw: unknown): ToolCall[] {
 }
 
 function readConversation(raw: unknown): Conversation {
+  const agentId = field(raw, 'agent_id', isString)
+  const agentIds = isObject(raw) && isArray(raw.agent_ids) ? raw.agent_ids.filter(isString) : []
   return {
     id: field(raw, 'id', isString),
-    agentId: field(raw, 'agent_id', isString),
+    agentId,
+    agentIds: agentIds.length > 0 ? agentIds : [agentId],
     title: field(raw, 'title', isString),
     createdAt: field(raw, 'created_at', isString),
     updatedAt: field(raw, 'updated_at', isString),
@@ -520,6 +581,7 @@ function readTurn(raw: unknown): Turn {
     finishReason: isFinishReason(reason) ? reason : null,
     usage: isObject(usage) ? readUsage(usage) : null,
     createdAt: field(raw, 'created_at', isString),
+    agentId: optionalString(raw, 'agent_id') ?? null,
   }
   const toolCalls = readToolCalls(isObject(raw) ? raw.tool_calls : undefined)
   const toolCallId = optionalString(raw, 'tool_call_id')
@@ -633,9 +695,14 @@ function segment(id: string): string {
 interface PendingTurn {
   requestId: string
   frame: Record<string, unknown>
-  resolve: (result: ChatResult) => void
+  resolve: (results: ChatResult[]) => void
   reject: (error: Error) => void
+  /** The answer in progress. */
   text: string
+  /** Answers ended (a round: several). */
+  results: ChatResult[]
+  /** Answers to wait for: the `start` event's `agentIds`. */
+  expected: number
   /** Tokens received: the next expected `seq`. */
   received: number
   sent: boolean
@@ -655,16 +722,21 @@ function readEvent(frame: Record<string, unknown>): ChatEvent | null {
         conversationId: field(frame, 'conversation_id', isString),
         userTurnId: optionalString(frame, 'user_turn_id') ?? turnId,
         turnId,
+        agentIds: isArray(frame.agent_ids) ? frame.agent_ids.filter(isString) : [],
       }
     }
-    case 'token':
-      return {
+    case 'token': {
+      const event: ChatTokenEvent = {
         type: 'token',
         requestId: field(frame, 'request_id', isString),
         token: field(frame, 'token', isString),
         seq: field(frame, 'seq', isNumber),
         count: typeof frame.count === 'number' ? frame.count : 1,
       }
+      const agentId = optionalString(frame, 'agent_id')
+      if (agentId !== undefined) event.agentId = agentId
+      return event
+    }
     case 'done': {
       const turnId = field(frame, 'turn_id', isString)
       return {
@@ -676,6 +748,7 @@ function readEvent(frame: Record<string, unknown>): ChatEvent | null {
         finishReason: field(frame, 'finish_reason', isFinishReason),
         usage: readUsage(frame.usage),
         toolCalls: readToolCalls(frame.tool_calls),
+        agentId: optionalString(frame, 'agent_id') ?? '',
       }
     }
     case 'error': {
@@ -689,6 +762,8 @@ function readEvent(frame: Record<string, unknown>): ChatEvent | null {
       const answerTurnId = optionalString(frame, 'answer_turn_id') ?? optionalString(frame, 'turn_id')
       if (conversationId !== undefined) event.conversationId = conversationId
       if (answerTurnId !== undefined) event.answerTurnId = event.turnId = answerTurnId
+      const agentId = optionalString(frame, 'agent_id')
+      if (agentId !== undefined) event.agentId = agentId
       return event
     }
     default:
@@ -764,7 +839,9 @@ function randomPrefix(): string {
  */
 export async function streamChat(params: StreamChatParams): Promise<ChatStream> {
   const { backendUrl, agentId, onEvent, signal } = params
-  if (typeof agentId !== 'string' || agentId === '') throw new TypeError('agentId must be a non-empty string')
+  if (typeof agentId !== 'string' || (agentId === '' && params.conversationId === undefined)) {
+    throw new TypeError('agentId must be a non-empty string (or continue a room: conversationId)')
+  }
   const defaults = wireOptions(params.options)
   const apiKey = checkApiKey(params.apiKey)
   const protocols = apiKey === undefined ? undefined : ['bearer', apiKey]
@@ -850,7 +927,10 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     switch (event.type) {
       case 'start':
         if (conversationId === undefined) conversationId = event.conversationId
-        if (mine(event.requestId)) current!.started = true
+        if (mine(event.requestId)) {
+          current!.started = true
+          current!.expected = Math.max(event.agentIds.length, 1)
+        }
         emit(event)
         return
       case 'token':
@@ -867,7 +947,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         emit(event)
         if (mine(event.requestId)) {
           const turn = current!
-          turn.resolve({
+          turn.results.push({
             text: turn.text,
             conversationId: event.conversationId,
             finishReason: event.finishReason,
@@ -876,7 +956,14 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
             answerTurnId: event.answerTurnId,
             turnId: event.answerTurnId,
             toolCalls: event.toolCalls,
+            agentId: event.agentId,
           })
+          turn.text = ''
+          // A round's answers before the last; the server starts no further speaker after an
+          // answer that did not end normally.
+          const normal = event.finishReason === 'stop' || event.finishReason === 'length'
+          if (turn.results.length < turn.expected && normal) return
+          turn.resolve(turn.results)
           next()
         }
         return
@@ -897,7 +984,9 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         // current turn's frame is in flight, so it is that turn's.
         if (mine(event.requestId) || (event.requestId === null && current?.sent)) {
           const turn = current!
-          turn.reject(new ChatError(event.code, event.message, turn.requestId))
+          const error = new ChatError(event.code, event.message, turn.requestId)
+          error.results = turn.results
+          turn.reject(error)
           next()
         }
         return
@@ -974,8 +1063,23 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
     }
   }
 
-  const sendMessage = (req: SendMessageRequest): Promise<ChatResult> =>
-    new Promise<ChatResult>((resolve, reject) => {
+  const sendMessage = (req: SendMessageRequest): Promise<ChatResult> => {
+    if (isObject(req) && req.agentId !== undefined && typeof req.agentId !== 'string') {
+      return Promise.reject(new TypeError('agentId must be a string'))
+    }
+    const speaker = isObject(req) && req.agentId !== undefined ? req.agentId : agentId
+    return queueTurn(req, speaker === '' ? {} : { agent_id: speaker }).then((results) => results[results.length - 1]!)
+  }
+
+  const sendRound = (req: SendRoundRequest): Promise<ChatResult[]> => {
+    if (!isObject(req) || !Array.isArray(req.agentIds) || req.agentIds.length === 0 || !req.agentIds.every(isString)) {
+      return Promise.reject(new TypeError('sendRound expects { message: string, agentIds: string[] (at least one) }'))
+    }
+    return queueTurn(req, { agent_ids: [...req.agentIds] })
+  }
+
+  const queueTurn = (req: SendMessageRequest | SendRoundRequest, speakers: Record<string, unknown>): Promise<ChatResult[]> =>
+    new Promise<ChatResult[]>((resolve, reject) => {
       if (ended) {
         reject(new ChatError(ended.code, ended.message))
         return
@@ -996,12 +1100,15 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
         reject(new ChatError('aborted', 'the turn was aborted before it was sent', requestId))
         return
       }
-      const frame: Record<string, unknown> = { type: 'chat', agent_id: agentId, message: req.message, request_id: requestId }
+      const frame: Record<string, unknown> = { type: 'chat', ...speakers, message: req.message, request_id: requestId }
       if (Object.keys(options).length > 0) frame.options = options
-      if (req.tools !== undefined) frame.tools = req.tools
-      if (req.toolChoice !== undefined) frame.tool_choice = req.toolChoice
-      if (req.toolResults !== undefined) {
-        frame.tool_results = req.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }))
+      if (!('agentIds' in req)) {  // a single turn (a round offers no tools)
+        const one = req as SendMessageRequest
+        if (one.tools !== undefined) frame.tools = one.tools
+        if (one.toolChoice !== undefined) frame.tool_choice = one.toolChoice
+        if (one.toolResults !== undefined) {
+          frame.tool_results = one.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }))
+        }
       }
       const abort = () => cancelTurn(requestId)
       req.signal?.addEventListener('abort', abort, { once: true })
@@ -1018,6 +1125,8 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
           reject(error)
         },
         text: '',
+        results: [],
+        expected: 1,
         received: 0,
         sent: false,
         started: false,
@@ -1049,6 +1158,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
 
   return {
     sendMessage,
+    sendRound,
     stop,
     cancel,
     events,

@@ -7,6 +7,8 @@ import WebSocket from 'ws'
 import {
   ApiError,
   ChatError,
+  createRoom,
+  setRoomAgents,
   DEFAULT_BASE_URL,
   deleteAgent,
   deleteConversation,
@@ -405,7 +407,8 @@ describe('conversations', () => {
     stream.stop()
     const id = first.conversationId
     const renamed = await renameConversation(id, 'Greek letters', base)
-    assert.deepEqual(Object.keys(renamed).sort(), ['agentId', 'createdAt', 'id', 'title', 'updatedAt'])
+    assert.deepEqual(Object.keys(renamed).sort(), ['agentId', 'agentIds', 'createdAt', 'id', 'title', 'updatedAt'])
+    assert.deepEqual(renamed.agentIds, [agent.id])
     assert.equal(renamed.title, 'Greek letters')
     assert.deepEqual((await listConversations({ agentId: agent.id, q: 'greek' }, base)).map((c) => c.id), [id])
     assert.deepEqual((await listConversations({ q: 'QUOKKAFISH' }, base)).map((c) => c.id), [id])
@@ -414,7 +417,9 @@ describe('conversations', () => {
 
     const before = await getConversation(id, base)
     const answer = before.turns[1]
-    assert.deepEqual(Object.keys(answer).sort(), ['content', 'createdAt', 'finishReason', 'id', 'role', 'seq', 'usage'])
+    assert.deepEqual(Object.keys(answer).sort(), ['agentId', 'content', 'createdAt', 'finishReason', 'id', 'role', 'seq', 'usage'])
+    assert.equal(answer.agentId, agent.id)
+    assert.equal(before.turns[0].agentId, null)
     assert.equal(answer.finishReason, 'stop')
     assert.equal(answer.usage.completionTokens, 2)
     assert.equal(before.turns[0].usage, null)
@@ -537,5 +542,35 @@ describe('tools', () => {
     assert.deepEqual(plain.toolCalls, [])
     assert.equal(plain.text, call)
     stream.stop()
+  })
+})
+
+describe('rooms', () => {
+  test('createRoom, one agent or a round; events and results name the agent', async () => {
+    await updateAgent({ ...agent, id: 'coder', name: 'Coder' }, base)
+    await updateAgent({ ...agent, id: 'critic', name: 'Critic' }, base)
+    const room = await createRoom(['coder', 'critic'], { title: 'Fix' }, base)
+    assert.deepEqual(room.agentIds, ['coder', 'critic'])
+    const { stream, events } = await open({ agentId: '', conversationId: room.id })
+    const one = await stream.sendMessage({ message: 'hello coder', agentId: 'coder' })
+    assert.deepEqual([one.agentId, one.text], ['coder', 'hello coder'])
+    // The echo engine repeats the last message it sees: the critic sees the coder's answer.
+    const [first, second] = await stream.sendRound({ message: 'check it', agentIds: ['coder', 'critic'] })
+    assert.deepEqual([first.agentId, first.text], ['coder', 'check it'])
+    assert.deepEqual([second.agentId, second.text], ['critic', '[Coder]: check it'])
+    const mentioned = await stream.sendMessage({ message: '@critic again?' })
+    assert.equal(mentioned.agentId, 'critic')
+    await assert.rejects(stream.sendMessage({ message: 'hi', agentId: agent.id }), {
+      name: 'ChatError', code: 'agent_not_in_conversation' })
+    stream.stop()
+    const roundStart = events.find((e) => e.type === 'start' && e.requestId === first.requestId)
+    assert.deepEqual(roundStart.agentIds, ['coder', 'critic'])
+    const tokens = events.filter((e) => e.type === 'token' && e.requestId === first.requestId)
+    assert.deepEqual([...new Set(tokens.map((e) => e.agentId))], ['coder', 'critic'])
+    assert.deepEqual(events.filter((e) => e.type === 'done').map((e) => e.agentId), ['coder', 'coder', 'critic', 'critic'])
+    const detail = await getConversation(room.id, base)
+    assert.deepEqual(detail.turns.map((t) => t.agentId), [null, 'coder', null, 'coder', 'critic', null, 'critic'])
+    assert.deepEqual((await setRoomAgents(room.id, ['critic'], base)).agentIds, ['critic'])
+    await assert.rejects(createRoom(['coder', 'nobody'], {}, base), { name: 'ApiError', status: 404, code: 'agent_not_found' })
   })
 })

@@ -3,6 +3,7 @@
 import { listAgents, getAgent, updateAgent, deleteAgent, streamChat, type Agent, type ChatEvent } from 'streaming-llm-client'
 import { ApiError, ChatError, type ChatResult, type ClientOptions, type SocketFactory } from 'streaming-llm-client'
 import type { ChatStream, FunctionTool } from 'streaming-llm-client'
+import { createRoom } from 'streaming-llm-client'
 import WebSocket from 'ws'
 
 export async function issueExample(): Promise<void> {
@@ -84,4 +85,11 @@ export async function toolsExample(chat: ChatStream, getWeather: (city: string) 
   }
   console.log(result.text)
   await updateAgent({ id: 'forecaster', name: 'Forecaster', tools: [{ name: 'get_weather', parameters: { type: 'object' } }] })
+}
+
+export async function roomExample(): Promise<void> {
+  const room = await createRoom(['coder', 'reviewer'], { title: 'Parser fix' })
+  const chat = await streamChat({ backendUrl: 'ws://localhost:8000/ws/chat', agentId: '', conversationId: room.id })
+  const [fix, review] = await chat.sendRound({ message: 'Fix the lexer bug.', agentIds: ['coder', 'reviewer'] })
+  console.log(fix.agentId, fix.text, review.agentId, review.text)
 }

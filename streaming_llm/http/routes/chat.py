@@ -36,6 +36,7 @@ from ...chat.conversations import TurnInProgress
 from ...chat.limits import Limits
 from ...chat.response_format import checked_constraint
 from ...chat.resume import ResumableTurn, ResumableTurns
+from ...chat.rounds import SpeakerRefused, run_answers
 from ...chat.tool_calls import ToolUse, check_tools, checked_tool_use, tool_use
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
 from ...engines.base import ChatMessage, Constraint
@@ -96,33 +97,43 @@ class SocketTurn:
                 and self.socket.resumable.enabled
                 and not self.socket.live.draining and not self.control.cancelled)
 
-    # TurnWriter ---------------------------------------------------------------------------------
+    # TurnWriter (and RoundWriter: chat/rounds.py) ---------------------------------------------
     async def start(self, turn: TurnInProgress) -> None:
         sock = self.socket
         self.kept = sock.resumable.keep(self.request_id, sock.owner, self.control.cancel, sock,
-                                        turn.pieces, lambda: self.detachable)
-        await self.kept.send(Start(self.request_id, turn.conversation_id, turn.user_turn_id))
+                                        turn.pieces, lambda: self.detachable,
+                                        turn.agent_id if turn.room else None)
+        await self.kept.send(Start(self.request_id, turn.conversation_id, turn.user_turn_id,
+                                   agent_ids=turn.speakers))
 
     async def piece(self, turn: TurnInProgress, text: str) -> None:
         assert self.kept is not None
         await self.kept.wrote()
 
+    async def next_answer(self, turn: TurnInProgress) -> None:
+        assert self.kept is not None
+        self.kept.next_answer(turn.pieces, turn.agent_id if turn.room else None)
+
+    async def answered(self, turn: TurnInProgress, ending: Ending) -> None:
+        assert self.kept is not None
+        await self.kept.answered(self._ending(ending))
+
     async def end(self, turn: TurnInProgress, ending: Ending) -> None:
+        await self.finish(self._ending(ending))
+
+    def _ending(self, ending: Ending) -> Error | Done:
         conversation_id = ending.conversation_id
-        frame: Error | Done
         if ending.turn_id is None and ending.failure is not None:
             failed = ending.failure
-            frame = Error(request_id=self.request_id, code=failed.code,
-                          message=f"the answer could not be stored: {failed.message}",
-                          conversation_id=conversation_id)
-        elif ending.failure is not None:
-            frame = Error(request_id=self.request_id, code=ending.failure.code,
-                          message=ending.failure.message, conversation_id=conversation_id,
-                          turn_id=ending.turn_id or "")
-        else:
-            frame = Done(self.request_id, conversation_id, ending.turn_id or "", ending.reason,
-                         ending.usage, tool_calls=list(ending.tool_calls))
-        await self.finish(frame)
+            return Error(request_id=self.request_id, code=failed.code,
+                         message=f"the answer could not be stored: {failed.message}",
+                         conversation_id=conversation_id, agent_id=ending.agent_id or None)
+        if ending.failure is not None:
+            return Error(request_id=self.request_id, code=ending.failure.code,
+                         message=ending.failure.message, conversation_id=conversation_id,
+                         turn_id=ending.turn_id or "", agent_id=ending.agent_id or None)
+        return Done(self.request_id, conversation_id, ending.turn_id or "", ending.reason,
+                    ending.usage, tool_calls=list(ending.tool_calls), agent_id=ending.agent_id)
 
     async def finish(self, frame: Error | Done) -> None:
         """Write the ending frame: through the resumable turn once started."""
@@ -369,16 +380,21 @@ class ChatSocket:
         except (InvalidConstraint, InvalidTools) as exc:  # refused before anything was stored
             await self.error(request_id, exc.code, exc.message, **_field(exc.param))
             return
+        spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id or "",
+                        message=frame.message, options=frame.options,
+                        conversation_id=frame.conversation_id, client=self.client,
+                        agent_ids=tuple(frame.agent_ids or ()), constraint=constraint,
+                        tools=tools,
+                        tool_results=tuple(ChatMessage("tool", r.content,
+                                                       tool_call_id=r.tool_call_id)
+                                           for r in frame.tool_results),
+                        result_params=tuple(f"tool_results[{i}].tool_call_id"
+                                            for i in range(len(frame.tool_results))))
         try:
-            spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id, message=frame.message,
-                            options=frame.options, conversation_id=frame.conversation_id,
-                            client=self.client, constraint=constraint, tools=tools,
-                            tool_results=tuple(ChatMessage("tool", r.content,
-                                                           tool_call_id=r.tool_call_id)
-                                               for r in frame.tool_results),
-                            result_params=tuple(f"tool_results[{i}].tool_call_id"
-                                                for i in range(len(frame.tool_results))))
-            await self.runner.run(spec, turn, turn.control)
+            await run_answers(self.runner, spec, turn, turn.control)
+        except SpeakerRefused as exc:  # a round's later speaker could not answer: it ends here
+            await turn.finish(Error(request_id=request_id, code=exc.code, message=exc.message,
+                                    conversation_id=exc.conversation_id, agent_id=exc.agent_id))
         except ServiceError as exc:  # refused before anything was stored
             # the field at fault: a tool result for an unknown call
             await self.error(request_id, exc.code, exc.message,
@@ -410,6 +426,8 @@ async def _tool_use(ws: WebSocket, frame: Chat, response_format: Constraint | No
     if frame.tools is not None:
         given = [msgspec.structs.asdict(t.function) for t in frame.tools]
     elif frame.tool_choice == "none" or response_format is not None:
+        return None
+    elif frame.agent_id is None or frame.agent_ids:  # no single speaker: no agent's own tools
         return None
     else:
         given = list(await ws.state.services.agents.tools(frame.agent_id))

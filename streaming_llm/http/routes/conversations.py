@@ -1,5 +1,6 @@
-"""``/conversations``: list (newest first, by agent, by search), read with turns, rename,
-truncate (for edit-and-resend and regenerate), delete."""
+"""``/conversations``: create (a room of several agents, or a plain one), list (newest first, by
+participant, by search), read with turns, rename and change participants, truncate (for
+edit-and-resend and regenerate), delete."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...chat.conversations import ConversationManager, ConversationPatch
+from ...chat.conversations import ConversationCreate, ConversationManager, ConversationPatch
 from ...errors import BadRequest
 from ...ids import check_agent_id, check_conversation_id
 from ..responses import JSONResponse, decode_body
@@ -51,7 +52,12 @@ async def patch_conversation(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
     check_conversation_id(conversation_id)
     body = await decode_body(request, ConversationPatch)
-    return JSONResponse(await _manager(request).rename(conversation_id, body.title))
+    return JSONResponse(await _manager(request).update(conversation_id, body))
+
+
+async def create_conversation(request: Request) -> Response:
+    body = await decode_body(request, ConversationCreate)
+    return JSONResponse(await _manager(request).create(body), status_code=201)
 
 
 async def truncate_conversation(request: Request) -> Response:
@@ -76,6 +82,7 @@ async def bad_conversation_path(request: Request) -> Response:
 
 routes = [
     Route("/conversations", list_conversations, methods=["GET"]),
+    Route("/conversations", create_conversation, methods=["POST"]),
     Route("/conversations/{conversation_id:str}", get_conversation, methods=["GET"]),
     Route("/conversations/{conversation_id:str}", patch_conversation, methods=["PATCH"]),
     Route("/conversations/{conversation_id:str}", delete_conversation, methods=["DELETE"]),

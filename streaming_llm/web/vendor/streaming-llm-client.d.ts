@@ -12,6 +12,11 @@
  * Naming: everything this package hands you or takes is camelCase (`Agent.systemPrompt`,
  * `Turn.finishReason`, `ChatDoneEvent.usage.completionTokens`, options); the client translates to
  * and from the wire's snake_case. REST resources and socket events share the same `Usage` type.
+ *
+ * Rooms (several agents in one conversation): `createRoom(['coder', 'reviewer'])` makes one; a
+ * stream on it (`streamChat({ backendUrl, agentId: '', conversationId: room.id })`) sends to one
+ * agent (`sendMessage({ message, agentId: 'reviewer' })`, or an `@mention`) or to several in turn
+ * (`sendRound({ message, agentIds: [...] })`: one result per answer); events name the agent.
  */
 export declare const DEFAULT_BASE_URL = "http://localhost:8000";
 export interface Agent {
@@ -104,6 +109,8 @@ export interface ChatStartEvent {
     userTurnId: string;
     /** @deprecated the same id as `userTurnId` */
     turnId: string;
+    /** Who will answer, in order (several: a round in a room); empty from servers before rooms. */
+    agentIds: string[];
 }
 export interface ChatTokenEvent {
     type: 'token';
@@ -113,6 +120,8 @@ export interface ChatTokenEvent {
     seq: number;
     /** Pieces in this event: 1, or more when they came faster than the socket took them. */
     count: number;
+    /** In a room: whose answer this is. */
+    agentId?: string;
 }
 export interface ChatDoneEvent {
     type: 'done';
@@ -126,6 +135,8 @@ export interface ChatDoneEvent {
     usage: Usage;
     /** The calls the answer made (empty when none): send their results with the next turn. */
     toolCalls: ToolCall[];
+    /** Who answered ('' from servers before rooms); a round sends one `done` per answer. */
+    agentId: string;
 }
 export interface ChatErrorEvent {
     type: 'error';
@@ -137,6 +148,8 @@ export interface ChatErrorEvent {
     answerTurnId?: string;
     /** @deprecated the same id as `answerTurnId` */
     turnId?: string;
+    /** Whose answer failed, when one did. */
+    agentId?: string;
 }
 /**
  * The client's own event: the socket dropped and was reopened (`attempt` counts the tries); the
@@ -167,11 +180,16 @@ export interface ChatResult {
     turnId: string;
     /** The calls the answer made (empty when none). */
     toolCalls: ToolCall[];
+    /** Who answered. */
+    agentId: string;
 }
 /** A conversation as listed by `GET /conversations`. */
 export interface Conversation {
     id: string;
+    /** The first participant. */
     agentId: string;
+    /** The participants in order: one, or several in a room. */
+    agentIds: string[];
     title: string;
     createdAt: string;
     updatedAt: string;
@@ -191,6 +209,8 @@ export interface Turn {
     createdAt: string;
     toolCalls?: ToolCall[];
     toolCallId?: string;
+    /** Who spoke an answer (rooms); null for the user's turns. */
+    agentId: string | null;
 }
 /** A conversation with its turns in order, from `GET /conversations/{id}`. */
 export interface ConversationDetail extends Conversation {
@@ -232,6 +252,8 @@ export interface ClientOptions {
 export interface SendMessageRequest {
     /** May be '' when `toolResults` carries results. */
     message: string;
+    /** Who answers in a room (default: the stream's agent; '' : the message's `@mentions`). */
+    agentId?: string;
     options?: ChatOptions;
     /** Tools for this turn (else the agent's own, if it declares any). */
     tools?: FunctionTool[];
@@ -253,9 +275,18 @@ export interface WebSocketLike {
  * be passed on, e.g. `(url, protocols) => new WebSocket(url, protocols)`.
  */
 export type SocketFactory = (url: string, protocols?: string[]) => WebSocketLike;
+/** A round: several agents of a room answer in turn, each seeing the answers before its own. */
+export interface SendRoundRequest {
+    message: string;
+    agentIds: string[];
+    options?: ChatOptions;
+    /** Aborting it cancels the round (sent or still queued); the stream stays open. */
+    signal?: AbortSignal;
+}
 export interface StreamChatParams {
     /** The socket URL, e.g. `ws://localhost:8000/ws/chat`. */
     backendUrl: string;
+    /** The agent that answers; '' in a room (with `conversationId`) to name one per message. */
     agentId: string;
     /** Defaults for every turn of this stream; per-call options override them field by field. */
     options?: ChatOptions;
@@ -279,6 +310,11 @@ export declare const RECONNECT_DELAYS_MS: number[];
 export interface ChatStream {
     /** Queue a turn; resolves on its `done`, rejects with a {@link ChatError} on its `error`. */
     sendMessage(request: SendMessageRequest): Promise<ChatResult>;
+    /**
+     * Ask several agents of a room to answer in turn; resolves with their answers in order. An
+     * error ends the round: the {@link ChatError} holds the answers before it (`results`).
+     */
+    sendRound(request: SendRoundRequest): Promise<ChatResult[]>;
     /** Close the socket; turns still pending reject with code `stopped`. */
     stop(): void;
     /** Stop the current answer (it finishes with reason `cancelled`); the socket stays open. */
@@ -308,6 +344,8 @@ export declare class ApiError extends Error {
 export declare class ChatError extends Error {
     readonly code: string;
     readonly requestId: string | null;
+    /** A round's answers that ended before the error. */
+    results: ChatResult[];
     constructor(code: string, message: string, requestId?: string | null, options?: {
         cause?: unknown;
     });
@@ -323,6 +361,15 @@ export declare function deleteAgent(id: string, baseUrl?: string | ClientOptions
  */
 export declare function listConversations(query?: string | ConversationQuery, baseUrl?: string | ClientOptions): Promise<Conversation[]>;
 export declare function getConversation(id: string, baseUrl?: string | ClientOptions): Promise<ConversationDetail>;
+/**
+ * A new conversation of `agentIds` (several: a room, where each agent answers as itself and sees
+ * the others), empty until the first message; resolves with it as stored.
+ */
+export declare function createRoom(agentIds: string[], init?: {
+    title?: string;
+}, baseUrl?: string | ClientOptions): Promise<Conversation>;
+/** Set a room's participants (the new list, in order); resolves with the conversation as stored. */
+export declare function setRoomAgents(id: string, agentIds: string[], baseUrl?: string | ClientOptions): Promise<Conversation>;
 /** Set a conversation's title (1-200 characters); resolves with the conversation as stored. */
 export declare function renameConversation(id: string, title: string, baseUrl?: string | ClientOptions): Promise<Conversation>;
 /**

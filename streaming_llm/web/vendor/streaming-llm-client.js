@@ -12,6 +12,11 @@
  * Naming: everything this package hands you or takes is camelCase (`Agent.systemPrompt`,
  * `Turn.finishReason`, `ChatDoneEvent.usage.completionTokens`, options); the client translates to
  * and from the wire's snake_case. REST resources and socket events share the same `Usage` type.
+ *
+ * Rooms (several agents in one conversation): `createRoom(['coder', 'reviewer'])` makes one; a
+ * stream on it (`streamChat({ backendUrl, agentId: '', conversationId: room.id })`) sends to one
+ * agent (`sendMessage({ message, agentId: 'reviewer' })`, or an `@mention`) or to several in turn
+ * (`sendRound({ message, agentIds: [...] })`: one result per answer); events name the agent.
  */
 export const DEFAULT_BASE_URL = 'http://localhost:8000';
 /** Backoff between reconnect tries, in ms; the last repeats. */
@@ -37,6 +42,8 @@ export class ApiError extends Error {
 export class ChatError extends Error {
     code;
     requestId;
+    /** A round's answers that ended before the error. */
+    results = [];
     constructor(code, message, requestId = null, options) {
         super(message, options);
         this.name = 'ChatError';
@@ -88,6 +95,20 @@ export async function listConversations(query, baseUrl) {
 export async function getConversation(id, baseUrl) {
     const raw = await request('GET', `/conversations/${segment(id)}`, baseUrl);
     return { ...readConversation(raw), turns: list(field(raw, 'turns', isArray), readTurn) };
+}
+/**
+ * A new conversation of `agentIds` (several: a room, where each agent answers as itself and sees
+ * the others), empty until the first message; resolves with it as stored.
+ */
+export async function createRoom(agentIds, init, baseUrl) {
+    if (!Array.isArray(agentIds) || agentIds.length === 0)
+        throw new TypeError('agentIds must name at least one agent');
+    const body = { agent_ids: agentIds, title: init?.title ?? '' };
+    return readConversation(await request('POST', '/conversations', baseUrl, body));
+}
+/** Set a room's participants (the new list, in order); resolves with the conversation as stored. */
+export async function setRoomAgents(id, agentIds, baseUrl) {
+    return readConversation(await request('PATCH', `/conversations/${segment(id)}`, baseUrl, { agent_ids: agentIds }));
 }
 /** Set a conversation's title (1-200 characters); resolves with the conversation as stored. */
 export async function renameConversation(id, title, baseUrl) {
@@ -180,9 +201,12 @@ function readToolCalls(raw) {
     }));
 }
 function readConversation(raw) {
+    const agentId = field(raw, 'agent_id', isString);
+    const agentIds = isObject(raw) && isArray(raw.agent_ids) ? raw.agent_ids.filter(isString) : [];
     return {
         id: field(raw, 'id', isString),
-        agentId: field(raw, 'agent_id', isString),
+        agentId,
+        agentIds: agentIds.length > 0 ? agentIds : [agentId],
         title: field(raw, 'title', isString),
         createdAt: field(raw, 'created_at', isString),
         updatedAt: field(raw, 'updated_at', isString),
@@ -203,6 +227,7 @@ function readTurn(raw) {
         finishReason: isFinishReason(reason) ? reason : null,
         usage: isObject(usage) ? readUsage(usage) : null,
         createdAt: field(raw, 'created_at', isString),
+        agentId: optionalString(raw, 'agent_id') ?? null,
     };
     const toolCalls = readToolCalls(isObject(raw) ? raw.tool_calls : undefined);
     const toolCallId = optionalString(raw, 'tool_call_id');
@@ -323,16 +348,22 @@ function readEvent(frame) {
                 conversationId: field(frame, 'conversation_id', isString),
                 userTurnId: optionalString(frame, 'user_turn_id') ?? turnId,
                 turnId,
+                agentIds: isArray(frame.agent_ids) ? frame.agent_ids.filter(isString) : [],
             };
         }
-        case 'token':
-            return {
+        case 'token': {
+            const event = {
                 type: 'token',
                 requestId: field(frame, 'request_id', isString),
                 token: field(frame, 'token', isString),
                 seq: field(frame, 'seq', isNumber),
                 count: typeof frame.count === 'number' ? frame.count : 1,
             };
+            const agentId = optionalString(frame, 'agent_id');
+            if (agentId !== undefined)
+                event.agentId = agentId;
+            return event;
+        }
         case 'done': {
             const turnId = field(frame, 'turn_id', isString);
             return {
@@ -344,6 +375,7 @@ function readEvent(frame) {
                 finishReason: field(frame, 'finish_reason', isFinishReason),
                 usage: readUsage(frame.usage),
                 toolCalls: readToolCalls(frame.tool_calls),
+                agentId: optionalString(frame, 'agent_id') ?? '',
             };
         }
         case 'error': {
@@ -359,6 +391,9 @@ function readEvent(frame) {
                 event.conversationId = conversationId;
             if (answerTurnId !== undefined)
                 event.answerTurnId = event.turnId = answerTurnId;
+            const agentId = optionalString(frame, 'agent_id');
+            if (agentId !== undefined)
+                event.agentId = agentId;
             return event;
         }
         default:
@@ -432,8 +467,9 @@ function randomPrefix() {
  */
 export async function streamChat(params) {
     const { backendUrl, agentId, onEvent, signal } = params;
-    if (typeof agentId !== 'string' || agentId === '')
-        throw new TypeError('agentId must be a non-empty string');
+    if (typeof agentId !== 'string' || (agentId === '' && params.conversationId === undefined)) {
+        throw new TypeError('agentId must be a non-empty string (or continue a room: conversationId)');
+    }
     const defaults = wireOptions(params.options);
     const apiKey = checkApiKey(params.apiKey);
     const protocols = apiKey === undefined ? undefined : ['bearer', apiKey];
@@ -528,8 +564,10 @@ export async function streamChat(params) {
             case 'start':
                 if (conversationId === undefined)
                     conversationId = event.conversationId;
-                if (mine(event.requestId))
+                if (mine(event.requestId)) {
                     current.started = true;
+                    current.expected = Math.max(event.agentIds.length, 1);
+                }
                 emit(event);
                 return;
             case 'token':
@@ -548,7 +586,7 @@ export async function streamChat(params) {
                 emit(event);
                 if (mine(event.requestId)) {
                     const turn = current;
-                    turn.resolve({
+                    turn.results.push({
                         text: turn.text,
                         conversationId: event.conversationId,
                         finishReason: event.finishReason,
@@ -557,7 +595,15 @@ export async function streamChat(params) {
                         answerTurnId: event.answerTurnId,
                         turnId: event.answerTurnId,
                         toolCalls: event.toolCalls,
+                        agentId: event.agentId,
                     });
+                    turn.text = '';
+                    // A round's answers before the last; the server starts no further speaker after an
+                    // answer that did not end normally.
+                    const normal = event.finishReason === 'stop' || event.finishReason === 'length';
+                    if (turn.results.length < turn.expected && normal)
+                        return;
+                    turn.resolve(turn.results);
                     next();
                 }
                 return;
@@ -579,7 +625,9 @@ export async function streamChat(params) {
                 // current turn's frame is in flight, so it is that turn's.
                 if (mine(event.requestId) || (event.requestId === null && current?.sent)) {
                     const turn = current;
-                    turn.reject(new ChatError(event.code, event.message, turn.requestId));
+                    const error = new ChatError(event.code, event.message, turn.requestId);
+                    error.results = turn.results;
+                    turn.reject(error);
                     next();
                 }
                 return;
@@ -660,7 +708,20 @@ export async function streamChat(params) {
             // the close handler rejects the turn
         }
     };
-    const sendMessage = (req) => new Promise((resolve, reject) => {
+    const sendMessage = (req) => {
+        if (isObject(req) && req.agentId !== undefined && typeof req.agentId !== 'string') {
+            return Promise.reject(new TypeError('agentId must be a string'));
+        }
+        const speaker = isObject(req) && req.agentId !== undefined ? req.agentId : agentId;
+        return queueTurn(req, speaker === '' ? {} : { agent_id: speaker }).then((results) => results[results.length - 1]);
+    };
+    const sendRound = (req) => {
+        if (!isObject(req) || !Array.isArray(req.agentIds) || req.agentIds.length === 0 || !req.agentIds.every(isString)) {
+            return Promise.reject(new TypeError('sendRound expects { message: string, agentIds: string[] (at least one) }'));
+        }
+        return queueTurn(req, { agent_ids: [...req.agentIds] });
+    };
+    const queueTurn = (req, speakers) => new Promise((resolve, reject) => {
         if (ended) {
             reject(new ChatError(ended.code, ended.message));
             return;
@@ -682,15 +743,18 @@ export async function streamChat(params) {
             reject(new ChatError('aborted', 'the turn was aborted before it was sent', requestId));
             return;
         }
-        const frame = { type: 'chat', agent_id: agentId, message: req.message, request_id: requestId };
+        const frame = { type: 'chat', ...speakers, message: req.message, request_id: requestId };
         if (Object.keys(options).length > 0)
             frame.options = options;
-        if (req.tools !== undefined)
-            frame.tools = req.tools;
-        if (req.toolChoice !== undefined)
-            frame.tool_choice = req.toolChoice;
-        if (req.toolResults !== undefined) {
-            frame.tool_results = req.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }));
+        if (!('agentIds' in req)) { // a single turn (a round offers no tools)
+            const one = req;
+            if (one.tools !== undefined)
+                frame.tools = one.tools;
+            if (one.toolChoice !== undefined)
+                frame.tool_choice = one.toolChoice;
+            if (one.toolResults !== undefined) {
+                frame.tool_results = one.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }));
+            }
         }
         const abort = () => cancelTurn(requestId);
         req.signal?.addEventListener('abort', abort, { once: true });
@@ -707,6 +771,8 @@ export async function streamChat(params) {
                 reject(error);
             },
             text: '',
+            results: [],
+            expected: 1,
             received: 0,
             sent: false,
             started: false,
@@ -736,6 +802,7 @@ export async function streamChat(params) {
     };
     return {
         sendMessage,
+        sendRound,
         stop,
         cancel,
         events,
