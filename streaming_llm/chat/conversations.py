@@ -62,9 +62,9 @@ class TurnView(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None
     usage: dict[str, object] | None
     created_at: str
-    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    agent_id: str | None  # who spoke an assistant turn; None (sent as null) for the user's
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls (left out: none)
     tool_call_id: str | None = None  # a tool turn: the call it answers
-    agent_id: str | None = None  # who spoke an assistant turn; None for the user's
 
 
 class ConversationSummary(msgspec.Struct):
@@ -113,7 +113,7 @@ class ConversationView(msgspec.Struct):
 def _turn_view(row: TurnRow) -> TurnView:
     usage = msgspec.json.decode(row.usage) if row.usage else None
     return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at,
-                    list(calls_from_json(row.tool_calls)) or None, row.tool_call_id, row.agent_id)
+                    row.agent_id, list(calls_from_json(row.tool_calls)) or None, row.tool_call_id)
 
 
 def _said(row: TurnRow) -> rooms.Said:
