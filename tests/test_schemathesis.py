@@ -64,8 +64,8 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
 # Rules the document cannot state, so "schema-valid" data may still be refused with a clear 400:
 # the OpenAI endpoint mirrors OpenAI's request type and refuses the features it lacks (tools,
-# n > 1, a last message that is not the user's, ...).
-SEMANTIC_400 = {"POST /v1/chat/completions"}
+# n > 1, a last message that is not the user's, ...); so does the Anthropic one (its blocks).
+SEMANTIC_400 = {"POST /v1/chat/completions", "POST /v1/messages"}
 
 
 def _agent_rules(case: Any) -> Any:
