@@ -34,7 +34,18 @@ from .errors import NotFound, ServiceError
 from .http.guards import middleware
 from .http.headers import SecurityHeaders
 from .http.responses import JSONResponse, error_response
-from .http.routes import agents, chat, conversations, docs, export, health, metrics, openai, web
+from .http.routes import (
+    agents,
+    anthropic,
+    chat,
+    conversations,
+    docs,
+    export,
+    health,
+    metrics,
+    openai,
+    web,
+)
 from .http.shutdown import LiveSockets
 from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings
@@ -78,7 +89,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     async def lifespan(app: Starlette) -> AsyncIterator[LifespanState]:
         db = Database(settings.resolved_database_url, settings.db_busy_timeout_ms)
         await db.migrate()
-        agent_service = AgentService(db, AgentFiles(settings.resolved_agents_dir))
+        agent_service = AgentService(db, AgentFiles(settings.resolved_agents_dir),
+                                     max_tools=settings.max_tools,
+                                     max_tool_bytes=settings.max_tool_schema_bytes)
         imported = await agent_service.import_files()
         if imported:
             log.info("imported %d agent file(s) from %s", imported, settings.resolved_agents_dir)
@@ -115,7 +128,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app = Starlette(
         # export before conversations: its catch-all would take /conversations/{id}/export
         routes=[*health.routes, *agents.routes, *export.routes, *conversations.routes, *chat.routes,
-                *openai.routes, *metrics.routes, *docs.routes, *web.routes],
+                *anthropic.routes, *openai.routes, *metrics.routes, *docs.routes, *web.routes],
         # Metrics outermost, so refused requests are counted too; then the security headers, so
         # the guards' refusals carry them too; then the guards.
         middleware=[Middleware(MetricsMiddleware, metrics=app_metrics), Middleware(SecurityHeaders),

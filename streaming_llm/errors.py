@@ -137,3 +137,15 @@ class StorageConflict(Conflict):
     """A constraint of the database refused the write (for example, a row made concurrently)."""
 
     code = "storage_conflict"
+
+
+class InvalidTools(BadRequest):
+    """Tools, a tool choice or a tool result the server cannot honour (an unknown tool name in
+    ``tool_choice``, a result for a call that was never made, too many tools); ``param`` names
+    the field, as OpenAI's errors do."""
+
+    code = "invalid_tools"
+
+    def __init__(self, message: str, *, param: str | None, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.param = param

@@ -3,9 +3,11 @@
 Only the subset of OpenAI's Chat Completions API this server can honour is declared. Request
 fields OpenAI clients commonly send but that change nothing here (``user``, ``store``, ...) are
 accepted and ignored, as unknown fields are;
-fields that would change the answer in a way we cannot (``n`` > 1, ``tools``, ``logprobs``) are
-refused by the route with a 400 naming the field. ``response_format`` (text, ``json_object``,
-``json_schema``) is read by :mod:`streaming_llm.chat.response_format`.
+fields that would change the answer in a way we cannot (``n`` > 1, ``logprobs``) are refused
+by the route with a 400 naming the field. ``response_format`` (text, ``json_object``,
+``json_schema``) is read by :mod:`streaming_llm.chat.response_format`. Tools are OpenAI's
+function tools; calls come back in ``message.tool_calls`` and, streamed, in
+``delta.tool_calls`` (see :mod:`streaming_llm.chat.tool_calls`).
 Bounds live in the types, so a bad value fails with the path of the field (``$.temperature``).
 """
 
@@ -29,10 +31,48 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(msgspec.Struct):
+    """A call an assistant message made (in a request's history, and in an answer)."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class RequestMessage(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None  # tool
+
+
+class FunctionDefinition(msgspec.Struct):
+    name: str
+    description: str | None = None
+    parameters: dict[str, object] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(msgspec.Struct):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    """``{"type": "function", "function": {"name": ...}}``: call this tool."""
+
+    function: NamedFunction
+    type: Literal["function"] = "function"
 
 
 class StreamOptions(msgspec.Struct):
@@ -60,21 +100,26 @@ class ChatCompletionRequest(msgspec.Struct):
     repetition_penalty: Annotated[float, Meta(ge=0.5, le=2)] | None = None  # extension
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None  # extension
     metadata: dict[str, str] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Declared only to be refused when set to something this server cannot do:
     n: int | None = None
-    tools: list[dict[str, object]] | None = None
     logprobs: bool | None = None
     # Structured output (streaming_llm.chat.response_format): checked there, to name the field
     response_format: dict[str, object] | None = None
 
 
 # --- responses ----------------------------------------------------------------------------------
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 
-def openai_finish_reason(reason: FinishReason) -> OpenAIFinishReason:
-    """OpenAI has no ``cancelled``: an answer stopped early reads as ``length`` (it was cut)."""
-    return "stop" if reason == "stop" else "length"
+def openai_finish_reason(reason: FinishReason, *, called: bool = False) -> OpenAIFinishReason:
+    """OpenAI has no ``cancelled``: an answer stopped early reads as ``length`` (it was cut).
+    An answer that ended by itself after making calls (``called``) ends in ``tool_calls``."""
+    if reason == "stop":
+        return "tool_calls" if called else "stop"
+    return "length"
 
 
 class PromptTokensDetails(msgspec.Struct):
@@ -93,9 +138,10 @@ class CompletionUsage(msgspec.Struct, omit_defaults=True):
 
 
 class AssistantMessage(msgspec.Struct):
-    content: str
+    content: str | None
     role: Literal["assistant"] = "assistant"
     refusal: None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class Choice(msgspec.Struct):
@@ -113,9 +159,25 @@ class ChatCompletion(msgspec.Struct, tag="chat.completion", tag_field="object"):
     usage: CompletionUsage
 
 
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """A streamed call: the first delta of call ``index`` has its ``id``, ``type`` and
+    ``function.name`` (and ``arguments: ""``), the next ones pieces of ``function.arguments``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta | None = None
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct):

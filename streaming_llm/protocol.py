@@ -8,26 +8,37 @@ working (msgspec schema evolution).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from .wire import FinishReason, GenerationOptions, Usage
+from .openai_types import FunctionTool, NamedToolChoice
+from .wire import FinishReason, GenerationOptions, ToolCall, Usage
 
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 AgentId = Annotated[str, Meta(pattern=r"^[a-z0-9_-]{1,64}$")]
 
 
 # --- client → server ----------------------------------------------------------------------------
+class ToolResult(msgspec.Struct, forbid_unknown_fields=True):
+    """The result of a call the last answer made (``done.tool_calls``)."""
+
+    tool_call_id: Id
+    content: str
+
+
 class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True, kw_only=True):
     """A message, and who answers it: ``agent_id``; or in a room (a conversation of several
     agents) ``agent_ids`` — each answers in turn, seeing the answers before its own — or, with
     neither, the participants the message ``@mentions``. A frame without ``conversation_id``
-    starts a conversation of ``agent_id``, or a room of ``agent_ids``."""
+    starts a conversation of ``agent_id``, or a room of ``agent_ids``. ``message`` may be "" only
+    when ``tool_results`` carries results (they are stored before it, and the agent continues).
+    ``tools`` / ``tool_choice`` have OpenAI's shapes; without ``tools`` a single speaker's own
+    tools are offered, if it declares any."""
 
     agent_id: AgentId | None = None
-    message: Annotated[str, Meta(min_length=1)]
+    message: str
     conversation_id: Id | None = None
     request_id: Id | None = None
     options: GenerationOptions = GenerationOptions()
@@ -35,6 +46,10 @@ class Chat(msgspec.Struct, tag="chat", forbid_unknown_fields=True, kw_only=True)
     # OpenAI's shape, {"type": "json_object"} / {"type": "json_schema", "json_schema": {...}}:
     # checked by streaming_llm.chat.response_format (an error frame names the field)
     response_format: dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    tool_results: list[ToolResult] = []
 
     def __post_init__(self) -> None:
         # msgspec reports this as a ValidationError: the socket's invalid_frame.
@@ -88,9 +103,11 @@ class Token(msgspec.Struct, tag="token", omit_defaults=True):
     agent_id: str | None = None  # in a room: whose answer this is (left out otherwise)
 
 
-class Done(msgspec.Struct, tag="done"):
+class Done(msgspec.Struct, tag="done", omit_defaults=True):
     """The answer is stored. ``answer_turn_id`` names it; ``turn_id`` is the same id, kept for
-    clients written before ``answer_turn_id`` existed."""
+    clients written before ``answer_turn_id`` existed. ``tool_calls`` (left out when none) are
+    the calls the answer made: send their results back in the next ``chat`` frame's
+    ``tool_results``."""
 
     request_id: str
     conversation_id: str
@@ -98,6 +115,7 @@ class Done(msgspec.Struct, tag="done"):
     finish_reason: FinishReason
     usage: Usage
     answer_turn_id: str = ""  # filled from turn_id when not given
+    tool_calls: list[ToolCall] = []
     agent_id: str = ""  # who answered; a round sends one done per answer
 
     def __post_init__(self) -> None:

@@ -73,6 +73,8 @@ class Settings:
     max_request_chars: int = _f(200_000, "Characters in all the messages of one /v1/chat/completions request together (the caller's history); more get request_too_large.", ge=1, le=100_000_000)
     max_messages: int = _f(1000, "Messages in one /v1/chat/completions request; more get too_many_messages.", ge=1, le=1_000_000)
     max_prompt_tokens: int = _f(32_768, "Prompt tokens in the messages of one /v1/chat/completions request without a conversation (the caller's history), counted with the engine's tokenizer where it has one (local, echo); more get prompt_too_large.", ge=1, le=100_000_000)
+    max_tools: int = _f(64, "Tools one request (or one agent) may offer the model; more get 400 too_many_tools.", ge=1, le=10_000)
+    max_tool_schema_bytes: int = _f(65_536, "Bytes of all tool definitions of one request together (names, descriptions, JSON Schemas, as JSON); more get 400 tools_too_large.", ge=256, le=1 << 26)
     max_schema_bytes: int = _f(65_536, "Largest response_format JSON schema, regex or grammar in bytes (compact JSON); larger ones get 400 invalid_response_format.", ge=64, le=1 << 26)
     max_new_tokens_limit: int = _f(4096, "Ceiling for a chat's options.max_new_tokens; above it the chat gets max_new_tokens_too_large.", ge=1, le=1_000_000)
     max_queued_turns: int = _f(8, "Chat turns one socket may queue behind the one it runs; more get busy.", ge=0, le=10_000)

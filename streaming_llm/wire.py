@@ -52,6 +52,24 @@ class Usage(msgspec.Struct, omit_defaults=True):
     cache_source: str | None = None
 
 
+class ToolCall(msgspec.Struct, frozen=True):
+    """A function call the model made: ``arguments`` is its JSON text, as the model wrote it
+    (``done.tool_calls``, a stored turn's ``tool_calls``)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    """A function an agent may call: its name, what it does, and its arguments' JSON Schema."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str = ""
+    parameters: dict[str, object] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}})
+
+
 class Agent(msgspec.Struct, kw_only=True):
     """An agent as ``GET /agents/{id}`` returns it. A client building one to send (the Python
     client's ``update_agent``) may leave out everything but ``id`` and ``name``; the server
@@ -63,3 +81,4 @@ class Agent(msgspec.Struct, kw_only=True):
     markdown_context: str = ""
     created_at: str = ""  # ISO-8601 UTC, set by the server
     updated_at: str = ""
+    tools: list[Tool] | None = None  # offered in its socket chats unless a frame sends its own

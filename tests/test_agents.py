@@ -22,7 +22,8 @@ def test_crud_round_trip_and_file_mirror(client: TestClient, settings: Settings)
         "markdown_context": "# Context\n\n- item é 日本\n"})
     assert resp.status_code == 201
     agent = resp.json()
-    assert set(agent) == {"id", "name", "system_prompt", "markdown_context", "created_at", "updated_at"}
+    assert set(agent) == {"id", "name", "system_prompt", "markdown_context", "created_at", "updated_at",
+                          "tools"}
     assert agent["id"] == "reviewer" and agent["created_at"].endswith("Z")
 
     path = settings.resolved_agents_dir / "reviewer.md"

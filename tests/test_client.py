@@ -15,6 +15,8 @@ from streaming_llm.client import (
     ChatError,
     ChatEvent,
     Resumed,
+    Tool,
+    ToolCall,
     conversation_url,
     create_room,
     delete_agent,
@@ -95,6 +97,31 @@ async def test_turns_continue_one_conversation_with_timings(server: ServerProces
         assert chat.url == f"{server.ws_url}?conversation_id={first.conversation_id}"
         fourth = await chat.send_message("four")
     assert fourth.conversation_id == first.conversation_id
+
+
+async def test_tool_calls_and_results(server: ServerProcess) -> None:
+    """The echo engine repeats the user's words, so a message holding a call is answered with it."""
+    url = server.base_url
+    weather = Tool(name="get_weather", parameters={"type": "object"})
+    await update_agent(Agent(id="caller", name="Caller", tools=[weather]), url)
+    assert (await get_agent("caller", url)).tools == [weather]
+    call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    async with stream_chat(url, "caller") as chat:  # the agent's own tools
+        result = await chat.send_message(call_text)
+        [call] = result.tool_calls
+        assert isinstance(call, ToolCall) and call.name == "get_weather"
+        assert call.arguments == '{"city": "Oslo"}' and result.text == call_text
+        answer = await chat.send_message(
+            "", tool_results=[{"tool_call_id": call.id, "content": "snow"}])
+        assert answer.text == "snow" and answer.tool_calls == []
+        with pytest.raises(ChatError) as info:
+            await chat.send_message("", tool_results=[{"tool_call_id": call.id, "content": "x"}])
+        assert info.value.code == "unknown_tool_call"
+    async with stream_chat(url, "echoer") as chat:  # a turn's own tools
+        result = await chat.send_message(call_text, tools=[{"type": "function", "function": {
+            "name": "get_weather"}}], tool_choice="required")
+        assert [c.name for c in result.tool_calls] == ["get_weather"]
+        assert (await chat.send_message(call_text, tool_choice="none")).tool_calls == []
 
 
 async def test_options_defaults_and_overrides(server: ServerProcess) -> None:

@@ -89,6 +89,8 @@ def test_export_transcripts_and_cli(tmp_path: Path, database_url: str) -> None:
             assert row.pop("content_casefold") == row["content"].casefold()
             usage = row.pop("usage")
             assert turn["usage"] == (json.loads(usage) if usage else None)
+            calls = row.pop("tool_calls")
+            assert turn["tool_calls"] == (json.loads(calls) if calls else None)
             assert {k: turn[k] for k in row} == row
         assert exported["agent"]["name"] == "Echoer" and exported["format_version"] == 1
 

@@ -161,3 +161,27 @@ async def test_an_unknown_upstream_model_is_unhealthy_and_a_chat_gets_model_not_
             events = await chat(ws, "hi")
     assert events[-1]["code"] == "model_not_found"
     assert "nope" in events[-1]["message"]
+
+
+def test_tool_calls_through_an_upstream(front: ServerProcess) -> None:
+    """The front offers tools to its upstream as text and reads the call back out of the
+    upstream's answer (the upstream echoes the block), then sends the result on as text."""
+    call_text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+                 "</tool_call>")
+    tools = [{"type": "function", "function": {"name": "get_weather",
+                                                "parameters": {"type": "object"}}}]
+    first = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=30, json={
+        "model": "helper", "tools": tools, "messages": [{"role": "user", "content": call_text}]})
+    assert first.status_code == 200, first.text
+    choice = first.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    second = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=30, json={
+        "model": "helper", "tools": tools, "messages": [
+            {"role": "user", "content": call_text}, choice["message"],
+            {"role": "tool", "tool_call_id": call["id"], "content": "snow"}]})
+    assert second.status_code == 200, second.text
+    # the upstream echoes the last message it got: the result, in the generic text form
+    assert second.json()["choices"][0]["message"]["content"] == (
+        "<tool_response>\nsnow\n</tool_response>")

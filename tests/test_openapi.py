@@ -59,9 +59,12 @@ class Checker:
             self.validate(body, spec["content"][media]["schema"])
             return body
         if media == "text/event-stream":
-            events = [e.removeprefix("data: ") for e in resp.text.split("\n\n") if e]
-            assert events[-1] == "[DONE]"
-            for event in events[:-1]:
+            # OpenAI's events end with [DONE]; Anthropic's are named (``event: ...``) and end
+            # with message_stop.
+            events = [e.split("data: ", 1)[1] for e in resp.text.split("\n\n") if e]
+            last = events.pop() if events[-1] == "[DONE]" else None
+            assert last == "[DONE]" or json.loads(events[-1])["type"] == "message_stop"
+            for event in events:
                 self.validate(json.loads(event), spec["content"][media]["schema"])
             return events
         return resp.text
@@ -106,6 +109,13 @@ def test_live_responses_match_the_document(tmp_path: Path) -> None:
                                                           json={**chat, "model": "nobody"}))
         c.check("POST", "/v1/chat/completions", http.post("/v1/chat/completions",
                                                           json={**chat, "temperature": 9}))
+        claude = {"model": "echoer", "max_tokens": 16,
+                  "messages": [{"role": "user", "content": "hello there"}]}
+        c.check("POST", "/v1/messages", http.post("/v1/messages", json=claude))
+        c.check("POST", "/v1/messages", http.post("/v1/messages", json={**claude, "stream": True}))
+        c.check("POST", "/v1/messages", http.post("/v1/messages",
+                                                  json={**claude, "model": "nobody"}))
+        c.check("POST", "/v1/messages", http.post("/v1/messages", json={**claude, "top_k": -1}))
 
         c.check("GET", "/conversations", http.get("/conversations"))
         c.check("GET", "/conversations", http.get("/conversations?limit=0"))

@@ -72,6 +72,7 @@ def test_the_wheel_installed_elsewhere_migrates_and_serves(tmp_path: Path) -> No
             "streaming_llm/storage/migrations/versions/0001_agents_conversations_turns.py",
             "streaming_llm/storage/migrations/versions/0002_casefolded_search_columns.py",
             "streaming_llm/storage/migrations/versions/0003_conversation_agents.py",
+            "streaming_llm/storage/migrations/versions/0004_tool_calls.py",
             } <= names, sorted(n for n in names if "storage" in n)
     # Deliberately left to the source tree (pyproject.toml): the benchmarks with the text they
     # score, and the test kit (fake upstreams, server and PostgreSQL launchers). Serving needs
@@ -96,7 +97,7 @@ def test_the_wheel_installed_elsewhere_migrates_and_serves(tmp_path: Path) -> No
     out = _run(cli, "migrate", cwd=elsewhere, env=env)
     assert "database at head" in out, out
     with sqlite3.connect(elsewhere / "data" / "streaming_llm.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
 
     port = free_port()
     log_path = elsewhere / "server.log"

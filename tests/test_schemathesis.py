@@ -64,18 +64,24 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
 # Rules the document cannot state, so "schema-valid" data may still be refused with a clear 400:
 # the OpenAI endpoint mirrors OpenAI's request type and refuses the features it lacks (tools,
-# n > 1, a last message that is not the user's, ...).
-SEMANTIC_400 = {"POST /v1/chat/completions"}
+# n > 1, a last message that is not the user's, ...); so does the Anthropic one (its blocks).
+SEMANTIC_400 = {"POST /v1/chat/completions", "POST /v1/messages"}
 
 
 def _agent_rules(case: Any) -> Any:
-    """``PUT /agents/{agent_id}``: a body ``id``, when present, must repeat the path's, and the
-    name must not be blank (Python's idea of blank, which no JSON Schema pattern can state)."""
+    """``PUT /agents/{agent_id}``: a body ``id``, when present, must repeat the path's, the
+    name must not be blank (Python's idea of blank, which no JSON Schema pattern can state), and
+    the agent's tools must have distinct names (``uniqueItems`` compares whole items)."""
     if isinstance(case.body, dict):
         if "id" in case.body:
             case.body["id"] = case.path_parameters["agent_id"]
         if isinstance(case.body.get("name"), str) and not case.body["name"].strip():
             case.body["name"] += "x"
+        tools = case.body.get("tools")
+        if isinstance(tools, list):
+            for i, tool in enumerate(tools):
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                    tool["name"] = f"{tool['name'][:60]}_{i}"
     return case
 
 

@@ -49,8 +49,9 @@ def test_upgrade_creates_schema_and_downgrade_removes_it(tmp_path: Path, databas
     tables = columns(url)
     assert tables["turns"][:6] == ["id", "conversation_id", "seq", "role", "content",
                                    "finish_reason"]
-    assert {"prompt_tokens", "completion_tokens", "usage", "created_at"} <= set(tables["turns"])
-    assert fetch(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0003"}]
+    assert {"prompt_tokens", "completion_tokens", "usage", "created_at", "tool_calls",
+            "tool_call_id"} <= set(tables["turns"])
+    assert fetch(url, "SELECT version_num FROM alembic_version") == [{"version_num": "0004"}]
     upgrade_to_head(url)  # idempotent
     with alembic_config(url) as cfg:
         command.downgrade(cfg, "base")

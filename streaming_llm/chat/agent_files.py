@@ -6,10 +6,12 @@ Format (front matter with JSON-quoted strings, which YAML also reads; body = Mar
     id: reviewer
     name: "Reviewer"
     system_prompt: "You review pull requests.\\nBe brief."
+    tools: [{"name":"get_weather","description":"The weather","parameters":{"type":"object"}}]
     ---
     # Context
     ...
 
+``tools`` (optional) is the agent's tools as one line of JSON (YAML reads it as a flow list).
 Hand-written files may also use plain ``key: text`` values or YAML block scalars (``key: |``
 followed by indented lines). Writes are atomic (temp file in the same directory + ``os.replace``),
 so a reader never sees half a file.
@@ -62,14 +64,17 @@ class AgentFile:
     system_prompt: str
     markdown_context: str
     mtime: float = 0.0
+    tools: str | None = None  # JSON text, as written (checked by the agent service)
 
 
-def render(agent_id: str, name: str, system_prompt: str, markdown_context: str) -> str:
+def render(agent_id: str, name: str, system_prompt: str, markdown_context: str,
+           tools: str | None = None) -> str:
     head = [
         "---",
         f"id: {agent_id}",
         f"name: {json.dumps(name, ensure_ascii=False)}",
         f"system_prompt: {json.dumps(system_prompt, ensure_ascii=False)}",
+        *([f"tools: {tools}"] if tools else []),  # one line: JSON escapes line breaks
         "---",
     ]
     return "\n".join(head) + "\n" + markdown_context
@@ -131,8 +136,10 @@ class AgentFiles:
             raise ValueError(f"refusing path for invalid agent id {agent_id!r}")
         return self.directory / f"{agent_id}.md"
 
-    def write(self, agent_id: str, name: str, system_prompt: str, markdown_context: str) -> None:
-        self._write_bytes(agent_id, render(agent_id, name, system_prompt, markdown_context).encode())
+    def write(self, agent_id: str, name: str, system_prompt: str, markdown_context: str,
+              tools: str | None = None) -> None:
+        self._write_bytes(agent_id, render(agent_id, name, system_prompt, markdown_context,
+                                           tools).encode())
 
     def _write_bytes(self, agent_id: str, data: bytes) -> None:
         # the ``.{id}.`` temp prefix is what remove_leftovers() looks for after a crash
@@ -220,6 +227,7 @@ class AgentFiles:
         return AgentFile(
             id=agent_id, name=name, system_prompt=fields.get("system_prompt", ""),
             markdown_context=fields["markdown_context"], mtime=mtime,
+            tools=fields.get("tools") or None,
         )
 
 

@@ -12,13 +12,14 @@ import msgspec
 from msgspec import Meta
 from sqlalchemy.orm import Session
 
-from ..errors import AgentNotFound, BadRequest, StorageUnavailable
+from ..errors import AgentNotFound, BadRequest, InvalidTools, StorageUnavailable
 from ..ids import check_agent_id
 from ..storage import queries
 from ..storage.database import Database
 from ..storage.models import AgentRow
-from ..wire import Agent
+from ..wire import Agent, Tool
 from .agent_files import AgentFiles
+from .tool_calls import check_tools
 
 T = TypeVar("T")
 
@@ -32,12 +33,17 @@ class AgentIn(msgspec.Struct):
     system_prompt: Annotated[str, Meta(max_length=100_000)] = ""
     markdown_context: Annotated[str, Meta(max_length=1_000_000)] = ""
     id: str | None = None
+    tools: list[Tool] | None = None  # offered in its socket chats; checked on PUT
 
 
 def agent_of(row: AgentRow) -> Agent:
     return Agent(id=row.id, name=row.name, system_prompt=row.system_prompt,
                  markdown_context=row.markdown_context, created_at=row.created_at,
-                 updated_at=row.updated_at)
+                 updated_at=row.updated_at, tools=_tools_of(row.tools))
+
+
+def _tools_of(text: str | None) -> list[Tool] | None:
+    return msgspec.json.decode(text, type=list[Tool]) if text else None
 
 
 class AgentService:
@@ -50,9 +56,29 @@ class AgentService:
     in step.
     """
 
-    def __init__(self, db: Database, files: AgentFiles) -> None:
+    def __init__(self, db: Database, files: AgentFiles, *, max_tools: int = 64,
+                 max_tool_bytes: int = 65_536) -> None:
         self.db = db
         self.files = files
+        self.max_tools, self.max_tool_bytes = max_tools, max_tool_bytes
+
+    def _tools_json(self, tools: list[Tool] | None) -> str | None:
+        """The stored form of an agent's tools (None for none), checked like a request's."""
+        if not tools:
+            return None
+        try:
+            check_tools([msgspec.structs.asdict(t) for t in tools], max_tools=self.max_tools,
+                        max_bytes=self.max_tool_bytes)
+        except InvalidTools as exc:
+            raise BadRequest(f"{exc.param}: {exc.message}", code=exc.code) from None
+        return msgspec.json.encode(tools).decode()
+
+    async def tools(self, agent_id: str) -> tuple[dict[str, object], ...]:
+        """The tools the agent offers, in the engine's shape; none for an unknown agent (the
+        turn then fails with ``agent_not_found`` where it always does)."""
+        row = await self.db.read(lambda session: queries.get_agent(session, agent_id))
+        tools = _tools_of(row.tools) if row is not None else None
+        return tuple(msgspec.structs.asdict(t) for t in tools or ())
 
     async def list(self) -> list[Agent]:
         return [agent_of(r) for r in await self.db.read(queries.list_agents)]
@@ -71,13 +97,14 @@ class AgentService:
                              code="id_mismatch")
         if not body.name.strip():
             raise BadRequest("name must not be blank", code="validation_error")
+        tools = self._tools_json(body.tools)
         row, created = await self._commit_with_file(
             agent_id,
             lambda session: queries.upsert_agent(
                 session, agent_id, name=body.name, system_prompt=body.system_prompt,
-                markdown_context=body.markdown_context),
+                markdown_context=body.markdown_context, tools=tools),
             lambda: self.files.write(agent_id, body.name, body.system_prompt,
-                                     body.markdown_context),
+                                     body.markdown_context, tools),
             "the agents directory cannot be written")
         log.info("agent %s %s", agent_id, "created" if created else "updated")
         return agent_of(row), created
@@ -137,19 +164,23 @@ class AgentService:
             imported = []
             for f in self.files.scan():
                 try:
-                    msgspec.convert({"name": f.name, "system_prompt": f.system_prompt,
-                                     "markdown_context": f.markdown_context}, AgentIn)
-                except msgspec.ValidationError as exc:
-                    log.warning("skipping agent file %s: %s", self.files.path(f.id), exc)
+                    agent = msgspec.convert({"name": f.name, "system_prompt": f.system_prompt,
+                                             "markdown_context": f.markdown_context}, AgentIn)
+                    agent.tools = (msgspec.json.decode(f.tools, type=list[Tool])
+                                   if f.tools else None)
+                    tools = self._tools_json(agent.tools)
+                except (msgspec.ValidationError, msgspec.DecodeError, BadRequest) as exc:
+                    reason = exc.message if isinstance(exc, BadRequest) else exc
+                    log.warning("skipping agent file %s: %s", self.files.path(f.id), reason)
                     continue
                 row = queries.get_agent(session, f.id)
                 if row is not None:
-                    same = (row.name, row.system_prompt, row.markdown_context) == (
-                        f.name, f.system_prompt, f.markdown_context)
+                    same = (row.name, row.system_prompt, row.markdown_context, row.tools) == (
+                        f.name, f.system_prompt, f.markdown_context, tools)
                     if same or _parse_ts(row.updated_at) >= f.mtime:
                         continue
                 queries.upsert_agent(session, f.id, name=f.name, system_prompt=f.system_prompt,
-                                     markdown_context=f.markdown_context)
+                                     markdown_context=f.markdown_context, tools=tools)
                 imported.append(f.id)
             return imported
 

@@ -27,6 +27,7 @@ from ..engines.base import (
     Finished,
     PromptTokens,
     TextChunk,
+    ToolCall,
 )
 from ..errors import (
     AgentNotFound,
@@ -44,6 +45,7 @@ from ..storage.models import ConversationRow, TurnRow
 from ..wire import FinishReason, GenerationOptions, Usage
 from . import rooms
 from .admission import ConversationLocks
+from .tool_calls import ToolUse, calls_from_json, calls_json, check_results, parse
 
 if TYPE_CHECKING:
     from .export import TranscriptsDir
@@ -52,15 +54,17 @@ log = logging.getLogger(__name__)
 
 
 # --- REST views ---------------------------------------------------------------------------------
-class TurnView(msgspec.Struct):
+class TurnView(msgspec.Struct, omit_defaults=True):
     id: str
     seq: int
-    role: str
+    role: str  # user | assistant | tool
     content: str
     finish_reason: str | None
     usage: dict[str, object] | None
     created_at: str
-    agent_id: str | None = None  # who spoke an assistant turn; None for the user's
+    agent_id: str | None  # who spoke an assistant turn; None (sent as null) for the user's
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls (left out: none)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class ConversationSummary(msgspec.Struct):
@@ -109,7 +113,13 @@ class ConversationView(msgspec.Struct):
 def _turn_view(row: TurnRow) -> TurnView:
     usage = msgspec.json.decode(row.usage) if row.usage else None
     return TurnView(row.id, row.seq, row.role, row.content, row.finish_reason, usage, row.created_at,
-                    row.agent_id)
+                    row.agent_id, list(calls_from_json(row.tool_calls)) or None, row.tool_call_id)
+
+
+def _said(row: TurnRow) -> rooms.Said:
+    """A stored turn as the transcript shows it, with its tool calls or call id."""
+    return rooms.Said(row.role, row.agent_id, row.content, calls_from_json(row.tool_calls),
+                      row.tool_call_id)
 
 
 def _summary(row: ConversationRow, agent_ids: list[str]) -> ConversationSummary:
@@ -148,9 +158,20 @@ class TurnInProgress:
     first_token_at: float | None = None
     last_token_at: float | None = None
     prompt_tokens: int = 0  # from the engine's PromptTokens, for an answer cut short
+    tools: ToolUse | None = None  # tools offered: the answer's calls are read out of its text
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made, once it ended
     agent_id: str = ""  # who answers (stored with the answer)
     speakers: list[str] = field(default_factory=list)  # the chat frame's, in order (rooms)
     room: bool = False  # the conversation has several agents
+
+    def answer(self) -> str:
+        """The answer's text, its calls read out into :attr:`tool_calls`."""
+        text = "".join(self.pieces)
+        if self.tools is None:
+            return text
+        text, self.tool_calls = parse(text, self.request_id,
+                                      max_calls=None if self.tools.parallel else 1)
+        return text
 
     def timed(self, usage: Usage) -> Usage:
         """``usage`` with the timings the engine left empty filled in from this turn's clock:
@@ -303,13 +324,19 @@ class ConversationManager:
     async def begin(self, *, request_id: str, agent_id: str, message: str,
                     conversation_id: str | None, options: GenerationOptions,
                     agent_ids: Sequence[str] = (), follow_up: bool = False,
-                    constraint: Constraint | None = None) -> TurnInProgress:
+                    constraint: Constraint | None = None, tools: ToolUse | None = None,
+                    tool_results: Sequence[ChatMessage] = (),
+                    result_params: Sequence[str] = ()) -> TurnInProgress:
         """Validate, store the user turn, and build the engine request (history + new message).
 
         ``agent_id`` ("" for none) or ``agent_ids`` (a round) name who answers; in a room an
         ``@mention`` may (see :mod:`.rooms`), and the turn answers as the first of them.
         ``follow_up``: the answer of ``agent_id``, the next speaker of a round whose user turn
         is stored already; nothing is stored before its answer.
+
+        ``tool_results`` (role ``tool``) are stored before the user turn and must answer calls
+        of the last stored answer; ``message`` may then be "" (no user turn). ``tools``' own
+        constraint replaces ``constraint``.
         """
         started = time.perf_counter()
         if conversation_id is not None:
@@ -335,8 +362,7 @@ class ConversationManager:
                 speakers = rooms.pick_speakers(participants, conversation_id=conversation_id,
                                                agent_id=agent_id, agent_ids=agent_ids,
                                                message=message)
-                transcript = [rooms.Said(t.role, t.agent_id, t.content)
-                              for t in queries.list_turns(session, conversation_id)]
+                transcript = [_said(t) for t in queries.list_turns(session, conversation_id)]
             speaker = queries.get_agent(session, speakers[0])
             if speaker is None:  # an @mentioned participant deleted since
                 raise AgentNotFound(f"agent {speakers[0]!r} not found")
@@ -364,37 +390,49 @@ class ConversationManager:
             if follow_up:
                 return conversation, ""
             history = plan.transcript
-            if history and history[-1].role == "user":
+            if history and history[-1].role in ("user", "tool"):
                 # The last answer was never stored (the disk filled, the process died): mark it
                 # failed, so user and assistant turns keep alternating.
                 queries.append_turn(session, conversation, role="assistant", content="",
                                     finish_reason="error", request_id=None)
-            return conversation, queries.append_turn(session, conversation, role="user",
-                                                     content=message, request_id=request_id)
+            turn_id = ""
+            for result in tool_results:
+                turn_id = queries.append_turn(session, conversation, role="tool",
+                                              content=result.content, request_id=request_id,
+                                              tool_call_id=result.tool_call_id)
+            if message or not tool_results:
+                turn_id = queries.append_turn(session, conversation, role="user",
+                                              content=message, request_id=request_id)
+            return conversation, turn_id
 
         plan = await self.db.read(load)
+        check_results([ChatMessage(s.role, s.content, s.tool_calls, s.tool_call_id)  # type: ignore[arg-type]
+                       for s in plan.transcript], tool_results, params=result_params)
         if (refused := self.engine.refusal(plan.system)) is not None:
             raise refused  # e.g. the model failed to load: store no turn that cannot run
         stored_in, user_turn_id = await self.db.write(store)
 
         speaker = plan.speakers[0]
-        said = plan.transcript if follow_up else [*plan.transcript,
-                                                  rooms.Said("user", None, message)]
+        said = list(plan.transcript)
+        if not follow_up:
+            said += [rooms.Said("tool", None, r.content, (), r.tool_call_id) for r in tool_results]
+            if message or not tool_results:
+                said.append(rooms.Said("user", None, message))
         messages = rooms.speaker_messages(speaker, plan.system, said, plan.names)
         request = EngineRequest(
             request_id=request_id,
             conversation_id=rooms.cache_key(stored_in, speaker, plan.participants),
             messages=messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
-            constraint=constraint,
+            constraint=tools.constraint if tools is not None else constraint,
         )
         return TurnInProgress(request_id, stored_in, user_turn_id, request, started=started,
-                              agent_id=speaker, speakers=plan.speakers,
+                              tools=tools, agent_id=speaker, speakers=plan.speakers,
                               room=rooms.is_room(plan.participants))
 
     async def begin_unstored(self, *, request_id: str, agent_id: str, messages: Sequence[ChatMessage],
-                             options: GenerationOptions,
-                             constraint: Constraint | None = None) -> TurnInProgress:
+                             options: GenerationOptions, constraint: Constraint | None = None,
+                             tools: ToolUse | None = None) -> TurnInProgress:
         """A turn whose history is the caller's ``messages`` and that stores nothing.
 
         The agent's system message comes first; the caller's system messages are appended to it
@@ -414,10 +452,10 @@ class ConversationManager:
             request_id=request_id, conversation_id=f"tmp_{uuid.uuid4().hex}",
             messages=engine_messages, options=options,
             max_new_tokens=options.max_new_tokens or self.default_max_new_tokens,
-            constraint=constraint,
+            constraint=tools.constraint if tools is not None else constraint,
         )
         return TurnInProgress(request_id, request.conversation_id, "", request, stored=False,
-                              started=started)
+                              started=started, tools=tools)
 
     async def generate(self, turn: TurnInProgress) -> AsyncGenerator[str, None]:
         """Yield the answer's text pieces (the caller keeps those it sent in ``turn.pieces``);
@@ -450,8 +488,9 @@ class ConversationManager:
         if not turn.stored:
             raise ValueError("an unstored turn ends with discard(), not finish()")
         self.metrics.turn_ended(reason, usage)
-        fields = {"role": "assistant", "content": "".join(turn.pieces), "finish_reason": reason,
-                  "agent_id": turn.agent_id or None,
+        content = turn.answer()
+        fields = {"role": "assistant", "content": content, "finish_reason": reason,
+                  "tool_calls": calls_json(turn.tool_calls), "agent_id": turn.agent_id or None,
                   "prompt_tokens": usage.prompt_tokens,
                   "completion_tokens": usage.completion_tokens,
                   "usage": msgspec.json.encode(usage).decode(), "request_id": turn.request_id}
@@ -470,6 +509,7 @@ class ConversationManager:
     async def discard(self, turn: TurnInProgress, reason: FinishReason, usage: Usage) -> None:
         """End an unstored turn: nothing is written and the engine forgets its throwaway state."""
         self.metrics.turn_ended(reason, usage)
+        turn.answer()  # its calls, for the route
         self.engine.forget(turn.conversation_id)
 
 

@@ -23,6 +23,7 @@ from typing import Literal
 import msgspec
 from sqlalchemy.orm import Session
 
+from ..engines.base import ToolCall
 from ..errors import BadRequest, ConversationNotFound, ServiceError
 from ..files import write_atomically
 from ..ids import check_conversation_id
@@ -32,6 +33,7 @@ from ..storage.database import Database
 from ..storage.models import AgentRow, ConversationRow, TurnRow, utcnow
 from ..wire import Agent
 from .agents import agent_of
+from .tool_calls import calls_from_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class ExportedTurn(msgspec.Struct):
     usage: dict[str, object] | None
     request_id: str | None
     created_at: str
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
     agent_id: str | None = None  # who spoke an answer (rooms); None for the user's turns
 
 
@@ -127,7 +131,8 @@ def _turn(row: TurnRow) -> ExportedTurn:
     usage = msgspec.json.decode(row.usage) if row.usage else None
     return ExportedTurn(row.id, row.seq, row.role, row.content, row.finish_reason,
                         row.prompt_tokens, row.completion_tokens, usage, row.request_id,
-                        row.created_at, row.agent_id)
+                        row.created_at, list(calls_from_json(row.tool_calls)) or None,
+                        row.tool_call_id, row.agent_id)
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -162,10 +167,16 @@ def render_markdown(export: ConversationExport) -> str:
         f"- Turns: {len(export.turns)}",
     ]
     for turn in export.turns:
-        speaker = ("User" if turn.role == "user"
+        speaker = ("User" if turn.role == "user" else "Tool result" if turn.role == "tool"
                    else named(turn.agent_id) if turn.agent_id not in (None, export.agent_id)
                    else agent_name)
-        lines += ["", "---", "", f"### {speaker} · {_time(turn.created_at)}", "", turn.content]
+        lines += ["", "---", "", f"### {speaker} · {_time(turn.created_at)}", ""]
+        if turn.tool_call_id is not None:
+            lines += [f"For call `{turn.tool_call_id}`:", ""]
+        lines.append(turn.content)
+        for call in turn.tool_calls or ():
+            lines += ["", f"Calls **{_one_line(call.name)}** (`{call.id}`):", "", "```json",
+                      call.arguments.replace("```", "` ` `"), "```"]
         if turn.role == "assistant":
             lines += ["", f"*{_outcome(turn)}*"]
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, ToolCall
 from ..errors import BadRequest, Conflict
 
 #: Participants a room may have, and so speakers a round may ask for.
@@ -52,9 +52,11 @@ class NoSpeaker(BadRequest):
 class Said:
     """One stored turn as the transcript shows it: who said what."""
 
-    role: str  # user | assistant
+    role: str  # user | assistant | tool
     agent_id: str | None  # the assistant turn's speaker; None for the user's
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 def is_room(participants: Sequence[str]) -> bool:
@@ -144,10 +146,12 @@ def speaker_messages(agent_id: str, system: str, transcript: Sequence[Said],
     for said in transcript:
         if said.role == "user":
             messages.append(ChatMessage("user", said.content))
+        elif said.role == "tool":  # a call's result: the calling turn's, passed on as it is
+            messages.append(ChatMessage("tool", said.content, (), said.tool_call_id))
         elif said.role != "assistant":
             continue
         elif said.agent_id is None or said.agent_id == agent_id:
-            messages.append(ChatMessage("assistant", said.content))
+            messages.append(ChatMessage("assistant", said.content, said.tool_calls))
         elif said.content:  # another agent's empty (failed, cancelled) answer said nothing
             name = names.get(said.agent_id, said.agent_id)
             messages.append(ChatMessage("user", speaker_prefix(name) + said.content))

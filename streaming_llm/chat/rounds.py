@@ -105,7 +105,8 @@ async def run_answers(runner: TurnRunner, spec: TurnSpec, writer: RoundWriter,
                 break
             follow = dataclasses.replace(spec, agent_id=agent_id, agent_ids=(),
                                          conversation_id=ending.conversation_id,
-                                         follow_up=True, locked=True)
+                                         follow_up=True, locked=True, tool_results=(),
+                                         result_params=())  # the first answer took the results
             answer = _RoundAnswer(writer, control, first=False, later=later[i + 1:])
             try:
                 ending = await runner.run(follow, answer, control)

@@ -48,11 +48,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..engines.base import ChatMessage, Constraint
+from ..engines.base import ChatMessage, Constraint, ToolCall
 from ..errors import EngineError, ServiceError
 from ..wire import FinishReason, GenerationOptions, Usage
 from .admission import GenerationGate
 from .conversations import ConversationManager, TurnInProgress
+from .tool_calls import ToolUse
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ class TurnSpec:
     follow_up: bool = False
     locked: bool = False
     constraint: Constraint | None = None  # what the answer must match (structured output)
+    # tools: what the model may call (its constraint replaces ``constraint``; routes refuse
+    # both at once); tool_results: role "tool" messages stored before ``message`` ("" then
+    # means results only), each checked against the last answer's calls, a refusal naming its
+    # field in result_params.
+    tools: ToolUse | None = None
+    tool_results: tuple[ChatMessage, ...] = ()
+    result_params: tuple[str, ...] = ()
 
     @property
     def stored(self) -> bool:
@@ -102,6 +110,7 @@ class Ending:
     turn_id: str | None
     failure: ServiceError | None = None
     pieces: Sequence[str] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the answer made
     agent_id: str = ""  # who answered (rooms)
 
     @property
@@ -229,11 +238,12 @@ class TurnRunner:
         if spec.history is not None:
             return await self.manager.begin_unstored(
                 request_id=spec.request_id, agent_id=spec.agent_id, messages=spec.history,
-                options=spec.options, constraint=spec.constraint)
+                options=spec.options, constraint=spec.constraint, tools=spec.tools)
         return await self.manager.begin(
             request_id=spec.request_id, agent_id=spec.agent_id, message=spec.message,
             conversation_id=spec.conversation_id, options=spec.options,
-            agent_ids=spec.agent_ids, follow_up=spec.follow_up, constraint=spec.constraint)
+            agent_ids=spec.agent_ids, follow_up=spec.follow_up, constraint=spec.constraint,
+            tools=spec.tools, tool_results=spec.tool_results, result_params=spec.result_params)
 
     async def _end(self, turn: TurnInProgress, failure: ServiceError | None) -> Ending:
         """Classify and store the ending; runs to completion even while the task is cancelled."""
@@ -250,11 +260,11 @@ class TurnRunner:
             turn_id = await asyncio.shield(work)
         except ServiceError as exc:  # storage_unavailable, storage_conflict, deleted meanwhile
             return Ending(turn.conversation_id, reason, usage, None, exc, turn.pieces,
-                          turn.agent_id)
+                          turn.tool_calls, turn.agent_id)
         log.info("turn %s finished: %s, %d pieces in %.2fs", turn.request_id, reason,
                  len(turn.pieces), time.perf_counter() - turn.started)
         return Ending(turn.conversation_id, reason, usage, turn_id or None, failure, turn.pieces,
-                      turn.agent_id)
+                      turn.tool_calls, turn.agent_id)
 
 
 async def _landed(begin: asyncio.Future[TurnInProgress] | None) -> TurnInProgress | None:

@@ -6,7 +6,7 @@ names below are those of :mod:`streaming_llm.client.api`. Only msgspec and aioht
 """
 
 from ..protocol import Done, Error, Start, Token
-from ..wire import Agent, FinishReason, GenerationOptions, Usage
+from ..wire import Agent, FinishReason, GenerationOptions, Tool, ToolCall, Usage
 from .api import (
     DEFAULT_BASE_URL,
     ApiError,
@@ -30,7 +30,8 @@ from .api import (
 
 __all__ = [
     "DEFAULT_BASE_URL", "Agent", "ApiError", "ChatError", "ChatEvent", "ChatResult", "ChatStream",
-    "Done", "Error", "FinishReason", "GenerationOptions", "Options", "Resumed", "Room", "Start", "Token", "Usage",
-    "conversation_url", "create_room", "delete_agent", "get_agent", "list_agents", "socket_url", "stream_chat",
-    "update_agent", "update_room",
+    "Done", "Error", "FinishReason", "GenerationOptions", "Options", "Resumed", "Room", "Start",
+    "Token", "Tool", "ToolCall", "Usage",
+    "conversation_url", "create_room", "delete_agent", "get_agent", "list_agents", "socket_url",
+    "stream_chat", "update_agent", "update_room",
 ]

@@ -17,6 +17,15 @@ gets the same events as a callback. A socket that drops is reopened by itself (b
 ``resume`` frame): :class:`Resumed` says so, and no token is lost or repeated. ``send_message`` resolves on the turn's ``done`` and raises :class:`ChatError` on
 its ``error``. ``cancel()`` stops the current answer (it ends ``cancelled``; the socket stays
 open), ``close()`` closes the socket (pending turns raise ``ChatError('stopped')``).
+Tools: ``send_message(..., tools=[...])`` offers functions (OpenAI's shape, or the agent's own
+when it declares them); the calls the answer made are in ``result.tool_calls``, and their
+results go back with the next turn, which may carry no message::
+
+        result = await chat.send_message("Weather in Paris?", tools=[{"type": "function",
+            "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+        for call in result.tool_calls:  # ToolCall(id, name, arguments: JSON text)
+            result = await chat.send_message("", tool_results=[
+                {"tool_call_id": call.id, "content": get_weather(**json.loads(call.arguments))}])
 
 Rooms (several agents in one conversation): ``create_room(["coder", "reviewer"])`` makes one;
 a stream on it (``stream_chat(url, "", conversation_id=room.id)``) sends to one agent
@@ -46,7 +55,7 @@ import aiohttp
 import msgspec
 
 from ..protocol import Done, Error, Start, Token
-from ..wire import Agent, FinishReason, GenerationOptions, Usage
+from ..wire import Agent, FinishReason, GenerationOptions, ToolCall, Usage
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +150,10 @@ async def update_agent(agent: Agent, base_url: str = DEFAULT_BASE_URL, *,
                        api_key: str | None = None,
                        session: aiohttp.ClientSession | None = None) -> Agent:
     """Create or replace ``agent.id``; returns the agent as stored."""
-    body = {"name": agent.name, "system_prompt": agent.system_prompt,
-            "markdown_context": agent.markdown_context}
+    body: dict[str, Any] = {"name": agent.name, "system_prompt": agent.system_prompt,
+                            "markdown_context": agent.markdown_context}
+    if agent.tools is not None:
+        body["tools"] = msgspec.to_builtins(agent.tools)
     data = await _request("PUT", f"/agents/{_segment(agent.id)}", base_url, api_key=api_key,
                           session=session, body=body)
     return msgspec.convert(data, Agent)
@@ -204,6 +215,7 @@ class ChatResult(msgspec.Struct):
     usage: Usage
     request_id: str
     turn_id: str
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)  # the calls it made
     agent_id: str = ""  # who answered
 
 
@@ -332,11 +344,19 @@ class ChatStream:
 
     # turns ----------------------------------------------------------------------------------------
     async def send_message(self, message: str, *, options: Options | None = None,
-                           agent_id: str | None = None) -> ChatResult:
+                           agent_id: str | None = None,
+                           tools: list[dict[str, Any]] | None = None,
+                           tool_choice: str | dict[str, Any] | None = None,
+                           tool_results: list[dict[str, str]] | None = None) -> ChatResult:
         """Queue a turn; returns on its ``done``, raises :class:`ChatError` on its ``error``.
         ``agent_id`` names who answers in a room (default: the stream's agent; none: the room
-        goes by the message's ``@mentions``; several mentioned: the last answer returns)."""
-        results = await self._queue_turn(message, options, agent_id=agent_id or self.agent_id)
+        goes by the message's ``@mentions``; several mentioned: the last answer returns).
+
+        ``tools`` / ``tool_choice`` have OpenAI's shapes; ``tool_results`` (``{"tool_call_id",
+        "content"}``) answer the calls of the previous answer (``message`` may then be "")."""
+        results = await self._queue_turn(message, options, agent_id=agent_id or self.agent_id,
+                                         tools=tools, tool_choice=tool_choice,
+                                         tool_results=tool_results)
         return results[-1]
 
     async def send_round(self, message: str, agent_ids: Sequence[str], *,
@@ -349,7 +369,10 @@ class ChatStream:
         return await self._queue_turn(message, options, agent_ids=list(agent_ids))
 
     async def _queue_turn(self, message: str, options: Options | None, *, agent_id: str = "",
-                          agent_ids: list[str] | None = None) -> list[ChatResult]:
+                          agent_ids: list[str] | None = None,
+                          tools: list[dict[str, Any]] | None = None,
+                          tool_choice: str | dict[str, Any] | None = None,
+                          tool_results: list[dict[str, str]] | None = None) -> list[ChatResult]:
         if self._ended is not None:
             raise ChatError(self._ended.code, self._ended.message)
         if self._ws is None:
@@ -362,6 +385,10 @@ class ChatStream:
         merged = {**self.defaults, **_wire_options(options)}
         if merged:
             frame["options"] = merged
+        for key, value in (("tools", tools), ("tool_choice", tool_choice),
+                           ("tool_results", tool_results)):
+            if value is not None:
+                frame[key] = value
         self._counter += 1
         turn = _Turn(f"{self._prefix}-{self._counter}", frame,
                      asyncio.get_running_loop().create_future())
@@ -509,7 +536,8 @@ class ChatStream:
                 if mine and current is not None:
                     current.results.append(ChatResult(
                         "".join(current.pieces), event.conversation_id, event.finish_reason,
-                        event.usage, current.request_id, event.turn_id, event.agent_id))
+                        event.usage, current.request_id, event.turn_id, list(event.tool_calls),
+                        event.agent_id))
                     current.pieces = []
                     # A round's answers before the last; a round ends early when one did not
                     # end normally (the server starts no further speaker then).

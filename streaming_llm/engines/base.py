@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import msgspec
 
 from ..errors import EngineError
-from ..wire import FinishReason, GenerationOptions, Usage
+from ..wire import FinishReason, GenerationOptions, ToolCall, Usage
 
 __all__ = [
     "ChatMessage",
@@ -38,17 +38,23 @@ __all__ = [
     "Role",
     "TextChunk",
     "TokenCounter",
+    "ToolCall",
     "Usage",
     "check_constraint",
     "count_tokens",
 ]
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a prompt. An assistant message may carry the ``tool_calls`` it made; a
+    ``tool`` message is the result of the call ``tool_call_id``."""
+
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import msgspec
 from ..errors import EngineError, EngineProtocolError
 from ..settings import Settings, url_list
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .tool_text import template_messages
 from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, clip
 
 
@@ -124,13 +125,14 @@ class OllamaEngine(UpstreamEngine):
             options["num_ctx"] = self._num_ctx
         body: dict[str, Any] = {
             "model": self._model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": template_messages(request.messages, request.constraint),
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
         }
-        if (constraint := request.constraint) is not None:  # Ollama's structured outputs
-            self.check_constraint(constraint)
+        constraint = request.constraint
+        if constraint is not None and constraint.kind != "tool_calls":  # tools go as text
+            self.check_constraint(constraint)  # Ollama's structured outputs
             body["format"] = constraint.schema if constraint.kind == "json_schema" else "json"
         return body
 

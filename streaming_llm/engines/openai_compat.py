@@ -39,6 +39,7 @@ import msgspec
 from ..errors import EngineError, EngineProtocolError, EngineUnavailable
 from ..settings import Settings, url_list
 from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .tool_text import template_messages
 from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, error_message
 
 DONE = b"[DONE]"
@@ -150,7 +151,7 @@ class OpenAIEngine(UpstreamEngine):
         opts = request.options
         body: dict[str, Any] = {
             "model": self._served or self._model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": template_messages(request.messages, request.constraint),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_new_tokens,
@@ -159,7 +160,8 @@ class OpenAIEngine(UpstreamEngine):
                             ("top_k", opts.top_k), ("stop", opts.stop), ("seed", opts.seed)):
             if value is not None:
                 body[name] = value
-        if (constraint := request.constraint) is not None:
+        constraint = request.constraint
+        if constraint is not None and constraint.kind != "tool_calls":  # tools: as text
             self.check_constraint(constraint)
             body["response_format"] = {"type": "json_object"} if constraint.kind == "json_object" \
                 else {"type": "json_schema", "json_schema": {

@@ -266,8 +266,9 @@ class UpstreamEngine(ABC):
 
     def check_constraint(self, constraint: Constraint) -> None:
         """Upstreams take a JSON schema or "any JSON object" (Ollama's ``format``, OpenAI's
-        ``response_format``); the schema itself is checked by the upstream."""
-        if constraint.kind not in ("json_schema", "json_object"):
+        ``response_format``); the schema itself is checked by the upstream. Tools go upstream
+        as text (:mod:`streaming_llm.engines.tool_text`), not enforced."""
+        if constraint.kind not in ("json_schema", "json_object", "tool_calls"):
             raise InvalidConstraint(
                 f"the {self.name} engine passes only JSON schemas and JSON objects upstream, "
                 f"not {constraint.kind!r}")

@@ -3,7 +3,7 @@
 With keys configured (``STREAMING_LLM_API_KEY``, comma-separated, and/or
 ``STREAMING_LLM_API_KEY_FILE``, one per line), every HTTP route except the public ones
 (:data:`PUBLIC_PATHS`: ``/health`` and the static chat page) needs ``Authorization: Bearer <key>``
-and answers ``401 unauthorized`` otherwise. The chat socket takes the key in any of the ways a
+(or ``x-api-key: <key>``) and answers ``401 unauthorized`` otherwise. The chat socket takes the key in any of the ways a
 client can send it, browsers included:
 
 - ``Sec-WebSocket-Protocol: bearer, <key>`` — in JavaScript ``new WebSocket(url, ["bearer", key])``.
@@ -11,7 +11,8 @@ client can send it, browsers included:
 - ``Sec-WebSocket-Protocol: bearer.<key>`` — one entry; for clients that cannot send two. Browsers
   need ``bearer`` in the list as well (they fail a handshake that selects no offered protocol).
 - ``?token=<key>`` — last resort: URLs end up in proxy logs and histories (ours are redacted).
-- ``Authorization: Bearer <key>`` — non-browser clients.
+- ``Authorization: Bearer <key>`` — non-browser clients (HTTP routes also take ``x-api-key: <key>``,
+  the header Anthropic's SDKs send).
 
 A socket without a valid key is closed before it is accepted (the client sees HTTP 403), so no
 frame is ever read from it. Keys are compared with :func:`hmac.compare_digest` against every
@@ -112,10 +113,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def bearer_token(scope: Scope) -> str | None:
-    """The key from ``Authorization: Bearer <key>``."""
+    """The key from ``Authorization: Bearer <key>``, else from ``x-api-key: <key>`` (how
+    Anthropic's SDKs send it)."""
     value = _header(scope, b"authorization")
     if value is None:
-        return None
+        return (_header(scope, b"x-api-key") or "").strip() or None
     scheme, _, token = value.strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
+from ..anthropic_types import AnthropicError, Message, MessagesRequest
 from ..chat.agents import AgentIn
 from ..chat.conversations import (
     ConversationCreate,
@@ -90,6 +91,10 @@ def _error(description: str) -> Body:
 
 def _openai_error(description: str) -> Body:
     return Body(description, OpenAIError)
+
+
+def _anthropic_error(description: str) -> Body:
+    return Body(description, AnthropicError)
 
 
 AGENT_ID = Param("agent_id", "path", "1-64 lower-case letters, digits, '-' or '_'.",
@@ -195,6 +200,21 @@ OPERATIONS: tuple[Operation, ...] = (
         request=ChatCompletionRequest, params=(CONVERSATION_HEADER,),
         description="`model` is an agent id: its system prompt and Markdown context come first. "
                     "Streamed events are `ChatCompletionChunk` objects (see components)."),
+    Operation("post", "/v1/messages", "Anthropic Messages API", "anthropic", {
+        200: Body("One `message`, or with `stream: true` Anthropic's server-sent events: "
+                  "`message_start`, `content_block_start` / `content_block_delta` / "
+                  "`content_block_stop` per block, `message_delta`, `message_stop`.", Message,
+                  headers={"X-Conversation-Id": "The stored conversation, when one was named."},
+                  also=(("text/event-stream", dict[str, Any]),)),
+        400: _anthropic_error("Invalid request."),
+        404: _anthropic_error("Unknown model (agent) or conversation."),
+        409: _anthropic_error("The conversation belongs to another agent."),
+        502: _anthropic_error("The engine failed."),
+        503: _anthropic_error("The engine is not ready.")},
+        request=MessagesRequest, params=(CONVERSATION_HEADER,),
+        description="`model` is an agent id: its system prompt and Markdown context come first. "
+                    "Takes the key as `x-api-key` too. Errors are Anthropic's body, the "
+                    "message naming the field at fault."),
     Operation("get", "/v1/models", "Agents, listed as OpenAI models", "openai", {
         200: Body("The agents.", ModelList)}),
     Operation("get", "/v1/models/{model}", "One agent as an OpenAI model", "openai", {

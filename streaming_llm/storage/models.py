@@ -46,6 +46,7 @@ class AgentRow(Base):
     markdown_context: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[str] = mapped_column(String(32))
     updated_at: Mapped[str] = mapped_column(String(32))
+    tools: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list of wire.Tool
 
 
 class ConversationRow(Base):
@@ -85,7 +86,7 @@ class TurnRow(Base):
         String(64), ForeignKey("conversations.id", ondelete="CASCADE")
     )
     seq: Mapped[int] = mapped_column(Integer)
-    role: Mapped[str] = mapped_column(String(16))  # user | assistant
+    role: Mapped[str] = mapped_column(String(16))  # user | assistant | tool
     content: Mapped[str] = mapped_column(Text)
     content_casefold: Mapped[str] = mapped_column(Text, server_default="")  # casefold(content), for search
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)  # assistant only
@@ -94,5 +95,9 @@ class TurnRow(Base):
     usage: Mapped[str | None] = mapped_column(Text, nullable=True)  # full usage as JSON
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[str] = mapped_column(String(32))
+    # An assistant turn's calls, as a JSON list of {"id", "name", "arguments"}; a tool turn's
+    # call id (the call it answers).
+    tool_calls: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tool_call_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     # Who spoke an assistant turn (NULL for the user's): in a room, which participant answered.
     agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -46,7 +46,7 @@ def get_agent(session: Session, agent_id: str) -> AgentRow | None:
 
 
 def upsert_agent(session: Session, agent_id: str, *, name: str, system_prompt: str,
-                 markdown_context: str) -> tuple[AgentRow, bool]:
+                 markdown_context: str, tools: str | None = None) -> tuple[AgentRow, bool]:
     """Insert or update the agent; returns ``(row, created)``. An existing row stays locked
     (``FOR UPDATE`` on PostgreSQL) until the transaction ends, so concurrent updates of one agent
     queue; two concurrent creations of one id end in a :class:`StorageConflict` for one of them."""
@@ -57,6 +57,7 @@ def upsert_agent(session: Session, agent_id: str, *, name: str, system_prompt: s
         row = AgentRow(id=agent_id, created_at=now)
         session.add(row)
     row.name, row.system_prompt, row.markdown_context = name, system_prompt, markdown_context
+    row.tools = tools
     row.updated_at = now
     session.flush()
     return row, created

@@ -561,6 +561,8 @@ function renderTurns(turns) {
   ui.transcript.replaceChildren()
   const shown = turns.filter((t) => t.role === 'user' || t.role === 'assistant')
   const lastUser = shown.findLast((t) => t.role === 'user')
+  /** Tool results by the call they answer: shown in that call's block. */
+  const results = new Map(turns.filter((t) => t.role === 'tool').map((t) => [t.toolCallId, t.content]))
   for (const turn of shown) {
     const role = /** @type {'user' | 'assistant'} */ (turn.role)
     const meta = role === 'assistant' && turn.finishReason ? formatUsage(turn.finishReason, turn.usage) : ''
@@ -568,6 +570,7 @@ function renderTurns(turns) {
     bubble.item.dataset.seq = String(turn.seq)
     if (turn.finishReason) bubble.item.dataset.finishReason = turn.finishReason
     if (turn.finishReason === 'error') bubble.item.classList.add('failed')
+    for (const call of turn.toolCalls ?? []) bubble.item.insertBefore(toolCallBlock(call, results.get(call.id)), bubble.info)
     if (role === 'assistant') {
       bubble.info.append(copyButton('Copy', 'Copy this answer as Markdown', () => turn.content))
     } else {
@@ -582,6 +585,20 @@ function renderTurns(turns) {
       () => resend(lastUser.seq, lastUser.content)))
   }
   refreshControls()
+}
+
+/**
+ * A call the answer made and its result, compact: `name({arguments})`, then `→ result` (text
+ * only, never markup).
+ * @param {import('./vendor/streaming-llm-client.js').ToolCall} call @param {string | undefined} result
+ */
+function toolCallBlock(call, result) {
+  const block = el('div', { className: 'tool-call', title: `Tool call ${call.id}` },
+    el('code', { className: 'tool-head' }, `${call.name}(${call.arguments})`),
+    el('div', { className: 'tool-result' }, result === undefined ? 'no result yet' : `→ ${result}`))
+  block.dataset.toolCallId = call.id
+  if (result === undefined) block.classList.add('pending')
+  return block
 }
 
 /** @param {string} label @param {string} title @param {string} action @param {() => void} run */

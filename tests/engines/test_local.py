@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -16,13 +17,16 @@ from transformers import AutoModelForCausalLM
 from streaming_llm.engines import demo_model
 from streaming_llm.engines.base import (
     ChatMessage,
+    Constraint,
     EngineRequest,
     Finished,
     GenerationOptions,
     TextChunk,
+    ToolCall,
 )
 from streaming_llm.engines.detokenize import REPLACEMENT
 from streaming_llm.engines.local import LocalEngine
+from streaming_llm.engines.local.prompts import template_messages
 from streaming_llm.errors import ContextTooLong, EngineUnavailable, ModelNotFound
 from streaming_llm.settings import Settings
 
@@ -480,6 +484,33 @@ async def test_count_tokens_is_the_prompt_a_turn_reads(make_engine: MakeEngine,
     counted = engine.count_tokens(messages)
     _, finished = await chat(engine, messages, max_new_tokens=2)
     assert counted == len(encode(messages)) == finished.usage.prompt_tokens
+
+
+async def test_tool_calls_and_results_reach_the_prompt(make_engine: MakeEngine,
+                                                      llama_path: Path) -> None:
+    """Calls and results render in the generic text form, which the demo template (knowing no
+    ``tool`` role) takes; the offered tools are described in the system message."""
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    messages = [SYSTEM, ChatMessage("user", "weather?"), ChatMessage("assistant", "", (call,)),
+                ChatMessage("tool", "sunny", tool_call_id="call_1"),
+                ChatMessage("tool", "21 C", tool_call_id="call_2")]
+    constraint = Constraint("tool_calls", tools=({"name": "get_weather", "description": "",
+                                                  "parameters": {"type": "object"}},),
+                            lazy_trigger="<tool_call>")
+    rendered = template_messages(messages, constraint)
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
+    assert rendered[0]["content"].startswith(SYSTEM.content + "\n\n# Tools")
+    assert '"name": "get_weather"' in rendered[0]["content"]
+    assert rendered[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": '
+                                      '{"city": "Paris"}}\n</tool_call>')
+    assert rendered[3]["content"] == ("<tool_response>\nsunny\n</tool_response>\n"
+                                      "<tool_response>\n21 C\n</tool_response>")
+    engine = await make_engine(llama_path)
+    req = msgspec.structs.replace(request(messages, max_new_tokens=2), constraint=constraint)
+    _, finished = await drain(engine.stream(req))
+    tok = models.tokenizer()
+    text = tok.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+    assert finished.usage.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
 
 
 async def test_only_the_schedulers_thread_runs_the_model_once_started(

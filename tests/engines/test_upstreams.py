@@ -20,7 +20,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from streaming_llm.engines.base import EngineRequest, GenerationOptions, TextChunk
+from streaming_llm.engines.base import (
+    ChatMessage,
+    Constraint,
+    EngineRequest,
+    GenerationOptions,
+    TextChunk,
+    ToolCall,
+)
 from streaming_llm.engines.ollama import OllamaEngine, keep_alive_value
 from streaming_llm.engines.openai_compat import OpenAIEngine
 from streaming_llm.engines.upstream import UpstreamEngine
@@ -140,6 +147,28 @@ async def test_lines_are_read_whatever_the_network_reads(kind, fake, http, cut):
     pieces, finished = await collect(kind.make_engine(fake, http))
     assert pieces == tokens
     assert finished.usage.completion_tokens == 5
+
+
+async def test_tools_and_their_calls_and_results_go_upstream_as_text(kind, fake, http):
+    """Upstreams get tool history in the generic text form (no ``tool`` role, which an upstream
+    would refuse without its own tool ids) and the offered tools in the system message, so a
+    model that follows it writes ``<tool_call>`` blocks the server reads back."""
+    call = ToolCall("call_1", "get_weather", '{"city": "Oslo"}')
+    messages = [ChatMessage("system", "You are terse."), ChatMessage("user", "weather?"),
+                ChatMessage("assistant", "", (call,)),
+                ChatMessage("tool", "snow", tool_call_id="call_1")]
+    tools = ({"name": "get_weather", "description": "", "parameters": {"type": "object"}},)
+    req = EngineRequest(request_id="r1", conversation_id="c1", messages=messages,
+                        options=GenerationOptions(), max_new_tokens=8,
+                        constraint=Constraint("tool_calls", tools=tools, lazy_trigger="<tool_call>"))
+    await collect(kind.make_engine(fake, http), req)
+    sent = fake.chats[0].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert sent[0]["content"].startswith("You are terse.\n\n# Tools")
+    assert '"name": "get_weather"' in sent[0]["content"]
+    assert sent[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": '
+                                  '{"city": "Oslo"}}\n</tool_call>')
+    assert sent[3]["content"] == "<tool_response>\nsnow\n</tool_response>"
 
 
 async def test_a_clean_stream_returns_its_connection_to_the_pool(kind, fake, http):

@@ -30,6 +30,37 @@ export interface Agent {
   markdownContext: string
   createdAt?: string
   updatedAt?: string
+  /** The functions the agent may call in its socket chats (unless a turn sends its own). */
+  tools?: Tool[]
+}
+
+/** A function the model may call: its name, what it does, its arguments' JSON Schema. */
+export interface Tool {
+  name: string
+  description?: string
+  parameters?: Record<string, unknown>
+}
+
+/** A tool in OpenAI's shape, as a turn's `tools` take it. */
+export interface FunctionTool {
+  type: 'function'
+  function: Tool
+}
+
+/** `auto` (the default): text or calls; `required`: a call; `none`: no calls; or this tool. */
+export type ToolChoice = 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } }
+
+/** A call the answer made; `arguments` is its JSON text (`JSON.parse` it). */
+export interface ToolCall {
+  id: string
+  name: string
+  arguments: string
+}
+
+/** The result of a call, sent back with the next turn. */
+export interface ToolResult {
+  toolCallId: string
+  content: string
 }
 
 /**
@@ -45,6 +76,7 @@ export interface AgentInput {
   system_prompt?: string
   /** @deprecated use `markdownContext` */
   markdown_context?: string
+  tools?: Tool[]
 }
 
 /** Sampling options; unset fields fall back to the stream's defaults, then the server's. */
@@ -112,6 +144,8 @@ export interface ChatDoneEvent {
   turnId: string
   finishReason: FinishReason
   usage: Usage
+  /** The calls the answer made (empty when none): send their results with the next turn. */
+  toolCalls: ToolCall[]
   /** Who answered ('' from servers before rooms); a round sends one `done` per answer. */
   agentId: string
 }
@@ -159,6 +193,8 @@ export interface ChatResult {
   answerTurnId: string
   /** @deprecated the same id as `answerTurnId` */
   turnId: string
+  /** The calls the answer made (empty when none). */
+  toolCalls: ToolCall[]
   /** Who answered. */
   agentId: string
 }
@@ -175,16 +211,21 @@ export interface Conversation {
   updatedAt: string
 }
 
-/** One stored message of a conversation; assistant turns carry how they finished. */
+/**
+ * One stored message of a conversation; assistant turns carry how they finished and the calls
+ * they made, `tool` turns the call they answer.
+ */
 export interface Turn {
   id: string
   /** 0, 1, 2, ... within the conversation. */
   seq: number
-  role: 'user' | 'assistant' | 'system'
+  role: 'user' | 'assistant' | 'system' | 'tool'
   content: string
   finishReason: FinishReason | null
   usage: Usage | null
   createdAt: string
+  toolCalls?: ToolCall[]
+  toolCallId?: string
   /** Who spoke an answer (rooms); null for the user's turns. */
   agentId: string | null
 }
@@ -231,10 +272,16 @@ export interface ClientOptions {
 }
 
 export interface SendMessageRequest {
+  /** May be '' when `toolResults` carries results. */
   message: string
   /** Who answers in a room (default: the stream's agent; '' : the message's `@mentions`). */
   agentId?: string
   options?: ChatOptions
+  /** Tools for this turn (else the agent's own, if it declares any). */
+  tools?: FunctionTool[]
+  toolChoice?: ToolChoice
+  /** Results of the previous answer's calls, stored before `message`. */
+  toolResults?: ToolResult[]
   /** Aborting it cancels this turn (sent or still queued); the stream stays open. */
   signal?: AbortSignal
 }
@@ -357,11 +404,12 @@ export async function getAgent(id: string, baseUrl?: string | ClientOptions): Pr
 /** Create or replace the agent `agent.id`; resolves with the agent as stored. */
 export async function updateAgent(agent: AgentInput, baseUrl?: string | ClientOptions): Promise<Agent> {
   if (!isObject(agent)) throw new TypeError('updateAgent expects { id, name, systemPrompt?, markdownContext? }')
-  const body = {
+  const body: Record<string, unknown> = {
     name: agent.name,
     system_prompt: agent.systemPrompt ?? agent.system_prompt ?? '',
     markdown_context: agent.markdownContext ?? agent.markdown_context ?? '',
   }
+  if (agent.tools !== undefined) body.tools = agent.tools
   return readAgent(await request('PUT', `/agents/${segment(agent.id)}`, baseUrl, body))
 }
 
@@ -481,7 +529,27 @@ function readAgent(raw: unknown): Agent {
   const updatedAt = optionalString(raw, 'updated_at')
   if (createdAt !== undefined) agent.createdAt = createdAt
   if (updatedAt !== undefined) agent.updatedAt = updatedAt
+  const tools = isObject(raw) ? raw.tools : undefined
+  if (Array.isArray(tools)) agent.tools = tools.map(readTool)
   return agent
+}
+
+function readTool(raw: unknown): Tool {
+  const tool: Tool = { name: field(raw, 'name', isString) }
+  const description = optionalString(raw, 'description')
+  const parameters = isObject(raw) ? raw.parameters : undefined
+  if (description !== undefined) tool.description = description
+  if (isObject(parameters)) tool.parameters = parameters
+  return tool
+}
+
+function readToolCalls(raw: unknown): ToolCall[] {
+  if (!Array.isArray(raw)) return []
+  return raw.map((call) => ({
+    id: field(call, 'id', isString),
+    name: field(call, 'name', isString),
+    arguments: field(call, 'arguments', isString),
+  }))
 }
 
 function readConversation(raw: unknown): Conversation {
@@ -497,7 +565,7 @@ function readConversation(raw: unknown): Conversation {
   }
 }
 
-const ROLES = new Set(['user', 'assistant', 'system'])
+const ROLES = new Set(['user', 'assistant', 'system', 'tool'])
 const FINISH_REASONS = new Set(['stop', 'length', 'cancelled', 'error'])
 const isRole = (v: unknown): v is Turn['role'] => typeof v === 'string' && ROLES.has(v)
 const isFinishReason = (v: unknown): v is FinishReason => typeof v === 'string' && FINISH_REASONS.has(v)
@@ -505,7 +573,7 @@ const isFinishReason = (v: unknown): v is FinishReason => typeof v === 'string' 
 function readTurn(raw: unknown): Turn {
   const reason = isObject(raw) ? raw.finish_reason : undefined
   const usage = isObject(raw) ? raw.usage : undefined
-  return {
+  const turn: Turn = {
     id: field(raw, 'id', isString),
     seq: field(raw, 'seq', isNumber),
     role: field(raw, 'role', isRole),
@@ -515,6 +583,11 @@ function readTurn(raw: unknown): Turn {
     createdAt: field(raw, 'created_at', isString),
     agentId: optionalString(raw, 'agent_id') ?? null,
   }
+  const toolCalls = readToolCalls(isObject(raw) ? raw.tool_calls : undefined)
+  const toolCallId = optionalString(raw, 'tool_call_id')
+  if (toolCalls.length > 0) turn.toolCalls = toolCalls
+  if (toolCallId !== undefined) turn.toolCallId = toolCallId
+  return turn
 }
 
 /** The wire's usage fields and their names here: only these are read (`Usage` is closed). */
@@ -674,6 +747,7 @@ function readEvent(frame: Record<string, unknown>): ChatEvent | null {
         turnId,
         finishReason: field(frame, 'finish_reason', isFinishReason),
         usage: readUsage(frame.usage),
+        toolCalls: readToolCalls(frame.tool_calls),
         agentId: optionalString(frame, 'agent_id') ?? '',
       }
     }
@@ -881,6 +955,7 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
             requestId: turn.requestId,
             answerTurnId: event.answerTurnId,
             turnId: event.answerTurnId,
+            toolCalls: event.toolCalls,
             agentId: event.agentId,
           })
           turn.text = ''
@@ -1027,6 +1102,14 @@ export async function streamChat(params: StreamChatParams): Promise<ChatStream> 
       }
       const frame: Record<string, unknown> = { type: 'chat', ...speakers, message: req.message, request_id: requestId }
       if (Object.keys(options).length > 0) frame.options = options
+      if (!('agentIds' in req)) {  // a single turn (a round offers no tools)
+        const one = req as SendMessageRequest
+        if (one.tools !== undefined) frame.tools = one.tools
+        if (one.toolChoice !== undefined) frame.tool_choice = one.toolChoice
+        if (one.toolResults !== undefined) {
+          frame.tool_results = one.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }))
+        }
+      }
       const abort = () => cancelTurn(requestId)
       req.signal?.addEventListener('abort', abort, { once: true })
       const settle = () => req.signal?.removeEventListener('abort', abort)

@@ -306,6 +306,39 @@ test('answers render as Markdown with highlighted, copyable code; model output a
   assert.deepEqual(failed.filter((f) => f !== 'GET /x 404'), []) // the inert <img src=x> still loads x
 })
 
+test('a tool call and its result show as one compact block', async () => {
+  await newPage()
+  await updateAgent({ id: 'tooler', name: 'Tooler', tools: [{ name: 'get_weather', parameters: { type: 'object' } }] }, server.baseUrl)
+  await load()
+  await page.selectOption('#agent-select', 'tooler')
+  await page.waitForSelector('#connection[data-state="open"]')
+  // The echo engine repeats the message: this one is answered with the call it holds.
+  await sendAndWait('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+  const block = page.locator('.message.assistant .tool-call')
+  await block.waitFor()
+  assert.equal(await block.locator('.tool-head').textContent(), 'get_weather({"city": "Oslo"})')
+  assert.equal(await block.locator('.tool-result').textContent(), 'no result yet')
+  // A program sends the result over the API; after a reload it shows in the call's block.
+  const [conversation] = await listConversations('tooler', server.baseUrl)
+  const callId = (await getConversation(conversation.id, server.baseUrl)).turns[1].toolCalls[0].id
+  assert.equal(await block.getAttribute('data-tool-call-id'), callId)
+  const resp = await fetch(`${server.baseUrl}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', 'x-conversation-id': conversation.id },
+    body: JSON.stringify({ model: 'tooler', messages: [{ role: 'tool', tool_call_id: callId, content: '<b>snow</b>' }] }),
+  })
+  assert.equal(resp.status, 200)
+  await page.reload()
+  await page.waitForSelector('body[data-ready="true"]')
+  await page.waitForSelector('.tool-call:not(.pending)')
+  assert.equal(await page.locator('.tool-call .tool-result').textContent(), '→ <b>snow</b>') // text, not markup
+  assert.equal(await page.locator('.tool-call b').count(), 0)
+  // The page may first open the Markdown test's conversation, whose inert onerror handler the
+  // policy reports on the console (see that test); nothing else.
+  assert.deepEqual(problems.filter((p) => !/^console: Executing inline event handler violates .* Content Security Policy directive 'script-src 'self''/.test(p)), [])
+  assert.deepEqual(failed.filter((f) => f !== 'GET /x 404'), [])
+})
+
 test('conversations: switching agent opens its latest, search, rename, regenerate, edit and resend, delete; options per agent', async () => {
   await newPage()
   await updateAgent({ id: 'first', name: 'First', systemPrompt: '', markdownContext: '' }, server.baseUrl)

@@ -506,6 +506,45 @@ describe('events(), AbortSignal, and what the server sends', () => {
   })
 })
 
+describe('tools', () => {
+  const call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+  const weather = { name: 'get_weather', description: 'The weather in a city.', parameters: { type: 'object' } }
+
+  test('an agent declares tools; a call comes back in toolCalls and its result continues the chat', async () => {
+    const stored = await updateAgent({ id: 'caller', name: 'Caller', tools: [weather] }, base)
+    assert.deepEqual(stored.tools, [weather])
+    assert.deepEqual((await getAgent('caller', base)).tools, [weather])
+    const { stream } = await open({ agentId: 'caller' })
+    // The echo engine repeats the user's words: a message holding a call is answered with it.
+    const result = await stream.sendMessage({ message: call })
+    assert.equal(result.toolCalls.length, 1)
+    const [made] = result.toolCalls
+    assert.equal(made.name, 'get_weather')
+    assert.deepEqual(JSON.parse(made.arguments), { city: 'Oslo' })
+    const answer = await stream.sendMessage({ message: '', toolResults: [{ toolCallId: made.id, content: 'snow' }] })
+    assert.equal(answer.text, 'snow')
+    assert.deepEqual(answer.toolCalls, [])
+    stream.stop()
+    const detail = await getConversation(answer.conversationId, base)
+    assert.deepEqual(detail.turns.map((t) => t.role), ['user', 'assistant', 'tool', 'assistant'])
+    assert.deepEqual(detail.turns[1].toolCalls, [made])
+    assert.equal(detail.turns[2].toolCallId, made.id)
+  })
+
+  test('a turn offers its own tools, with a tool choice', async () => {
+    const { stream } = await open()
+    const tools = [{ type: 'function', function: weather }]
+    const result = await stream.sendMessage({ message: call, tools, toolChoice: { type: 'function', function: { name: 'get_weather' } } })
+    assert.equal(result.toolCalls[0].name, 'get_weather')
+    await assert.rejects(stream.sendMessage({ message: 'x', tools, toolChoice: { type: 'function', function: { name: 'nope' } } }),
+      (e) => e.code === 'unknown_tool')
+    const plain = await stream.sendMessage({ message: call })  // no tools: the text stays text
+    assert.deepEqual(plain.toolCalls, [])
+    assert.equal(plain.text, call)
+    stream.stop()
+  })
+})
+
 describe('rooms', () => {
   test('createRoom, one agent or a round; events and results name the agent', async () => {
     await updateAgent({ ...agent, id: 'coder', name: 'Coder' }, base)

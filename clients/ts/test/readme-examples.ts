@@ -2,6 +2,7 @@
 // package, so a change to the public API that breaks them fails the build.
 import { listAgents, getAgent, updateAgent, deleteAgent, streamChat, type Agent, type ChatEvent } from 'streaming-llm-client'
 import { ApiError, ChatError, type ChatResult, type ClientOptions, type SocketFactory } from 'streaming-llm-client'
+import type { ChatStream, FunctionTool } from 'streaming-llm-client'
 import { createRoom } from 'streaming-llm-client'
 import WebSocket from 'ws'
 
@@ -69,6 +70,21 @@ export async function eventsExample(): Promise<void> {
   await chat.sendMessage({ message: 'Summarize the latest run.', options: { topP: 0.9, repetitionPenalty: 1.1 } })
   controller.abort() // closes the stream, as chat.stop() does; the loop above ends
   await reading
+}
+
+export async function toolsExample(chat: ChatStream, getWeather: (city: string) => string): Promise<void> {
+  const tools: FunctionTool[] = [{ type: 'function', function: {
+    name: 'get_weather', description: 'The weather in a city.',
+    parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+  } }]
+  let result = await chat.sendMessage({ message: 'Weather in Oslo?', tools })
+  while (result.toolCalls.length > 0) {
+    const toolResults = result.toolCalls.map((call) =>
+      ({ toolCallId: call.id, content: getWeather(JSON.parse(call.arguments).city) }))
+    result = await chat.sendMessage({ message: '', tools, toolResults })
+  }
+  console.log(result.text)
+  await updateAgent({ id: 'forecaster', name: 'Forecaster', tools: [{ name: 'get_weather', parameters: { type: 'object' } }] })
 }
 
 export async function roomExample(): Promise<void> {

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...errors import ContextTooLong
+from ..tool_text import Message, template_messages
 
-Message = dict[str, str]
-
+__all__ = ["Message", "Prompts", "template_messages"]
 
 class Prompts:
     def __init__(self, tokenizer: Any, boundaries: tuple[str, ...]) -> None:

@@ -40,7 +40,7 @@ from ..constraints import ConstraintState
 from ..detokenize import IncrementalDecoder, StopMatcher
 from ..scheduler import Feed, Outcome
 from .caches import Caches, Layout, Plan
-from .prompts import Prompts
+from .prompts import Prompts, template_messages
 from .store import Conversation
 
 log = logging.getLogger("streaming_llm.engines.local")
@@ -86,7 +86,7 @@ class Turn:
         request, prompts, caches = self.request, self.prompts, self.caches
         state = caches.take(self, request.conversation_id)
         self.state = state  # kept again on release whatever happens next
-        self.messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        self.messages = template_messages(request.messages, request.constraint)
         known_text, known_ids = (state.text, state.ids) if state is not None else (None, [])
         if self.streaming:
             self.prompt_text = prompts.render(self.messages, generation_prompt=True)

@@ -37,8 +37,10 @@ from ...chat.limits import Limits
 from ...chat.response_format import checked_constraint
 from ...chat.resume import ResumableTurn, ResumableTurns
 from ...chat.rounds import SpeakerRefused, run_answers
+from ...chat.tool_calls import ToolUse, check_tools, checked_tool_use, tool_use
 from ...chat.turns import ClientGone, Ending, TurnCancelled, TurnControl, TurnRunner, TurnSpec
-from ...errors import InvalidConstraint, ServiceError, ShuttingDown
+from ...engines.base import ChatMessage, Constraint
+from ...errors import InvalidConstraint, InvalidTools, ServiceError, ShuttingDown
 from ...metrics import Metrics
 from ...protocol import (
     Cancel,
@@ -131,7 +133,7 @@ class SocketTurn:
                          message=ending.failure.message, conversation_id=conversation_id,
                          turn_id=ending.turn_id or "", agent_id=ending.agent_id or None)
         return Done(self.request_id, conversation_id, ending.turn_id or "", ending.reason,
-                    ending.usage, agent_id=ending.agent_id)
+                    ending.usage, tool_calls=list(ending.tool_calls), agent_id=ending.agent_id)
 
     async def finish(self, frame: Error | Done) -> None:
         """Write the ending frame: through the resumable turn once started."""
@@ -277,6 +279,10 @@ class ChatSocket:
             await self.error(request_id, "duplicate_request_id",
                              f"request {request_id!r} is already queued or running")
             return
+        if not frame.message and not frame.tool_results:
+            await self.error(request_id, "invalid_frame", "invalid frame: a chat frame needs a "
+                             "non-empty message, or tool_results - at `$.message`")
+            return
         try:
             self.limits.check_chat(frame.message, frame.options.max_new_tokens)
             self.limits.check_queue(len(self.turns) - (self.current is not None))
@@ -370,20 +376,29 @@ class ChatSocket:
             constraint = await checked_constraint(
                 frame.response_format, self.runner.manager.engine,
                 max_bytes=self.limits.max_schema_bytes)
-        except InvalidConstraint as exc:  # refused before anything was stored
-            await self.error(request_id, exc.code, exc.message, field=exc.param)
+            tools = await _tool_use(self.ws, frame, constraint)  # tools (h/tools)
+        except (InvalidConstraint, InvalidTools) as exc:  # refused before anything was stored
+            await self.error(request_id, exc.code, exc.message, **_field(exc.param))
             return
         spec = TurnSpec(request_id=request_id, agent_id=frame.agent_id or "",
                         message=frame.message, options=frame.options,
                         conversation_id=frame.conversation_id, client=self.client,
-                        agent_ids=tuple(frame.agent_ids or ()), constraint=constraint)
+                        agent_ids=tuple(frame.agent_ids or ()), constraint=constraint,
+                        tools=tools,
+                        tool_results=tuple(ChatMessage("tool", r.content,
+                                                       tool_call_id=r.tool_call_id)
+                                           for r in frame.tool_results),
+                        result_params=tuple(f"tool_results[{i}].tool_call_id"
+                                            for i in range(len(frame.tool_results))))
         try:
             await run_answers(self.runner, spec, turn, turn.control)
         except SpeakerRefused as exc:  # a round's later speaker could not answer: it ends here
             await turn.finish(Error(request_id=request_id, code=exc.code, message=exc.message,
                                     conversation_id=exc.conversation_id, agent_id=exc.agent_id))
         except ServiceError as exc:  # refused before anything was stored
-            await self.error(request_id, exc.code, exc.message)
+            # the field at fault: a tool result for an unknown call
+            await self.error(request_id, exc.code, exc.message,
+                             **_field(getattr(exc, "param", None)))
 
     async def refuse(self, request_id: str) -> None:
         exc = ShuttingDown("the server is shutting down; send the turn again once it is back")
@@ -395,6 +410,37 @@ def _head(text: str) -> FrameHead | None:
         return head_decoder.decode(text)
     except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
         return None
+
+
+# --- tools (h/tools) -----------------------------------------------------------------------------
+def _field(param: str | None) -> dict[str, str]:
+    return {} if param is None else {"field": param}
+
+
+async def _tool_use(ws: WebSocket, frame: Chat, response_format: Constraint | None
+                    ) -> ToolUse | None:
+    """The tools a chat frame offers: its own, else its agent's (if it declares any, and the
+    frame asks for no ``response_format``), checked by the engine."""
+    settings = ws.state.services.settings
+    engine = ws.state.services.engine
+    if frame.tools is not None:
+        given = [msgspec.structs.asdict(t.function) for t in frame.tools]
+    elif frame.tool_choice == "none" or response_format is not None:
+        return None
+    elif frame.agent_id is None or frame.agent_ids:  # no single speaker: no agent's own tools
+        return None
+    else:
+        given = list(await ws.state.services.agents.tools(frame.agent_id))
+    tools = check_tools(given, max_tools=settings.max_tools,
+                        max_bytes=settings.max_tool_schema_bytes)
+    choice = frame.tool_choice
+    if choice is None or isinstance(choice, str):
+        use = tool_use(tools, choice, parallel=frame.parallel_tool_calls)
+    else:
+        use = tool_use(tools, choice.function.name, parallel=frame.parallel_tool_calls,
+                       param="tool_choice.function.name")
+    return await checked_tool_use(use, engine, response_format=response_format)
+# --- end tools ------------------------------------------------------------------------------------
 
 
 async def chat_endpoint(ws: WebSocket) -> None:

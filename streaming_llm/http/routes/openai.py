@@ -9,18 +9,21 @@ a socket turn, and the engine's per-conversation cache serves the call; the resp
 conversation in its ``X-Conversation-Id`` header.
 
 The turn runs in its own task while a second one waits for the client to go away; a disconnect
-cancels the turn, which stops the engine at its next step (the socket's rule). Errors use
-OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``.
+cancels the turn, which stops the engine at its next step (the socket's rule; see
+:mod:`streaming_llm.http.answers`, shared with ``/v1/messages``). Errors use OpenAI's body,
+``{"error": {"message", "type", "param", "code"}}``.
+
+With ``tools``, the calls the model writes (:mod:`streaming_llm.chat.tool_calls`) come back as
+``message.tool_calls``, or streamed as ``delta.tool_calls``; ``role: "tool"`` messages at the end
+of ``messages`` are the results, stored before the user message (if any) in a stored
+conversation.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
@@ -30,11 +33,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ...chat.conversations import TurnInProgress
-from ...chat.limits import Limits
 from ...chat.response_format import checked_constraint
-from ...chat.turns import ClientGone, Ending, TurnRunner, TurnSpec
-from ...engines.base import ChatMessage, count_tokens
+from ...chat.tool_calls import (
+    ArgumentsDelta,
+    CallStart,
+    Event,
+    TextDelta,
+    ToolUse,
+    check_tools,
+    checked_tool_use,
+    parse,
+    tool_use,
+)
+from ...chat.turns import Ending
+from ...engines.base import ChatMessage, ToolCall
 from ...errors import (
     AgentNotFound,
     BadRequest,
@@ -52,21 +64,32 @@ from ...openai_types import (
     ChunkChoice,
     CompletionUsage,
     Delta,
+    FunctionCall,
+    FunctionDelta,
+    MessageToolCall,
     Model,
     ModelList,
     OpenAIError,
     OpenAIErrorDetail,
     PromptTokensDetails,
     RequestMessage,
+    ToolCallDelta,
     openai_finish_reason,
 )
 from ...wire import Agent, FinishReason, GenerationOptions, Usage
+from ..answers import (
+    CONVERSATION_HEADER,
+    Answer,
+    Item,
+    check_limits,
+    new_request_id,
+    start,
+    stop,
+    turn_spec,
+)
 from ..responses import JSONResponse, decode_body
 
 log = logging.getLogger(__name__)
-
-CONVERSATION_HEADER = "x-conversation-id"
-NEW_CONVERSATION = "new"
 
 _encoder = msgspec.json.Encoder()
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
@@ -167,21 +190,37 @@ def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:
     messages = []
     for i, m in enumerate(body.messages):
         if m.role == "tool":
-            raise InvalidRequest("tool messages are not supported", param=f"messages[{i}].role")
+            if m.tool_call_id is None:
+                raise InvalidRequest("a tool message needs the tool_call_id it answers",
+                                     param=f"messages[{i}].tool_call_id")
+            messages.append(ChatMessage("tool", _text(m, i), tool_call_id=m.tool_call_id))
+            continue
         role = "system" if m.role == "developer" else m.role
-        messages.append(ChatMessage(role, _text(m, i)))
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments)
+                      for c in m.tool_calls or ()) if role == "assistant" else ()
+        messages.append(ChatMessage(role, _text(m, i), calls))
     last = messages[-1]
-    if last.role != "user" or not last.content:
-        raise InvalidRequest("the last message must be a non-empty user message",
-                             param=f"messages[{len(messages) - 1}]")
+    if last.role != "tool" and (last.role != "user" or not last.content):
+        raise InvalidRequest("the last message must be a non-empty user message or a tool "
+                             "result", param=f"messages[{len(messages) - 1}]")
     return messages
+
+
+def _tool_use(request: Request, body: ChatCompletionRequest) -> ToolUse | None:
+    settings = request.state.services.settings
+    tools = check_tools([msgspec.structs.asdict(t.function) for t in body.tools or ()],
+                        max_tools=settings.max_tools, max_bytes=settings.max_tool_schema_bytes,
+                        param="tools")
+    choice = body.tool_choice
+    if choice is None or isinstance(choice, str):
+        return tool_use(tools, choice, parallel=body.parallel_tool_calls is not False)
+    return tool_use(tools, choice.function.name, parallel=body.parallel_tool_calls is not False,
+                    param="tool_choice.function.name")
 
 
 def _options(body: ChatCompletionRequest) -> GenerationOptions:
     if body.n not in (None, 1):
         raise InvalidRequest("only n=1 is supported", param="n")
-    if body.tools:
-        raise InvalidRequest("tools are not supported", param="tools")
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported", param="logprobs")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
@@ -206,38 +245,28 @@ def _conversation_id(request: Request, body: ChatCompletionRequest) -> str | Non
 async def chat_completions(request: Request) -> Response:
     body = await decode_body(request, ChatCompletionRequest)
     messages, options = _messages(body), _options(body)
+    tools = _tool_use(request, body)
     conversation_id = _conversation_id(request, body)
     services = request.state.services
-    limits = Limits.from_settings(services.settings)
     # a schema that cannot compile is refused before anything is stored
     constraint = await checked_constraint(body.response_format, services.engine,
-                                          max_bytes=limits.max_schema_bytes)
-    limits.check_messages([m.content for m in messages], options.max_new_tokens)
+                                          max_bytes=services.settings.max_schema_bytes)
+    tools = await checked_tool_use(tools, services.engine, response_format=constraint)
     stored = conversation_id is not None
-    if not stored:  # the caller's history is the prompt (a stored one is the socket's)
-        limits.check_prompt_tokens(
-            await asyncio.to_thread(count_tokens, services.engine, messages))
-    spec = TurnSpec(
-        request_id=f"chatcmpl-{uuid.uuid4().hex}", agent_id=body.model,
-        message=messages[-1].content, options=options,
-        conversation_id=None if conversation_id in (None, NEW_CONVERSATION) else conversation_id,
-        client=request.client.host if request.client is not None else "",
-        history=None if stored else messages, constraint=constraint)
-    answer = _Answer(stream=bool(body.stream), send_timeout_s=services.settings.send_timeout_s)
-    work = asyncio.create_task(answer.produce(services.turns, spec), name=spec.request_id)
+    await check_limits(request, messages, options, stored=stored)
+    spec = turn_spec(request, request_id=new_request_id("chatcmpl-"), agent_id=body.model,
+                     messages=messages, options=options, conversation_id=conversation_id,
+                     constraint=constraint, tools=tools,
+                     result_param="messages[{}].tool_call_id".format)
     try:
-        first = await _unless_disconnected(request, answer.next())
+        answer, work, first = await start(request, spec, stream=bool(body.stream))
     except ClientDisconnect:  # nobody reads the answer: 499, nginx's "client closed request"
-        await _stop(work)
         return Response(status_code=499)
-    except BaseException:
-        await _stop(work)
-        raise
     if isinstance(first, ServiceError):  # refused before anything was stored
         raise _model_not_found(body.model) if isinstance(first, AgentNotFound) else first
     headers = {} if answer.conversation_id is None or not stored else {
         CONVERSATION_HEADER: answer.conversation_id}
-    reply = _Reply(spec.request_id, body)
+    reply = _Reply(spec.request_id, body, tools)
     if isinstance(first, Ending) and first.failure is not None:  # before the first piece
         failed = openai_error_response(first.failure)
         failed.headers.update(headers)
@@ -248,84 +277,64 @@ async def chat_completions(request: Request) -> Response:
     return StreamingResponse(
         reply.events(first, answer), media_type="text/event-stream; charset=utf-8",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
-        background=BackgroundTask(_stop, work))
+        background=BackgroundTask(stop, work))
 
 
 # --- chat completions: the answer ---------------------------------------------------------------
-_Item = str | Ending | ServiceError  # a piece, the ending, or a refusal before the start
-
-
-class _Answer:
-    """The turn's writer: hands pieces to the response through a short queue, so a client that
-    stops reading stalls its own turn; past the send timeout the turn ends ``cancelled``."""
-
-    def __init__(self, *, stream: bool, send_timeout_s: float) -> None:
-        self.stream = stream
-        self.send_timeout_s = send_timeout_s
-        self.items: asyncio.Queue[_Item] = asyncio.Queue(maxsize=64)
-        self.conversation_id: str | None = None
-
-    async def produce(self, runner: TurnRunner, spec: TurnSpec) -> None:
-        try:
-            await runner.run(spec, self)  # its ending comes through end()
-        except ServiceError as exc:
-            await self.items.put(exc)
-        except ClientGone:
-            pass  # stopped reading: the turn is stored as cancelled, nobody waits for more
-
-    async def next(self) -> _Item:
-        return await self.items.get()
-
-    # TurnWriter ---------------------------------------------------------------------------------
-    async def start(self, turn: TurnInProgress) -> None:
-        self.conversation_id = turn.conversation_id
-
-    async def piece(self, turn: TurnInProgress, text: str) -> None:
-        if self.stream:
-            try:
-                async with asyncio.timeout(self.send_timeout_s):
-                    await self.items.put(text)
-            except TimeoutError:
-                log.warning("turn %s: the client did not read for %gs, cancelling",
-                            turn.request_id, self.send_timeout_s)
-                raise ClientGone from None
-
-    async def end(self, turn: TurnInProgress, ending: Ending) -> None:
-        await self.items.put(ending)
-
-
 class _Reply:
     """OpenAI's bodies for one answer: one ``chat.completion``, or server-sent events."""
 
-    def __init__(self, request_id: str, params: ChatCompletionRequest) -> None:
-        self.request_id, self.params = request_id, params
+    def __init__(self, request_id: str, params: ChatCompletionRequest,
+                 tools: ToolUse | None) -> None:
+        self.request_id, self.params, self.tools = request_id, params, tools
         self.created = int(time.time())
         self.include_usage = bool(params.stream_options and params.stream_options.include_usage)
 
     def completion(self, text: str, ending: Ending) -> ChatCompletion:
+        calls: tuple[ToolCall, ...] = ()
+        if self.tools is not None:
+            text, calls = parse(text, self.request_id,
+                                max_calls=None if self.tools.parallel else 1)
+        message = AssistantMessage(
+            content=text if text or not calls else None,
+            tool_calls=[MessageToolCall(c.id, FunctionCall(c.name, c.arguments))
+                        for c in calls] or None)
         return ChatCompletion(self.request_id, self.created, self.params.model,
-                              [Choice(0, AssistantMessage(content=text),
-                                      openai_finish_reason(ending.reason))], _usage(ending.usage))
+                              [Choice(0, message,
+                                      openai_finish_reason(ending.reason, called=bool(calls)))],
+                              _usage(ending.usage))
 
-    async def events(self, first: _Item, answer: _Answer) -> AsyncIterator[bytes]:
+    async def events(self, first: Item, answer: Answer) -> AsyncIterator[bytes]:
         yield self.chunk(Delta(role="assistant", content=""))
+        parser = self.tools.parser(self.request_id) if self.tools is not None else None
         item = first
         while isinstance(item, str):
-            yield self.chunk(Delta(content=item))
+            if parser is None:
+                yield self.chunk(Delta(content=item))
+            else:
+                for event in parser.feed(item):
+                    yield self.chunk(_delta(event))
             item = await answer.next()
         failure = item if isinstance(item, ServiceError) else item.failure
         if failure is not None:  # OpenAI's clients raise on a data event carrying "error"
             yield _event(bytes(openai_error_response(failure).body))
             return
         assert isinstance(item, Ending)
-        yield self.chunk(Delta(), item.reason)
+        called = False
+        if parser is not None:
+            for event in parser.close():
+                yield self.chunk(_delta(event))
+            called = bool(parser.calls)
+        yield self.chunk(Delta(), item.reason, called=called)
         if self.include_usage:
             yield _event(_encoder.encode(ChatCompletionChunk(
                 self.request_id, self.created, self.params.model, [], _usage(item.usage))))
         yield _event(b"[DONE]")
 
-    def chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> bytes:
-        reason = None if finish_reason is None else openai_finish_reason(finish_reason)
+    def chunk(self, delta: Delta, finish_reason: FinishReason | None = None, *,
+              called: bool = False) -> bytes:
+        reason = (None if finish_reason is None
+                  else openai_finish_reason(finish_reason, called=called))
         return _event(_encoder.encode(ChatCompletionChunk(
             self.request_id, self.created, self.params.model, [ChunkChoice(0, delta, reason)])))
 
@@ -334,35 +343,17 @@ def _event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-async def _unless_disconnected(request: Request, waiting: Awaitable[_Item]) -> _Item:
-    """What ``waiting`` gives, unless the client goes away first (:class:`ClientDisconnect`).
-
-    Only until the response starts: from then on :class:`StreamingResponse` watches for it.
-    """
-    result = asyncio.ensure_future(waiting)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not result.done():
-        result.cancel()
-        raise ClientDisconnect
-    return result.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _stop(work: asyncio.Task[None]) -> None:
-    """End the turn's task (a no-op once it ended): a cancel stores the partial answer."""
-    if not work.done():
-        log.info("turn %s: client went away, cancelling", work.get_name())
-        work.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await work
+def _delta(event: Event) -> Delta:
+    """A parser event as OpenAI's delta: a call's id and name first, then its arguments."""
+    match event:
+        case TextDelta(text):
+            return Delta(content=text)
+        case CallStart(index, call_id, name):
+            return Delta(tool_calls=[ToolCallDelta(index, call_id, "function",
+                                                   FunctionDelta(name=name, arguments=""))])
+        case ArgumentsDelta(index, text):
+            return Delta(tool_calls=[ToolCallDelta(index, function=FunctionDelta(arguments=text))])
+    raise AssertionError(event)
 
 
 def _usage(usage: Usage) -> CompletionUsage:

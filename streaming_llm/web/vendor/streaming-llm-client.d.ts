@@ -26,6 +26,37 @@ export interface Agent {
     markdownContext: string;
     createdAt?: string;
     updatedAt?: string;
+    /** The functions the agent may call in its socket chats (unless a turn sends its own). */
+    tools?: Tool[];
+}
+/** A function the model may call: its name, what it does, its arguments' JSON Schema. */
+export interface Tool {
+    name: string;
+    description?: string;
+    parameters?: Record<string, unknown>;
+}
+/** A tool in OpenAI's shape, as a turn's `tools` take it. */
+export interface FunctionTool {
+    type: 'function';
+    function: Tool;
+}
+/** `auto` (the default): text or calls; `required`: a call; `none`: no calls; or this tool. */
+export type ToolChoice = 'auto' | 'none' | 'required' | {
+    type: 'function';
+    function: {
+        name: string;
+    };
+};
+/** A call the answer made; `arguments` is its JSON text (`JSON.parse` it). */
+export interface ToolCall {
+    id: string;
+    name: string;
+    arguments: string;
+}
+/** The result of a call, sent back with the next turn. */
+export interface ToolResult {
+    toolCallId: string;
+    content: string;
 }
 /**
  * What `updateAgent` sends. The snake_case spellings (`system_prompt`, `markdown_context`) of
@@ -40,6 +71,7 @@ export interface AgentInput {
     system_prompt?: string;
     /** @deprecated use `markdownContext` */
     markdown_context?: string;
+    tools?: Tool[];
 }
 /** Sampling options; unset fields fall back to the stream's defaults, then the server's. */
 export interface ChatOptions {
@@ -101,6 +133,8 @@ export interface ChatDoneEvent {
     turnId: string;
     finishReason: FinishReason;
     usage: Usage;
+    /** The calls the answer made (empty when none): send their results with the next turn. */
+    toolCalls: ToolCall[];
     /** Who answered ('' from servers before rooms); a round sends one `done` per answer. */
     agentId: string;
 }
@@ -144,6 +178,8 @@ export interface ChatResult {
     answerTurnId: string;
     /** @deprecated the same id as `answerTurnId` */
     turnId: string;
+    /** The calls the answer made (empty when none). */
+    toolCalls: ToolCall[];
     /** Who answered. */
     agentId: string;
 }
@@ -158,16 +194,21 @@ export interface Conversation {
     createdAt: string;
     updatedAt: string;
 }
-/** One stored message of a conversation; assistant turns carry how they finished. */
+/**
+ * One stored message of a conversation; assistant turns carry how they finished and the calls
+ * they made, `tool` turns the call they answer.
+ */
 export interface Turn {
     id: string;
     /** 0, 1, 2, ... within the conversation. */
     seq: number;
-    role: 'user' | 'assistant' | 'system';
+    role: 'user' | 'assistant' | 'system' | 'tool';
     content: string;
     finishReason: FinishReason | null;
     usage: Usage | null;
     createdAt: string;
+    toolCalls?: ToolCall[];
+    toolCallId?: string;
     /** Who spoke an answer (rooms); null for the user's turns. */
     agentId: string | null;
 }
@@ -209,10 +250,16 @@ export interface ClientOptions {
     signal?: AbortSignal;
 }
 export interface SendMessageRequest {
+    /** May be '' when `toolResults` carries results. */
     message: string;
     /** Who answers in a room (default: the stream's agent; '' : the message's `@mentions`). */
     agentId?: string;
     options?: ChatOptions;
+    /** Tools for this turn (else the agent's own, if it declares any). */
+    tools?: FunctionTool[];
+    toolChoice?: ToolChoice;
+    /** Results of the previous answer's calls, stored before `message`. */
+    toolResults?: ToolResult[];
     /** Aborting it cancels this turn (sent or still queued); the stream stays open. */
     signal?: AbortSignal;
 }

@@ -67,6 +67,8 @@ export async function updateAgent(agent, baseUrl) {
         system_prompt: agent.systemPrompt ?? agent.system_prompt ?? '',
         markdown_context: agent.markdownContext ?? agent.markdown_context ?? '',
     };
+    if (agent.tools !== undefined)
+        body.tools = agent.tools;
     return readAgent(await request('PUT', `/agents/${segment(agent.id)}`, baseUrl, body));
 }
 export async function deleteAgent(id, baseUrl) {
@@ -174,7 +176,29 @@ function readAgent(raw) {
         agent.createdAt = createdAt;
     if (updatedAt !== undefined)
         agent.updatedAt = updatedAt;
+    const tools = isObject(raw) ? raw.tools : undefined;
+    if (Array.isArray(tools))
+        agent.tools = tools.map(readTool);
     return agent;
+}
+function readTool(raw) {
+    const tool = { name: field(raw, 'name', isString) };
+    const description = optionalString(raw, 'description');
+    const parameters = isObject(raw) ? raw.parameters : undefined;
+    if (description !== undefined)
+        tool.description = description;
+    if (isObject(parameters))
+        tool.parameters = parameters;
+    return tool;
+}
+function readToolCalls(raw) {
+    if (!Array.isArray(raw))
+        return [];
+    return raw.map((call) => ({
+        id: field(call, 'id', isString),
+        name: field(call, 'name', isString),
+        arguments: field(call, 'arguments', isString),
+    }));
 }
 function readConversation(raw) {
     const agentId = field(raw, 'agent_id', isString);
@@ -188,14 +212,14 @@ function readConversation(raw) {
         updatedAt: field(raw, 'updated_at', isString),
     };
 }
-const ROLES = new Set(['user', 'assistant', 'system']);
+const ROLES = new Set(['user', 'assistant', 'system', 'tool']);
 const FINISH_REASONS = new Set(['stop', 'length', 'cancelled', 'error']);
 const isRole = (v) => typeof v === 'string' && ROLES.has(v);
 const isFinishReason = (v) => typeof v === 'string' && FINISH_REASONS.has(v);
 function readTurn(raw) {
     const reason = isObject(raw) ? raw.finish_reason : undefined;
     const usage = isObject(raw) ? raw.usage : undefined;
-    return {
+    const turn = {
         id: field(raw, 'id', isString),
         seq: field(raw, 'seq', isNumber),
         role: field(raw, 'role', isRole),
@@ -205,6 +229,13 @@ function readTurn(raw) {
         createdAt: field(raw, 'created_at', isString),
         agentId: optionalString(raw, 'agent_id') ?? null,
     };
+    const toolCalls = readToolCalls(isObject(raw) ? raw.tool_calls : undefined);
+    const toolCallId = optionalString(raw, 'tool_call_id');
+    if (toolCalls.length > 0)
+        turn.toolCalls = toolCalls;
+    if (toolCallId !== undefined)
+        turn.toolCallId = toolCallId;
+    return turn;
 }
 /** The wire's usage fields and their names here: only these are read (`Usage` is closed). */
 const USAGE_FIELDS = {
@@ -343,6 +374,7 @@ function readEvent(frame) {
                 turnId,
                 finishReason: field(frame, 'finish_reason', isFinishReason),
                 usage: readUsage(frame.usage),
+                toolCalls: readToolCalls(frame.tool_calls),
                 agentId: optionalString(frame, 'agent_id') ?? '',
             };
         }
@@ -562,6 +594,7 @@ export async function streamChat(params) {
                         requestId: turn.requestId,
                         answerTurnId: event.answerTurnId,
                         turnId: event.answerTurnId,
+                        toolCalls: event.toolCalls,
                         agentId: event.agentId,
                     });
                     turn.text = '';
@@ -713,6 +746,16 @@ export async function streamChat(params) {
         const frame = { type: 'chat', ...speakers, message: req.message, request_id: requestId };
         if (Object.keys(options).length > 0)
             frame.options = options;
+        if (!('agentIds' in req)) { // a single turn (a round offers no tools)
+            const one = req;
+            if (one.tools !== undefined)
+                frame.tools = one.tools;
+            if (one.toolChoice !== undefined)
+                frame.tool_choice = one.toolChoice;
+            if (one.toolResults !== undefined) {
+                frame.tool_results = one.toolResults.map((r) => ({ tool_call_id: r.toolCallId, content: r.content }));
+            }
+        }
         const abort = () => cancelTurn(requestId);
         req.signal?.addEventListener('abort', abort, { once: true });
         const settle = () => req.signal?.removeEventListener('abort', abort);
