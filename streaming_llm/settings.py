@@ -28,7 +28,7 @@ ENGINES = ("local", "ollama", "openai", "echo")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("none", "fp16", "int8")
+QUANTIZE = ("auto", "none", "fp16", "int8")
 
 
 class SettingsError(ValueError):
@@ -93,8 +93,8 @@ class Settings:
     models_dir: Path | None = _f(None, "Directory for GGUF files converted to safetensors (one folder per file content); empty = <data_dir>/models.")
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
     dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
-    quantize: str = _f("none", "Lighter weights for the local engine's decode step on CPU: none (the dtype above), fp16 (half the bytes per token, perplexity unchanged) or int8 (a quarter, each input row quantized on its own, +6 % perplexity); prefill keeps the model's weights. See bench speed and bench quality --only steps.", choices=QUANTIZE)
-    compile: bool = _f(False, "Run the decode step under torch.compile (CUDA graphs on CUDA). Two graphs per batch size (the attended span is dynamic), each compiled once on first use, about 1 min for float32 and 2 min for int8 on a 2-core CPU, stalling the batch meanwhile; logged, left out of the turn's decode rate; a failure falls back to eager. Off by default: on CPU +30 % decode with float32 weights and +70 % with int8 (STREAMING_LLM_QUANTIZE), after the compile stalls; not yet run on a GPU.")
+    quantize: str = _f("auto", "Lighter weights for the local engine's decode step on CPU: none (the dtype above), fp16 (half the bytes per token, perplexity unchanged) or int8 (a quarter, each input row quantized on its own, +6 % perplexity); auto = fp16 for float32 Llama-family weights on CPU, else none. Prefill keeps the model's weights. See bench speed and bench quality --only steps.", choices=QUANTIZE)
+    compile: bool = _f(True, "Run the decode step under torch.compile (CUDA graphs on CUDA), built ahead of use: the engine serves the eager step at once while a niced child process compiles one graph per batch bucket (minutes on a 2-core CPU, the first time), and takes each graph in while no conversation decodes. Graphs persist under <data_dir>/compile/ (keyed by torch, CPU capability, model, weights mode), so a restart loads them in seconds. A failure logs one warning and serves eager.")
     streaming: bool = _f(True, "Use the StreamingLLM attention-sink KV cache (off = dense cache, oldest turns dropped).")
     sink_tokens: int = _f(4, "Attention-sink tokens kept at the start of the KV cache.", ge=0, le=1024)
     window_tokens: int = _f(2000, "Recent tokens kept in the KV cache (clamped below the model's trained context).", ge=16, le=1_048_576)

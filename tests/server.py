@@ -20,8 +20,13 @@ __all__ = ["ROOT", "ServerProcess", "free_port", "http", "start_server", "wait_h
 
 def start_server(tmp_path: Path, env: Mapping[str, str] | None = None,
                  **options: Any) -> AbstractContextManager[ServerProcess]:
-    """:func:`streaming_llm.testing.server.start_server` with the checkout as working directory."""
-    return _start_server(tmp_path, env, cwd=ROOT, **options)
+    """:func:`streaming_llm.testing.server.start_server` with the checkout as working directory.
+
+    The compiled step is off unless ``env`` turns it on: its background compile (minutes of a
+    core per model) is tested on its own (tests/engines/test_precompile.py).
+    """
+    return _start_server(tmp_path, {"STREAMING_LLM_COMPILE": "false", **(env or {})}, cwd=ROOT,
+                         **options)
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None, *,

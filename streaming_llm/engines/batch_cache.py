@@ -12,8 +12,12 @@ buffers with one row per decoding conversation, which the scheduler passes as
     origin                  # (rows, slots) long, host: the arrival slot of every stored key (A.4)
     lengths                 # (rows,) long: tokens stored per row (host list + device copy)
 
-``slots`` is the largest capacity (sinks + window) of any row seen so far. A row of a smaller
-cache uses its first ``capacity`` slots only.
+``slots`` is the largest capacity (sinks + window) of any row seen so far, rounded up to a
+multiple of :data:`SLOT_BLOCK` (:func:`slots_for`), and the buffers hold one slot more than that,
+never attended. Both are for a compiled step (:mod:`.step`, C.2): a graph is built per buffer
+shape, so agents whose pinned prefixes differ by a few tokens share one, and a step's span is
+never the whole buffer (a contiguous slice, which inductor would specialize a second graph on).
+A row of a smaller cache uses its first ``capacity`` slots only.
 
 *Joining* copies a conversation's cache into a free row (after its prompt was prefilled through
 its own cache, batch 1, exactly as a lone turn); *leaving* copies the row back, so the
@@ -67,9 +71,15 @@ from transformers.cache_utils import Cache
 
 from .sink_cache import SinkCache, SinkRow, evict_window
 
-__all__ = ["MIN_SPAN", "BatchSinkCache", "bucket_size", "span_size"]
+__all__ = ["MIN_SPAN", "SLOT_BLOCK", "BatchSinkCache", "bucket_size", "slots_for", "span_size"]
 
 MIN_SPAN = 64  # the shortest attention span of a step, in slots
+SLOT_BLOCK = 512  # the batch's slots are a multiple of this (B.1)
+
+
+def slots_for(capacity: int) -> int:
+    """The batch slots that hold a cache of ``capacity``: rounded up to :data:`SLOT_BLOCK`."""
+    return -(-capacity // SLOT_BLOCK) * SLOT_BLOCK
 
 
 def span_size(longest: int, slots: int) -> int:
@@ -137,7 +147,8 @@ class BatchSinkCache(Cache):
         if stored == 0:
             raise ValueError("join a cache that holds at least one token (prefill first)")
         if not self._k or cache.capacity > self.slots or len(row.layers) != len(self._k):
-            self._allocate(row.layers, max(cache.capacity, self.slots))
+            self._allocate([(k.shape, v.shape) for k, _, v in row.layers], row.layers[0][0],
+                           max(slots_for(cache.capacity), self.slots))
         if self._inv_freq is None:
             self._inv_freq = cache.inv_freq
         b = self.active
@@ -182,23 +193,38 @@ class BatchSinkCache(Cache):
         inputs)."""
         return [*self._k, *self._arrived, *self._v]
 
-    def _allocate(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                  slots: int) -> None:
-        """(Re)allocate the buffers for ``slots`` slots, keeping the rows already there."""
-        old = (self._k, self._arrived, self._v, self._origin)
-        k0 = layers[0][0]
-        heads = k0.shape[1]
-        with torch.inference_mode(False):  # normal tensors: written in place in either mode
-            def buffer(like: torch.Tensor) -> torch.Tensor:
-                # (rows, kv_heads, slots, head_dim)
-                return like.new_zeros((self.rows, heads, slots, like.shape[-1]))
+    @classmethod
+    def blank(cls, rows: int, slots: int, active: int, *, layers: int, kv_heads: int,
+              head_dim: int, dtype: torch.dtype, device: torch.device | str) -> BatchSinkCache:
+        """A batch of ``rows`` x ``slots`` (a multiple of :data:`SLOT_BLOCK`) whose first
+        ``active`` rows hold one zero token each: the shapes of a live batch, for building a
+        compiled step's graph ahead of its use (:mod:`.precompile`)."""
+        if slots % SLOT_BLOCK:
+            raise ValueError(f"slots must be a multiple of {SLOT_BLOCK}, got {slots}")
+        batch = cls(rows)
+        like = torch.zeros((1, kv_heads, 1, head_dim), dtype=dtype, device=device)
+        batch._allocate([(like.shape, like.shape)] * layers, like, slots)
+        batch._inv_freq = torch.ones(head_dim // 2)
+        batch._rows = [_Row(0, slots, slots, 1, 1, 0) for _ in range(active)]
+        return batch
 
-            self._k = [buffer(k) for k, _, _ in layers]
-            self._arrived = [buffer(k) for k, _, _ in layers]
-            self._v = [buffer(v) for _, _, v in layers]
+    def _allocate(self, shapes: list[tuple[torch.Size, torch.Size]], like: torch.Tensor,
+                  slots: int) -> None:
+        """(Re)allocate the buffers for ``slots`` slots (``shapes``: a layer's keys' and values'
+        ``(1, kv_heads, n, head_dim)`` per layer; ``like``: their dtype and device), keeping the
+        rows already there."""
+        old = (self._k, self._arrived, self._v, self._origin)
+        with torch.inference_mode(False):  # normal tensors: written in place in either mode
+            def buffer(shape: torch.Size) -> torch.Tensor:
+                # (rows, kv_heads, slots + 1, head_dim): the last slot is never attended (B.1)
+                return like.new_zeros((self.rows, shape[1], slots + 1, shape[-1]))
+
+            self._k = [buffer(k) for k, _ in shapes]
+            self._arrived = [buffer(k) for k, _ in shapes]
+            self._v = [buffer(v) for _, v in shapes]
             self._origin = torch.zeros((self.rows, slots), dtype=torch.long)  # (rows, slots)
-            self._lengths = torch.zeros(self.rows, dtype=torch.long, device=k0.device)
-        if old[0] and len(old[0]) == len(layers):
+            self._lengths = torch.zeros(self.rows, dtype=torch.long, device=like.device)
+        if old[0] and len(old[0]) == len(shapes):
             n, keep = self.active, min(self.slots, slots)
             for new_list, old_list in zip((self._k, self._arrived, self._v), old[:3], strict=True):
                 for new, prev in zip(new_list, old_list, strict=True):

@@ -44,7 +44,7 @@ import enum
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 # Prompt tokens per forward call: the stall a joining prompt adds to the rows that decode (one
 # such chunk per step), and where a cancel is seen during a prompt. The one definition.
 PREFILL_CHUNK = 256
+IDLE_POLL_S = 0.5  # how often idle work runs while it has more to do
 
 
 class RequestState(enum.Enum):
@@ -175,7 +176,8 @@ class Scheduler:
     """
 
     def __init__(self, model: Any, *, max_batch: int, step: Step | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, name: str = "scheduler") -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, name: str = "scheduler",
+                 idle: Callable[[], bool] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -193,6 +195,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._steps = 0
+        # Work for the loop's thread while nothing is live (the precompiler's loads): called
+        # every IDLE_POLL_S while it says more is pending, again after the next busy spell.
+        self._idle = idle
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -254,12 +259,19 @@ class Scheduler:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            pending = self._idle is not None
             while True:
                 with self._cond:
                     self._cond.notify_all()  # wait_idle() callers look again
-                    self._cond.wait_for(lambda: self._closed or self._busy())
+                    self._cond.wait_for(lambda: self._closed or self._busy(),
+                                        IDLE_POLL_S if pending else None)
                     if self._closed and not self._busy():
                         return
+                    idle = not self._busy()
+                if idle:
+                    pending = self._idle_work()
+                    continue
+                pending = self._idle is not None
                 try:
                     plan = self._schedule()
                     if not plan.empty:
@@ -267,6 +279,15 @@ class Scheduler:
                 except Exception as exc:  # a bug in the loop itself: fail everyone, keep serving
                     log.exception("scheduler: the loop failed")
                     self._fail_all(exc)
+
+    def _idle_work(self) -> bool:
+        assert self._idle is not None
+        try:
+            return self._idle()
+        except Exception:
+            log.exception("scheduler: idle work failed; not retried")
+            self._idle = None
+            return False
 
     def _fail_all(self, exc: Exception) -> None:
         rows = [*self._feeding, *self._rows, *self._solo]

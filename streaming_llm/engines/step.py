@@ -38,24 +38,26 @@ of every weight (no second copy of the model in memory).
 
 C.2 Compiled
 ------------
-``compile=True`` runs the written-out step under ``torch.compile``: inductor on CPU, and with
-``mode="reduce-overhead"`` (CUDA graphs) on CUDA, where a small model's step is bound by kernel
-launches rather than bytes (see docs/performance.md for where it has run). On CPU:
+``compile=True`` (the engine's default, ``STREAMING_LLM_COMPILE``) runs the written-out step
+under ``torch.compile``: inductor on CPU, and with ``mode="reduce-overhead"`` (CUDA graphs) on
+CUDA, where a small model's step is bound by kernel launches rather than bytes (see docs/performance.md for where it has run). On CPU:
 
 - the graph has a C++ wrapper (``cpp_wrapper``): its ~330 kernels and products per step are
   called from C++, not from generated Python, which cost 2-3 ms of a 20 ms float32 step;
 - attention is written out as two products and a softmax, which inductor fuses with the scaling
   and the mask (SDPA's kernel costs more per call at one query per row; eager keeps it);
 - the span (B.2 of :mod:`.batch_cache`) is a dynamic dimension: there is one graph per batch
-  bucket, and one more per bucket where the span is the whole buffer (that slice is contiguous,
-  which the generated code specializes on), instead of one per (bucket, span).
+  bucket and buffer size (``slots``, a multiple of 512 with one spare slot, so the span's slice
+  is never the whole buffer: B.1), a :data:`Shape`, instead of one per (bucket, span).
 
-Each graph compiles on first use, timed and logged (``compile_seconds``), and the scheduler keeps
-the time out of the turn's timings. If compilation fails the step logs one line and runs eager
-from then on. Compile is opt-in (``STREAMING_LLM_COMPILE=true``): a new graph stalls the batch
-while it compiles (about a minute for float32 and two for int8 on this project's 2-core CPU, less
-with inductor's cache warm). fbgemm's products (C.3) run inside the compiled step as custom ops
-(:mod:`.weights`), so lighter weights gain most from it.
+A graph takes a minute or two to build on this project's 2-core CPU. Built on its first call
+(``ahead=False``, what the benchmarks do, outside their timings) it stalls the batch meanwhile;
+the engine's step is ``ahead=True``: a call runs compiled only the shapes already built, runs
+any other eager (SDPA's kernel) and notes it in :attr:`LlamaStep.missing`, and
+:meth:`LlamaStep.prepare` builds a shape on blank buffers. :mod:`.precompile` has a child process build them into inductor's
+cache on disk and the serving step take them in while idle. If compiling fails the step logs one
+line and runs eager from then on. fbgemm's products (C.3) run inside the compiled step as custom
+ops (:mod:`.weights`), so lighter weights gain most from it.
 
 C.3 Lighter weights
 -------------------
@@ -69,6 +71,7 @@ independent in both modes; the quality cost is measured by ``streaming-llm bench
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +90,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZE = weights.QUANTIZE
 Product = Callable[[torch.Tensor], torch.Tensor]
+Shape = tuple[int, int]  # (batch bucket, batch slots): one compiled graph each (C.2)
 _LLAMA_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 
 
@@ -134,7 +138,8 @@ def llama_step_support(model: Any) -> str | None:
     return None
 
 
-def build_step(model: Any, *, quantize: str = "none", compile: bool = False) -> Step:
+def build_step(model: Any, *, quantize: str = "none", compile: bool = False,
+               ahead: bool = False) -> Step:
     """The best step for ``model``: :class:`LlamaStep` when it can run it, else :class:`ModelStep`.
 
     ``quantize`` (``fp16``/``int8``, C.3) needs the written-out step, so another architecture
@@ -148,13 +153,14 @@ def build_step(model: Any, *, quantize: str = "none", compile: bool = False) -> 
             raise ValueError(f"quantize={quantize} needs the Llama-family step: {why}")
         log.info("decode step: the model's own forward (%s)", why)
         return ModelStep(model)
-    return LlamaStep(model, quantize=quantize, compile=compile)
+    return LlamaStep(model, quantize=quantize, compile=compile, ahead=ahead)
 
 
 class LlamaStep:
     """The Llama-family decode step written out over :class:`BatchSinkCache` buffers (C.1)."""
 
-    def __init__(self, model: Any, *, quantize: str = "none", compile: bool = False) -> None:
+    def __init__(self, model: Any, *, quantize: str = "none", compile: bool = False,
+                 ahead: bool = False) -> None:
         inner = model.model
         cfg = model.config.get_text_config()
         self.heads = cfg.num_attention_heads
@@ -182,64 +188,95 @@ class LlamaStep:
         self.output = make(out.weight, getattr(out, "bias", None))
         self.intermediate = products[0][2][0].shape[0] // 2
         self.compile_seconds = 0.0
-        self._forward: Callable[..., torch.Tensor] = self.forward
+        self.ahead = ahead
+        self.missing: set[Shape] = set()  # shapes run eager for want of a graph (ahead mode)
         self._compiled = compile
-        # Eager, SDPA's fused kernel per layer; compiled, attention written out as products (C.2).
-        self._attend = self._attention_products if compile else self._fused_attention
-        self._shapes: set[tuple[int, int, bool]] = set()
+        self._shapes: set[Shape] = set()  # shapes with a compiled graph
+        self._graph: Callable[..., torch.Tensor] = self.forward
         if compile:
-            # Two graphs per batch bucket, 2 * (log2(rows) + 1): from 8 rows on, more than
-            # dynamo's default limit of 8 per function.
+            # One graph per batch bucket and buffer size: more than dynamo's default limit of 8
+            # per function once the buckets and agents' buffer sizes add up.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # dynamic=False: only the span, marked in __call__, is dynamic. Left to dynamo's
+            # dynamic=False: only the span, marked in _compile_call, is dynamic. Left to dynamo's
             # automatic dynamic shapes, the batch size became dynamic too, one graph for every
             # size from 2 on: 8 conversations measured 157 against 216 tokens/s (int8, compiled).
+            # The graph writes attention out as products (C.2); eager keeps SDPA's kernel.
+            graph = functools.partial(self.forward, products=True)
             if self.embed.device.type == "cuda":
-                self._forward = torch.compile(self.forward, dynamic=False, mode="reduce-overhead")
+                self._graph = torch.compile(graph, dynamic=False, mode="reduce-overhead")
             else:
                 # A C++ wrapper: the generated graph calls its ~330 kernels and products per
                 # step from C++ rather than Python (2-3 ms of a 20 ms float32 step here).
-                self._forward = torch.compile(self.forward, dynamic=False,
-                                              options={"cpp_wrapper": True})
+                self._graph = torch.compile(graph, dynamic=False, options={"cpp_wrapper": True})
             self.name += "-compiled"
+
+    @property
+    def compiled_shapes(self) -> frozenset[Shape]:
+        """``(bucket, slots)`` shapes the step runs compiled."""
+        return frozenset(self._shapes)
 
     def __call__(self, batch: BatchSinkCache, tokens: Sequence[int]) -> torch.Tensor:
         inputs = batch.step_inputs(tokens, self.dtype)
         args = (inputs["input_ids"][:, 0], inputs["position_ids"][:, 0], inputs["attention_mask"],
                 batch)
-        # One graph per batch bucket (and buffer size) with the span a dynamic dimension, and
-        # one more where the span is the whole buffer: that slice is contiguous (C.2).
-        span = inputs["attention_mask"].shape[-1]
-        shape = (inputs["input_ids"].shape[0], batch.slots, span == batch.slots)
-        if self._compiled and shape not in self._shapes:
-            torch._dynamo.maybe_mark_dynamic(inputs["attention_mask"], 3)
-            if self.embed.device.type == "cuda":
-                # CUDA graphs replay fixed addresses: the batch buffers, written in place by
-                # every step, must be static inputs.
-                for t in batch.buffers():
-                    torch._dynamo.mark_static_address(t)
+        # One graph per batch bucket and buffer size, the span a dynamic dimension (C.2).
+        shape = (inputs["input_ids"].shape[0], batch.slots)
+        if shape in self._shapes:
+            logits = self._graph(*args)
+        elif self._compiled and not self.ahead:
             logits = self._compile_call(shape, args)
         else:
-            logits = self._forward(*args)
+            if self._compiled:
+                self.missing.add(shape)  # the precompiler builds it; eager meanwhile (C.2)
+            logits = self.forward(*args)
         batch.advance()
         return logits[:len(tokens)].float()
 
-    def _compile_call(self, shape: tuple[int, int, bool], args: tuple[Any, ...]) -> torch.Tensor:
-        """The first call of a new bucket compiles; time it, fall back if it fails."""
+    def prepare(self, rows: int, shape: Shape) -> float | None:
+        """Build the graph of ``shape`` = ``(bucket, slots)`` for a batch of ``rows`` rows, on
+        blank buffers of that shape (inductor's cache makes it a load when the graph was built
+        before, here or in another process); the seconds it took, None if compiling failed."""
+        if not self._compiled:
+            return None
+        if shape in self._shapes:
+            return 0.0
+        bucket, slots = shape
+        batch = BatchSinkCache.blank(rows, slots, bucket, layers=len(self.layers),
+                                     kv_heads=self.kv_heads, head_dim=self.head_dim,
+                                     dtype=self.dtype, device=self.embed.device)
+        inputs = batch.step_inputs([0] * bucket, self.dtype)
+        args = (inputs["input_ids"][:, 0], inputs["position_ids"][:, 0], inputs["attention_mask"],
+                batch)
+        before = self.compile_seconds
+        with torch.inference_mode():
+            self._compile_call(shape, args)
+        self.missing.discard(shape)
+        return self.compile_seconds - before if self._compiled else None
+
+    def _compile_call(self, shape: Shape, args: tuple[Any, ...]) -> torch.Tensor:
+        """The first call of a new shape compiles; time it, fall back if it fails."""
+        torch._dynamo.maybe_mark_dynamic(args[2], 3)  # the mask's span
+        if self.embed.device.type == "cuda":
+            # CUDA graphs replay fixed addresses: the batch buffers, written in place by every
+            # step, must be static inputs.
+            for t in args[3].buffers():
+                torch._dynamo.mark_static_address(t)
         started = time.perf_counter()
         try:
-            logits = self._forward(*args)
+            logits = self._graph(*args)
         except Exception as exc:  # noqa: BLE001 - a model torch.compile cannot take runs eager
             log.warning("decode step: torch.compile failed (%s: %s); running eager",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            self._forward, self._compiled = self.forward, False
+            self._graph, self._compiled = self.forward, False
+            self._shapes.clear()
+            self.missing.clear()
             self.name = self.name.removesuffix("-compiled")
             return self.forward(*args)
         seconds = time.perf_counter() - started
         self.compile_seconds += seconds
         self._shapes.add(shape)
-        log.info("decode step: compiled batch %d (%d slots%s) in %.1f s", shape[0], shape[1],
-                 ", whole span" if shape[2] else "", seconds)
+        log.info("decode step: compiled batch %d (%d slots) in %.1f s", shape[0], shape[1],
+                 seconds)
         return logits
 
     def _fused_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -253,8 +290,10 @@ class LlamaStep:
         return torch.matmul(scores.float().softmax(-1).to(values.dtype), values)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                batch: BatchSinkCache) -> torch.Tensor:
-        """Logits ``(B, vocab)`` for one token per row; ``ids``/``positions`` ``(B,)``."""
+                batch: BatchSinkCache, products: bool = False) -> torch.Tensor:
+        """Logits ``(B, vocab)`` for one token per row; ``ids``/``positions`` ``(B,)``;
+        attention as SDPA's kernel, or written out as ``products`` (compiled, C.2)."""
+        attend = self._attention_products if products else self._fused_attention
         rows, span = ids.shape[0], mask.shape[-1]
         h, g, d = self.heads, self.kv_heads, self.head_dim
         x = self.embed[ids]  # (B, H)
@@ -273,7 +312,7 @@ class LlamaStep:
             keys, values = batch.write(k, v, i)  # the whole buffers: slots (B, g, S, d) used
             keys, values = keys[:rows, :, :span], values[:rows, :, :span]
             q = qk[:, :h].reshape(rows, g, h // g, d)  # query heads grouped by their kv head
-            o = self._attend(q, keys, values, mask)
+            o = attend(q, keys, values, mask)
             x = x + o_w(o.reshape(rows, h * d))
             gate, up = gate_up_w(_rms_norm(x, norm_post, self.eps)).split(self.intermediate, -1)
             x = x + down_w(F.silu(gate) * up)

@@ -27,7 +27,8 @@ async def local_engines(tmp_path: Path) -> AsyncIterator[MakeEngine]:
     made: list[LocalEngine] = []
 
     async def make(model: Path, **overrides: Any) -> LocalEngine:
-        engine = LocalEngine(Settings(data_dir=tmp_path / "data", model=str(model), **overrides))
+        engine = LocalEngine(Settings(data_dir=tmp_path / "data", model=str(model),
+                                      **{"compile": False, **overrides}))
         made.append(engine)
         await engine.start()
         return engine

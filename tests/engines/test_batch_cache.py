@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streaming_llm.engines.batch_cache import BatchSinkCache, bucket_size, span_size
+from streaming_llm.engines.batch_cache import BatchSinkCache, bucket_size, slots_for, span_size
 from streaming_llm.engines.decoding import forward_tokens
 from streaming_llm.engines.sink_cache import SinkCache
 
@@ -114,13 +114,13 @@ def test_leaving_moves_the_last_row_into_the_hole() -> None:
 
 def test_a_larger_cache_regrows_the_slots_and_keeps_the_rows() -> None:
     model = tiny_model("llama", layers=1)
-    small, large = prefilled(model, 9, seed=1), prefilled(model, 30, seed=2, window=40)
+    small, large = prefilled(model, 9, seed=1), prefilled(model, 30, seed=2, window=600)
     batch = BatchSinkCache(2)
     batch.join(small)
-    assert batch.slots == S + W
+    assert batch.slots == slots_for(S + W)
     batch.join(large)
-    assert batch.slots == S + 40
-    ref_small, ref_large = prefilled(model, 9, seed=1), prefilled(model, 30, seed=2, window=40)
+    assert batch.slots == slots_for(S + 600) > slots_for(S + W)
+    ref_small, ref_large = prefilled(model, 9, seed=1), prefilled(model, 30, seed=2, window=600)
     logits = batched_step(model, batch, [5, 6])
     torch.testing.assert_close(logits[0], forward_tokens(model, ref_small, [5]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[1], forward_tokens(model, ref_large, [6]), rtol=1e-4, atol=1e-4)
@@ -149,7 +149,7 @@ def test_a_step_attends_to_the_slots_in_use_rounded_up_to_a_power_of_two() -> No
     batch = BatchSinkCache(4)
     for cache in rows:
         batch.join(cache)
-    assert batch.slots == S + 400
+    assert batch.slots == slots_for(S + 400)
     inputs = batch.step_inputs([3, 4, 5], torch.float32)
     assert inputs["attention_mask"].shape == (4, 1, 1, 128)  # the longest row, 101, rounded up
     with torch.inference_mode():

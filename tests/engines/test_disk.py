@@ -39,7 +39,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
 
     async def build(name: str, model: Path, **overrides: Any) -> LocalEngine:
         settings = Settings(data_dir=tmp_path / name, model=str(model), instance_id="test",
-                            **{**GEOMETRY, **overrides})
+                            **{"compile": False, **GEOMETRY, **overrides})
         engine = LocalEngine(settings)
         engines.append(engine)
         await engine.start()

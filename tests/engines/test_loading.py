@@ -36,7 +36,7 @@ async def engines() -> AsyncIterator[list[LocalEngine]]:
 
 
 async def started(engines: list[LocalEngine], **settings: object) -> LocalEngine:
-    engine = LocalEngine(Settings(**settings))  # type: ignore[arg-type]
+    engine = LocalEngine(Settings(**{"compile": False, **settings}))  # type: ignore[arg-type]
     engines.append(engine)
     await engine.start()
     return engine
@@ -91,7 +91,7 @@ async def test_health_shows_conversion_progress(tmp_path: Path,
         return digest(path)
 
     monkeypatch.setattr(loading, "file_digest", slow_digest)
-    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(gguf)))
+    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(gguf), compile=False))
     engines.append(engine)
     start = asyncio.create_task(engine.start())
     for _ in range(600):
@@ -113,7 +113,7 @@ async def test_a_bad_gguf_file_is_a_clear_start_up_error(tmp_path: Path, content
                                                          message: str) -> None:
     path = tmp_path / "broken.gguf"
     path.write_bytes(content)
-    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(path)))
+    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(path), compile=False))
     with pytest.raises(EngineUnavailable) as info:
         await engine.start()
     assert str(path) in info.value.message and message in info.value.message
@@ -125,7 +125,7 @@ async def test_a_bad_gguf_file_is_a_clear_start_up_error(tmp_path: Path, content
 
 async def test_a_missing_gguf_file_is_model_not_found(tmp_path: Path) -> None:
     path = tmp_path / "absent.gguf"
-    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(path)))
+    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(path), compile=False))
     with pytest.raises(ModelNotFound, match=r"absent\.gguf"):
         await engine.start()
     await engine.close()

@@ -148,7 +148,7 @@ async def test_a_new_conversation_copies_the_shared_prefix_equal_to_a_fresh_pref
 def test_put_warns_and_chat_refuses_an_agent_whose_prefix_is_too_long(tmp_path: Path,
                                                                       llama_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data", engine="local", model=str(llama_path),
-                        window_tokens=40, allowed_hosts="testserver")
+                        window_tokens=40, allowed_hosts="testserver", compile=False)
     with TestClient(create_app(settings)) as client:
         for _ in range(600):
             if client.get("/health").json()["ready"]:

@@ -89,9 +89,10 @@ from ..base import (
 )
 from ..constraints import ConstraintState, Grammars
 from ..decoding import Sampler
+from ..precompile import Precompiler, folder_key, wanted_shapes
 from ..scheduler import Request, Scheduler
 from ..sink_cache import SinkCache
-from ..step import build_step
+from ..step import LlamaStep, Step, build_step, llama_step_support
 from .caches import Caches
 from .disk import DiskTier, model_fingerprint
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
@@ -118,6 +119,7 @@ class LocalEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-engine")
         self._refusals: dict[str, EngineError | None] = {}  # by system message (event loop)
         self._scheduler: Scheduler | None = None
+        self._precompiler: Precompiler | None = None  # the compiled step's graphs, ahead of use
         self._loaded: LoadedModel | None = None
         self.prompts: Prompts | None = None  # once loaded
         self.caches: Caches | None = None  # once loaded
@@ -167,12 +169,45 @@ class LocalEngine:
         self.grammars = Grammars(self._loaded.tokenizer, self._loaded.eos_ids, int(vocab))
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
-        step = build_step(self._loaded.model, quantize=self.settings.quantize,
-                          compile=self.settings.compile)
+        step = build_step(self._loaded.model, quantize=self._quantize(),
+                          compile=self.settings.compile, ahead=True)
+        self._precompiler = self._precompile(step, source, rows)
         self._scheduler = Scheduler(self._loaded.model, max_batch=rows, step=step,
-                                    name="local-engine-scheduler")
+                                    name="local-engine-scheduler",
+                                    idle=self._precompiler.idle if self._precompiler else None)
         log.info("local engine: decoding up to %d conversations in one batch (step %s)", rows,
                  step.name)
+
+    def _quantize(self) -> str:
+        """``quantize=auto``: fp16 products for a float32 Llama-family step on CPU (half the
+        bytes per token, perplexity unchanged: docs/performance.md), else the model's weights."""
+        chosen = self.settings.quantize
+        if chosen != "auto":
+            return chosen
+        assert self._loaded is not None
+        fits = (self._loaded.device == "cpu" and self._loaded.dtype == "float32"
+                and llama_step_support(self._loaded.model) is None)
+        return "fp16" if fits else "none"
+
+    def _precompile(self, step: Step, source: str, rows: int) -> Precompiler | None:
+        """The compiled step's graphs, built ahead of use (:mod:`..precompile`)."""
+        import torch
+
+        if not isinstance(step, LlamaStep) or not self.settings.compile:
+            return None
+        assert self._loaded is not None and self.caches is not None
+        loaded = self._loaded
+        fingerprint = model_fingerprint(loaded.model, self._model_name)
+        key = folder_key(fingerprint=fingerprint, quantize=self._quantize(), dtype=loaded.dtype,
+                         rows=rows, device=loaded.device)
+        folder = self.settings.data_dir / "compile" / key
+        # The serving process loads what the child built from the same cache (process-wide).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+        capacity = self.settings.sink_tokens + loaded.window if self.settings.streaming else (
+            loaded.context)
+        spec = {"source": source, "dtype": loaded.dtype, "device": loaded.device,
+                "quantize": self._quantize(), "rows": rows, "threads": torch.get_num_threads()}
+        return Precompiler(step, folder, spec, wanted_shapes(rows, capacity))
 
     def _disk_tier(self, loaded: LoadedModel) -> DiskTier | None:
         """The disk tier of the caches (streaming only: a dense prompt is already bounded by the
@@ -202,6 +237,8 @@ class LocalEngine:
         self._ready = False
         if self._scheduler is not None:  # cancels every turn; each stops within one step
             await asyncio.to_thread(self._scheduler.close)
+        if self._precompiler is not None:
+            self._precompiler.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         if self.caches is not None:  # a graceful stop writes the cached conversations to disk
             await asyncio.to_thread(self.caches.close)
@@ -237,6 +274,7 @@ class LocalEngine:
             "max_batch": scheduler.max_batch,
             "decode_step": scheduler.step.name,
             "compile_seconds": round(scheduler.step.compile_seconds, 1),
+            "compile": self._precompiler.status() if self._precompiler else {"state": "off"},
             "decoding": scheduler.decoding,
             "waiting": scheduler.waiting,
             "batch_kv_bytes": scheduler.batch_nbytes(),
