@@ -21,9 +21,10 @@ the answer as ``stop`` (the server says ``tool_calls`` when the answer made call
 The answer is server-sent events: ``data: {"choices": [{"delta": {"content": ...},
 "finish_reason": null}]}`` per piece, a chunk whose choice has ``finish_reason`` ``"stop"``,
 ``"length"`` or ``"tool_calls"``, with ``include_usage`` one more chunk with no choices and the
-``usage``, then ``data: [DONE]``. Usage comes from that chunk when the upstream sends it (``cached_tokens`` from
-``prompt_tokens_details``); an upstream that ignores ``include_usage`` gets the number of pieces as
-``completion_tokens``. Time to first token and the decode rate are measured here.
+``usage``, then ``data: [DONE]``. Usage comes from that chunk when the upstream sends it
+(``cached_tokens`` from ``prompt_tokens_details``); an upstream that ignores ``include_usage``
+gets the number of pieces (a call one piece) as ``completion_tokens``. Time to first token and the
+decode rate are measured here.
 
 The request, the error mapping (``engine_unavailable``, ``model_not_found``, ...), cancellation
 and the health cache are :class:`~streaming_llm.engines.upstream.UpstreamEngine`'s, shared with
@@ -60,13 +61,7 @@ from .base import (
     Usage,
 )
 from .tool_text import template_messages
-from .upstream import (
-    HEALTH_TTL_S,
-    Bounds,
-    NativeCalls,
-    UpstreamEngine,
-    error_message,
-)
+from .upstream import HEALTH_TTL_S, Bounds, NativeCalls, UpstreamEngine, error_message
 
 DONE = b"[DONE]"
 

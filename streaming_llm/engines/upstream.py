@@ -288,8 +288,8 @@ class NativeCalls:
     storage: they are given out only once all are checked), except in an answer cut short
     (``length``), whose last call may well be unfinished: such calls are dropped, with a warning.
     A call assembled from pieces (name and arguments) longer than ``max_bytes`` is a protocol
-    error at once, as a line too long is. Ids are not kept: the server names calls itself (``call_…`` from the request id
-    and the call's index), whichever engine made them."""
+    error at once, as a line too long is. Ids are not kept: the server names calls itself
+    (``call_…`` from the request id and the call's index), whichever engine made them."""
 
     def __init__(self, offered: tuple[dict[str, Any], ...], label: str, max_bytes: int) -> None:
         self._offered = [str(t["name"]) for t in offered]
