@@ -12,7 +12,7 @@ client must get the same shapes as from the local engine whichever upstream made
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ class Upstream:
     fake: FakeServer
     server: ServerProcess
 
-    def answer(self, tokens: list[str], calls: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+    def answer(self, tokens: list[str], calls: Sequence[dict[str, Any]] = ()) -> None:
         """How the fake answers the next chats: these text pieces, then these calls."""
         script: type[Script] = ChatScript if self.kind == "ollama" else CompletionScript
         self.fake.script = script(tokens=tokens, tool_calls=calls)  # type: ignore[attr-defined]
@@ -169,6 +169,36 @@ def test_anthropic_messages_get_a_tool_use_block(upstream: Upstream) -> None:
     assert use.input == PARIS["arguments"]
 
 
+def socket_turn(upstream: Upstream, **frame: Any) -> list[dict[str, Any]]:
+    """One chat frame on a new socket; its events up to ``done`` or ``error``."""
+    with connect(upstream.server.ws_url) as ws:
+        ws.send(json.dumps({"type": "chat", "agent_id": "helper", **frame}))
+        events = [json.loads(ws.recv(timeout=20))]
+        while events[-1]["type"] not in ("done", "error"):
+            events.append(json.loads(ws.recv(timeout=20)))
+    return events
+
+
+def test_the_socket_stores_the_call_and_its_result(upstream: Upstream) -> None:
+    upstream.answer(["Let me look."], [PARIS])
+    done = socket_turn(upstream, message="weather in Paris?", tools=[WEATHER])[-1]
+    assert done["type"] == "done" and done["finish_reason"] == "stop"
+    [call] = done["tool_calls"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == PARIS["arguments"]
+    upstream.answer(["Sunny."])
+    conversation = done["conversation_id"]
+    again = socket_turn(upstream, message="", conversation_id=conversation, tools=[WEATHER],
+                        tool_results=[{"tool_call_id": call["id"], "content": "sunny"}])[-1]
+    assert again["type"] == "done" and "tool_calls" not in again
+    result = upstream.sent["messages"][-1]
+    assert result["role"] == "tool" and result["content"] == "sunny"
+    turns = httpx.get(f"{upstream.server.base_url}/conversations/{conversation}").json()["turns"]
+    assert [(t["role"], t["content"]) for t in turns] == [
+        ("user", "weather in Paris?"), ("assistant", "Let me look."), ("tool", "sunny"),
+        ("assistant", "Sunny.")]
+    assert turns[1]["tool_calls"] == [call] and turns[2]["tool_call_id"] == call["id"]
+
+
 @pytest.mark.parametrize("call", [
     {"name": "format_disk", "arguments": {}},
     {"name": "get_weather", "arguments": "Paris"},
@@ -182,12 +212,7 @@ def test_a_malformed_upstream_call_is_an_error_and_nothing_wrong_is_stored(
     assert info.value.status_code == 502 and info.value.code == "engine_protocol_error"
     assert f"{upstream.kind} sent a tool call that" in info.value.message
 
-    with connect(upstream.server.ws_url) as ws:  # the socket, with a stored conversation
-        ws.send(json.dumps({"type": "chat", "agent_id": "helper", "message": "weather?",
-                            "tools": [WEATHER]}))
-        events = []
-        while not events or events[-1]["type"] not in ("done", "error"):
-            events.append(json.loads(ws.recv(timeout=20)))
+    events = socket_turn(upstream, message="weather?", tools=[WEATHER])  # a stored turn
     assert events[-1]["code"] == "engine_protocol_error"
     assert "".join(e["token"] for e in events if e["type"] == "token") == "Hm."
     conversation = events[0]["conversation_id"]
