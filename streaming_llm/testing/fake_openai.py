@@ -187,16 +187,6 @@ def _events(script: CompletionScript, model: str, tokens: list[str], finish: str
     cut = max(0, min(stops))
     events: list[bytes] = [_data(chunk({"role": "assistant", "content": ""}))]
     events += [_data(chunk({"content": token})) for token in tokens[:cut]]
-    if cut == len(tokens) and script.cut_after is None and script.hang_after is None:
-        for i, call in enumerate(script.tool_calls):
-            events.append(_data(chunk({"tool_calls": [{
-                "index": i, "id": _call_id(i), "type": "function",
-                "function": {"name": call["name"], "arguments": ""}}]})))
-            text = _arguments(call)
-            step = max(1, len(text) // 3)  # the arguments' text in pieces, as models write it
-            events += [_data(chunk({"tool_calls": [{
-                "index": i, "function": {"arguments": text[at:at + step]}}]}))
-                for at in range(0, len(text), step)]
     streamed = len(events)
     if script.error is not None and script.error_after == cut:
         events.append(_data({"error": {"message": script.error, "type": "server_error",
@@ -206,6 +196,15 @@ def _events(script: CompletionScript, model: str, tokens: list[str], finish: str
     elif script.cut_after == cut or script.hang_after == cut:
         pass
     else:
+        for i, call in enumerate(script.tool_calls):  # the calls, then how the answer ends
+            events.append(_data(chunk({"tool_calls": [{
+                "index": i, "id": _call_id(i), "type": "function",
+                "function": {"name": call["name"], "arguments": ""}}]})))
+            text = _arguments(call)
+            step = max(1, len(text) // 3)  # the arguments' text in pieces, as models write it
+            events += [_data(chunk({"tool_calls": [{
+                "index": i, "function": {"arguments": text[at:at + step]}}]}))
+                for at in range(0, len(text), step)]
         events.append(_data(chunk({}, finish)))
         if usage is not None:
             events.append(_data({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
