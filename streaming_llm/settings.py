@@ -123,7 +123,7 @@ class Settings:
     openai_read_timeout_s: float = _f(120.0, "Longest wait for the next event from the OpenAI-compatible server, in seconds.", ge=0.1, le=3600)
 
     # --- what is read from an upstream (ollama, openai), after decompression -------------------
-    upstream_max_line_bytes: int = _f(1_048_576, "Longest line (Ollama) or event (server-sent events) an upstream may send; a longer one ends the turn with engine_protocol_error.", ge=1024, le=1_073_741_824)
+    upstream_max_line_bytes: int = _f(1_048_576, "Longest line (Ollama) or event (server-sent events) an upstream may send, and longest tool call it may assemble from an event's pieces; a longer one ends the turn with engine_protocol_error.", ge=1024, le=1_073_741_824)
     upstream_max_body_bytes: int = _f(1_048_576, "Most bytes read of an upstream's error answer (the rest is dropped) or health-probe answer (a longer one fails the probe).", ge=1024, le=1_073_741_824)
     upstream_max_answer_bytes: int = _f(16_777_216, "Most bytes read from an upstream for one answer; past them the answer ends with finish_reason length and the connection is closed.", ge=1024, le=1_073_741_824)
 

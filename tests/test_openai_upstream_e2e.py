@@ -164,8 +164,9 @@ async def test_an_unknown_upstream_model_is_unhealthy_and_a_chat_gets_model_not_
 
 
 def test_tool_calls_through_an_upstream(front: ServerProcess) -> None:
-    """The front offers tools to its upstream as text and reads the call back out of the
-    upstream's answer (the upstream echoes the block), then sends the result on as text."""
+    """The front offers tools to its upstream natively; the upstream (echoing the block, which
+    its own server reads as a call) answers with streamed ``delta.tool_calls``, which the front
+    assembles into its call; the result then goes upstream as a ``role: "tool"`` message."""
     call_text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
                  "</tool_call>")
     tools = [{"type": "function", "function": {"name": "get_weather",
@@ -182,6 +183,7 @@ def test_tool_calls_through_an_upstream(front: ServerProcess) -> None:
             {"role": "user", "content": call_text}, choice["message"],
             {"role": "tool", "tool_call_id": call["id"], "content": "snow"}]})
     assert second.status_code == 200, second.text
-    # the upstream echoes the last message it got: the result, in the generic text form
-    assert second.json()["choices"][0]["message"]["content"] == (
-        "<tool_response>\nsnow\n</tool_response>")
+    # the upstream echoes the last message it got: the result, as a tool message (text form
+    # would have made it a user message "<tool_response>\nsnow\n</tool_response>"), which its
+    # server took because the call it answers was sent back with the front's id
+    assert second.json()["choices"][0]["message"]["content"] == "snow"

@@ -7,6 +7,16 @@ for each piece, then ``{"done": true, "done_reason": "stop"|"length", "prompt_ev
 "eval_count", "eval_duration", ...}`` (durations in nanoseconds). Lines are cut out of the byte
 stream ourselves, so a line split across network reads or several lines in one read both work.
 
+Tools go as Ollama's ``/api/chat`` takes them: ``tools`` (OpenAI's function list), an
+assistant message's ``tool_calls`` (``{"function": {"name", "arguments": {...}}}``, the arguments
+an object) and results as ``role: "tool"`` messages naming their tool (``tool_name``). Calls come
+back whole in ``message.tool_calls`` (usually one chunk) and are gathered by
+:class:`~streaming_llm.engines.upstream.NativeCalls`; Ollama gives them no ids, the server names
+them. Ollama has no ``tool_choice``: ``auto`` and ``required`` send every tool, a named choice only
+the named one (the server's constraint holds only that one), and ``none`` none; a model may
+still answer ``required`` or a named choice in text, which comes back as text (no call, finish
+``stop``): the one approximation, see docs/engines.md.
+
 The request, the error mapping, cancellation and the health cache are
 :class:`~streaming_llm.engines.upstream.UpstreamEngine`'s, shared with the ``openai`` engine.
 Ollama-specific: an ``{"error": ...}`` line mid-stream is ``engine_error`` with Ollama's message, a
@@ -29,14 +39,33 @@ import msgspec
 
 from ..errors import EngineError, EngineProtocolError
 from ..settings import Settings, url_list
-from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import ChatMessage, Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
 from .tool_text import template_messages
-from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, clip
+from .upstream import (
+    HEALTH_TTL_S,
+    Bounds,
+    NativeCalls,
+    UpstreamEngine,
+    arguments_value,
+    clip,
+    offered_tools,
+    tool_names,
+)
 
 
 # --- wire types (only the fields we read; unknown ones such as "thinking" are ignored) ----------
+class _Function(msgspec.Struct):
+    name: str = ""
+    arguments: Any = None  # an object (checked by NativeCalls)
+
+
+class _ToolCall(msgspec.Struct):
+    function: _Function
+
+
 class _Message(msgspec.Struct):
     content: str = ""
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _ChatChunk(msgspec.Struct):
@@ -110,7 +139,7 @@ class OllamaEngine(UpstreamEngine):
                             extra={"url": self._base, "version": version})
 
     # --- chat -----------------------------------------------------------------------------------
-    def chat_body(self, request: EngineRequest) -> dict[str, Any]:
+    def chat_body(self, request: EngineRequest, *, native_tools: bool = True) -> dict[str, Any]:
         """The ``/api/chat`` request body for a turn; only the options that are set are sent."""
         opts = request.options
         options: dict[str, Any] = {"num_predict": request.max_new_tokens}
@@ -125,19 +154,24 @@ class OllamaEngine(UpstreamEngine):
             options["num_ctx"] = self._num_ctx
         body: dict[str, Any] = {
             "model": self._model,
-            "messages": template_messages(request.messages, request.constraint),
+            "messages": (ollama_messages(request.messages) if native_tools
+                         else template_messages(request.messages, request.constraint)),
             "stream": True,
             "keep_alive": self._keep_alive,
             "options": options,
         }
         constraint = request.constraint
-        if constraint is not None and constraint.kind != "tool_calls":  # tools go as text
+        if constraint is not None and constraint.kind == "tool_calls":
+            if native_tools:  # (no tool_choice in Ollama: see the module docstring)
+                body["tools"] = [{"type": "function", "function": t}
+                                 for t in offered_tools(request)]
+        elif constraint is not None:
             self.check_constraint(constraint)  # Ollama's structured outputs
             body["format"] = constraint.schema if constraint.kind == "json_schema" else "json"
         return body
 
-    async def read_answer(self, resp: aiohttp.ClientResponse,
-                          started: float) -> AsyncGenerator[Chunk, None]:
+    async def read_answer(self, resp: aiohttp.ClientResponse, started: float,
+                          calls: NativeCalls) -> AsyncGenerator[Chunk, None]:
         first_at: float | None = None
         decode = _chunk_decoder.decode
         async for line in self.body_lines(resp):
@@ -156,10 +190,30 @@ class OllamaEngine(UpstreamEngine):
                 if first_at is None:
                     first_at = time.perf_counter()
                 yield TextChunk(message.content)
+            for call in (message.tool_calls or ()) if message is not None else ():
+                if first_at is None:
+                    first_at = time.perf_counter()
+                calls.whole(call.function.name, call.function.arguments)
             if chunk.done:
                 yield _finished(chunk, started, first_at)
                 return
         raise EngineProtocolError("ollama ended the stream without a final done chunk")
+
+
+def ollama_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as ``/api/chat`` takes them, tool calls and results included."""
+    names = tool_names(messages)
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": arguments_value(c.arguments)}}
+                for c in m.tool_calls]
+        if m.role == "tool" and m.tool_call_id in names:
+            message["tool_name"] = names[m.tool_call_id]
+        out.append(message)
+    return out
 
 
 def _finished(chunk: _ChatChunk, started: float, first_at: float | None) -> Finished:

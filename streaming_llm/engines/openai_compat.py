@@ -7,12 +7,24 @@ the sampling options under OpenAI's names (``max_tokens`` ← ``max_new_tokens``
 only when set, as the extension vLLM and llama-server read). ``STREAMING_LLM_OPENAI_API_KEY``, when
 set, goes in ``Authorization: Bearer``; it is never logged nor shown by ``/health``.
 
+Tools go as OpenAI's API takes them: ``tools`` (``{"type": "function", "function": {...}}``),
+``tool_choice`` (``auto``; ``required`` or, with one tool left, the named
+``{"type": "function", "function": {"name"}}``: the server puts only the named tool in a named
+choice's constraint) and ``parallel_tool_calls``; an assistant message of the history carries its
+``tool_calls`` (``id``, ``type``, ``function.name``, ``function.arguments`` as text, ``content``
+null when it said nothing), a result is a ``role: "tool"`` message with its ``tool_call_id``.
+Calls come back as ``delta.tool_calls`` pieces (``index``, then ``id`` and ``function.name``
+first, ``function.arguments`` in pieces), gathered by
+:class:`~streaming_llm.engines.upstream.NativeCalls`; ``finish_reason`` ``"tool_calls"`` ends
+the answer as ``stop`` (the server says ``tool_calls`` when the answer made calls).
+
 The answer is server-sent events: ``data: {"choices": [{"delta": {"content": ...},
-"finish_reason": null}]}`` per piece, a chunk whose choice has ``finish_reason`` ``"stop"`` or
-``"length"``, with ``include_usage`` one more chunk with no choices and the ``usage``, then
-``data: [DONE]``. Usage comes from that chunk when the upstream sends it (``cached_tokens`` from
-``prompt_tokens_details``); an upstream that ignores ``include_usage`` gets the number of pieces as
-``completion_tokens``. Time to first token and the decode rate are measured here.
+"finish_reason": null}]}`` per piece, a chunk whose choice has ``finish_reason`` ``"stop"``,
+``"length"`` or ``"tool_calls"``, with ``include_usage`` one more chunk with no choices and the
+``usage``, then ``data: [DONE]``. Usage comes from that chunk when the upstream sends it
+(``cached_tokens`` from ``prompt_tokens_details``); an upstream that ignores ``include_usage``
+gets the number of pieces (a call one piece) as ``completion_tokens``. Time to first token and the
+decode rate are measured here.
 
 The request, the error mapping (``engine_unavailable``, ``model_not_found``, ...), cancellation
 and the health cache are :class:`~streaming_llm.engines.upstream.UpstreamEngine`'s, shared with
@@ -38,16 +50,37 @@ import msgspec
 
 from ..errors import EngineError, EngineProtocolError, EngineUnavailable
 from ..settings import Settings, url_list
-from .base import Chunk, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import (
+    ChatMessage,
+    Chunk,
+    Constraint,
+    EngineHealth,
+    EngineRequest,
+    Finished,
+    TextChunk,
+    Usage,
+)
 from .tool_text import template_messages
-from .upstream import HEALTH_TTL_S, Bounds, UpstreamEngine, error_message
+from .upstream import HEALTH_TTL_S, Bounds, NativeCalls, UpstreamEngine, error_message
 
 DONE = b"[DONE]"
 
 
 # --- wire types (only the fields we read) -------------------------------------------------------
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    function: _FunctionDelta | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -146,12 +179,14 @@ class OpenAIEngine(UpstreamEngine):
                             extra={"url": self._base})
 
     # --- chat -----------------------------------------------------------------------------------
-    def chat_body(self, request: EngineRequest) -> dict[str, Any]:
+    def chat_body(self, request: EngineRequest, *, native_tools: bool = True) -> dict[str, Any]:
         """The ``/chat/completions`` request body; only the options that are set are sent."""
         opts = request.options
+        constraint = request.constraint
         body: dict[str, Any] = {
             "model": self._served or self._model,
-            "messages": template_messages(request.messages, request.constraint),
+            "messages": (openai_messages(request.messages) if native_tools
+                         else template_messages(request.messages, constraint)),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_new_tokens,
@@ -160,8 +195,10 @@ class OpenAIEngine(UpstreamEngine):
                             ("top_k", opts.top_k), ("stop", opts.stop), ("seed", opts.seed)):
             if value is not None:
                 body[name] = value
-        constraint = request.constraint
-        if constraint is not None and constraint.kind != "tool_calls":  # tools: as text
+        if constraint is not None and constraint.kind == "tool_calls":
+            if native_tools:
+                body.update(openai_tools(constraint))
+        elif constraint is not None:
             self.check_constraint(constraint)
             body["response_format"] = {"type": "json_object"} if constraint.kind == "json_object" \
                 else {"type": "json_schema", "json_schema": {
@@ -174,8 +211,8 @@ class OpenAIEngine(UpstreamEngine):
             if self._served is None:
                 raise EngineUnavailable(report.detail or f"{self.where} names no model")
 
-    async def read_answer(self, resp: aiohttp.ClientResponse,
-                          started: float) -> AsyncGenerator[Chunk, None]:
+    async def read_answer(self, resp: aiohttp.ClientResponse, started: float,
+                          calls: NativeCalls) -> AsyncGenerator[Chunk, None]:
         first_at: float | None = None
         pieces = 0
         reason: str | None = None
@@ -197,21 +234,59 @@ class OpenAIEngine(UpstreamEngine):
             for choice in chunk.choices:
                 if choice.index != 0:
                     continue
-                if choice.delta is not None and choice.delta.content:
+                delta = choice.delta
+                if delta is not None and delta.content:
                     if first_at is None:
                         first_at = time.perf_counter()
                     pieces += 1
-                    yield TextChunk(choice.delta.content)
+                    yield TextChunk(delta.content)
+                for call in (delta.tool_calls or ()) if delta is not None else ():
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    function = call.function or _FunctionDelta()
+                    calls.piece(call.index, name=function.name, arguments=function.arguments,
+                                starts=bool(call.id or function.name))
                 if choice.finish_reason is not None:
                     reason = choice.finish_reason
         if reason is None:
             raise EngineProtocolError("openai ended the stream without a finish reason")
-        yield _finished(reason, usage, pieces, started, first_at)
+        yield _finished(reason, usage, pieces + len(calls), started, first_at)
+
+
+def openai_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as OpenAI's API takes them, tool calls and results included."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "tool":
+            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+        elif m.tool_calls:
+            out.append({"role": m.role, "content": m.content or None, "tool_calls": [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls]})
+        else:
+            out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def openai_tools(constraint: Constraint) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` for a ``tool_calls`` constraint:
+    with a lazy trigger the model may answer in text (``auto``); without, it must call, the one
+    tool left by name (a named choice's constraint holds only that tool) or any (``required``)."""
+    tools = constraint.tools
+    choice: str | dict[str, Any] = "auto"
+    if constraint.lazy_trigger is None:
+        choice = ({"type": "function", "function": {"name": tools[0]["name"]}}
+                  if len(tools) == 1 else "required")
+    return {"tools": [{"type": "function", "function": t} for t in tools],
+            "tool_choice": choice, "parallel_tool_calls": constraint.parallel}
 
 
 def _finished(reason: str, usage: _Usage | None, pieces: int, started: float,
               first_at: float | None) -> Finished:
     ended = time.perf_counter()
+    # "tool_calls" (and the older "function_call") end the answer as "stop": the server says
+    # tool_calls itself when the answer made calls
     finish: Literal["stop", "length"] = "length" if reason == "length" else "stop"
     completion = usage.completion_tokens if usage is not None else pieces
     ttft = round((first_at - started) * 1000, 3) if first_at is not None else None

@@ -1,11 +1,13 @@
-"""Tools as text: the generic form every engine writes calls in and reads them back from.
+"""Tools as text: the generic form an answer carries its calls in, for every engine.
 
 The Hermes / Qwen 2.5 convention, which many small models were tuned on: the tools offered are
 described at the end of the system message, a call is a ``<tool_call>`` block holding
 ``{"name", "arguments"}``, a result a user message in ``<tool_response>``. Rendering history this
-way needs no ``tool`` role, so every chat template (local engine) and every upstream (``ollama``,
-``openai``) takes it; the server reads the blocks back out of the answer
-(:mod:`streaming_llm.chat.tool_calls`).
+way needs no ``tool`` role, so every chat template takes it: the local engine's prompts, and the
+upstream engines' fallback for an upstream that refuses tools natively
+(:mod:`streaming_llm.engines.upstream`). The server reads the blocks back out of the answer
+(:mod:`streaming_llm.chat.tool_calls`); an upstream engine that gets calls natively writes them
+as blocks too (:func:`call_block`), so every engine's answer reads the same.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ TOOLS_CLOSING = (
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
 
 
+def call_block(name: str, arguments: str) -> str:
+    """One call in the generic form; ``arguments`` is the call's JSON object as text."""
+    return (f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+            f"{arguments}}}\n</tool_call>")
+
+
 def template_messages(messages: Sequence[ChatMessage], constraint: Constraint | None = None
                       ) -> list[Message]:
     """``messages`` as a chat template takes them, with tool calls and results in the generic
@@ -44,8 +52,7 @@ def template_messages(messages: Sequence[ChatMessage], constraint: Constraint | 
             continue
         content = m.content
         for call in m.tool_calls:
-            block = (f'<tool_call>\n{{"name": {json.dumps(call.name)}, "arguments": '
-                     f"{call.arguments}}}\n</tool_call>")
+            block = call_block(call.name, call.arguments)
             content = f"{content}\n{block}" if content else block
         out.append({"role": m.role, "content": content})
     if constraint is not None and constraint.kind == "tool_calls" and constraint.tools:

@@ -33,9 +33,21 @@ that do not depend on the wire format:
   counter never reaches metrics or storage; redirects are not followed (a 3xx is an error: the
   conversation is not re-sent to wherever it points).
 
+- **tools**, sent natively: the offered tools, the calls of the history and their results go
+  in each wire format's own fields (the subclass's ``chat_body``); the calls the upstream makes
+  come back in its own fields and are gathered by :class:`NativeCalls` until the answer ends,
+  then checked (a tool that was offered, arguments that are a JSON object, at most
+  ``line_bytes`` a call: else ``engine_protocol_error``) and given out as text in the generic
+  form (:func:`~streaming_llm.engines.tool_text.call_block`) just before the answer's
+  :class:`Finished`, so the server reads them as it reads the local engine's. An upstream that
+  refuses a request carrying tools (HTTP 400 or 422: an Ollama model whose template has no
+  tools, a vLLM started without a tool parser) gets it once more with the tools as text
+  (:func:`~streaming_llm.engines.tool_text.template_messages`), as before they went natively.
+
 A subclass sets ``name``, ``label`` (how messages call the upstream), ``chat_path``, and writes
-``chat_body``, ``read_answer`` (the body → text pieces and one :class:`Finished`) and ``_probe``;
-``prepare`` runs before each request.
+``chat_body``, ``read_answer`` (the body → text pieces, the native calls into a
+:class:`NativeCalls`, and one :class:`Finished`) and ``_probe``; ``prepare`` runs before each
+request.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -63,7 +76,17 @@ from ..errors import (
     ModelNotFound,
 )
 from ..settings import Settings
-from .base import Chunk, Constraint, EngineHealth, EngineRequest, Finished, TextChunk, Usage
+from .base import (
+    ChatMessage,
+    Chunk,
+    Constraint,
+    EngineHealth,
+    EngineRequest,
+    Finished,
+    TextChunk,
+    Usage,
+)
+from .tool_text import call_block
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +95,7 @@ END_OF_BODY_WAIT_S = 0.5  # after the end of an answer: longest wait for the bod
 READ_CHUNK = 64 * 1024  # bytes read, or inflated, at a time
 MAX_ERROR_CHARS = 1024  # of an upstream's error message, in the error a client gets
 MAX_COUNT = 2**31 - 1  # a usage number above this is no count of tokens
+TOOLS_REFUSED = (400, 422)  # an upstream's answer to tools it does not take natively
 
 _encoder = msgspec.json.Encoder()
 
@@ -215,6 +239,133 @@ def checked_usage(usage: Usage, pieces: int, label: str) -> Usage:
         decode_tokens_per_s=rate)
 
 
+# --- tools -------------------------------------------------------------------------------------
+def offered_tools(request: EngineRequest) -> tuple[dict[str, Any], ...]:
+    """The tools a request offers (``{"name", "description", "parameters"}``); () for none."""
+    constraint = request.constraint
+    return constraint.tools if constraint is not None and constraint.kind == "tool_calls" else ()
+
+
+def carries_tools(request: EngineRequest) -> bool:
+    """Does the request send anything an upstream may refuse natively: tools, or calls and
+    results in its history?"""
+    return bool(offered_tools(request)) or any(
+        m.role == "tool" or m.tool_calls for m in request.messages)
+
+
+def tool_names(messages: list[ChatMessage]) -> dict[str, str]:
+    """Each call id of the history → the name of the tool it called (for Ollama's
+    ``tool_name`` on a result)."""
+    return {c.id: c.name for m in messages for c in m.tool_calls}
+
+
+def arguments_value(arguments: str) -> Any:
+    """A stored call's arguments as JSON (Ollama takes an object, not text); {} for text that
+    is no JSON (a call cut short by ``length``)."""
+    try:
+        return json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return {}
+
+
+@dataclasses.dataclass
+class _Native:
+    name: str = ""
+    arguments: list[str] = dataclasses.field(default_factory=list)  # text, in pieces as sent
+    size: int = 0
+    value: Any = None  # arguments sent as JSON (Ollama), not text
+    whole: bool = False  # value holds them
+
+
+class NativeCalls:
+    """The tool calls one answer makes in the upstream's own fields, gathered as they stream
+    (OpenAI's ``delta.tool_calls``: id and name first, arguments in pieces; Ollama's
+    ``message.tool_calls``: whole calls), then checked and written in the generic text form by
+    :meth:`blocks` once the answer ended.
+
+    A call must name a tool the request offered and carry a JSON object as its arguments; one
+    that does not is :class:`EngineProtocolError` (nothing of the calls reaches the client or
+    storage: they are given out only once all are checked), except in an answer cut short
+    (``length``), whose last call may well be unfinished: such calls are dropped, with a warning.
+    A call assembled from pieces (name and arguments) longer than ``max_bytes`` is a protocol
+    error at once, as a line too long is. Ids are not kept: the server names calls itself
+    (``call_…`` from the request id and the call's index), whichever engine made them."""
+
+    def __init__(self, offered: tuple[dict[str, Any], ...], label: str, max_bytes: int) -> None:
+        self._offered = [str(t["name"]) for t in offered]
+        self._label, self._max_bytes = label, max_bytes
+        self._calls: dict[int, _Native] = {}
+        self._last: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def piece(self, index: int | None, *, name: str | None = None,
+              arguments: str | None = None, starts: bool = False) -> None:
+        """A piece of call ``index`` (OpenAI's delta): its name and its arguments' text are
+        joined piece by piece. An upstream that leaves out ``index`` starts a new call with each
+        piece that carries an id or a name (``starts``)."""
+        if index is None:
+            index = (max(self._calls, default=-1) + 1 if starts or self._last is None
+                     else self._last)
+        call = self._calls.setdefault(index, _Native())
+        self._last = index
+        if name:
+            call.name += name
+            self._grow(call, len(name.encode()))
+        if arguments:
+            call.arguments.append(arguments)
+            self._grow(call, len(arguments.encode()))
+
+    def whole(self, name: str, arguments: Any) -> None:
+        """A whole call (Ollama's), its arguments as JSON (bounded already: a call comes in one
+        line, at most ``line_bytes`` long)."""
+        index = max(self._calls, default=-1) + 1
+        self._calls[index] = _Native(name=name, value=arguments, whole=True)
+        self._last = index
+
+    def _grow(self, call: _Native, size: int) -> None:
+        call.size += size
+        if call.size > self._max_bytes:
+            raise EngineProtocolError(
+                f"{self._label} sent a tool call longer than {self._max_bytes} bytes")
+
+    def blocks(self, reason: str) -> list[str]:
+        """The calls, checked, each in the generic text form; raises :class:`EngineProtocolError`
+        for the first that is wrong (with ``reason`` ``length``: drops it)."""
+        out = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            text, problem = self._checked(call)
+            if problem is None:
+                out.append(call_block(call.name, text))
+            elif reason == "length":
+                log.warning("%s: dropped tool call %d of an answer cut short: %s",
+                            self._label, index, problem)
+            else:
+                raise EngineProtocolError(f"{self._label} sent a tool call that {problem}")
+        return out
+
+    def _checked(self, call: _Native) -> tuple[str, str | None]:
+        """The call's arguments as JSON text, and what is wrong with the call (None: nothing)."""
+        if call.name not in self._offered:
+            offered = ", ".join(self._offered) or "none were"
+            return "", f"names {clip(call.name, 80)!r}, which is no tool offered ({offered})"
+        if call.whole:
+            value = call.value
+            text = json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else ""
+        else:
+            text = "".join(call.arguments).strip() or "{}"  # no arguments: an empty object
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = None
+        if not isinstance(value, dict):
+            shown = clip("".join(call.arguments) if not call.whole else json.dumps(value), 120)
+            return "", f"calls {call.name!r} with arguments that are not a JSON object: {shown}"
+        return text, None
+
+
 class UpstreamEngine(ABC):
     """The shared half of an engine that proxies one HTTP server; see the module docstring."""
 
@@ -266,8 +417,8 @@ class UpstreamEngine(ABC):
 
     def check_constraint(self, constraint: Constraint) -> None:
         """Upstreams take a JSON schema or "any JSON object" (Ollama's ``format``, OpenAI's
-        ``response_format``); the schema itself is checked by the upstream. Tools go upstream
-        as text (:mod:`streaming_llm.engines.tool_text`), not enforced."""
+        ``response_format``) and tools (``tools``); the schemas themselves are checked by the
+        upstream, which enforces them as far as it does."""
         if constraint.kind not in ("json_schema", "json_object", "tool_calls"):
             raise InvalidConstraint(
                 f"the {self.name} engine passes only JSON schemas and JSON objects upstream, "
@@ -331,23 +482,33 @@ class UpstreamEngine(ABC):
 
     # --- chat -----------------------------------------------------------------------------------
     @abstractmethod
-    def chat_body(self, request: EngineRequest) -> dict[str, Any]:
-        """The JSON body of this wire format's chat request."""
+    def chat_body(self, request: EngineRequest, *, native_tools: bool = True) -> dict[str, Any]:
+        """The JSON body of this wire format's chat request: tools, calls and results in its
+        own fields, or (``native_tools`` False) in the generic text form."""
 
     async def prepare(self) -> None:
         """Called before each request; learn what the request needs (e.g. the model's name)."""
         return None
 
     @abstractmethod
-    def read_answer(self, resp: aiohttp.ClientResponse,
-                    started: float) -> AsyncGenerator[Chunk, None]:
-        """The answer's text pieces, then one :class:`Finished` once the protocol says it ended.
-        Raise :class:`EngineProtocolError` for what breaks the protocol."""
+    def read_answer(self, resp: aiohttp.ClientResponse, started: float,
+                    calls: NativeCalls) -> AsyncGenerator[Chunk, None]:
+        """The answer's text pieces, then one :class:`Finished` once the protocol says it ended;
+        the tool calls it makes go into ``calls``. Raise :class:`EngineProtocolError` for what
+        breaks the protocol."""
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[Chunk]:
         started = time.perf_counter()
         await self.prepare()
         resp = await self._post(self.chat_path, _encoder.encode(self.chat_body(request)))
+        if resp.status in TOOLS_REFUSED and carries_tools(request):
+            refused = await self._status_error(resp)
+            resp.close()
+            log.warning("%s refused a request with tools (%s); sent again with the tools as text",
+                        self.where, refused.message)
+            resp = await self._post(self.chat_path, _encoder.encode(
+                self.chat_body(request, native_tools=False)))
+        calls = NativeCalls(offered_tools(request), self.label, self.bounds.line_bytes)
         clean = False  # True once the stream ended as the protocol says: keep the connection
         pieces = 0
         first_at: float | None = None
@@ -356,7 +517,7 @@ class UpstreamEngine(ABC):
                 raise await self._status_error(resp)
             finished: Finished | None = None
             try:
-                async with contextlib.aclosing(self.read_answer(resp, started)) as chunks:
+                async with contextlib.aclosing(self.read_answer(resp, started, calls)) as chunks:
                     async for chunk in chunks:
                         if isinstance(chunk, Finished):
                             finished = chunk
@@ -371,13 +532,19 @@ class UpstreamEngine(ABC):
                         yield chunk
             except AnswerTooLong:
                 finished = self._cut_short(pieces, started, first_at)
+                for block in calls.blocks("length"):  # the calls it finished before the cut
+                    yield TextChunk(block)
             else:
                 if finished is None:
                     raise EngineProtocolError(
                         f"{self.label} ended the stream without finishing the answer")
+                blocks = calls.blocks(finished.reason)
                 finished = msgspec.structs.replace(
-                    finished, usage=checked_usage(finished.usage, pieces, self.where))
+                    finished, usage=checked_usage(finished.usage, pieces + len(blocks),
+                                                  self.where))
                 clean = await _read_to_end(resp, self.bounds.body_bytes)
+                for block in blocks:  # after every text piece, as a model writes its calls
+                    yield TextChunk(block)
             yield finished
         except TimeoutError as exc:  # aiohttp's timeouts subclass it
             raise EngineTimeout(

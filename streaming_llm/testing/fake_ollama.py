@@ -8,7 +8,10 @@ Endpoints, as in Ollama's ``docs/api.md``:
   "prompt_eval_duration", "eval_count", "eval_duration"}`` line (durations in nanoseconds); with
   ``"stream": false`` one JSON object. An unknown model is a 404 ``{"error": "model \\"x\\" not
   found, try pulling it first"}``. ``options.num_predict`` caps the answer (``done_reason:
-  "length"``).
+  "length"``). A script's ``tool_calls`` come after the tokens in one line's
+  ``message.tool_calls`` (``[{"function": {"name", "arguments": {...}}}]``, no ids, as Ollama
+  sends them); ``refuse_tools`` answers a chat with ``tools`` as Ollama answers for a model whose
+  template has none (400 ``{"error": "... does not support tools"}``).
 - ``GET /api/version`` → ``{"version": "0.x.y"}``; ``GET /api/tags`` → ``{"models": [...]}``.
 
 It runs as :class:`~streaming_llm.testing.fake_server.FakeServer` does (its own loop and thread,
@@ -119,6 +122,8 @@ class FakeOllama(FakeServer):
         if normalize_model(model) not in {normalize_model(m) for m in self.models}:
             return web.json_response(
                 {"error": f'model "{model}" not found, try pulling it first'}, status=404)
+        if script.refuse_tools is not None and body.get("tools"):
+            return web.json_response({"error": script.refuse_tools}, status=400)
         if script.status != 200:
             if script.flood_bytes:
                 return await self.flooded_error(request, record, script, b'{"error": "', b'"}')
@@ -131,12 +136,14 @@ class FakeOllama(FakeServer):
         limit = options.get("num_predict")
         if isinstance(limit, int) and 0 <= limit < len(tokens) and not script.ignore_max_tokens:
             tokens, done_reason = tokens[:limit], "length"
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
 
         if body.get("stream", True) is False:
             started = time.perf_counter_ns()
             reply = _final(model, done_reason, prompt_tokens, len(tokens), started, script.counts)
             reply["message"]["content"] = "".join(tokens)
+            if script.tool_calls:
+                reply["message"]["tool_calls"] = _tool_calls(script)
             record.complete.set()
             return web.json_response(reply)
 
@@ -163,6 +170,8 @@ def _plan(script: ChatScript, model: str, tokens: list[str], done_reason: str,
     elif script.malformed_after == cut:
         plan.append(b'{"model":"' + model.encode() + b'","message":{"content":\n')
     elif script.hang_after is None and not script.end_without_done:
+        if script.tool_calls:  # whole calls, in one line, before the final one
+            plan.append(functools.partial(_tool_calls_line, model, _tool_calls(script)))
         plan.append(lambda: _line(_final(model, done_reason, prompt_tokens, cut, started,
                                          script.counts)))
     return plan
@@ -170,6 +179,17 @@ def _plan(script: ChatScript, model: str, tokens: list[str], done_reason: str,
 
 def _token_line(model: str, token: str) -> bytes:
     return _line(_chunk(model, token, done=False))
+
+
+def _tool_calls(script: ChatScript) -> list[dict[str, Any]]:
+    return [{"function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in script.tool_calls]
+
+
+def _tool_calls_line(model: str, calls: list[dict[str, Any]]) -> bytes:
+    chunk = _chunk(model, "", done=False)
+    chunk["message"]["tool_calls"] = calls
+    return _line(chunk)
 
 
 def _now() -> str:

@@ -10,6 +10,11 @@ It speaks the wire protocol vLLM, llama-server and OpenAI share:
   ``"stream": false`` one ``chat.completion``. ``max_tokens`` (or ``max_completion_tokens``) caps the
   answer (``finish_reason: "length"``). An unknown model is a 404 ``{"error": {"message", "type",
   "param", "code": "model_not_found"}}``; a wrong or missing API key, when one is set, a 401.
+  A script's ``tool_calls`` come after the tokens as OpenAI streams them: per call a
+  ``delta.tool_calls`` chunk with its ``index``, ``id``, ``type`` and ``function.name`` (and empty
+  ``arguments``), then its arguments' text in pieces (``{"index", "function": {"arguments"}}``),
+  and ``finish_reason: "tool_calls"``; ``refuse_tools`` answers a chat with ``tools`` with a 400
+  (as vLLM does without ``--enable-auto-tool-choice``).
 - ``GET /v1/models`` → ``{"object": "list", "data": [{"id", "object": "model", ...}]}``.
 
 It runs as :class:`~streaming_llm.testing.fake_server.FakeServer` does (its own loop and thread,
@@ -111,6 +116,8 @@ class FakeOpenAI(FakeServer):
             return _error(400, "you must provide a model parameter", None)
         if model not in self.models:
             return _error(404, f"The model `{model}` does not exist.", "model_not_found")
+        if script.refuse_tools is not None and body.get("tools"):
+            return _error(400, script.refuse_tools, None)
         if script.status != 200 and script.flood_bytes:
             return await self.flooded_error(request, record, script,
                                             b'{"error": {"type": "server_error", "message": "',
@@ -124,7 +131,7 @@ class FakeOpenAI(FakeServer):
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(limit, int) and 0 <= limit < len(tokens) and not script.ignore_max_tokens:
             tokens, finish = tokens[:limit], "length"
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         usage: dict[str, Any] | None = None if not (
             wants_usage if script.usage is None else script.usage) else {
@@ -135,13 +142,20 @@ class FakeOpenAI(FakeServer):
         if usage is not None and script.cached_tokens is not None:
             usage["prompt_tokens_details"] = {"cached_tokens": script.cached_tokens}
 
+        if script.tool_calls and finish == "stop":
+            finish = "tool_calls"
         if body.get("stream") is not True:
             record.complete.set()
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(tokens) or None}
+            if script.tool_calls:
+                message["tool_calls"] = [
+                    {"id": _call_id(i), "type": "function",
+                     "function": {"name": c["name"], "arguments": _arguments(c)}}
+                    for i, c in enumerate(script.tool_calls)]
             return web.json_response({
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                 "model": model, "usage": usage, "choices": [{
-                    "index": 0, "finish_reason": finish,
-                    "message": {"role": "assistant", "content": "".join(tokens)}}]})
+                    "index": 0, "finish_reason": finish, "message": message}]})
         events, ending = _events(script, model, tokens, finish, usage, wants_usage)
         return await self.stream(request, record, script, {"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"},
@@ -182,6 +196,15 @@ def _events(script: CompletionScript, model: str, tokens: list[str], finish: str
     elif script.cut_after == cut or script.hang_after == cut:
         pass
     else:
+        for i, call in enumerate(script.tool_calls):  # the calls, then how the answer ends
+            events.append(_data(chunk({"tool_calls": [{
+                "index": i, "id": _call_id(i), "type": "function",
+                "function": {"name": call["name"], "arguments": ""}}]})))
+            text = _arguments(call)
+            step = max(1, len(text) // 3)  # the arguments' text in pieces, as models write it
+            events += [_data(chunk({"tool_calls": [{
+                "index": i, "function": {"arguments": text[at:at + step]}}]}))
+                for at in range(0, len(text), step)]
         events.append(_data(chunk({}, finish)))
         if usage is not None:
             events.append(_data({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
@@ -194,6 +217,16 @@ def _events(script: CompletionScript, model: str, tokens: list[str], finish: str
     if script.crlf:
         events = [e.replace(b"\n", b"\r\n") for e in events]
     return events[:streamed], events[streamed:]
+
+
+def _call_id(index: int) -> str:
+    return f"call_fake{index:04d}"
+
+
+def _arguments(call: dict[str, Any]) -> str:
+    """A scripted call's arguments as text: an object as JSON, text (a broken call's) as is."""
+    arguments = call["arguments"]
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
 
 def _data(obj: dict[str, Any]) -> bytes:

@@ -5,8 +5,9 @@ free loopback port (or the one it is given), so it serves an in-process client a
 subprocess alike, and a test may block its own loop without starving it. ``stop()`` then
 ``start()`` again serves on the same port: a backend that goes away and comes back.
 
-Every chat request is kept as a :class:`ChatRecord`: its body, the TCP connection it came on, and
-whether the client closed the connection before the answer was complete. :class:`Script` holds
+Every chat request is kept as a :class:`ChatRecord`: its body (so a test sees what went upstream:
+the tools, the history's calls and results), the TCP connection it came on, and whether the
+client closed the connection before the answer was complete. :class:`Script` holds
 what both fakes' scripts share (the answer's tokens, pacing, how writes are cut, errors, hangs),
 and :meth:`FakeServer.stream` sends a planned answer the way a script says.
 """
@@ -62,6 +63,12 @@ class Script:
     ignore_max_tokens: bool = False  # run on past max_tokens / num_predict
     counts: dict[str, Any] | None = None  # usage numbers sent in place of the real ones
     redirect: str | None = None  # answer every chat with a 307 to this URL
+    # --- tools -------------------------------------------------------------------------------
+    # calls made after the tokens, in the protocol's own fields: {"name", "arguments"}, the
+    # arguments an object (or anything else, for a broken upstream's call)
+    tool_calls: Sequence[dict[str, Any]] = ()
+    # a chat that offers tools gets HTTP 400 with this message (a model or server without them)
+    refuse_tools: str | None = None
 
 
 FLOOD_PIECE = 1024 * 1024  # a flood is made and sent a MiB at a time: the fake's memory stays low

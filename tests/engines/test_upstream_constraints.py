@@ -61,7 +61,7 @@ async def test_openai_gets_response_format(http, constraint: Constraint, sent: o
 
 
 @pytest.mark.parametrize("constraint", [
-    # (tool_calls go upstream as text: tests/engines/test_upstreams.py)
+    # (tool_calls go upstream natively: tests/engines/test_upstreams.py)
     Constraint("regex", pattern="[a-z]+"), Constraint("grammar", pattern='start: "a"'),
 ])
 async def test_upstreams_refuse_what_they_cannot_pass_naming_response_format(

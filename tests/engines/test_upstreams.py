@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import socket
 import tracemalloc
@@ -18,8 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
+from streaming_llm.chat.tool_calls import parse
 from streaming_llm.engines.base import (
     ChatMessage,
     Constraint,
@@ -30,6 +33,7 @@ from streaming_llm.engines.base import (
 )
 from streaming_llm.engines.ollama import OllamaEngine, keep_alive_value
 from streaming_llm.engines.openai_compat import OpenAIEngine
+from streaming_llm.engines.tool_text import call_block
 from streaming_llm.engines.upstream import UpstreamEngine
 from streaming_llm.errors import EngineError
 from streaming_llm.settings import Settings
@@ -149,26 +153,153 @@ async def test_lines_are_read_whatever_the_network_reads(kind, fake, http, cut):
     assert finished.usage.completion_tokens == 5
 
 
-async def test_tools_and_their_calls_and_results_go_upstream_as_text(kind, fake, http):
-    """Upstreams get tool history in the generic text form (no ``tool`` role, which an upstream
-    would refuse without its own tool ids) and the offered tools in the system message, so a
-    model that follows it writes ``<tool_call>`` blocks the server reads back."""
-    call = ToolCall("call_1", "get_weather", '{"city": "Oslo"}')
-    messages = [ChatMessage("system", "You are terse."), ChatMessage("user", "weather?"),
-                ChatMessage("assistant", "", (call,)),
-                ChatMessage("tool", "snow", tool_call_id="call_1")]
-    tools = ({"name": "get_weather", "description": "", "parameters": {"type": "object"}},)
-    req = EngineRequest(request_id="r1", conversation_id="c1", messages=messages,
-                        options=GenerationOptions(), max_new_tokens=8,
-                        constraint=Constraint("tool_calls", tools=tools, lazy_trigger="<tool_call>"))
+# --- tools ------------------------------------------------------------------------------------
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+TIME = {"name": "get_time", "description": "", "parameters": {"type": "object"}}
+HISTORY = [ChatMessage("system", "You are terse."), ChatMessage("user", "weather?"),
+           ChatMessage("assistant", "", (ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
+           ChatMessage("tool", "snow", tool_call_id="call_1")]
+
+
+def tool_request(*, lazy: bool = True, tools: tuple[dict[str, Any], ...] = (WEATHER, TIME),
+                 parallel: bool = True, max_new_tokens: int = 64) -> EngineRequest:
+    """A turn offering ``tools`` after a call and its result; ``lazy``: tool_choice auto."""
+    return EngineRequest(request_id="r1", conversation_id="c1", messages=HISTORY,
+                         options=GenerationOptions(), max_new_tokens=max_new_tokens,
+                         constraint=Constraint("tool_calls", tools=tools, parallel=parallel,
+                                               lazy_trigger="<tool_call>" if lazy else None))
+
+
+#: HISTORY's call and result as each protocol puts them on the wire
+SENT_CALLS = {
+    "ollama": [{"role": "assistant", "content": "",
+                "tool_calls": [{"function": {"name": "get_weather",
+                                             "arguments": {"city": "Oslo"}}}]},
+               {"role": "tool", "content": "snow", "tool_name": "get_weather"}],
+    "openai": [{"role": "assistant", "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "snow"}],
+}
+
+
+async def test_tools_calls_and_results_go_upstream_natively(kind, fake, http):
+    await collect(kind.make_engine(fake, http), tool_request())
+    body = fake.chats[0].body
+    assert body["messages"][:2] == [{"role": "system", "content": "You are terse."},
+                                    {"role": "user", "content": "weather?"}]
+    assert body["messages"][2:] == SENT_CALLS[kind.name]
+    assert body["tools"] == [{"type": "function", "function": WEATHER},
+                             {"type": "function", "function": TIME}]
+    if kind is OPENAI:
+        assert (body["tool_choice"], body["parallel_tool_calls"]) == ("auto", True)
+    else:
+        assert "tool_choice" not in body  # Ollama has none
+
+
+@pytest.mark.parametrize(("lazy", "tools", "openai_choice"), [
+    (False, (WEATHER, TIME), "required"),
+    (False, (TIME,), {"type": "function", "function": {"name": "get_time"}}),  # named
+], ids=["required", "named"])
+async def test_a_call_that_must_come(kind, fake, http, lazy, tools, openai_choice):
+    """OpenAI gets the choice; Ollama, which has none, gets the tools the call must come from."""
+    await collect(kind.make_engine(fake, http), tool_request(lazy=lazy, tools=tools,
+                                                             parallel=False))
+    body = fake.chats[0].body
+    assert body["tools"] == [{"type": "function", "function": t} for t in tools]
+    if kind is OPENAI:
+        assert (body["tool_choice"], body["parallel_tool_calls"]) == (openai_choice, False)
+
+
+async def test_no_tools_leaves_the_history_native_and_sends_none(kind, fake, http):
+    """tool_choice none: no constraint, no tools; the history still carries its call natively."""
+    req = msgspec.structs.replace(tool_request(), constraint=None)
     await collect(kind.make_engine(fake, http), req)
-    sent = fake.chats[0].body["messages"]
-    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
-    assert sent[0]["content"].startswith("You are terse.\n\n# Tools")
-    assert '"name": "get_weather"' in sent[0]["content"]
-    assert sent[2]["content"] == ('<tool_call>\n{"name": "get_weather", "arguments": '
-                                  '{"city": "Oslo"}}\n</tool_call>')
-    assert sent[3]["content"] == "<tool_response>\nsnow\n</tool_response>"
+    body = fake.chats[0].body
+    assert "tools" not in body and "tool_choice" not in body
+    assert body["messages"][2:] == SENT_CALLS[kind.name]
+
+
+async def test_native_calls_come_back_in_the_generic_form_after_the_text(kind, fake, http):
+    fake.script = kind.script(tokens=["Let me", " look."], tool_calls=[
+        {"name": "get_weather", "arguments": {"city": "Paris", "note": "</tool_call> é"}},
+        {"name": "get_time", "arguments": {}}])
+    pieces, finished = await collect(kind.make_engine(fake, http), tool_request())
+    assert finished.reason == "stop"  # the server says tool_calls: the answer made calls
+    assert pieces[:2] == ["Let me", " look."]
+    text, calls = parse("".join(pieces), "r1")
+    assert text == "Let me look."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "note": "</tool_call> é"}), ("get_time", {})]
+    assert pieces[2:] == [call_block(c.name, c.arguments) for c in calls]
+
+
+@pytest.mark.parametrize(("call", "problem"), [
+    ({"name": "rm_rf", "arguments": {}}, "names 'rm_rf', which is no tool offered"),
+    ({"name": "get_weather", "arguments": "Paris"}, "arguments that are not a JSON object"),
+    ({"name": "get_weather", "arguments": ["Paris"]}, "arguments that are not a JSON object"),
+], ids=["unknown-tool", "text-arguments", "array-arguments"])
+async def test_a_wrong_call_is_a_protocol_error_and_no_call_gets_out(kind, fake, http, call,
+                                                                     problem):
+    fake.script = kind.script(tokens=["Hm."], tool_calls=[
+        {"name": "get_time", "arguments": {}}, call])
+    pieces, error = await until_error(kind.make_engine(fake, http).stream(tool_request()))
+    assert pieces == ["Hm."]  # the good call before the wrong one did not get out either
+    assert error.code == "engine_protocol_error"
+    assert problem in error.message and error.message.startswith(kind.name)
+
+
+async def test_calls_without_tools_offered_are_a_protocol_error(kind, fake, http):
+    fake.script = kind.script(tokens=[], tool_calls=[{"name": "get_time", "arguments": {}}])
+    _, error = await until_error(kind.make_engine(fake, http).stream(request()))
+    assert error.code == "engine_protocol_error" and "none were" in error.message
+
+
+async def test_an_upstream_that_refuses_tools_gets_them_as_text(kind, fake, http, caplog):
+    """A model (Ollama) or server (vLLM without a tool parser) without native tools answers
+    400: the turn is sent once more in the generic text form, which every template takes."""
+    fake.script = kind.script(tokens=["ok"], refuse_tools="llama3.2 does not support tools")
+    with caplog.at_level(logging.WARNING, "streaming_llm.engines.upstream"):
+        pieces, finished = await collect(kind.make_engine(fake, http), tool_request())
+    assert (pieces, finished.reason) == (["ok"], "stop")
+    native, text = (c.body for c in fake.chats)
+    assert "tools" in native and "tools" not in text
+    assert [m["role"] for m in text["messages"]] == ["system", "user", "assistant", "user"]
+    assert text["messages"][0]["content"].startswith("You are terse.\n\n# Tools")
+    assert text["messages"][2]["content"] == call_block("get_weather", '{"city": "Oslo"}')
+    assert text["messages"][3]["content"] == "<tool_response>\nsnow\n</tool_response>"
+    assert "does not support tools" in caplog.text
+
+
+async def test_a_400_without_tools_is_not_sent_again(kind, fake, http):
+    fake.script = kind.script(status=400, error="bad request")
+    _, error = await collect_until_error(kind.make_engine(fake, http))
+    assert "bad request" in error.message and len(fake.chats) == 1
+
+
+async def test_an_answer_cut_short_drops_its_unfinished_call(http):
+    """finish_reason length: the last call may be cut mid-arguments; it is dropped, the whole
+    ones before it are kept (OpenAI's protocol: Ollama sends calls whole)."""
+    with OPENAI.serve() as fake:
+        fake.script = OPENAI.script(tokens=[], finish_reason="length", tool_calls=[
+            {"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": '{"ci'}])
+        pieces, finished = await collect(OPENAI.make_engine(fake, http), tool_request())
+    assert finished.reason == "length"
+    assert pieces == [call_block("get_time", "{}")]
+
+
+async def test_assembled_arguments_are_bounded_like_a_line(http):
+    """Each piece fits in an event, the call they make does not: engine_protocol_error."""
+    with OPENAI.serve() as fake:
+        fake.script = OPENAI.script(tokens=[], tool_calls=[
+            {"name": "get_weather", "arguments": {"city": "x" * 2000}}])
+        engine = OpenAIEngine(Settings(engine="openai", openai_base_url=OPENAI.url(fake),
+                                       openai_model=OPENAI.model, upstream_max_line_bytes=1024),
+                              http)
+        _, error = await until_error(engine.stream(tool_request()))
+    assert error.code == "engine_protocol_error"
+    assert error.message == "openai sent a tool call longer than 1024 bytes"
 
 
 async def test_a_clean_stream_returns_its_connection_to_the_pool(kind, fake, http):

@@ -64,3 +64,29 @@ async def test_version_tags_and_unknown_model(fake):
     ("me/model", "me/model:latest"), ("host:5000/me/model", "host:5000/me/model:latest")])
 def test_normalize_model(name, normalized):
     assert normalize_model(name) == normalized
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+async def test_tool_calls_come_whole_in_one_line_before_done(fake):
+    fake.script = ChatScript(tokens=[], tool_calls=[
+        {"name": "get_weather", "arguments": {"city": "Paris"}}])
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{fake.url}/api/chat", json={**BODY, "tools": [TOOL]}) as resp:
+        chunks = [json.loads(line) for line in (await resp.text()).split("\n") if line]
+    assert [c["done"] for c in chunks] == [False, True]
+    assert chunks[0]["message"] == {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    assert chunks[1]["done_reason"] == "stop"
+    assert fake.chats[0].body["tools"] == [TOOL]
+
+
+async def test_refuse_tools_answers_as_ollama_for_a_model_without_tools(fake):
+    fake.script = ChatScript(refuse_tools="registry.ollama.ai/library/llama3.2:latest does "
+                                          "not support tools")
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{fake.url}/api/chat", json={**BODY, "tools": [TOOL]}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"].endswith("does not support tools")

@@ -86,3 +86,41 @@ def test_a_stopped_fake_starts_again_on_the_same_port():
         assert not fake.running
         fake.start()
         assert fake.running and fake.port == port
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_streamed_tool_calls_assemble_in_the_official_client():
+    """The official client's stream helper reads the fake's delta.tool_calls as OpenAI's own:
+    per call an index, id, type and name first, then the arguments in pieces."""
+    import openai
+
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}},
+             {"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    with FakeOpenAI(script=CompletionScript(tokens=["Looking."], tool_calls=calls)) as fake, \
+            openai.OpenAI(base_url=fake.base_url, api_key="x", max_retries=0) as client, \
+            client.chat.completions.stream(model="fake-model", tools=[TOOL],
+                                           messages=[{"role": "user", "content": "?"}]) as stream:
+        pieces = [e for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion()
+    [choice] = final.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Looking."
+    assert [(c.id, c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls or []] == [
+        ("call_fake0000", "get_weather", {"city": "Paris"}),
+        ("call_fake0001", "get_weather", {"city": "Oslo"})]
+    assert len(pieces) > 2  # the arguments came in pieces
+    assert fake.chats[0].body["tools"] == [TOOL]
+
+
+async def test_refuse_tools_answers_a_chat_with_tools_400(fake):
+    fake.script = CompletionScript(refuse_tools="tools need --enable-auto-tool-choice")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{fake.base_url}/chat/completions",
+                             json={**BODY, "tools": [TOOL]}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["message"] == "tools need --enable-auto-tool-choice"
+        async with http.post(f"{fake.base_url}/chat/completions", json=BODY) as resp:
+            assert resp.status == 200  # without tools, an answer
