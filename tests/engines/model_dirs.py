@@ -45,16 +45,21 @@ def _llama_config(**overrides: object) -> LlamaConfig:
 
 
 def write_llama(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: str = "cpu", **overrides: object) -> Path:
+                device: str = "cpu", chat_template: str | None = None,
+                **overrides: object) -> Path:
     """A random Llama whose greedy output depends on the context (no EOS bias).
 
     ``device`` is where the weights are drawn (a 1B model draws in seconds on a GPU, not on a
-    CPU); ``dtype`` is the one they are saved in (scripts/gpu_check.py builds model-sized ones).
+    CPU); ``dtype`` is the one they are saved in (scripts/gpu_check.py builds model-sized ones);
+    ``chat_template`` replaces the demo tokenizer's.
     """
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(_llama_config(**overrides))
-    return _save(model.to(dtype).eval(), path)
+    _save(model.to(dtype).eval(), path)
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(chat_template)
+    return path
 
 
 def write_chain_model(path: Path, answer: str) -> Path:
