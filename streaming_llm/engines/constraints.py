@@ -26,8 +26,9 @@ Lazy tool calls (``tool_calls`` with ``lazy_trigger``)
     text not start a call (the token that completed the trigger carried bytes the format does
     not allow), the answer ends there, ``broken`` saying why.
 
-The tool-call format (SmolLM2's chat template ignores ``tools=``, so the generic one, as
-Qwen2.5 / Hermes write it): one block per call, blocks one after another for parallel calls::
+The tool-call format, as Qwen2.5 / Qwen3 / Hermes write it (the prompt shows it through the
+model's own chat template when that is tool-aware in this form, else in the generic text form:
+:mod:`.local.prompts`): one block per call, blocks one after another for parallel calls::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
