@@ -2,9 +2,8 @@
 
 The echo engine repeats the user's message, so a user message holding a ``<tool_call>`` block is
 answered with that call: the whole path (parsing, OpenAI's shapes, streaming, storage) runs
-without a model. The local engine's constrained decoding writes the same blocks: a tiny model
-that starts a call after some text shows ``auto``'s lazy constraint through the whole server
-(tests/test_structured_e2e.py has the default model's sampled calls).
+without a model. The local engine's constrained decoding writes the same blocks
+(tests/test_local_tools_e2e.py, tests/test_structured_e2e.py).
 """
 
 from __future__ import annotations
@@ -14,11 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import jsonschema
 import openai
 import pytest
 
-from .engines.model_dirs import write_chain_model
 from .server import ServerProcess, start_server
 
 WEATHER = {"type": "function", "function": {
@@ -209,53 +206,3 @@ def test_tools_and_a_response_format_are_refused_together(oai: openai.OpenAI) ->
         tool_choice="none", response_format={"type": "json_object"})
     assert completion.choices[0].message.content == '{"a": 1}'
 
-
-# --- the local engine: auto's lazy constraint -----------------------------------------------------
-ADD: dict[str, Any] = {"type": "function", "function": {"name": "add", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-    "required": ["a", "b"], "additionalProperties": False}}}
-
-
-@pytest.fixture(scope="module")
-def caller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    """A server on a model that writes ``Checking. <tool_call>`` and would end there: what
-    follows the trigger is the engine's constraint alone (``<tool_call>`` is one token of its
-    vocabulary, as in Qwen2.5's)."""
-    path = tmp_path_factory.mktemp("caller")
-    model = write_chain_model(path / "chain", "Checking. <tool_call>",
-                              added_tokens=["<tool_call>", "</tool_call>"])
-    env = {"STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_MODEL": str(model)}
-    with start_server(path, env) as server:
-        resp = httpx.put(f"{server.base_url}/agents/caller", json={"name": "Caller"})
-        assert resp.status_code == 201, resp.text
-        with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused",
-                           max_retries=0) as client:
-            yield client
-
-
-def test_auto_is_free_text_until_the_model_starts_a_call(caller: openai.OpenAI) -> None:
-    ask: Any = {"model": "caller", "messages": [{"role": "user", "content": "add 2 and 3"}],
-                "tools": [ADD], "parallel_tool_calls": False, "max_tokens": 120}
-    parameters = ADD["function"]["parameters"]
-    for seed in range(2):
-        completion = caller.chat.completions.create(**ask, temperature=0.8, seed=seed)
-        [choice] = completion.choices
-        assert choice.message.content == "Checking." and choice.finish_reason == "tool_calls"
-        [call] = choice.message.tool_calls or []
-        assert call.function.name == "add"
-        jsonschema.validate(json.loads(call.function.arguments), parameters)
-
-    chunks = list(caller.chat.completions.create(**ask, temperature=0, stream=True))
-    deltas = [c.choices[0].delta for c in chunks if c.choices]
-    assert "".join(d.content or "" for d in deltas) == "Checking."
-    pieces = [tc for d in deltas for tc in d.tool_calls or []]
-    assert pieces[0].id and pieces[0].function and pieces[0].function.name == "add"
-    arguments = "".join(tc.function.arguments or "" for tc in pieces if tc.function)
-    jsonschema.validate(json.loads(arguments), parameters)
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-
-    # Without tools nothing is constrained: the model's own text, the bare trigger, and no call.
-    completion = caller.chat.completions.create(**ask, tool_choice="none", temperature=0)
-    assert completion.choices[0].message.content == "Checking. <tool_call>"
-    assert completion.choices[0].message.tool_calls is None
