@@ -132,12 +132,15 @@ def test_other_templates_get_the_generic_form() -> None:
         assert TOOLS_PREAMBLE in messages[0]["content"]
 
 
+@pytest.mark.parametrize("streaming", [True, False])
 @pytest.mark.parametrize("template", [None, HERMES])
 async def test_a_tool_calling_turn_end_to_end(local_engines: MakeEngine, tmp_path: Path,
-                                             template: str | None) -> None:
+                                             template: str | None, streaming: bool) -> None:
     """Either way the engine reads the prompt rendered as above (its tokens counted) and its
-    constrained answer is a call that parses and validates."""
-    engine = await local_engines(models.write_llama(tmp_path / "m", chat_template=template))
+    constrained answer is a call that parses and validates; in streaming mode (the agent's
+    prefix pinned) and in dense mode (the prompt fitted to the context) alike."""
+    engine = await local_engines(models.write_llama(tmp_path / "m", chat_template=template),
+                                 streaming=streaming)
     assert engine.prompts is not None
     assert engine.prompts.tool_format == ("template" if template else "generic")
     tok = tokenizer(template)
@@ -151,6 +154,11 @@ async def test_a_tool_calling_turn_end_to_end(local_engines: MakeEngine, tmp_pat
             constraint=REQUIRED)))
         assert finished.usage.prompt_tokens == len(tok(expected, add_special_tokens=False)
                                                    ["input_ids"])
+        if streaming and seed:  # the second conversation starts from the first one's prefix
+            prefix = Prompts(tok, ()).agent_prefix(messages, tools)
+            assert "get_weather" in prefix
+            assert finished.usage.cached_tokens == len(tok(prefix, add_special_tokens=False)
+                                                       ["input_ids"])
         text, [call] = parse_tool_calls("".join(pieces))
         assert text == "" and finished.reason == "stop"
         tool = next(t for t in TOOLS if t["name"] == call.name)
