@@ -48,8 +48,9 @@ ToolFormat = Literal["template", "generic"]
 
 # What template_tool_format renders: a tool, a call of it and its result, with values that
 # cannot appear in a template by chance.
-_PROBE_TOOL: dict[str, Any] = {"name": "probe_tool_7f3a", "description": "probe description 7f3a",
-               "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}}}
+_PROBE_TOOL: dict[str, Any] = {
+    "name": "probe_tool_7f3a", "description": "probe description 7f3a",
+    "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}}}
 _PROBE_ARGUMENTS = {"probe_arg": "probe value 7f3a"}
 _PROBE_RESULT = "probe result 7f3a"
 
