@@ -2,7 +2,8 @@
 
 The echo engine repeats the user's message, so a user message holding a ``<tool_call>`` block is
 answered with that call: the whole path (parsing, OpenAI's shapes, streaming, storage) runs
-without a model. The local engine's constrained decoding writes the same blocks.
+without a model. The local engine's constrained decoding writes the same blocks
+(tests/test_local_tools_e2e.py, tests/test_structured_e2e.py).
 """
 
 from __future__ import annotations
@@ -204,3 +205,4 @@ def test_tools_and_a_response_format_are_refused_together(oai: openai.OpenAI) ->
         model="echoer", messages=[{"role": "user", "content": '{"a": 1}'}], tools=[WEATHER],
         tool_choice="none", response_format={"type": "json_object"})
     assert completion.choices[0].message.content == '{"a": 1}'
+

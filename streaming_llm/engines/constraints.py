@@ -26,8 +26,9 @@ Lazy tool calls (``tool_calls`` with ``lazy_trigger``)
     text not start a call (the token that completed the trigger carried bytes the format does
     not allow), the answer ends there, ``broken`` saying why.
 
-The tool-call format (SmolLM2's chat template ignores ``tools=``, so the generic one, as
-Qwen2.5 / Hermes write it): one block per call, blocks one after another for parallel calls::
+The tool-call format, as Qwen2.5 / Qwen3 / Hermes write it (the prompt shows it through the
+model's own chat template when that is tool-aware in this form, else in the generic text form:
+:mod:`.local.prompts`): one block per call, blocks one after another for parallel calls::
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
@@ -54,7 +55,7 @@ from ..errors import InvalidConstraint
 from .base import Constraint
 
 __all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ConstraintState", "Grammars", "ToolCall",
-           "advance", "fill_masks", "grammar_text", "parse_tool_calls"]
+           "advance", "fill_masks", "grammar_text", "parse_tool_calls", "tag_tokens"]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # JSON as ``json.dumps`` writes it (", " and ": "), no other whitespace: a small model cannot
@@ -89,8 +90,22 @@ def _tool_schema(tool: dict[str, Any]) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def grammar_text(constraint: Constraint) -> str:
-    """The llguidance grammar for ``constraint`` (not yet checked: :meth:`Grammars.check`)."""
+def tag_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tool-call tags that ``tokenizer`` has as one added token each (Qwen2.5, Qwen3 and
+    Hermes vocabularies have ``<tool_call>`` and ``</tool_call>``), and whose text decoding keeps.
+
+    llguidance takes every added token for a special one, which a grammar's string literal
+    never matches: without naming these tokens the grammar would refuse the token such a model
+    writes a call with (forcing it to spell the tag byte by byte), and a lazy call started with
+    it could not be parsed."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    return {tag: added[tag] for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+            if tag in added and tokenizer.decode([added[tag]], skip_special_tokens=True) == tag}
+
+
+def grammar_text(constraint: Constraint, tags: dict[str, int] | None = None) -> str:
+    """The llguidance grammar for ``constraint`` (not yet checked: :meth:`Grammars.check`);
+    ``tags``: :func:`tag_tokens`, each tag then written as its text or as that token."""
     matcher = _llg().LLMatcher
     kind = constraint.kind
     if kind == "json_schema":
@@ -120,10 +135,13 @@ def grammar_text(constraint: Constraint) -> str:
         call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
         # Lark with llguidance's %json: the call's JSON is compiled like a response_format schema.
         repeat = '("\\n" block)*' if constraint.parallel else ""
+        tag = {t: json.dumps(t) + (f" | <[{tags[t]}]>" if tags and t in tags else "")
+               for t in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)}
         lark = (f"%llguidance {{}}\n"
                 f"start: block {repeat}\n"
-                f"block: {json.dumps(TOOL_CALL_OPEN)} \"\\n\" call \"\\n\" "
-                f"{json.dumps(TOOL_CALL_CLOSE)}\n"
+                f"block: open \"\\n\" call \"\\n\" close\n"
+                f"open: {tag[TOOL_CALL_OPEN]}\n"
+                f"close: {tag[TOOL_CALL_CLOSE]}\n"
                 f"call: %json {json.dumps({**call, 'x-guidance': JSON_OPTIONS})}\n")
         return str(matcher.grammar_from_lark(lark))
     raise InvalidConstraint(f"unknown constraint kind {kind!r}")
@@ -148,6 +166,7 @@ class Grammars:
                  cache_size: int = CACHE_SIZE) -> None:
         # the mask's width: the logits', or the tokenizer's when larger (its extra ids never pass)
         self._hf, self._eos, self.vocab = tokenizer, sorted(eos_ids), max(vocab, len(tokenizer))
+        self._tags = tag_tokens(tokenizer)
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._tokenizer: Any = None
@@ -197,7 +216,7 @@ class Grammars:
     def _compile(self, constraint: Constraint, tokenizer: Any) -> Any:
         started = time.perf_counter()
         try:
-            text = grammar_text(constraint)
+            text = grammar_text(constraint, self._tags)
             matcher = _llg().LLMatcher(tokenizer, text, log_level=0)
             if matcher.is_error():
                 name = {"json_schema": "schema", "json_object": "schema", "regex": "pattern",

@@ -147,8 +147,8 @@ class ModelRunner:
             masks = constraints.fill_masks(states, scores.shape[-1], scores.device)
             tokens = sample_rows(scores, [r.sampler for r in sampled],
                                  [r.tokens[-PENALTY_WINDOW:] for r in sampled], masks)
-            if masks is not None:
-                constraints.advance(states, tokens)
+            if any(s is not None for s in states):  # a lazy state waiting for its trigger
+                constraints.advance(states, tokens)  # reads the free text too (no mask yet)
             out.tokens = dict(zip(sampled, tokens, strict=True))
         return out
 

@@ -3,7 +3,9 @@ path with ``from_pretrained``, as a real model would be)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -24,15 +26,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
-def _save(model: torch.nn.Module, path: Path) -> Path:
+def _save(model: torch.nn.Module, path: Path, tok: PreTrainedTokenizerFast | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer().save_pretrained(path)
+    (tok or tokenizer()).save_pretrained(path)
     model.save_pretrained(path)
     return path
 
 
-def _llama_config(**overrides: object) -> LlamaConfig:
-    tok = tokenizer()
+def _llama_config(tok: PreTrainedTokenizerFast | None = None, **overrides: object) -> LlamaConfig:
+    tok = tok or tokenizer()
     values: dict[str, object] = dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -45,33 +47,42 @@ def _llama_config(**overrides: object) -> LlamaConfig:
 
 
 def write_llama(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: str = "cpu", **overrides: object) -> Path:
+                device: str = "cpu", chat_template: str | None = None,
+                **overrides: object) -> Path:
     """A random Llama whose greedy output depends on the context (no EOS bias).
 
     ``device`` is where the weights are drawn (a 1B model draws in seconds on a GPU, not on a
-    CPU); ``dtype`` is the one they are saved in (scripts/gpu_check.py builds model-sized ones).
+    CPU); ``dtype`` is the one they are saved in (scripts/gpu_check.py builds model-sized ones);
+    ``chat_template`` replaces the demo tokenizer's.
     """
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(_llama_config(**overrides))
-    return _save(model.to(dtype).eval(), path)
+    _save(model.to(dtype).eval(), path)
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(chat_template)
+    return path
 
 
-def write_chain_model(path: Path, answer: str) -> Path:
+def write_chain_model(path: Path, answer: str, added_tokens: Sequence[str] = ()) -> Path:
     """A Llama that answers ``answer`` and then EOS, whatever the prompt.
 
     Its layers write nothing to the residual stream, so the logits depend on the last token only
     (a bigram model): the prompt's last token (the newline after ``<|assistant|>``) leads to the
     first token of ``answer``, each answer token to the next, the last one to EOS. The answer's
-    tokens must all differ, and differ from that newline.
+    tokens must all differ, and differ from that newline. ``added_tokens`` join the demo
+    tokenizer's vocabulary as plain (not special) tokens, as ``<tool_call>`` is Qwen2.5's.
     """
     tok = tokenizer()
+    if added_tokens:
+        tok = copy.deepcopy(tok)
+        tok.add_tokens(list(added_tokens))
     prompt_end = tok("\n", add_special_tokens=False)["input_ids"]
     ids = tok(answer, add_special_tokens=False)["input_ids"]
     chain = [*prompt_end, *ids, tok.eos_token_id]
     assert len(prompt_end) == 1 and len(set(chain)) == len(chain), "chain tokens must be distinct"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(_llama_config(hidden_size=64, num_hidden_layers=1)).eval()
+    model = LlamaForCausalLM(_llama_config(tok, hidden_size=64, num_hidden_layers=1)).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -81,7 +92,7 @@ def write_chain_model(path: Path, answer: str) -> Path:
         model.lm_head.weight.zero_()
         for current, following in itertools.pairwise(chain):
             model.lm_head.weight[following] = 4.0 * emb[current]
-    return _save(model, path)
+    return _save(model, path, tok)
 
 
 def write_gpt2(path: Path) -> Path:

@@ -4,6 +4,7 @@ answer valid, and rows without a constraint are untouched by the rows with one."
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,33 @@ def test_a_lazy_tool_call_is_free_text_until_its_trigger(grammars: Grammars) -> 
         masks = fill_masks([state3], grammars.vocab)
     assert masks is not None and state3.active
     assert not masks[0, tok.encode("x", add_special_tokens=False)[0]]  # the call's JSON only
+
+
+def test_tool_call_tags_that_are_one_token_may_be_written_with_it() -> None:
+    """Qwen2.5 / Qwen3 / Hermes vocabularies have ``<tool_call>`` as an added token, which their
+    models write a call with: the grammar takes it (or the spelled-out tag), for a required call
+    and for a lazy one the token starts."""
+    tok = copy.deepcopy(build_tokenizer())
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    open_id, close_id = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    grammars = Grammars(tok, [tok.eos_token_id], len(tok))
+    body = tok.encode('\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n',
+                      add_special_tokens=False)
+    for lazy in (None, "<tool_call>"):
+        constraint = Constraint("tool_calls", tools=TOOLS, lazy_trigger=lazy, parallel=False)
+        state = grammars.state(constraint)
+        for t in [*tok.encode("Let me add. ", add_special_tokens=False)] if lazy else []:
+            advance([state], [t])
+        for i, t in enumerate([open_id, *body, close_id]):
+            masks = fill_masks([state], grammars.vocab)
+            if lazy and i == 0:
+                assert masks is None  # free text until the trigger
+            else:
+                assert masks is not None and masks[0, t], tok.decode([t])
+            advance([state], [t])
+        assert state.done and state.broken is None
+        assert walk(grammars, constraint, '<tool_call>\n{"name": "add", "arguments": '
+                                          '{"a": 1, "b": 2}}\n</tool_call>').done  # spelled out
 
 
 # --- sampling with masks ------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from typing import Any
 from ...errors import AgentContextTooLong
 from ...settings import Settings
 from .disk import DiskTier
-from .prompts import Message, Prompts
+from .prompts import Message, Prompts, Tools
 from .store import Conversation, ConversationStore, PrefixStore
 
 __all__ = ["Caches", "Layout", "Plan"]
@@ -188,11 +188,12 @@ class Caches:
 
     # -- the pinned agent prefix -----------------------------------------------------------------
     def pinned(self, messages: list[Message], prompt_text: str, prompt_ids: list[int],
-               ) -> tuple[str, list[int]]:
-        """The agent prefix to pin and its ids (a prefix of ``prompt_ids``), or ("", [])."""
+               tools: Tools = None) -> tuple[str, list[int]]:
+        """The agent prefix to pin and its ids (a prefix of ``prompt_ids``), or ("", []);
+        ``tools`` as the prompt was rendered with (a tool-aware template describes them there)."""
         if not self.settings.pin_agent_prefix:
             return "", []
-        prefix = self.prompts.agent_prefix(messages)
+        prefix = self.prompts.agent_prefix(messages, tools)
         if not prefix or not prompt_text.startswith(prefix):
             return "", []
         ids = self.prompts.encode_text(prefix)

@@ -96,7 +96,7 @@ from ..step import LlamaStep, Step, build_step, llama_step_support
 from .caches import Caches
 from .disk import DiskTier, model_fingerprint
 from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
-from .prompts import Prompts, template_messages
+from .prompts import Prompts
 from .turn import Turn
 
 log = logging.getLogger("streaming_llm.engines.local")
@@ -329,7 +329,7 @@ class LocalEngine:
         """
         if not self._ready or self.prompts is None:
             return None
-        text = self.prompts.render(template_messages(messages), generation_prompt=True)
+        text = self.prompts.render_chat(messages)
         return len(self.prompts.encode_text(text))
 
     def _agent_refusal(self, system: str) -> EngineError | None:

@@ -40,7 +40,7 @@ from ..constraints import ConstraintState
 from ..detokenize import IncrementalDecoder, StopMatcher
 from ..scheduler import Feed, Outcome
 from .caches import Caches, Layout, Plan
-from .prompts import Prompts, template_messages
+from .prompts import Message, Prompts, Tools
 from .store import Conversation
 
 log = logging.getLogger("streaming_llm.engines.local")
@@ -64,7 +64,8 @@ class Turn:
         self._on_released = on_released
         self.constraint = constraint
         self.state: Conversation | None = None
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[Message] = []
+        self.tools: Tools = None  # described by a tool-aware chat template (else in the messages)
         self.prompt_text, self.prompt_ids = "", [0]
         self.max_new = request.max_new_tokens
         self.dropped: int | None = None
@@ -86,19 +87,20 @@ class Turn:
         request, prompts, caches = self.request, self.prompts, self.caches
         state = caches.take(self, request.conversation_id)
         self.state = state  # kept again on release whatever happens next
-        self.messages = template_messages(request.messages, request.constraint)
+        self.messages, self.tools = prompts.chat(request.messages, request.constraint)
         known_text, known_ids = (state.text, state.ids) if state is not None else (None, [])
         if self.streaming:
-            self.prompt_text = prompts.render(self.messages, generation_prompt=True)
+            self.prompt_text = prompts.render(self.messages, generation_prompt=True,
+                                              tools=self.tools)
             self.prompt_ids = prompts.encode_prompt(known_text, known_ids, self.prompt_text)
             self.layout = caches.layout(*caches.pinned(self.messages, self.prompt_text,
-                                                       self.prompt_ids))
+                                                       self.prompt_ids, self.tools))
             if state is not None and (state.cache.sink_tokens != self.layout.sinks
                                       or state.cache.window_tokens != self.layout.window):
                 state = None  # the agent's prefix changed length: rebuild from the new one
         else:
             self.prompt_text, self.prompt_ids, self.max_new, self.dropped = prompts.fit_dense(
-                known_text, known_ids, self.messages, self.max_new, self.context)
+                known_text, known_ids, self.messages, self.max_new, self.context, self.tools)
         self.emit(PromptTokens(len(self.prompt_ids)))
         self._decoder = IncrementalDecoder(self.tokenizer)
         self._stops = StopMatcher(request.options.stop)
@@ -164,7 +166,7 @@ class Turn:
         # Close the assistant turn the way the chat template writes it.
         closed_text = self.prompts.render(
             [*self.messages, {"role": "assistant", "content": "".join(self._answer)}],
-            generation_prompt=False)
+            generation_prompt=False, tools=self.tools)
         closed_ids = self.prompts.encode_after(self.prompt_text, self.prompt_ids, closed_text)
         plan = self.caches.plan(state, closed_ids, self._fresh, need_logits=False)
         self.state = plan.state
