@@ -69,18 +69,18 @@ def test_device_and_dtype_reach_the_spawned_server() -> None:
 
 # What `llama-batched-bench -m SmolLM2-135M-Instruct.Q4_1.gguf -c 1024 -b 2048 -ub 512 -npp 64
 # -ntg 64 -npl 1,8 -t 2 --output-format jsonl` printed on its stdout, as it was (llama.cpp from
-# the llama-cpp-python 0.3.36 sdist, built as scripts/build-llama-cpp.sh builds it; the shared
-# 2-core box; the log and the performance summary go to stderr).
+# the llama-cpp-python 0.3.36 sdist, built as scripts/build-llama-cpp.sh builds it; the 2-core
+# box at load 1.0; the log and the performance summary go to stderr).
 BATCHED_BENCH_STDOUT = (
     '{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, '
     '"is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, '
-    '"pp": 64, "tg": 64, "pl": 1, "n_kv": 128, "t_pp": 0.349304, "speed_pp": 183.221497, '
-    '"t_tg": 0.579856, "speed_tg": 110.372238, "t": 0.929160, "speed": 137.758835}\n'
+    '"pp": 64, "tg": 64, "pl": 1, "n_kv": 128, "t_pp": 0.212529, "speed_pp": 301.135376, '
+    '"t_tg": 0.467221, "speed_tg": 136.980148, "t": 0.679750, "speed": 188.304535}\n'
     '{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, '
     '"is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, '
-    '"pp": 64, "tg": 64, "pl": 8, "n_kv": 1024, "t_pp": 2.163433, '
-    '"speed_pp": 236.660889, "t_tg": 3.198202, "speed_tg": 160.089951, "t": 5.361635, '
-    '"speed": 190.986511}\n'
+    '"pp": 64, "tg": 64, "pl": 8, "n_kv": 1024, "t_pp": 1.857920, '
+    '"speed_pp": 275.576996, "t_tg": 2.901439, "speed_tg": 176.464157, "t": 4.759359, '
+    '"speed": 215.155029}\n'
     "\n"
 )
 
