@@ -20,6 +20,14 @@ measured turn at once (greedy, ``--max-new-tokens``). Figures per N, from the cl
 Then the *joiner*: N-1 conversations decode and, once all of them stream, one more conversation
 sends its turn; its first-token time is compared with the same turn's alone (N = 1).
 
+With ``--llama-batched-bench PATH``, llama.cpp's own ``llama-batched-bench`` then runs on the
+GGUF file the model came from (the default model's Q4_1; see :mod:`.llama_cpp`): N sequences
+decoding at once for every N, each ``--max-new-tokens`` tokens after as many prompt tokens as
+our longest measured prompt, with our server's threads. Its aggregate decode rate stands in every
+row (``llama_cpp_tokens_per_s``), and the ratios ours / llama.cpp (``aggregate_N_over_llama_cpp``,
+``steady_N_over_llama_cpp``) and llama.cpp's own ``llama_cpp_N_over_1`` join the others. With
+``--url``, ``--model`` must name the running server's model.
+
 Goals on a 2-core machine (issue 13): aggregate(8) >= 4x aggregate(1); every conversation at
 8 keeps >= 0.5x the alone rate; the joiner's first token within 2x the alone first token. The
 run prints the ratios within this one run (a shared machine moves every figure; the ratios of
@@ -32,15 +40,16 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..testing.server import start_server
+from .llama_cpp import add_binary_argument, batched_bench, binary_error, model_gguf
 from .load import _percentile as percentile
+from .served import add_server_arguments, measure_served, server_env
 
 SYSTEM = "You are a patient assistant who answers at length."
 # Tasks whose greedy answers (penalties off) run to --max-new-tokens on the default model; each
@@ -57,16 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated numbers of conversations at once (1,2,4,8)")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="tokens per measured answer (64)")
-    parser.add_argument("--model", default="",
-                        help="STREAMING_LLM_MODEL for the spawned server (default: its default "
-                             "model)")
-    parser.add_argument("--models-dir", default="data/models",
-                        help="STREAMING_LLM_MODELS_DIR for the spawned server, where a GGUF model "
-                             "converted once is kept (data/models, as `make run` keeps it)")
+    add_server_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=0,
                         help="STREAMING_LLM_MAX_BATCH for the spawned server (0: its default)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in the spawned server (0: torch's default)")
     parser.add_argument("--window-tokens", type=int, default=0,
                         help="STREAMING_LLM_WINDOW_TOKENS for the spawned server (0: default)")
     parser.add_argument("--quantize", default="", choices=["", "none", "fp16", "int8"],
@@ -78,9 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STREAMING_LLM_DTYPE for the spawned server (default: auto)")
     parser.add_argument("--compile", action="store_true",
                         help="STREAMING_LLM_COMPILE=true for the spawned server")
-    parser.add_argument("--url", help="use this running server (http://host:port) instead")
-    parser.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_binary_argument(parser, "llama-batched-bench",
+                        "run on the model's GGUF file after ours, N sequences at once at our "
+                        "prompt length, its decode tok/s and the ratios beside ours")
 
 
 @dataclass
@@ -162,6 +164,8 @@ def _summary(n: int, turns: list[Turn]) -> dict[str, Any]:
     return {
         "conversations": n,
         "tokens": sum(t.tokens for t in good),
+        # The context each answer decoded after (llama-batched-bench's -npp, beside ours).
+        "prompt_tokens": max((int(t.usage.get("prompt_tokens") or 0) for t in good), default=0),
         "answer_tokens": sorted(t.tokens for t in good),
         "aggregate_tokens_per_s": round(after_first / span, 2) if span > 0 else None,
         "steady_tokens_per_s": steady,
@@ -264,14 +268,25 @@ def _ratios(rows: list[dict[str, Any]], joiner: dict[str, Any]) -> dict[str, Any
 
 
 def _table(figures: dict[str, Any]) -> str:
+    peer = figures.get("llama_cpp")
+    beside = (" llama.cpp tok/s | aggregate ÷ llama.cpp |", "---|---|") if peer else ("", "")
     lines = ["| conversations | aggregate tok/s | all streaming tok/s | per conversation tok/s "
-             "(min / median) | first token p50 / p99 ms | batch |", "|---|---|---|---|---|---|"]
+             "(min / median) | first token p50 / p99 ms | batch |" + beside[0],
+             "|---|---|---|---|---|---|" + beside[1]]
     for r in figures["rows"]:
-        lines.append(f"| {r['conversations']} | {r['aggregate_tokens_per_s']} | "
+        n = r["conversations"]
+        theirs = (f" {r['llama_cpp_tokens_per_s']} | "
+                  f"{figures['ratios'].get(f'aggregate_{n}_over_llama_cpp', '-')} |"
+                  if peer else "")
+        lines.append(f"| {n} | {r['aggregate_tokens_per_s']} | "
                      f"{r['steady_tokens_per_s']} | "
                      f"{r['per_conversation_min_tokens_per_s']} / "
                      f"{r['per_conversation_median_tokens_per_s']} | {r['first_token_p50_ms']} / "
-                     f"{r['first_token_p99_ms']} | {r['batch_size']} |")
+                     f"{r['first_token_p99_ms']} | {r['batch_size']} |" + theirs)
+    if peer:
+        lines.append(f"\nllama.cpp: llama-batched-bench on {Path(peer['gguf']).name}, N "
+                     f"sequences of {peer['prompt_tokens']} prompt + {peer['max_new_tokens']} "
+                     f"tokens at once, {peer['threads']} threads (decode tok/s of all N)")
     lines.append("\nanswer lengths (tokens; shorter than --max-new-tokens = ended early and left "
                  "the batch): " + "; ".join(f"{r['conversations']}: {r.get('answer_tokens')}"
                                              for r in figures["rows"]))
@@ -286,12 +301,7 @@ def _table(figures: dict[str, Any]) -> str:
 
 
 def _server_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {"STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_LOG_LEVEL": "warning",
-           "STREAMING_LLM_MAX_CONCURRENT_GENERATIONS": "64"}
-    if args.model:
-        env["STREAMING_LLM_MODEL"] = args.model
-    if args.models_dir:
-        env["STREAMING_LLM_MODELS_DIR"] = str(Path(args.models_dir).resolve())
+    env = server_env(args) | {"STREAMING_LLM_MAX_CONCURRENT_GENERATIONS": "64"}
     if args.max_batch:
         env["STREAMING_LLM_MAX_BATCH"] = str(args.max_batch)
     if args.window_tokens:
@@ -304,8 +314,6 @@ def _server_env(args: argparse.Namespace) -> dict[str, str]:
         env["STREAMING_LLM_DTYPE"] = args.dtype
     if args.compile:
         env["STREAMING_LLM_COMPILE"] = "true"
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     return env
 
 
@@ -319,21 +327,69 @@ def run(args: argparse.Namespace) -> int:
         print("--conversations: numbers must be >= 1", file=sys.stderr)
         return 2
 
+    gguf = None
+    if args.llama_batched_bench is not None:
+        if error := binary_error(args.llama_batched_bench, "llama-batched-bench"):
+            print(error, file=sys.stderr)
+            return 2
+        gguf = model_gguf(args.model)
+        if gguf is None or not gguf.is_file():
+            print(f"--llama-batched-bench runs on the model's GGUF file: --model {args.model!r} "
+                  "is none (the default model is one)", file=sys.stderr)
+            return 2
+
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    async def measure(base_url: str) -> dict[str, Any]:
-        return await asyncio.wait_for(_measure(base_url, args, sizes, log), args.timeout_s)
-
-    if args.url:
-        figures = asyncio.run(measure(args.url.rstrip("/")))
-    else:
-        with tempfile.TemporaryDirectory(prefix="streaming-llm-concurrency-") as tmp, \
-                start_server(Path(tmp), _server_env(args), timeout=600) as server:
-            figures = asyncio.run(measure(server.base_url))
-    print(json.dumps(figures, indent=2) if args.json else _table(figures))
+    figures = measure_served(args, _server_env(args), "concurrency",
+                             lambda base_url: _measure(base_url, args, sizes, log))
     failed = any(r["errors"] for r in figures["rows"]) or bool(figures["joiner"].get("errors"))
+    if gguf is not None:
+        # After ours, with our server stopped: the two never share the CPU.
+        try:
+            _beside_llama_cpp(figures, args.llama_batched_bench, gguf, args, sizes, log)
+        except (subprocess.CalledProcessError, ValueError) as exc:
+            log(f"llama-batched-bench failed: {getattr(exc, 'stderr', None) or exc}")
+            failed = True
+    print(json.dumps(figures, indent=2) if args.json else _table(figures))
     return 1 if failed else 0
+
+
+def _beside_llama_cpp(figures: dict[str, Any], binary: Path, gguf: Path,
+                      args: argparse.Namespace, sizes: list[int], log: Any) -> None:
+    """llama-batched-bench on ``gguf``: N sequences at once for every N of ours, each decoding
+    ``--max-new-tokens`` after as many prompt tokens as our longest measured prompt, with the
+    threads our server had; its aggregate decode rate goes into every row
+    (``llama_cpp_tokens_per_s``) and the ratios."""
+    import torch  # torch's default thread count is the spawned server's when --threads is 0
+
+    prompt = max(row["prompt_tokens"] for row in figures["rows"]) or 1
+    threads = args.threads or torch.get_num_threads()
+    log(f"llama-batched-bench: {gguf.name}, {prompt} prompt + {args.max_new_tokens} tokens, "
+        f"{threads} threads")
+    peer = batched_bench(binary, gguf, prompt=prompt, generate=args.max_new_tokens,
+                         parallel=sizes, threads=threads)
+    figures["llama_cpp"] = {"gguf": str(gguf), "prompt_tokens": prompt,
+                            "max_new_tokens": args.max_new_tokens, "threads": threads,
+                            "rows": {str(n): row for n, row in peer.items()}}
+    for row in figures["rows"]:
+        row["llama_cpp_tokens_per_s"] = peer[row["conversations"]]["decode_tokens_per_s"]
+    figures["ratios"].update(_llama_cpp_ratios(figures["rows"]))
+
+
+def _llama_cpp_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Ours over llama.cpp's at every N (aggregate and all streaming), and llama.cpp's own N
+    over 1 (the scaling ours is held to)."""
+    out: dict[str, float] = {}
+    alone = next((r["llama_cpp_tokens_per_s"] for r in rows if r["conversations"] == 1), None)
+    for row in rows:
+        n, theirs = row["conversations"], row["llama_cpp_tokens_per_s"]
+        for key in ("aggregate", "steady"):
+            if row[f"{key}_tokens_per_s"] and theirs:
+                out[f"{key}_{n}_over_llama_cpp"] = round(row[f"{key}_tokens_per_s"] / theirs, 2)
+        if n != 1 and alone and theirs:
+            out[f"llama_cpp_{n}_over_1"] = round(theirs / alone, 2)
+    return out
 
 
 if __name__ == "__main__":

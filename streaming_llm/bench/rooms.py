@@ -27,17 +27,14 @@ Run ``streaming-llm bench rooms --help``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..testing.server import start_server
+from .served import add_server_arguments, measure_served, server_env
 
 NAMES = ("Ada", "Boris", "Chloe", "Dmitri", "Emma", "Farid", "Grace", "Hugo")
 TOPICS = ("databases", "compilers", "networks", "user interfaces", "testing", "security",
@@ -49,17 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds: every agent answers (20)")
     parser.add_argument("--max-new-tokens", type=int, default=8,
                         help="tokens per answer (8: short answers)")
-    parser.add_argument("--model", default="",
-                        help="STREAMING_LLM_MODEL for the spawned server (default: its default "
-                             "model)")
-    parser.add_argument("--models-dir", default="data/models",
-                        help="STREAMING_LLM_MODELS_DIR for the spawned server, where a GGUF model "
-                             "converted once is kept (data/models, as `make run` keeps it)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads in the spawned server (0: torch's default)")
-    parser.add_argument("--url", help="use this running server (http://host:port) instead")
-    parser.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_server_arguments(parser)
 
 
 @dataclass
@@ -228,17 +215,6 @@ def _table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _server_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {"STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_LOG_LEVEL": "warning"}
-    if args.model:
-        env["STREAMING_LLM_MODEL"] = args.model
-    if args.models_dir:
-        env["STREAMING_LLM_MODELS_DIR"] = str(Path(args.models_dir).resolve())
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    return env
-
-
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.agents <= len(NAMES) or args.rounds < 1 or args.max_new_tokens < 1:
         print(f"--agents must be 1 to {len(NAMES)}; --rounds and --max-new-tokens at least 1",
@@ -248,15 +224,8 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    async def measure(base_url: str) -> dict[str, Any]:
-        return await asyncio.wait_for(_measure(base_url, args, log), args.timeout_s)
-
-    if args.url:
-        figures = asyncio.run(measure(args.url.rstrip("/")))
-    else:
-        with tempfile.TemporaryDirectory(prefix="streaming-llm-rooms-") as tmp, \
-                start_server(Path(tmp), _server_env(args), timeout=600) as server:
-            figures = asyncio.run(measure(server.base_url))
+    figures = measure_served(args, server_env(args), "rooms",
+                             lambda base_url: _measure(base_url, args, log))
     print(json.dumps(figures, indent=2) if args.json else _table(figures))
     return 1 if figures["errors"] else 0
 

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .llama_cpp import add_binary_argument, binary_error, model_gguf
+
 MODES = ("model", "eager", "compiled", "fp16", "int8", "compiled-fp16", "compiled-int8")
 CONTEXTS = (16, 1000)
 PREFILL = 512
@@ -62,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs (cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="the model's weights (float32)")
-    parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary")
+    add_binary_argument(parser, "llama-bench", "run on the model's GGUF file (and F32/F16 "
+                        "copies) after ours, and the ratios")
     parser.add_argument("--profile", action="store_true",
                         help="print the operators that take a decode step's time, per mode")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -74,13 +77,12 @@ def _load(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Any, Pa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..engines.local.loading import default_model_file, resolve_source
+    from ..engines.local.loading import resolve_source
     from ..settings import Settings
 
     settings = Settings(model=args.model, models_dir=Path(args.models_dir).resolve())
     source = resolve_source(settings, log)
-    gguf = (default_model_file() if not args.model
-            else Path(args.model) if args.model.endswith(".gguf") else None)
+    gguf = model_gguf(args.model)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
     return model.to(args.device).eval(), gguf
 
@@ -256,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"--modes: unknown {', '.join(unknown) or '(none)'}; choose from "
               f"{', '.join(MODES)}", file=sys.stderr)
         return 2
-    if args.llama_bench is not None and not args.llama_bench.is_file():
-        print(f"--llama-bench: {args.llama_bench} is not a file", file=sys.stderr)
+    if error := binary_error(args.llama_bench, "llama-bench"):
+        print(error, file=sys.stderr)
         return 2
 
     def log(message: str) -> None:
