@@ -159,8 +159,8 @@ for shape in $shapes; do
         --steps "$steps" --repeats "$repeats" --threads "$(nproc)" --json
 done
 for step in $modes; do
-    flags=()
-    if [[ $step == compiled ]]; then flags=(--compile); fi
+    flags=(--compile false)
+    if [[ $step == compiled ]]; then flags=(--compile true); fi
     for shape in $shapes; do
         stage "$shape-$step-concurrency" "$together_s" "$PYTHON" -m streaming_llm bench \
             concurrency --model "$work/models/$shape" --device "$device" --dtype "$dtype" \

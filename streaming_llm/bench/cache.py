@@ -292,8 +292,9 @@ def _engine_settings(model_dir: Path, data_dir: Path, args: argparse.Namespace,
     from ..settings import Settings
 
     # No cache kept (0 conversations) also means no disk tier: every turn rebuilds.
+    # The eager step (compile=False): a compile in the background would run beside the timings.
     return Settings(engine="local", model=str(model_dir), data_dir=data_dir, device="cpu",
-                    dtype="float32", streaming=True, sink_tokens=args.sink_tokens,
+                    dtype="float32", streaming=True, compile=False, sink_tokens=args.sink_tokens,
                     window_tokens=args.window_tokens, cached_conversations=cached_conversations,
                     kv_disk_bytes=-1 if cached_conversations else 0,
                     max_new_tokens=max_new_tokens, log_level="warning")
@@ -390,7 +391,7 @@ def _server_env(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
     """The server runs the same local engine and cache settings as the in-process engine."""
     env = {
         "STREAMING_LLM_ENGINE": "local", "STREAMING_LLM_MODEL": str(model_dir),
-        "STREAMING_LLM_DEVICE": "cpu",
+        "STREAMING_LLM_DEVICE": "cpu", "STREAMING_LLM_COMPILE": "false",
         "STREAMING_LLM_DTYPE": "float32", "STREAMING_LLM_STREAMING": "true",
         "STREAMING_LLM_SINK_TOKENS": str(args.sink_tokens),
         "STREAMING_LLM_WINDOW_TOKENS": str(args.window_tokens),
@@ -477,7 +478,8 @@ async def _prefix(data_dir: Path, args: argparse.Namespace, log: Log) -> dict[st
     models = args.models_dir or Settings.from_env().models_path
     engine = LocalEngine(Settings(engine="local", model=args.prefix_model, data_dir=data_dir,
                                   models_dir=models, device="cpu", dtype="float32",
-                                  window_tokens=args.window_tokens, max_new_tokens=2))
+                                  window_tokens=args.window_tokens, max_new_tokens=2,
+                                  compile=False))
     await engine.start()
     try:
         prompts = engine.prompts

@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(model: str, data: Path, args: argparse.Namespace, **overrides: Any) -> Any:
     from ..settings import Settings
 
+    # The eager step (compile=False): a compile in the background would run beside the timings.
     return Settings(engine="local", model=model, data_dir=data, device="cpu", dtype="float32",
                     window_tokens=args.window_tokens, instance_id="bench", log_level="warning",
-                    **overrides)
+                    **{"compile": False, **overrides})
 
 
 async def _ask(engine: Any, cid: str, messages: list[tuple[str, str]], n: int) -> tuple[str, Any]:

@@ -71,15 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="STREAMING_LLM_MAX_BATCH for the spawned server (0: its default)")
     parser.add_argument("--window-tokens", type=int, default=0,
                         help="STREAMING_LLM_WINDOW_TOKENS for the spawned server (0: default)")
-    parser.add_argument("--quantize", default="", choices=["", "none", "fp16", "int8"],
-                        help="STREAMING_LLM_QUANTIZE for the spawned server (default: none)")
+    parser.add_argument("--quantize", default="", choices=["", "auto", "none", "fp16", "int8"],
+                        help="STREAMING_LLM_QUANTIZE for the spawned server (default: auto)")
     parser.add_argument("--device", default="", choices=["", "auto", "cpu", "cuda"],
                         help="STREAMING_LLM_DEVICE for the spawned server (default: auto)")
     parser.add_argument("--dtype", default="", choices=["", "auto", "float32", "bfloat16",
                                                         "float16"],
                         help="STREAMING_LLM_DTYPE for the spawned server (default: auto)")
-    parser.add_argument("--compile", action="store_true",
-                        help="STREAMING_LLM_COMPILE=true for the spawned server")
     add_binary_argument(parser, "llama-batched-bench",
                         "run on the model's GGUF file after ours, N sequences at once at our "
                         "prompt length, its decode tok/s and the ratios beside ours")
@@ -312,8 +310,6 @@ def _server_env(args: argparse.Namespace) -> dict[str, str]:
         env["STREAMING_LLM_DEVICE"] = args.device
     if args.dtype:
         env["STREAMING_LLM_DTYPE"] = args.dtype
-    if args.compile:
-        env["STREAMING_LLM_COMPILE"] = "true"
     return env
 
 

@@ -156,7 +156,8 @@ async def _measure(args: argparse.Namespace, temperatures: list[float],
 
     engine = LocalEngine(Settings.from_env(engine="local", model=args.model,
                                            models_dir=args.models_dir, dtype="float32",
-                                           cached_conversations=1, log_level="warning"))
+                                           cached_conversations=1, log_level="warning",
+                                           compile=False))
     await engine.start()
     name = (await engine.health()).model
     prompts = engine.prompts

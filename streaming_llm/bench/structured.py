@@ -176,7 +176,8 @@ async def _measure(args: argparse.Namespace, kinds: list[str], log: Any) -> dict
 
     engine = LocalEngine(Settings.from_env(engine="local", model=args.model,
                                            models_dir=args.models_dir, dtype="float32",
-                                           max_batch=args.batch, log_level="warning"))
+                                           max_batch=args.batch, log_level="warning",
+                                           compile=False))  # no compile beside the timings
     await engine.start()
     name = (await engine.health()).model
     grammars = engine.grammars

@@ -39,6 +39,7 @@ def test_smoke_run_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture
     bench.add_arguments(parser)
     args = parser.parse_args(["--conversations", "1,3", "--max-new-tokens", "12", "--model",
                               str(tmp_path / "model"), "--threads", "1", "--timeout-s", "300",
+                              "--compile", "false",
                               "--json"])
     assert bench.run(args) == 0
     figures = json.loads(capsys.readouterr().out)
@@ -59,12 +60,13 @@ def test_device_and_dtype_reach_the_spawned_server() -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     env = bench._server_env(parser.parse_args(["--device", "cuda", "--dtype", "bfloat16",
-                                               "--compile", "--threads", "3"]))
+                                               "--compile", "false", "--threads", "3"]))
     assert env["STREAMING_LLM_DEVICE"] == "cuda" and env["STREAMING_LLM_DTYPE"] == "bfloat16"
-    assert env["STREAMING_LLM_COMPILE"] == "true" and env["OMP_NUM_THREADS"] == "3"
+    assert env["STREAMING_LLM_COMPILE"] == "false" and env["OMP_NUM_THREADS"] == "3"
     assert env["STREAMING_LLM_ENGINE"] == "local"
     assert env["STREAMING_LLM_MAX_CONCURRENT_GENERATIONS"] == "64"
-    assert "STREAMING_LLM_DEVICE" not in bench._server_env(parser.parse_args([]))
+    default = bench._server_env(parser.parse_args([]))
+    assert "STREAMING_LLM_DEVICE" not in default and "STREAMING_LLM_COMPILE" not in default
 
 
 # What `llama-batched-bench -m SmolLM2-135M-Instruct.Q4_1.gguf -c 1024 -b 2048 -ub 512 -npp 64
