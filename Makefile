@@ -76,8 +76,9 @@ lint: install-test
 	$(PY) -m ruff check streaming_llm tests
 	$(PY) -m mypy streaming_llm
 
+# --durations: where CI's time goes, printed at the end of every run.
 test-python: install-test test-servers
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=30
 
 # The edit-test loop: unit tests only, no server processes, PostgreSQL, browser or compiles
 # (tests/conftest.py, `--fast`); about a minute and a half on 2 cores. `make test` runs everything.

@@ -59,18 +59,27 @@ def _register(owner: object, packed: Any) -> int:
 
 def _ops() -> dict[str, Any]:
     if not _OPS:
-        @torch.library.custom_op("streaming_llm::int8_product", mutates_args=())
+        # Defined through torch.library.Library with a plain CPU kernel rather than
+        # torch.library.custom_op: custom_op's Python wrapper cost ~30 us a call (measured: 62
+        # against 38 us for a 576 x 576 product, 32 us direct), a quarter of a compiled fp16
+        # step's time at 121 products per step.
+        lib = torch.library.Library("streaming_llm", "DEF")
+        _OPS["lib"] = lib  # the registrations live as long as the library object
+        for name in ("int8_product", "fp16_product"):
+            lib.define(f"{name}(Tensor x, int index, int out_features) -> Tensor")
+            torch.library.register_fake(f"streaming_llm::{name}", lib=lib)(
+                lambda x, index, out_features: x.new_empty((x.shape[0], out_features)))
+
         def int8_product(u: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
             return torch.ops.quantized.linear_dynamic(u, _PACKED[index], True)
 
-        @torch.library.custom_op("streaming_llm::fp16_product", mutates_args=())
         def fp16_product(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
             return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[index])
 
-        for op in (int8_product, fp16_product):
-            op.register_fake(lambda x, index, out_features: x.new_empty((x.shape[0],
-                                                                         out_features)))
-        _OPS.update(int8=int8_product, fp16=fp16_product)
+        lib.impl("int8_product", int8_product, "CPU")
+        lib.impl("fp16_product", fp16_product, "CPU")
+        _OPS.update(int8=torch.ops.streaming_llm.int8_product,
+                    fp16=torch.ops.streaming_llm.fp16_product)
     return _OPS
 
 
