@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from ..chat.conversations import TurnInProgress
 from ..chat.limits import Limits
@@ -78,6 +80,24 @@ def turn_spec(request: Request, *, request_id: str, agent_id: str,
         history=None if stored else messages, constraint=constraint, tools=tools,
         tool_results=tuple(results),
         result_params=params)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def errors_as(render: Callable[[ServiceError], Response]) -> Callable[[Endpoint], Endpoint]:
+    """A decorator: an endpoint's :class:`ServiceError` answered in an API's own error shape."""
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        @functools.wraps(endpoint)
+        async def wrapper(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except ServiceError as exc:
+                return render(exc)
+
+        return wrapper
+
+    return decorate
 
 
 def new_request_id(prefix: str) -> str:

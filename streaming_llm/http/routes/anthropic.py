@@ -18,9 +18,8 @@ usage) and ``message_stop``. Errors use Anthropic's body,
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -61,6 +60,7 @@ from ..answers import (
     Answer,
     Item,
     check_limits,
+    errors_as,
     new_request_id,
     start,
     stop,
@@ -94,16 +94,7 @@ def anthropic_error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(anthropic_error(exc), status_code=400 if exc.status == 422 else exc.status)
 
 
-def _anthropic_errors(endpoint: Callable[[Request], Awaitable[Response]]
-                      ) -> Callable[[Request], Awaitable[Response]]:
-    @functools.wraps(endpoint)
-    async def wrapper(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except ServiceError as exc:
-            return anthropic_error_response(exc)
-
-    return wrapper
+_anthropic_errors = errors_as(anthropic_error_response)
 
 
 # --- the request --------------------------------------------------------------------------------

@@ -21,10 +21,9 @@ conversation.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import msgspec
@@ -82,6 +81,7 @@ from ..answers import (
     Answer,
     Item,
     check_limits,
+    errors_as,
     new_request_id,
     start,
     stop,
@@ -120,16 +120,7 @@ def openai_error_response(exc: ServiceError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _openai_errors(endpoint: Callable[[Request], Awaitable[Response]]
-                   ) -> Callable[[Request], Awaitable[Response]]:
-    @functools.wraps(endpoint)
-    async def wrapper(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except ServiceError as exc:
-            return openai_error_response(exc)
-
-    return wrapper
+_openai_errors = errors_as(openai_error_response)
 
 
 def _model_not_found(model: str) -> AgentNotFound:
