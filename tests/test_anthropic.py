@@ -141,6 +141,9 @@ def test_a_stored_conversation(claude: anthropic.Anthropic, server: ServerProces
      "invalid_request_error", "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      400, "invalid_request_error", "messages[1]"),
+    # a user message of no blocks and no system: nothing to answer (found by schemathesis: 500)
+    ({"messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error",
+     "messages[0]"),
 ])
 def test_errors_have_anthropic_shape(server: ServerProcess, request_: dict[str, Any],
                                      status: int, kind: str, field: str) -> None:

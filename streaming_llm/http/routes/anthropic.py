@@ -143,8 +143,8 @@ def _messages(body: MessagesRequest) -> tuple[list[ChatMessage], list[str]]:
         if texts or calls or m.role == "assistant":
             messages.append(ChatMessage(m.role, "".join(texts), tuple(calls)))
             where.append(at)
-    last = messages[-1]
-    if last.role != "tool" and (last.role != "user" or not last.content):
+    last = messages[-1] if messages else None  # a user message of no blocks adds nothing
+    if last is None or last.role != "tool" and (last.role != "user" or not last.content):
         raise InvalidRequest("the last message must be a user message with text or tool "
                              "results (an assistant prefill is not supported)",
                              param=f"messages[{len(body.messages) - 1}]")
