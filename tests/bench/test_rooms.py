@@ -34,7 +34,7 @@ def test_smoke_run_on_the_demo_model(tmp_path: Path, capsys: pytest.CaptureFixtu
     bench.add_arguments(parser)
     args = parser.parse_args(["--agents", "3", "--rounds", "3", "--max-new-tokens", "4",
                               "--model", "demo", "--threads", "1", "--timeout-s", "300",
-                              "--json"])
+                              "--compile", "false", "--json"])
     assert bench.run(args) == 0
     figures = json.loads(capsys.readouterr().out)
     rounds = figures["rounds_table"]
