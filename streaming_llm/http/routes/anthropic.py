@@ -144,7 +144,7 @@ def _messages(body: MessagesRequest) -> tuple[list[ChatMessage], list[str]]:
             messages.append(ChatMessage(m.role, "".join(texts), tuple(calls)))
             where.append(at)
     last = messages[-1] if messages else None  # a user message of no blocks adds nothing
-    if last is None or last.role != "tool" and (last.role != "user" or not last.content):
+    if last is None or (last.role != "tool" and (last.role != "user" or not last.content)):
         raise InvalidRequest("the last message must be a user message with text or tool "
                              "results (an assistant prefill is not supported)",
                              param=f"messages[{len(body.messages) - 1}]")
