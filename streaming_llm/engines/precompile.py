@@ -146,7 +146,8 @@ class Precompiler:
         self._child = None
 
     def _start(self, shapes: set[Shape]) -> None:
-        spec = {**self.spec, "folder": str(self.folder), "shapes": sorted(shapes)}
+        spec = {**self.spec, "folder": str(self.folder), "shapes": sorted(shapes),
+                "parent": os.getpid()}
         log.info("decode step: compiling %d shape(s) in the background (%s); eager until then",
                  len(shapes), self.folder)
         with open(self.folder / LOG, "ab") as out:
@@ -188,6 +189,8 @@ def _child(spec: dict[str, Any]) -> None:
     model.to(spec["device"]).eval()
     step = LlamaStep(model, quantize=spec["quantize"], compile=True, ahead=True)
     for bucket, slots in spec["shapes"]:
+        if os.getppid() != spec["parent"]:  # the server is gone (killed): its next start asks
+            sys.exit("the server that asked for these shapes has exited")
         started = time.perf_counter()
         if step.prepare(spec["rows"], (bucket, slots)) is None:
             sys.exit(f"compiling batch {bucket} ({slots} slots) failed")
