@@ -161,8 +161,11 @@ class Precompiler:
         self._asked = shapes
 
     def _poll(self) -> None:
+        """What the running child has built so far (the file is only read while one runs)."""
+        if self._child is None:
+            return
         self._built = _read_shapes(self.folder)
-        if self._child is None or self._child.poll() is None:
+        if self._child.poll() is None:
             return
         code, self._child = self._child.returncode, None
         if code != 0 or not self._asked <= self._built:

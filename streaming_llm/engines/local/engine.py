@@ -160,18 +160,20 @@ class LocalEngine:
         self._progress = None
         self._loaded = load_model(self.settings, source, self._model_name)
         self.prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
+        fingerprint = model_fingerprint(self._loaded.model, self._model_name)
         self.caches = Caches(self.settings, self._loaded.model, self.prompts,
                              context=self._loaded.context, window=self._loaded.window,
                              memory_bytes=_memory_budget(self.settings),
-                             disk=self._disk_tier(self._loaded))
+                             disk=self._disk_tier(self._loaded, fingerprint))
         vocab = getattr(self._loaded.model.config, "vocab_size", None) or len(
             self._loaded.tokenizer)
         self.grammars = Grammars(self._loaded.tokenizer, self._loaded.eos_ids, int(vocab))
         rows = self.settings.max_batch or (
             MAX_BATCH_CUDA if self._loaded.device.startswith("cuda") else MAX_BATCH_CPU)
-        step = build_step(self._loaded.model, quantize=self._quantize(),
-                          compile=self.settings.compile, ahead=True)
-        self._precompiler = self._precompile(step, source, rows)
+        quantize = self._quantize()
+        step = build_step(self._loaded.model, quantize=quantize, compile=self.settings.compile,
+                          ahead=True)
+        self._precompiler = self._precompile(step, source, rows, quantize, fingerprint)
         self._scheduler = Scheduler(self._loaded.model, max_batch=rows, step=step,
                                     name="local-engine-scheduler",
                                     idle=self._precompiler.idle if self._precompiler else None)
@@ -189,7 +191,8 @@ class LocalEngine:
                 and llama_step_support(self._loaded.model) is None)
         return "fp16" if fits else "none"
 
-    def _precompile(self, step: Step, source: str, rows: int) -> Precompiler | None:
+    def _precompile(self, step: Step, source: str, rows: int, quantize: str,
+                    fingerprint: str) -> Precompiler | None:
         """The compiled step's graphs, built ahead of use (:mod:`..precompile`)."""
         import torch
 
@@ -197,8 +200,7 @@ class LocalEngine:
             return None
         assert self._loaded is not None and self.caches is not None
         loaded = self._loaded
-        fingerprint = model_fingerprint(loaded.model, self._model_name)
-        key = folder_key(fingerprint=fingerprint, quantize=self._quantize(), dtype=loaded.dtype,
+        key = folder_key(fingerprint=fingerprint, quantize=quantize, dtype=loaded.dtype,
                          rows=rows, device=loaded.device)
         folder = self.settings.data_dir / "compile" / key
         # The serving process loads what the child built from the same cache (process-wide).
@@ -206,10 +208,10 @@ class LocalEngine:
         capacity = self.settings.sink_tokens + loaded.window if self.settings.streaming else (
             loaded.context)
         spec = {"source": source, "dtype": loaded.dtype, "device": loaded.device,
-                "quantize": self._quantize(), "rows": rows, "threads": torch.get_num_threads()}
+                "quantize": quantize, "rows": rows, "threads": torch.get_num_threads()}
         return Precompiler(step, folder, spec, wanted_shapes(rows, capacity))
 
-    def _disk_tier(self, loaded: LoadedModel) -> DiskTier | None:
+    def _disk_tier(self, loaded: LoadedModel, fingerprint: str) -> DiskTier | None:
         """The disk tier of the caches (streaming only: a dense prompt is already bounded by the
         model's context, which is what a rebuild costs)."""
         budget = _disk_budget(self.settings)
@@ -221,7 +223,7 @@ class LocalEngine:
             return SinkCache.from_model(model, sinks, window)
 
         tier = DiskTier(self.settings.kv_path, budget,
-                        model_fingerprint(model, self._model_name), new_cache)
+                        fingerprint, new_cache)
         tier.start()
         if tier.enabled:
             log.info("local engine: KV cache files in %s (at most %.1f GiB)", tier.folder,
