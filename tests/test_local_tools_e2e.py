@@ -89,3 +89,23 @@ def test_anthropic_tool_use_from_the_model(server: ServerProcess) -> None:
                 {"type": "tool_result", "tool_use_id": use.id, "content": "5"}]}]})
         assert answer.stop_reason == "end_turn"
         assert [b.text for b in answer.content] == ["Checking. <tool_call>"]  # type: ignore[union-attr]
+
+
+def test_a_tool_schema_the_engine_cannot_compile_is_a_400_on_both_apis(
+        server: ServerProcess) -> None:
+    """The engine compiles each tool's schema before the turn starts, on /v1/messages as on
+    /v1/chat/completions (an unclosed group in a pattern: valid JSON Schema, no grammar)."""
+    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}
+    ask = [{"role": "user", "content": "Add 2 and 3."}]
+    resp = httpx.post(f"{server.base_url}/v1/chat/completions",
+                      json={"model": "caller", "messages": ask, "tool_choice": "required",
+                            "tools": [{"type": "function",
+                                       "function": {"name": "add", "parameters": bad}}]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tools", resp.text
+    resp = httpx.post(f"{server.base_url}/v1/messages",
+                      json={"model": "caller", "max_tokens": 16, "messages": ask,
+                            "tool_choice": {"type": "any"},
+                            "tools": [{"name": "add", "input_schema": bad}]})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert "tools" in resp.json()["error"]["message"]
