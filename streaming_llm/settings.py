@@ -29,6 +29,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "none", "fp16", "int8")
+RUNTIMES = ("auto", "torch", "llama.cpp")
 
 
 class SettingsError(ValueError):
@@ -91,6 +92,7 @@ class Settings:
     # --- local engine -------------------------------------------------------------------------
     model: str = _f("", "Model: a hub id, a local folder or a .gguf file; empty = the bundled SmolLM2-135M-Instruct (Q4_1 GGUF); demo = a tiny random-weight model (tests).")
     models_dir: Path | None = _f(None, "Directory for GGUF files converted to safetensors (one folder per file content); empty = <data_dir>/models.")
+    runtime: str = _f("auto", "What runs the local engine's model: llama.cpp (a GGUF file as it is, its quantized CPU kernels, through llama-cpp-python built from source by make install), torch (transformers: any model, CPU or CUDA; a GGUF file is dequantized once), or auto = llama.cpp for a GGUF model on CPU with streaming on, torch otherwise. Both serve the same sink cache, batching, disk tier and events (docs/engines.md).", choices=RUNTIMES)
     device: str = _f("auto", "Torch device for the local engine (auto = cuda when present, else cpu).", choices=DEVICES)
     dtype: str = _f("auto", "Weights dtype for the local engine (auto = bfloat16 on CUDA, float32 on CPU).", choices=DTYPES)
     quantize: str = _f("auto", "Lighter weights for the local engine's decode step on CPU: none (the dtype above), fp16 (half the bytes per token, perplexity unchanged) or int8 (a quarter, each input row quantized on its own, +6 to 8 % perplexity); auto = fp16 for float32 Llama-family weights on CPU, else none. Prefill keeps the model's weights. See bench speed and bench quality --only steps.", choices=QUANTIZE)

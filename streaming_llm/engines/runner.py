@@ -34,7 +34,7 @@ from .decoding import (
 from .sink_cache import SinkCache
 from .step import Step
 
-__all__ = ["ModelRunner", "Row", "StepOutput", "StepPlan"]
+__all__ = ["ModelRunner", "Row", "Runner", "StepOutput", "StepPlan", "sample"]
 
 
 class Row(Protocol):
@@ -78,12 +78,56 @@ class StepOutput(Generic[R]):
     compile_seconds: float = 0.0  # spent compiling a new shape of the step during this one
 
 
+def sample(scores: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+    """The next token of every row of ``scores`` ``(rows, vocab)``, in one call: each row's
+    sampler and penalties, a constrained row through its token mask (whose matcher then takes
+    the token). Every runner ends its step here."""
+    states = [r.constraint for r in rows]  # None for an unconstrained row
+    masks = constraints.fill_masks(states, scores.shape[-1], scores.device)
+    tokens = sample_rows(scores, [r.sampler for r in rows],
+                         [r.tokens[-PENALTY_WINDOW:] for r in rows], masks)
+    if any(s is not None for s in states):  # a lazy state waiting for its trigger
+        constraints.advance(states, tokens)  # reads the free text too (no mask yet)
+    return tokens
+
+
+class Runner(Protocol):
+    """What the scheduler has a runner do: this module's :class:`ModelRunner` (torch), or
+    :class:`~.llamacpp.runner.LlamaCppRunner`. Every method runs on the scheduler's thread."""
+
+    step: Any  # ``name`` and ``compile_seconds`` (health, usage)
+
+    def batched(self, cache: Any) -> bool:
+        """Whether a row with this cache decodes in the batch (else alone: a dense cache)."""
+
+    def chunk_limit(self, cache: Any) -> int | None:
+        """The most ids one prompt chunk may feed into this cache (a sink cache's window)."""
+
+    def join(self, cache: Any) -> None: ...
+
+    def leave(self, b: int, cache: Any) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def reserve(self, cache: Any, incoming: int, answer: int) -> None: ...
+
+    def execute(self, plan: StepPlan[R]) -> StepOutput[R]: ...
+
+    def nbytes(self) -> int: ...
+
+
 class ModelRunner:
     """Owns the model's forward passes and the batch buffers (on the scheduler's thread)."""
 
     def __init__(self, model: Any, step: Step, rows: int) -> None:
         self.model, self.step = model, step
         self.batch = BatchSinkCache(rows)
+
+    def batched(self, cache: Any) -> bool:
+        return isinstance(cache, SinkCache)
+
+    def chunk_limit(self, cache: Any) -> int | None:
+        return cache.window_tokens if isinstance(cache, SinkCache) else None
 
     # -- rows in and out of the batch (copies the scheduler asks for) ---------------------------
     def join(self, cache: SinkCache) -> None:
@@ -142,14 +186,7 @@ class ModelRunner:
             except Exception as exc:  # noqa: BLE001 - reported to its handler
                 out.failed[r] = exc
         if sampled:
-            scores = torch.cat(logits)  # (rows, vocab)
-            states = [r.constraint for r in sampled]  # None for an unconstrained row
-            masks = constraints.fill_masks(states, scores.shape[-1], scores.device)
-            tokens = sample_rows(scores, [r.sampler for r in sampled],
-                                 [r.tokens[-PENALTY_WINDOW:] for r in sampled], masks)
-            if any(s is not None for s in states):  # a lazy state waiting for its trigger
-                constraints.advance(states, tokens)  # reads the free text too (no mask yet)
-            out.tokens = dict(zip(sampled, tokens, strict=True))
+            out.tokens = dict(zip(sampled, sample(torch.cat(logits), sampled), strict=True))
         return out
 
     def nbytes(self) -> int:

@@ -52,8 +52,7 @@ import torch
 
 from .constraints import ConstraintState
 from .decoding import Sampler
-from .runner import ModelRunner, StepOutput, StepPlan
-from .sink_cache import SinkCache
+from .runner import ModelRunner, Runner, StepOutput, StepPlan
 from .step import ModelStep, Step
 
 __all__ = [
@@ -177,16 +176,18 @@ class Scheduler:
 
     def __init__(self, model: Any, *, max_batch: int, step: Step | None = None,
                  prefill_chunk: int = PREFILL_CHUNK, name: str = "scheduler",
-                 idle: Callable[[], bool] | None = None) -> None:
+                 idle: Callable[[], bool] | None = None, runner: Runner | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
-        self.step = step if step is not None else ModelStep(model)  # the batched decode step
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self._runner = ModelRunner(model, self.step, max_batch)
+        if runner is None:  # torch: the model's forward and a batched decode step
+            runner = ModelRunner(model, step if step is not None else ModelStep(model), max_batch)
+        self._runner: Runner = runner
+        self.step = runner.step  # the batched decode step (its name and compile time: health)
         self._rows: list[Request] = []  # decoding in the batch; self._rows[b] is batch row b
         self._solo: list[Request] = []  # decoding with a dense cache, stepped one by one
         self._feeding: list[Request] = []  # prefilling or closing, oldest first
@@ -306,8 +307,8 @@ class Scheduler:
         if self._feeding:
             r = self._feeding[0]
             size = self.prefill_chunk
-            if isinstance(r.cache, SinkCache):
-                size = min(size, r.cache.window_tokens)
+            if (limit := self._runner.chunk_limit(r.cache)) is not None:
+                size = min(size, limit)
             size = min([size, *(b - r.fed for b in r.breaks if b > r.fed)])
             plan.feed, plan.chunk = r, r.pending[:size]
             plan.sample_feed = (r.state is RequestState.PREFILLING
@@ -425,7 +426,7 @@ class Scheduler:
 
     def _join(self, r: Request) -> None:
         r.state = RequestState.DECODING
-        if isinstance(r.cache, SinkCache):
+        if self._runner.batched(r.cache):
             self._runner.join(r.cache)
             self._rows.append(r)
         else:

@@ -106,8 +106,10 @@ class Caches:
 
     def __init__(self, settings: Settings, model: Any, prompts: Prompts, *, context: int,
                  window: int, memory_bytes: int | None = None, disk: DiskTier | None = None,
-                 ) -> None:
+                 new_cache: Callable[[int, int], Any] | None = None) -> None:
         self.settings, self.model, self.prompts = settings, model, prompts
+        # A sink cache of (sinks, window): the torch runtime's SinkCache, or llama.cpp's SeqCache
+        self.new_cache = new_cache or self._sink_cache
         self.context, self.window = context, window
         self.conversations = ConversationStore(settings.cached_conversations, memory_bytes)
         self.prefixes = PrefixStore(settings.shared_prefixes)
@@ -177,6 +179,8 @@ class Caches:
         if self.disk is None:
             return
         for cid, state in evicted:
+            if (park := getattr(state.cache, "park", None)) is not None:
+                park()  # llama.cpp: out of its sequence into bytes, which the disk tier writes
             self.disk.save_later(cid, state, self.prefixes.peek(state.prefix)
                                  if state.prefix else None)
 
@@ -232,9 +236,7 @@ class Caches:
             return Conversation(cache=DynamicCache(), ids=[]), 0
         if layout.prefix_ids and (shared := self.prefixes.get(layout.prefix)) is not None:
             return shared, 0
-        from ..sink_cache import SinkCache
-
-        cache = SinkCache.from_model(self.model, layout.sinks, layout.window)
+        cache = self.new_cache(layout.sinks, layout.window)
         keep_prefix = len(layout.prefix_ids) if self.settings.shared_prefixes else 0
         return Conversation(cache=cache, ids=[]), keep_prefix
 
@@ -266,14 +268,17 @@ class Caches:
         return Plan(state, keep, reused, skip=self._bounded(state, target, keep, reserve),
                     fresh=True)
 
+    def _sink_cache(self, sinks: int, window: int) -> Any:
+        from ..sink_cache import SinkCache
+
+        return SinkCache.from_model(self.model, sinks, window)
+
     @staticmethod
     def _bounded(state: Conversation, target: Sequence[int], keep: int, reserve: int,
                  ) -> tuple[int, tuple[int, ...]] | None:
         """For a fresh sink cache: the ids to count as evicted instead of feeding them."""
-        from ..sink_cache import SinkCache
-
         cache = state.cache
-        if not isinstance(cache, SinkCache):
+        if not hasattr(cache, "skip"):
             return None  # dense: the prompt already fits the context (oldest turns dropped)
         head = max(keep, cache.sink_tokens)  # fed first: the sinks
         window = cache.window_tokens

@@ -22,6 +22,13 @@ What a file holds
     what the file belongs to: format and version, the model's fingerprint (its config, dtype and
     a sample of its weights), the cache's geometry, the prefix's hash, a SHA-256 of the ids.
 
+    With the llama.cpp runtime (:mod:`..llamacpp`) a file holds the sequence's state as
+    llama.cpp serializes it (``state``: tokens, positions, keys and values), the counters, the
+    ids and the chat text, with a SHA-256 of the state; the model's fingerprint names the
+    llama.cpp version and the GGUF file's content. A file read back is restored into a sequence
+    at once (on the tier's thread, under the model's lock), so llama.cpp's own checks refuse a
+    bad state before any turn uses it. Such files hold their whole cache (no shared prefix file).
+
 Trust
     A file is read as untrusted input: every field is checked, and one that fails any check
     (corrupt, truncated, written by another model or format version, a prefix that is missing or
@@ -71,6 +78,7 @@ VERSION = "1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # conversation ids the chat layer makes
 _SUFFIX = ".kv"
 _TMP = ".tmp"
+_SEQ_STATE = "llama.cpp-seq"  # the layout of a llama.cpp runtime's file (header "layout")
 _PREFIXES_KEPT = 8  # prefixes read from disk, kept in memory for the next file that needs them
 # numpy has no bfloat16: such tensors travel as int16 bit patterns.
 _AS_NUMPY = {torch.bfloat16: torch.int16}
@@ -117,9 +125,10 @@ class DiskTier:
     """Conversation caches on disk, under ``folder``, at most ``budget`` bytes (LRU)."""
 
     def __init__(self, folder: Path, budget: int, fingerprint: str,
-                 new_cache: Callable[[int, int], SinkCache]) -> None:
+                 new_cache: Callable[[int, int], Any]) -> None:
         self.folder, self.budget, self.fingerprint = folder, budget, fingerprint
-        self._new_cache = new_cache  # (sinks, window) -> an empty SinkCache for this model
+        # (sinks, window) -> an empty cache for this model: a SinkCache, or llama.cpp's SeqCache
+        self._new_cache = new_cache
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-disk")
         self._lock = threading.Lock()  # guards _pending, _sizes, stats
         self._pending: dict[str, Conversation] = {}  # handed over, not yet written
@@ -180,7 +189,8 @@ class DiskTier:
     # -- any thread: hand work to the tier's thread ----------------------------------------------
     def save_later(self, cid: str, state: Conversation, prefix: Conversation | None) -> None:
         """Write ``state`` (which has left memory) off the caller's thread."""
-        if not self.enabled or not isinstance(state.cache, SinkCache) or not _NAME.match(cid):
+        if not self.enabled or not _NAME.match(cid) \
+                or not (isinstance(state.cache, SinkCache) or _serialized(state.cache)):
             return
         with self._lock:
             self._pending[cid] = state
@@ -229,6 +239,9 @@ class DiskTier:
                     del self._pending[cid]
 
     def _write(self, cid: str, state: Conversation, prefix: Conversation | None) -> None:
+        if _serialized(state.cache):
+            self._write_state(cid, state)
+            return
         cache: SinkCache = state.cache
         row = cache.snapshot()
         stored = row.stored
@@ -252,6 +265,39 @@ class DiskTier:
         meta["text"] = state.text if state.text is not None else ""
         meta["has_text"] = "1" if state.text is not None else "0"
         self._commit(cid + _SUFFIX, tensors, meta)
+
+    def _write_state(self, cid: str, state: Conversation) -> None:
+        """A llama.cpp cache: its sequence state as llama.cpp serializes it, whole."""
+        cache = state.cache
+        blob = cache.state() or b""
+        tensors: dict[str, np.ndarray] = {"ids": np.asarray(state.ids, dtype=np.int64),
+                                          "state": np.frombuffer(blob, dtype=np.uint8)}
+        meta = {"format": FORMAT, "version": VERSION, "kind": "conversation",
+                "layout": _SEQ_STATE, "model": self.fingerprint,
+                "sink_tokens": str(cache.sink_tokens), "window_tokens": str(cache.window_tokens),
+                "stored": str(cache.length), "seen": str(cache.seen_tokens),
+                "evicted": str(cache.evicted_tokens), "ids_sha256": ids_digest(state.ids),
+                "state_sha256": hashlib.sha256(blob).hexdigest(),
+                "text": state.text if state.text is not None else "",
+                "has_text": "1" if state.text is not None else "0"}
+        self._commit(cid + _SUFFIX, tensors, meta)
+
+    def _read_state(self, meta: dict[str, str], arrays: dict[str, np.ndarray]) -> Conversation:
+        """A llama.cpp cache file (checked by :meth:`_open`), restored into a sequence now."""
+        cache = self._new_cache(int(meta["sink_tokens"]), int(meta["window_tokens"]))
+        cache.length, cache.seen_tokens = int(meta["stored"]), int(meta["seen"])
+        cache.evicted_tokens = int(meta["evicted"])
+        cache.parked = arrays["state"].tobytes() or None
+        try:
+            seq = cache.seq(set())  # llama.cpp checks the state's layout as it reads it
+        except Exception as exc:
+            raise BadFile(f"llama.cpp refused its state ({exc})") from exc
+        if cache.model.seq_positions(seq) != cache.length:
+            raise BadFile(f"its state holds {cache.model.seq_positions(seq)} positions, "
+                          f"the header says {cache.length}")
+        text = meta.get("text", "") if meta.get("has_text") == "1" else None
+        return Conversation(cache=cache, ids=[int(t) for t in arrays["ids"]], text=text,
+                            source="disk")
 
     def _ensure_prefix(self, prefix: Conversation) -> str:
         """The prefix's file name hash; written now unless a file of it is there already."""
@@ -320,6 +366,8 @@ class DiskTier:
 
     def _read(self, name: str) -> Conversation:
         meta, arrays = self._open(name, kind="conversation")
+        if meta.get("layout") == _SEQ_STATE:
+            return self._read_state(meta, arrays)
         ids = arrays["ids"]
         stored, start = int(meta["stored"]), int(meta["start"])
         layers = int(meta["layers"])
@@ -402,6 +450,9 @@ class DiskTier:
             raise BadFile(f"a {meta.get('kind')!r} file where a {kind} file was expected")
         if meta.get("model") != self.fingerprint:
             raise BadFile("written for another model")
+        if meta.get("layout") == _SEQ_STATE:
+            _check_state(meta, arrays)
+            return meta, arrays
         try:
             stored, seen, evicted = int(meta["stored"]), int(meta["seen"]), int(meta["evicted"])
             layers, sinks = int(meta["layers"]), int(meta["sink_tokens"])
@@ -470,6 +521,32 @@ class DiskTier:
     def snapshot(self) -> TierStats:
         with self._lock:
             return TierStats(**vars(self.stats))
+
+
+def _serialized(cache: Any) -> bool:
+    """A cache that serializes itself (llama.cpp's SeqCache) rather than a SinkCache's tensors."""
+    return hasattr(cache, "state") and hasattr(cache, "parked")
+
+
+def _check_state(meta: dict[str, str], arrays: dict[str, np.ndarray]) -> None:
+    """The checks of a llama.cpp cache file's header, ids and state bytes."""
+    try:
+        stored, seen, evicted = int(meta["stored"]), int(meta["seen"]), int(meta["evicted"])
+        sinks, window = int(meta["sink_tokens"]), int(meta["window_tokens"])
+    except (KeyError, ValueError) as exc:
+        raise BadFile(f"a bad header ({exc})") from exc
+    if set(arrays) != {"ids", "state"}:
+        raise BadFile("unexpected or missing tensors")
+    ids, state = arrays["ids"], arrays["state"]
+    if ids.dtype != np.int64 or ids.ndim != 1 or state.dtype != np.uint8 or state.ndim != 1:
+        raise BadFile("ids or state malformed")
+    if not (0 <= stored <= sinks + window and sinks >= 0 and window > 0 and evicted >= 0
+            and seen == stored + evicted == len(ids)) or (stored > 0) != (state.size > 0):
+        raise BadFile("counts that do not add up")
+    if ids_digest(ids.tolist()) != meta.get("ids_sha256"):
+        raise BadFile("ids that do not match their hash")
+    if hashlib.sha256(state.tobytes()).hexdigest() != meta.get("state_sha256"):
+        raise BadFile("a state that does not match its hash")
 
 
 def _same_slots(prefix: Any, row: Any, n: int) -> bool:

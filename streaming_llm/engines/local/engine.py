@@ -64,7 +64,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -95,7 +95,18 @@ from ..sink_cache import SinkCache
 from ..step import LlamaStep, Step, build_step, llama_step_support
 from .caches import Caches
 from .disk import DiskTier, model_fingerprint
-from .loading import DEMO, LoadedModel, load_error, load_model, model_name, resolve_source
+from .loading import (
+    DEMO,
+    LoadedModel,
+    ModelFileError,
+    choose_runtime,
+    gguf_file,
+    load_error,
+    load_llama_cpp,
+    load_model,
+    model_name,
+    resolve_source,
+)
 from .prompts import Prompts
 from .turn import Turn
 
@@ -130,6 +141,7 @@ class LocalEngine:
         self._model_name = model_name(settings.model)
         self._detail: str | None = demo_model.NOTICE if settings.model == DEMO else None
         self._progress: str | None = None  # what loading does now (health while loading)
+        self.runtime = "torch"  # or "llama.cpp" (STREAMING_LLM_RUNTIME, resolved at load)
 
     @property
     def _model(self) -> Any:
@@ -156,6 +168,11 @@ class LocalEngine:
 
     def _load(self) -> None:
         # The demo model's notice is logged once the engine is ready (app._start_engine).
+        self.runtime, why = choose_runtime(self.settings)
+        log.info("local engine: runtime %s (%s)", self.runtime, why)
+        if self.runtime == "llama.cpp":
+            self._load_llama_cpp()
+            return
         source = resolve_source(self.settings, self._report)
         self._progress = None
         self._loaded = load_model(self.settings, source, self._model_name)
@@ -164,7 +181,7 @@ class LocalEngine:
         self.caches = Caches(self.settings, self._loaded.model, self.prompts,
                              context=self._loaded.context, window=self._loaded.window,
                              memory_bytes=_memory_budget(self.settings),
-                             disk=self._disk_tier(self._loaded, fingerprint))
+                             disk=self._disk_tier(fingerprint, self._sink_cache))
         vocab = getattr(self._loaded.model.config, "vocab_size", None) or len(
             self._loaded.tokenizer)
         self.grammars = Grammars(self._loaded.tokenizer, self._loaded.eos_ids, int(vocab))
@@ -179,6 +196,36 @@ class LocalEngine:
                                     idle=self._precompiler.idle if self._precompiler else None)
         log.info("local engine: decoding up to %d conversations in one batch (step %s)", rows,
                  step.name)
+
+    def _load_llama_cpp(self) -> None:
+        """The GGUF file in llama.cpp (:mod:`..llamacpp`): the same scheduler, caches and turns,
+        with llama.cpp's caches and runner."""
+        from ..llamacpp.cache import SeqCache
+        from ..llamacpp.runner import LlamaCppRunner
+
+        path = gguf_file(self.settings)
+        if path is None:
+            raise ModelFileError("STREAMING_LLM_RUNTIME=llama.cpp needs a GGUF model "
+                                 "(STREAMING_LLM_MODEL empty or a .gguf file)")
+        rows = self.settings.max_batch or MAX_BATCH_CPU
+        loaded = self._loaded = load_llama_cpp(self.settings, path, self._model_name, rows,
+                                               self._report)
+        self._progress = None
+        model = loaded.model
+        self.prompts = Prompts(loaded.tokenizer, loaded.boundaries)
+
+        def new_cache(sinks: int, window: int) -> SeqCache:
+            return SeqCache(model, sinks, window)
+
+        self.caches = Caches(self.settings, model, self.prompts, context=loaded.context,
+                             window=loaded.window, memory_bytes=_memory_budget(self.settings),
+                             disk=self._disk_tier(model.fingerprint(), new_cache),
+                             new_cache=new_cache)
+        self.grammars = Grammars(loaded.tokenizer, loaded.eos_ids, model.vocab_size)
+        self._scheduler = Scheduler(model, max_batch=rows, runner=LlamaCppRunner(model),
+                                    name="local-engine-scheduler")
+        log.info("local engine: decoding up to %d conversations in one batch (llama.cpp, %s)",
+                 rows, model.description)
 
     def _quantize(self) -> str:
         """``quantize=auto``: fp16 products for a float32 Llama-family step on CPU (half the
@@ -211,17 +258,17 @@ class LocalEngine:
                 "quantize": quantize, "rows": rows, "threads": torch.get_num_threads()}
         return Precompiler(step, folder, spec, wanted_shapes(rows, capacity))
 
-    def _disk_tier(self, loaded: LoadedModel, fingerprint: str) -> DiskTier | None:
+    def _sink_cache(self, sinks: int, window: int) -> SinkCache:
+        assert self._loaded is not None
+        return SinkCache.from_model(self._loaded.model, sinks, window)
+
+    def _disk_tier(self, fingerprint: str, new_cache: Callable[[int, int], Any],
+                   ) -> DiskTier | None:
         """The disk tier of the caches (streaming only: a dense prompt is already bounded by the
         model's context, which is what a rebuild costs)."""
         budget = _disk_budget(self.settings)
         if not self.settings.streaming or budget == 0:
             return None
-        model = loaded.model
-
-        def new_cache(sinks: int, window: int) -> SinkCache:
-            return SinkCache.from_model(model, sinks, window)
-
         tier = DiskTier(self.settings.kv_path, budget,
                         fingerprint, new_cache)
         tier.start()
@@ -244,6 +291,8 @@ class LocalEngine:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         if self.caches is not None:  # a graceful stop writes the cached conversations to disk
             await asyncio.to_thread(self.caches.close)
+        if self._loaded is not None and self.runtime == "llama.cpp":
+            self._loaded.model.close()  # its context and weights (the caches are written)
         self._loaded = None
 
     async def health(self) -> EngineHealth:
@@ -266,6 +315,7 @@ class LocalEngine:
         held = caches.health()
         extra: dict[str, object] = {
             "state": "ready",
+            "runtime": self.runtime,
             "device": loaded.device,
             "dtype": loaded.dtype,
             "streaming": self.settings.streaming,

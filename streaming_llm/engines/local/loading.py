@@ -118,6 +118,111 @@ def resolve_source(settings: Settings, progress: Progress) -> str:
     return setting
 
 
+def gguf_file(settings: Settings) -> Path | None:
+    """The GGUF file ``STREAMING_LLM_MODEL`` names (the default model is one), else None."""
+    if not settings.model:
+        return default_model_file()
+    if settings.model.endswith(".gguf"):
+        return Path(settings.model).expanduser()
+    return None
+
+
+def choose_runtime(settings: Settings) -> tuple[str, str]:
+    """``STREAMING_LLM_RUNTIME`` resolved: ``("llama.cpp" | "torch", why)``.
+
+    ``auto`` is llama.cpp for a GGUF model on CPU with streaming on, when ``llama_cpp`` loads;
+    torch otherwise (another model, CUDA, dense mode, or no llama.cpp library).
+    """
+    chosen = settings.runtime
+    if chosen != "auto":
+        return chosen, f"STREAMING_LLM_RUNTIME={chosen}"
+    from ..llamacpp.model import llama_cpp_available
+
+    if settings.model == DEMO or not (settings.model == "" or settings.model.endswith(".gguf")):
+        return "torch", "the model is not a GGUF file"
+    if settings.device not in ("auto", "cpu"):
+        return "torch", f"STREAMING_LLM_DEVICE={settings.device}"
+    if settings.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch", "a CUDA device is present"
+    if not settings.streaming:
+        return "torch", "STREAMING_LLM_STREAMING=false (llama.cpp serves the sink cache only)"
+    if (why := llama_cpp_available()) is not None:
+        return "torch", f"the llama.cpp library does not load ({why})"
+    return "llama.cpp", "a GGUF model on CPU"
+
+
+def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
+                   progress: Progress) -> LoadedModel:
+    """``path`` served by llama.cpp: its weights as they are (:mod:`..llamacpp`), the tokenizer
+    and chat template read from the same file by transformers (no weights converted)."""
+    from transformers import AutoTokenizer
+
+    from ..llamacpp.model import LlamaCppModel
+    from ..scheduler import PREFILL_CHUNK
+
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    started = time.perf_counter()
+    progress(f"reading the tokenizer of {path.name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: transformers cannot read this GGUF file's tokenizer: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    if tokenizer.chat_template is None:
+        log.warning("local engine: %s has no chat template; using a plain one", name)
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    import torch
+
+    s = settings
+    progress(f"loading {path.name} into llama.cpp")
+    # A sequence holds a conversation's sinks and window; the pinned agent prefix may take up to
+    # three quarters of it (Caches.layout). Cells are allocated for every sequence up front.
+    model = LlamaCppModel(path)
+    try:
+        capacity = min(model.context, _round_up(s.window_tokens + max(s.sink_tokens, 1024), 256))
+        model.open(seqs=rows + 2, seq_capacity=capacity, batch=PREFILL_CHUNK + rows,
+                   threads=torch.get_num_threads())
+    except BaseException:
+        model.close()
+        raise
+    if model.vocab_size != len(tokenizer):  # e.g. transformers adds an unknown token
+        log.info("local engine: llama.cpp reads %d tokens of %s, transformers %d",
+                 model.vocab_size, path.name, len(tokenizer))
+    sample = str(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Ünïcode, numbers 12345 and  spaces."}], tokenize=False,
+        add_generation_prompt=True))
+    if model.tokenize(sample) != tokenizer.encode(sample, add_special_tokens=False):
+        model.close()
+        raise ModelFileError(f"{path}: llama.cpp and transformers tokenize it differently")
+    window = min(s.window_tokens, capacity - s.sink_tokens)
+    if window < 1:
+        model.close()
+        raise ValueError(f"{capacity} cells per conversation are too few for {s.sink_tokens} "
+                         "sink tokens")
+    log.info("local engine: %s in llama.cpp in %.1f s (%d conversations x %d cells, %d "
+             "threads); streaming cache, %d sink + %d recent tokens", name,
+             time.perf_counter() - started, model.seqs, capacity, model.threads,
+             s.sink_tokens, window)
+    eos = {tokenizer.eos_token_id, *model.eos_ids}
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device="cpu", dtype=model.description,
+        context=capacity, window=window, eos_ids=frozenset(i for i in eos if i is not None),
+        boundaries=tuple(t.content for t in added if t.special and not t.lstrip),
+    )
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
