@@ -68,4 +68,7 @@ if [[ -z $wheel ]]; then
     wheel=$folder/$(basename "$built")
     echo "install-llama-cpp-python: built in $(( SECONDS - started )) s" >&2
 fi
+# This build, even over an installed llama-cpp-python of the same version (another build of
+# it); then its dependencies.
+"$python" -m pip install --quiet --no-deps --force-reinstall "$wheel"
 "$python" -m pip install --quiet "$wheel"

@@ -26,6 +26,9 @@ def add_server_arguments(parser: argparse.ArgumentParser | Any) -> None:
                              "converted once is kept (data/models, as `make run` keeps it)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in the spawned server (0: torch's default)")
+    parser.add_argument("--runtime", default="", choices=["", "auto", "torch", "llama.cpp"],
+                        help="STREAMING_LLM_RUNTIME for the spawned server (default: auto, "
+                             "llama.cpp for a GGUF model on CPU)")
     parser.add_argument("--compile", default="", choices=["", "true", "false"],
                         help="STREAMING_LLM_COMPILE for the spawned server (default: true; its "
                              "graphs are built, or loaded, before the measurement)")
@@ -45,6 +48,8 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(args.threads)
     if args.compile:
         env["STREAMING_LLM_COMPILE"] = args.compile
+    if args.runtime:
+        env["STREAMING_LLM_RUNTIME"] = args.runtime
     return env
 
 

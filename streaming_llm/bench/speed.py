@@ -17,6 +17,10 @@ server converts it), loaded in float32 on the CPU (``--device`` and ``--dtype`` 
 ``fp16``, ``int8``, ``compiled-fp16``, ``compiled-int8``
     The same (eager or compiled) over fp16 or int8 weights (``STREAMING_LLM_QUANTIZE``, :mod:`~streaming_llm.engines.weights`);
     prefill keeps the model's float32 weights, as in the server.
+``llama.cpp``
+    The llama.cpp runtime (``STREAMING_LLM_RUNTIME``, the default for a GGUF model on CPU) on the
+    GGUF file as it is: the server's step, :class:`~streaming_llm.engines.llamacpp.runner.LlamaCppRunner`
+    over one :class:`~streaming_llm.engines.llamacpp.cache.SeqCache`, sampling included.
 
 Figures per mode: decode tokens/s after 16 and after 1,000 tokens of context (``--steps`` steps,
 the best of ``--repeats`` blocks) and prefill tokens/s of a 512-token prompt (one forward call
@@ -45,7 +49,8 @@ from typing import Any
 
 from .llama_cpp import add_binary_argument, binary_error, model_gguf
 
-MODES = ("model", "eager", "compiled", "fp16", "int8", "compiled-fp16", "compiled-int8")
+MODES = ("llama.cpp", "model", "eager", "compiled", "fp16", "int8", "compiled-fp16",
+         "compiled-int8")
 CONTEXTS = (16, 1000)
 PREFILL = 512
 
@@ -149,6 +154,73 @@ def measure_mode(model: Any, step: Any, args: argparse.Namespace) -> dict[str, A
     if getattr(step, "compile_seconds", 0):
         figures["compile_s"] = round(step.compile_seconds, 1)
     return figures
+
+
+def measure_llama_cpp(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`measure_mode`'s figures for the llama.cpp runtime: the server's runner and cache
+    on ``gguf``, greedy sampling through the server's sampler."""
+    import random
+    from dataclasses import dataclass, field
+
+    from ..engines.decoding import Sampler
+    from ..engines.llamacpp.cache import SeqCache
+    from ..engines.llamacpp.model import LlamaCppModel
+    from ..engines.llamacpp.runner import LlamaCppRunner
+    from ..engines.runner import StepPlan
+    from ..engines.scheduler import PREFILL_CHUNK
+
+    window = max(*CONTEXTS) + (args.repeats + 1) * args.steps + 8
+    model = LlamaCppModel(gguf)
+    try:
+        model.open(seqs=3, seq_capacity=-(-(window + 4) // 256) * 256, batch=PREFILL + 8,
+                   threads=args.threads)
+        runner = LlamaCppRunner(model)
+        prompt = random.Random(0).choices(range(10, model.vocab_size), k=max(*CONTEXTS, PREFILL))
+
+        @dataclass(eq=False)
+        class Row:  # what the runner reads of a scheduler request
+            cache: SeqCache
+            next_token: int = 5
+            tokens: list[int] = field(default_factory=list)
+            constraint: Any = None
+            sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0,
+                                                                     repetition_penalty=1.0))
+
+        def feed(cache: SeqCache, ids: list[int], chunk: int) -> None:
+            for start in range(0, len(ids), chunk):
+                part = ids[start:start + chunk]
+                runner.execute(StepPlan(feed=Row(cache), chunk=part,
+                                        sample_feed=start + chunk >= len(ids)))
+
+        figures: dict[str, Any] = {}
+        for context in CONTEXTS:
+            cache = SeqCache(model, 4, window)
+            feed(cache, prompt[:context], PREFILL_CHUNK)
+
+            def block(cache: SeqCache = cache) -> float:
+                rows = [Row(cache)]
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    rows[0].next_token = runner.execute(StepPlan(rows=rows)).tokens[rows[0]]
+                elapsed = time.perf_counter() - started
+                cache.rollback(args.steps)  # back to ``context`` tokens for the next block
+                return elapsed
+
+            block()  # warm-up
+            figures[f"decode_{context}_tokens_per_s"] = round(args.steps / _best(args.repeats,
+                                                                                 block), 2)
+
+        def prefill() -> float:
+            cache = SeqCache(model, 4, window)
+            started = time.perf_counter()
+            feed(cache, prompt[:PREFILL], PREFILL)
+            return time.perf_counter() - started
+
+        prefill()
+        figures["prefill_tokens_per_s"] = round(PREFILL / _best(args.repeats, prefill), 1)
+        return figures
+    finally:
+        model.close()
 
 
 def _profile(block: Callable[[Any], float]) -> list[dict[str, Any]]:
@@ -271,11 +343,20 @@ def run(args: argparse.Namespace) -> int:
         import torch._inductor.config
 
         torch._inductor.config.cpp.enable_kernel_profile = True
-    model, gguf = _load(args, log)
+    gguf = model_gguf(args.model)
+    model = None
     figures: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "modes": {},
                                "device": args.device, "dtype": args.dtype}
     for mode in modes:
         log(f"{mode}: measuring")
+        if mode == "llama.cpp":
+            if gguf is None or not gguf.is_file():
+                log("llama.cpp: needs the model as a GGUF file (the default model is one)")
+                continue
+            figures["modes"][mode] = measure_llama_cpp(gguf, args)
+            continue
+        if model is None:
+            model, gguf = _load(args, log)
         subject, step = build_mode(model, mode)
         figures["modes"][mode] = measure_mode(subject, step, args)
         if mode.startswith("compiled") and not step.name.endswith("compiled"):
