@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chat.conversations import system_message
+from .llama_cpp import model_gguf
 from .models import add_model_arguments, load
 
 # torch and transformers are imported inside the functions: the CLI imports this module to build
@@ -386,7 +387,8 @@ def run(args: argparse.Namespace) -> int:
         if "steps" in parts:
             figures["steps"] = measure_steps(
                 model, text_ids[:args.step_tokens], sink_tokens=args.sink_tokens,
-                window_tokens=args.window_tokens, log=log)
+                window_tokens=args.window_tokens, log=log,
+                gguf=model_gguf(args.model))
     except ValueError as exc:
         print(f"streaming-llm bench quality: {exc}", file=sys.stderr)
         return 2
@@ -438,10 +440,11 @@ def _table(figures: dict[str, Any]) -> str:
 
 
 def measure_steps(model: Any, ids: list[int], *, sink_tokens: int, window_tokens: int,
-                  log: Any) -> dict[str, Any]:
+                  log: Any, gguf: Path | None = None) -> dict[str, Any]:
     """Perplexity of ``ids`` scored through the engine's decode step, one token at a time, for
     each weight kind of :mod:`~streaming_llm.engines.weights` (the path every answer token
-    takes; prefill keeps the model's weights, so this is what the lighter weights cost)."""
+    takes; prefill keeps the model's weights, so this is what the lighter weights cost), and,
+    for a GGUF model, through the llama.cpp runtime on the file as it is (``llama.cpp``)."""
     import torch
 
     from ..engines.batch_cache import BatchSinkCache
@@ -470,10 +473,47 @@ def measure_steps(model: Any, ids: list[int], *, sink_tokens: int, window_tokens
                 logits = step(batch, [token])[0]
         kinds[kind] = {"step": step.name, "ppl": _ppl(nll)}
         log(f"  steps {kind}: {time.perf_counter() - started:.0f} s")
+    if gguf is not None and gguf.is_file():
+        started = time.perf_counter()
+        kinds["llama.cpp"] = {"step": "llama.cpp",
+                              "ppl": _ppl(_llama_cpp_nll(gguf, ids, sink_tokens, window_tokens))}
+        log(f"  steps llama.cpp: {time.perf_counter() - started:.0f} s")
     for row in kinds.values():
         row["vs_none"] = round(row["ppl"] / kinds["none"]["ppl"] - 1, 4)
     return {"tokens": len(ids), "sink_tokens": sink_tokens, "window_tokens": window_tokens,
             "kinds": kinds}
+
+
+def _llama_cpp_nll(gguf: Path, ids: list[int], sink_tokens: int, window_tokens: int,
+                   ) -> list[float]:
+    """The NLL of every token of ``ids`` after the first, fed one by one through the llama.cpp
+    runtime's cache (:class:`~streaming_llm.engines.llamacpp.cache.SeqCache`, evicting as the
+    server does) on the GGUF file's own weights."""
+    import torch
+
+    from ..engines.decoding import eviction_chunk
+    from ..engines.llamacpp.cache import SeqCache
+    from ..engines.llamacpp.model import LlamaCppModel
+
+    model = LlamaCppModel(gguf)
+    try:
+        model.open(seqs=1, seq_capacity=-(-(sink_tokens + window_tokens) // 256) * 256, batch=8,
+                   threads=torch.get_num_threads())
+        cache = SeqCache(model, sink_tokens, window_tokens)
+        nll: list[float] = []
+        token = ids[0]
+        for following in [*ids[1:], None]:
+            if cache.length >= cache.capacity:
+                cache.make_room(eviction_chunk(window_tokens))
+            logits = model.decode([(token, cache.length, cache.seq(set()), True)])[0]
+            cache.fed(1)
+            if following is None:
+                break
+            nll.append(-float(torch.log_softmax(torch.from_numpy(logits), -1)[following]))
+            token = following
+        return nll
+    finally:
+        model.close()
 
 
 def _greedy(model: Any, cache: Any, prompt: list[int], max_new: int,
