@@ -120,3 +120,21 @@ def test_chunked_stream_matches_dense_before_eviction(demo_model: Path,
     for name in ("window", "sinks"):
         assert configs[name]["ppl_before_eviction"] == pytest.approx(dense, rel=1e-5), name
     assert configs["window"]["ppl"] != pytest.approx(configs["dense"]["ppl"], rel=1e-5)
+
+
+def test_steps_of_a_gguf_model_include_the_llama_cpp_runtime(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny GGUF file holds float32 weights: llama.cpp scores the text as the reference path
+    does (within float32 rounding), through a cache that evicts (100 tokens, 4 + 48 cells)."""
+    from tests.engines.gguf_files import write_tiny_gguf
+
+    gguf, _ = write_tiny_gguf(tmp_path / "tiny.gguf")
+    code, out, err = _run(["--model", str(gguf), "--models-dir", str(tmp_path / "models"),
+                           "--only", "steps", "--tokens", "100", "--step-tokens", "100",
+                           "--window-tokens", "48",
+                           "--json"], capsys)
+    assert code == 0, err
+    kinds = json.loads(out)["steps"]["kinds"]
+    assert list(kinds) == ["none", "fp16", "int8", "llama.cpp"]
+    assert kinds["llama.cpp"]["step"] == "llama.cpp"
+    assert abs(kinds["llama.cpp"]["vs_none"]) < 0.01

@@ -92,3 +92,28 @@ def test_dtype_reaches_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
     figures = json.loads(capsys.readouterr().out)
     assert seen == [(torch.bfloat16, "cpu")]
     assert figures["dtype"] == "bfloat16" and figures["modes"]["eager"]["prefill_tokens_per_s"] > 0
+
+
+def test_the_llama_cpp_mode_runs_the_server_step_on_the_gguf_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.engines.gguf_files import write_tiny_gguf
+
+    gguf, _ = write_tiny_gguf(tmp_path / "tiny.gguf")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--model", str(gguf), "--modes", "llama.cpp", "--steps", "2",
+                              "--repeats", "1", "--threads", "1", "--json"])
+    assert bench.run(args) == 0
+    figures = json.loads(capsys.readouterr().out)["modes"]["llama.cpp"]
+    assert set(figures) == {"decode_16_tokens_per_s", "decode_1000_tokens_per_s",
+                            "prefill_tokens_per_s"}
+    assert all(value > 0 for value in figures.values())
+
+
+def test_the_llama_cpp_mode_needs_a_gguf_file(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--model", "demo", "--modes", "llama.cpp",
+                                        "--json"])) == 0
+    assert "needs the model as a GGUF file" in capsys.readouterr().err
