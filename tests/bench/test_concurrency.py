@@ -117,6 +117,7 @@ def _ours() -> dict[str, Any]:
     return {"rows": rows, "joiner": {}, "ratios": bench._ratios(rows, {})}
 
 
+@pytest.mark.process
 def test_llama_batched_bench_runs_at_our_shape_and_stands_beside_ours(tmp_path: Path) -> None:
     binary = _fake_batched_bench(tmp_path, BATCHED_BENCH_STDOUT)
     parser = argparse.ArgumentParser()
@@ -148,6 +149,7 @@ def test_llama_batched_bench_runs_at_our_shape_and_stands_beside_ours(tmp_path: 
     assert "llama.cpp" not in bench._table(_ours())
 
 
+@pytest.mark.process
 def test_a_missing_row_of_llama_batched_bench_is_an_error(tmp_path: Path) -> None:
     only_one = "\n".join(line for line in BATCHED_BENCH_STDOUT.splitlines()
                          if '"pl": 8' not in line)

@@ -284,3 +284,20 @@ async def test_a_bad_file_is_refused_removed_and_the_turn_rebuilds(
     assert len([r for r in caplog.records if "is not used" in r.getMessage()]) == 1
     assert (await again.health()).extra["kv_disk_refused_files"] == 1  # type: ignore[index]
 
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not a model at all", "is not a GGUF file"),
+    (b"GGUF\x03\x00\x00\x00" + b"\x00" * 64, "cannot read this GGUF file"),
+])
+async def test_a_bad_model_file_stops_start_up_naming_it(tmp_path: Path, content: bytes,
+                                                         message: str) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(path), runtime="llama.cpp"))
+    with pytest.raises(Exception, match=message) as caught:
+        await engine.start()
+    assert str(path) in str(caught.value)
+    health = await engine.health()
+    assert not health.ready and health.extra == {"state": "failed"}
+    await engine.close()

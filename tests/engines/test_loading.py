@@ -36,7 +36,10 @@ async def engines() -> AsyncIterator[list[LocalEngine]]:
 
 
 async def started(engines: list[LocalEngine], **settings: object) -> LocalEngine:
-    engine = LocalEngine(Settings(**{"compile": False, **settings}))  # type: ignore[arg-type]
+    # The torch runtime: converting a GGUF file is its way of reading one (llama.cpp reads the
+    # file as it is: tests/engines/test_llamacpp.py).
+    engine = LocalEngine(Settings(**{"compile": False, "runtime": "torch",  # type: ignore[arg-type]
+                                     **settings}))
     engines.append(engine)
     await engine.start()
     return engine
@@ -91,7 +94,8 @@ async def test_health_shows_conversion_progress(tmp_path: Path,
         return digest(path)
 
     monkeypatch.setattr(loading, "file_digest", slow_digest)
-    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(gguf), compile=False))
+    engine = LocalEngine(Settings(data_dir=tmp_path / "d", model=str(gguf), compile=False,
+                                  runtime="torch"))
     engines.append(engine)
     start = asyncio.create_task(engine.start())
     for _ in range(600):

@@ -32,12 +32,9 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .cache import SeqCache
 
 __all__ = ["LlamaCppError", "LlamaCppModel", "SeqPool", "llama_cpp_available"]
 
@@ -247,18 +244,26 @@ class _Slot:
         self.seq: int | None = None
 
 
+class Placed(Protocol):
+    """What the pool reads and writes of a cache (:class:`~.cache.SeqCache`)."""
+
+    slot: _Slot
+    parked: bytes | None
+    length: int
+
+
 class SeqPool:
     """Which cache each sequence of the model holds; see the module docstring."""
 
     def __init__(self, model: LlamaCppModel) -> None:
         self.model = model
         self._free = list(range(model.seqs - 1, -1, -1))
-        self._resident: OrderedDict[int, weakref.ref[SeqCache]] = OrderedDict()  # LRU first
+        self._resident: OrderedDict[int, weakref.ref[Placed]] = OrderedDict()  # LRU first
         self._dead: list[int] = []  # sequences whose cache died (any thread)
         self._lock = threading.Lock()
         self.restores = self.parks = 0
 
-    def place(self, cache: SeqCache, busy: set[int]) -> int:
+    def place(self, cache: Placed, busy: set[int]) -> int:
         """Make ``cache`` resident (restoring its parked state) and return its sequence; caches
         in the sequences ``busy`` (this step's) are never parked for it."""
         with self.model.lock:
@@ -281,7 +286,7 @@ class SeqPool:
             self._resident[seq] = weakref.ref(cache)
             return seq
 
-    def park(self, cache: SeqCache) -> None:
+    def park(self, cache: Placed) -> None:
         """Move ``cache`` out of its sequence into bytes (before it goes to the disk tier)."""
         with self.model.lock:
             seq = cache.slot.seq

@@ -114,5 +114,29 @@ class LlamaCppRunner:
             entries.append((r.next_token, r.cache.length, seq, True))
         return self.model.decode(entries)
 
+    def warm_up(self) -> None:
+        """A short prompt and two decode steps in a scratch cache, before the first chat: the
+        first ``llama_decode`` of each batch shape builds llama.cpp's graph and the first
+        sample warms torch, which would otherwise land on the first answer's first token."""
+        from dataclasses import dataclass, field
+
+        from ..decoding import Sampler
+
+        @dataclass(eq=False)
+        class Row:  # what the runner reads of a scheduler request
+            cache: SeqCache
+            next_token: int = 0
+            tokens: list[int] = field(default_factory=list)
+            constraint: Any = None
+            sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0))
+
+        row = Row(SeqCache(self.model, 0, 64))
+        out = self.execute(StepPlan(feed=row, chunk=[1, 2, 3, 4, 5, 6, 7, 8], sample_feed=True))
+        for _ in range(2):
+            row.next_token = out.tokens[row]
+            out = self.execute(StepPlan(rows=[row]))
+        if out.failed or out.batch_failed:
+            raise RuntimeError(f"llama.cpp's warm-up step failed: {out.batch_failed}")
+
     def nbytes(self) -> int:
         return 0  # no batch buffers: the rows stay in their sequences

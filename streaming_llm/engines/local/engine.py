@@ -222,7 +222,9 @@ class LocalEngine:
                              disk=self._disk_tier(model.fingerprint(), new_cache),
                              new_cache=new_cache)
         self.grammars = Grammars(loaded.tokenizer, loaded.eos_ids, model.vocab_size)
-        self._scheduler = Scheduler(model, max_batch=rows, runner=LlamaCppRunner(model),
+        runner = LlamaCppRunner(model)
+        runner.warm_up()  # on this thread, before the scheduler's exists: nothing else runs
+        self._scheduler = Scheduler(model, max_batch=rows, runner=runner,
                                     name="local-engine-scheduler")
         log.info("local engine: decoding up to %d conversations in one batch (llama.cpp, %s)",
                  rows, model.description)

@@ -184,11 +184,15 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
     progress(f"loading {path.name} into llama.cpp")
     # A sequence holds a conversation's sinks and window; the pinned agent prefix may take up to
     # three quarters of it (Caches.layout). Cells are allocated for every sequence up front.
+    threads = torch.get_num_threads()
+    # torch only samples in this runtime, a (rows, vocab) block per step: one thread, so that its
+    # OpenMP workers never spin on the cores llama.cpp's threads compute on.
+    torch.set_num_threads(1)
     model = LlamaCppModel(path)
     try:
         capacity = min(model.context, _round_up(s.window_tokens + max(s.sink_tokens, 1024), 256))
         model.open(seqs=rows + 2, seq_capacity=capacity, batch=PREFILL_CHUNK + rows,
-                   threads=torch.get_num_threads())
+                   threads=threads)
     except BaseException:
         model.close()
         raise
