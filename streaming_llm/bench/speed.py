@@ -160,12 +160,10 @@ def measure_llama_cpp(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
     """:func:`measure_mode`'s figures for the llama.cpp runtime: the server's runner and cache
     on ``gguf``, greedy sampling through the server's sampler."""
     import random
-    from dataclasses import dataclass, field
 
-    from ..engines.decoding import Sampler
     from ..engines.llamacpp.cache import SeqCache
     from ..engines.llamacpp.model import LlamaCppModel
-    from ..engines.llamacpp.runner import LlamaCppRunner
+    from ..engines.llamacpp.runner import LlamaCppRunner, ScratchRow
     from ..engines.runner import StepPlan
     from ..engines.scheduler import PREFILL_CHUNK
 
@@ -177,19 +175,10 @@ def measure_llama_cpp(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
         runner = LlamaCppRunner(model)
         prompt = random.Random(0).choices(range(10, model.vocab_size), k=max(*CONTEXTS, PREFILL))
 
-        @dataclass(eq=False)
-        class Row:  # what the runner reads of a scheduler request
-            cache: SeqCache
-            next_token: int = 5
-            tokens: list[int] = field(default_factory=list)
-            constraint: Any = None
-            sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0,
-                                                                     repetition_penalty=1.0))
-
         def feed(cache: SeqCache, ids: list[int], chunk: int) -> None:
             for start in range(0, len(ids), chunk):
                 part = ids[start:start + chunk]
-                runner.execute(StepPlan(feed=Row(cache), chunk=part,
+                runner.execute(StepPlan(feed=ScratchRow(cache, next_token=5), chunk=part,
                                         sample_feed=start + chunk >= len(ids)))
 
         figures: dict[str, Any] = {}
@@ -198,7 +187,7 @@ def measure_llama_cpp(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
             feed(cache, prompt[:context], PREFILL_CHUNK)
 
             def block(cache: SeqCache = cache) -> float:
-                rows = [Row(cache)]
+                rows = [ScratchRow(cache, next_token=5)]
                 started = time.perf_counter()
                 for _ in range(args.steps):
                     rows[0].next_token = runner.execute(StepPlan(rows=rows)).tokens[rows[0]]

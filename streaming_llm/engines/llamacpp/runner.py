@@ -16,19 +16,32 @@ caches are dropped (their cells may be half written), as a failed batched step d
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..decoding import eviction_chunk
+from ..decoding import Sampler, eviction_chunk
 from ..runner import R, StepOutput, StepPlan, sample
 from .cache import SeqCache
 from .model import LlamaCppModel
 
-__all__ = ["LlamaCppRunner", "LlamaCppStep"]
+__all__ = ["LlamaCppRunner", "LlamaCppStep", "ScratchRow"]
 
 log = logging.getLogger("streaming_llm.engines.llamacpp")
+
+
+@dataclass(eq=False)
+class ScratchRow:
+    """A greedy request outside the scheduler (the warm-up, ``bench speed``): what the runner
+    reads of one."""
+
+    cache: SeqCache
+    next_token: int = 0
+    tokens: list[int] = field(default_factory=list)
+    constraint: Any = None
+    sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0,
+                                                             repetition_penalty=1.0))
 
 
 @dataclass
@@ -118,19 +131,7 @@ class LlamaCppRunner:
         """A short prompt and two decode steps in a scratch cache, before the first chat: the
         first ``llama_decode`` of each batch shape builds llama.cpp's graph and the first
         sample warms torch, which would otherwise land on the first answer's first token."""
-        from dataclasses import dataclass, field
-
-        from ..decoding import Sampler
-
-        @dataclass(eq=False)
-        class Row:  # what the runner reads of a scheduler request
-            cache: SeqCache
-            next_token: int = 0
-            tokens: list[int] = field(default_factory=list)
-            constraint: Any = None
-            sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0))
-
-        row = Row(SeqCache(self.model, 0, 64))
+        row = ScratchRow(SeqCache(self.model, 0, 64))
         out = self.execute(StepPlan(feed=row, chunk=[1, 2, 3, 4, 5, 6, 7, 8], sample_feed=True))
         for _ in range(2):
             row.next_token = out.tokens[row]
