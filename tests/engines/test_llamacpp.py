@@ -301,3 +301,16 @@ async def test_a_bad_model_file_stops_start_up_naming_it(tmp_path: Path, content
     health = await engine.health()
     assert not health.ready and health.extra == {"state": "failed"}
     await engine.close()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"streaming": False}, "STREAMING_LLM_STREAMING=true"),
+    ({"device": "cuda"}, "runs on the CPU"),
+])
+async def test_what_llama_cpp_cannot_serve_stops_start_up_saying_so(
+        tmp_path: Path, gguf: Path, settings: dict[str, Any], message: str) -> None:
+    engine = LocalEngine(Settings(data_dir=tmp_path, model=str(gguf), runtime="llama.cpp",
+                                  **settings))
+    with pytest.raises(Exception, match=message):
+        await engine.start()
+    await engine.close()

@@ -163,6 +163,14 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
     from ..llamacpp.model import LlamaCppModel
     from ..scheduler import PREFILL_CHUNK
 
+    if not settings.streaming:
+        raise ValueError("the llama.cpp runtime serves the sink cache only: set "
+                         "STREAMING_LLM_STREAMING=true, or STREAMING_LLM_RUNTIME=torch for a "
+                         "dense cache")
+    if settings.device not in ("auto", "cpu"):
+        raise ValueError(f"the llama.cpp runtime runs on the CPU (this build has no GPU "
+                         f"backend): STREAMING_LLM_DEVICE={settings.device} needs "
+                         "STREAMING_LLM_RUNTIME=torch")
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     with path.open("rb") as f:
