@@ -314,3 +314,22 @@ async def test_what_llama_cpp_cannot_serve_stops_start_up_saying_so(
     with pytest.raises(Exception, match=message):
         await engine.start()
     await engine.close()
+
+
+async def test_the_tokenizer_is_read_from_the_file_once(tmp_path: Path, gguf: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "streaming_llm.engines.local")
+    models = tmp_path / "models"
+    answers = []
+    for name in ("first", "second"):
+        caplog.clear()
+        engine = LocalEngine(Settings(data_dir=tmp_path / name, model=str(gguf), models_dir=models,
+                                      runtime="llama.cpp", **GEOMETRY))
+        await engine.start()
+        answers.append((await chat(engine, conversation(1), cid="c"))[0])
+        await engine.close()
+        reads = "reading the tokenizer of tiny.gguf" in caplog.text
+        assert reads == (name == "first")
+    (kept,) = models.iterdir()
+    assert kept.name.startswith("tiny-") and kept.name.endswith("-tokenizer")
+    assert answers[0] == answers[1]

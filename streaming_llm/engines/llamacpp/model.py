@@ -86,9 +86,10 @@ class LlamaCppModel:
     sequences of ``seq_capacity`` cells, batches of up to ``batch`` tokens (a prompt chunk +
     every row), ``threads`` threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, digest: str | None = None) -> None:
         lib = self.lib = _init_backend()
         self.path = path
+        self._digest = digest  # the file's SHA-256, when the caller has it (fingerprint)
         self.lock = threading.RLock()
         self._ctx: Any = None
         self._batch: Any = None
@@ -119,11 +120,13 @@ class LlamaCppModel:
 
         import llama_cpp
 
-        digest = hashlib.sha256()
-        with self.path.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        return hashlib.sha256(f"llama.cpp {llama_cpp.__version__}\0{digest.hexdigest()}\0"
+        if self._digest is None:
+            digest = hashlib.sha256()
+            with self.path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            self._digest = digest.hexdigest()
+        return hashlib.sha256(f"llama.cpp {llama_cpp.__version__}\0{self._digest}\0"
                               f"f16 cells\0{self.description}".encode()).hexdigest()
 
     def open(self, *, seqs: int, seq_capacity: int, batch: int, threads: int) -> None:

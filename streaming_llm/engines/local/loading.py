@@ -158,8 +158,6 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
                    progress: Progress) -> LoadedModel:
     """``path`` served by llama.cpp: its weights as they are (:mod:`..llamacpp`), the tokenizer
     and chat template read from the same file by transformers (no weights converted)."""
-    from transformers import AutoTokenizer
-
     from ..llamacpp.model import LlamaCppModel
     from ..scheduler import PREFILL_CHUNK
 
@@ -177,12 +175,9 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
         if f.read(4) != b"GGUF":
             raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
     started = time.perf_counter()
-    progress(f"reading the tokenizer of {path.name}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: transformers cannot read this GGUF file's tokenizer: "
-                             f"{type(exc).__name__}: {exc}") from exc
+    progress(f"hashing {path.name}")
+    digest = file_digest(path)
+    tokenizer = _gguf_tokenizer(path, digest, settings.models_path, progress)
     if tokenizer.chat_template is None:
         log.warning("local engine: %s has no chat template; using a plain one", name)
         tokenizer.chat_template = FALLBACK_TEMPLATE
@@ -196,7 +191,7 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
     # torch only samples in this runtime, a (rows, vocab) block per step: one thread, so that its
     # OpenMP workers never spin on the cores llama.cpp's threads compute on.
     torch.set_num_threads(1)
-    model = LlamaCppModel(path)
+    model = LlamaCppModel(path, digest)
     try:
         capacity = min(model.context, _round_up(s.window_tokens + max(s.sink_tokens, 1024), 256))
         model.open(seqs=rows + 2, seq_capacity=capacity, batch=PREFILL_CHUNK + rows,
@@ -229,6 +224,36 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
         context=capacity, window=window, eos_ids=frozenset(i for i in eos if i is not None),
         boundaries=tuple(t.content for t in added if t.special and not t.lstrip),
     )
+
+
+def _gguf_tokenizer(path: Path, digest: str, models_dir: Path, progress: Progress) -> Any:
+    """The tokenizer and chat template of a GGUF file. transformers takes seconds to build it from
+    the file's metadata (7 s for SmolLM2's 49k tokens on the 2-core box), so the first start
+    saves it to ``<models dir>/<file stem>-<first 16 hex digits of its SHA-256>-tokenizer/`` and
+    later starts load that folder."""
+    from transformers import AutoTokenizer
+
+    target = models_dir / f"{path.name.removesuffix('.gguf')}-{digest[:16]}-tokenizer"
+    if (target / _COMPLETE).is_file():
+        return AutoTokenizer.from_pretrained(target)
+    progress(f"reading the tokenizer of {path.name} (once)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: transformers cannot read this GGUF file's tokenizer: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        tokenizer.save_pretrained(partial)
+        (partial / _COMPLETE).write_text(f"{path}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    except OSError as exc:  # a read-only models dir: read the file again next time
+        log.warning("local engine: cannot keep the tokenizer of %s in %s (%s)", path.name,
+                    target, exc)
+        shutil.rmtree(partial, ignore_errors=True)
+    return tokenizer
 
 
 def _round_up(n: int, step: int) -> int:
