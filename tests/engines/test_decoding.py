@@ -13,6 +13,7 @@ from streaming_llm.engines.decoding import (
     decode_step,
     eviction_chunk,
     forward_tokens,
+    sample_rows,
 )
 from streaming_llm.engines.sink_cache import SinkCache
 
@@ -192,3 +193,32 @@ def test_min_p_drops_tokens_below_a_share_of_the_most_likely() -> None:
     picked = {Sampler(1.0, min_p=0.5, seed=s)(logits) for s in range(200)}
     assert picked == {0, 1}  # 0.19 < 0.5 * 0.4
     assert {Sampler(1.0, seed=s)(logits) for s in range(200)} == {0, 1, 2, 3}
+
+
+def _nucleus_by_full_sort(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p as the sampler did it before it ordered only the live tokens: a full sort."""
+    sorted_x, order = torch.sort(x, descending=True, dim=-1)
+    probs = torch.softmax(sorted_x, dim=-1)
+    drop = torch.cumsum(probs, dim=-1) - probs >= top_p
+    return x.scatter(-1, order, sorted_x.masked_fill(drop, -math.inf))
+
+
+@pytest.mark.parametrize(("min_p", "top_k"), [(0.0, 0), (0.05, 0), (0.0, 40), (0.2, 5)])
+def test_top_p_over_the_live_tokens_samples_as_a_full_sort_does(min_p: float, top_k: int) -> None:
+    """The same tokens, seed for seed, as top-p over a fully sorted vocabulary."""
+    logits = torch.randn(6, 4096, generator=torch.Generator().manual_seed(3)) * 4
+    for seed in range(20):
+        got = sample_rows(logits, [Sampler(0.8, top_p=0.9, top_k=top_k, min_p=min_p,
+                                           seed=seed + b) for b in range(6)], [[]] * 6)
+        x = logits / 0.8
+        if top_k:
+            kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, -math.inf)
+        if min_p:
+            x = x.masked_fill(x < x.max(-1, keepdim=True).values + math.log(min_p), -math.inf)
+        cdf = torch.softmax(_nucleus_by_full_sort(x, 0.9), dim=-1).cumsum(-1)
+        expected = []
+        for b in range(6):
+            u = torch.rand((), generator=torch.Generator().manual_seed(seed + b))
+            expected.append(int(torch.searchsorted(cdf[b], u * cdf[b, -1], right=True)))
+        assert got == expected
