@@ -172,11 +172,9 @@ class LlamaCppModel:
             raise LlamaCppError(f"llama_decode failed with status {status} on a batch of {n}")
         if not outputs:
             return np.empty((0, self.vocab_size), dtype=np.float32)
-        out = np.empty((len(outputs), self.vocab_size), dtype=np.float32)
-        for row, i in enumerate(outputs):
-            pointer = lib.llama_get_logits_ith(self._ctx, i)
-            out[row] = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
-        return out
+        # llama.cpp keeps the outputs' logits side by side, in batch order: one copy for all
+        every = lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(every, shape=(len(outputs), self.vocab_size)).copy()
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's tokenization of ``text`` (special tokens parsed): the load-time check that
