@@ -1,5 +1,11 @@
 """The local engine: one scheduler thread owns the model; the event loop streams its tokens.
 
+Runtimes
+    ``STREAMING_LLM_RUNTIME`` (:func:`.loading.choose_runtime`): torch (transformers; the
+    scheduler's :class:`~..runner.ModelRunner`, the step of :mod:`..step`, a SinkCache per
+    conversation) or llama.cpp (a GGUF file in llama.cpp's library; :mod:`..llamacpp`'s runner and
+    SeqCache). Everything below holds for both; what is torch-only says so.
+
 Threading and batching
     The model is not re-entrant, so everything that touches it runs on the thread of one
     :class:`~streaming_llm.engines.scheduler.Scheduler` (the model is loaded before, on a
