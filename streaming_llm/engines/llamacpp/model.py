@@ -93,6 +93,7 @@ class LlamaCppModel:
         self.lock = threading.RLock()
         self._ctx: Any = None
         self._batch: Any = None
+        self._threads: _ThreadPool | None = None
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         self._model = lib.llama_model_load_from_file(str(path).encode(), params)
@@ -148,6 +149,8 @@ class LlamaCppModel:
         if not lib.llama_memory_can_shift(self.memory):
             raise LlamaCppError(f"{self.path.name}: llama.cpp cannot shift this model's "
                                 "positions, which the sink cache's eviction needs")
+        self._threads = _ThreadPool(threads)
+        self._threads.attach(self._ctx)
         self._batch = lib.llama_batch_init(batch, 0, 1)
         self.pool = SeqPool(self)
 
@@ -230,9 +233,52 @@ class LlamaCppModel:
         if self._ctx:
             lib.llama_free(self._ctx)
             self._ctx = None
+        if self._threads is not None:
+            self._threads.close()  # after the context that used it
+            self._threads = None
         if getattr(self, "_model", None):
             lib.llama_model_free(self._model)
             self._model = None
+
+
+class _ThreadPool:
+    """ggml's thread pool for the context's steps, kept for the context's life.
+
+    Without one attached, ggml (built without OpenMP, as ``make install`` builds it) starts and
+    joins its worker threads inside every ``llama_decode``; llama.cpp's own tools attach a pool,
+    as this does. llama-cpp-python binds neither the pool nor ``llama_attach_threadpool``, so
+    they are called from the libraries it loaded (ggml's parameters struct is filled by ggml's
+    own initializer, in a buffer larger than it).
+    """
+
+    def __init__(self, threads: int) -> None:
+        from llama_cpp import llama_cpp as bindings
+
+        folder = Path(bindings._base_path)
+        self._base = ctypes.CDLL(str(folder / "libggml-base.so"))
+        self._cpu = ctypes.CDLL(str(folder / "libggml-cpu.so"))
+        self._llama = bindings._lib
+        self._base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self._base.ggml_threadpool_params_init.restype = None
+        self._cpu.ggml_threadpool_new.argtypes = [ctypes.c_void_p]
+        self._cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+        self._cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+        self._cpu.ggml_threadpool_free.restype = None
+        self._llama.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
+        self._llama.llama_attach_threadpool.restype = None
+        params = ctypes.create_string_buffer(4096)  # struct ggml_threadpool_params: ~530 bytes
+        self._base.ggml_threadpool_params_init(params, threads)
+        self._pool = self._cpu.ggml_threadpool_new(params)
+        if not self._pool:
+            raise LlamaCppError(f"ggml cannot start a pool of {threads} threads")
+
+    def attach(self, ctx: Any) -> None:
+        self._llama.llama_attach_threadpool(ctx, self._pool, self._pool)
+
+    def close(self) -> None:
+        if self._pool:
+            self._cpu.ggml_threadpool_free(self._pool)
+            self._pool = None
 
 
 class _Slot:
