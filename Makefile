@@ -77,8 +77,13 @@ lint: install-test
 	$(PY) -m mypy streaming_llm
 
 # --durations: where CI's time goes, printed at the end of every run.
+# -n: one pytest-xdist worker per core. --dist loadfile keeps a module on one worker (its
+# module-scoped servers and models start once); tests/conftest.py hands out the modules with the
+# slow model tests first, and --no-loadscope-reorder keeps that order (xdist would otherwise
+# send the modules with the most tests first and a one-test, two-minute module last).
+PYTEST_WORKERS ?= auto
 test-python: install-test test-servers
-	$(PY) -m pytest --durations=30
+	$(PY) -m pytest --durations=30 -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The edit-test loop: unit tests only, no server processes, PostgreSQL, browser or compiles
 # (tests/conftest.py, `--fast`); about a minute and a half on 2 cores. `make test` runs everything.

@@ -3,6 +3,7 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--fast"):
         _refuse_processes()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _one_torch_thread_per_worker()
+
+
+def _one_torch_thread_per_worker() -> None:
+    """Under ``pytest -n N`` (N workers, about one per core) each worker and the servers it
+    starts get one torch thread: two workers with two threads each on two cores spend much of
+    their time in OpenMP spin-waits. The servers inherit the variable (child_env)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    if "torch" in sys.modules:  # already imported by a plugin: the variable came too late
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -43,12 +56,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if callspec is not None and callspec.params.get("database_url") == "postgresql":
             item.add_marker("postgres")  # BOTH_DATABASES asks for the server indirectly
     _skip_cuda_tests_without_cuda(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _heavy_modules_first(items)
     if not config.getoption("--fast"):
         return
     slow = [item for item in items if any(item.get_closest_marker(m) for m in NOT_FAST)]
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item not in set(slow)]
+
+
+def _heavy_modules_first(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``) the modules
+    with a ``slow`` test go out first, then those that start processes, then the rest, each
+    group in collection order: a model end-to-end module handed out last would end the run
+    alone on one worker while the others sit idle. Every worker sorts the same way, so they
+    still collect the same list."""
+    def weight(marks: set[str]) -> int:
+        return 0 if "slow" in marks else 1 if marks & {"e2e", "postgres", "process"} else 2
+
+    marks: dict[str, set[str]] = {}
+    for item in items:
+        marks.setdefault(item.nodeid.split("::")[0], set()).update(
+            m.name for m in item.iter_markers())
+    order = {module: weight(found) for module, found in marks.items()}
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])  # stable: collection order
 
 
 def _skip_cuda_tests_without_cuda(items: list[pytest.Item]) -> None:
