@@ -80,8 +80,13 @@ lint: install-test
 	$(PY) -m mypy streaming_llm
 
 # --durations: where CI's time goes, printed at the end of every run.
+# -n: one pytest-xdist worker per core. --dist loadfile keeps a module on one worker (its
+# module-scoped servers and models start once); tests/conftest.py hands out the modules with the
+# slow model tests first, and --no-loadscope-reorder keeps that order (xdist would otherwise
+# send the modules with the most tests first and a one-test, two-minute module last).
+PYTEST_WORKERS ?= auto
 test-python: install-test test-servers
-	$(PY) -m pytest --durations=30
+	$(PY) -m pytest --durations=30 -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The edit-test loop: unit tests only, no server processes, PostgreSQL, browser or compiles
 # (tests/conftest.py, `--fast`); about a minute and a half on 2 cores. `make test` runs everything.
@@ -92,7 +97,13 @@ test-client: install-test client chromium
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) test
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) run test:browser
 
-test: lint test-python test-client
+# The set-up one step at a time (apt-get and pip each hold a lock), then lint, the Python tests
+# and the client's tests side by side: in the second half of the Python tests a third of the
+# 2 cores sits idle (servers waiting on sockets and timers), and lint and the client's tests
+# fill it. --output-sync: each one's output comes out whole when it ends.
+test: install-test
+	$(MAKE) --no-print-directory test-servers chromium client
+	$(MAKE) --no-print-directory -j3 --output-sync=target lint test-python test-client
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache $(CLIENT)/node_modules $(CLIENT)/dist

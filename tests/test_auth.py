@@ -153,6 +153,7 @@ def test_cli_reports_an_unusable_key_without_printing_it(
     assert "tiny-secret" not in err
 
 
+# pytest-xdist's workers must collect the same ids, so KEY (random) stays out of them.
 @pytest.mark.parametrize(("line", "masked"), [
     (f"/ws/chat?token={KEY}&x=1", "/ws/chat?token=***&x=1"),
     (f"< authorization: Bearer {KEY}", "< authorization: Bearer ***"),
@@ -160,7 +161,8 @@ def test_cli_reports_an_unusable_key_without_printing_it(
     (f"< sec-websocket-protocol: chat, bearer.{KEY}", "< sec-websocket-protocol: chat, bearer ***"),
     ("> sec-websocket-protocol: bearer", "> sec-websocket-protocol: bearer"),
     (f"a bare {KEY} in a message", "a bare *** in a message"),
-])
+], ids=["query token", "authorization header", "subprotocol bearer", "subprotocol bearer.key",
+        "subprotocol without key", "bare key"])
 def test_log_lines_never_carry_a_key(line: str, masked: str) -> None:
     record = logging.LogRecord("uvicorn.error", logging.DEBUG, __file__, 1, "%s", (line,), None)
     Redact([KEY]).filter(record)
