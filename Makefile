@@ -97,13 +97,7 @@ test-client: install-test client chromium
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) test
 	cd $(CLIENT) && STREAMING_LLM_PYTHON=$(abspath $(PY)) $(NPM) run test:browser
 
-# The set-up one step at a time (apt-get and pip each hold a lock), then lint, the Python tests
-# and the client's tests side by side: in the second half of the Python tests a third of the
-# 2 cores sits idle (servers waiting on sockets and timers), and lint and the client's tests
-# fill it. --output-sync: each one's output comes out whole when it ends.
-test: install-test
-	$(MAKE) --no-print-directory test-servers chromium client
-	$(MAKE) --no-print-directory -j3 --output-sync=target lint test-python test-client
+test: lint test-python test-client
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache $(CLIENT)/node_modules $(CLIENT)/dist

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -108,6 +109,9 @@ def _refuse_processes() -> None:
         pytest.fail(f"--fast: this test starts a process ({command[:200]}); mark it "
                     "e2e (a server), postgres, slow or process", pytrace=False)
 
+    # The official openai/anthropic clients report platform.processor(), which runs `uname -p`
+    # once per process: run it now, before the refusal, rather than fail their tests.
+    platform.processor()
     subprocess.Popen.__init__ = refused  # type: ignore[method-assign]
 
 
