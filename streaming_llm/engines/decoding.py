@@ -225,25 +225,32 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler],
         kth = top.gather(-1, torch.tensor([max(k, 1) - 1 for k in ks], device=device)[:, None])
         cut = torch.tensor([k > 0 for k in ks], device=device)[:, None]
         x = x.masked_fill(cut & (x < kth), -math.inf)
-    if any(s.min_p > 0 for s in hs):
-        # p < min_p * p_max  <=>  score < max score + log(min_p); min_p 0 gives -inf: keeps all
-        floor = column([math.log(s.min_p) if s.min_p > 0 else -math.inf for s in hs])
-        x = x.masked_fill(x < x.max(-1, keepdim=True).values + floor, -math.inf)
+    # From here on only the tokens still in matter (min-p and top-k leave a few dozen of 49k):
+    # the most likely ``k`` of every row, ``k`` grown until the k-th is out in every row, are all
+    # of them, so top-p and the draw run over those alone (full-width passes over the
+    # vocabulary were most of a sampling step).
+    # min-p: p < min_p * p_max  <=>  score < max score + log(min_p); min_p 0 gives -inf: keeps all
+    floor = column([math.log(s.min_p) if s.min_p > 0 else -math.inf for s in hs])
+    threshold = x.max(-1, keepdim=True).values + floor  # (hot, 1)
+    k = min(vocab, 64)
+    while True:
+        values, ids = torch.topk(x, k, dim=-1, sorted=True)  # (hot, k), most likely first
+        values = values.masked_fill(values < threshold, -math.inf)
+        if k == vocab or bool(torch.isinf(values[:, -1]).all()):
+            break
+        k = min(vocab, k * 8)
     if any(s.top_p < 1 for s in hs):
         # Keep the smallest set of most likely tokens whose probability reaches top_p (always at
         # least the most likely one).
-        # Only the tokens still in (min-p and top-k leave a few dozen of 49k) need ordering:
-        # the largest ``alive`` of a row are all of its finite ones, so a partial sort of them
-        # is the full sort's head, at a fraction of its cost (the full sort was most of a
-        # sampling step).
-        alive = int(torch.isfinite(x).sum(-1).max())
-        sorted_x, order = torch.topk(x, max(alive, 1), dim=-1, sorted=True)
-        probs = torch.softmax(sorted_x, dim=-1)
+        probs = torch.softmax(values, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-        drop = before >= column([s.top_p for s in hs])
-        x = torch.full_like(x, -math.inf).scatter(-1, order, sorted_x.masked_fill(drop, -math.inf))
-    cdf = torch.softmax(x, dim=-1).cumsum(-1)  # (hot, vocab)
+        values = values.masked_fill(before >= column([s.top_p for s in hs]), -math.inf)
+    # The draw inverts the CDF in token-id order, as over the whole vocabulary (a token left out
+    # has probability zero there, so it adds nothing and is never picked).
+    ids, by_id = torch.sort(ids, dim=-1)
+    cdf = torch.softmax(values.gather(-1, by_id), dim=-1).cumsum(-1)  # (hot, k)
     u = torch.stack([s.uniform() for s in hs]).to(device)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    tokens = greedy.index_copy(0, rows, picked.clamp_max(vocab - 1))
+    at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(k - 1)
+    picked = ids.gather(-1, at)[:, 0]
+    tokens = greedy.index_copy(0, rows, picked)
     return [int(t) for t in tokens.tolist()]
