@@ -33,16 +33,11 @@ def binary_error(path: Path | None, tool: str) -> str | None:
 
 
 def model_gguf(model: str) -> Path | None:
-    """The GGUF file behind a ``STREAMING_LLM_MODEL`` setting: the default model's for an empty
-    setting (or ``default``), the file itself for a ``.gguf`` path, None for a folder, hub id or
-    the demo model (llama.cpp then has nothing to run on)."""
-    from ..engines.local.loading import default_model_file
+    """The GGUF file behind a ``STREAMING_LLM_MODEL`` setting (``default`` too), as the server
+    finds it; None for a folder, hub id or the demo model (llama.cpp then has nothing to run on)."""
+    from ..engines.local.loading import gguf_file
 
-    if model in ("", "default"):
-        return default_model_file()
-    if model.endswith(".gguf"):
-        return Path(model).expanduser()
-    return None
+    return gguf_file("" if model == "default" else model)
 
 
 def batched_bench_command(binary: Path, gguf: Path, *, prompt: int, generate: int,

@@ -76,9 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
-def _load(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Any, Path | None]:
-    """The model (``--dtype`` on ``--device``), and the GGUF file it came from (None for a folder
-    or hub id)."""
+def _load(args: argparse.Namespace, log: Callable[[str], None]) -> Any:
+    """The model, ``--dtype`` on ``--device`` (a GGUF file converted as the server converts it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -87,9 +86,8 @@ def _load(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Any, Pa
 
     settings = Settings(model=args.model, models_dir=Path(args.models_dir).resolve())
     source = resolve_source(settings, log)
-    gguf = model_gguf(args.model)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, args.dtype))
-    return model.to(args.device).eval(), gguf
+    return model.to(args.device).eval()
 
 
 def _best(repeats: int, block: Callable[[], float]) -> float:
@@ -345,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             figures["modes"][mode] = measure_llama_cpp(gguf, args)
             continue
         if model is None:
-            model, gguf = _load(args, log)
+            model = _load(args, log)
         subject, step = build_mode(model, mode)
         figures["modes"][mode] = measure_mode(subject, step, args)
         if mode.startswith("compiled") and not step.name.endswith("compiled"):

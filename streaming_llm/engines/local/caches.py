@@ -104,12 +104,12 @@ class _Live:
 class Caches:
     """The local engine's caches; see the module docstring."""
 
-    def __init__(self, settings: Settings, model: Any, prompts: Prompts, *, context: int,
-                 window: int, memory_bytes: int | None = None, disk: DiskTier | None = None,
-                 new_cache: Callable[[int, int], Any] | None = None) -> None:
-        self.settings, self.model, self.prompts = settings, model, prompts
+    def __init__(self, settings: Settings, prompts: Prompts, new_cache: Callable[[int, int], Any],
+                 *, context: int, window: int, memory_bytes: int | None = None,
+                 disk: DiskTier | None = None) -> None:
+        self.settings, self.prompts = settings, prompts
         # A sink cache of (sinks, window): the torch runtime's SinkCache, or llama.cpp's SeqCache
-        self.new_cache = new_cache or self._sink_cache
+        self.new_cache = new_cache
         self.context, self.window = context, window
         self.conversations = ConversationStore(settings.cached_conversations, memory_bytes)
         self.prefixes = PrefixStore(settings.shared_prefixes)
@@ -267,11 +267,6 @@ class Caches:
             return Plan(state, keep, reused)
         return Plan(state, keep, reused, skip=self._bounded(state, target, keep, reserve),
                     fresh=True)
-
-    def _sink_cache(self, sinks: int, window: int) -> Any:
-        from ..sink_cache import SinkCache
-
-        return SinkCache.from_model(self.model, sinks, window)
 
     @staticmethod
     def _bounded(state: Conversation, target: Sequence[int], keep: int, reserve: int,

@@ -184,7 +184,7 @@ class LocalEngine:
         self._loaded = load_model(self.settings, source, self._model_name)
         self.prompts = Prompts(self._loaded.tokenizer, self._loaded.boundaries)
         fingerprint = model_fingerprint(self._loaded.model, self._model_name)
-        self.caches = Caches(self.settings, self._loaded.model, self.prompts,
+        self.caches = Caches(self.settings, self.prompts, self._sink_cache,
                              context=self._loaded.context, window=self._loaded.window,
                              memory_bytes=_memory_budget(self.settings),
                              disk=self._disk_tier(fingerprint, self._sink_cache))
@@ -209,7 +209,7 @@ class LocalEngine:
         from ..llamacpp.cache import SeqCache
         from ..llamacpp.runner import LlamaCppRunner
 
-        path = gguf_file(self.settings)
+        path = gguf_file(self.settings.model)
         if path is None:
             raise ModelFileError("STREAMING_LLM_RUNTIME=llama.cpp needs a GGUF model "
                                  "(STREAMING_LLM_MODEL empty or a .gguf file)")
@@ -223,10 +223,9 @@ class LocalEngine:
         def new_cache(sinks: int, window: int) -> SeqCache:
             return SeqCache(model, sinks, window)
 
-        self.caches = Caches(self.settings, model, self.prompts, context=loaded.context,
+        self.caches = Caches(self.settings, self.prompts, new_cache, context=loaded.context,
                              window=loaded.window, memory_bytes=_memory_budget(self.settings),
-                             disk=self._disk_tier(model.fingerprint(), new_cache),
-                             new_cache=new_cache)
+                             disk=self._disk_tier(model.fingerprint(), new_cache))
         self.grammars = Grammars(loaded.tokenizer, loaded.eos_ids, model.vocab_size)
         runner = LlamaCppRunner(model)
         runner.warm_up()  # on this thread, before the scheduler's exists: nothing else runs

@@ -118,12 +118,13 @@ def resolve_source(settings: Settings, progress: Progress) -> str:
     return setting
 
 
-def gguf_file(settings: Settings) -> Path | None:
-    """The GGUF file ``STREAMING_LLM_MODEL`` names (the default model is one), else None."""
-    if not settings.model:
+def gguf_file(setting: str) -> Path | None:
+    """The GGUF file a ``STREAMING_LLM_MODEL`` setting names (empty: the default model's), else
+    None (a hub id, a folder, the demo model)."""
+    if not setting:
         return default_model_file()
-    if settings.model.endswith(".gguf"):
-        return Path(settings.model).expanduser()
+    if setting.endswith(".gguf"):
+        return Path(setting).expanduser()
     return None
 
 
@@ -138,7 +139,7 @@ def choose_runtime(settings: Settings) -> tuple[str, str]:
         return chosen, f"STREAMING_LLM_RUNTIME={chosen}"
     from ..llamacpp.model import llama_cpp_available
 
-    if settings.model == DEMO or not (settings.model == "" or settings.model.endswith(".gguf")):
+    if gguf_file(settings.model) is None:
         return "torch", "the model is not a GGUF file"
     if settings.device not in ("auto", "cpu"):
         return "torch", f"STREAMING_LLM_DEVICE={settings.device}"
@@ -169,11 +170,7 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
         raise ValueError(f"the llama.cpp runtime runs on the CPU (this build has no GPU "
                          f"backend): STREAMING_LLM_DEVICE={settings.device} needs "
                          "STREAMING_LLM_RUNTIME=torch")
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    _check_gguf(path)
     started = time.perf_counter()
     progress(f"hashing {path.name}")
     digest = file_digest(path)
@@ -194,25 +191,23 @@ def load_llama_cpp(settings: Settings, path: Path, name: str, rows: int,
     model = LlamaCppModel(path, digest)
     try:
         capacity = min(model.context, _round_up(s.window_tokens + max(s.sink_tokens, 1024), 256))
+        window = min(s.window_tokens, capacity - s.sink_tokens)
+        if window < 1:
+            raise ValueError(f"{capacity} cells per conversation are too few for "
+                             f"{s.sink_tokens} sink tokens")
         model.open(seqs=rows + 2, seq_capacity=capacity, batch=PREFILL_CHUNK + rows,
                    threads=threads)
+        sample = str(tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Ünïcode, numbers 12345 and  spaces."}], tokenize=False,
+            add_generation_prompt=True))
+        if model.tokenize(sample) != tokenizer.encode(sample, add_special_tokens=False):
+            raise ModelFileError(f"{path}: llama.cpp and transformers tokenize it differently")
     except BaseException:
         model.close()
         raise
     if model.vocab_size != len(tokenizer):  # e.g. transformers adds an unknown token
         log.info("local engine: llama.cpp reads %d tokens of %s, transformers %d",
                  model.vocab_size, path.name, len(tokenizer))
-    sample = str(tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Ünïcode, numbers 12345 and  spaces."}], tokenize=False,
-        add_generation_prompt=True))
-    if model.tokenize(sample) != tokenizer.encode(sample, add_special_tokens=False):
-        model.close()
-        raise ModelFileError(f"{path}: llama.cpp and transformers tokenize it differently")
-    window = min(s.window_tokens, capacity - s.sink_tokens)
-    if window < 1:
-        model.close()
-        raise ValueError(f"{capacity} cells per conversation are too few for {s.sink_tokens} "
-                         "sink tokens")
     log.info("local engine: %s in llama.cpp in %.1f s (%d conversations x %d cells, %d "
              "threads); streaming cache, %d sink + %d recent tokens", name,
              time.perf_counter() - started, model.seqs, capacity, model.threads,
@@ -242,18 +237,34 @@ def _gguf_tokenizer(path: Path, digest: str, models_dir: Path, progress: Progres
     except Exception as exc:
         raise ModelFileError(f"{path}: transformers cannot read this GGUF file's tokenizer: "
                              f"{type(exc).__name__}: {exc}") from exc
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     try:
-        shutil.rmtree(partial, ignore_errors=True)
-        tokenizer.save_pretrained(partial)
-        (partial / _COMPLETE).write_text(f"{path}\n")
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        _publish(target, path, tokenizer.save_pretrained)
     except OSError as exc:  # a read-only models dir: read the file again next time
         log.warning("local engine: cannot keep the tokenizer of %s in %s (%s)", path.name,
                     target, exc)
-        shutil.rmtree(partial, ignore_errors=True)
     return tokenizer
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+
+
+def _publish(target: Path, source: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a folder made from ``source`` into a private name, then rename it to
+    ``target`` with its completion mark last: a reader sees the whole folder or none."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write(partial)
+        (partial / _COMPLETE).write_text(f"{source}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _round_up(n: int, step: int) -> int:
@@ -270,11 +281,7 @@ def file_digest(path: Path) -> str:
 
 def converted_gguf(path: Path, models_dir: Path, progress: Progress) -> Path:
     """The folder holding ``path`` converted to safetensors, converting it on first use."""
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    _check_gguf(path)
     progress(f"hashing {path.name}")
     target = models_dir / f"{path.name.removesuffix('.gguf')}-{file_digest(path)[:16]}"
     if (target / _COMPLETE).is_file():
@@ -291,18 +298,17 @@ def converted_gguf(path: Path, models_dir: Path, progress: Progress) -> Path:
         raise ModelFileError(f"{path}: transformers cannot read this GGUF file: "
                              f"{type(exc).__name__}: {exc}") from exc
     progress(f"converting {path.name}: writing safetensors to {target}")
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     # The weights are plain tensors now; transformers only refuses to save a model it still
     # marks as GGUF-quantized.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / _COMPLETE).write_text(f"{path}\n")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _publish(target, path, write)
     log.info("local engine: converted %s in %.1f s into %s", path.name,
              time.perf_counter() - started, target)
     return target
